@@ -1,0 +1,1 @@
+"""Thin typer/rich command-line front end: parse, call the libraries, render."""

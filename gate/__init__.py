@@ -1,0 +1,1 @@
+"""adapterkit gate package."""
