@@ -1,0 +1,161 @@
+"""Export a version as a plain PEFT directory with a Hugging Face model card.
+
+The output is exactly the files that were pushed (``adapter_config.json``,
+``adapter_model.safetensors``...), each re-verified against its digest while it is
+copied, plus a ``README.md`` model card whose YAML front matter carries
+``base_model``, ``base_model_relation: adapter``, ``library_name: peft`` and the
+license, and whose body lists metrics, known risks, lineage and provenance. So
+``PeftModel.from_pretrained(base, out_dir)`` loads it unchanged.
+
+Everything is written into a temp directory next to ``out_dir`` and renamed into
+place at the end: an interrupted export never leaves a half-written ``out_dir``.
+A non-empty existing ``out_dir`` is refused (:class:`ConflictError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry.blobs import ProgressCallback
+from registry.errors import BadInputError, ConflictError
+from registry.manifest import Version
+from registry.store_read import StoreReader
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Outcome of :func:`export`.
+
+    Attributes:
+        path: The written directory.
+        version: The exported version.
+        files: Relative paths written (including ``README.md``).
+    """
+
+    path: Path
+    version: Version
+    files: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form used by ``export --json``."""
+        return {"path": str(self.path), "ref": self.version.ref, "files": self.files}
+
+
+def _yaml_str(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML scalar
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def model_card(version: Version) -> str:
+    """The README.md text (YAML front matter + Markdown body) for a version."""
+    rec = version.record
+    base = rec.get("base_model") or {}
+    front = ["---"]
+    if base.get("id"):
+        front.append(f"base_model: {_yaml_str(base['id'])}")
+    front += ["base_model_relation: adapter", "library_name: peft"]
+    if rec.get("license"):
+        front.append(f"license: {_yaml_str(rec['license'])}")
+    front += ["tags:", "- peft", "- lora", "- adapterkit", "---", ""]
+    body = [f"# {version.name}", "",
+            f"LoRA adapter exported from an adapterkit store as `{version.ref}`.", ""]
+    peft = rec.get("peft") or {}
+    if peft:
+        body += ["## Adapter", "", "| field | value |", "|---|---|"]
+        body += [f"| {k} | {_cell(peft[k])} |" for k in sorted(peft) if peft[k] not in (None, {})]
+        tensors = rec.get("tensors") or {}
+        body += [f"| tensors | {tensors.get('count')} ({_cell(tensors.get('dtypes', {}))}) |",
+                 f"| parameters | {tensors.get('parameters')} |", ""]
+    body += ["## Base model", "", f"- id: {base.get('id') or 'unknown'}",
+             f"- revision: {base.get('revision') or 'unknown'}"]
+    fingerprint = base.get("fingerprint") or {}
+    if fingerprint:
+        body += [f"- struct digest: `{fingerprint.get('struct_digest')}`",
+                 f"- weights digest: `{fingerprint.get('weights_digest')}`"]
+    body.append("")
+    dataset = rec.get("dataset") or {}
+    hyper = rec.get("hyperparameters") or {}
+    if dataset or hyper:
+        body += ["## Training", ""]
+        if dataset:
+            body.append(f"- dataset: {dataset.get('version') or ''} {dataset.get('digest') or ''}"
+                        .rstrip())
+        body += [f"- {k}: {_cell(v)}" for k, v in sorted(hyper.items())]
+        body.append("")
+    metrics = rec.get("metrics") or {}
+    body += ["## Metrics", ""]
+    body += (["| metric | value |", "|---|---|"] + [f"| {k} | {v:g} |" for k, v in
+                                                     sorted(metrics.items())]) if metrics \
+        else ["None recorded."]
+    body += ["", "## Known risks", ""]
+    body += [f"- {risk}" for risk in rec.get("known_risks") or []] or ["None recorded."]
+    body += ["", "## Lineage", ""]
+    lineage = version.lineage or {}
+    if lineage.get("parents") or lineage.get("recipe"):
+        for p in lineage.get("parents", []):
+            weight = "" if p.get("weight") is None else f", weight {p['weight']:g}"
+            body.append(f"- {p.get('ref') or p['digest']} ({p.get('role')}{weight})")
+        recipe = lineage.get("recipe") or {}
+        if recipe:
+            body.append(f"- recipe: {recipe.get('method')} {_cell(recipe.get('parameters', {}))} "
+                        f"({recipe.get('tool')} {recipe.get('tool_version')})")
+    else:
+        body.append("Trained directly (no parents recorded).")
+    body += ["", "## Provenance", "", f"- version: `{version.digest}`",
+             f"- author: {rec.get('author')}", f"- created: {rec.get('created')}"]
+    body += [f"- label {k}: {v}" for k, v in sorted((rec.get("labels") or {}).items())]
+    return "\n".join(front + body) + "\n"
+
+
+def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
+           progress: ProgressCallback | None = None) -> ExportResult:
+    """Write ``ref`` as a plain PEFT directory plus model card into ``out_dir``.
+
+    Args:
+        store: The store.
+        ref: Ref or version to export.
+        out_dir: Target directory; must not exist or be empty.
+        progress: Called with bytes copied.
+
+    Raises:
+        ConflictError: ``out_dir`` exists and is not an empty directory.
+        BadInputError: The version has no files (a model recorded by reference).
+        IntegrityError: A blob is missing or corrupt.
+        NotFoundError: Unknown ref.
+    """
+    version = ref if isinstance(ref, Version) else store.resolve(ref)
+    if not version.files:
+        raise BadInputError(f"{version.ref} has no stored files to export",
+                            fix="derived models are recorded by reference; see record.location")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConflictError(f"{out_dir} already exists and is not empty",
+                            fix="export into a new or empty directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    try:
+        store.materialize(version, tmp, progress=progress)  # type: ignore[attr-defined]
+        (tmp / "README.md").write_text(model_card(version), encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as err:
+            raise ConflictError(f"could not move the export into {out_dir}: {err}",
+                                fix="export into a new or empty directory") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted({e["path"] for e in version.files} | {"README.md"})
+    return ExportResult(out_dir, version, files)

@@ -1,0 +1,313 @@
+"""Store maintenance: :func:`verify` (re-hash everything) and :func:`gc` (reclaim space).
+
+``verify`` starts from name bindings (one ref or all of them), aliases and gate
+records, re-hashes every blob they reference (manifests, adapter files, gate
+records; each blob once) and reports each missing or corrupt blob together with
+every version that uses it. It never raises for a damaged store; it reports.
+
+``gc`` takes ``locks/gc.lock`` exclusively (pushes hold it shared for their whole
+duration, so no push is between writing blobs and binding them), marks what is
+reachable -- manifests bound by a name, their files, manifests still named as
+lineage parents (so history outlives a deleted binding), gate-record blobs -- and
+deletes only unreachable blobs whose mtime is older than the grace period, plus
+stale temp files (``tmp/`` entries, including work directories whose newest
+file is older than the grace, and interrupted atomic writes). It refuses to run when
+a bound manifest cannot be read, since it could not know which files that version
+needs. A real (not dry) run is audited as ``gc``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.blobs import ProgressCallback
+from registry.common import is_digest
+from registry.errors import AdapterkitError, IntegrityError
+from registry.locking import file_lock
+from registry.manifest import check_manifest
+from registry.store import Store
+
+
+@dataclass(frozen=True)
+class BlobProblem:
+    """A problem found by :func:`verify`.
+
+    Attributes:
+        kind: ``missing``, ``corrupt``, ``bad_manifest`` (hashes fine but unreadable
+            or bound under another name) or ``dangling_alias``.
+        digest: The blob (or alias target) concerned.
+        used_by: Who needs it, e.g. ``["lora-a@sha256:ab.. adapter_model.safetensors"]``.
+        detail: Extra explanation (actual digest of a corrupt blob...).
+    """
+
+    kind: str
+    digest: str
+    used_by: tuple[str, ...]
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"kind": self.kind, "digest": self.digest, "used_by": list(self.used_by),
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :func:`verify`.
+
+    Attributes:
+        versions: Number of versions checked.
+        blobs: Number of distinct blobs re-hashed.
+        bytes: Bytes re-hashed.
+        problems: Every missing/corrupt blob, one entry per blob.
+    """
+
+    versions: int
+    blobs: int
+    bytes: int
+    problems: list[BlobProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing or corrupt."""
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"ok": self.ok, "versions": self.versions, "blobs": self.blobs,
+                "bytes": self.bytes, "problems": [p.to_json() for p in self.problems]}
+
+
+class _Checker:
+    def __init__(self, store: Store, progress: ProgressCallback | None) -> None:
+        self.store, self.progress = store, progress
+        self.uses: dict[str, list[str]] = {}
+        self.results: dict[str, str | None] = {}
+        self.bytes = 0
+        self.extra: list[BlobProblem] = []
+
+    def use(self, digest: str, who: str) -> None:
+        self.uses.setdefault(digest, []).append(who)
+
+    def hash(self, digest: str) -> str | None:
+        if digest not in self.results:
+            self.results[digest] = self.store.blobs.hash_blob(digest, self.progress)
+            path = self.store.blobs.path(digest)
+            if self.results[digest] is not None:
+                self.bytes += path.stat().st_size
+        return self.results[digest]
+
+    def version(self, name: str, digest: str) -> None:
+        label = f"{name}@{digest}"
+        self.use(digest, f"{label} (manifest)")
+        if self.hash(digest) != digest:
+            return
+        try:
+            manifest = check_manifest(json.loads(self.store.blobs.path(digest).read_bytes()),
+                                      digest)
+        except (ValueError, AdapterkitError) as err:
+            self.extra.append(BlobProblem("bad_manifest", digest, (label,), str(err)))
+            return
+        if manifest.get("name") != name:
+            self.extra.append(BlobProblem("bad_manifest", digest, (label,),
+                                          f"manifest is for {manifest.get('name')!r}"))
+        for entry in manifest["files"]:
+            self.use(entry["digest"], f"{label} {entry['path']}")
+
+
+def verify(store: Store, ref: str | None = None, *,
+           progress: ProgressCallback | None = None) -> VerifyReport:
+    """Re-hash every blob reachable from ``ref`` (None: the whole store).
+
+    Args:
+        store: The store.
+        ref: One version (plus its gate records), or None for every name, alias and
+            gate record.
+        progress: Called with bytes hashed.
+
+    Returns:
+        A :class:`VerifyReport` listing each missing or corrupt blob and its users.
+
+    Raises:
+        NotFoundError / BadInputError: ``ref`` does not resolve.
+    """
+    checker = _Checker(store, progress)
+    if ref is not None:
+        targets = [store.resolve_digest(ref)]
+    else:
+        targets = store.bindings()
+        for name in store.names():
+            for alias, digest in store.aliases(name).items():
+                if not store.is_bound(name, digest):
+                    checker.extra.append(BlobProblem("dangling_alias", digest,
+                                                     (f"{name}:{alias}",),
+                                                     "alias points at an unbound version"))
+    wanted = {d for _, d in targets}
+    for name, digest in targets:
+        checker.version(name, digest)
+    for cand, policy, record in store.gate_pointers():
+        if ref is None or cand in wanted:
+            checker.use(record, f"gate record {cand[:19]}../{policy[:19]}..")
+    problems = list(checker.extra)
+    for digest, users in checker.uses.items():
+        actual = checker.hash(digest)
+        if actual is None:
+            problems.append(BlobProblem("missing", digest, tuple(users), "blob file is absent"))
+        elif actual != digest:
+            problems.append(BlobProblem("corrupt", digest, tuple(users),
+                                        f"content hashes to {actual}"))
+    problems.sort(key=lambda p: (p.kind, p.digest))
+    return VerifyReport(versions=len(targets), blobs=len(checker.results), bytes=checker.bytes,
+                        problems=problems)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """Result of :func:`gc`.
+
+    Attributes:
+        removed: Digests of blobs deleted (or that would be, in a dry run).
+        freed_bytes: Their total size.
+        kept_reachable: Number of reachable blobs.
+        kept_young: Unreachable blobs kept because they are younger than the grace.
+        temp_removed: Stale temp files deleted (paths relative to the store).
+        dry_run: Nothing was deleted.
+    """
+
+    removed: list[str]
+    freed_bytes: int
+    kept_reachable: int
+    kept_young: list[str]
+    temp_removed: list[str]
+    dry_run: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"removed": self.removed, "freed_bytes": self.freed_bytes,
+                "kept_reachable": self.kept_reachable, "kept_young": self.kept_young,
+                "temp_removed": self.temp_removed, "dry_run": self.dry_run}
+
+
+def reachable(store: Store) -> set[str]:
+    """Digests of every blob gc must keep.
+
+    Raises:
+        IntegrityError: A bound manifest is missing or corrupt (run verify first).
+    """
+    keep: set[str] = set()
+    pending = [digest for _, digest in store.bindings()]
+    bound = set(pending)
+    while pending:
+        digest = pending.pop()
+        if digest in keep:
+            continue
+        try:
+            manifest = store.load_manifest(digest)
+        except IntegrityError as err:
+            if digest not in bound:  # an ancestor's manifest already gone: nothing to keep
+                continue
+            raise IntegrityError(f"gc refused: {err.message}",
+                                 fix="run `adapters verify --all` and repair or delete the "
+                                     "damaged version first") from None
+        keep.add(digest)
+        if digest in bound:
+            keep.update(entry["digest"] for entry in manifest["files"])
+        pending.extend(p["digest"] for p in (manifest.get("lineage") or {}).get("parents", [])
+                       if is_digest(p.get("digest")))
+    keep.update(record for _, _, record in store.gate_pointers())
+    return keep
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for child in path.rglob("*"):
+        try:
+            newest = max(newest, child.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return newest
+
+
+def _stale_temp_files(store: Store, cutoff: float) -> list[Path]:
+    """Temp files (and temp directories whose newest entry is stale) older than cutoff."""
+    out = []
+    tmp = store.root / "tmp"
+    if tmp.is_dir():
+        for path in tmp.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                if _newest_mtime(path) < cutoff:
+                    out.append(path)
+            elif path.lstat().st_mtime < cutoff:
+                out.append(path)
+    for sub in ("names", "gates", "audit"):
+        base = store.root / sub
+        if base.is_dir():
+            out += [p for p in base.rglob(".*.tmp") if p.is_file() and p.stat().st_mtime < cutoff]
+    return out
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def gc(store: Store, grace_seconds: float = 3600.0, *, dry_run: bool = False,
+       actor: str | None = None, now: float | None = None) -> GcReport:
+    """Delete unreachable blobs older than ``grace_seconds`` and stale temp files.
+
+    Args:
+        store: The store.
+        grace_seconds: Keep anything modified more recently than this.
+        dry_run: Report what would be deleted, delete nothing, audit nothing.
+        actor: Who runs it (audit).
+        now: Current time (tests).
+
+    Returns:
+        A :class:`GcReport`.
+
+    Raises:
+        IntegrityError: A bound manifest is unreadable (gc cannot know its files).
+    """
+    cutoff = (time.time() if now is None else now) - grace_seconds
+    with file_lock(store.root / "locks" / "gc.lock"):
+        keep = reachable(store)
+        removed, young, freed = [], [], 0
+        for digest in store.blobs.all_digests():
+            if digest in keep:
+                continue
+            path = store.blobs.path(digest)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if stat.st_mtime >= cutoff:
+                young.append(digest)
+                continue
+            if not dry_run:
+                path.unlink()
+            removed.append(digest)
+            freed += stat.st_size
+        temps = _stale_temp_files(store, cutoff)
+        if not dry_run:
+            for path in temps:
+                _remove(path)
+            store.audit().append("gc", str(store.root), actor=actor,
+                                 new={"removed": len(removed), "freed_bytes": freed,
+                                      "temp_removed": len(temps)})
+    return GcReport(removed=removed, freed_bytes=freed,
+                    kept_reachable=sum(1 for d in keep if store.blobs.exists(d)),
+                    kept_young=young, temp_removed=[str(p.relative_to(store.root)) for p in temps],
+                    dry_run=dry_run)
+
+
+__all__ = ["BlobProblem", "GcReport", "VerifyReport", "gc", "reachable", "verify"]

@@ -1,0 +1,358 @@
+"""The adapter record: what a version says about itself, schema-checked by hand.
+
+A record is a plain JSON object stored inside the version manifest (so it is part
+of the version digest). Two kinds exist, told apart by ``record["kind"]``:
+
+``"adapter"`` (built by :func:`build_record`)::
+
+    {"kind": "adapter",
+     "peft": {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
+              "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias",
+              "task_type"},
+     "tensors": {"count": int, "dtypes": {"F16": 12, ...}, "parameters": int},
+     "base_model": {"id": str|null, "revision": str|null,
+                    "fingerprint": {"struct_digest": digest, "weights_digest": digest|null}|null},
+     "dataset": {"version": str|null, "digest": str|null} | null,
+     "hyperparameters": {str: json}, "metrics": {str: finite number},
+     "known_risks": [str], "license": str|null,
+     "created": "YYYY-MM-DDTHH:MM:SS[.ffffff]Z", "author": str, "labels": {str: str}}
+
+``"model"`` (built by :func:`build_model_record`, for derived full models such as a
+merge-and-unload output that is recorded by reference, without its weights):
+the same common fields, ``"weights": {"struct_digest", "weights_digest"}`` (the
+fingerprint of the derived model) instead of ``peft``, and optional ``tensors``,
+``location`` (where it was written) and ``quantization`` (free-form object).
+
+:func:`validate_record` checks every field with a message naming it (e.g.
+``record.metrics.loss must be a finite number``), refuses unknown fields, fills
+optional ones with defaults and returns the normalised copy. No jsonschema.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from registry.common import canonical_json, default_actor, is_digest, utc_now_iso
+from registry.errors import BadInputError
+
+KINDS = ("adapter", "model")
+BIAS_VALUES = ("none", "all", "lora_only")
+_CREATED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)$")
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """Counts of an adapter's tensors.
+
+    Attributes:
+        count: Number of tensors.
+        dtypes: Safetensors dtype name (``F32``, ``BF16``...) -> number of tensors.
+        parameters: Total number of elements.
+    """
+
+    count: int
+    dtypes: dict[str, int] = field(default_factory=dict)
+    parameters: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form stored in the record."""
+        return {"count": self.count, "dtypes": dict(sorted(self.dtypes.items())),
+                "parameters": self.parameters}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TensorSummary":
+        """Inverse of :meth:`to_json` (validated).
+
+        Raises:
+            BadInputError: A field is missing or has the wrong type.
+        """
+        checked = _tensors(data, "tensors")
+        return cls(checked["count"], checked["dtypes"], checked["parameters"])
+
+
+def _fail(path: str, msg: str, got: Any = ...) -> BadInputError:
+    detail = "" if got is ... else f", got {got!r}"
+    return BadInputError(f"record.{path} {msg}{detail}",
+                         fix=f"fix '{path}' in the record (see DESIGN.md, adapter record)")
+
+
+def _obj(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, "must be an object", value)
+    for key in value:
+        if not isinstance(key, str) or not key:
+            raise _fail(path, "keys must be non-empty strings", key)
+    return value
+
+
+def _str(value: Any, path: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, "must be a non-empty string" + (" or null" if optional else ""), value)
+    return value
+
+
+def _int(value: Any, path: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(path, f"must be an integer >= {minimum}", value)
+    return value
+
+
+def _number(value: Any, path: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, "must be a finite number", value)
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, "must be true or false", value)
+    return value
+
+
+def _str_list(value: Any, path: str) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        raise _fail(path, "must be a list of strings", value)
+    return [str(_str(item, f"{path}[{i}]")) for i, item in enumerate(value)]
+
+
+def _mapping(value: Any, path: str, check: Callable[[Any, str], Any]) -> dict[str, Any]:
+    value = {} if value is None else _obj(value, path)
+    return {key: check(item, f"{path}.{key}") for key, item in sorted(value.items())}
+
+
+def _digest(value: Any, path: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not is_digest(value):
+        raise _fail(path, "must be 'sha256:' + 64 lowercase hex digits", value)
+    return value
+
+
+def _json_value(value: Any, path: str) -> Any:
+    try:
+        canonical_json(value)
+    except BadInputError:
+        raise _fail(path, "must be JSON (finite numbers, strings, lists, objects)", value) from None
+    return value
+
+
+def _exact_keys(obj: dict[str, Any], path: str, allowed: set[str]) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _fail(f"{path}.{unknown[0]}" if path else unknown[0],
+                    f"is not a known field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _tensors(value: Any, path: str) -> dict[str, Any]:
+    obj = _obj(value, path)
+    _exact_keys(obj, path, {"count", "dtypes", "parameters"})
+    return {"count": _int(obj.get("count"), f"{path}.count"),
+            "dtypes": _mapping(obj.get("dtypes"), f"{path}.dtypes", lambda v, p: _int(v, p, 1)),
+            "parameters": _int(obj.get("parameters", 0), f"{path}.parameters")}
+
+
+def _fingerprint(value: Any, path: str, *, optional: bool = True) -> dict[str, Any] | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, dict):  # a BaseFingerprint-like object
+        value = {"struct_digest": getattr(value, "struct_digest", None),
+                 "weights_digest": getattr(value, "weights_digest", None)}
+    obj = _obj(value, path)
+    _exact_keys(obj, path, {"struct_digest", "weights_digest"})
+    return {"struct_digest": _digest(obj.get("struct_digest"), f"{path}.struct_digest"),
+            "weights_digest": _digest(obj.get("weights_digest"), f"{path}.weights_digest",
+                                      optional=optional)}
+
+
+def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
+    obj = _obj(value, path)
+    _exact_keys(obj, path, {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
+                            "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias",
+                            "task_type"})
+    targets = obj.get("target_modules")
+    if targets is not None and not isinstance(targets, str):
+        targets = sorted(_str_list(targets, f"{path}.target_modules"))
+    bias = obj.get("bias", "none")
+    if bias not in BIAS_VALUES:
+        raise _fail(f"{path}.bias", f"must be one of {', '.join(BIAS_VALUES)}", bias)
+    saved = obj.get("modules_to_save")
+    return {
+        "peft_type": _str(obj.get("peft_type"), f"{path}.peft_type"),
+        "r": _int(obj.get("r"), f"{path}.r", 1),
+        "lora_alpha": _number(obj.get("lora_alpha"), f"{path}.lora_alpha"),
+        "target_modules": targets,
+        "rank_pattern": _mapping(obj.get("rank_pattern"), f"{path}.rank_pattern",
+                                 lambda v, p: _int(v, p, 1)),
+        "alpha_pattern": _mapping(obj.get("alpha_pattern"), f"{path}.alpha_pattern", _number),
+        "use_rslora": _bool(obj.get("use_rslora", False), f"{path}.use_rslora"),
+        "use_dora": _bool(obj.get("use_dora", False), f"{path}.use_dora"),
+        "modules_to_save": None if saved is None else _str_list(saved, f"{path}.modules_to_save"),
+        "bias": bias,
+        "task_type": _str(obj.get("task_type"), f"{path}.task_type", optional=True),
+    }
+
+
+def _created(value: Any, path: str = "created") -> str:
+    if not isinstance(value, str) or not _CREATED_RE.match(value):
+        raise _fail(path, "must be a UTC ISO time like 2025-01-31T12:00:00Z", value)
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _fail(path, "is not a valid date/time", value) from None
+    return value
+
+
+def _common(obj: dict[str, Any]) -> dict[str, Any]:
+    base = _obj(obj.get("base_model") or {}, "base_model")
+    _exact_keys(base, "base_model", {"id", "revision", "fingerprint"})
+    dataset = obj.get("dataset")
+    if dataset is not None:
+        dataset = _obj(dataset, "dataset")
+        _exact_keys(dataset, "dataset", {"version", "digest"})
+        dataset = {"version": _str(dataset.get("version"), "dataset.version", optional=True),
+                   "digest": _str(dataset.get("digest"), "dataset.digest", optional=True)}
+    return {
+        "base_model": {"id": _str(base.get("id"), "base_model.id", optional=True),
+                       "revision": _str(base.get("revision"), "base_model.revision", optional=True),
+                       "fingerprint": _fingerprint(base.get("fingerprint"),
+                                                   "base_model.fingerprint")},
+        "dataset": dataset,
+        "hyperparameters": _mapping(obj.get("hyperparameters"), "hyperparameters", _json_value),
+        "metrics": _mapping(obj.get("metrics"), "metrics", _number),
+        "known_risks": _str_list(obj.get("known_risks") or [], "known_risks"),
+        "license": _str(obj.get("license"), "license", optional=True),
+        "created": _created(obj.get("created")),
+        "author": _str(obj.get("author"), "author"),
+        "labels": _mapping(obj.get("labels"), "labels", lambda v, p: _str(v, p)),
+    }
+
+
+_COMMON_KEYS = {"kind", "base_model", "dataset", "hyperparameters", "metrics", "known_risks",
+                "license", "created", "author", "labels"}
+
+
+def validate_record(record: dict) -> dict:
+    """Check a record against the schema and return its normalised copy.
+
+    Raises:
+        BadInputError: A field is missing, unknown or of the wrong type; the message
+            names the field (``record.peft.r must be an integer >= 1, got 0``).
+    """
+    obj = _obj(record, "(root)")
+    kind = obj.get("kind", "adapter")
+    if kind not in KINDS:
+        raise _fail("kind", f"must be one of {', '.join(KINDS)}", kind)
+    if kind == "adapter":
+        _exact_keys(obj, "", _COMMON_KEYS | {"peft", "tensors"})
+        out = {"kind": kind, "peft": _peft(obj.get("peft")),
+               "tensors": _tensors(obj.get("tensors"), "tensors")}
+    else:
+        _exact_keys(obj, "", _COMMON_KEYS | {"weights", "tensors", "location", "quantization"})
+        tensors = obj.get("tensors")
+        quant = obj.get("quantization")
+        out = {"kind": kind,
+               "weights": _fingerprint(obj.get("weights"), "weights", optional=False),
+               "tensors": None if tensors is None else _tensors(tensors, "tensors"),
+               "location": _str(obj.get("location"), "location", optional=True),
+               "quantization": None if quant is None else _json_value(_obj(quant, "quantization"),
+                                                                     "quantization")}
+    out.update(_common(obj))
+    return out
+
+
+def _dataset_arg(dataset: Any) -> dict[str, Any] | None:
+    if dataset is None or isinstance(dataset, dict):
+        return dataset
+    if isinstance(dataset, str):
+        return {"version": None, "digest": dataset} if is_digest(dataset) else \
+            {"version": dataset, "digest": None}
+    raise _fail("dataset", "must be a version string, a digest or {version, digest}", dataset)
+
+
+def _common_args(base_model: str | None, base_revision: str | None, fingerprint: Any,
+                 dataset: Any, hyperparameters: dict | None, metrics: dict | None,
+                 known_risks: list | None, license: str | None, author: str | None,
+                 labels: dict | None, created: str | None) -> dict[str, Any]:
+    return {"base_model": {"id": base_model, "revision": base_revision,
+                           "fingerprint": _fingerprint(fingerprint, "base_model.fingerprint")},
+            "dataset": _dataset_arg(dataset), "hyperparameters": dict(hyperparameters or {}),
+            "metrics": dict(metrics or {}), "known_risks": list(known_risks or []),
+            "license": license, "created": created or utc_now_iso(),
+            "author": author or default_actor(), "labels": dict(labels or {})}
+
+
+def build_record(peft_config: dict, tensors: TensorSummary, *, base_model: str | None = None,
+                 base_revision: str | None = None, fingerprint: Any = None, dataset: Any = None,
+                 hyperparameters: dict | None = None, metrics: dict | None = None,
+                 known_risks: list | None = None, license: str | None = None,
+                 author: str | None = None, labels: dict | None = None,
+                 created: str | None = None) -> dict:
+    """Build and validate an adapter record from a PEFT config and tensor summary.
+
+    Args:
+        peft_config: Parsed ``adapter_config.json``; the record keeps the fields listed
+            in the module docstring (``target_modules`` sorted, PEFT defaults filled).
+        tensors: Counts from the safetensors header.
+        base_model: Hub id or path of the base model (default: the config's
+            ``base_model_name_or_path``).
+        base_revision: Base model revision (commit), if known.
+        fingerprint: A ``BaseFingerprint`` (or ``{struct_digest, weights_digest}``).
+        dataset: Version string, ``sha256:`` digest, or ``{"version", "digest"}``.
+        hyperparameters: Training settings (any JSON values).
+        metrics: Name -> finite number.
+        known_risks: Free-text risk statements.
+        license: SPDX id or free text.
+        author: Defaults to ``$ADAPTERS_ACTOR`` or the login name.
+        labels: Free-form string -> string labels.
+        created: UTC ISO time (default: now).
+
+    Raises:
+        BadInputError: Any field is invalid (the message names it).
+    """
+    cfg = _obj(peft_config, "peft")
+    peft = {key: cfg[key] for key in ("peft_type", "r", "lora_alpha", "target_modules",
+                                      "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                                      "modules_to_save", "bias", "task_type") if key in cfg}
+    record: dict[str, Any] = {"kind": "adapter", "peft": peft, "tensors": tensors.to_json()}
+    record.update(_common_args(base_model or cfg.get("base_model_name_or_path"), base_revision,
+                               fingerprint, dataset, hyperparameters, metrics, known_risks,
+                               license, author, labels, created))
+    return validate_record(record)
+
+
+def build_model_record(weights: Any, *, tensors: TensorSummary | None = None,
+                       location: str | None = None, quantization: dict | None = None,
+                       base_model: str | None = None, base_revision: str | None = None,
+                       base_fingerprint: Any = None, dataset: Any = None,
+                       hyperparameters: dict | None = None, metrics: dict | None = None,
+                       known_risks: list | None = None, license: str | None = None,
+                       author: str | None = None, labels: dict | None = None,
+                       created: str | None = None) -> dict:
+    """Build and validate the record of a derived full model (kind ``"model"``).
+
+    Args:
+        weights: Fingerprint of the derived model itself (a ``BaseFingerprint`` or
+            ``{struct_digest, weights_digest}``; both digests required).
+        tensors: Optional tensor summary of the model.
+        location: Where the model was written (informational; not stored).
+        quantization: Free-form description (method, bits, group size...).
+        base_model, base_revision, base_fingerprint: The base it was derived from.
+        Others: as in :func:`build_record`.
+
+    Raises:
+        BadInputError: Any field is invalid (the message names it).
+    """
+    record: dict[str, Any] = {"kind": "model",
+                              "weights": _fingerprint(weights, "weights", optional=False),
+                              "tensors": None if tensors is None else tensors.to_json(),
+                              "location": location, "quantization": quantization}
+    record.update(_common_args(base_model, base_revision, base_fingerprint, dataset,
+                               hyperparameters, metrics, known_risks, license, author, labels,
+                               created))
+    return validate_record(record)

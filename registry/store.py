@@ -1,0 +1,420 @@
+"""The embedded store: a local directory laid out like an OCI image layout.
+
+Layout (DESIGN.md has the authoritative copy)::
+
+    <root>/oci-layout, config.json
+    <root>/blobs/sha256/<hex>                 file blobs, manifests, gate records (0444)
+    <root>/names/<name>/versions/<hex>        binding name -> version (content: bind time)
+    <root>/names/<name>/aliases/<alias>       "sha256:<hex>\\n"
+    <root>/gates/<candidate-hex>/<policy-hex> digest of a gate-record blob
+    <root>/audit/, locks/, tmp/
+
+Crash safety of a push: file blobs and the manifest blob are written first (each
+temp file + fsync + atomic rename, see :mod:`registry.blobs`); the name binding is
+written last, atomically. A push killed at any point leaves no visible version,
+only unreachable blobs or temp files that :func:`registry.maintenance.gc` removes
+after the grace period. Lock order is gc (shared) -> refs -> audit
+(:mod:`registry.locking`); every change to names, aliases and gate records happens
+under ``refs.lock`` and is audited before the lock is released, so the audit log
+orders alias moves exactly as they happened.
+
+Protected aliases (``config.json`` ``protected_aliases``, default ``["release"]``)
+can only be moved with ``set_alias(..., protected_ok=True)``, which the gate's
+``promote`` passes after it has checked a passing gate record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from registry.audit import AuditLog
+from registry.blobs import BlobStore, ProgressCallback
+from registry.common import (atomic_write_bytes, canonical_json, check_digest, digest_hex,
+                             is_digest, read_json_file, utc_now_iso)
+from registry.errors import (AdapterkitError, BadInputError, ConflictError, GateFailedError,
+                             NotFoundError)
+from registry.lineage import validate_lineage
+from registry.locking import file_lock
+from registry.manifest import (ADAPTER_ARTIFACT, ARTIFACT_TYPES, MODEL_ARTIFACT, PushResult,
+                               Version, build_manifest, content_key)
+from registry.record import validate_record
+from registry.refs import validate_alias, validate_file_path, validate_name
+from registry.store_read import StoreReader
+
+__all__ = ["ADAPTER_ARTIFACT", "ANY", "DEFAULT_CONFIG", "MODEL_ARTIFACT", "ProgressCallback",
+           "PushResult", "Store", "Version", "default_root"]
+
+DEFAULT_CONFIG: dict[str, Any] = {"protected_aliases": ["release"]}
+
+
+class _AnyType:
+    """Sentinel type of :data:`ANY` (``expect`` not checked)."""
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _AnyType()
+"""``set_alias(expect=ANY)``: move unconditionally (still under the lock, still audited)."""
+
+
+def default_root() -> Path:
+    """``$ADAPTERS_HOME`` or ``~/.adapters``."""
+    return Path(os.environ.get("ADAPTERS_HOME") or Path.home() / ".adapters").expanduser()
+
+
+class Store(StoreReader):
+    """A content-addressed adapter store in a local directory.
+
+    Read-side methods (``resolve``, ``versions``, ``names``, ``aliases``, ``gate_record``,
+    ``load_manifest``...) come from :class:`registry.store_read.StoreReader`.
+
+    Args:
+        root: The store directory (use :meth:`open` to check or create it).
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(Path(root), BlobStore(Path(root)))
+        self._audit = AuditLog(self.root)
+
+    # ---- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | Path | None = None, *, create: bool = False) -> "Store":
+        """Open the store at ``root`` (None: ``$ADAPTERS_HOME`` or ``~/.adapters``).
+
+        Args:
+            root: Store directory.
+            create: Initialise it if missing (idempotent on an existing store).
+
+        Raises:
+            NotFoundError: No store there and ``create`` is False.
+            BadInputError: ``create`` on a non-empty directory that is not a store.
+        """
+        path = Path(root).expanduser() if root is not None else default_root()
+        if (path / "oci-layout").is_file():
+            return cls(path)
+        if not create:
+            raise NotFoundError(f"no adapter store at {path}",
+                                fix="run `adapters init` (or pass --store / set $ADAPTERS_HOME)")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise BadInputError(f"{path} exists and is not an adapter store",
+                                fix="pick an empty or new directory for the store")
+        store = cls(path)
+        store._initialise()
+        return store
+
+    def _initialise(self) -> None:
+        for sub in ("blobs/sha256", "names", "gates", "audit", "locks", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if not (self.root / "config.json").exists():
+            atomic_write_bytes(self.root / "config.json", canonical_json(DEFAULT_CONFIG))
+        self._audit.append("init", str(self.root), new={"layout": "1.0.0"})
+        atomic_write_bytes(self.root / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``config.json`` merged over the defaults."""
+        try:
+            data = read_json_file(self.root / "config.json")
+        except FileNotFoundError:
+            data = {}
+        return {**DEFAULT_CONFIG, **(data if isinstance(data, dict) else {})}
+
+    @property
+    def protected_aliases(self) -> list[str]:
+        """Aliases that only ``promote`` (``protected_ok=True``) may move."""
+        return list(self.config.get("protected_aliases") or [])
+
+    def audit(self) -> AuditLog:
+        """The store's audit log."""
+        return self._audit
+
+    def _lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
+        return file_lock(self.root / "locks" / f"{name}.lock", shared=shared)
+
+    # ---- writing -----------------------------------------------------------------
+
+    def push(self, name: str, files: Mapping[str, Path], record: dict, *,
+             lineage: dict | None = None, artifact_type: str = ADAPTER_ARTIFACT,
+             actor: str | None = None, progress: ProgressCallback | None = None) -> PushResult:
+        """Store files (deduplicated), write the manifest, bind the name, audit ``push``.
+
+        Args:
+            name: Name to bind (``name`` or ``org/name``).
+            files: Path inside the version -> local file to store.
+            record: Adapter/model record (validated and normalised here).
+            lineage: Optional ``{"parents", "recipe", "report"}``; parent digests must
+                be versions in this store.
+            artifact_type: :data:`ADAPTER_ARTIFACT` or :data:`MODEL_ARTIFACT` (must
+                match ``record["kind"]``).
+            actor: Who pushes (default ``$ADAPTERS_ACTOR`` / login name).
+            progress: Called with the bytes hashed per chunk.
+
+        Returns:
+            A :class:`PushResult`; ``created`` is False (and nothing new is bound) when
+            identical files and record (ignoring ``record["created"]``) already exist.
+
+        Raises:
+            BadInputError: Bad name, file path, record, lineage or artifact type.
+            NotFoundError: A lineage parent is not in the store, or a source file is missing.
+            OSError: A source file cannot be read.
+        """
+        validate_name(name)
+        if artifact_type not in ARTIFACT_TYPES:
+            raise BadInputError(f"unknown artifact type {artifact_type!r}",
+                                fix=f"use one of {', '.join(ARTIFACT_TYPES)}")
+        record = validate_record(record)
+        if record["kind"] != ARTIFACT_TYPES[artifact_type]:
+            raise BadInputError(f"record kind {record['kind']!r} does not match artifact type "
+                                f"{artifact_type}", fix="build a model record for MODEL_ARTIFACT")
+        lineage = validate_lineage(lineage)
+        if lineage is not None:
+            for parent in lineage["parents"]:
+                self.version_by_digest(parent["digest"])
+        sources = {validate_file_path(path): Path(src) for path, src in files.items()}
+        for path, src in sources.items():
+            if not src.is_file():
+                raise NotFoundError(f"{src} (for {path}) is not a readable file",
+                                    fix="check the adapter directory")
+        with self._lock("gc", shared=True):
+            entries, new_bytes = [], 0
+            for path in sorted(sources):
+                digest, size, written = self.blobs.put_file(sources[path], progress)
+                entries.append({"path": path, "digest": digest, "size": size})
+                new_bytes += written
+            manifest = build_manifest(name, entries, record, lineage, artifact_type)
+            key = content_key(manifest)
+            with self._lock("refs"):
+                existing = self._same_content(name, key)
+                if existing is not None:
+                    return PushResult(existing, False, new_bytes)
+                digest, _ = self.blobs.put_bytes(canonical_json(manifest))
+                created = utc_now_iso()
+                atomic_write_bytes(self._versions_dir(name) / digest_hex(digest),
+                                   (created + "\n").encode())
+                version = Version(name, digest, manifest, created)
+                self._audit.append("push", version.ref, new=digest, actor=actor)
+        return PushResult(version, True, new_bytes)
+
+    def _same_content(self, name: str, key: str) -> Version | None:
+        for hexdigest in self._bound_hexes(name):
+            try:
+                version = self._version(name, hexdigest)
+            except AdapterkitError:  # a damaged old version must not block new pushes
+                continue
+            if content_key(version.manifest) == key:
+                return version
+        return None
+
+    def record_derived(self, name: str, record: dict, lineage: dict, *,
+                       actor: str | None = None) -> PushResult:
+        """Record a derived full model by reference (no weights copied).
+
+        Used for merge-and-unload / requantization outputs: the version carries a
+        ``kind: "model"`` record (see :func:`registry.record.build_model_record`, whose
+        ``weights`` fingerprint identifies the bytes) and the lineage to its inputs.
+
+        Raises:
+            BadInputError: The record is not a valid model record or lineage is missing.
+            NotFoundError: A lineage parent is not in the store.
+        """
+        if not lineage:
+            raise BadInputError("a derived model needs lineage (its parents and recipe)",
+                                fix="pass lineage=make_lineage([...], method=...)")
+        return self.push(name, {}, record, lineage=lineage, artifact_type=MODEL_ARTIFACT,
+                         actor=actor)
+
+    def _expect_digest(self, name: str, expect: Any) -> Any:
+        if expect is ANY or expect is None or is_digest(expect):
+            return expect
+        if isinstance(expect, str):
+            return self.resolve(f"{name}@{expect}").digest
+        raise BadInputError(f"expect must be a digest, None or ANY, got {expect!r}",
+                            fix="pass the alias's current digest")
+
+    def set_alias(self, name: str, alias: str, digest: str, *, expect: Any = ANY,
+                  actor: str | None = None, action: str = "alias",
+                  protected_ok: bool = False) -> str | None:
+        """Point ``name:alias`` at a version of ``name`` by compare-and-swap.
+
+        Args:
+            name: The name.
+            alias: Alias to move (e.g. ``candidate``).
+            digest: Target version: full digest, digest prefix or a ref of the same name.
+            expect: :data:`ANY` (no check), None (alias must not exist yet) or the digest
+                (or unique prefix) the alias must currently point to.
+            actor: Who moves it.
+            action: Audit action (``alias``; the gate's promote passes ``promote``).
+            protected_ok: Allow moving a protected alias (only the gate's promote does).
+
+        Returns:
+            The previous digest, or None if the alias did not exist. Moving an alias to
+            where it already points is a no-op (not audited).
+
+        Raises:
+            GateFailedError: ``alias`` is protected and ``protected_ok`` is False.
+            ConflictError: ``expect`` does not match the current value (the message and
+                fix say what it is now).
+            NotFoundError: The target is not a version of ``name``.
+            BadInputError: Bad name, alias or digest.
+        """
+        validate_name(name)
+        validate_alias(alias)
+        if alias in self.protected_aliases and not protected_ok:
+            raise GateFailedError(f"alias {alias!r} is protected; only a passing gate moves it",
+                                  fix=f"run `adapters promote {name}@<digest> --to {alias}`")
+        target = self._target_digest(name, digest)
+        expect = self._expect_digest(name, expect)
+        path = self._aliases_dir(name) / alias
+        with self._lock("refs"):
+            if not (self._versions_dir(name) / digest_hex(target)).is_file():
+                raise NotFoundError(f"{target} is not a version of {name}",
+                                    fix=f"list versions with `adapters ls {name}`")
+            current = self._read_alias(path)
+            if expect is not ANY and current != expect:
+                raise ConflictError(
+                    f"alias {name}:{alias} points to {current or 'nothing'}, "
+                    f"expected {expect or 'nothing (new alias)'}",
+                    fix=f"re-read the alias and retry with expect={current or 'none'}")
+            if current == target:
+                return current
+            atomic_write_bytes(path, (target + "\n").encode())
+            self._audit.append(action, f"{name}:{alias}", old=current, new=target, actor=actor)
+        return current
+
+    def _target_digest(self, name: str, digest: str) -> str:
+        if is_digest(digest):
+            return digest
+        text = str(digest)
+        version = self.resolve(text if ("@" in text or ":" in text) and not
+                               text.startswith("sha256:") else f"{name}@{text}")
+        if version.name != name:
+            raise BadInputError(f"{version.ref} is not a version of {name}",
+                                fix="aliases can only point at versions of their own name")
+        return version.digest
+
+    def delete_alias(self, name: str, alias: str, *, expect: Any = ANY,
+                     actor: str | None = None, protected_ok: bool = False) -> str | None:
+        """Remove an alias (compare-and-swap like :meth:`set_alias`), audited ``alias``.
+
+        Returns:
+            The digest it pointed to, or None if it did not exist.
+
+        Raises:
+            GateFailedError: Protected alias without ``protected_ok``.
+            ConflictError: ``expect`` does not match.
+        """
+        validate_name(name)
+        validate_alias(alias)
+        if alias in self.protected_aliases and not protected_ok:
+            raise GateFailedError(f"alias {alias!r} is protected",
+                                  fix="protected aliases are moved by `adapters promote`")
+        expect = self._expect_digest(name, expect)
+        path = self._aliases_dir(name) / alias
+        with self._lock("refs"):
+            current = self._read_alias(path)
+            if expect is not ANY and current != expect:
+                raise ConflictError(f"alias {name}:{alias} points to {current or 'nothing'}, "
+                                    f"expected {expect or 'nothing'}",
+                                    fix=f"re-read the alias and retry with expect={current}")
+            if current is None:
+                return None
+            path.unlink()
+            self._audit.append("alias", f"{name}:{alias}", old=current, new=None, actor=actor)
+        return current
+
+    def delete_version(self, ref: str, *, actor: str | None = None) -> Version:
+        """Unbind a version from its name (its blobs become garbage for gc), audited.
+
+        Manifests of versions still named as lineage parents are kept by gc.
+
+        Raises:
+            ConflictError: An alias still points at it.
+            NotFoundError: No such version.
+        """
+        version = self.resolve(ref)
+        with self._lock("refs"):
+            holders = [a for a, d in self.aliases(version.name).items() if d == version.digest]
+            if holders:
+                raise ConflictError(f"{version.ref} is still the target of alias(es) "
+                                    f"{', '.join(holders)}",
+                                    fix="move or delete those aliases first")
+            (self._versions_dir(version.name) / digest_hex(version.digest)).unlink()
+            self._audit.append("delete", version.ref, old=version.digest, actor=actor)
+        return version
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store a small blob and return its digest (unreachable until referenced)."""
+        with self._lock("gc", shared=True):
+            return self.blobs.put_bytes(data)[0]
+
+    def blob_path(self, digest: str) -> Path:
+        """Path of a blob (may not exist). Raises BadInputError on a malformed digest."""
+        return self.blobs.path(digest)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """Open a blob for reading. Raises NotFoundError if missing."""
+        return self.blobs.open(digest)
+
+    def materialize(self, ref_or_version: str | Version, dest: Path, *,
+                    progress: ProgressCallback | None = None) -> Path:
+        """Write a version's files into ``dest`` (a plain PEFT directory), verifying digests.
+
+        Existing files of the same names in ``dest`` are replaced; each file is written
+        to a temp file in its directory and renamed only once its digest checks out.
+
+        Raises:
+            IntegrityError: A blob is missing or corrupt (the bad file is not written).
+            BadInputError: The version has no files (a model recorded by reference).
+            NotFoundError: Unknown ref.
+        """
+        version = ref_or_version if isinstance(ref_or_version, Version) \
+            else self.resolve(ref_or_version)
+        if not version.files:
+            raise BadInputError(f"{version.ref} has no stored files (recorded by reference)",
+                                fix="its record's 'location' says where the model was written")
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in version.files:
+            self.blobs.copy_verified(entry["digest"], dest / validate_file_path(entry["path"]),
+                                     progress)
+        return dest
+
+    def put_gate_record(self, candidate: str, policy_digest: str, result: dict, *,
+                        actor: str | None = None) -> str:
+        """Store a gate result for (candidate version, policy) and audit ``gate``.
+
+        Args:
+            candidate: Version digest or any ref resolving to it.
+            policy_digest: Digest of the gate policy.
+            result: JSON-able result; ``result["passed"]`` is what promote checks.
+
+        Returns:
+            Digest of the stored gate-record blob.
+
+        Raises:
+            NotFoundError: Unknown candidate.
+            BadInputError: Bad policy digest or non-JSON result.
+        """
+        version = self.version_by_digest(candidate) if is_digest(candidate) \
+            else self.resolve(candidate)
+        check_digest(policy_digest, "policy digest")
+        if not isinstance(result, dict):
+            raise BadInputError("gate result must be a JSON object", fix="pass a dict")
+        data = canonical_json(result)
+        with self._lock("gc", shared=True):
+            record_digest = self.blobs.put_bytes(data)[0]
+            path = self._gate_path(version.digest, policy_digest)
+            with self._lock("refs"):
+                old = self._read_alias(path)
+                atomic_write_bytes(path, (record_digest + "\n").encode())
+                self._audit.append("gate", version.ref, old=old,
+                                   new={"record": record_digest, "policy": policy_digest,
+                                        "passed": result.get("passed")}, actor=actor)
+        return record_digest
+

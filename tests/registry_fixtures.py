@@ -1,0 +1,108 @@
+"""Shared test helpers for the registry: tiny adapters, records and stores.
+
+Everything is pure Python (no torch): safetensors files are written by hand
+(8-byte little-endian header length, JSON header, raw bytes), so registry tests
+stay fast and do not depend on torch or the ingest module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from registry.record import TensorSummary, build_record
+from registry.store import PushResult, Store
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FAKE_BASE = {"struct_digest": "sha256:" + "1" * 64, "weights_digest": "sha256:" + "2" * 64}
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], list[float]]]) -> Path:
+    """Write F32 tensors ``name -> (shape, values)`` as a safetensors file."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blob = b""
+    for name in sorted(tensors):
+        shape, values = tensors[name]
+        data = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape,
+                        "data_offsets": [len(blob), len(blob) + len(data)]}
+        blob += data
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob)
+    return path
+
+
+def make_adapter_dir(directory: Path, *, r: int = 4, hidden: int = 8, layers: int = 1,
+                     seed: int = 0) -> Path:
+    """A minimal PEFT LoRA directory (q_proj and v_proj of ``layers`` layers)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = ([r, hidden],
+                                                  [rng.uniform(-1, 1) for _ in range(r * hidden)])
+            tensors[f"{prefix}.lora_B.weight"] = ([hidden, r],
+                                                  [rng.uniform(-1, 1) for _ in range(r * hidden)])
+    write_safetensors(directory / "adapter_model.safetensors", tensors)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+              "target_modules": ["v_proj", "q_proj"],
+              "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+              "base_model_name_or_path": "tiny-llama"}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def adapter_files(directory: Path) -> dict[str, Path]:
+    """``{relative path: path}`` of every file in an adapter directory."""
+    return {p.name: p for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def sample_record(directory: Path | None = None, **overrides: Any) -> dict:
+    """A valid adapter record (for ``directory``'s config when given)."""
+    config = json.loads((directory / "adapter_config.json").read_text()) if directory else \
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    kwargs: dict[str, Any] = {"fingerprint": FAKE_BASE, "base_model": "tiny-llama",
+                              "base_revision": "main", "dataset": "alpaca-v1",
+                              "hyperparameters": {"lr": 1e-4, "epochs": 2},
+                              "metrics": {"eval_loss": 1.25}, "known_risks": ["toy data"],
+                              "license": "apache-2.0", "author": "tester",
+                              "labels": {"team": "nlp"}}
+    kwargs.update(overrides)
+    tensors = kwargs.pop("tensors", TensorSummary(count=4, dtypes={"F32": 4}, parameters=128))
+    return build_record(config, tensors, **kwargs)
+
+
+def new_store(tmp_path: Path, name: str = "store") -> Store:
+    """A fresh store under ``tmp_path``."""
+    return Store.open(tmp_path / name, create=True)
+
+
+def push_adapter(store: Store, name: str, directory: Path, **record_overrides: Any) -> PushResult:
+    """Push an adapter directory with a sample record."""
+    return store.push(name, adapter_files(directory), sample_record(directory, **record_overrides))
+
+
+def blob_bytes(store: Store) -> int:
+    """Total bytes under ``blobs/``."""
+    return sum(p.stat().st_size for p in (store.root / "blobs").rglob("*") if p.is_file())
+
+
+def child_env() -> dict[str, str]:
+    """Environment for child Python processes that import the repo's packages."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("ADAPTERS_ACTOR", "test")
+    return env
+
+
+PYTHON = sys.executable
