@@ -16,13 +16,18 @@ import importlib
 import json
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.22 vendors click as typer._click; older typer uses click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException
 
 from registry.errors import EXIT_BAD_INPUT, AdapterkitError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "cli.registry_cmds",
+    "cli.hub_cmds",
 )
 
 app = typer.Typer(
@@ -56,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     except AdapterkitError as err:
         _report(err, json_mode)
         return err.exit_code
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.ClickException as err:
+    except ClickException as err:
         err.show()
         return EXIT_BAD_INPUT
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.stderr.write("error: aborted\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -1,0 +1,160 @@
+"""Integrity and housekeeping commands: ``verify``, ``gc``, ``audit log|verify``.
+
+``verify`` and ``audit verify`` print their full report, then fail with exit 3
+(:class:`registry.errors.IntegrityError`) when anything is wrong. In ``--json``
+mode the error goes into the one JSON document (key ``error``) instead of a
+second one, so the output always parses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from cli.common import JsonOpt, StoreOpt, open_store, parse_duration
+from cli.output import Output, make_table, short_digest
+from registry.errors import AdapterkitError, BadInputError, IntegrityError
+
+audit_app = typer.Typer(help="Read and check the hash-chained audit log.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``verify``, ``gc`` and ``audit`` to ``app``."""
+    app.command("verify")(verify)
+    app.command("gc")(gc)
+    app.add_typer(audit_app, name="audit")
+
+
+def emit_checked(out: Output, data: dict[str, Any], render: Any,
+                 error: AdapterkitError | None) -> None:
+    """Emit a report; then raise ``error`` (human mode) or exit with its code (JSON mode)."""
+    if error is not None:
+        data = {**data, "error": error.to_json()}
+    out.emit(data, render)
+    if error is None:
+        return
+    if out.json_mode:
+        raise typer.Exit(error.exit_code)
+    raise error
+
+
+def verify(
+    ref: Annotated[Optional[str], typer.Argument(help="Only this version.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every blob in the store.")] = False,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Re-hash stored blobs; exit 3 if any is corrupt or missing."""
+    from registry.maintenance import verify as verify_blobs
+
+    if ref is not None and all_:
+        raise BadInputError("give REF or --all, not both", fix="drop one of them")
+    out = Output(json_out)
+    st = open_store(store)
+    with out.progress("verifying", None) as advance:
+        report = verify_blobs(st, ref, progress=advance)
+    data = report.to_json()
+
+    def render(console: Any) -> None:
+        for p in report.problems:
+            console.print(f"[red]{p.kind}[/red] {p.digest} {escape(p.detail)}")
+            for user in p.used_by:
+                console.print(f"    used by {escape(user)}")
+        console.print(f"checked {report.versions} version(s), {report.blobs} blob(s), "
+                      f"{report.bytes} bytes: {len(report.problems)} problem(s)")
+
+    error = None
+    if not report.ok:
+        first = report.problems[0]
+        error = IntegrityError(
+            f"{len(report.problems)} problem(s) in the store, first: {first.kind} blob "
+            f"{first.digest}",
+            fix="restore the blobs from a copy of the store, or re-push the affected adapters",
+        )
+    emit_checked(out, data, render, error)
+
+
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+    grace: Annotated[
+        str, typer.Option("--grace", help="Keep unreachable blobs younger than this (30s, 10m, 1h, 2d).")
+    ] = "1h",
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Remove blobs that no version, lineage or gate record reaches."""
+    from registry.maintenance import gc as collect
+
+    seconds = parse_duration(grace)
+    report = collect(open_store(store), seconds, dry_run=dry_run)
+
+    def render(console: Any) -> None:
+        verb = "would remove" if dry_run else "removed"
+        for digest in report.removed:
+            console.print(f"{verb} {digest}")
+        console.print(
+            f"{verb} {len(report.removed)} blob(s), {report.freed_bytes} bytes, "
+            f"{len(report.temp_removed)} temp file(s); kept {report.kept_reachable} reachable "
+            f"and {len(report.kept_young)} unreachable blob(s) younger than {escape(grace)}"
+        )
+
+    Output(json_out).emit(report.to_json(), render)
+
+
+@audit_app.command("log")
+def audit_log(
+    limit: Annotated[int, typer.Option("--limit", help="Newest N entries (0: all).")] = 20,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Show the newest audit entries."""
+    st = open_store(store)
+    entries = st.audit().entries()
+    if limit > 0:
+        entries = entries[-limit:]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, str) and value.startswith("sha256:"):
+            return short_digest(value)
+        if value is None or isinstance(value, str):
+            return escape(value or "")
+        return escape(json.dumps(value, sort_keys=True))
+
+    rows = [
+        (e["seq"], str(e["ts"])[:19], cell(e.get("actor")), cell(e["action"]),
+         cell(e["subject"]), cell(e.get("old")), cell(e.get("new")))
+        for e in entries
+    ]
+    Output(json_out).emit({"entries": entries}, lambda c: c.print(
+        make_table(None, ["seq", "ts", "actor", "action", "subject", "old", "new"], rows)
+    ))
+
+
+def _where(problem: dict[str, Any]) -> str:
+    """``log line N`` for a line of log.jsonl, ``head.json`` for the head (line 0)."""
+    return f"log line {problem['line']}" if problem["line"] else "head.json"
+
+
+@audit_app.command("verify")
+def audit_verify(json_out: JsonOpt = False, store: StoreOpt = None) -> None:
+    """Check the hash chain; exit 3 naming the first bad line."""
+    st = open_store(store)
+    report = st.audit().verify()
+    data = report.to_json()
+
+    def render(console: Any) -> None:
+        for p in data["problems"]:
+            console.print(f"[red]{_where(p)}[/red]: {escape(p['message'])}")
+        console.print(f"{data['entries']} entries, {len(data['problems'])} problems")
+
+    error = None
+    if not report.ok:
+        first = data["problems"][0]
+        error = IntegrityError(
+            f"audit {_where(first)}: {first['message']}",
+            fix="the log was edited, reordered or truncated; restore it from a backup",
+        )
+    emit_checked(Output(json_out), data, render, error)

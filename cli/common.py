@@ -1,0 +1,113 @@
+"""Options and small parsers shared by the command modules.
+
+Every command takes ``--json`` and ``--store PATH``; the annotated aliases here keep
+their spelling and help text identical everywhere. The parsers turn command-line
+strings (``k=v`` pairs, ``30s``/``10m``/``1h``/``2d`` durations, ``NAME:ALIAS``)
+into values and raise :class:`registry.errors.BadInputError` (exit 2) on bad input,
+so ``cli/main.py`` reports them like every other error.
+
+Only the standard library, typer and ``registry.errors`` are imported here: the
+store itself is imported inside :func:`open_store`, when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from registry.errors import BadInputError
+
+if TYPE_CHECKING:
+    from registry.store import Store
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+StoreOpt = Annotated[
+    Optional[Path],
+    typer.Option("--store", help="Store directory (default: $ADAPTERS_HOME or ~/.adapters).",
+                 show_default=False),
+]
+
+
+def open_store(root: Path | None, *, create: bool = False) -> Store:
+    """Open the store at ``root`` (None: ``$ADAPTERS_HOME`` or ``~/.adapters``).
+
+    Raises:
+        NotFoundError: The store does not exist and ``create`` is False.
+    """
+    from registry.store import Store
+
+    return Store.open(root, create=create)
+
+
+def parse_value(text: str) -> Any:
+    """JSON when it parses (``3``, ``1e-4``, ``true``, ``[1,2]``), else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_pairs(items: list[str] | None, option: str, *, typed: bool = True) -> dict[str, Any]:
+    """``["lr=1e-4", "epochs=3"]`` -> ``{"lr": 0.0001, "epochs": 3}``.
+
+    Args:
+        items: The repeated option's values.
+        option: The option name, for the error message.
+        typed: Parse values with :func:`parse_value`; else keep them as strings.
+
+    Raises:
+        BadInputError: An item has no ``=`` or an empty key.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BadInputError(
+                f"{option} expects KEY=VALUE, got {item!r}", fix=f"write e.g. {option} lr=1e-4"
+            )
+        out[key] = parse_value(value) if typed else value
+    return out
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"10m"``, ``"1h"``, ``"2d"``, ``"1w"`` or plain seconds -> seconds.
+
+    Raises:
+        BadInputError: The text is not a non-negative number with an optional unit.
+    """
+    match = _DURATION.match(text.lower())
+    if match is None:
+        raise BadInputError(
+            f"bad duration {text!r}", fix="use a number with s, m, h, d or w, e.g. 30s, 10m, 1h, 2d"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def split_alias(target: str) -> tuple[str, str]:
+    """``"name:alias"`` -> ``("name", "alias")``, both validated (names may hold one ``/``).
+
+    Raises:
+        BadInputError: Not of the form NAME:ALIAS, or an invalid name or alias.
+    """
+    from registry.refs import parse_ref
+
+    parsed = parse_ref(target) if ":" in target and "@" not in target else None
+    if parsed is None or parsed.name is None or parsed.alias is None:
+        raise BadInputError(
+            f"expected NAME:ALIAS, got {target!r}", fix="write e.g. my-adapter:candidate"
+        )
+    return parsed.name, parsed.alias
+
+
+def tree_size(paths: list[Path]) -> int:
+    """Total size in bytes of existing files (for progress bar totals)."""
+    return sum(p.stat().st_size for p in paths if p.is_file())

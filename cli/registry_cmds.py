@@ -1,0 +1,298 @@
+"""Registry commands: init, push, ls, show, diff, fingerprint, export.
+
+Each command parses its options, calls the registry library and renders the
+result through :class:`cli.output.Output` (rich for people, ``--json`` for
+machines). Errors are the library's :mod:`registry.errors` exceptions, left to
+``cli/main.py`` to report. The registry modules are imported inside the commands,
+so ``adapters --help`` pays only for typer and rich; nothing here imports torch
+(only ``push --allow-pickle`` does, inside the ingest library).
+
+:func:`register` also registers the alias/lineage commands (``cli/alias_cmds.py``)
+and the verify/gc/audit commands (``cli/audit_cmds.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from cli import alias_cmds, audit_cmds
+from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs, tree_size
+from cli.output import Output, make_table, short_digest
+from registry.errors import GateFailedError
+
+
+def register(app: typer.Typer) -> None:
+    """Add the registry commands to ``app``."""
+    app.command("init")(init)
+    app.command("push")(push)
+    app.command("ls")(ls)
+    app.command("show")(show)
+    app.command("diff")(diff)
+    app.command("fingerprint")(fingerprint)
+    app.command("export")(export)
+    alias_cmds.register(app)
+    audit_cmds.register(app)
+
+
+def init(json_out: JsonOpt = False, store: StoreOpt = None) -> None:
+    """Create an empty store (idempotent)."""
+    st = open_store(store, create=True)
+    data = {"root": str(st.root)}
+    Output(json_out).emit(data, lambda c: c.print(f"store ready at {escape(str(st.root))}"))
+
+
+def push(
+    adapter_dir: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
+    name: Annotated[str, typer.Option("--name", help="Name to bind the version to.")],
+    alias: Annotated[Optional[str], typer.Option(help="Also point this alias at it.")] = None,
+    base: Annotated[
+        Optional[Path],
+        typer.Option("--base", help="Local base model dir: fingerprint it and check A/B shapes."),
+    ] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="Base model id.")] = None,
+    base_revision: Annotated[Optional[str], typer.Option(help="Base model revision.")] = None,
+    dataset_version: Annotated[Optional[str], typer.Option(help="Training data version.")] = None,
+    dataset_digest: Annotated[Optional[str], typer.Option(help="Training data digest.")] = None,
+    hparam: Annotated[Optional[list[str]], typer.Option(help="Hyperparameter k=v (repeat).")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option(help="Metric k=v (repeat).")] = None,
+    risk: Annotated[Optional[list[str]], typer.Option(help="Known risk (repeat).")] = None,
+    license: Annotated[Optional[str], typer.Option(help="License id.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="Free-form label k=v (repeat).")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Accept a .bin adapter (loaded with weights_only=True).")
+    ] = False,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Store an adapter directory as a new version of NAME (deduplicated)."""
+    from registry.ingest import prepare_adapter
+    from registry.record import build_record
+    from registry.refs import validate_alias, validate_name
+
+    out = Output(json_out)
+    st = open_store(store)
+    validate_name(name)  # fail before hashing anything
+    if alias is not None:
+        validate_alias(alias)
+        if alias in st.protected_aliases:
+            raise GateFailedError(
+                f"alias {alias!r} is protected; only a passing gate moves it",
+                fix=f"push without --alias, then `adapters promote {name}@<digest> --to {alias}`",
+            )
+    hyperparameters = parse_pairs(hparam, "--hparam")
+    metrics = parse_pairs(metric, "--metric")
+    labels = parse_pairs(label, "--label", typed=False)
+    dataset = None
+    if dataset_version is not None or dataset_digest is not None:
+        dataset = {"version": dataset_version, "digest": dataset_digest}
+    with prepare_adapter(adapter_dir, allow_pickle=allow_pickle, base_dir=base) as prepared:
+        fp = None
+        if base is not None:
+            from registry.fingerprint import fingerprint_model, model_weights
+
+            total = model_weights(base).total_bytes
+            with out.progress(f"fingerprinting {base.name}", total) as advance:
+                fp = fingerprint_model(base, progress=advance)
+        record = build_record(
+            prepared.peft_config, prepared.tensors, base_model=base_model,
+            base_revision=base_revision, fingerprint=fp, dataset=dataset,
+            hyperparameters=hyperparameters, metrics=metrics, known_risks=risk,
+            license=license, labels=labels,
+        )
+        total = tree_size(list(prepared.files.values()))
+        with out.progress(f"hashing {adapter_dir.name}", total) as advance:
+            result = st.push(name, prepared.files, record, progress=advance)
+    version = result.version
+    data = {**result.to_json(), "alias": None}
+    if alias:
+        old = st.set_alias(version.name, alias, version.digest)
+        data["alias"] = {"alias": alias, "old": old, "new": version.digest}
+
+    def render(console: Any) -> None:
+        state = "pushed" if result.created else "already stored (no new bytes)"
+        console.print(f"{state}: {escape(version.ref)}")
+        console.print(f"new bytes: {result.new_bytes}")
+        if alias:
+            console.print(f"{escape(version.name)}:{escape(alias)} -> {version.short}")
+
+    out.emit(data, render)
+
+
+def ls(
+    name: Annotated[Optional[str], typer.Argument(help="Only this name.")] = None,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """List names, their versions (newest first) and aliases."""
+    st = open_store(store)
+    entries = []
+    for n in [name] if name else st.names():
+        aliases = st.aliases(n)
+        versions = [
+            {
+                "digest": v.digest,
+                "created": v.created,
+                "size": v.size,
+                "aliases": sorted(a for a, d in aliases.items() if d == v.digest),
+            }
+            for v in st.versions(n)
+        ]
+        entries.append({"name": n, "aliases": aliases, "versions": versions})
+
+    def render(console: Any) -> None:
+        rows = [
+            (escape(e["name"]), short_digest(v["digest"]), v["created"], v["size"],
+             escape(", ".join(v["aliases"])))
+            for e in entries
+            for v in e["versions"]
+        ]
+        console.print(make_table(None, ["name", "version", "created", "bytes", "aliases"], rows))
+
+    Output(json_out).emit({"names": entries}, render)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1}``; lists stay values, empty objects go."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _text(value: Any) -> str:
+    """One cell: strings as they are, everything else as compact JSON, escaped for rich."""
+    if value is None:
+        return ""
+    return escape(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+
+
+def show(
+    ref: Annotated[str, typer.Argument(help="name, name@digest, name:alias or sha256:...")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Show a version: record, files, aliases and lineage summary."""
+    from registry.lineage import descendants
+
+    st = open_store(store)
+    v = st.resolve(ref)
+    lineage = v.lineage or {}
+    children = descendants(st, v.ref, max_depth=1).children
+    data = {
+        **v.to_json(),
+        "aliases": sorted(a for a, d in st.aliases(v.name).items() if d == v.digest),
+        "lineage": {
+            "parents": lineage.get("parents", []),
+            "recipe": lineage.get("recipe"),
+            "children": [f"{c.name}@{c.digest}" for c in children],
+        },
+    }
+
+    def render(console: Any) -> None:
+        console.print(f"[bold]{escape(v.ref)}[/bold]  {v.kind}, created {v.created}")
+        if data["aliases"]:
+            console.print(f"aliases: {escape(', '.join(data['aliases']))}")
+        rows = [(escape(k), _text(val)) for k, val in _flatten(v.record).items()]
+        console.print(make_table("record", ["field", "value"], rows))
+        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in v.files]
+        console.print(make_table("files", ["path", "digest", "bytes"], rows))
+        info = data["lineage"]
+        if info["recipe"]:
+            console.print(f"made by: {escape(str(info['recipe'].get('method')))}")
+        for p in info["parents"]:
+            console.print(f"  parent {escape(p.get('ref') or p['digest'])} "
+                          f"role={escape(str(p.get('role')))} weight={p.get('weight')}")
+        for child in info["children"]:
+            console.print(f"  child {escape(child)}")
+
+    Output(json_out).emit(data, render)
+
+
+def diff(
+    ref_a: Annotated[str, typer.Argument(metavar="REF1")],
+    ref_b: Annotated[str, typer.Argument(metavar="REF2")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Show record and file differences between two versions."""
+    st = open_store(store)
+    a, b = st.resolve(ref_a), st.resolve(ref_b)
+    rec_a, rec_b = _flatten(a.record), _flatten(b.record)
+    record = [
+        {"key": k, "a": rec_a.get(k), "b": rec_b.get(k)}
+        for k in sorted(rec_a.keys() | rec_b.keys())
+        if rec_a.get(k) != rec_b.get(k)
+    ]
+    files_a = {f["path"]: f for f in a.files}
+    files_b = {f["path"]: f for f in b.files}
+    files = []
+    for path in sorted(files_a.keys() | files_b.keys()):
+        fa, fb = files_a.get(path), files_b.get(path)
+        status = ("added" if fa is None else "removed" if fb is None
+                  else "same" if fa["digest"] == fb["digest"] else "changed")
+        files.append({"path": path, "status": status,
+                      "a": fa and fa["digest"], "b": fb and fb["digest"]})
+    data = {"a": a.ref, "b": b.ref, "same": a.digest == b.digest,
+            "record": record, "files": files}
+
+    def render(console: Any) -> None:
+        console.print(f"a: {escape(a.ref)}\nb: {escape(b.ref)}")
+        if data["same"]:
+            console.print("identical versions")
+            return
+        rows = [(escape(d["key"]), _text(d["a"]), _text(d["b"])) for d in record]
+        console.print(make_table("record", ["field", "a", "b"], rows))
+        rows = [(escape(f["path"]), f["status"], short_digest(f["a"] or ""),
+                 short_digest(f["b"] or "")) for f in files]
+        console.print(make_table("files", ["path", "status", "a", "b"], rows))
+
+    Output(json_out).emit(data, render)
+
+
+def fingerprint(
+    model_dir: Annotated[Path, typer.Argument(help="Local model dir (safetensors, sharded ok).")],
+    no_weights: Annotated[
+        bool, typer.Option("--no-weights", help="Headers only: skip weights_digest.")
+    ] = False,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Print a base model's struct_digest and weights_digest (no store needed)."""
+    from registry.fingerprint import fingerprint_model, model_weights
+
+    del store  # accepted like on every command; fingerprinting reads only MODEL_DIR
+    out = Output(json_out)
+    total = None if no_weights else model_weights(model_dir).total_bytes
+    with out.progress(f"hashing {model_dir.name}", total) as advance:
+        fp = fingerprint_model(model_dir, weights=not no_weights, progress=advance)
+    data = {"model_dir": str(model_dir), "struct_digest": fp.struct_digest,
+            "weights_digest": fp.weights_digest}
+    out.emit(data, lambda c: c.print(
+        f"struct_digest:  {fp.struct_digest}\nweights_digest: {fp.weights_digest or '-'}"
+    ))
+
+
+def export(
+    ref: Annotated[str, typer.Argument(help="Version to export.")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Write a plain PEFT directory (+ model card) that PeftModel.from_pretrained loads."""
+    from registry.export import export as export_version
+
+    out = Output(json_out)
+    st = open_store(store)
+    version = st.resolve(ref)
+    with out.progress(f"exporting {version.name}", version.size) as advance:
+        result = export_version(st, version, out_dir, progress=advance)
+    out.emit(result.to_json(), lambda c: c.print(
+        f"exported {escape(result.version.ref)} to {escape(str(result.path))}"
+    ))
