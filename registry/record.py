@@ -104,7 +104,11 @@ def _int(value: Any, path: str, minimum: int = 0) -> int:
 
 
 def _number(value: Any, path: str) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float (e.g. 10**400)
+        finite = False
+    if not finite:
         raise _fail(path, "must be a finite number", value)
     return value
 

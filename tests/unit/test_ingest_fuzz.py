@@ -10,6 +10,7 @@ set ``ADAPTERKIT_FUZZ_EXAMPLES`` for a long randomized run.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -42,12 +43,7 @@ FUZZ = settings(
 )
 _ADAPTER_EXAMPLES = _LONG or 120
 _SCRATCH = Path(tempfile.mkdtemp(prefix="adapterkit-fuzz-"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cleanup_scratch():
-    yield
-    shutil.rmtree(_SCRATCH, ignore_errors=True)
+atexit.register(shutil.rmtree, _SCRATCH, True)  # also when no test of this file runs
 
 
 def _reference(path: Path):

@@ -137,3 +137,9 @@ def test_model_record() -> None:
                            author="a")
     with pytest.raises(BadInputError, match="record.peft"):
         validate_record({**rec, "peft": {}})
+
+
+def test_huge_integer_metric_is_a_clear_error() -> None:
+    """An int beyond float range is bad input, not an OverflowError crash."""
+    with pytest.raises(BadInputError, match=r"record\.metrics\.x must be a finite number"):
+        record(metrics={"x": 10**400})
