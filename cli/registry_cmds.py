@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
 def init(json_out: JsonOpt = False, store: StoreOpt = None) -> None:
     """Create an empty store (idempotent)."""
     st = open_store(store, create=True)
-    data = {"root": str(st.root)}
-    Output(json_out).emit(data, lambda c: c.print(f"store ready at {escape(str(st.root))}"))
+    data = {"root": st.location}
+    Output(json_out).emit(data, lambda c: c.print(f"store ready at {escape(st.location)}"))
 
 
 def push(

@@ -81,6 +81,60 @@ class AuditReport:
                 "problems": [p.to_json() for p in self.problems]}
 
 
+def check_chain(rows: list[tuple[int, bytes]]) -> tuple[list[AuditProblem], int, str | None]:
+    """Check a sequence of serialized entries (shared by the local and object audit logs).
+
+    Args:
+        rows: ``(position, raw JSON)`` in log order; ``position`` is what problems report
+            (a line number locally, the sequence key's number on object storage).
+
+    Returns:
+        ``(problems, last seq, last hash)``; the caller checks the head against the last two.
+    """
+    problems: list[AuditProblem] = []
+    prev_seq, prev_hash = 0, None
+    for number, raw in rows:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            problems.append(AuditProblem(number, "unparsable", "line is not valid JSON"))
+            continue
+        if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS) \
+                or not isinstance(entry.get("seq"), int):
+            problems.append(AuditProblem(number, "malformed",
+                                         f"entry must have exactly the keys {ENTRY_KEYS}"))
+            continue
+        seq = entry["seq"]
+        if entry["hash"] != entry_hash(entry):
+            problems.append(AuditProblem(number, "hash_mismatch",
+                                         f"seq {seq}: content does not match its hash "
+                                         "(line edited)"))
+        if seq <= prev_seq:
+            problems.append(AuditProblem(number, "seq_order",
+                                         f"seq {seq} after seq {prev_seq} (lines reordered "
+                                         "or duplicated)"))
+        elif seq != prev_seq + 1:
+            problems.append(AuditProblem(number, "seq_gap",
+                                         f"seq {seq} follows seq {prev_seq}: "
+                                         f"{seq - prev_seq - 1} entr(y/ies) removed"))
+        if entry["prev_hash"] != prev_hash:
+            problems.append(AuditProblem(number, "chain_break",
+                                         f"seq {seq}: prev_hash does not match the previous "
+                                         "line's hash"))
+        prev_seq, prev_hash = seq, entry["hash"]
+    return problems, prev_seq, prev_hash
+
+
+def new_entry(seq: int, prev_hash: str | None, action: str, subject: str, old: Any, new: Any,
+              actor: str | None) -> dict[str, Any]:
+    """A complete entry (with its ``hash``) following ``(seq - 1, prev_hash)``."""
+    entry: dict[str, Any] = {"seq": seq, "ts": utc_now_iso(), "actor": actor or default_actor(),
+                             "action": action, "subject": subject, "old": old, "new": new,
+                             "prev_hash": prev_hash}
+    entry["hash"] = entry_hash(entry)
+    return entry
+
+
 class AuditLog:
     """The audit log of one store.
 
@@ -137,11 +191,7 @@ class AuditLog:
             if (isinstance(last, dict) and last.get("seq") == seq + 1
                     and last.get("prev_hash") == prev and last.get("hash") == entry_hash(last)):
                 seq, prev = last["seq"], last["hash"]  # adopt a line whose head write was lost
-            entry: dict[str, Any] = {"seq": seq + 1, "ts": utc_now_iso(),
-                                     "actor": actor or default_actor(), "action": action,
-                                     "subject": subject, "old": old, "new": new,
-                                     "prev_hash": prev}
-            entry["hash"] = entry_hash(entry)
+            entry = new_entry(seq + 1, prev, action, subject, old, new, actor)
             line = canonical_json(entry) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -183,38 +233,8 @@ class AuditLog:
             An :class:`AuditReport`; ``report.ok`` is False if any line was edited,
             removed, reordered or the tail truncated.
         """
-        problems: list[AuditProblem] = []
         lines = self._lines()
-        prev_seq, prev_hash = 0, None
-        for number, raw in lines:
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                problems.append(AuditProblem(number, "unparsable", "line is not valid JSON"))
-                continue
-            if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS) \
-                    or not isinstance(entry.get("seq"), int):
-                problems.append(AuditProblem(number, "malformed",
-                                             f"entry must have exactly the keys {ENTRY_KEYS}"))
-                continue
-            seq = entry["seq"]
-            if entry["hash"] != entry_hash(entry):
-                problems.append(AuditProblem(number, "hash_mismatch",
-                                             f"seq {seq}: content does not match its hash "
-                                             "(line edited)"))
-            if seq <= prev_seq:
-                problems.append(AuditProblem(number, "seq_order",
-                                             f"seq {seq} after seq {prev_seq} (lines reordered "
-                                             "or duplicated)"))
-            elif seq != prev_seq + 1:
-                problems.append(AuditProblem(number, "seq_gap",
-                                             f"seq {seq} follows seq {prev_seq}: "
-                                             f"{seq - prev_seq - 1} entr(y/ies) removed"))
-            if entry["prev_hash"] != prev_hash:
-                problems.append(AuditProblem(number, "chain_break",
-                                             f"seq {seq}: prev_hash does not match the previous "
-                                             "line's hash"))
-            prev_seq, prev_hash = seq, entry["hash"]
+        problems, prev_seq, prev_hash = check_chain(lines)
         problems.extend(self._check_head(prev_seq, prev_hash, bool(lines)))
         return AuditReport(entries=len(lines), problems=problems)
 

@@ -1,12 +1,17 @@
-"""Content-addressed blob storage: ``<root>/blobs/sha256/<hex>``.
+"""Content-addressed blob storage: the keys ``blobs/sha256/<hex>`` of a storage backend.
 
-A blob is written by copying its source into a temp file under ``<root>/tmp/``
-while hashing it (1 MiB chunks, one read pass), then ``fsync``, ``chmod 0444`` and an
-atomic ``os.replace`` onto its final name. A process killed mid-copy therefore
-leaves only a temp file (which is not a blob; gc removes stale ones), never a
-partial file under ``blobs/``. If the blob already exists the temp file is dropped
-(deduplication: no new bytes) and the existing blob's mtime is refreshed, so a
-concurrent gc's grace period protects a blob that is being re-used.
+A file blob is copied into a local temp file under ``<local root>/tmp/`` while it is
+hashed (1 MiB chunks, one read pass), fsynced, and then committed create-only to its
+key (:meth:`registry.backends.Backend.put_file_if_absent`: a hard link for a local
+store, ``PutObject(IfNoneMatch="*")`` for S3). Hashing the temp copy, not the source,
+guarantees the stored bytes are the hashed bytes. A process killed mid-copy leaves
+only a temp file (gc removes stale ones), never a partial blob. If the blob already
+exists the temp file is dropped (deduplication: no new bytes) and the existing blob's
+mtime is refreshed, so a concurrent gc's grace period protects a blob being re-used.
+
+On a local store blobs are files under ``<root>/blobs/sha256/`` with mode 0444;
+:meth:`BlobStore.path` gives their path. S3 blobs have no local path (``path`` raises
+BadInputError); read them with :meth:`BlobStore.open` or :meth:`BlobStore.copy_verified`.
 """
 
 from __future__ import annotations
@@ -18,37 +23,51 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from registry.common import DIGEST_PREFIX, digest_hex, fsync_dir, sha256_digest
+from registry.backends import Backend, ObjectMissing, PreconditionFailed
+from registry.common import DIGEST_PREFIX, HEX_RE, digest_hex, sha256_digest
 from registry.errors import IntegrityError, NotFoundError
 
 CHUNK = 1 << 20
+PREFIX = "blobs/sha256/"
 ProgressCallback = Callable[[int], None]
 """Called with the number of bytes just processed."""
 
 
+def blob_key(digest: str) -> str:
+    """The backend key of a blob (``BadInputError`` on a malformed digest)."""
+    return PREFIX + digest_hex(digest)
+
+
 class BlobStore:
-    """The ``blobs/`` and ``tmp/`` directories of a store.
+    """The blobs of a store, on any backend.
 
     Args:
-        root: The store root.
+        backend: The store's backend (a ``Path`` means a local directory store).
     """
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.dir = root / "blobs" / "sha256"
-        self.tmp = root / "tmp"
+    def __init__(self, backend: Backend | Path) -> None:
+        if isinstance(backend, (str, Path)):
+            from registry.backends.local import LocalBackend
+            backend = LocalBackend(Path(backend))
+        self.backend = backend
+        self.tmp = backend.local_root / "tmp"
 
     def path(self, digest: str) -> Path:
-        """Where the blob with ``digest`` lives (it may not exist).
+        """Local file of the blob with ``digest`` (it may not exist).
 
         Raises:
-            BadInputError: ``digest`` is not a full sha256 digest.
+            BadInputError: ``digest`` is not a full sha256 digest, or the store is on S3.
         """
-        return self.dir / digest_hex(digest)
+        return self.backend.local_path(blob_key(digest))
 
     def exists(self, digest: str) -> bool:
         """Whether the blob is present (its content is not checked)."""
-        return self.path(digest).is_file()
+        return self.backend.stat(blob_key(digest)) is not None
+
+    def size(self, digest: str) -> int | None:
+        """Size in bytes, None when missing."""
+        info = self.backend.stat(blob_key(digest))
+        return None if info is None else info.size
 
     def open(self, digest: str) -> BinaryIO:
         """Open a blob for binary reading.
@@ -57,10 +76,18 @@ class BlobStore:
             NotFoundError: No such blob.
         """
         try:
-            return open(self.path(digest), "rb")
-        except FileNotFoundError:
+            return self.backend.open(blob_key(digest))
+        except ObjectMissing:
             raise NotFoundError(f"blob {digest} is missing",
                                 fix="run `adapters verify --all` to see what uses it") from None
+
+    def read(self, digest: str) -> bytes:
+        """A blob's bytes, unchecked. Raises NotFoundError."""
+        try:
+            return self.backend.get(blob_key(digest))[0]
+        except ObjectMissing:
+            raise NotFoundError(f"blob {digest} is missing",
+                                fix="run `adapters verify --all`") from None
 
     def read_verified(self, digest: str) -> bytes:
         """Read a (small) blob whole and check its digest.
@@ -69,8 +96,8 @@ class BlobStore:
             IntegrityError: The blob is missing or its bytes do not hash to ``digest``.
         """
         try:
-            data = self.path(digest).read_bytes()
-        except FileNotFoundError:
+            data = self.backend.get(blob_key(digest))[0]
+        except ObjectMissing:
             raise IntegrityError(f"blob {digest} is missing",
                                  fix="run `adapters verify --all`; re-push the affected version") \
                 from None
@@ -82,22 +109,6 @@ class BlobStore:
     def _temp(self) -> tuple[int, str]:
         self.tmp.mkdir(parents=True, exist_ok=True)
         return tempfile.mkstemp(dir=self.tmp, prefix="blob-", suffix=".partial")
-
-    def _commit(self, tmp: str, hexdigest: str) -> bool:
-        """Move a complete, fsynced temp file into place; False when it already existed."""
-        final = self.dir / hexdigest
-        if final.is_file():
-            os.unlink(tmp)
-            try:
-                os.utime(final)
-            except OSError:
-                pass
-            return False
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, final)
-        fsync_dir(self.dir)
-        return True
 
     def put_file(self, source: Path,
                  progress: ProgressCallback | None = None) -> tuple[str, int, int]:
@@ -129,47 +140,43 @@ class BlobStore:
                         progress(len(chunk))
                 dst.flush()
                 os.fsync(dst.fileno())
-            created = self._commit(tmp, hasher.hexdigest())
+            key = PREFIX + hasher.hexdigest()
+            created = self.backend.put_file_if_absent(key, Path(tmp))
+            if not created:
+                self.backend.touch(key)
         except BaseException:
             _unlink_quietly(tmp)
             raise
         return DIGEST_PREFIX + hasher.hexdigest(), size, size if created else 0
 
     def put_bytes(self, data: bytes) -> tuple[str, bool]:
-        """Store a small blob; returns ``(digest, created)``."""
+        """Store a small blob create-only; returns ``(digest, created)``."""
         digest = sha256_digest(data)
-        if self.exists(digest):
+        key = blob_key(digest)
+        if self.backend.stat(key) is None:
             try:
-                os.utime(self.path(digest))
-            except OSError:
-                pass
-            return digest, False
-        fd, tmp = self._temp()
-        try:
-            with os.fdopen(fd, "wb") as dst:
-                dst.write(data)
-                dst.flush()
-                os.fsync(dst.fileno())
-            created = self._commit(tmp, digest_hex(digest))
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        return digest, created
+                self.backend.put_if_absent(key, data)
+                return digest, True
+            except PreconditionFailed:
+                pass  # a concurrent writer stored the same bytes first
+        self.backend.touch(key)
+        return digest, False
 
     def hash_blob(self, digest: str, progress: ProgressCallback | None = None) -> str | None:
         """Re-hash a stored blob; None when it is missing."""
         hasher = hashlib.sha256()
         try:
-            with open(self.path(digest), "rb") as handle:
-                while True:
-                    chunk = handle.read(CHUNK)
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-        except FileNotFoundError:
+            handle = self.backend.open(blob_key(digest))
+        except ObjectMissing:
             return None
+        with handle:
+            while True:
+                chunk = handle.read(CHUNK)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         return DIGEST_PREFIX + hasher.hexdigest()
 
     def copy_verified(self, digest: str, dest: Path,
@@ -182,15 +189,15 @@ class BlobStore:
         Raises:
             IntegrityError: The blob is missing or does not hash to ``digest``.
         """
-        src_path = self.path(digest)
+        key = blob_key(digest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         hasher = hashlib.sha256()
         size = 0
         try:
             try:
-                src = open(src_path, "rb")
-            except FileNotFoundError:
+                src = self.backend.open(key)
+            except ObjectMissing:
                 raise IntegrityError(f"blob {digest} is missing (needed for {dest.name})",
                                      fix="run `adapters verify --all`; re-push the version") \
                     from None
@@ -217,13 +224,11 @@ class BlobStore:
         return size
 
     def all_digests(self) -> list[str]:
-        """Digests of every file under ``blobs/sha256`` with a well-formed name."""
-        if not self.dir.is_dir():
-            return []
+        """Digests of every blob key with a well-formed name, sorted."""
         out = []
-        for entry in os.scandir(self.dir):
-            name = entry.name
-            if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        for key in self.backend.list(PREFIX):
+            name = key[len(PREFIX):]
+            if HEX_RE.match(name):
                 out.append(DIGEST_PREFIX + name)
         return sorted(out)
 

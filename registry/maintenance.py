@@ -14,6 +14,12 @@ stale temp files (``tmp/`` entries, including work directories whose newest
 file is older than the grace, and interrupted atomic writes). It refuses to run when
 a bound manifest cannot be read, since it could not know which files that version
 needs. A real (not dry) run is audited as ``gc``.
+
+On an S3 store there is no gc lock (:meth:`registry.backends.Backend.lock` is a no-op);
+a push that re-uses an existing blob refreshes its LastModified first
+(:meth:`registry.blobs.BlobStore.put_file`) and gc re-stats each candidate right
+before deleting it, so only a blob re-used within the milliseconds between that stat
+and the delete could be lost -- keep the grace period well above push durations.
 """
 
 from __future__ import annotations
@@ -25,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.blobs import ProgressCallback
+from registry.blobs import ProgressCallback, blob_key
 from registry.common import is_digest
 from registry.errors import AdapterkitError, IntegrityError
-from registry.locking import file_lock
 from registry.manifest import check_manifest
 from registry.store import Store
 
@@ -97,9 +102,8 @@ class _Checker:
     def hash(self, digest: str) -> str | None:
         if digest not in self.results:
             self.results[digest] = self.store.blobs.hash_blob(digest, self.progress)
-            path = self.store.blobs.path(digest)
             if self.results[digest] is not None:
-                self.bytes += path.stat().st_size
+                self.bytes += self.store.blobs.size(digest) or 0
         return self.results[digest]
 
     def version(self, name: str, digest: str) -> None:
@@ -108,8 +112,7 @@ class _Checker:
         if self.hash(digest) != digest:
             return
         try:
-            manifest = check_manifest(json.loads(self.store.blobs.path(digest).read_bytes()),
-                                      digest)
+            manifest = check_manifest(json.loads(self.store.blobs.read(digest)), digest)
         except (ValueError, AdapterkitError) as err:
             self.extra.append(BlobProblem("bad_manifest", digest, (label,), str(err)))
             return
@@ -279,33 +282,34 @@ def gc(store: Store, grace_seconds: float = 3600.0, *, dry_run: bool = False,
         IntegrityError: A bound manifest is unreadable (gc cannot know its files).
     """
     cutoff = (time.time() if now is None else now) - grace_seconds
-    with file_lock(store.root / "locks" / "gc.lock"):
+    with store.backend.lock("gc"):
         keep = reachable(store)
+        present = store.blobs.all_digests()
         removed, young, freed = [], [], 0
-        for digest in store.blobs.all_digests():
+        for digest in present:
             if digest in keep:
                 continue
-            path = store.blobs.path(digest)
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
+            # stat right before deleting: a push that re-used this blob since gc listed
+            # it has touched it, so it is young now (the only guard on S3, with no lock)
+            stat = store.backend.stat(blob_key(digest))
+            if stat is None:
                 continue
-            if stat.st_mtime >= cutoff:
+            if stat.mtime >= cutoff:
                 young.append(digest)
                 continue
             if not dry_run:
-                path.unlink()
+                store.backend.delete(blob_key(digest))
             removed.append(digest)
-            freed += stat.st_size
+            freed += stat.size
         temps = _stale_temp_files(store, cutoff)
         if not dry_run:
             for path in temps:
                 _remove(path)
-            store.audit().append("gc", str(store.root), actor=actor,
+            store.audit().append("gc", store.location, actor=actor,
                                  new={"removed": len(removed), "freed_bytes": freed,
                                       "temp_removed": len(temps)})
     return GcReport(removed=removed, freed_bytes=freed,
-                    kept_reachable=sum(1 for d in keep if store.blobs.exists(d)),
+                    kept_reachable=len(keep.intersection(present)),
                     kept_young=young, temp_removed=[str(p.relative_to(store.root)) for p in temps],
                     dry_run=dry_run)
 

@@ -1,6 +1,7 @@
-"""The embedded store: a local directory laid out like an OCI image layout.
+"""The store: a local directory laid out like an OCI image layout, or the same keys on S3.
 
-Layout (DESIGN.md has the authoritative copy)::
+Layout (DESIGN.md has the authoritative copy; on S3 each path is an object key under
+``s3://bucket/prefix``, see :mod:`registry.backends`)::
 
     <root>/oci-layout, config.json
     <root>/blobs/sha256/<hex>                 file blobs, manifests, gate records (0444)
@@ -21,29 +22,40 @@ orders alias moves exactly as they happened.
 Protected aliases (``config.json`` ``protected_aliases``, default ``["release"]``)
 can only be moved with ``set_alias(..., protected_ok=True)``, which the gate's
 ``promote`` passes after it has checked a passing gate record.
+
+Every write goes through the backend's conditional operations, so the same code is
+safe without locks on S3: blobs, manifests and bindings are created with
+``put_if_absent``; aliases and gate pointers move with ``put_if_match`` on the ETag
+just read, re-reading on :class:`~registry.backends.PreconditionFailed` (an ``expect``
+that no longer holds then raises ConflictError). Locally the flock locks above are
+still taken (the backend's ``lock``), which also keeps the audit log in move order; on
+S3 they are no-ops and the audit log is one object per entry
+(:mod:`registry.audit_objects`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from registry.audit import AuditLog
+from registry.audit_objects import ObjectAuditLog
+from registry.backends import Backend, ObjectMissing, PreconditionFailed, open_backend, s3_location
+from registry.backends.local import LocalBackend
 from registry.blobs import BlobStore, ProgressCallback
-from registry.common import (atomic_write_bytes, canonical_json, check_digest, digest_hex,
-                             is_digest, read_json_file, utc_now_iso)
+from registry.common import canonical_json, digest_hex, is_digest, utc_now_iso
 from registry.errors import (AdapterkitError, BadInputError, ConflictError, GateFailedError,
                              NotFoundError)
 from registry.lineage import validate_lineage
-from registry.locking import file_lock
 from registry.manifest import (ADAPTER_ARTIFACT, ARTIFACT_TYPES, MODEL_ARTIFACT, PushResult,
                                Version, build_manifest, content_key)
 from registry.record import validate_record
+from registry.refwrite import ANY, CLAIM_WAIT, cas_ref, claim_content, release_claim
 from registry.refs import validate_alias, validate_file_path, validate_name
-from registry.store_read import StoreReader
+from registry.store_files import StoreFiles
 
 __all__ = ["ADAPTER_ARTIFACT", "ANY", "DEFAULT_CONFIG", "MODEL_ARTIFACT", "ProgressCallback",
            "PushResult", "Store", "Version", "default_root"]
@@ -51,35 +63,32 @@ __all__ = ["ADAPTER_ARTIFACT", "ANY", "DEFAULT_CONFIG", "MODEL_ARTIFACT", "Progr
 DEFAULT_CONFIG: dict[str, Any] = {"protected_aliases": ["release"]}
 
 
-class _AnyType:
-    """Sentinel type of :data:`ANY` (``expect`` not checked)."""
-
-    def __repr__(self) -> str:
-        return "ANY"
-
-
-ANY: Any = _AnyType()
-"""``set_alias(expect=ANY)``: move unconditionally (still under the lock, still audited)."""
-
-
 def default_root() -> Path:
     """``$ADAPTERS_HOME`` or ``~/.adapters``."""
     return Path(os.environ.get("ADAPTERS_HOME") or Path.home() / ".adapters").expanduser()
 
 
-class Store(StoreReader):
-    """A content-addressed adapter store in a local directory.
+class Store(StoreFiles):
+    """A content-addressed adapter store (local directory or S3-compatible bucket).
 
     Read-side methods (``resolve``, ``versions``, ``names``, ``aliases``, ``gate_record``,
     ``load_manifest``...) come from :class:`registry.store_read.StoreReader`.
 
     Args:
-        root: The store directory (use :meth:`open` to check or create it).
+        root: The store directory or ``s3://bucket/prefix`` (use :meth:`open` to check
+            or create it).
+        backend: An already-built backend (instead of ``root``).
     """
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(Path(root), BlobStore(Path(root)))
-        self._audit = AuditLog(self.root)
+    def __init__(self, root: str | Path | None = None, *, backend: Backend | None = None) -> None:
+        if backend is None:
+            if root is None:
+                raise BadInputError("Store needs a root or a backend", fix="use Store.open()")
+            backend = open_backend(root)
+        super().__init__(backend, BlobStore(backend))
+        self._audit: AuditLog | ObjectAuditLog = (
+            AuditLog(backend.root) if isinstance(backend, LocalBackend)
+            else ObjectAuditLog(backend))
 
     # ---- opening -----------------------------------------------------------------
 
@@ -95,6 +104,8 @@ class Store(StoreReader):
             NotFoundError: No store there and ``create`` is False.
             BadInputError: ``create`` on a non-empty directory that is not a store.
         """
+        if root is not None and s3_location(root) is not None:
+            return cls._open_objects(cls(backend=open_backend(root)), create)
         path = Path(root).expanduser() if root is not None else default_root()
         if (path / "oci-layout").is_file():
             return cls(path)
@@ -108,21 +119,45 @@ class Store(StoreReader):
         store._initialise()
         return store
 
+    @classmethod
+    def _open_objects(cls, store: "Store", create: bool) -> "Store":
+        if store.backend.stat("oci-layout") is not None:
+            return store
+        if not create:
+            raise NotFoundError(f"no adapter store at {store.location}",
+                                fix=f"run `adapters init {store.location}`")
+        if store.backend.list(""):
+            raise BadInputError(f"{store.location} holds objects but is not an adapter store",
+                                fix="pick an empty or new prefix, e.g. s3://bucket/adapters")
+        store._initialise()
+        return store
+
     def _initialise(self) -> None:
-        for sub in ("blobs/sha256", "names", "gates", "audit", "locks", "tmp"):
+        subs = ("blobs/sha256", "names", "gates", "audit", "locks", "tmp") \
+            if isinstance(self.backend, LocalBackend) else ("tmp",)
+        for sub in subs:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        if not (self.root / "config.json").exists():
-            atomic_write_bytes(self.root / "config.json", canonical_json(DEFAULT_CONFIG))
-        self._audit.append("init", str(self.root), new={"layout": "1.0.0"})
-        atomic_write_bytes(self.root / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        try:
+            self.backend.put_if_absent("config.json", canonical_json(DEFAULT_CONFIG))
+        except PreconditionFailed:
+            pass  # an existing config (or a concurrent init's) is kept
+        self._audit.append("init", self.location, new={"layout": "1.0.0"})
+        self.backend.put("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
 
     @property
     def config(self) -> dict[str, Any]:
-        """``config.json`` merged over the defaults."""
+        """``config.json`` merged over the defaults.
+
+        Raises:
+            BadInputError: config.json is not valid JSON.
+        """
         try:
-            data = read_json_file(self.root / "config.json")
-        except FileNotFoundError:
+            data = json.loads(self.backend.get("config.json")[0])
+        except ObjectMissing:
             data = {}
+        except ValueError as err:
+            raise BadInputError(f"{self.location}/config.json is not valid JSON: {err}",
+                                fix="restore the file or re-create it") from err
         return {**DEFAULT_CONFIG, **(data if isinstance(data, dict) else {})}
 
     @property
@@ -130,12 +165,9 @@ class Store(StoreReader):
         """Aliases that only ``promote`` (``protected_ok=True``) may move."""
         return list(self.config.get("protected_aliases") or [])
 
-    def audit(self) -> AuditLog:
-        """The store's audit log."""
+    def audit(self) -> AuditLog | ObjectAuditLog:
+        """The store's audit log (JSONL locally, one object per entry on S3)."""
         return self._audit
-
-    def _lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
-        return file_lock(self.root / "locks" / f"{name}.lock", shared=shared)
 
     # ---- writing -----------------------------------------------------------------
 
@@ -194,9 +226,17 @@ class Store(StoreReader):
                 if existing is not None:
                     return PushResult(existing, False, new_bytes)
                 digest, _ = self.blobs.put_bytes(canonical_json(manifest))
+                winner = claim_content(self.backend, name, key, digest,
+                                       lambda d: self.is_bound(name, d),
+                                       wait=0 if self.backend.supports_locks else CLAIM_WAIT)
+                if winner is not None:  # a concurrent identical push got there first
+                    return PushResult(self._version(name, digest_hex(winner)), False, new_bytes)
                 created = utc_now_iso()
-                atomic_write_bytes(self._versions_dir(name) / digest_hex(digest),
-                                   (created + "\n").encode())
+                try:
+                    self.backend.put_if_absent(self._binding_key(name, digest_hex(digest)),
+                                               (created + "\n").encode())
+                except PreconditionFailed:  # a concurrent identical push bound it first
+                    return PushResult(self._version(name, digest_hex(digest)), False, new_bytes)
                 version = Version(name, digest, manifest, created)
                 self._audit.append("push", version.ref, new=digest, actor=actor)
         return PushResult(version, True, new_bytes)
@@ -270,21 +310,22 @@ class Store(StoreReader):
                                   fix=f"run `adapters promote {name}@<digest> --to {alias}`")
         target = self._target_digest(name, digest)
         expect = self._expect_digest(name, expect)
-        path = self._aliases_dir(name) / alias
+        key = self._alias_key(name, alias)
+
+        def conflict(current: str | None) -> ConflictError:
+            return ConflictError(
+                f"alias {name}:{alias} points to {current or 'nothing'}, "
+                f"expected {expect or 'nothing (new alias)'}",
+                fix=f"re-read the alias and retry with expect={current or 'none'}")
+
         with self._lock("refs"):
-            if not (self._versions_dir(name) / digest_hex(target)).is_file():
+            if not self.is_bound(name, target):
                 raise NotFoundError(f"{target} is not a version of {name}",
                                     fix=f"list versions with `adapters ls {name}`")
-            current = self._read_alias(path)
-            if expect is not ANY and current != expect:
-                raise ConflictError(
-                    f"alias {name}:{alias} points to {current or 'nothing'}, "
-                    f"expected {expect or 'nothing (new alias)'}",
-                    fix=f"re-read the alias and retry with expect={current or 'none'}")
-            if current == target:
-                return current
-            atomic_write_bytes(path, (target + "\n").encode())
-            self._audit.append(action, f"{name}:{alias}", old=current, new=target, actor=actor)
+            current, changed = cas_ref(self.backend, key, expect, target, conflict)
+            if changed:
+                self._audit.append(action, f"{name}:{alias}", old=current, new=target,
+                                   actor=actor)
         return current
 
     def _target_digest(self, name: str, digest: str) -> str:
@@ -315,17 +356,17 @@ class Store(StoreReader):
             raise GateFailedError(f"alias {alias!r} is protected",
                                   fix="protected aliases are moved by `adapters promote`")
         expect = self._expect_digest(name, expect)
-        path = self._aliases_dir(name) / alias
+        def conflict(current: str | None) -> ConflictError:
+            return ConflictError(f"alias {name}:{alias} points to {current or 'nothing'}, "
+                                 f"expected {expect or 'nothing'}",
+                                 fix=f"re-read the alias and retry with expect={current}")
+
         with self._lock("refs"):
-            current = self._read_alias(path)
-            if expect is not ANY and current != expect:
-                raise ConflictError(f"alias {name}:{alias} points to {current or 'nothing'}, "
-                                    f"expected {expect or 'nothing'}",
-                                    fix=f"re-read the alias and retry with expect={current}")
-            if current is None:
-                return None
-            path.unlink()
-            self._audit.append("alias", f"{name}:{alias}", old=current, new=None, actor=actor)
+            current, changed = cas_ref(self.backend, self._alias_key(name, alias), expect,
+                                       None, conflict)
+            if changed:
+                self._audit.append("alias", f"{name}:{alias}", old=current, new=None,
+                                   actor=actor)
         return current
 
     def delete_version(self, ref: str, *, actor: str | None = None) -> Version:
@@ -344,77 +385,9 @@ class Store(StoreReader):
                 raise ConflictError(f"{version.ref} is still the target of alias(es) "
                                     f"{', '.join(holders)}",
                                     fix="move or delete those aliases first")
-            (self._versions_dir(version.name) / digest_hex(version.digest)).unlink()
+            # claim first: an identical push racing us then re-creates the version cleanly
+            release_claim(self.backend, version.name, content_key(version.manifest),
+                          version.digest)
+            self.backend.delete(self._binding_key(version.name, digest_hex(version.digest)))
             self._audit.append("delete", version.ref, old=version.digest, actor=actor)
         return version
-
-    def put_bytes(self, data: bytes) -> str:
-        """Store a small blob and return its digest (unreachable until referenced)."""
-        with self._lock("gc", shared=True):
-            return self.blobs.put_bytes(data)[0]
-
-    def blob_path(self, digest: str) -> Path:
-        """Path of a blob (may not exist). Raises BadInputError on a malformed digest."""
-        return self.blobs.path(digest)
-
-    def open_blob(self, digest: str) -> BinaryIO:
-        """Open a blob for reading. Raises NotFoundError if missing."""
-        return self.blobs.open(digest)
-
-    def materialize(self, ref_or_version: str | Version, dest: Path, *,
-                    progress: ProgressCallback | None = None) -> Path:
-        """Write a version's files into ``dest`` (a plain PEFT directory), verifying digests.
-
-        Existing files of the same names in ``dest`` are replaced; each file is written
-        to a temp file in its directory and renamed only once its digest checks out.
-
-        Raises:
-            IntegrityError: A blob is missing or corrupt (the bad file is not written).
-            BadInputError: The version has no files (a model recorded by reference).
-            NotFoundError: Unknown ref.
-        """
-        version = ref_or_version if isinstance(ref_or_version, Version) \
-            else self.resolve(ref_or_version)
-        if not version.files:
-            raise BadInputError(f"{version.ref} has no stored files (recorded by reference)",
-                                fix="its record's 'location' says where the model was written")
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        for entry in version.files:
-            self.blobs.copy_verified(entry["digest"], dest / validate_file_path(entry["path"]),
-                                     progress)
-        return dest
-
-    def put_gate_record(self, candidate: str, policy_digest: str, result: dict, *,
-                        actor: str | None = None) -> str:
-        """Store a gate result for (candidate version, policy) and audit ``gate``.
-
-        Args:
-            candidate: Version digest or any ref resolving to it.
-            policy_digest: Digest of the gate policy.
-            result: JSON-able result; ``result["passed"]`` is what promote checks.
-
-        Returns:
-            Digest of the stored gate-record blob.
-
-        Raises:
-            NotFoundError: Unknown candidate.
-            BadInputError: Bad policy digest or non-JSON result.
-        """
-        version = self.version_by_digest(candidate) if is_digest(candidate) \
-            else self.resolve(candidate)
-        check_digest(policy_digest, "policy digest")
-        if not isinstance(result, dict):
-            raise BadInputError("gate result must be a JSON object", fix="pass a dict")
-        data = canonical_json(result)
-        with self._lock("gc", shared=True):
-            record_digest = self.blobs.put_bytes(data)[0]
-            path = self._gate_path(version.digest, policy_digest)
-            with self._lock("refs"):
-                old = self._read_alias(path)
-                atomic_write_bytes(path, (record_digest + "\n").encode())
-                self._audit.append("gate", version.ref, old=old,
-                                   new={"record": record_digest, "policy": policy_digest,
-                                        "passed": result.get("passed")}, actor=actor)
-        return record_digest
-

@@ -1,8 +1,10 @@
 """Read side of the store: names, versions, aliases, ref resolution, gate records.
 
 Split from :mod:`registry.store` to keep modules small; :class:`registry.store.Store`
-inherits everything here. Reading takes no locks: every file it reads is replaced
-atomically by writers, so a reader sees either the old or the new state.
+inherits everything here. Reading takes no locks: every object it reads is replaced
+atomically by writers (rename locally, a single PUT on S3), so a reader sees either
+the old or the new state. All access goes through the store's backend
+(:mod:`registry.backends`) by key, so the same code reads local and S3 stores.
 
 Manifests are re-hashed each time they are loaded (they are small), so a version
 whose manifest blob was altered raises :class:`IntegrityError` instead of being
@@ -12,15 +14,16 @@ trusted silently. File blobs are checked when they are materialised or verified.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from registry.backends import Backend, ObjectMissing
 from registry.blobs import BlobStore
 from registry.common import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex, is_digest
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.manifest import Version, check_manifest
-from registry.refs import (MIN_PREFIX, RESERVED_SEGMENTS, SEGMENT_RE, parse_ref, validate_alias,
+from registry.refwrite import read_ref
+from registry.refs import (MIN_PREFIX, SEGMENT_RE, parse_ref, validate_alias,
                            validate_name)
 
 
@@ -33,49 +36,50 @@ def _valid_name(name: str) -> bool:
 
 
 class StoreReader:
-    """Read-only queries over a store directory.
+    """Read-only queries over a store.
 
     Args:
-        root: Store root.
+        backend: Where the store's objects live.
         blobs: Its blob storage.
+
+    Attributes:
+        root: A local directory of the store: the store itself for a local store, a
+            scratch/cache directory for S3 (``tmp/`` lives there either way).
+        location: Where the store is (a path or ``s3://bucket/prefix``).
     """
 
-    def __init__(self, root: Path, blobs: BlobStore) -> None:
-        self.root = root
+    def __init__(self, backend: Backend, blobs: BlobStore) -> None:
+        self.backend = backend
         self.blobs = blobs
+        self.root: Path = backend.local_root
+        self.location: str = backend.location
 
-    # ---- paths -------------------------------------------------------------------
+    # ---- keys --------------------------------------------------------------------
 
-    def _name_dir(self, name: str) -> Path:
-        return self.root / "names" / validate_name(name)
+    def _versions_prefix(self, name: str) -> str:
+        return f"names/{validate_name(name)}/versions/"
 
-    def _versions_dir(self, name: str) -> Path:
-        return self._name_dir(name) / "versions"
+    def _binding_key(self, name: str, hexdigest: str) -> str:
+        return self._versions_prefix(name) + hexdigest
 
-    def _aliases_dir(self, name: str) -> Path:
-        return self._name_dir(name) / "aliases"
+    def _alias_key(self, name: str, alias: str) -> str:
+        return f"names/{validate_name(name)}/aliases/{validate_alias(alias)}"
 
-    def _gate_path(self, candidate: str, policy_digest: str) -> Path:
-        return self.root / "gates" / digest_hex(candidate) / digest_hex(policy_digest)
+    def _gate_key(self, candidate: str, policy_digest: str) -> str:
+        return f"gates/{digest_hex(candidate)}/{digest_hex(policy_digest)}"
 
-    @staticmethod
-    def _read_alias(path: Path) -> str | None:
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return None
-        if not is_digest(value):
-            raise IntegrityError(f"{path} does not hold a digest", fix="run `adapters verify`")
-        return value
+    def _read_ref(self, key: str) -> tuple[str | None, str | None]:
+        return read_ref(self.backend, key)
+
+    def _read_alias(self, key: str) -> str | None:
+        return self._read_ref(key)[0]
 
     def _has_versions(self, name: str) -> bool:
         return bool(self._bound_hexes(name))
 
     def _bound_hexes(self, name: str) -> list[str]:
-        vdir = self._versions_dir(name)
-        if not vdir.is_dir():
-            return []
-        return [e.name for e in os.scandir(vdir) if HEX_RE.match(e.name)]
+        prefix = self._versions_prefix(name)
+        return [h for h in (k[len(prefix):] for k in self.backend.list(prefix)) if HEX_RE.match(h)]
 
     # ---- manifests and versions --------------------------------------------------
 
@@ -94,10 +98,10 @@ class StoreReader:
         return check_manifest(manifest, digest)
 
     def _version(self, name: str, hexdigest: str) -> Version:
-        binding = self._versions_dir(name) / hexdigest
         try:
-            created = binding.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
+            created = self.backend.get(self._binding_key(name, hexdigest))[0].decode(
+                "utf-8", errors="replace").strip()
+        except ObjectMissing:
             raise NotFoundError(f"{name} has no version sha256:{hexdigest}",
                                 fix=f"list versions with `adapters ls {name}`") from None
         digest = DIGEST_PREFIX + hexdigest
@@ -109,16 +113,12 @@ class StoreReader:
 
     def names(self) -> list[str]:
         """Every name with at least one version, sorted."""
-        base = self.root / "names"
-        if not base.is_dir():
-            return []
-        candidates = []
-        for top in os.scandir(base):
-            if top.is_dir():
-                candidates.append(top.name)
-                candidates += [f"{top.name}/{sub.name}" for sub in os.scandir(top.path)
-                               if sub.is_dir() and sub.name not in RESERVED_SEGMENTS]
-        return sorted(n for n in candidates if _valid_name(n) and self._has_versions(n))
+        found = set()
+        for key in self.backend.list("names/"):
+            parts = key.split("/")
+            if len(parts) in (4, 5) and parts[-2] == "versions" and HEX_RE.match(parts[-1]):
+                found.add("/".join(parts[1:-2]))
+        return sorted(n for n in found if _valid_name(n))
 
     def versions(self, name: str | None = None) -> list[Version]:
         """Versions of ``name`` (or of every name), newest first.
@@ -135,16 +135,15 @@ class StoreReader:
 
     def aliases(self, name: str) -> dict[str, str]:
         """``alias -> digest`` for one name (sorted by alias)."""
-        adir = self._aliases_dir(name)
-        if not adir.is_dir():
-            return {}
+        prefix = f"names/{validate_name(name)}/aliases/"
         out = {}
-        for entry in sorted(os.scandir(adir), key=lambda e: e.name):
-            if SEGMENT_RE.match(entry.name):
-                value = self._read_alias(Path(entry.path))
+        for key in self.backend.list(prefix):
+            alias = key[len(prefix):]
+            if SEGMENT_RE.match(alias):
+                value = self._read_alias(key)
                 if value is not None:
-                    out[entry.name] = value
-        return out
+                    out[alias] = value
+        return dict(sorted(out.items()))
 
     def version_by_digest(self, digest: str) -> Version:
         """The version with this full digest, whatever its name.
@@ -176,7 +175,7 @@ class StoreReader:
         parsed = parse_ref(ref)
         if parsed.alias is not None:
             assert parsed.name is not None
-            target = self._read_alias(self._aliases_dir(parsed.name) / validate_alias(parsed.alias))
+            target = self._read_alias(self._alias_key(parsed.name, parsed.alias))
             if target is None:
                 raise NotFoundError(f"no alias {parsed.name}:{parsed.alias}",
                                     fix=f"list aliases with `adapters show {parsed.name}`")
@@ -206,8 +205,9 @@ class StoreReader:
 
     def _binding_time(self, name: str, hexdigest: str) -> str:
         try:
-            return (self._versions_dir(name) / hexdigest).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
+            return self.backend.get(self._binding_key(name, hexdigest))[0].decode(
+                "utf-8", errors="replace").strip()
+        except ObjectMissing:
             return ""
 
     def resolve(self, ref: str) -> Version:
@@ -230,7 +230,7 @@ class StoreReader:
             IntegrityError: The record blob is missing or corrupt.
             BadInputError: Malformed digests.
         """
-        pointer = self._gate_path(check_digest(candidate, "candidate digest"), policy_digest)
+        pointer = self._gate_key(check_digest(candidate, "candidate digest"), policy_digest)
         record_digest = self._read_alias(pointer)
         if record_digest is None:
             return None
@@ -239,25 +239,21 @@ class StoreReader:
     def gate_pointers(self) -> list[tuple[str, str, str]]:
         """Every ``(candidate digest, policy digest, record digest)`` in ``gates/``."""
         out = []
-        base = self.root / "gates"
-        if not base.is_dir():
-            return out
-        for cand in sorted(os.scandir(base), key=lambda e: e.name):
-            if not cand.is_dir() or len(cand.name) != 64:
+        for key in self.backend.list("gates/"):
+            parts = key.split("/")
+            if len(parts) != 3 or not HEX_RE.match(parts[1]) or not HEX_RE.match(parts[2]):
                 continue
-            for pol in sorted(os.scandir(cand.path), key=lambda e: e.name):
-                if len(pol.name) == 64:
-                    try:
-                        value = self._read_alias(Path(pol.path))
-                    except IntegrityError:
-                        continue
-                    if value:
-                        out.append((DIGEST_PREFIX + cand.name, DIGEST_PREFIX + pol.name, value))
+            try:
+                value = self._read_alias(key)
+            except IntegrityError:
+                continue
+            if value:
+                out.append((DIGEST_PREFIX + parts[1], DIGEST_PREFIX + parts[2], value))
         return out
 
     def is_bound(self, name: str, digest: str) -> bool:
         """Whether ``name`` binds version ``digest``."""
-        return (self._versions_dir(name) / digest_hex(digest)).is_file()
+        return self.backend.stat(self._binding_key(name, digest_hex(digest))) is not None
 
     def bindings(self) -> list[tuple[str, str]]:
         """Every ``(name, version digest)`` binding, without reading manifests."""
