@@ -1,7 +1,12 @@
 """Integrity and housekeeping commands: ``verify``, ``gc``, ``audit log|verify``.
 
 ``verify`` and ``audit verify`` print their full report, then fail with exit 3
-(:class:`registry.errors.IntegrityError`) when anything is wrong. In ``--json``
+(:class:`registry.errors.IntegrityError`) when anything is wrong. ``verify
+--signatures --trusted-keys KEY.pub`` also requires a valid signature by a trusted
+key on every selected version: an unsigned version (or one signed only by untrusted
+keys) and a forged or edited signature are integrity failures too (exit 3), because
+``verify`` answers "can I trust these bytes"; ``promote`` refuses the same cases with
+exit 1 (:func:`registry.signing.require_signature`). In ``--json``
 mode the error goes into the one JSON document (key ``error``) instead of a
 second one, so the output always parses.
 """
@@ -9,6 +14,7 @@ second one, so the output always parses.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -44,18 +50,36 @@ def emit_checked(out: Output, data: dict[str, Any], render: Any,
 def verify(
     ref: Annotated[Optional[str], typer.Argument(help="Only this version.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every blob in the store.")] = False,
+    signatures: Annotated[
+        bool, typer.Option("--signatures", help="Also require a valid trusted signature.")
+    ] = False,
+    trusted_keys: Annotated[
+        Optional[list[Path]],
+        typer.Option("--trusted-keys", help="Trusted public key PEM file or directory (repeat)."),
+    ] = None,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Re-hash stored blobs; exit 3 if any is corrupt or missing."""
+    """Re-hash stored blobs (and check signatures); exit 3 if anything is wrong."""
     from registry.maintenance import verify as verify_blobs
 
     if ref is not None and all_:
         raise BadInputError("give REF or --all, not both", fix="drop one of them")
+    trusted = None
+    if signatures:
+        from registry.signing import load_trusted_keys
+
+        trusted = load_trusted_keys(trusted_keys or [])
+        if not trusted:
+            raise BadInputError("--signatures needs at least one trusted public key",
+                                fix="add --trusted-keys KEY.pub (a PEM file or a directory)")
+    elif trusted_keys:
+        raise BadInputError("--trusted-keys is only used with --signatures",
+                            fix="add --signatures")
     out = Output(json_out)
     st = open_store(store)
     with out.progress("verifying", None) as advance:
-        report = verify_blobs(st, ref, progress=advance)
+        report = verify_blobs(st, ref, progress=advance, trusted=trusted)
     data = report.to_json()
 
     def render(console: Any) -> None:
@@ -63,16 +87,21 @@ def verify(
             console.print(f"[red]{p.kind}[/red] {p.digest} {escape(p.detail)}")
             for user in p.used_by:
                 console.print(f"    used by {escape(user)}")
-        console.print(f"checked {report.versions} version(s), {report.blobs} blob(s), "
+        signed = "" if report.signed is None else f", {report.signed} validly signed"
+        console.print(f"checked {report.versions} version(s){signed}, {report.blobs} blob(s), "
                       f"{report.bytes} bytes: {len(report.problems)} problem(s)")
 
     error = None
     if not report.ok:
         first = report.problems[0]
         error = IntegrityError(
-            f"{len(report.problems)} problem(s) in the store, first: {first.kind} blob "
+            f"{len(report.problems)} problem(s) in the store, first: {first.kind} "
+            f"{'version' if first.kind in ('unsigned', 'bad_signature') else 'blob'} "
             f"{first.digest}",
-            fix="restore the blobs from a copy of the store, or re-push the affected adapters",
+            fix=("sign the version with a trusted key (`adapters sign REF --key KEY.pem`); "
+                 "treat a bad signature as tampering"
+                 if first.kind in ("unsigned", "bad_signature") else
+                 "restore the blobs from a copy of the store, or re-push the affected adapters"),
         )
     emit_checked(out, data, render, error)
 

@@ -28,6 +28,7 @@ from registry.errors import EXIT_BAD_INPUT, AdapterkitError
 COMMAND_MODULES: tuple[str, ...] = (
     "cli.registry_cmds",
     "cli.hub_cmds",
+    "cli.sign_cmds",
 )
 
 app = typer.Typer(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.common import (atomic_write_bytes, canonical_json, default_actor, fsync_dir,
-                             json_digest, utc_now_iso)
+                             json_digest, make_dirs, utc_now_iso)
 from registry.errors import IntegrityError
 from registry.locking import file_lock
 
@@ -184,7 +184,7 @@ class AuditLog:
             IntegrityError: ``head.json`` is unreadable.
             BadInputError: ``old``/``new`` are not JSON-able.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         with file_lock(self.lock_path):
             seq, prev = self._head()
             last = self._last_line()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.backends import Backend, ObjectMissing, PreconditionFailed
-from registry.common import DIGEST_PREFIX, HEX_RE, digest_hex, sha256_digest
+from registry.common import DIGEST_PREFIX, HEX_RE, digest_hex, make_dirs, sha256_digest
 from registry.errors import IntegrityError, NotFoundError
 
 CHUNK = 1 << 20
@@ -107,7 +107,7 @@ class BlobStore:
         return data
 
     def _temp(self) -> tuple[int, str]:
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.tmp)
         return tempfile.mkstemp(dir=self.tmp, prefix="blob-", suffix=".partial")
 
     def put_file(self, source: Path,
@@ -190,7 +190,7 @@ class BlobStore:
             IntegrityError: The blob is missing or does not hash to ``digest``.
         """
         key = blob_key(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dest.parent)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         hasher = hashlib.sha256()
         size = 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.blobs import ProgressCallback
+from registry.common import make_dirs
 from registry.errors import BadInputError, ConflictError
 from registry.manifest import Version
 from registry.store_read import StoreReader
@@ -141,11 +142,12 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConflictError(f"{out_dir} already exists and is not empty",
                             fix="export into a new or empty directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         store.materialize(version, tmp, progress=progress)  # type: ignore[attr-defined]
         (tmp / "README.md").write_text(model_card(version), encoding="utf-8")
+        os.chmod(tmp / "README.md", 0o644)  # whatever the umask, like the files
         os.chmod(tmp, 0o755)
         if out_dir.exists():
             out_dir.rmdir()

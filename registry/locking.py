@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from registry.common import make_dirs
 from registry.errors import ConflictError
 
 
@@ -39,7 +40,7 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
     Raises:
         ConflictError: The lock was not obtained within ``timeout``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _acquire(fd, path, shared, timeout)

@@ -1,14 +1,18 @@
 """Store maintenance: :func:`verify` (re-hash everything) and :func:`gc` (reclaim space).
 
-``verify`` starts from name bindings (one ref or all of them), aliases and gate
-records, re-hashes every blob they reference (manifests, adapter files, gate
-records; each blob once) and reports each missing or corrupt blob together with
-every version that uses it. It never raises for a damaged store; it reports.
+``verify`` starts from name bindings (one ref or all of them), aliases, gate
+records and signatures, re-hashes every blob they reference (manifests, adapter
+files, gate records, signature envelopes; each blob once) and reports each missing
+or corrupt blob together with every version that uses it. Given trusted keys it
+also checks that every selected version carries a valid signature from one of them
+(problems ``unsigned`` / ``bad_signature``). It never raises for a damaged store; it
+reports.
 
 ``gc`` takes ``locks/gc.lock`` exclusively (pushes hold it shared for their whole
 duration, so no push is between writing blobs and binding them), marks what is
 reachable -- manifests bound by a name, their files, manifests still named as
-lineage parents (so history outlives a deleted binding), gate-record blobs -- and
+lineage parents (so history outlives a deleted binding), gate-record blobs,
+signature envelopes -- and
 deletes only unreachable blobs whose mtime is older than the grace period, plus
 stale temp files (``tmp/`` entries, including work directories whose newest
 file is older than the grace, and interrupted atomic writes). It refuses to run when
@@ -44,7 +48,9 @@ class BlobProblem:
 
     Attributes:
         kind: ``missing``, ``corrupt``, ``bad_manifest`` (hashes fine but unreadable
-            or bound under another name) or ``dangling_alias``.
+            or bound under another name), ``dangling_alias``, and with trusted keys
+            ``unsigned`` (no valid signature by a trusted key) or ``bad_signature``
+            (a trusted key's signature does not verify: forged, edited or replayed).
         digest: The blob (or alias target) concerned.
         used_by: Who needs it, e.g. ``["lora-a@sha256:ab.. adapter_model.safetensors"]``.
         detail: Extra explanation (actual digest of a corrupt blob...).
@@ -70,12 +76,14 @@ class VerifyReport:
         blobs: Number of distinct blobs re-hashed.
         bytes: Bytes re-hashed.
         problems: Every missing/corrupt blob, one entry per blob.
+        signed: Versions with a valid trusted signature (None: signatures not checked).
     """
 
     versions: int
     blobs: int
     bytes: int
     problems: list[BlobProblem] = field(default_factory=list)
+    signed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,7 +93,8 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
         return {"ok": self.ok, "versions": self.versions, "blobs": self.blobs,
-                "bytes": self.bytes, "problems": [p.to_json() for p in self.problems]}
+                "bytes": self.bytes, "problems": [p.to_json() for p in self.problems],
+                "signed": self.signed}
 
 
 class _Checker:
@@ -124,14 +133,17 @@ class _Checker:
 
 
 def verify(store: Store, ref: str | None = None, *,
-           progress: ProgressCallback | None = None) -> VerifyReport:
+           progress: ProgressCallback | None = None,
+           trusted: dict[str, Any] | None = None) -> VerifyReport:
     """Re-hash every blob reachable from ``ref`` (None: the whole store).
 
     Args:
         store: The store.
-        ref: One version (plus its gate records), or None for every name, alias and
-            gate record.
+        ref: One version (plus its gate records and signatures), or None for every
+            name, alias, gate record and signature.
         progress: Called with bytes hashed.
+        trusted: Key id -> public key (:func:`registry.signing.load_trusted_keys`):
+            also require a valid trusted signature on every selected version.
 
     Returns:
         A :class:`VerifyReport` listing each missing or corrupt blob and its users.
@@ -156,6 +168,9 @@ def verify(store: Store, ref: str | None = None, *,
     for cand, policy, record in store.gate_pointers():
         if ref is None or cand in wanted:
             checker.use(record, f"gate record {cand[:19]}../{policy[:19]}..")
+    for version_digest, keyid, envelope in store.signature_pointers():
+        if ref is None or version_digest in wanted:
+            checker.use(envelope, f"signature {version_digest[:19]}.. by {keyid[:19]}..")
     problems = list(checker.extra)
     for digest, users in checker.uses.items():
         actual = checker.hash(digest)
@@ -164,9 +179,36 @@ def verify(store: Store, ref: str | None = None, *,
         elif actual != digest:
             problems.append(BlobProblem("corrupt", digest, tuple(users),
                                         f"content hashes to {actual}"))
+    signed = None
+    if trusted is not None:
+        signed, found = _check_signatures(store, targets, trusted)
+        problems += found
     problems.sort(key=lambda p: (p.kind, p.digest))
     return VerifyReport(versions=len(targets), blobs=len(checker.results), bytes=checker.bytes,
-                        problems=problems)
+                        problems=problems, signed=signed)
+
+
+def _check_signatures(store: Store, targets: list[tuple[str, str]],
+                      trusted: dict[str, Any]) -> tuple[int, list[BlobProblem]]:
+    """``(versions validly signed, problems)`` for every target binding."""
+    from registry.signing import check_version
+
+    signed, problems = 0, []
+    for name, digest in targets:  # bindings only: a damaged manifest is reported above
+        check = check_version(store, name, digest, trusted)
+        label = (f"{name}@{digest}",)
+        if check.invalid_keyids:
+            problems.append(BlobProblem("bad_signature", digest, label,
+                                        "signature by trusted key "
+                                        f"{', '.join(check.invalid_keyids)} does not verify"))
+        elif not check.valid_keyids:
+            others = (f"; signed only by untrusted {', '.join(check.untrusted_keyids)}"
+                      if check.untrusted_keyids else "")
+            problems.append(BlobProblem("unsigned", digest, label,
+                                        f"no valid signature by a trusted key{others}"))
+        else:
+            signed += 1
+    return signed, problems
 
 
 @dataclass(frozen=True)
@@ -223,6 +265,7 @@ def reachable(store: Store) -> set[str]:
         pending.extend(p["digest"] for p in (manifest.get("lineage") or {}).get("parents", [])
                        if is_digest(p.get("digest")))
     keep.update(record for _, _, record in store.gate_pointers())
+    keep.update(envelope for _, _, envelope in store.signature_pointers())
     return keep
 
 
@@ -247,7 +290,7 @@ def _stale_temp_files(store: Store, cutoff: float) -> list[Path]:
                     out.append(path)
             elif path.lstat().st_mtime < cutoff:
                 out.append(path)
-    for sub in ("names", "gates", "audit"):
+    for sub in ("names", "gates", "signatures", "audit"):
         base = store.root / sub
         if base.is_dir():
             out += [p for p in base.rglob(".*.tmp") if p.is_file() and p.stat().st_mtime < cutoff]

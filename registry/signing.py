@@ -16,6 +16,15 @@ Envelope format (https://github.com/secure-systems-lab/dsse):
 Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public) so that
 ``openssl genpkey -algorithm ed25519`` keys work unchanged. ``cryptography`` is
 imported inside the functions: registry commands that do not sign stay fast.
+
+Storage: :meth:`registry.store.Store.add_signature` keeps one single-signature
+envelope per (version, key) as a blob pointed to by
+``signatures/<version hex>/<key id hex>`` (created or replaced by compare-and-swap,
+audited ``sign``). The store holds no trust list: trust is decided at check time by
+the caller's key files -- :func:`check_version` aggregates every stored envelope of a
+version, :func:`require_signature` is what ``promote`` calls, and
+``adapters verify --signatures --trusted-keys ...`` reports unsigned or forged
+versions as integrity problems (exit 3).
 """
 
 from __future__ import annotations
@@ -27,9 +36,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.errors import BadInputError, GateFailedError, IntegrityError, NotFoundError
+
+if TYPE_CHECKING:
+    from registry.manifest import Version
+    from registry.store_read import StoreReader
 
 PAYLOAD_TYPE = "application/vnd.adapterkit.version+json"
 
@@ -72,7 +85,8 @@ def version_payload(name: str, digest: str) -> bytes:
 def generate_key(private_path: Path, public_path: Path) -> str:
     """Write a new ed25519 key pair as PEM files and return the key id.
 
-    The private key file is created with mode 0600 and never overwritten.
+    The private key file is created with mode 0600, the public one 0644 (whatever the
+    umask); neither is ever overwritten.
 
     Raises:
         ConflictError: If either file already exists.
@@ -80,6 +94,7 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from registry.common import make_dirs
     from registry.errors import ConflictError
 
     for path in (private_path, public_path):
@@ -92,11 +107,12 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    public_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(private_path, "xb", opener=lambda p, f: os.open(p, f, 0o600)) as handle:
-        handle.write(private_pem)
-    public_path.write_bytes(public_pem)
+    make_dirs(private_path.parent)
+    make_dirs(public_path.parent)
+    # explicit modes (the umask can only make them stricter): 0600 private, 0644 public
+    for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+        with open(path, "xb", opener=lambda p, f, m=mode: os.open(p, f, m)) as handle:
+            handle.write(data)
     return key_id(key.public_key())
 
 
@@ -193,3 +209,119 @@ def check_envelope(envelope: dict[str, Any], trusted: dict[str, Any]) -> Signatu
         except (InvalidSignature, KeyError, ValueError):
             invalid.append(keyid)
     return SignatureCheck(name, digest, tuple(valid), tuple(invalid), tuple(untrusted))
+
+
+def split_envelope(envelope: Any) -> tuple[str, str, dict[str, dict[str, Any]]]:
+    """Check an envelope's shape; return ``(name, digest, {key id: single-signature envelope})``.
+
+    Raises:
+        BadInputError: Not a DSSE envelope of :data:`PAYLOAD_TYPE`, no signatures, a key
+            id that is not ``sha256:<hex>``, or a payload that is not ``{name, digest}``.
+    """
+    from registry.common import is_digest
+
+    fix = "sign with `adapters sign REF --key KEY.pem` (or registry.signing.sign_version)"
+    try:
+        if envelope["payloadType"] != PAYLOAD_TYPE:
+            raise BadInputError(f"envelope payload type is {envelope['payloadType']!r}, "
+                                f"expected {PAYLOAD_TYPE}", fix=fix)
+        bound = json.loads(base64.b64decode(envelope["payload"], validate=True))
+        name, digest = bound["name"], bound["digest"]
+        signatures = list(envelope["signatures"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadInputError(f"malformed signature envelope ({err})", fix=fix) from None
+    if not isinstance(name, str) or not is_digest(digest):
+        raise BadInputError("envelope payload must bind a name and a full digest", fix=fix)
+    singles: dict[str, dict[str, Any]] = {}
+    for entry in signatures:
+        if not isinstance(entry, dict) or not is_digest(entry.get("keyid")) \
+                or not isinstance(entry.get("sig"), str):
+            raise BadInputError("every envelope signature needs a sha256 keyid and a sig",
+                                fix=fix)
+        singles[entry["keyid"]] = {"payloadType": PAYLOAD_TYPE, "payload": envelope["payload"],
+                                   "signatures": [{"keyid": entry["keyid"], "sig": entry["sig"]}]}
+    if not singles:
+        raise BadInputError("the envelope holds no signature", fix=fix)
+    return name, digest, singles
+
+
+def check_version(store: StoreReader, name: str, digest: str,
+                  trusted: dict[str, Any]) -> SignatureCheck:
+    """Check every envelope stored for version ``name@digest`` against ``trusted`` keys.
+
+    A trusted key's signature counts as invalid when it does not verify, when its
+    envelope binds another name or digest (a replayed signature), or when the
+    envelope blob is unreadable (corrupt or malformed); such a key is never also
+    counted valid.
+
+    Returns:
+        The aggregated :class:`SignatureCheck` (``ok``: at least one trusted signature
+        verified and none failed).
+
+    Raises:
+        BadInputError: Malformed version digest.
+    """
+    valid: list[str] = []
+    invalid: list[str] = []
+    untrusted: list[str] = []
+    for _, pointer_keyid, blob in store.signature_pointers(digest):
+        try:
+            envelope = json.loads(store.blobs.read_verified(blob))
+            check = check_envelope(envelope, trusted)
+        except (IntegrityError, NotFoundError, ValueError):
+            (invalid if pointer_keyid in trusted else untrusted).append(pointer_keyid)
+            continue
+        if (check.name, check.digest) != (name, digest):
+            invalid += check.valid_keyids + check.invalid_keyids
+        else:
+            valid += check.valid_keyids
+            invalid += check.invalid_keyids
+        untrusted += check.untrusted_keyids
+    bad = set(invalid)
+    return SignatureCheck(name, digest,
+                          tuple(sorted(set(valid) - bad)), tuple(sorted(bad)),
+                          tuple(sorted(set(untrusted))))
+
+
+def require_signature(store: StoreReader, version: Version | str,
+                      trusted_key_paths: Iterable[Path]) -> SignatureCheck:
+    """Refuse unless ``version`` carries a valid signature from a trusted key.
+
+    What the gate's ``promote`` calls, when signatures are required, before it moves a
+    protected alias (DESIGN.md "Gate records and promotion").
+
+    Args:
+        store: The store.
+        version: A :class:`Version` or a ref.
+        trusted_key_paths: PEM public (or private) key files, or directories of
+            ``*.pem``/``*.pub`` files.
+
+    Returns:
+        The :class:`SignatureCheck` (``ok`` is True).
+
+    Raises:
+        BadInputError: No trusted keys given, or a key file is not an ed25519 PEM key.
+        NotFoundError: Unknown ref or key file.
+        GateFailedError: No stored signature verifies with a trusted key, or a trusted
+            key's signature fails to verify (forged or edited envelope).
+    """
+    paths = list(trusted_key_paths)
+    trusted = load_trusted_keys(paths) if paths else {}
+    if not trusted:
+        raise BadInputError("no trusted public keys to check signatures against",
+                            fix="pass --trusted-keys KEY.pub (a PEM file or a directory of them)")
+    target = store.resolve(version) if isinstance(version, str) else version
+    check = check_version(store, target.name, target.digest, trusted)
+    if check.invalid_keyids:
+        raise GateFailedError(
+            f"{target.ref} has a signature by trusted key {check.invalid_keyids[0]} that does "
+            "not verify (forged or edited envelope)",
+            fix=f"run `adapters verify {target.ref} --signatures`, then re-sign with "
+                "`adapters sign`")
+    if not check.valid_keyids:
+        others = ", ".join(k[:19] + ".." for k in check.untrusted_keyids)
+        extra = f" (signed only by untrusted key(s) {others})" if others else ""
+        raise GateFailedError(f"{target.ref} has no valid signature from a trusted key{extra}",
+                              fix=f"sign it: `adapters sign {target.ref} --key KEY.pem` with a "
+                                  "key whose public half is trusted")
+    return check

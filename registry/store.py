@@ -8,6 +8,7 @@ Layout (DESIGN.md has the authoritative copy; on S3 each path is an object key u
     <root>/names/<name>/versions/<hex>        binding name -> version (content: bind time)
     <root>/names/<name>/aliases/<alias>       "sha256:<hex>\\n"
     <root>/gates/<candidate-hex>/<policy-hex> digest of a gate-record blob
+    <root>/signatures/<version-hex>/<keyid-hex>  digest of a DSSE signature-envelope blob
     <root>/audit/, locks/, tmp/
 
 Crash safety of a push: file blobs and the manifest blob are written first (each
@@ -25,7 +26,7 @@ can only be moved with ``set_alias(..., protected_ok=True)``, which the gate's
 
 Every write goes through the backend's conditional operations, so the same code is
 safe without locks on S3: blobs, manifests and bindings are created with
-``put_if_absent``; aliases and gate pointers move with ``put_if_match`` on the ETag
+``put_if_absent``; aliases, gate and signature pointers move with ``put_if_match`` on the ETag
 just read, re-reading on :class:`~registry.backends.PreconditionFailed` (an ``expect``
 that no longer holds then raises ConflictError). Locally the flock locks above are
 still taken (the backend's ``lock``), which also keeps the audit log in move order; on
@@ -46,7 +47,7 @@ from registry.audit_objects import ObjectAuditLog
 from registry.backends import Backend, ObjectMissing, PreconditionFailed, open_backend, s3_location
 from registry.backends.local import LocalBackend
 from registry.blobs import BlobStore, ProgressCallback
-from registry.common import canonical_json, digest_hex, is_digest, utc_now_iso
+from registry.common import canonical_json, digest_hex, is_digest, make_dirs, utc_now_iso
 from registry.errors import (AdapterkitError, BadInputError, ConflictError, GateFailedError,
                              NotFoundError)
 from registry.lineage import validate_lineage
@@ -136,7 +137,7 @@ class Store(StoreFiles):
         subs = ("blobs/sha256", "names", "gates", "audit", "locks", "tmp") \
             if isinstance(self.backend, LocalBackend) else ("tmp",)
         for sub in subs:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root / sub)
         try:
             self.backend.put_if_absent("config.json", canonical_json(DEFAULT_CONFIG))
         except PreconditionFailed:

@@ -1,24 +1,32 @@
-"""Blob-level and gate-record operations of the store (split from :mod:`registry.store`).
+"""Blob-level, gate-record and signature operations of the store (split from :mod:`registry.store`).
 
 :class:`StoreFiles` sits between :class:`registry.store_read.StoreReader` and
 :class:`registry.store.Store`: storing small blobs, opening and materialising stored
-files, and gate records. Gate pointers are replaced by compare-and-swap
+files, gate records and signatures. Gate pointers are replaced by compare-and-swap
 (:func:`registry.refwrite.cas_ref`), so the audited ``old`` record is exactly the one
 replaced even when two machines record gates for the same candidate at once.
+
+Signatures (:mod:`registry.signing`) use the same pattern: each DSSE envelope is a
+canonical-JSON blob holding exactly one signature, and the pointer
+``signatures/<version hex>/<key id hex>`` names it. Blob first, pointer last, so a
+crash leaves at most an unreachable blob; gc keeps pointed-to envelopes and
+``verify`` re-hashes them. Re-signing with the same key yields the same envelope
+(ed25519 is deterministic), so it changes nothing and is not audited.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from registry.blobs import ProgressCallback
-from registry.common import canonical_json, check_digest, is_digest
+from registry.common import canonical_json, check_digest, is_digest, make_dirs
 from registry.errors import BadInputError, ConflictError
 from registry.manifest import Version
 from registry.refs import validate_file_path
 from registry.refwrite import ANY, cas_ref
+from registry.signing import split_envelope
 from registry.store_read import StoreReader
 
 if TYPE_CHECKING:
@@ -70,7 +78,7 @@ class StoreFiles(StoreReader):
             raise BadInputError(f"{version.ref} has no stored files (recorded by reference)",
                                 fix="its record's 'location' says where the model was written")
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
+        make_dirs(dest)
         for entry in version.files:
             self.blobs.copy_verified(entry["digest"], dest / validate_file_path(entry["path"]),
                                      progress)
@@ -109,3 +117,45 @@ class StoreFiles(StoreReader):
                                         "passed": result.get("passed")}, actor=actor)
         return record_digest
 
+    def add_signature(self, version: str | Version, envelope: dict[str, Any], *,
+                      actor: str | None = None) -> dict[str, str]:
+        """Store a DSSE signature envelope beside ``version`` and audit ``sign``.
+
+        The envelope must bind exactly this version's name and digest (see
+        :func:`registry.signing.sign_version`); it is not checked against any key here
+        (the store holds no trust list: ``verify --signatures`` and
+        :func:`registry.signing.require_signature` do that). An envelope with several
+        signatures is stored as one single-signature envelope per key.
+
+        Args:
+            version: The signed version: a :class:`Version`, a ref or a full digest.
+            envelope: The DSSE envelope.
+            actor: Who signs (audit).
+
+        Returns:
+            ``{key id: envelope blob digest}`` for every signature stored.
+
+        Raises:
+            BadInputError: Malformed envelope, or it binds another name or digest.
+            NotFoundError: Unknown version.
+        """
+        if not isinstance(version, Version):
+            version = self.version_by_digest(version) if is_digest(version) \
+                else self.resolve(version)
+        name, digest, singles = split_envelope(envelope)
+        if (name, digest) != (version.name, version.digest):
+            raise BadInputError(f"the envelope signs {name}@{digest}, not {version.ref}",
+                                fix="sign this version: `adapters sign REF --key KEY.pem`")
+        stored: dict[str, str] = {}
+        with self._lock("gc", shared=True):
+            for keyid, single in singles.items():
+                blob = self.blobs.put_bytes(canonical_json(single))[0]
+                with self._lock("refs"):
+                    old, changed = cas_ref(self.backend, self._signature_key(digest, keyid),
+                                           ANY, blob,
+                                           lambda _: ConflictError("unreachable: no expectation"))
+                    if changed:
+                        self._audit.append("sign", version.ref, old=old,
+                                           new={"envelope": blob, "keyid": keyid}, actor=actor)
+                stored[keyid] = blob
+        return stored

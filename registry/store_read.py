@@ -1,4 +1,4 @@
-"""Read side of the store: names, versions, aliases, ref resolution, gate records.
+"""Read side of the store: names, versions, aliases, ref resolution, gate records, signatures.
 
 Split from :mod:`registry.store` to keep modules small; :class:`registry.store.Store`
 inherits everything here. Reading takes no locks: every object it reads is replaced
@@ -67,6 +67,9 @@ class StoreReader:
 
     def _gate_key(self, candidate: str, policy_digest: str) -> str:
         return f"gates/{digest_hex(candidate)}/{digest_hex(policy_digest)}"
+
+    def _signature_key(self, version_digest: str, keyid: str) -> str:
+        return f"signatures/{digest_hex(version_digest)}/{digest_hex(keyid)}"
 
     def _read_ref(self, key: str) -> tuple[str | None, str | None]:
         return read_ref(self.backend, key)
@@ -249,6 +252,55 @@ class StoreReader:
                 continue
             if value:
                 out.append((DIGEST_PREFIX + parts[1], DIGEST_PREFIX + parts[2], value))
+        return out
+
+    # ---- signatures ---------------------------------------------------------------
+
+    def signature_pointers(self, version_digest: str | None = None) -> list[tuple[str, str, str]]:
+        """``(version digest, key id, envelope blob digest)`` in ``signatures/``.
+
+        Args:
+            version_digest: Only this version's signatures (None: every version's).
+
+        Raises:
+            BadInputError: Malformed ``version_digest``.
+        """
+        prefix = "signatures/" + (digest_hex(version_digest) + "/" if version_digest else "")
+        out = []
+        for key in self.backend.list(prefix):
+            parts = key.split("/")
+            if len(parts) != 3 or not HEX_RE.match(parts[1]) or not HEX_RE.match(parts[2]):
+                continue
+            try:
+                value = self._read_alias(key)
+            except IntegrityError:
+                continue  # verify reports pointers that hold no digest as missing envelopes
+            if value:
+                out.append((DIGEST_PREFIX + parts[1], DIGEST_PREFIX + parts[2], value))
+        return out
+
+    def signatures(self, digest: str) -> list[dict[str, Any]]:
+        """The DSSE envelopes stored for version ``digest`` (one per signing key).
+
+        Envelopes are returned as stored; whether they verify, and against which
+        keys, is :func:`registry.signing.check_version`'s business.
+
+        Raises:
+            IntegrityError: An envelope blob is missing, corrupt or not JSON.
+            BadInputError: Malformed digest.
+        """
+        out = []
+        for _, _, blob in self.signature_pointers(check_digest(digest)):
+            try:
+                envelope = json.loads(self.blobs.read_verified(blob))
+            except ValueError:
+                raise IntegrityError(f"signature envelope {blob} is not JSON",
+                                     fix="run `adapters verify --all`; re-sign the version") \
+                    from None
+            if not isinstance(envelope, dict):
+                raise IntegrityError(f"signature envelope {blob} is not a JSON object",
+                                     fix="re-sign the version with `adapters sign`")
+            out.append(envelope)
         return out
 
     def is_bound(self, name: str, digest: str) -> bool:

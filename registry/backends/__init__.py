@@ -1,8 +1,8 @@
 """Storage backends: where a store's objects live (a local directory or an S3 bucket).
 
 The store is a flat namespace of *keys* (``blobs/sha256/<hex>``, ``names/<name>/versions/<hex>``,
-``names/<name>/aliases/<alias>``, ``gates/<c>/<p>``, ``config.json``, ``oci-layout``,
-``audit/...``); a backend maps keys to bytes. The store only needs six operations
+``names/<name>/aliases/<alias>``, ``gates/<c>/<p>``, ``signatures/<v>/<k>``, ``config.json``,
+``oci-layout``, ``audit/...``); a backend maps keys to bytes. The store only needs six operations
 (:class:`Backend`): read with an entity tag, unconditional write, create-only write,
 compare-and-swap write on the entity tag, list by prefix, stat, delete. Those are
 exactly what S3-compatible object storage offers (``If-None-Match: *`` and ``If-Match``

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.backends import ObjectInfo, ObjectMissing, PreconditionFailed
-from registry.common import atomic_write_bytes, fsync_dir
+from registry.common import atomic_write_bytes, fsync_dir, make_dirs
 from registry.errors import BadInputError
 from registry.locking import file_lock
 
@@ -87,7 +87,7 @@ class LocalBackend:
         """Create-only write. Raises PreconditionFailed if ``key`` exists."""
         self._path(key)  # validate before writing anything
         tmp_dir = self.root / "tmp"  # same filesystem; gc removes what a crash leaves here
-        tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(tmp_dir)
         fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="obj-", suffix=".partial")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -108,7 +108,7 @@ class LocalBackend:
     def _link_into_place(self, key: str, tmp: Path) -> bool:
         final = self._path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(final.parent)
             os.chmod(tmp, self._mode(key))
             try:
                 os.link(tmp, final)
