@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.registry_cmds",
     "cli.hub_cmds",
     "cli.sign_cmds",
+    "cli.gate_cmds",
 )
 
 app = typer.Typer(

@@ -1,0 +1,208 @@
+"""Gate and release commands: ``gate``, ``promote`` and ``alias history``.
+
+``adapters gate REF --base MODEL_DIR --policy gate.yaml [--junit report.xml] [--json]``
+evaluates a registry version (or a PEFT directory) with :func:`gate.runner.run_gate`,
+prints a table (or the result JSON), optionally writes JUnit XML, appends a Markdown
+summary to ``$GITHUB_STEP_SUMMARY`` when set, and stores the result as a gate record
+bound to (version digest, policy digest). Exit 0 when every check passes, 1 when one
+fails, 2 for a bad policy, a missing file or other bad input.
+
+``adapters promote REF --to release [--expect OLD] [--policy gate.yaml]
+[--force --reason TEXT] [--trusted-keys KEY.pub]`` moves a protected alias after
+checking for a passing gate record (and, with trusted keys, a valid signature;
+:mod:`gate.promote`); without ``--policy`` the store's ``config.json`` ``gate_policy``
+is used. Exit 1 (naming what is missing or failed) when refused.
+
+``adapters alias history NAME:ALIAS`` lists every move of an alias from the audit log
+(what was released when, by whom, forced or not and why). It is attached to the
+``alias`` sub-app of :mod:`cli.alias_cmds` when that module exists, else registered
+as a top-level ``history`` command.
+
+torch, transformers and peft are imported only inside ``gate``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from cli.common import JsonOpt, StoreOpt, open_store, split_alias
+from cli.output import Output, make_table, short_digest
+from registry.errors import GateFailedError, NotFoundError
+
+_DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}$")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``gate``, ``promote`` and ``alias history`` (or ``history``) to ``app``."""
+    app.command("gate")(gate)
+    app.command("promote")(promote)
+    try:
+        from cli.alias_cmds import alias_app
+    except ImportError:  # pragma: no cover - alias commands not installed
+        app.command("history")(history)
+        return
+    if not any(c.name == "history" for c in alias_app.registered_commands):
+        alias_app.command("history")(history)
+
+
+def _candidate(ref: str, store_path: Path | None) -> tuple[Any, Any]:
+    """``(store or None, ref or Path)``: a registry ref if it resolves, else a directory."""
+    as_dir = Path(ref).expanduser()
+    try:
+        st = open_store(store_path)
+    except NotFoundError:
+        if as_dir.is_dir():
+            return None, as_dir
+        raise
+    try:
+        st.resolve(ref)
+        return st, ref
+    except Exception:  # noqa: BLE001 - not a ref (or unknown): a directory may still be meant
+        if as_dir.is_dir():
+            return st, as_dir
+        raise
+
+
+def gate(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="Version to gate (any ref), or a PEFT directory.")],
+    base: Annotated[Path, typer.Option("--base", metavar="MODEL_DIR",
+                                       help="Base model directory (weights + tokenizer).")],
+    policy: Annotated[Path, typer.Option("--policy", metavar="GATE_YAML", help="Gate policy (YAML).")],
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="REPORT_XML",
+                                                  help="Also write a JUnit XML report here.")] = None,
+    no_record: Annotated[bool, typer.Option("--no-record",
+                                            help="Do not store the result in the registry.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Torch device for evaluation.")] = "cpu",
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Evaluate a candidate against a policy; exit 0 pass, 1 fail, 2 bad input."""
+    from gate.policy import load_policy
+    from gate.report import append_step_summary, rich_table, write_junit
+    from gate.runner import run_gate
+
+    out = Output(json_out)
+    pol = load_policy(policy)  # bad policy -> exit 2 before any model is loaded
+    st, candidate = _candidate(ref, store)
+    if isinstance(candidate, Path):
+        out.info(f"gating directory {escape(str(candidate))} (not recorded in a registry)")
+    colours = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow"}
+
+    def on_check(check: Any) -> None:
+        out.info(f"[{colours.get(check.status, 'white')}]{check.status:>5}[/] {escape(check.name)}"
+                 f" ({check.duration_s:.1f}s)")
+
+    result = run_gate(candidate, base, pol, store=st, record=not no_record, on_check=on_check,
+                      device=device)
+    if junit is not None:
+        write_junit(result, junit)
+    append_step_summary(result)
+
+    def render(console: Any) -> None:
+        console.print(rich_table(result))
+        console.print(f"candidate {escape(result.candidate)}  policy {short_digest(result.policy_digest)}"
+                      + ("  (gate record stored)" if result.stored else ""))
+        if junit is not None:
+            console.print(f"JUnit report: {escape(str(junit))}")
+
+    out.emit(result.to_json(), render)
+    if not result.passed:
+        if json_out:
+            raise typer.Exit(1)
+        names = ", ".join(c.name for c in result.failed)
+        raise GateFailedError(f"gate failed: {len(result.failed)} of {len(result.checks)} checks "
+                              f"did not pass ({names})",
+                              fix="see the messages above; promotion needs a passing gate record")
+
+
+def _expect(st: Any, expect: str | None) -> Any:
+    """``--expect`` -> the store's CAS value: absent = ANY, ``none`` = must not exist."""
+    from registry.store import ANY
+
+    if expect is None:
+        return ANY
+    if expect.lower() in ("none", "-", ""):
+        return None
+    if _DIGEST_OR_PREFIX.match(expect):
+        return expect
+    return st.resolve(expect).digest
+
+
+def promote(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="Version to promote.")],
+    to: Annotated[str, typer.Option("--to", metavar="ALIAS", help="Alias to move.")] = "release",
+    expect: Annotated[Optional[str], typer.Option(
+        "--expect", metavar="OLD", help="Only move if the alias points here now ('none': must not exist).")] = None,
+    policy: Annotated[Optional[Path], typer.Option(
+        "--policy", metavar="GATE_YAML", help="Policy the gate record must be under "
+        "(default: the store's config.json gate_policy).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote without a passing gate record.")] = False,
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why (required with --force; audited).")] = None,
+    trusted_keys: Annotated[Optional[list[Path]], typer.Option(
+        "--trusted-keys", metavar="KEY.pub", help="Also require a valid signature by one of these "
+        "keys (repeatable; default: config.json trusted_keys).")] = None,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Move a protected alias to REF if REF passed the gate under the configured policy."""
+    from gate.promote import configured_policy, configured_trusted_keys
+    from gate.promote import promote as do_promote
+    from registry.errors import BadInputError
+
+    out = Output(json_out)
+    if force and not (reason and reason.strip()):
+        raise BadInputError("--force requires --reason", fix="say why: --force --reason 'hotfix for ...'")
+    st = open_store(store)
+    try:
+        policy_digest, source = configured_policy(st, policy)
+    except BadInputError:
+        if not force or policy is not None:
+            raise
+        policy_digest, source = None, None
+    keys = configured_trusted_keys(st, trusted_keys or [])
+    result = do_promote(st, ref, to, policy_digest=policy_digest, expect=_expect(st, expect),
+                        force=force, reason=reason, trusted_keys=keys)
+    data = {**result.to_json(), "policy_source": source}
+
+    def render(console: Any) -> None:
+        verb = "force-promoted" if result.forced else "promoted"
+        old = short_digest(result.old) if result.old else "nothing"
+        console.print(f"{verb} {escape(result.ref)} to {escape(result.name)}:{escape(result.alias)}"
+                      f" (was {old})")
+        if result.signed_by:
+            console.print(f"signed by trusted key {result.signed_by[0]}")
+        if result.forced:
+            console.print(f"[yellow]forced[/yellow]: {escape(result.reason or '')} (recorded in the audit log)")
+
+    out.emit(data, render)
+
+
+def history(
+    target: Annotated[str, typer.Argument(metavar="NAME:ALIAS", help="Alias to trace, e.g. demo:release.")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """What an alias pointed at when: every move from the audit log, oldest first."""
+    from gate.promote import alias_history
+
+    out = Output(json_out)
+    name, alias = split_alias(target)
+    rows = alias_history(open_store(store), name, alias)
+
+    def render(console: Any) -> None:
+        if not rows:
+            console.print(f"{escape(target)} was never set")
+            return
+        console.print(make_table(f"history of {escape(target)}",
+                                 ["seq", "time", "action", "from", "to", "actor", "reason"],
+                                 [(r["seq"], r["ts"], r["action"],
+                                   short_digest(r["old"]) if r["old"] else "-",
+                                   short_digest(r["new"]) if isinstance(r["new"], str) else "-",
+                                   escape(str(r["actor"])), escape(r["reason"] or "")) for r in rows]))
+
+    out.emit({"alias": target, "history": rows}, render)

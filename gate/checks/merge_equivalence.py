@@ -1,0 +1,80 @@
+"""``merge_equivalence``: a linear-family merge behaves like its parents applied together.
+
+For ``linear``, ``cat`` and ``task_arithmetic`` merges the merged delta should be
+``Σ c_i ΔW_i`` with ``c_i = w_i`` (times ``lambda`` for task arithmetic, divided by
+``Σ w_j`` with ``normalize``), the weights and parameters read from the candidate's
+lineage record. The reference model is built from the *parents*, without PEFT
+(:meth:`gate.evaluate.Evaluator.with_deltas`); the candidate is loaded with PEFT.
+On every prompt the float32 logits are compared:
+
+* ``max_abs_diff``: largest absolute logit difference (threshold ``max_abs_diff``);
+* ``top1_agreement``: share of positions whose argmax agrees
+  (threshold ``min_top1_agreement``, optional).
+
+Merges by other methods (TIES, DARE, magnitude pruning) are not expected to be
+equivalent and are skipped, as are candidates without lineage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gate.checks import Outcome, num, passed, skip
+from gate.evaluate import read_texts
+
+
+def coefficients(method: str, parameters: dict[str, Any], weights: list[float | None]) -> list[float]:
+    """The factor each parent's delta carries in a linear-family merge."""
+    w = [1.0 if x is None else float(x) for x in weights]
+    scale = float(parameters.get("lambda") or 1.0) if method == "task_arithmetic" else 1.0
+    if parameters.get("normalize"):
+        total = sum(w)
+        scale = scale / total if total else scale
+    return [x * scale for x in w]
+
+
+def run(spec: Any, ctx: Any) -> Outcome:
+    import torch
+
+    cand = ctx.candidate
+    method = cand.method
+    if method is None:
+        return skip("candidate has no lineage recipe (not a merge)")
+    if method not in spec["methods"]:
+        return skip(f"method {method!r} is not linear; equivalence is not expected",
+                    {"method": method})
+    if not cand.parents:
+        return Outcome("error", "lineage names no parents to compare with", {"method": method})
+    coeffs = coefficients(method, cand.parameters, [p.weight for p in cand.parents])
+    prompts = list(spec["prompts"] or [])
+    if spec["data"]:
+        prompts += read_texts(spec.path("data"), limit=spec["limit"])
+    prompts = prompts[:spec["limit"]]
+    ev = ctx.evaluator
+    reference = ev.with_deltas("parents-together", [(p.dir, c) for p, c in zip(cand.parents, coeffs)])
+    ref_logits = [ev.logits(reference, t) for t in prompts]
+    model = ctx.candidate_model()
+    max_abs, agree, total, peak = 0.0, 0, 0, 0.0
+    for text, ref in zip(prompts, ref_logits):
+        got = ev.logits(model, text)
+        diff = (got - ref).abs()
+        max_abs = max(max_abs, float(diff.max()) if torch.isfinite(diff).all() else float("inf"))
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += got.shape[0]
+        peak = max(peak, float(ref.abs().max()))
+    top1 = agree / total if total else 1.0
+    metrics = {"method": method, "coefficients": [num(c) for c in coeffs], "prompts": len(prompts),
+               "max_abs_diff": num(max_abs) if max_abs != float("inf") else "inf",
+               "max_rel_diff": num(max_abs / peak) if peak and max_abs != float("inf") else None,
+               "top1_agreement": num(top1), "threshold_max_abs_diff": spec["max_abs_diff"]}
+    problems = []
+    if not max_abs <= spec["max_abs_diff"]:
+        problems.append(f"max |logit diff| {metrics['max_abs_diff']} > {spec['max_abs_diff']}")
+    if spec["min_top1_agreement"] is not None:
+        metrics["threshold_min_top1_agreement"] = spec["min_top1_agreement"]
+        if top1 < spec["min_top1_agreement"]:
+            problems.append(f"top-1 agreement {top1:.3f} < {spec['min_top1_agreement']}")
+    ok = not problems
+    msg = (f"{method} merge matches its parents applied together (max |logit diff| "
+           f"{metrics['max_abs_diff']})") if ok else "; ".join(problems)
+    return passed(ok, msg, metrics)

@@ -1,0 +1,91 @@
+"""``retention``: the candidate keeps what each parent could do.
+
+``sets`` maps a name to a JSONL eval set of ``{"prompt", "answer"}`` pairs. With
+``baseline: parents`` (default) the name is a parent's name in the candidate's
+lineage, and the baseline score is that parent's own score on its own set; with
+``baseline: release`` the names are just labels and the baseline is the current
+release's score (skipped before anything is released). Per set:
+``candidate >= min_ratio x baseline`` and ``candidate >= min_score``.
+
+Metrics (both in [0, 1], so ratios mean the same thing for either):
+
+* ``exact_match``: share of prompts whose greedy continuation (up to the answer's
+  token count + 2 new tokens, or ``max_new_tokens``; cut at the first ``stop``
+  string) matches the answer (:func:`gate.evaluate.answer_matches`);
+* ``loglik``: ``exp`` of the mean per-token log-likelihood of the answers (the
+  geometric-mean probability of an answer token).
+
+A baseline score of 0 leaves nothing to retain: the ratio is not computed and only
+``min_score`` applies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gate.checks import Outcome, num, passed, skip
+from gate.evaluate import answer_matches, read_pairs
+
+
+def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float:
+    """The set's score for ``model`` under the policy's metric."""
+    if spec["metric"] == "loglik":
+        total, count = 0.0, 0
+        for prompt, answer in pairs:
+            logp, n = ev.answer_logprob(model, prompt, answer)
+            total, count = total + logp, count + n
+        return math.exp(total / count) if count and math.isfinite(total) else 0.0
+    hits = 0
+    for prompt, answer in pairs:
+        budget = spec["max_new_tokens"] or ev.answer_tokens(prompt, answer) + 2
+        gen = ev.generate(model, prompt, budget, stop=spec["stop"])
+        hits += answer_matches(gen.text, answer, spec["case_sensitive"])
+    return hits / len(pairs)
+
+
+def run(spec: Any, ctx: Any) -> Outcome:
+    ev = ctx.evaluator
+    by_parents = spec["baseline"] == "parents"
+    if not by_parents and ctx.release_model() is None:
+        return skip(ctx.release_note)
+    rows, problems = [], []
+    for set_name, written in spec["sets"].items():
+        pairs = read_pairs(spec.path(f"sets.{set_name}"), limit=spec["limit"])
+        if by_parents:
+            parent = ctx.parent_named(set_name)
+            if parent is None:
+                names = ", ".join(p.name for p in ctx.candidate.parents) or "none"
+                problems.append(f"{set_name}: not a parent of the candidate (parents: {names})")
+                rows.append({"set": set_name, "error": "not a parent"})
+                continue
+            baseline = score(spec, ev, ctx.parent_model(parent), pairs)
+        else:
+            baseline = score(spec, ev, ctx.release_model(), pairs)
+        cand = score(spec, ev, ctx.candidate_model(), pairs)
+        ratio = cand / baseline if baseline > 0 else None
+        ok = True
+        if spec["min_ratio"] is not None and ratio is not None and ratio < spec["min_ratio"]:
+            ok = False
+            problems.append(f"{set_name}: {spec['metric']} {cand:.3f} is {ratio:.2f}x the "
+                            f"{'parent' if by_parents else 'release'}'s {baseline:.3f} "
+                            f"(< {spec['min_ratio']})")
+        if spec["min_score"] is not None and cand < spec["min_score"]:
+            ok = False
+            problems.append(f"{set_name}: {spec['metric']} {cand:.3f} < min_score {spec['min_score']}")
+        rows.append({"set": set_name, "file": written, "items": len(pairs), "candidate": num(cand),
+                     "baseline": num(baseline), "ratio": num(ratio), "ok": ok})
+    metrics: dict[str, Any] = {"metric": spec["metric"], "baseline": spec["baseline"]}
+    for row in rows:
+        if "candidate" in row:
+            metrics[f"{row['set']}.candidate"] = row["candidate"]
+            metrics[f"{row['set']}.baseline"] = row["baseline"]
+            metrics[f"{row['set']}.ratio"] = row["ratio"]
+    if spec["min_ratio"] is not None:
+        metrics["threshold_min_ratio"] = spec["min_ratio"]
+    if spec["min_score"] is not None:
+        metrics["threshold_min_score"] = spec["min_score"]
+    ok = not problems
+    summary = ", ".join(f"{r['set']} {r['candidate']}/{r['baseline']}" for r in rows if "candidate" in r)
+    return passed(ok, f"retained on every set ({summary})" if ok else "; ".join(problems),
+                  metrics, rows)

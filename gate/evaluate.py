@@ -1,0 +1,366 @@
+"""Model loading and scoring for the gate: transformers on CPU, deterministic.
+
+:class:`Evaluator` loads the base model once per variant and keeps a small LRU of
+loaded variants (base, candidate, each parent, the release, the "parents applied
+together" model), because several checks score the same models:
+
+* **adapters** are applied with PEFT (``PeftModel.from_pretrained`` then
+  ``merge_and_unload``), exactly as a user would load them;
+* **"parents applied together"** (merge equivalence) is built without PEFT: each
+  parent's true delta ``s_i B_i A_i`` (:func:`lora_deltas`) times its merge
+  coefficient is added to a copy of the base weights, so the reference does not
+  share code with the adapter under test;
+* a **derived model** (a merged-and-unloaded checkpoint) is loaded as is.
+
+Scoring primitives: :meth:`Evaluator.perplexity` (token-level NLL over windows of
+``max_length`` tokens), :meth:`Evaluator.answer_logprob` (log-likelihood of an
+answer after a prompt), :meth:`Evaluator.generate` (greedy decoding with a KV cache,
+stopping at EOS or a stop string), :meth:`Evaluator.logits`. Seeds are fixed with
+``torch.manual_seed`` before every model load and generation; decoding is greedy,
+so every number is reproducible on the same software stack.
+
+Data files: :func:`read_texts` takes JSONL (``{"text": ...}`` per line) or plain
+text (documents separated by blank lines); :func:`read_pairs` takes JSONL
+``{"prompt": ..., "answer": ...}``. Malformed lines raise BadInputError naming the
+line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry.errors import BadInputError, UnsupportedAdapterError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation: its decoded ``text`` (cut at a stop string) and token ids."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+def read_texts(path: Path, *, field: str = "text", limit: int | None = None) -> list[str]:
+    """Documents of a held-out file: JSONL ``{field: str}`` lines, or blank-line separated text.
+
+    Raises:
+        BadInputError: Unreadable file, a bad JSONL line, or no documents.
+    """
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 text or JSONL file") from None
+    if Path(path).suffix == ".jsonl":
+        texts = [_jsonl_row(line, n, path, (field,))[field]
+                 for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+    else:
+        texts = [block.strip() for block in raw.split("\n\n") if block.strip()]
+    if not texts:
+        raise BadInputError(f"{path} holds no text", fix="add at least one document")
+    return texts[:limit] if limit else texts
+
+
+def read_pairs(path: Path, *, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs of a JSONL eval set.
+
+    Raises:
+        BadInputError: Unreadable file, a line without string prompt/answer, or no rows.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 JSONL file") from None
+    rows = [_jsonl_row(line, n, path, ("prompt", "answer"))
+            for n, line in enumerate(lines, 1) if line.strip()]
+    if not rows:
+        raise BadInputError(f"{path} holds no prompt/answer pairs", fix="add JSONL rows")
+    pairs = [(r["prompt"], r["answer"]) for r in rows]
+    return pairs[:limit] if limit else pairs
+
+
+def _jsonl_row(line: str, number: int, path: Path, keys: Sequence[str]) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        raise BadInputError(f"{path}:{number}: not valid JSON", fix="one JSON object per line") from None
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in keys):
+        raise BadInputError(f"{path}:{number}: needs string field(s) {', '.join(keys)}",
+                            fix="one JSON object per line, e.g. " + json.dumps({k: "..." for k in keys}))
+    return row
+
+
+def repeat_fraction(token_ids: Sequence[int], n: int) -> float:
+    """Share of repeated n-grams: ``1 - distinct / total`` (0 when there are none)."""
+    n = min(n, len(token_ids))
+    if n <= 0:
+        return 0.0
+    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def normalize_answer(text: str, case_sensitive: bool = True) -> str:
+    """Collapse whitespace (and casefold unless ``case_sensitive``)."""
+    text = " ".join(text.split())
+    return text if case_sensitive else text.casefold()
+
+
+def answer_matches(prediction: str, answer: str, case_sensitive: bool = True) -> bool:
+    """Exact match: the normalized prediction equals the answer, or starts with it and the
+    next character is not a letter or digit (``"Paris."`` matches ``"Paris"``,
+    ``"Parisian"`` does not)."""
+    pred, ans = normalize_answer(prediction, case_sensitive), normalize_answer(answer, case_sensitive)
+    if not ans:
+        return not pred
+    return pred == ans or (pred.startswith(ans) and not pred[len(ans)].isalnum())
+
+
+def _scales(config: dict[str, Any], module: str, rank: int) -> float:
+    from registry.peft_keys import alpha_for
+
+    alpha = alpha_for(module, config.get("lora_alpha", 8), config.get("alpha_pattern"))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def lora_deltas(adapter_dir: Path) -> dict[str, Any]:
+    """Base weight key -> the adapter's true delta ``s·B·A`` (float32), shaped like the weight.
+
+    ``modules_to_save`` copies are not deltas and are refused, as are DoRA and LoRA
+    biases (their effect is not a weight delta).
+
+    Raises:
+        UnsupportedAdapterError: DoRA, lora_bias or modules_to_save tensors.
+        BadInputError: Malformed adapter files.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from registry.peft_keys import base_weight_key, split_keys
+
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    modules, extras = split_keys(tensors)
+    if extras or config.get("use_dora") or config.get("lora_bias"):
+        raise UnsupportedAdapterError(
+            f"{adapter_dir}: DoRA, lora_bias or modules_to_save have no plain weight delta",
+            fix="merge equivalence needs plain LoRA parents")
+    out: dict[str, Any] = {}
+    for module, keys in modules.items():
+        a, b = tensors[keys.a].to(torch.float32), tensors[keys.b].to(torch.float32)
+        delta = (b @ a) * _scales(config, module, a.shape[0])
+        if keys.embedding or config.get("fan_in_fan_out"):
+            delta = delta.T
+        out[base_weight_key(module)] = delta
+    return out
+
+
+class Evaluator:
+    """Loads model variants on one device and scores them.
+
+    Args:
+        base_dir: The base model directory (weights + tokenizer).
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        seed: Seed set before every load and generation.
+        max_length: Token window for perplexity and log-likelihood.
+        device: ``cpu`` (default) or e.g. ``cuda``.
+        cache_size: How many loaded variants to keep.
+    """
+
+    def __init__(self, base_dir: Path, *, dtype: str = "float32", seed: int = 0,
+                 max_length: int = 512, device: str = "cpu", cache_size: int = 3) -> None:
+        self.base_dir = Path(base_dir)
+        self.dtype_name, self.seed, self.max_length = dtype, seed, max_length
+        self.device, self.cache_size = device, cache_size
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._tokenizer: Any = None
+
+    # --- loading -------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer (loaded once).
+
+        Raises:
+            BadInputError: The base directory has no loadable tokenizer.
+        """
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
+            except (OSError, ValueError) as err:
+                raise BadInputError(f"cannot load a tokenizer from {self.base_dir}: {err}",
+                                    fix="the base directory needs tokenizer files") from None
+        return self._tokenizer
+
+    def _load_dir(self, model_dir: Path) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-load bars would drown the gate's own output
+
+        torch.manual_seed(self.seed)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=getattr(torch, self.dtype_name))
+        except (OSError, ValueError) as err:
+            raise BadInputError(f"cannot load a causal LM from {model_dir}: {err}",
+                                fix="pass a transformers model directory") from None
+        return model.to(self.device).eval()
+
+    def _cached(self, key: str, build: Any) -> Any:
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        while len(self._models) >= self.cache_size:
+            self._models.popitem(last=False)
+        model = build()
+        self._models[key] = model
+        return model
+
+    def base(self) -> Any:
+        """The base model."""
+        return self._cached("base", lambda: self._load_dir(self.base_dir))
+
+    def with_adapter(self, key: str, adapter_dir: Path) -> Any:
+        """Base + a PEFT adapter (merged into the weights), or a full model directory."""
+        if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+            return self._cached(key, lambda: self._load_dir(adapter_dir))
+
+        def build() -> Any:
+            from peft import PeftModel
+
+            model = self._load_dir(self.base_dir)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            return peft_model.merge_and_unload().eval()
+        return self._cached(key, build)
+
+    def with_deltas(self, key: str, parts: Sequence[tuple[Path, float]]) -> Any:
+        """Base + ``Σ c_i ΔW_i`` over ``(adapter_dir, c_i)``, built without PEFT.
+
+        Raises:
+            UnsupportedAdapterError: A part is not plain LoRA (see :func:`lora_deltas`).
+            BadInputError: A delta names a weight the base lacks or has another shape.
+        """
+        def build() -> Any:
+            import torch
+
+            model = self._load_dir(self.base_dir)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for adapter_dir, coeff in parts:
+                    for key_, delta in lora_deltas(adapter_dir).items():
+                        target = params.get(key_)
+                        if target is None or tuple(target.shape) != tuple(delta.shape):
+                            raise BadInputError(f"{adapter_dir}: delta for {key_} does not fit the base",
+                                                fix="use parents trained on this base")
+                        target.add_((coeff * delta).to(target.dtype).to(target.device))
+            return model
+        return self._cached(key, build)
+
+    # --- scoring -------------------------------------------------------------------
+    def _encode(self, text: str, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _forward(self, model: Any, ids: Sequence[int]) -> Any:
+        import torch
+
+        with torch.no_grad():
+            tensor = torch.tensor([list(ids)], device=self.device)
+            return model(input_ids=tensor).logits[0].float()
+
+    def perplexity(self, model: Any, texts: Sequence[str]) -> float:
+        """``exp`` of the mean token NLL over all texts (windows of ``max_length`` tokens).
+
+        Raises:
+            BadInputError: No text has two tokens to score.
+        """
+        import torch.nn.functional as F
+        import torch
+
+        total, count = 0.0, 0
+        for text in texts:
+            ids = self._encode(text)
+            for start in range(0, len(ids), self.max_length):
+                window = ids[start:start + self.max_length]
+                if len(window) < 2:
+                    continue
+                logits = self._forward(model, window)
+                target = torch.tensor(window[1:], device=logits.device)
+                total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
+                count += len(window) - 1
+        if count == 0:
+            raise BadInputError("held-out text is too short to score", fix="add longer documents")
+        return math.exp(total / count) if math.isfinite(total) else float("nan")
+
+    def _continuation(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        sep = "" if (not prompt or prompt[-1].isspace() or answer[:1].isspace()) else " "
+        ctx = self._encode(prompt)
+        full = self._encode(prompt + sep + answer)
+        if full[:len(ctx)] == ctx and len(full) > len(ctx):
+            return ctx, full[len(ctx):]
+        return ctx, self._encode(sep + answer, special=False)
+
+    def answer_logprob(self, model: Any, prompt: str, answer: str) -> tuple[float, int]:
+        """Sum of log-probabilities of the answer tokens after the prompt, and their count."""
+        import torch
+
+        ctx, cont = self._continuation(prompt, answer)
+        ids = (ctx + cont)[-self.max_length:]
+        logits = self._forward(model, ids)
+        logp = torch.log_softmax(logits[-len(cont) - 1:-1], dim=-1)
+        picked = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None])
+        return float(picked.sum()), len(cont)
+
+    def answer_tokens(self, prompt: str, answer: str) -> int:
+        """How many tokens the answer takes after the prompt."""
+        return len(self._continuation(prompt, answer)[1])
+
+    def _eos_ids(self, model: Any) -> set[int]:
+        ids: set[int] = set()
+        for value in (self.tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    def generate(self, model: Any, prompt: str, max_new_tokens: int,
+                 stop: Sequence[str] = ()) -> Generation:
+        """Greedy continuation of ``prompt``: stops at EOS, ``max_new_tokens`` or a stop string."""
+        import torch
+
+        torch.manual_seed(self.seed)
+        eos = self._eos_ids(model)
+        ids = self._encode(prompt)[-self.max_length:]
+        out_ids: list[int] = []
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            for _ in range(max_new_tokens):
+                nxt = int(out.logits[0, -1].float().argmax())
+                if nxt in eos:
+                    break
+                out_ids.append(nxt)
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True).lstrip()
+                if any(s in text for s in stop):
+                    break
+                out = model(input_ids=torch.tensor([[nxt]], device=self.device),
+                            past_key_values=out.past_key_values, use_cache=True)
+        text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        if stop:  # a leading newline is not an answer boundary
+            text = text.lstrip()
+        for s in stop:
+            text = text.split(s, 1)[0]
+        return Generation(text=text, token_ids=tuple(out_ids))
+
+    def logits(self, model: Any, text: str) -> Any:
+        """Float32 logits ``(tokens, vocab)`` for ``text``."""
+        return self._forward(model, self._encode(text)[-self.max_length:])

@@ -1,0 +1,245 @@
+"""Promotion: move a protected alias (``release``) only for a version that passed the gate.
+
+Rules (:func:`promote`):
+
+1. The policy is the one given (``--policy gate.yaml``: its digest is recomputed from
+   the file and its data), else the store's configured policy, ``config.json`` key
+   ``gate_policy``: either a path (absolute, or relative to the store directory) or
+   ``{"path": ..., "digest": "sha256:.."}`` / ``{"digest": "sha256:.."}``. With both
+   a path and a digest, the file must still hash to the pinned digest, so an edited
+   policy (or eval set) cannot quietly relax the gate.
+2. Without ``force``: a gate record must exist for *exactly* this version digest
+   under that policy digest, and say ``passed: true``. Otherwise
+   :class:`~registry.errors.GateFailedError` (exit 1) names what is missing, or which
+   checks failed and why.
+3. ``expect`` makes the move a compare-and-swap (``ConflictError``, exit 4, when the
+   alias moved in the meantime; ``None`` means "must not exist yet").
+4. The store moves the alias with ``protected_ok=True`` and audits it as
+   ``promote`` (old and new digest).
+5. ``force`` skips rule 2 but requires a non-empty ``reason``; the move is audited
+   as ``promote-forced``, followed by a ``promote-forced-reason`` entry for the same
+   ``NAME:ALIAS`` carrying ``{"digest", "reason", "policy", "gate_passed"}`` (the
+   store's alias entry has no room for free text).
+6. Signatures: with trusted keys (``--trusted-keys PATH``, else the store's
+   ``config.json`` ``trusted_keys`` list, paths relative to the store directory) the
+   version must also carry a valid signature by one of them
+   (:func:`registry.signing.require_signature`, exit 1 otherwise). ``force`` does not
+   waive this: it overrides the gate, not provenance.
+
+:func:`alias_history` reads the audit log back: every move of ``NAME:ALIAS``, oldest
+first, with the reason attached to forced promotions ("what was released when").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.common import is_digest
+from registry.errors import BadInputError, GateFailedError
+from registry.store import ANY
+
+if TYPE_CHECKING:
+    from registry.store import Store
+
+REASON_ACTION = "promote-forced-reason"
+CONFIG_KEY = "gate_policy"
+TRUSTED_KEYS_KEY = "trusted_keys"
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    """What a promotion did."""
+
+    name: str
+    alias: str
+    digest: str
+    ref: str
+    old: str | None
+    forced: bool
+    reason: str | None
+    policy_digest: str | None
+    gate_passed: bool | None
+    signed_by: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "signed_by": list(self.signed_by)}
+
+
+def configured_trusted_keys(store: Store, given: Sequence[Path] = ()) -> list[Path]:
+    """Trusted signing keys for promotion: ``given``, else ``config.json`` ``trusted_keys``.
+
+    Raises:
+        BadInputError: ``trusted_keys`` in config.json is not a list of paths.
+    """
+    if given:
+        return [Path(p).expanduser() for p in given]
+    setting = store.config.get(TRUSTED_KEYS_KEY)
+    if setting is None:
+        return []
+    if isinstance(setting, str):
+        setting = [setting]
+    if not isinstance(setting, list) or not all(isinstance(p, str) and p for p in setting):
+        raise BadInputError(f"config.json {TRUSTED_KEYS_KEY} must be a list of key paths, got {setting!r}",
+                            fix="e.g. \"trusted_keys\": [\"keys/release.pub\"]")
+    root = Path(store.root)
+    return [p if p.is_absolute() else root / p for p in (Path(x).expanduser() for x in setting)]
+
+
+def configured_policy(store: Store, policy: str | Path | None = None) -> tuple[str, str]:
+    """``(policy digest, where it came from)`` for promotion.
+
+    Raises:
+        BadInputError: No policy given or configured, a bad config value, an unreadable
+            or invalid policy, or a policy file that no longer matches the pinned digest.
+    """
+    from gate.policy import load_policy
+
+    if policy is not None:
+        return load_policy(policy).digest, str(policy)
+    setting = store.config.get(CONFIG_KEY)
+    fix = (f"pass --policy gate.yaml, or set \"{CONFIG_KEY}\" in the store's config.json "
+           "to a policy path or {\"digest\": \"sha256:...\"}")
+    if setting is None:
+        raise BadInputError("no gate policy given and none configured for this store", fix=fix)
+    if isinstance(setting, str):
+        setting = {"path": setting}
+    if not isinstance(setting, dict) or not (setting.get("path") or setting.get("digest")):
+        raise BadInputError(f"config.json {CONFIG_KEY} must be a path or an object with "
+                            f"'path' and/or 'digest', got {setting!r}", fix=fix)
+    pinned = setting.get("digest")
+    if pinned is not None and not is_digest(pinned):
+        raise BadInputError(f"config.json {CONFIG_KEY}.digest is not a sha256 digest: {pinned!r}",
+                            fix=fix)
+    if not setting.get("path"):
+        return pinned, f"config.json {CONFIG_KEY}.digest"
+    path = Path(setting["path"]).expanduser()
+    if not path.is_absolute():
+        path = Path(store.root) / path
+    digest = load_policy(path).digest
+    if pinned is not None and digest != pinned:
+        raise BadInputError(f"policy {path} now has digest {digest}, but config.json pins {pinned}",
+                            fix="restore the policy (and its eval data), or update the pinned digest")
+    return digest, str(path)
+
+
+def failed_summary(record: dict[str, Any]) -> str:
+    """``"retention (fail: ...); structural (error: ...)"`` from a stored gate record."""
+    bad = [c for c in record.get("checks") or [] if c.get("status") in ("fail", "error")]
+    return "; ".join(f"{c.get('name')} ({c.get('status')}: {c.get('message')})" for c in bad) \
+        or "the record says passed is not true"
+
+
+def require_passing_gate(store: Store, digest: str, ref: str, policy_digest: str) -> dict:
+    """The passing gate record of ``digest`` under ``policy_digest``.
+
+    Raises:
+        GateFailedError: No record, or the record did not pass (names the failed checks).
+    """
+    record = store.gate_record(digest, policy_digest)
+    short = policy_digest.split(":")[-1][:12]
+    if record is None:
+        others = [p for c, p, _ in _gate_pointers(store) if c == digest]
+        hint = (f" (it has records under other policies: "
+                f"{', '.join(p.split(':')[-1][:12] for p in others)})") if others else ""
+        raise GateFailedError(f"no gate record for {ref} under policy {short}{hint}",
+                              fix=f"run `adapters gate {ref} --base MODEL_DIR --policy gate.yaml` first")
+    if record.get("passed") is not True:
+        raise GateFailedError(f"{ref} failed the gate under policy {short}: {failed_summary(record)}",
+                              fix="fix the candidate and gate it again, or --force --reason TEXT")
+    return record
+
+
+def _gate_pointers(store: Store) -> list[tuple[str, str, str]]:
+    try:
+        return list(store.gate_pointers())
+    except Exception:  # noqa: BLE001 - only used for a hint in an error message
+        return []
+
+
+def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: str | None = None,
+            expect: Any = ANY, force: bool = False, reason: str | None = None,
+            trusted_keys: Sequence[Path] = (), actor: str | None = None) -> PromoteResult:
+    """Point ``NAME:alias`` at the version ``ref`` names, if its gate record allows.
+
+    Args:
+        store: The registry.
+        ref: The version to promote (any ref: ``name@sha256:..``, ``name:candidate``...).
+        alias: The alias to move (normally the protected ``release``).
+        policy_digest: The policy the gate record must be under (see
+            :func:`configured_policy`); required unless ``force``.
+        expect: Compare-and-swap: the digest (or unique prefix) the alias must point to
+            now; None: it must not exist yet; ``ANY`` (default): no check.
+        force: Skip the gate-record requirement (needs ``reason``; audited).
+        reason: Why a forced promotion was necessary.
+        trusted_keys: If any, also require a valid signature by one of these keys.
+        actor: Who promotes (audit log).
+
+    Returns:
+        The :class:`PromoteResult`.
+
+    Raises:
+        GateFailedError: No passing gate record (and not forced), or no valid trusted
+            signature when ``trusted_keys`` are given.
+        BadInputError: ``force`` without a reason, or no policy digest.
+        ConflictError: The alias does not point to ``expect``.
+        NotFoundError: Unknown ref.
+    """
+    if force and not (reason and reason.strip()):
+        raise BadInputError("--force requires --reason", fix="say why: --force --reason 'hotfix for ...'")
+    if not force and not policy_digest:
+        raise BadInputError("promotion needs the gate policy digest",
+                            fix="pass --policy gate.yaml or configure gate_policy")
+    version = store.resolve(ref)
+    record = None
+    if not force:
+        record = require_passing_gate(store, version.digest, version.ref, policy_digest)  # type: ignore[arg-type]
+    elif policy_digest:
+        record = store.gate_record(version.digest, policy_digest)
+    signed_by: tuple[str, ...] = ()
+    if trusted_keys:
+        from registry.signing import require_signature
+
+        signed_by = tuple(require_signature(store, version, trusted_keys).valid_keyids)
+    action = "promote-forced" if force else "promote"
+    old = store.set_alias(version.name, alias, version.digest,
+                          expect=expect, actor=actor, action=action,
+                          protected_ok=True)
+    gate_passed = None if record is None else record.get("passed") is True
+    if force and old != version.digest:
+        store.audit().append(REASON_ACTION, f"{version.name}:{alias}", old=old,
+                             new={"digest": version.digest, "reason": reason.strip(),  # type: ignore[union-attr]
+                                  "policy": policy_digest, "gate_passed": gate_passed}, actor=actor)
+    return PromoteResult(name=version.name, alias=alias, digest=version.digest, ref=version.ref,
+                         old=old, forced=force, reason=reason.strip() if force and reason else None,
+                         policy_digest=policy_digest, gate_passed=gate_passed, signed_by=signed_by)
+
+
+def alias_history(store: Store, name: str, alias: str) -> list[dict[str, Any]]:
+    """Every move of ``name:alias`` from the audit log, oldest first.
+
+    Each row: ``seq``, ``ts``, ``actor``, ``action`` (``alias``, ``promote``,
+    ``promote-forced``, removals...), ``old``, ``new`` (digests) and, for forced
+    promotions, ``reason``.
+
+    Raises:
+        IntegrityError: The audit log is unreadable.
+    """
+    subject = f"{name}:{alias}"
+    rows: list[dict[str, Any]] = []
+    for entry in store.audit().entries():
+        if entry.get("subject") != subject:
+            continue
+        if entry.get("action") == REASON_ACTION:
+            detail = entry.get("new") or {}
+            for row in reversed(rows):
+                if row["action"] == "promote-forced" and row["new"] == detail.get("digest"):
+                    row["reason"] = detail.get("reason")
+                    break
+            continue
+        rows.append({"seq": entry.get("seq"), "ts": entry.get("ts"), "actor": entry.get("actor"),
+                     "action": entry.get("action"), "old": entry.get("old"),
+                     "new": entry.get("new"), "reason": None})
+    return rows

@@ -1,0 +1,149 @@
+"""Run a gate: every policy check against one candidate, then record the verdict.
+
+:func:`run_gate` resolves the candidate (a registry ref, materialized with its
+lineage parents into a temporary directory, or a plain PEFT directory), runs the
+checks in policy order with one shared :class:`gate.evaluate.Evaluator` (models are
+loaded once and reused across checks), and returns a frozen
+:class:`gate.results.GateResult`. A check that raises becomes an ``error`` result
+(the gate fails, the other checks still run), so a broken candidate produces a
+complete report rather than a traceback.
+
+For a registry candidate the result is stored with
+``Store.put_gate_record(candidate digest, policy digest, result)`` (audited as
+``gate``); the policy's canonical bytes are stored as a blob too, so the policy
+digest in the record resolves to the exact policy that was applied.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gate.checks import get_check
+from gate.context import Candidate, GateContext, Parent, candidate_from_dir, candidate_from_store
+from gate.results import CheckResult, GateResult
+from registry import __version__
+from registry.common import utc_now_iso
+from registry.errors import AdapterkitError, BadInputError
+
+if TYPE_CHECKING:
+    from gate.policy import Policy
+    from registry.store import Store
+
+__all__ = ["CheckResult", "GateResult", "run_gate"]
+
+
+def _versions() -> dict[str, str]:
+    out = {"adapterkit": __version__, "python": platform.python_version()}
+    for module in ("torch", "transformers", "peft"):
+        try:
+            out[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a missing library is just not listed
+            pass
+    return out
+
+
+def _run_check(spec: Any, ctx: GateContext) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        outcome = get_check(spec.kind)(spec, ctx)
+        status, message, metrics, details = (outcome.status, outcome.message,
+                                             outcome.metrics, outcome.details)
+    except AdapterkitError as err:
+        status, message, metrics, details = "error", err.message, {}, None
+    except Exception as err:  # noqa: BLE001 - a broken candidate must not crash the gate
+        status, message, metrics, details = "error", f"{type(err).__name__}: {err}", {}, None
+    return CheckResult(name=spec.name, kind=spec.kind, status=status, message=message,
+                       metrics=metrics, details=details,
+                       duration_s=time.perf_counter() - start)
+
+
+def _base_fingerprint(base_dir: Path) -> str | None:
+    from registry.fingerprint import fingerprint_model
+
+    try:
+        return fingerprint_model(base_dir, weights=False).struct_digest
+    except AdapterkitError:
+        return None
+
+
+def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Policy | str | Path, *,
+             store: Store | None = None, parents: Sequence[Parent] = (), method: str | None = None,
+             parameters: dict | None = None, record: bool = True, actor: str | None = None,
+             device: str = "cpu", on_check: Callable[[CheckResult], None] | None = None) -> GateResult:
+    """Evaluate ``candidate`` on ``base_dir`` against ``policy``.
+
+    Args:
+        candidate: A registry ref (needs ``store``), a PEFT directory, or a Candidate.
+        base_dir: The base model directory (safetensors weights + tokenizer).
+        policy: A validated :class:`gate.policy.Policy` or the path of a YAML policy.
+        store: The registry holding the candidate, its parents and the release alias.
+        parents: For a directory candidate: its parents (name, dir, merge weight).
+        method: For a directory candidate: its merge method (e.g. ``linear``).
+        parameters: For a directory candidate: its merge parameters.
+        record: Store the result as a gate record (registry candidates only).
+        actor: Who ran the gate (audit log).
+        device: Torch device for evaluation (``cpu`` by default).
+        on_check: Called with each check's result as soon as it is known.
+
+    Returns:
+        The frozen :class:`GateResult`; ``passed`` is False if any check failed or errored.
+
+    Raises:
+        BadInputError: Bad policy, missing base directory, or a ref without a store.
+        NotFoundError: Unknown ref, or a lineage parent missing from the store.
+        IntegrityError: A stored blob is corrupt.
+    """
+    from gate.evaluate import Evaluator
+    from gate.policy import Policy as PolicyType
+    from gate.policy import load_policy
+
+    pol = policy if isinstance(policy, PolicyType) else load_policy(policy)
+    base = Path(base_dir).expanduser()
+    if not base.is_dir():
+        raise BadInputError(f"base model directory {base} not found",
+                            fix="pass --base with a local transformers model directory")
+    started, clock = utc_now_iso(), time.perf_counter()
+    tmp_root = None
+    if store is not None:
+        tmp_root = store.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gate-", dir=tmp_root) as work:
+        workdir = Path(work)
+        if isinstance(candidate, Candidate):
+            cand = candidate
+        elif isinstance(candidate, Path) or (store is None and Path(str(candidate)).is_dir()):
+            cand = candidate_from_dir(Path(candidate), parents=parents, method=method,
+                                      parameters=parameters)
+        elif store is None:
+            raise BadInputError(f"{candidate!r} is a registry ref but no store was given",
+                                fix="pass --store, or a PEFT directory")
+        else:
+            cand = candidate_from_store(store, str(candidate), workdir)
+        evaluator = Evaluator(base, dtype=pol.dtype, seed=pol.seed, max_length=pol.max_length,
+                              device=device)
+        ctx = GateContext(policy=pol, base_dir=base, candidate=cand, evaluator=evaluator,
+                          store=store, workdir=workdir)
+        results = []
+        for spec in pol.checks:
+            result = _run_check(spec, ctx)
+            results.append(result)
+            if on_check is not None:
+                on_check(result)
+    meta = {"started": started, "duration_s": round(time.perf_counter() - clock, 3),
+            "seed": pol.seed, "dtype": pol.dtype, "device": device, "policy_source": pol.source,
+            "actor": actor, "versions": _versions()}
+    result = GateResult(candidate=cand.label, candidate_digest=cand.digest,
+                        policy_digest=pol.digest, passed=all(r.passed for r in results),
+                        checks=tuple(results), base=str(base),
+                        base_fingerprint=_base_fingerprint(base), meta=meta)
+    if record and store is not None and cand.stored:
+        result = replace(result, stored=True)
+        store.put_bytes(pol.canonical_bytes())
+        store.put_gate_record(cand.digest, pol.digest, result.to_json(), actor=actor)
+    return result

@@ -1,0 +1,149 @@
+"""`adapters gate` end to end on a tiny Llama: a good merge passes, broken ones fail.
+
+The world (tests/gate_fixtures.py) has two LoRA adapters trained on disjoint lookup
+tasks and three "linear merges" of them pushed with lineage: the exact merge, one
+with a NaN weight, one whose task-a factors are random noise. Each gate run is
+checked for its exit code, its JSON, its JUnit XML (parsed back), the stored gate
+record and the audit entry.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli.main import main
+from tests.gate_fixtures import GEN_PROMPTS, build_store, world, write_policy
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    w = world()
+    root = tmp_path_factory.mktemp("gate")
+    store, versions = build_store(root / "store", w)
+    policy = write_policy(root / "gate.yaml", w)
+    return w, store, versions, policy, root
+
+
+def _gate(setup, ref: str, tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    w, store, _, policy, _ = setup
+    junit = tmp_path / f"{ref}.xml"
+    code = main(["gate", ref, "--base", str(w.base), "--policy", str(policy), "--junit", str(junit),
+                 "--store", str(store.root), *extra])
+    return code, junit
+
+
+def _cases(junit: Path) -> dict[str, ET.Element]:
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert suite is not None
+    return {case.get("name"): case for case in suite.iter("testcase")}
+
+
+def _props(case: ET.Element) -> dict[str, str]:
+    return {p.get("name"): p.get("value") for p in case.iter("property")}
+
+
+def test_good_merge_passes_and_is_recorded(setup, tmp_path, capsys, monkeypatch):
+    w, store, versions, policy, _ = setup
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code, junit = _gate(setup, "merged", tmp_path, "--json")
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert out["passed"] is True and out["stored"] is True
+    assert [c["status"] for c in out["checks"]] == ["pass"] * 5
+
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("tests") == "5" and suite.get("failures") == "0" and suite.get("errors") == "0"
+    cases = _cases(junit)
+    assert set(cases) == {"structural", "merge_equivalence", "perplexity", "retention", "generation"}
+    assert all(c.find("failure") is None and c.find("error") is None for c in cases.values())
+    assert cases["retention"].get("classname") == "gate.retention"
+    props = _props(cases["retention"])
+    assert props["adapter-a.baseline"] == "1" and props["adapter-b.baseline"] == "1"
+    assert float(props["adapter-a.ratio"]) >= 0.8 and float(props["adapter-b.ratio"]) >= 0.8
+    assert float(_props(cases["merge_equivalence"])["max_abs_diff"]) < 1e-3
+    assert _props(cases["structural"])["fingerprint"] == "match"
+
+    digest = versions["merged"].digest
+    record = store.gate_record(digest, out["policy_digest"])
+    assert record is not None and record["passed"] is True
+    assert record["candidate_digest"] == digest
+    gates = [e for e in store.audit().entries() if e["action"] == "gate"]
+    assert gates[-1]["subject"] == versions["merged"].ref and gates[-1]["new"]["passed"] is True
+    # the policy's canonical bytes are stored under the policy digest itself
+    with store.open_blob(out["policy_digest"]) as handle:
+        assert json.loads(handle.read())["policy"]["checks"][0]["kind"] == "structural"
+    text = summary.read_text()
+    assert "adapterkit gate" in text and "| retention | retention |" in text
+
+
+def test_nan_merge_fails_structural(setup, tmp_path, capsys):
+    code, junit = _gate(setup, "nan-merge", tmp_path)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "gate failed" in captured.err
+    cases = _cases(junit)
+    failure = cases["structural"].find("failure")
+    assert failure is not None and "NaN" in failure.get("message")
+    assert _props(cases["structural"])["nonfinite_tensors"] == "1"
+    assert cases["generation"].find("failure") is not None  # NaN logits decode to nothing
+    _, store, versions, _, _ = setup
+    records = [store.gate_record(versions["nan-merge"].digest, p)
+               for c, p, _ in store.gate_pointers() if c == versions["nan-merge"].digest]
+    assert records and records[0]["passed"] is False
+
+
+def test_noise_merge_fails_retention_of_the_destroyed_task(setup, tmp_path, capsys):
+    code, junit = _gate(setup, "noisy-merge", tmp_path, "--json")
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["passed"] is False
+    cases = _cases(junit)
+    assert cases["structural"].find("failure") is None  # finite, well-shaped: only behaviour is off
+    failure = cases["retention"].find("failure")
+    assert failure is not None and "adapter-a" in failure.get("message")
+    props = _props(cases["retention"])
+    assert float(props["adapter-a.ratio"]) < 0.8 and props["threshold_min_ratio"] == "0.8"
+    assert cases["merge_equivalence"].find("failure") is not None  # not the merge its lineage claims
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert int(suite.get("failures")) >= 2
+
+
+def test_directory_without_lineage_skips_equivalence(setup, tmp_path, capsys):
+    """A plain directory (no lineage, nothing recorded) skips merge equivalence."""
+    w, store, _, _, root = setup
+    policy = write_policy(tmp_path / "p.yaml", w, perplexity=None, retention=None, generation=None,
+                          structural=None)
+    code = main(["gate", str(w.adapter_a), "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["checks"][0]["status"] == "skip" and out["stored"] is False
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"checks": [{"kind": "retention", "sets": {"a": "x.jsonl"}, "min_ratoi": 0.9}]}, "checks[0]"),
+    ({"checks": [{"kind": "perplexity", "data": "missing.jsonl", "max_increase": 0.1}]}, "checks[0].data"),
+    ({"checks": [{"kind": "generation", "prompts": GEN_PROMPTS, "max_repeat_fraction": 2}]},
+     "checks[0].max_repeat_fraction"),
+    ({"version": 2, "checks": []}, "version"),
+])
+def test_bad_policy_exits_2_naming_the_field(setup, tmp_path, capsys, change, field):
+    w, store, _, _, _ = setup
+    policy = tmp_path / "bad.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, **change}))
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root)])
+    assert code == 2
+    assert field in capsys.readouterr().err
+
+
+def test_missing_base_exits_2(setup, tmp_path, capsys):
+    _, store, _, policy, _ = setup
+    code = main(["gate", "merged", "--base", str(tmp_path / "nope"), "--policy", str(policy),
+                 "--store", str(store.root)])
+    assert code == 2 and "base model directory" in capsys.readouterr().err
