@@ -29,6 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.registry_cmds",
     "cli.hub_cmds",
     "cli.sign_cmds",
+    "cli.merge_cmds",
+    "cli.unload_cmds",
     "cli.gate_cmds",
 )
 

@@ -1,0 +1,142 @@
+"""``adapters unload`` and ``adapters quantize``: write standalone model directories.
+
+``unload REF --base MODEL_DIR --out OUT_DIR`` bakes an adapter (a registry ref, or a
+PEFT adapter directory) into its base with :func:`merging.unload.unload`;
+``quantize MODEL_DIR --to nf4|fp4|int8 --out OUT_DIR`` writes a bitsandbytes copy
+with :func:`merging.quantize.quantize`. Both stream tensor by tensor, write into a
+temp directory renamed at the end, and (for a stored adapter, or with ``--name``)
+record the output in the store by reference with its lineage.
+
+torch, transformers and bitsandbytes are imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from cli.common import JsonOpt, StoreOpt, open_store
+from cli.output import Output, make_table, short_digest
+
+MAX_ROWS = 12
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``unload`` and ``quantize`` to ``app``."""
+    app.command("unload")(unload)
+    app.command("quantize")(quantize)
+
+
+ShardOpt = Annotated[Optional[str], typer.Option(
+    "--max-shard-size", help="Reshard the output, e.g. 2GB (default: keep the base's files).")]
+DoubleQuantOpt = Annotated[bool, typer.Option(
+    "--double-quant", help="4-bit: also quantize the absmax statistics.")]
+BlocksizeOpt = Annotated[int, typer.Option("--blocksize", help="4-bit block size.")]
+ProbeOpt = Annotated[Optional[bool], typer.Option(
+    "--probe/--no-probe", help="Measure logits drift of a quantized output (default: models "
+                               "up to 2 GiB).", show_default=False)]
+
+
+def unload(
+    ref: Annotated[str, typer.Argument(help="Adapter: registry ref or PEFT adapter directory.")],
+    base: Annotated[Path, typer.Option("--base", help="Base model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (new or empty).")],
+    max_shard_size: ShardOpt = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", help="Also quantize the merged model: nf4, fp4 or int8.")] = None,
+    qlora: Annotated[bool, typer.Option(
+        "--qlora", help="Adapter trained on a 4-bit base: merge into dequantize(quantize(W)).")
+    ] = False,
+    double_quant: DoubleQuantOpt = False,
+    blocksize: BlocksizeOpt = 64,
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Record the output under this name (default for a stored adapter: "
+                       "<name>-unloaded).")] = None,
+    probe: ProbeOpt = None,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Merge an adapter into its base and write a model that loads without PEFT."""
+    from merging.shards import read_layout
+    from merging.unload import unload as run_unload
+
+    output = Output(json_out)
+    is_dir = Path(ref).is_dir()
+    st = open_store(store) if (not is_dir or name) else None
+    total = read_layout(base).total_bytes
+    with output.progress(f"unloading into {out.name}", total) as advance:
+        result = run_unload(ref if not is_dir else Path(ref), base, out, store=st,
+                            max_shard_size=max_shard_size, quantize=quantize, qlora=qlora,
+                            double_quant=double_quant, blocksize=blocksize, name=name,
+                            probe=probe, progress=advance)
+    data = result.to_json()
+    output.emit(data, lambda console: _render(console, data))
+
+
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (safetensors).")],
+    to: Annotated[str, typer.Option("--to", help="nf4, fp4 or int8.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (new or empty).")],
+    double_quant: DoubleQuantOpt = False,
+    blocksize: BlocksizeOpt = 64,
+    max_shard_size: ShardOpt = None,
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Record the output in the store under this name.")] = None,
+    probe: ProbeOpt = None,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Write a bitsandbytes-quantized copy that from_pretrained loads as Linear4bit/8bitLt."""
+    from merging.quantize import quantize as run_quantize
+    from merging.shards import read_layout
+
+    output = Output(json_out)
+    st = open_store(store) if name else None
+    total = read_layout(model_dir).total_bytes
+    with output.progress(f"quantizing into {out.name}", total) as advance:
+        result = run_quantize(model_dir, to, out=out, double_quant=double_quant,
+                              blocksize=blocksize, max_shard_size=max_shard_size, probe=probe,
+                              store=st, name=name, progress=advance)
+    data = result.to_json()
+    output.emit(data, lambda console: _render(console, data))
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _render(console: Any, data: dict[str, Any]) -> None:
+    console.print(f"wrote {data['tensors']} tensors, {data['total_bytes']:,} bytes in "
+                  f"{len(data['files'])} file(s) to {escape(data['out_dir'])}")
+    for note in data["notes"]:
+        console.print(f"note: {escape(note)}")
+    modules = sorted(data["modules"], key=lambda m: -(m["delta_fro"] or 0.0))
+    if modules:
+        rows = [(escape(m["name"]), m["kind"], _fmt(m["delta_fro"]), _fmt(m["weight_fro"]),
+                 _fmt(m["quant_rel_error"])) for m in modules[:MAX_ROWS]]
+        title = f"{len(modules)} changed tensors" + (
+            f" (largest {MAX_ROWS} deltas)" if len(modules) > MAX_ROWS else "")
+        console.print(make_table(title, ["tensor", "kind", "|delta|_F", "|W|_F", "quant err"],
+                                 rows))
+    quant = data.get("quantization")
+    if quant:
+        console.print(f"quantized {quant['method']}: overall relative error "
+                      f"{quant['overall_rel_error']:.4g}")
+    probe = data.get("probe")
+    if probe:
+        if "skipped" in probe:
+            console.print(f"logits drift: skipped ({escape(probe['skipped'])})")
+        else:
+            console.print(f"logits drift vs unquantized: max |d| {probe['max_abs']:.4g}, "
+                          f"relative {probe['relative_fro']:.4g}, top-1 agreement "
+                          f"{probe['top1_agreement']:.3f}")
+    fingerprint = data.get("output_fingerprint")
+    if fingerprint:
+        console.print(f"weights digest {short_digest(fingerprint['weights_digest'])}")
+    version = data.get("version")
+    if version:
+        state = "recorded" if version["created"] else "already recorded"
+        console.print(f"{state}: {escape(version['ref'])}")

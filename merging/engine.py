@@ -1,0 +1,409 @@
+"""The merge engine: N LoRA adapters -> one LoRA adapter, one module at a time.
+
+For every module in the union of the inputs' modules (sorted by name):
+
+1. read that module's A and B from each input that has it (an input without the
+   module contributes a zero delta: it is left out of elections and sums, but its
+   weight still counts in ``--normalize``), fold each input's scale ``s_i`` into
+   ``B_i`` and convert to float32;
+2. call the method (:mod:`merging.methods`), which returns exact factors or the
+   dense merged delta;
+3. turn that into output factors (:mod:`merging.refactor`): exact methods are
+   re-factored to their true rank (``cat`` is kept as concatenated), dense results
+   by truncated randomized SVD to ``rank`` (default: the largest input rank of the
+   module), ``rank="full"`` keeps the exact delta at full rank;
+4. cast to the output dtype (the inputs' dtype; mixed dtypes are promoted) and
+   measure the relative Frobenius error of the stored factors against the exact
+   merged delta.
+
+Memory: the inputs' factors of one module plus at most one dense ``(out, in)``
+float32 tensor; the output factors are kept (they are what gets written).
+
+Output config: the first input's ``adapter_config.json`` with ``r`` = the most
+common output rank, ``lora_alpha = r`` and ``use_rslora = false`` so the scale is
+1 (every input's scale and weight is folded into the factors), per-module
+``rank_pattern``/``alpha_pattern`` (keys are full module paths, alpha = rank) where
+a module's rank differs, ``target_modules`` = the union of the inputs' lists (or,
+when an input uses a regex or layer restrictions, a regex matching exactly the
+merged modules), ``modules_to_save`` = the union. Extra tensors (``modules_to_save``
+copies) are copied; the same tensor name with different contents in two inputs is
+refused (``UnsupportedAdapterError``), since no merge of full weights is defined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.adapter import LoraAdapter, load_adapter, torch_dtype
+from merging.methods import Factors, ModuleContext, ModuleInput, get_method
+from merging.sparsify import intraop_threads
+from merging.refactor import (
+    dense_error,
+    exact_refactor,
+    factored_error,
+    full_factors,
+    lowrank_refactor,
+)
+from registry.errors import (
+    BadInputError,
+    BaseMismatchError,
+    ConflictError,
+    UnsupportedAdapterError,
+)
+from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
+from registry.peft_keys import strip_prefix
+
+ProgressCallback = Callable[[int], None]
+_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A merged adapter, ready for :func:`write_peft_dir`.
+
+    Attributes:
+        config: The output ``adapter_config.json``.
+        tensors: Output tensor name -> tensor (safetensors content).
+        report: JSON-able: ``method``, ``parameters``, ``weights``, ``seed``, ``rank``,
+            ``dtype``, ``modules`` (name -> ``{"rank", "error", "norm", "inputs"}``),
+            ``error`` (overall relative Frobenius error), ``max_error``, ``warnings``.
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    report: dict[str, Any]
+
+
+def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """Sorted union of the inputs' module paths."""
+    return sorted(set().union(*(a.infos for a in adapters)))
+
+
+def _parse_rank(rank: int | str | None) -> int | str | None:
+    if rank is None or rank == "full":
+        return rank
+    if isinstance(rank, str) and rank.strip().isdigit():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise BadInputError(f"rank must be a positive integer or 'full', got {rank!r}",
+                            fix="pass e.g. --rank 16, or --rank full")
+    return rank
+
+
+def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise BadInputError(f"{len(weights)} weights for {n} adapters",
+                            fix="give one weight per adapter, e.g. --weights 0.5,0.5")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise BadInputError(f"weight {w!r} is not a finite number", fix="e.g. --weights 0.5,0.5")
+    return [float(w) for w in weights]
+
+
+def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) -> list[str]:
+    warnings: list[str] = []
+    first = adapters[0].config
+    for adapter, label in zip(adapters[1:], labels[1:]):
+        cfg = adapter.config
+        if bool(cfg.get("fan_in_fan_out", False)) != bool(first.get("fan_in_fan_out", False)):
+            raise BadInputError(f"{label} and {labels[0]} disagree on fan_in_fan_out",
+                                fix="merge adapters trained on the same model class")
+        for field in ("base_model_name_or_path", "task_type"):
+            if cfg.get(field) != first.get(field):
+                warnings.append(f"{field} differs: {labels[0]} has {first.get(field)!r}, "
+                                f"{label} has {cfg.get(field)!r}; the output keeps the first")
+    seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
+    for adapter, label in zip(adapters, labels):
+        for name, info in adapter.infos.items():
+            if name in seen and seen[name][1:] != (info.shape, info.embedding):
+                other, shape, _ = seen[name]
+                raise BaseMismatchError(
+                    f"module {name}: {other} has delta shape {shape} but {label} has {info.shape}",
+                    fix="merge adapters trained on the same base model")
+            seen.setdefault(name, (label, info.shape, info.embedding))
+    return warnings
+
+
+def _output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    dtypes = {info.dtype for a in adapters for info in a.infos.values()}
+    out = torch_dtype(dtypes.pop())
+    for name in dtypes:
+        out = torch.promote_types(out, torch_dtype(name))
+    return out
+
+
+def _inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], labels: Sequence[str],
+            name: str) -> list[ModuleInput]:
+    inputs = []
+    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        if name not in adapter.infos:
+            continue
+        module = adapter.module(name)
+        b = module.B.float() * module.scale
+        a = module.A.float()
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise BadInputError(f"{labels[index]}: module {name} has NaN or infinite values",
+                                fix="check the adapter's training run")
+        inputs.append(ModuleInput(index=index, B=b, A=a, weight=weight))
+    return inputs
+
+
+def _refactored(method_output: str, result: Any, inputs: Sequence[ModuleInput], rank: Any,
+                ctx: ModuleContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    if isinstance(result, Factors):
+        if method_output == "concat" and not isinstance(rank, int):
+            b, a = result.B, result.A
+        else:
+            b, a = exact_refactor(result.B, result.A, rank if isinstance(rank, int) else None)
+        b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
+        err, norm = factored_error(result.B, result.A, b, a)
+        return b, a, err, norm
+    if rank == "full":
+        b, a = full_factors(result)
+    else:
+        target = rank if isinstance(rank, int) else max(inp.A.shape[0] for inp in inputs)
+        b, a = lowrank_refactor(result, target, seed=ctx.seed, module=ctx.name)
+    b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
+    err, norm = dense_error(result, b, a)
+    return b, a, err, norm
+
+
+def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
+            warnings: list[str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, list[str]] = {}
+    for adapter, label in zip(adapters, labels):
+        for key in adapter.extras:
+            tensor = adapter.extra_tensor(key)
+            if key in out:
+                if out[key].dtype != tensor.dtype or out[key].shape != tensor.shape \
+                        or not torch.equal(out[key], tensor):
+                    raise UnsupportedAdapterError(
+                        f"{owner[key][0]} and {label} both carry {key} (modules_to_save) with "
+                        "different values; full weights cannot be merged",
+                        fix="retrain one adapter without modules_to_save for that module, or "
+                            "drop it from one input")
+                owner[key].append(label)
+            else:
+                out[key] = tensor.contiguous()
+                owner[key] = [label]
+    for key, who in sorted(owner.items()):
+        if len(who) < len(adapters):
+            warnings.append(f"{key} is copied from {', '.join(who)} only; the other inputs "
+                            "used the base model's tensor there")
+    return out
+
+
+def _target_modules(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> dict[str, Any]:
+    cfgs = [a.config for a in adapters]
+    targets = [c.get("target_modules") for c in cfgs]
+    restrictions = [tuple(json.dumps(c.get(k), sort_keys=True) for k in _RESTRICTIONS) for c in cfgs]
+    if all(isinstance(t, list) for t in targets) and len(set(restrictions)) == 1:
+        union = sorted(set().union(*targets))
+        paths = [strip_prefix(n) for n in names]
+        if all(any(p == t or p.endswith("." + t) for t in union) for p in paths):
+            return {"target_modules": union, **{k: cfgs[0].get(k) for k in _RESTRICTIONS}}
+    regex = "^(?:" + "|".join(re.escape(strip_prefix(n)) for n in names) + ")$"
+    return {"target_modules": regex, **{k: None for k in _RESTRICTIONS}}
+
+
+def _output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int]) -> dict[str, Any]:
+    config = copy.deepcopy(adapters[0].config)
+    counts = Counter(ranks.values())
+    default = max(counts, key=lambda r: (counts[r], r))
+    pattern = {strip_prefix(n): r for n, r in sorted(ranks.items()) if r != default}
+    saved = sorted(set().union(*(a.config.get("modules_to_save") or [] for a in adapters)))
+    config.update(
+        r=default, lora_alpha=default, rank_pattern=pattern, alpha_pattern=dict(pattern),
+        use_rslora=False, use_dora=False, lora_bias=False, inference_mode=True,
+        modules_to_save=saved or None, **_target_modules(adapters, sorted(ranks)),
+    )
+    for key in _RESTRICTIONS:
+        if config.get(key) is None:
+            config.pop(key, None)
+    return config
+
+
+def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
+                   weights: Sequence[float] | None = None, method: str = "ties", *,
+                   params: dict[str, Any] | None = None, rank: int | str | None = None,
+                   seed: int | None = 0, progress: ProgressCallback | None = None,
+                   labels: Sequence[str] | None = None) -> MergeResult:
+    """Merge LoRA adapters module by module on their true deltas.
+
+    Args:
+        adapters: :class:`LoraAdapter` objects or adapter directories.
+        weights: One weight per adapter (default 1.0 each).
+        method: A registered method (``linear``, ``task_arithmetic``, ``cat``,
+            ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``).
+        params: Explicitly chosen parameters (``density``, ``lambda``, ``normalize``,
+            ``sign_election``); None values are ignored, defaults are filled in.
+        rank: Output rank: None (exact methods: true rank; dense methods: the largest
+            input rank of each module), an int, or ``"full"``.
+        seed: Seed of DARE masks and randomized SVD sketches (None means 0).
+        progress: Called with 1 after each module.
+        labels: Names of the inputs for messages (default ``input 1``...).
+
+    Returns:
+        The :class:`MergeResult`.
+
+    Raises:
+        BadInputError: Bad weights, rank, method or parameters (density outside
+            (0, 1], ...), non-finite tensors, fan_in_fan_out disagreement.
+        UnsupportedAdapterError: DoRA, lora_bias, ... inputs; clashing
+            ``modules_to_save`` tensors.
+        BaseMismatchError: A module has different shapes in two inputs.
+    """
+    if not adapters:
+        raise BadInputError("nothing to merge", fix="pass at least two adapters")
+    loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
+    labels = list(labels) if labels is not None else [f"input {i + 1}" for i in range(len(loaded))]
+    weights = _check_weights(weights, len(loaded))
+    spec = get_method(method)
+    resolved = spec.resolve(params, weights)
+    rank = _parse_rank(rank)
+    seed = 0 if seed is None else int(seed)
+    warnings = _check_compatible(loaded, labels)
+    dtype = _output_dtype(loaded)
+
+    def one(name: str) -> tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]:
+        inputs = _inputs(loaded, weights, labels, name)
+        info = next(a.infos[name] for a in loaded if name in a.infos)
+        ctx = ModuleContext(name=name, shape=info.shape, seed=seed)
+        result = spec.fn(inputs, resolved, ctx)
+        b, a, err, norm = _refactored(spec.output, result, inputs, rank, ctx, dtype)
+        return name, b, a, err, norm, [inp.index for inp in inputs]
+
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    ranks: dict[str, int] = {}
+    err2 = norm2 = 0.0
+    names = module_union(loaded)
+    # Factored methods hold no dense tensor, so small modules run side by side, each
+    # with single-threaded ops; dense methods go one module at a time and parallelise
+    # inside the module (merging.sparsify.block_map). Results come back in name order.
+    workers = 1 if spec.output == "dense" else min(torch.get_num_threads(), len(names))
+    try:
+        extras = _extras(loaded, labels, warnings)  # clashes are refused before any work
+        with intraop_threads(1) if workers > 1 else contextlib.nullcontext():
+            pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+            try:
+                outcomes: Iterator[Any] = pool.map(one, names) if pool else map(one, names)
+                for name, b, a, err, norm, used in outcomes:
+                    keys = next(ad.infos[name] for ad in loaded if name in ad.infos).keys
+                    tensors[keys.a], tensors[keys.b] = a, b
+                    ranks[name] = a.shape[0]
+                    modules[name] = {"rank": a.shape[0], "error": err / norm if norm > 0 else 0.0,
+                                     "norm": norm, "inputs": used}
+                    err2, norm2 = err2 + err * err, norm2 + norm * norm
+                    if progress is not None:
+                        progress(1)
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        tensors.update(extras)
+    finally:
+        for adapter in loaded:
+            adapter.close()
+    errors = [m["error"] for m in modules.values()]
+    report = {
+        "method": spec.name, "parameters": spec.recorded(resolved), "weights": weights,
+        "seed": seed, "rank": rank, "dtype": str(dtype).removeprefix("torch."),
+        "modules": modules, "error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
+        "max_error": max(errors, default=0.0), "warnings": warnings,
+    }
+    return MergeResult(config=_output_config(loaded, ranks), tensors=tensors, report=report)
+
+
+def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *,
+                allow_weights_mismatch: bool = False) -> list[str]:
+    """Check that the inputs were trained on the same base model.
+
+    Args:
+        bases: Each input's record ``base_model`` object (``{"id", "revision",
+            "fingerprint": {"struct_digest", "weights_digest"} | None}``) or None.
+        labels: Names of the inputs for messages.
+        allow_weights_mismatch: Accept the same structure with different weights
+            (e.g. a base and its fine-tune), as a warning.
+
+    Returns:
+        Warnings (unverifiable inputs, accepted weights mismatch) for the lineage.
+
+    Raises:
+        BaseMismatchError: Different ``struct_digest`` (never allowed), or different
+            ``weights_digest`` without ``allow_weights_mismatch``.
+    """
+    warnings: list[str] = []
+    known: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for base, label in zip(bases, labels):
+        fp = (base or {}).get("fingerprint")
+        if not fp or not fp.get("struct_digest"):
+            warnings.append(f"{label}: no base fingerprint recorded; its base could not be verified")
+            continue
+        known.append((label, base or {}, fp))
+    for label, base, fp in known[1:]:
+        ref_label, ref_base, ref_fp = known[0]
+        names = f"{ref_label} (base {ref_base.get('id')!r}) and {label} (base {base.get('id')!r})"
+        if fp["struct_digest"] != ref_fp["struct_digest"]:
+            raise BaseMismatchError(
+                f"{names} were trained on bases of different structure "
+                f"({ref_fp['struct_digest'][:19]} vs {fp['struct_digest'][:19]})",
+                fix="merge adapters of the same base model")
+        wa, wb = ref_fp.get("weights_digest"), fp.get("weights_digest")
+        if wa and wb and wa != wb:
+            message = (f"{names} share the base structure but not its weights "
+                       f"({wa[:19]} vs {wb[:19]})")
+            if not allow_weights_mismatch:
+                raise BaseMismatchError(message, fix="pass --allow-base-mismatch to merge anyway")
+            warnings.append(message + "; merged anyway (--allow-base-mismatch)")
+    return warnings
+
+
+def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
+
+    Files go to a temporary directory beside ``out_dir`` that is renamed into place,
+    so ``out_dir`` is either absent/empty or complete.
+
+    Raises:
+        ConflictError: ``out_dir`` exists and is not an empty directory.
+        OSError: The parent directory cannot be written.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConflictError(f"{out} already exists and is not empty",
+                            fix="choose another --out directory or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        save_file(result.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(result.config, indent=2, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

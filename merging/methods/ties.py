@@ -1,0 +1,33 @@
+"""``ties``: TIES-Merging (Yadav et al., 2023) on the true deltas.
+
+Per module: trim each input's delta ``ΔW_i = s_i B_i A_i`` to its top ``--density``
+fraction by magnitude, elect a sign per entry, and average the weighted entries
+that agree with it (disjoint mean), then multiply by ``--lambda``. The default
+election (``--sign-election sum``) equals ``peft.utils.merge_utils.ties`` with
+``majority_sign_method="total"``; ``frequency`` and ``mergekit`` are described in
+:mod:`merging.sparsify`. The dense result is re-factored by the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from merging.methods import MergeParams, ModuleContext, ModuleInput, register_method
+
+if TYPE_CHECKING:
+    import torch
+
+
+@register_method("ties", output="dense", params={"density", "lambda", "sign_election"},
+                 summary="trim to top density, elect signs, disjoint mean (TIES)")
+def ties(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> torch.Tensor:
+    """TIES on the module's true deltas; dense float32 result."""
+    from merging import sparsify
+
+    thresholds = [sparsify.magnitude_threshold(inp, params.density, ctx) for inp in inputs]
+    return sparsify.dense_merge(
+        inputs, params, ctx,
+        transform=lambda pos, inp, block, j: sparsify.trim_block(block, thresholds[pos]),
+        combine=lambda parts, weights: sparsify.elect_and_merge(parts, weights,
+                                                                params.sign_election))

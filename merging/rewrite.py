@@ -1,0 +1,303 @@
+"""The tensor-by-tensor engine behind merge-and-unload and requantization.
+
+A :class:`Job` says what happens to one base tensor: copied unchanged, LoRA-merged,
+replaced by a ``modules_to_save`` copy, round-tripped through 4-bit (QLoRA) and/or
+quantized. :class:`Rewrite` executes a shard's jobs in order into a
+:class:`merging.shard_writer.ShardWriter`:
+
+* an unchanged tensor is copied inside the kernel (``copy_file_range``), or read and
+  written in ~16 MB pieces when its bytes must be hashed;
+* a LoRA target (no quantization) is merged in row ranges: ``W[rows] + s·B[rows]·A``
+  in float32, cast back. Row ranges are computed by a small pool of threads (torch
+  ops release the GIL; each runs torch single-threaded, see
+  :data:`merging.unload.COMPUTE_THREADS`) and consumed in order, so reading, merging
+  and writing overlap while at most :data:`WINDOW` pieces are in memory;
+* everything else (replacement, QLoRA round trip, quantization, or keeping the
+  unquantized tensors for the logits probe) is done on the whole tensor.
+
+Base bytes are hashed in file order on the consuming thread when the base's weights
+digest is needed; the merged weight's Frobenius norm doubles as the NaN/Inf check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from merging.adapter import LoraAdapter, ModuleInfo
+from merging.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
+from merging.shard_writer import ShardWriter
+from merging.shards import SourceTensor, TensorReader, row_chunks, to_float32, torch_dtype
+from registry.errors import BadInputError
+from registry.safetensors_header import read_header
+
+WORKERS = 2
+"""Threads merging row ranges in parallel."""
+WINDOW = 2
+"""Row ranges in flight (computed but not yet written), across tensors."""
+MERGE_CHUNK_BYTES = 4 << 20
+"""Float32 bytes of one row range (its base-dtype input and output come on top)."""
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """What happened to one output tensor.
+
+    Attributes:
+        name: Tensor key (``model.layers.0.self_attn.q_proj.weight``).
+        kind: ``lora``, ``replaced`` (modules_to_save) or ``quantized``.
+        delta_fro: Frobenius norm of ``s·B·A`` (of new - old for replacements).
+        weight_fro: Frobenius norm of the merged weight.
+        quant_rel_error: ``||W - deq(q(W))||_F / ||W||_F`` when quantized.
+    """
+
+    name: str
+    kind: str
+    delta_fro: float | None = None
+    weight_fro: float | None = None
+    quant_rel_error: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "kind": self.kind, "delta_fro": self.delta_fro,
+                "weight_fro": self.weight_fro, "quant_rel_error": self.quant_rel_error}
+
+
+@dataclass
+class Job:
+    """One base tensor (or the synthesized untied ``lm_head``) and what to do with it."""
+
+    src: SourceTensor
+    out_name: str
+    lora: ModuleInfo | None = None
+    replacement: str | None = None
+    quant: bool = False
+    qlora: bool = False
+    transposed: bool = False
+    transposed_q: bool = False
+    hash_src: bool = True
+    kind: str = "copy"
+
+
+def _merge_rows(reader: TensorReader, src: SourceTensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float, transposed: bool, r0: int, r1: int, keep_raw: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Worker task: (raw rows, merged rows in the base dtype, float32 norm of the merge).
+
+    ``raw`` is the base bytes as read; with ``keep_raw`` they survive the merge (a
+    float32 base is otherwise merged in place).
+    """
+    raw = reader.read(src, r0, r1)
+    merged = raw.clone() if keep_raw and raw.dtype == torch.float32 else to_float32(raw)
+    add_delta(merged, a, b, scale, transposed, r0, r1)
+    out = merged.to(raw.dtype)
+    norm = float(torch.linalg.vector_norm(merged))
+    if not math.isfinite(norm) or out.dtype == torch.float16:
+        norm = math.inf if not bool(torch.isfinite(out).all()) else float(merged.double().norm())
+    return raw, out, norm
+
+
+def add_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+              transposed: bool, r0: int, r1: int) -> None:
+    """``weight += scale * (B @ A)[r0:r1]`` in place (float32); ``transposed`` for
+    ``(in, out)`` weights (Conv1D / embeddings), whose rows are columns of A."""
+    if transposed:
+        weight.addmm_(a[:, r0:r1].T, b.T, alpha=scale)
+    else:
+        weight.addmm_(b[r0:r1], a, alpha=scale)
+
+
+class Rewrite:
+    """One rewrite's state: readers, hashes, reports, quantization sums, probe tensors."""
+
+    def __init__(self, adapter: LoraAdapter | None, spec: QuantSpec | None,
+                 qspec: QuantSpec | None, *, hash_base: bool, collect: bool,
+                 progress: Callable[[int], None] | None,
+                 on_tensor: Callable[[str], None] | None) -> None:
+        self.adapter, self.spec, self.qspec = adapter, spec, qspec
+        self.reader = TensorReader()
+        self.adapter_header = read_header(adapter.weights_path) if adapter else None
+        self.base_hashes: dict[str, str] | None = {} if hash_base else None
+        self.reports: list[ModuleReport] = []
+        self.quant_sq = [0.0, 0.0]
+        self.state: dict[str, torch.Tensor] | None = {} if collect else None
+        self.progress, self.on_tensor = progress, on_tensor
+        self._pool = ThreadPoolExecutor(WORKERS, "merge")
+
+    def close(self) -> None:
+        """Stop the merge threads and close the files."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
+
+    # ---- adapter -----------------------------------------------------------------
+
+    def adapter_tensor(self, key: str) -> torch.Tensor:
+        """One adapter tensor, read with plain file reads (no mmap; see merging.shards)."""
+        header = self.adapter_header
+        assert header is not None and self.adapter is not None
+        return self.reader.read(SourceTensor(key, self.adapter.weights_path, header.tensors[key],
+                                             header.data_offset))
+
+    def factors(self, info: ModuleInfo) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """A, B (float32), scale and ``||s·B·A||_F`` (from the r x r Gram matrices)."""
+        a = self.adapter_tensor(info.keys.a).float()
+        b = self.adapter_tensor(info.keys.b).float()
+        gram = (b.T @ b).double() * (a @ a.T).double()
+        return a, b, info.scale, abs(info.scale) * math.sqrt(max(float(gram.sum()), 0.0))
+
+    def check_adapter_finite(self) -> None:
+        """Refuse NaN/Inf anywhere in the adapter, naming the module.
+
+        Raises:
+            BadInputError: the module (and lora_A/lora_B) or extra tensor.
+        """
+        assert self.adapter is not None
+        fix = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
+        for name, info in self.adapter.infos.items():
+            for label, key in (("lora_A", info.keys.a), ("lora_B", info.keys.b)):
+                if not bool(torch.isfinite(self.adapter_tensor(key)).all()):
+                    raise BadInputError(f"adapter module {name} has NaN/Inf values in {label}",
+                                        fix=fix)
+        for extra in self.adapter.extras:
+            tensor = self.adapter_tensor(extra)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise BadInputError(f"adapter tensor {extra} has NaN/Inf values", fix=fix)
+
+    # ---- the pipeline --------------------------------------------------------------
+
+    def write(self, jobs: list[Job], writer: ShardWriter) -> None:
+        """Execute ``jobs`` in order into ``writer`` (row ranges overlap, see module doc)."""
+        queue: deque[tuple[str, Job, Any]] = deque()
+        in_flight = 0
+        for job in jobs:
+            for step in self._steps(job, writer):
+                queue.append(step)
+                in_flight += step[0] == "rows"
+                while in_flight > WINDOW or (queue and queue[0][0] != "rows"):
+                    in_flight -= self._consume(queue.popleft(), writer)
+        while queue:
+            self._consume(queue.popleft(), writer)
+
+    def _steps(self, job: Job, writer: ShardWriter) -> Iterator[tuple[str, Job, Any]]:
+        hasher = hashlib.sha256() if self.base_hashes is not None and job.hash_src else None
+        simple = not (job.quant or job.qlora or job.replacement) and self.state is None
+        if not simple or job.lora is None:
+            run = self._copy if simple else self._whole
+            yield "call", job, lambda: (run(job, writer, hasher), self._done(job, hasher))
+            return
+        a, b, scale, delta_fro = self.factors(job.lora)
+        sums = {"sq": 0.0, "hasher": hasher, "delta_fro": delta_fro}
+        yield "begin", job, sums
+        for r0, r1 in row_chunks(job.src.shape, 4, MERGE_CHUNK_BYTES):
+            yield "rows", job, self._pool.submit(_merge_rows, self.reader, job.src, a, b, scale,
+                                                 job.transposed, r0, r1, hasher is not None)
+        yield "end", job, sums
+
+    def _consume(self, step: tuple[str, Job, Any], writer: ShardWriter) -> int:
+        kind, job, payload = step
+        if kind == "call":
+            payload()
+        elif kind == "begin":
+            writer.begin(job.out_name, job.src.dtype, job.src.shape)
+            self._sums = payload
+        elif kind == "rows":
+            raw, out, norm = payload.result() if isinstance(payload, Future) else payload
+            if not math.isfinite(norm):
+                self._refuse(job)
+            self._sums["sq"] += norm * norm
+            if self._sums["hasher"] is not None:
+                self._sums["hasher"].update(memoryview(raw.reshape(-1).view(torch.uint8).numpy()))
+            if self.progress is not None:
+                self.progress(raw.numel() * raw.element_size())
+            writer.write(out)
+            return 1
+        else:
+            writer.end()
+            self.reports.append(ModuleReport(job.out_name, "lora", payload["delta_fro"],
+                                             math.sqrt(payload["sq"])))
+            self._done(job, payload["hasher"])
+        return 0
+
+    def _refuse(self, job: Job) -> None:
+        what = f"module {job.lora.name}" if job.lora else f"tensor {job.replacement}"
+        raise BadInputError(f"merged weight {job.out_name} has NaN/Inf values ({what})",
+                            fix="the adapter overflows this base dtype; check the adapter")
+
+    def _done(self, job: Job, hasher: Any) -> None:
+        if hasher is not None:
+            self.base_hashes[job.src.name] = hasher.hexdigest()  # type: ignore[index]
+        if self.on_tensor is not None:
+            self.on_tensor(job.out_name)
+
+    def _read(self, job: Job, hasher: Any, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        tensor = self.reader.read(job.src, r0, r1)
+        if hasher is not None:
+            hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        if self.progress is not None and job.hash_src:
+            self.progress(tensor.numel() * tensor.element_size())
+        return tensor
+
+    def _copy(self, job: Job, writer: ShardWriter, hasher: Any) -> None:
+        """An unchanged tensor: in-kernel copy when nothing hashes it, else read + write."""
+        src, shape = job.src, job.src.shape
+        writer.begin(job.out_name, src.dtype, shape)
+        start = src.data_offset + src.info.start
+        if hasher is None and writer.copy_range(self.reader.handle(src.file), start,
+                                                src.info.nbytes):
+            if self.progress is not None and job.hash_src:
+                self.progress(src.info.nbytes)
+        else:
+            for r0, r1 in row_chunks(shape, torch_dtype(src.dtype).itemsize):
+                writer.write(self._read(job, hasher, r0, r1))
+        writer.end()
+
+    def _norm_sq(self, job: Job, merged: torch.Tensor, out: torch.Tensor) -> float:
+        norm = float(torch.linalg.vector_norm(merged))
+        if not math.isfinite(norm) or out.dtype == torch.float16:
+            if not bool(torch.isfinite(out).all()):
+                self._refuse(job)
+            norm = float(merged.double().norm())
+        return norm * norm
+
+    def _whole(self, job: Job, writer: ShardWriter, hasher: Any) -> None:
+        """Replacement, QLoRA round trip, merge and/or quantization of a whole tensor."""
+        dtype = torch_dtype(job.src.dtype)
+        base = self._read(job, hasher)
+        weight = base if job.replacement is None else \
+            self.adapter_tensor(job.replacement).to(dtype)
+        delta_fro = weight_fro = quant_err = None
+        if job.replacement is not None:
+            delta_fro = float((weight.double() - base.double()).norm())
+        if job.qlora and self.qspec is not None:
+            weight = roundtrip(weight, self.qspec, transposed=job.transposed_q)
+        if job.lora is not None:
+            a, b, scale, delta_fro = self.factors(job.lora)
+            merged = to_float32(weight) if weight.dtype != torch.float32 else weight.clone()
+            add_delta(merged, a, b, scale, job.transposed, 0, job.src.shape[0])
+            weight = merged.to(dtype)
+        if job.lora is not None or job.replacement is not None:
+            weight_fro = math.sqrt(self._norm_sq(job, to_float32(weight), weight))
+        if job.quant and self.spec is not None:
+            tensors, deq = quantize_weight(job.out_name, weight, self.spec,
+                                           transposed=job.transposed_q)
+            err_sq, w_sq = relative_error(weight, deq)
+            self.quant_sq[0] += err_sq
+            self.quant_sq[1] += w_sq
+            quant_err = math.sqrt(err_sq / w_sq) if w_sq > 0 else 0.0
+            weight_fro = math.sqrt(w_sq) if weight_fro is None else weight_fro
+            for key, tensor in tensors.items():
+                writer.add(key, tensor)
+        else:
+            writer.add(job.out_name, weight)
+        if self.state is not None:
+            self.state[job.out_name] = weight.clone()
+        if job.kind != "copy" or job.quant:
+            kind = job.kind if job.kind != "copy" else "quantized"
+            self.reports.append(ModuleReport(job.out_name, kind, delta_fro, weight_fro, quant_err))

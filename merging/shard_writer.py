@@ -1,0 +1,223 @@
+"""Stream tensors into a safetensors file without holding the file's contents.
+
+``safetensors.torch.save_file`` needs the whole shard as a dict of tensors, i.e. one
+shard of memory; :class:`ShardWriter` needs about two chunks:
+
+* The header's space is reserved up front from the planned tensors (names, dtypes,
+  shapes, widest possible offsets); tensor bytes are then appended in order, and the
+  final header, padded with spaces (which the format allows), is written last. If it
+  ever outgrew the reservation the data would be shifted (one extra copy; planned
+  sizes make this unreachable in practice).
+* Writes go to a single background thread (at most :data:`MAX_PENDING` chunks in
+  flight), so computing the next chunk overlaps writing this one; the thread also
+  hashes each tensor's bytes (sha256) when asked, so a weights digest of the output
+  needs no second read.
+* Unchanged tensors can be copied inside the kernel (:meth:`ShardWriter.copy_range`,
+  ``copy_file_range`` as ``cp`` does) when they need no hash.
+* :meth:`ShardWriter.close` fsyncs, so the directory rename that publishes the output
+  happens after the data is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from merging.shards import CHUNK_BYTES, TORCH_TO_ST, OutTensor, torch_dtype
+
+MAX_PENDING = 2
+"""Chunks queued for the writer thread before :meth:`ShardWriter.write` waits."""
+
+
+def _header_bytes(entries: dict[str, dict[str, Any]], metadata: dict[str, str] | None) -> bytes:
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj["__metadata__"] = metadata
+    obj.update(entries)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """What :meth:`ShardWriter.close` reports."""
+
+    filename: str
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    nbytes: int
+    tensor_sha256: dict[str, str]
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor (see the module docstring).
+
+    Args:
+        path: Output file.
+        planned: The tensors that will be written (for the header reservation).
+        metadata: ``__metadata__`` of the file (``{"format": "pt"}`` by default).
+        hash_tensors: sha256 every tensor's bytes (reported by :meth:`close`).
+    """
+
+    def __init__(self, path: Path, planned: Sequence[OutTensor],
+                 metadata: dict[str, str] | None = None, *, hash_tensors: bool = True) -> None:
+        self.path = Path(path)
+        self.hash_tensors = hash_tensors
+        self.metadata = {"format": "pt"} if metadata is None else metadata
+        width = len(str(sum(t.nbytes for t in planned) + 1)) + 1
+        fake = {t.name: {"dtype": t.dtype, "shape": list(t.shape or (10**width,)),
+                         "data_offsets": [10**width, 10**width]} for t in planned}
+        self.reserved = len(_header_bytes(fake, self.metadata)) + 64
+        self.reserved += (-(8 + self.reserved)) % 8
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "shard-writer")
+        self._pending: deque[Future[None]] = deque()
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._hashes: dict[str, str] = {}
+        self._pos = 0  # bytes of tensor data queued so far
+        self._current: tuple[str, str, tuple[int, ...], int, Any] | None = None
+
+    # ---- the writer thread --------------------------------------------------------
+
+    def _put(self, view: memoryview, offset: int, hasher: Any, keep: Any) -> None:
+        del keep  # holds the tensor alive until its bytes are written
+        if hasher is not None:
+            hasher.update(view)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def _finish_hash(self, name: str, hasher: Any) -> None:
+        self._hashes[name] = hasher.hexdigest()
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        assert self._pool is not None
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    # ---- API ----------------------------------------------------------------------
+
+    def begin(self, name: str, dtype: str, shape: Sequence[int]) -> None:
+        """Start tensor ``name``; its bytes follow through :meth:`write`."""
+        if self._current is not None:
+            raise RuntimeError(f"tensor {self._current[0]} not finished")
+        if name in self._entries:
+            raise RuntimeError(f"tensor {name} written twice")
+        hasher = hashlib.sha256() if self.hash_tensors else None
+        self._current = (name, dtype, tuple(int(d) for d in shape), self._pos, hasher)
+
+    def write(self, data: torch.Tensor | bytes | memoryview) -> None:
+        """Queue bytes for writing (a tensor is written in its own dtype, row-major)."""
+        assert self._current is not None
+        keep = data
+        if isinstance(data, torch.Tensor):
+            keep = data.detach().contiguous().reshape(-1)
+            data = memoryview(keep.view(torch.uint8).numpy())
+        view = memoryview(data).cast("B")
+        self._submit(self._put, view, 8 + self.reserved + self._pos, self._current[4], keep)
+        self._pos += len(view)
+
+    def copy_range(self, src: BinaryIO, offset: int, count: int) -> bool:
+        """Append ``count`` bytes of ``src`` from ``offset`` inside the kernel.
+
+        Returns False, having written nothing, when the tensor is hashed or the kernel
+        refuses (another filesystem, an old kernel); the caller then copies by hand.
+        """
+        assert self._current is not None
+        if self._current[4] is not None or not hasattr(os, "copy_file_range"):
+            return False
+        self._drain()
+        dst, done = 8 + self.reserved + self._pos, 0
+        try:
+            while done < count:
+                n = os.copy_file_range(src.fileno(), self._fd, count - done, offset + done,
+                                       dst + done)
+                if n == 0:
+                    raise OSError("source ended early")
+                done += n
+        except OSError:
+            return False  # partial bytes are overwritten by the caller's own copy
+        self._pos += count
+        return True
+
+    def end(self) -> None:
+        """Finish the current tensor.
+
+        Raises:
+            RuntimeError: the byte count does not match dtype and shape (a bug).
+        """
+        assert self._current is not None
+        name, dtype, shape, start, hasher = self._current
+        expected = math.prod(shape) * torch_dtype(dtype).itemsize
+        if self._pos - start != expected:
+            raise RuntimeError(f"{name}: wrote {self._pos - start} bytes, expected {expected}")
+        self._entries[name] = {"dtype": dtype, "shape": list(shape),
+                               "data_offsets": [start, self._pos]}
+        if hasher is not None:  # runs after this tensor's writes, in the writer thread
+            self._submit(self._finish_hash, name, hasher)
+        self._current = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor."""
+        self.begin(name, TORCH_TO_ST[tensor.dtype], tuple(tensor.shape))
+        if tensor.numel():
+            self.write(tensor)
+        self.end()
+
+    def close(self) -> WrittenShard:
+        """Wait for the writes, write the header, fsync and close."""
+        if self._current is not None:
+            raise RuntimeError(f"tensor {self._current[0]} not finished")
+        try:
+            self._drain()
+            header = _header_bytes(self._entries, self.metadata)
+            if len(header) > self.reserved:  # not expected: shift the data to make room
+                self._shift(len(header))
+            blob = struct.pack("<Q", self.reserved) + header + b" " * (self.reserved - len(header))
+            written = 0
+            while written < len(blob):
+                written += os.pwrite(self._fd, blob[written:], written)
+            os.ftruncate(self._fd, 8 + self.reserved + self._pos)
+            os.fsync(self._fd)
+        finally:
+            self.abort()
+        tensors = {n: (e["dtype"], tuple(e["shape"])) for n, e in self._entries.items()}
+        return WrittenShard(self.path.name, tensors, self._pos, dict(self._hashes))
+
+    def _shift(self, header_len: int) -> None:
+        new_reserved = header_len + (-(8 + header_len)) % 8
+        delta = new_reserved - self.reserved
+        pos = 8 + self.reserved + self._pos
+        while pos > 8 + self.reserved:  # backwards, so nothing is overwritten early
+            n = min(CHUNK_BYTES, pos - (8 + self.reserved))
+            pos -= n
+            os.pwrite(self._fd, os.pread(self._fd, n, pos), pos + delta)
+        self.reserved = new_reserved
+
+    def abort(self) -> None:
+        """Stop the writer thread and close the file (idempotent; errors of queued
+        writes are dropped: the caller is already failing or has drained them)."""
+        if self._pool is not None:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+

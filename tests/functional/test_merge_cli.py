@@ -1,0 +1,168 @@
+"""``adapters merge`` end to end: store refs in, a pushed version with lineage out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.merge_fixtures import random_adapter, save_tiny_llama
+
+SHAPES = {f"model.layers.{i}.self_attn.{m}": (32, 32) for i in range(2) for m in ("q_proj", "v_proj")}
+SHAPES["model.layers.0.self_attn.v_proj"] = (16, 32)
+SHAPES["model.layers.1.self_attn.v_proj"] = (16, 32)
+
+
+def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:  # type: ignore[no-untyped-def]
+    import cli.main as cli_main
+    from cli import merge_cmds
+
+    if not any(c.name == "merge" for c in cli_main.app.registered_commands):
+        merge_cmds.register(cli_main.app)  # until cli/main.py lists cli.merge_cmds
+    capsys.readouterr()
+    code = cli_main.main(args)
+    captured = capsys.readouterr()
+    data = None
+    if "--json" in args and captured.out.strip():
+        data = json.loads(captured.out)
+    return code, data, captured.err
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("merge-cli-bases")
+    same = save_tiny_llama(root / "base", seed=0)
+    other_weights = save_tiny_llama(root / "base-other-weights", seed=1)
+    return same, other_weights
+
+
+@pytest.fixture()
+def store(tmp_path, bases, capsys):  # type: ignore[no-untyped-def]
+    base, other = bases
+    st = tmp_path / "store"
+    assert cli(["init", "--store", str(st)], capsys)[0] == 0
+    for name, seed, r, b in (("math", 1, 4, base), ("code", 2, 8, base), ("drift", 3, 4, other)):
+        adapter = random_adapter(tmp_path / name, SHAPES, r, seed=seed)
+        code, _, err = cli(["push", str(adapter), "--name", name, "--base", str(b), "--store", str(st)],
+                           capsys)
+        assert code == 0, err
+    return st
+
+
+def test_merge_pushes_a_version_with_lineage(store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "merged"
+    args = ["merge", "math", "code", "--method", "ties", "--weights", "0.7,0.3", "--density", "0.5",
+            "--seed", "3", "--name", "team/merged", "--out", str(out), "--store", str(store), "--json"]
+    code, data, err = cli(args, capsys)
+    assert code == 0, err
+    assert data["created"] is True and data["version"]["name"] == "team/merged"
+    lineage = data["version"]["lineage"]
+    assert [p["weight"] for p in lineage["parents"]] == [0.7, 0.3]
+    assert [p["ref"].split("@")[0] for p in lineage["parents"]] == ["math", "code"]
+    assert {p["role"] for p in lineage["parents"]} == {"input"}
+    recipe = lineage["recipe"]
+    assert recipe["method"] == "ties"
+    assert recipe["parameters"] == {"density": 0.5, "lambda": 1.0, "sign_election": "sum",
+                                    "seed": 3, "rank": None, "allow_base_mismatch": False}
+    assert recipe["tool"] == "adapterkit" and recipe["tool_version"]
+    report = lineage["report"]
+    assert set(report["modules"]) == {f"base_model.model.{n}" for n in SHAPES}
+    assert 0 < report["error"] < 1 and report["max_error"] >= report["error"] * 0.5
+    assert all(m["rank"] == 8 for m in report["modules"].values())
+    record = data["version"]["record"]
+    assert record["base_model"]["fingerprint"] is not None  # carried over from the inputs
+    assert record["peft"]["r"] == 8
+    # --out wrote the same files that were stored
+    stored = {f["path"]: f["digest"] for f in data["version"]["files"]}
+    import hashlib
+    for path, digest in stored.items():
+        assert "sha256:" + hashlib.sha256((out / path).read_bytes()).hexdigest() == digest
+    # the same merge again is the same version (deterministic, deduplicated)
+    again = [a for a in args if a not in ("--out", str(out))]
+    code, data2, _ = cli(again, capsys)
+    assert code == 0 and data2["created"] is False
+    assert data2["version"]["digest"] == data["version"]["digest"]
+    code, tree, _ = cli(["lineage", "team/merged", "--store", str(store), "--json"], capsys)
+    assert code == 0 and "math" in json.dumps(tree) and "code" in json.dumps(tree)
+
+
+@pytest.mark.parametrize("method,extra", [("linear", ["--normalize"]), ("cat", []),
+                                          ("task_arithmetic", ["--lambda", "0.5"]),
+                                          ("dare_ties", ["--density", "0.3", "--rank", "4"]),
+                                          ("dare_linear", ["--density", "0.9"]),
+                                          ("magnitude_prune", ["--density", "0.2", "--rank", "full"])])
+def test_every_method_runs(store: Path, capsys, method: str, extra: list[str]) -> None:  # type: ignore[no-untyped-def]
+    code, data, err = cli(["merge", "math", "code", "--method", method, *extra, "--store", str(store),
+                           "--json"], capsys)
+    assert code == 0, err
+    assert data["version"]["name"] == f"math-{method}"
+    if method in ("linear", "cat", "task_arithmetic") or "full" in extra:
+        assert data["error"] < 1e-6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "ties", "--density", "0"], "density must be in (0, 1]"),
+    (["--method", "dare_ties", "--density", "1.5"], "density must be in (0, 1]"),
+    (["--method", "linear", "--density", "0.5"], "does not apply"),
+    (["--method", "ties", "--weights", "1,2,3"], "--weights needs 2"),
+    (["--method", "ties", "--rank", "zero"], "--rank"),
+    (["--method", "slerp"], "unknown merge method"),
+    (["--method", "ties", "--sign-election", "vote"], "unknown sign election"),
+])
+def test_bad_input_is_exit_2(store: Path, capsys, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = cli(["merge", "math", "code", *args, "--store", str(store)], capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_base_weights_mismatch_needs_the_flag(store: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, data, err = cli(["merge", "math", "drift", "--store", str(store), "--json"], capsys)
+    assert code == 2 and data["error"] == "BaseMismatchError" and "not its weights" in data["message"]
+    code, data, err = cli(["merge", "math", "drift", "--allow-base-mismatch", "--store", str(store),
+                           "--json"], capsys)
+    assert code == 0, err
+    warnings = data["version"]["lineage"]["report"]["warnings"]
+    assert any("merged anyway" in w for w in warnings)
+    assert data["version"]["lineage"]["recipe"]["parameters"]["allow_base_mismatch"] is True
+
+
+def test_base_structure_mismatch_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = tmp_path / "wide-base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=False)).save_pretrained(str(wide))
+    adapter = random_adapter(tmp_path / "wide", SHAPES, 4, seed=9)
+    assert cli(["push", str(adapter), "--name", "wide", "--base", str(wide), "--store", str(store)],
+               capsys)[0] == 0
+    code, data, _ = cli(["merge", "math", "wide", "--allow-base-mismatch", "--store", str(store),
+                         "--json"], capsys)
+    assert code == 2 and data["error"] == "BaseMismatchError"
+    assert "different structure" in data["message"] and "math@" in data["message"]
+
+
+def test_dora_input_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from tests.merge_fixtures import PREFIX
+
+    adapter = random_adapter(tmp_path / "dora", SHAPES, 4, seed=4, use_dora=True)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    for name, (rows, _) in SHAPES.items():
+        tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = torch.ones(rows)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    assert cli(["push", str(adapter), "--name", "dora", "--store", str(store)], capsys)[0] == 0
+    code, data, _ = cli(["merge", "math", "dora", "--store", str(store), "--json"], capsys)
+    assert code == 2 and data["error"] == "UnsupportedAdapterError" and "DoRA" in data["message"]
+
+
+def test_cli_lists_every_registered_method() -> None:
+    from cli import merge_cmds
+    from merging.methods import METHODS
+
+    assert set(merge_cmds.METHOD_NAMES) == set(METHODS)
+    assert set(merge_cmds.SIGN_ELECTIONS) == {"sum", "frequency", "mergekit"}

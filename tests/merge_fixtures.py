@@ -1,0 +1,144 @@
+"""Builders shared by the merge tests: hand-made adapter directories and tiny Llamas.
+
+``write_adapter`` writes a PEFT-format adapter directory from explicit factors with
+safetensors alone (no peft import, milliseconds). ``tiny_llama`` /
+``peft_adapter`` build a real 2-layer Llama from ``LlamaConfig`` and adapters with
+``peft.get_peft_model`` (``init_lora_weights=False`` so B is not zero), for the
+tests that load results with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "base_model.model."
+LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_config(r: int, alpha: float, targets: list[str] | str, **extra: Any) -> dict[str, Any]:
+    """A minimal but complete-enough ``adapter_config.json`` for a LoRA adapter."""
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+        "base_model_name_or_path": "tiny-llama", "inference_mode": True,
+    }
+    config.update(extra)
+    return config
+
+
+def write_adapter(path: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  config: dict[str, Any], extras: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``{module: (A, B)}`` (module names without ``base_model.model.``) as a PEFT dir."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    for key, value in (extras or {}).items():
+        tensors[key] = value.contiguous()
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def random_adapter(path: Path, shapes: dict[str, tuple[int, int]], r: int, *, alpha: float = 16.0,
+                   seed: int = 0, dtype: torch.dtype = torch.float32,
+                   **config_extra: Any) -> Path:
+    """Random factors for modules ``{name: (out, in)}``; targets = the modules' last names.
+
+    Each module's factors depend only on ``(seed, name)``, so an adapter holding a
+    subset of the modules has the very same factors for them.
+    """
+    modules = {}
+    for name, (out, inp) in shapes.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        a = torch.randn(r, inp, generator=gen) / inp ** 0.5
+        b = torch.randn(out, r, generator=gen) / r ** 0.5
+        modules[name] = (a.to(dtype), b.to(dtype))
+    targets = sorted({n.rsplit(".", 1)[-1] for n in shapes})
+    return write_adapter(path, modules, lora_config(r, alpha, targets, **config_extra))
+
+
+def tiny_llama_config():  # type: ignore[no-untyped-def]
+    """A 2-layer Llama small enough for CPU tests in milliseconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+
+
+def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A randomly initialised tiny ``LlamaForCausalLM`` (eval mode, float32)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """Save a tiny Llama (safetensors) and return its directory."""
+    tiny_llama(seed).save_pretrained(str(path))
+    return path
+
+
+def peft_adapter(base_dir: Path, out: Path, *, r: int, alpha: float, targets: list[str],
+                 seed: int, **lora_kwargs: Any) -> Path:
+    """Train-free adapter: peft-initialised with random (non-zero) A and B, saved."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(base_dir))
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
+                        lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # make B larger so deltas matter in logits comparisons
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(3.0)
+            elif "modules_to_save" in name:  # a "trained" copy, different per seed
+                param.add_(0.05 * torch.randn_like(param))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def delta_of(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Independent reading of an adapter: module (no prefix) -> its delta (float32).
+
+    ``s·B·A`` for linear layers, ``(s·B·A).T`` for embeddings (the weight's layout).
+
+    Uses peft's own pattern lookup so it does not share code with merging/.
+    """
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module, embedding = key[: -len(".lora_A.weight")], False
+            b = tensors[f"{module}.lora_B.weight"]
+        elif key.endswith(".lora_embedding_A"):
+            module, embedding = key[: -len(".lora_embedding_A")], True
+            b = tensors[f"{module}.lora_embedding_B"]
+        else:
+            continue
+        name = module[len(PREFIX):]
+        rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        r = rp.get(get_pattern_key(list(rp), name), cfg["r"])
+        alpha = ap.get(get_pattern_key(list(ap), name), cfg["lora_alpha"])
+        scale = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
+        delta = (b.double() @ a.double() * scale).float()
+        out[name] = delta.T.contiguous() if embedding else delta  # weight layout
+    return out
