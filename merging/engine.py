@@ -59,6 +59,7 @@ from merging.refactor import (
     full_factors,
     lowrank_refactor,
 )
+from registry.common import make_dirs
 from registry.errors import (
     BadInputError,
     BaseMismatchError,
@@ -381,7 +382,8 @@ def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
 
     Files go to a temporary directory beside ``out_dir`` that is renamed into place,
-    so ``out_dir`` is either absent/empty or complete.
+    so ``out_dir`` is either absent/empty or complete. Files are 0644 and created
+    directories 0755 whatever the umask (safetensors and ``open`` follow it).
 
     Raises:
         ConflictError: ``out_dir`` exists and is not an empty directory.
@@ -393,13 +395,15 @@ def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConflictError(f"{out} already exists and is not empty",
                             fix="choose another --out directory or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         save_file(result.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(result.config, indent=2, sort_keys=True) + "\n",
                                        encoding="utf-8")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.chmod(tmp / name, 0o644)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

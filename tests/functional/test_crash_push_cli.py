@@ -24,8 +24,7 @@ through the CLI. Each trial pushes a new adapter (seeded), so kills hit the
 fresh-write path, and re-runs exercise resuming over a dead push's leftovers
 (existing blobs, an orphaned content claim).
 
-``adapters merge`` is not covered here yet (see the report of the change that added
-this test).
+``adapters merge`` is covered the same way by ``test_crash_merge_cli.py``.
 """
 
 from __future__ import annotations

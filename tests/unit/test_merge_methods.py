@@ -417,6 +417,25 @@ def test_write_peft_dir_is_atomic_and_refuses_non_empty(pair) -> None:  # type: 
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
+def test_write_peft_dir_modes_ignore_the_umask(pair) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import stat
+
+    from merging.engine import merge_adapters, write_peft_dir
+
+    root, a, b = pair
+    res = merge_adapters([a, b], None, "linear")
+    old = os.umask(0)  # the worst case: plain open/mkdir would give 0666 files, 0777 dirs
+    try:
+        out = write_peft_dir(res, root / "new" / "parents" / "merged")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(root): stat.S_IMODE(p.stat().st_mode)
+             for p in [root / "new", root / "new" / "parents", out, *out.iterdir()]}
+    assert modes == {p: 0o755 if (root / p).is_dir() else 0o644 for p in modes}, \
+        {str(p): oct(m) for p, m in modes.items()}
+
+
 def test_check_bases() -> None:
     from merging.engine import check_bases
     from registry.errors import BaseMismatchError
