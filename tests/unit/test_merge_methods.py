@@ -205,6 +205,7 @@ def test_ties_mergekit_mode_equals_mergekit_formula(density: float) -> None:
 
 
 def test_ties_mergekit_mode_equals_installed_mergekit_if_present() -> None:
+    # mergekit is in the test extra, so CI runs this comparison; a bare install skips it.
     mk_sparsify = pytest.importorskip("mergekit.sparsify")
     gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
     deltas = random_deltas(2, (16, 16), seed=8)
