@@ -2,7 +2,7 @@
 
 The typer app is assembled from one module per command group (registry, merge,
 unload/quantize, gate/promote); each exposes ``register(app)``. Those modules
-import torch and friends only inside the commands that need them, so
+load torch and friends only inside the commands that need them, so
 ``adapters --help`` and every registry command start fast.
 
 ``main()`` runs the app outside click's standalone mode so that every
