@@ -16,9 +16,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs
+from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
 from cli.output import Output
-from registry.errors import GateFailedError
 
 TokenOpt = Annotated[
     Optional[str],
@@ -53,28 +52,19 @@ def pull(
 ) -> None:
     """Import an adapter from the Hugging Face Hub (or, offline, from the HF cache)."""
     from registry import hub
-    from registry.refs import validate_alias, validate_name
+    from registry.refs import validate_name
 
     out = Output(json_out)
     ref = hub.parse_hub_ref(source)  # fail on a bad ref before opening anything
     st = open_store(store)
     validate_name(name or ref.repo_id)
-    if alias is not None:
-        validate_alias(alias)
-        if alias in st.protected_aliases:
-            raise GateFailedError(
-                f"alias {alias!r} is protected; only a passing gate moves it",
-                fix=f"pull without --alias, then `adapters promote NAME@<digest> --to {alias}`",
-            )
+    check_new_alias(st, alias, command="pull", name="NAME")
     labels = parse_pairs(label, "--label", typed=False)
     with out.progress(f"importing {ref.uri}", None) as advance:
         result = hub.pull(st, ref, name=name, base_dir=base, allow_pickle=allow_pickle,
                           token=token, labels=labels, progress=advance)
     version = result.push.version
-    data = {**result.to_json(), "alias": None}
-    if alias:
-        old = st.set_alias(version.name, alias, version.digest)
-        data["alias"] = {"alias": alias, "old": old, "new": version.digest}
+    data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
 
     def render(console: Any) -> None:
         state = "pulled" if result.push.created else "already stored (no new bytes)"

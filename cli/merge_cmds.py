@@ -122,7 +122,8 @@ def merge(
     target = name or f"{versions[0].name}-{method}"
     validate_name(target)
 
-    from merging.engine import check_bases, merge_adapters, module_union, write_peft_dir
+    from merging.engine import check_bases, merge_adapters, module_union
+    from merging.peft_output import write_peft_dir
     from merging.methods import get_method
 
     spec = get_method(method)

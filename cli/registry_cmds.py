@@ -21,9 +21,9 @@ import typer
 from rich.markup import escape
 
 from cli import alias_cmds, audit_cmds
-from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs, tree_size
+from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs,
+                        point_new_alias, tree_size)
 from cli.output import Output, make_table, short_digest
-from registry.errors import GateFailedError
 
 
 def register(app: typer.Typer) -> None:
@@ -72,18 +72,12 @@ def push(
     """Store an adapter directory as a new version of NAME (deduplicated)."""
     from registry.ingest import prepare_adapter
     from registry.record import build_record
-    from registry.refs import validate_alias, validate_name
+    from registry.refs import validate_name
 
     out = Output(json_out)
     st = open_store(store)
     validate_name(name)  # fail before hashing anything
-    if alias is not None:
-        validate_alias(alias)
-        if alias in st.protected_aliases:
-            raise GateFailedError(
-                f"alias {alias!r} is protected; only a passing gate moves it",
-                fix=f"push without --alias, then `adapters promote {name}@<digest> --to {alias}`",
-            )
+    check_new_alias(st, alias, command="push", name=name)
     hyperparameters = parse_pairs(hparam, "--hparam")
     metrics = parse_pairs(metric, "--metric")
     labels = parse_pairs(label, "--label", typed=False)
@@ -108,10 +102,7 @@ def push(
         with out.progress(f"hashing {adapter_dir.name}", total) as advance:
             result = st.push(name, prepared.files, record, progress=advance)
     version = result.version
-    data = {**result.to_json(), "alias": None}
-    if alias:
-        old = st.set_alias(version.name, alias, version.digest)
-        data["alias"] = {"alias": alias, "old": old, "new": version.digest}
+    data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
 
     def render(console: Any) -> None:
         state = "pushed" if result.created else "already stored (no new bytes)"

@@ -19,13 +19,10 @@ For every module in the union of the inputs' modules (sorted by name):
 Memory: the inputs' factors of one module plus at most one dense ``(out, in)``
 float32 tensor; the output factors are kept (they are what gets written).
 
-Output config: the first input's ``adapter_config.json`` with ``r`` = the most
-common output rank, ``lora_alpha = r`` and ``use_rslora = false`` so the scale is
-1 (every input's scale and weight is folded into the factors), per-module
-``rank_pattern``/``alpha_pattern`` (keys are full module paths, alpha = rank) where
-a module's rank differs, ``target_modules`` = the union of the inputs' lists (or,
-when an input uses a regex or layer restrictions, a regex matching exactly the
-merged modules), ``modules_to_save`` = the union. Extra tensors (``modules_to_save``
+Output config: :func:`merging.peft_output.output_config` (``r`` = the most common
+output rank at scale 1, ``rank_pattern`` where a module's rank differs,
+``target_modules`` = the union of the inputs'); :func:`merging.peft_output.write_peft_dir`
+writes the result as a PEFT directory. Extra tensors (``modules_to_save``
 copies) are copied; the same tensor name with different contents in two inputs is
 refused (``UnsupportedAdapterError``), since no merge of full weights is defined.
 """
@@ -33,14 +30,7 @@ refused (``UnsupportedAdapterError``), since no merge of full weights is defined
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
-import os
-import re
-import shutil
-import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +41,7 @@ import torch
 
 from merging.adapter import LoraAdapter, load_adapter, torch_dtype
 from merging.methods import Factors, ModuleContext, ModuleInput, get_method
+from merging.peft_output import output_config
 from merging.sparsify import intraop_threads
 from merging.refactor import (
     dense_error,
@@ -59,23 +50,18 @@ from merging.refactor import (
     full_factors,
     lowrank_refactor,
 )
-from registry.common import make_dirs
 from registry.errors import (
     BadInputError,
     BaseMismatchError,
-    ConflictError,
     UnsupportedAdapterError,
 )
-from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
-from registry.peft_keys import strip_prefix
 
 ProgressCallback = Callable[[int], None]
-_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 @dataclass(frozen=True)
 class MergeResult:
-    """A merged adapter, ready for :func:`write_peft_dir`.
+    """A merged adapter, ready for :func:`merging.peft_output.write_peft_dir`.
 
     Attributes:
         config: The output ``adapter_config.json``.
@@ -213,36 +199,6 @@ def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
     return out
 
 
-def _target_modules(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> dict[str, Any]:
-    cfgs = [a.config for a in adapters]
-    targets = [c.get("target_modules") for c in cfgs]
-    restrictions = [tuple(json.dumps(c.get(k), sort_keys=True) for k in _RESTRICTIONS) for c in cfgs]
-    if all(isinstance(t, list) for t in targets) and len(set(restrictions)) == 1:
-        union = sorted(set().union(*targets))
-        paths = [strip_prefix(n) for n in names]
-        if all(any(p == t or p.endswith("." + t) for t in union) for p in paths):
-            return {"target_modules": union, **{k: cfgs[0].get(k) for k in _RESTRICTIONS}}
-    regex = "^(?:" + "|".join(re.escape(strip_prefix(n)) for n in names) + ")$"
-    return {"target_modules": regex, **{k: None for k in _RESTRICTIONS}}
-
-
-def _output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int]) -> dict[str, Any]:
-    config = copy.deepcopy(adapters[0].config)
-    counts = Counter(ranks.values())
-    default = max(counts, key=lambda r: (counts[r], r))
-    pattern = {strip_prefix(n): r for n, r in sorted(ranks.items()) if r != default}
-    saved = sorted(set().union(*(a.config.get("modules_to_save") or [] for a in adapters)))
-    config.update(
-        r=default, lora_alpha=default, rank_pattern=pattern, alpha_pattern=dict(pattern),
-        use_rslora=False, use_dora=False, lora_bias=False, inference_mode=True,
-        modules_to_save=saved or None, **_target_modules(adapters, sorted(ranks)),
-    )
-    for key in _RESTRICTIONS:
-        if config.get(key) is None:
-            config.pop(key, None)
-    return config
-
-
 def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
                    weights: Sequence[float] | None = None, method: str = "ties", *,
                    params: dict[str, Any] | None = None, rank: int | str | None = None,
@@ -331,7 +287,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         "modules": modules, "error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
         "max_error": max(errors, default=0.0), "warnings": warnings,
     }
-    return MergeResult(config=_output_config(loaded, ranks), tensors=tensors, report=report)
+    return MergeResult(config=output_config(loaded, ranks), tensors=tensors, report=report)
 
 
 def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *,
@@ -376,38 +332,3 @@ def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *
                 raise BaseMismatchError(message, fix="pass --allow-base-mismatch to merge anyway")
             warnings.append(message + "; merged anyway (--allow-base-mismatch)")
     return warnings
-
-
-def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
-
-    Files go to a temporary directory beside ``out_dir`` that is renamed into place,
-    so ``out_dir`` is either absent/empty or complete. Files are 0644 and created
-    directories 0755 whatever the umask (safetensors and ``open`` follow it).
-
-    Raises:
-        ConflictError: ``out_dir`` exists and is not an empty directory.
-        OSError: The parent directory cannot be written.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConflictError(f"{out} already exists and is not empty",
-                            fix="choose another --out directory or remove it")
-    make_dirs(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        save_file(result.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(result.config, indent=2, sort_keys=True) + "\n",
-                                       encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.chmod(tmp / name, 0o644)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -1,4 +1,4 @@
-"""Model directories for streamed rewrites: layout, reading, shard plans, staging.
+"""Model directories for streamed rewrites: layout, reading, shard plans.
 
 merge-and-unload and requantization rewrite a whole model but may hold only a few
 row ranges in memory:
@@ -13,9 +13,8 @@ row ranges in memory:
   :mod:`merging.shard_writer`.
 * **Planning** (:func:`plan_shards`) keeps the base's file layout by default or
   packs tensors greedily in base order under ``max_shard_size``.
-* :func:`staged_output` gives a temp directory next to ``OUT_DIR`` that is renamed
-  into place only on success and removed on any error, so an interrupted run
-  leaves nothing at ``OUT_DIR`` and no temp directory.
+
+The output directory (staging, non-weight files) is :mod:`merging.output_dir`.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +32,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from registry.errors import BadInputError, ConflictError, NotFoundError
+from registry.errors import BadInputError, NotFoundError
 from registry.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -347,75 +344,3 @@ def write_index(out_dir: Path, shards: Sequence[WrittenShard], *,
     weight_map = {name: s.filename for s in shards for name in s.tensors}
     data = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(data, indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------- output dir
-
-def copy_non_weight_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> list[str]:
-    """Copy every file and folder of ``src_dir`` except ``skip`` (config, tokenizer, chat
-    template, generation config...) unchanged; returns the copied top-level names.
-
-    Weight files (``*.safetensors``, pickles, GGUF; also inside folders such as
-    Llama's ``original/``), their indexes and hidden entries (``.cache``) are not
-    copied: the output's weights are the ones just written.
-    """
-    copied = []
-    ignore = shutil.ignore_patterns(*(f"*{ext}" for ext in WEIGHT_EXTENSIONS), ".*")
-    for entry in sorted(src_dir.iterdir()):
-        name = entry.name
-        if name in skip or name.startswith(".") or name.endswith(WEIGHT_EXTENSIONS) or \
-                name in ("pytorch_model.bin.index.json", INDEX_NAME):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, dst_dir / name, symlinks=False, ignore=ignore)
-        elif entry.is_file():
-            shutil.copy2(entry, dst_dir / name)
-        else:
-            continue
-        copied.append(name)
-    return copied
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an ``OUT_DIR`` that exists and is not an empty directory.
-
-    Raises:
-        ConflictError: it exists and is a file or holds something.
-    """
-    if out_dir.exists() or out_dir.is_symlink():
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise ConflictError(f"{out_dir} already exists and is not empty",
-                                fix="choose another --out or remove it first")
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """A temp directory next to ``out_dir``, renamed onto it when the block succeeds.
-
-    On any exception (including KeyboardInterrupt) the temp directory is removed and
-    nothing appears at ``out_dir``. An existing empty ``out_dir`` is replaced.
-
-    Raises:
-        ConflictError: ``out_dir`` exists and is not empty (checked before and again
-            just before the rename).
-    """
-    out_dir = Path(out_dir).absolute()
-    check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        check_out_dir(out_dir)
-        if out_dir.is_dir():
-            out_dir.rmdir()
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out_dir)
-        with contextlib.suppress(OSError):
-            fd = os.open(out_dir.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

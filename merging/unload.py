@@ -50,24 +50,22 @@ import torch
 from merging.adapter import LoraAdapter, ModuleInfo, load_adapter
 from merging.derived import (adapter_digest, check_base_weights, output_fingerprint,
                              record_derived)
+from merging.output_dir import copy_non_weight_files, staged_output
 from merging.quantize import (PROBE_SHAPE, QuantSpec, load_logits, logits_drift, planned_outputs,
                               quantizable_weights, reference_logits)
 from merging.rewrite import Job, ModuleReport, Rewrite
 from merging.shard_writer import ShardWriter, WrittenShard
-from merging.shards import (ModelLayout, OutTensor, copy_non_weight_files, parse_size,
-                            plan_shards, read_layout, staged_output, torch_dtype, torch_threads,
-                            write_index)
+from merging.shards import (ModelLayout, OutTensor, parse_size, plan_shards, read_layout,
+                            torch_dtype, torch_threads, write_index)
+from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError, NotFoundError
 from registry.fingerprint import fingerprint_model, model_config
-from registry.ingest import check_against_base
 from registry.peft_keys import base_key_for_extra, base_weight_key
 from registry.safetensors_header import read_header
 
 PROBE_MAX_BYTES = 2 << 30
 """Logits drift is measured by default only for models up to this many weight bytes
 (the probe holds the unquantized model in memory)."""
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
-                      "embed_in.weight")
 HEAD_KEY = "lm_head.weight"
 COMPUTE_THREADS = 1
 """torch threads while streaming. The work is memory-bound and rank-r skinny; with

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,26 @@ def new_entry(seq: int, prev_hash: str | None, action: str, subject: str, old: A
     return entry
 
 
+def parse_entries(rows: Iterable[tuple[int, bytes]], what: str) -> list[dict]:
+    """Parse each ``(number, raw JSON)`` row of an audit log into its entry.
+
+    Args:
+        rows: Row number and raw bytes, in log order.
+        what: What a row is called in the error (``audit log line``, ``audit entry``).
+
+    Raises:
+        IntegrityError: A row is not valid JSON (run ``adapters audit verify`` for details).
+    """
+    out = []
+    for number, raw in rows:
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            raise IntegrityError(f"{what} {number} is not valid JSON",
+                                 fix="run `adapters audit verify`") from None
+    return out
+
+
 class AuditLog:
     """The audit log of one store.
 
@@ -210,14 +231,7 @@ class AuditLog:
         Raises:
             IntegrityError: A line is not valid JSON (run :meth:`verify` for details).
         """
-        out = []
-        for number, raw in self._lines():
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                raise IntegrityError(f"audit log line {number} is not valid JSON",
-                                     fix="run `adapters audit verify`") from None
-        return out
+        return parse_entries(self._lines(), "audit log line")
 
     def _lines(self) -> list[tuple[int, bytes]]:
         try:

@@ -29,7 +29,7 @@ import json
 import re
 from typing import Any
 
-from registry.audit import AuditProblem, AuditReport, check_chain, new_entry
+from registry.audit import AuditProblem, AuditReport, check_chain, new_entry, parse_entries
 from registry.backends import Backend, ObjectMissing, PreconditionFailed
 from registry.common import canonical_json
 from registry.errors import IntegrityError
@@ -148,14 +148,7 @@ class ObjectAuditLog:
         Raises:
             IntegrityError: An entry is not valid JSON (run :meth:`verify` for details).
         """
-        out = []
-        for seq, raw in self._rows():
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                raise IntegrityError(f"audit entry {seq} is not valid JSON",
-                                     fix="run `adapters audit verify`") from None
-        return out
+        return parse_entries(self._rows(), "audit entry")
 
     def verify(self) -> AuditReport:
         """Check the chain and the head; never raises for a broken log.

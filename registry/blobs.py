@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.backends import Backend, ObjectMissing, PreconditionFailed
-from registry.common import DIGEST_PREFIX, HEX_RE, digest_hex, make_dirs, sha256_digest
+from registry.common import (DIGEST_PREFIX, HEX_RE, digest_hex, make_dirs, sha256_digest,
+                             unlink_quietly)
 from registry.errors import IntegrityError, NotFoundError
 
 CHUNK = 1 << 20
@@ -125,29 +126,17 @@ class BlobStore:
             OSError: The source cannot be read.
         """
         fd, tmp = self._temp()
-        hasher = hashlib.sha256()
-        size = 0
         try:
             with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-                while True:
-                    chunk = src.read(CHUNK)
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-                    dst.write(chunk)
-                    size += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())
-            key = PREFIX + hasher.hexdigest()
+                hexdigest, size = _copy_hashing(src, dst, progress)
+            key = PREFIX + hexdigest
             created = self.backend.put_file_if_absent(key, Path(tmp))
             if not created:
                 self.backend.touch(key)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
-        return DIGEST_PREFIX + hasher.hexdigest(), size, size if created else 0
+        return DIGEST_PREFIX + hexdigest, size, size if created else 0
 
     def put_bytes(self, data: bytes) -> tuple[str, bool]:
         """Store a small blob create-only; returns ``(digest, created)``."""
@@ -164,20 +153,13 @@ class BlobStore:
 
     def hash_blob(self, digest: str, progress: ProgressCallback | None = None) -> str | None:
         """Re-hash a stored blob; None when it is missing."""
-        hasher = hashlib.sha256()
         try:
             handle = self.backend.open(blob_key(digest))
         except ObjectMissing:
             return None
         with handle:
-            while True:
-                chunk = handle.read(CHUNK)
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-        return DIGEST_PREFIX + hasher.hexdigest()
+            hexdigest, _ = _copy_hashing(handle, None, progress)
+        return DIGEST_PREFIX + hexdigest
 
     def copy_verified(self, digest: str, dest: Path,
                       progress: ProgressCallback | None = None) -> int:
@@ -192,8 +174,6 @@ class BlobStore:
         key = blob_key(digest)
         make_dirs(dest.parent)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
-        hasher = hashlib.sha256()
-        size = 0
         try:
             try:
                 src = self.backend.open(key)
@@ -202,24 +182,14 @@ class BlobStore:
                                      fix="run `adapters verify --all`; re-push the version") \
                     from None
             with src, os.fdopen(fd, "wb") as dst:
-                while True:
-                    chunk = src.read(CHUNK)
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-                    dst.write(chunk)
-                    size += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())
-            if DIGEST_PREFIX + hasher.hexdigest() != digest:
+                hexdigest, size = _copy_hashing(src, dst, progress)
+            if DIGEST_PREFIX + hexdigest != digest:
                 raise IntegrityError(f"blob {digest} is corrupt (needed for {dest.name})",
                                      fix="run `adapters verify --all`; re-push the version")
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         return size
 
@@ -233,8 +203,23 @@ class BlobStore:
         return sorted(out)
 
 
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _copy_hashing(src: BinaryIO, dst: BinaryIO | None,
+                  progress: ProgressCallback | None) -> tuple[str, int]:
+    """Read ``src`` to the end in :data:`CHUNK` pieces, hashing each and writing it to
+    ``dst`` (None: hash only); ``dst`` is flushed and fsynced. Returns ``(hex, size)``."""
+    hasher = hashlib.sha256()
+    size = 0
+    while True:
+        chunk = src.read(CHUNK)
+        if not chunk:
+            break
+        hasher.update(chunk)
+        if dst is not None:
+            dst.write(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    if dst is not None:
+        dst.flush()
+        os.fsync(dst.fileno())
+    return hasher.hexdigest(), size

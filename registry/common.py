@@ -162,12 +162,17 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        unlink_quietly(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def unlink_quietly(path: str | Path) -> None:
+    """Remove a (temp) file, ignoring every ``OSError`` (already gone, no permission)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def read_json_file(path: Path) -> Any:

@@ -241,18 +241,7 @@ class StoreReader:
 
     def gate_pointers(self) -> list[tuple[str, str, str]]:
         """Every ``(candidate digest, policy digest, record digest)`` in ``gates/``."""
-        out = []
-        for key in self.backend.list("gates/"):
-            parts = key.split("/")
-            if len(parts) != 3 or not HEX_RE.match(parts[1]) or not HEX_RE.match(parts[2]):
-                continue
-            try:
-                value = self._read_alias(key)
-            except IntegrityError:
-                continue
-            if value:
-                out.append((DIGEST_PREFIX + parts[1], DIGEST_PREFIX + parts[2], value))
-        return out
+        return self._pointers("gates/")
 
     # ---- signatures ---------------------------------------------------------------
 
@@ -266,6 +255,12 @@ class StoreReader:
             BadInputError: Malformed ``version_digest``.
         """
         prefix = "signatures/" + (digest_hex(version_digest) + "/" if version_digest else "")
+        return self._pointers(prefix)
+
+    def _pointers(self, prefix: str) -> list[tuple[str, str, str]]:
+        """``(digest, digest, target digest)`` of each ``<top>/<hex>/<hex>`` pointer under
+        ``prefix``; malformed keys and pointers that hold no digest are skipped (verify
+        reports a signature pointer without a digest as a missing envelope)."""
         out = []
         for key in self.backend.list(prefix):
             parts = key.split("/")
@@ -274,7 +269,7 @@ class StoreReader:
             try:
                 value = self._read_alias(key)
             except IntegrityError:
-                continue  # verify reports pointers that hold no digest as missing envelopes
+                continue
             if value:
                 out.append((DIGEST_PREFIX + parts[1], DIGEST_PREFIX + parts[2], value))
         return out

@@ -8,10 +8,12 @@ stay fast and do not depend on torch or the ingest module.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import random
 import struct
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,26 @@ def push_adapter(store: Store, name: str, directory: Path, **record_overrides: A
 def blob_bytes(store: Store) -> int:
     """Total bytes under ``blobs/``."""
     return sum(p.stat().st_size for p in (store.root / "blobs").rglob("*") if p.is_file())
+
+
+def run_together(target: Callable[..., None], jobs: Sequence[tuple[Any, ...]], *,
+                 timeout: float = 300) -> list[Any]:
+    """Run ``target(*job, start, results)`` in one spawned process per job, all released at once.
+
+    Each process waits on the ``start`` event, then puts one result on the ``results``
+    queue. Returns the results (in arrival order); asserts every process exits 0.
+    """
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*job, start, results)) for job in jobs]
+    for proc in procs:
+        proc.start()
+    start.set()
+    outcomes = [results.get(timeout=timeout) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return outcomes
 
 
 def child_env() -> dict[str, str]:

@@ -6,7 +6,8 @@ just the first):
 * ``finite``: every floating tensor of the candidate is finite (no NaN/inf);
 * ``shapes``: for an adapter, the LoRA tensors agree with each other and with the
   config, and every adapted module's base weight exists with the shape the adapter
-  needs (:func:`registry.ingest.check_adapter_tensors` / ``check_against_base``);
+  needs (:func:`registry.ingest.check_adapter_tensors` /
+  :func:`registry.base_check.check_against_base`);
   for a derived model, the same tensor names and shapes as the base;
 * ``fingerprint`` (``match``): the base fingerprint recorded with the version equals
   the fingerprint of ``--base`` (structure always; weights too when the record has a
@@ -55,7 +56,8 @@ def nonfinite_tensors(files: list[Path]) -> tuple[int, list[str]]:
 
 def _adapter_shapes(cand_dir: Path, base_dir: Path, config: dict[str, Any]) -> tuple[int, int]:
     """Validate tensors vs config and base; returns (modules, max rank)."""
-    from registry.ingest import check_adapter_tensors, check_against_base
+    from registry.base_check import check_against_base
+    from registry.ingest import check_adapter_tensors
     from registry.safetensors_header import read_header
 
     header = read_header(cand_dir / WEIGHTS)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.backends import ObjectInfo, ObjectMissing, PreconditionFailed
-from registry.common import atomic_write_bytes, fsync_dir, make_dirs
+from registry.common import atomic_write_bytes, fsync_dir, make_dirs, unlink_quietly
 from registry.errors import BadInputError
 from registry.locking import file_lock
 
@@ -123,10 +123,7 @@ class LocalBackend:
             fsync_dir(final.parent)
             return True
         finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            unlink_quietly(tmp)
 
     def put_if_match(self, key: str, data: bytes, etag: str) -> str:
         """Compare-and-swap (atomic under the store's refs lock). Raises PreconditionFailed."""

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from registry.backends import ObjectInfo, ObjectMissing, PreconditionFailed
+from registry.common import unlink_quietly
 from registry.errors import AdapterkitError, BadInputError, NotFoundError
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
@@ -172,10 +173,7 @@ class S3Backend:
         except PreconditionFailed:
             return False
         finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            unlink_quietly(path)
 
     def put_if_match(self, key: str, data: bytes, etag: str) -> str:
         """``PutObject`` with ``If-Match: etag``. Raises PreconditionFailed (also if gone)."""

@@ -24,7 +24,8 @@ from registry.errors import BadInputError, ConflictError, GateFailedError, NotFo
 from registry.maintenance import gc, verify
 from registry.store import Store
 from tests.backend_fixtures import is_s3, s3_endpoint, store_location  # noqa: F401
-from tests.registry_fixtures import adapter_files, make_adapter_dir, push_adapter, sample_record
+from tests.registry_fixtures import (adapter_files, make_adapter_dir, push_adapter, run_together,
+                                     sample_record)
 
 WORKERS = 8
 MOVES_PER_WORKER = 6
@@ -203,17 +204,8 @@ def test_concurrent_pushes_and_alias_moves_lose_nothing(store_location: str,
                             metrics={"eval_loss": float(i)}).version.digest for i in range(4)]
     store.set_alias("lora", "candidate", digests[0], expect=None)
     dirs = [make_adapter_dir(tmp_path / f"w{i % 4}", seed=100 + i % 4) for i in range(WORKERS)]
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(store_location, seed, str(dirs[seed]), digests,
-                                               start, results)) for seed in range(WORKERS)]
-    for proc in procs:
-        proc.start()
-    start.set()
-    outcomes = [results.get(timeout=240) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    outcomes = run_together(_worker, [(store_location, seed, str(dirs[seed]), digests)
+                                      for seed in range(WORKERS)], timeout=240)
 
     # pushes: workers seed and seed + 4 pushed identical content: one version each
     for name in (f"w{i}" for i in range(4)):

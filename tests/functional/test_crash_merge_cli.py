@@ -35,22 +35,21 @@ the CLI; gc removes the dead merges' work directories from ``tmp/``.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import run, run_json
-from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env
+from tests.cli_fixtures import run
+from tests.crash_fixtures import check_store_after_kills, run_driver
+from tests.registry_fixtures import child_env
 
 TRIALS = 60
 INPUTS = 4
 MERGE_NAMES = 3
 
 DRIVER = textwrap.dedent(r"""
-    import contextlib, io, json, os, random, re, signal, sys, tempfile, time
+    import contextlib, io, json, random, re, signal, sys, tempfile, time
     from pathlib import Path
 
     import torch
@@ -59,8 +58,8 @@ DRIVER = textwrap.dedent(r"""
 
     from cli.main import main
     from merging.adapter import load_adapter
-    from registry.maintenance import verify
     from registry.store import Store
+    from tests.crash_fixtures import fork_main, kill_trial, open_verified, wait
     from tests.registry_fixtures import make_adapter_dir
 
     root, work = sys.argv[1], Path(sys.argv[2])
@@ -69,23 +68,6 @@ DRIVER = textwrap.dedent(r"""
     METHODS = ("linear", "ties", "dare_ties", "cat", "magnitude_prune", "task_arithmetic",
                "dare_linear")
     HEX = re.compile(r"^[0-9a-f]{64}$")
-
-    def fork_main(args):
-        pid = os.fork()
-        if pid == 0:  # the child: the real CLI, output discarded
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-            code = 1
-            try:
-                code = main(args)
-            finally:
-                os._exit(code)
-        return pid
-
-    def wait(pid):
-        _, status = os.waitpid(pid, 0)
-        return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     def merge_argv(trial, store, out=None):
         i, j = rng_pairs[trial]
@@ -127,21 +109,10 @@ DRIVER = textwrap.dedent(r"""
     failures = []
     for trial in range(trials):
         out = work / f"o{trial}" if trial % 3 == 0 else None
-        pid = fork_main(merge_argv(trial, root, out))
-        time.sleep(rng.uniform(0, window))
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        code = code_killed = wait(pid)
-        outcomes["killed" if code == -signal.SIGKILL else "finished"] += 1
-        if code not in (0, -signal.SIGKILL):
-            failures.append(f"trial {trial}: merge exited {code} without being killed")
+        code_killed = kill_trial(merge_argv(trial, root, out), rng.uniform(0, window), trial,
+                                 outcomes, failures)
 
-        store = Store.open(root)
-        report = verify(store)
-        if not report.ok:
-            failures.append(f"trial {trial}: verify {report.to_json()['problems']}")
+        store = open_verified(root, trial, failures)
         names_dir = Path(root) / "names"
         if {p.name for p in names_dir.iterdir()} - expected_names:
             failures.append(f"trial {trial}: unexpected entries in names/: "
@@ -198,24 +169,11 @@ def test_killed_merges_leave_a_clean_store(tmp_path: Path,
     work = tmp_path / "work"
     work.mkdir()
     env = {**child_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([PYTHON, "-c", DRIVER, str(store), str(work), str(TRIALS), str(INPUTS),
-                           str(MERGE_NAMES), "4321"],
-                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_driver(DRIVER, [store, work, TRIALS, INPUTS, MERGE_NAMES, 4321], env=env)
     assert result["failures"] == [], result["failures"][:10]
     outcomes = result["outcomes"]
     assert outcomes["killed"] + outcomes["finished"] == TRIALS
     assert outcomes["killed"] >= TRIALS // 4, result  # the kills really hit running merges
     assert result["versions"] == result["completed"] == TRIALS  # each trial: one new version
-
-    expected = INPUTS + TRIALS
-    code, data = run_json(capsys, "verify", "--all", "--store", store)
-    assert code == 0 and data["ok"] and data["versions"] == expected, data
-    code, data = run_json(capsys, "audit", "verify", "--store", store)
-    assert code == 0, data
-    code, data = run_json(capsys, "gc", "--grace", "0s", "--store", store)
-    assert code == 0, data
-    assert not list((store / "tmp").iterdir())  # the dead merges' work directories are gone
-    code, data = run_json(capsys, "verify", "--all", "--store", store)
-    assert code == 0 and data["versions"] == expected, data
+    # gc removes the dead merges' work directories from tmp/
+    check_store_after_kills(capsys, store, INPUTS + TRIALS)

@@ -29,25 +29,22 @@ fresh-write path, and re-runs exercise resuming over a dead push's leftovers
 
 from __future__ import annotations
 
-import json
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import run, run_json
-from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env
+from tests.cli_fixtures import run
+from tests.crash_fixtures import check_store_after_kills, run_driver
 
 TRIALS = 100
 
 DRIVER = textwrap.dedent(r"""
-    import contextlib, io, json, os, random, signal, sys, tempfile, time
+    import contextlib, io, json, random, sys, tempfile, time
     from pathlib import Path
 
     from cli.main import main
-    from registry.maintenance import verify
-    from registry.store import Store
+    from tests.crash_fixtures import fork_main, kill_trial, open_verified, wait
     from tests.registry_fixtures import make_adapter_dir
 
     root, work, trials, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -56,23 +53,6 @@ DRIVER = textwrap.dedent(r"""
     def argv(trial):
         args = ["push", str(work / f"a{trial}"), "--name", f"n{trial % 3}", "--store", root]
         return args + (["--alias", "candidate"] if trial % 2 else [])
-
-    def fork_push(args):
-        pid = os.fork()
-        if pid == 0:  # the child: the real CLI, output discarded
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-            code = 1
-            try:
-                code = main(args)
-            finally:
-                os._exit(code)
-        return pid
-
-    def wait(pid):
-        _, status = os.waitpid(pid, 0)
-        return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
     # warm every lazy import in this process, then time full pushes in forked children
     with contextlib.redirect_stdout(io.StringIO()), tempfile.TemporaryDirectory() as scratch:
@@ -83,7 +63,7 @@ DRIVER = textwrap.dedent(r"""
         for i in range(3):
             make_adapter_dir(Path(scratch) / f"t{i}", seed=10**6 + 1 + i)
             start = time.monotonic()
-            code = wait(fork_push(["push", f"{scratch}/t{i}", "--name", "t", "--alias", "c",
+            code = wait(fork_main(["push", f"{scratch}/t{i}", "--name", "t", "--alias", "c",
                                    "--store", f"{scratch}/s"]))
             timings.append(time.monotonic() - start)
             assert code == 0, code
@@ -95,21 +75,9 @@ DRIVER = textwrap.dedent(r"""
     for trial in range(trials):
         adapter = make_adapter_dir(work / f"a{trial}", seed=trial, r=2 + trial % 3)
         sources[trial] = {p.name: p.read_bytes() for p in adapter.iterdir()}
-        pid = fork_push(argv(trial))
-        time.sleep(rng.uniform(0, window))
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        code = wait(pid)
-        outcomes["killed" if code == -signal.SIGKILL else "finished"] += 1
-        if code not in (0, -signal.SIGKILL):
-            failures.append(f"trial {trial}: push exited {code} without being killed")
+        kill_trial(argv(trial), rng.uniform(0, window), trial, outcomes, failures)
 
-        store = Store.open(root)
-        report = verify(store)
-        if not report.ok:
-            failures.append(f"trial {trial}: verify {report.to_json()['problems']}")
+        store = open_verified(root, trial, failures)
         known = [s for s in sources.values()]
         for version in store.versions():
             files = {f["path"]: store.blobs.read(f["digest"]) for f in version.files}
@@ -126,7 +94,7 @@ DRIVER = textwrap.dedent(r"""
             if {p.name: p.read_bytes() for p in out.iterdir()} not in known:
                 failures.append(f"trial {trial}: {name} materialises to unknown files")
 
-        code = wait(fork_push(argv(trial)))  # the re-run must succeed
+        code = wait(fork_main(argv(trial)))  # the re-run must succeed
         if code != 0:
             failures.append(f"trial {trial}: re-run of the push exited {code}")
             continue
@@ -147,23 +115,10 @@ def test_killed_pushes_leave_a_clean_store(tmp_path: Path,
     assert run(capsys, "init", "--store", store)[0] == 0
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run([PYTHON, "-c", DRIVER, str(store), str(work), str(TRIALS), "1234"],
-                          env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_driver(DRIVER, [store, work, TRIALS, 1234])
     assert result["failures"] == [], result["failures"][:10]
     outcomes = result["outcomes"]
     assert outcomes["killed"] + outcomes["finished"] == TRIALS
     assert outcomes["killed"] >= TRIALS // 4, outcomes  # the kills really hit running pushes
     assert result["versions"] == TRIALS  # every re-run landed, nothing extra is bound
-
-    code, data = run_json(capsys, "verify", "--all", "--store", store)
-    assert code == 0 and data["ok"] and data["versions"] == TRIALS, data
-    code, data = run_json(capsys, "audit", "verify", "--store", store)
-    assert code == 0, data
-    code, data = run_json(capsys, "gc", "--grace", "0s", "--store", store)
-    assert code == 0, data
-    assert not list((store / "tmp").iterdir())  # the dead pushes' temp files are gone
-    code, data = run_json(capsys, "verify", "--all", "--store", store)
-    assert code == 0 and data["versions"] == TRIALS, data
+    check_store_after_kills(capsys, store, TRIALS)  # gc removes the dead pushes' temp files

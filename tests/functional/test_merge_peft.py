@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from merging.adapter import load_adapter
-from merging.engine import merge_adapters, write_peft_dir
+from merging.engine import merge_adapters
+from merging.peft_output import write_peft_dir
 from merging.sparsify import dare_mask
 from merging.methods import ModuleContext
 from registry.errors import UnsupportedAdapterError

@@ -19,23 +19,14 @@ from merging.unload import unload
 from registry.errors import BadInputError
 from registry.fingerprint import fingerprint_model
 from tests.cli_fixtures import run_json
-from tests.unload_fixtures import (exact_cpu_4bit, leftovers, load_model, logits, make_adapter, make_base,
-                                   peft_model, shard_layout, state_of)
+from tests.unload_fixtures import (base, exact_cpu_4bit, leftovers, load_model,  # noqa: F401
+                                   logits, make_adapter, make_base, peft_model, shard_layout,
+                                   state_of, work)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 DRIFT_BOUND = {"nf4": 0.2, "fp4": 0.3, "int8": 0.03}
 WEIGHT_ERROR = {"nf4": (0.06, 0.13), "fp4": (0.09, 0.16), "int8": (0.001, 0.02)}
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("quantize")
-
-
-@pytest.fixture(scope="module")
-def base(work: Path) -> Path:
-    return make_base(work / "base")
 
 
 @pytest.fixture(scope="module")

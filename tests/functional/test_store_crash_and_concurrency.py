@@ -25,7 +25,8 @@ from registry.errors import ConflictError, NotFoundError
 from registry.maintenance import gc, verify
 from registry.store import Store
 from tests.registry_fixtures import (PYTHON, REPO_ROOT, adapter_files, child_env,
-                                     make_adapter_dir, new_store, push_adapter, sample_record)
+                                     make_adapter_dir, new_store, push_adapter, run_together,
+                                     sample_record)
 
 WORKERS = 8
 MOVES_PER_WORKER = 10
@@ -117,18 +118,8 @@ def test_concurrent_cas_alias_moves_lose_no_update(tmp_path: Path) -> None:
                             metrics={"eval_loss": float(i)}).version.digest for i in range(4)]
     store.set_alias("lora", "candidate", digests[0], expect=None)
 
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_mover, args=(str(store.root), "lora", digests, MOVES_PER_WORKER,
-                                              seed, start, results))
-             for seed in range(WORKERS)]
-    for proc in procs:
-        proc.start()
-    start.set()
-    outcomes = [results.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    outcomes = run_together(_mover, [(str(store.root), "lora", digests, MOVES_PER_WORKER, seed)
+                                     for seed in range(WORKERS)])
 
     successes = sum(done for _, done, _ in outcomes)
     assert successes == WORKERS * MOVES_PER_WORKER
@@ -160,17 +151,7 @@ def test_concurrent_pushes_all_land_and_deduplicate(tmp_path: Path) -> None:
     shared = make_adapter_dir(tmp_path / "shared", seed=99)
     jobs = [(str(shared), "same") for _ in range(4)]
     jobs += [(str(make_adapter_dir(tmp_path / f"u{i}", seed=i)), f"unique-{i}") for i in range(4)]
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_pusher, args=(str(store.root), d, n, start, results))
-             for d, n in jobs]
-    for proc in procs:
-        proc.start()
-    start.set()
-    outcomes = [results.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    outcomes = run_together(_pusher, [(str(store.root), d, n) for d, n in jobs])
     same = [o for o in outcomes if o[0] == "same"]
     assert len({digest for _, digest, _ in same}) == 1
     assert sum(created for _, _, created in same) == 1  # exactly one push created it

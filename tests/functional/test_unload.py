@@ -17,20 +17,11 @@ from merging.unload import unload
 from registry.errors import BadInputError, BaseMismatchError, ConflictError
 from registry.fingerprint import fingerprint_model
 from tests.cli_fixtures import run, run_json
-from tests.unload_fixtures import (EXTRA_FILES, leftovers, load_model, logits, make_adapter,
-                                   make_base, peft_model, shard_layout, state_of)
+from tests.unload_fixtures import (EXTRA_FILES, base, leftovers, load_model,  # noqa: F401
+                                   logits, make_adapter, make_base, peft_model, shard_layout,
+                                   state_of, work)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("unload")
-
-
-@pytest.fixture(scope="module")
-def base(work: Path) -> Path:
-    return make_base(work / "base")
 
 
 @pytest.fixture(scope="module")

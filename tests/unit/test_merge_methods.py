@@ -405,7 +405,8 @@ def test_unsupported_configs_refused(tmp_path) -> None:  # type: ignore[no-untyp
 
 
 def test_write_peft_dir_is_atomic_and_refuses_non_empty(pair) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters, write_peft_dir
+    from merging.engine import merge_adapters
+    from merging.peft_output import write_peft_dir
     from registry.errors import ConflictError
 
     root, a, b = pair
@@ -422,7 +423,8 @@ def test_write_peft_dir_modes_ignore_the_umask(pair) -> None:  # type: ignore[no
     import os
     import stat
 
-    from merging.engine import merge_adapters, write_peft_dir
+    from merging.engine import merge_adapters
+    from merging.peft_output import write_peft_dir
 
     root, a, b = pair
     res = merge_adapters([a, b], None, "linear")

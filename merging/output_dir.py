@@ -1,0 +1,91 @@
+"""The output directory of a streamed model rewrite (merge-and-unload, requantization).
+
+* :func:`staged_output` gives a temp directory next to ``OUT_DIR`` that is renamed
+  into place only on success and removed on any error, so an interrupted run
+  leaves nothing at ``OUT_DIR`` and no temp directory; :func:`check_out_dir`
+  refuses an ``OUT_DIR`` that is not absent or empty (before and again at the rename).
+* :func:`copy_non_weight_files` carries everything but the weights over from the
+  base (config, tokenizer, chat template, generation config...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from merging.shards import INDEX_NAME, WEIGHT_EXTENSIONS
+from registry.errors import ConflictError
+
+
+def copy_non_weight_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> list[str]:
+    """Copy every file and folder of ``src_dir`` except ``skip`` (config, tokenizer, chat
+    template, generation config...) unchanged; returns the copied top-level names.
+
+    Weight files (``*.safetensors``, pickles, GGUF; also inside folders such as
+    Llama's ``original/``), their indexes and hidden entries (``.cache``) are not
+    copied: the output's weights are the ones just written.
+    """
+    copied = []
+    ignore = shutil.ignore_patterns(*(f"*{ext}" for ext in WEIGHT_EXTENSIONS), ".*")
+    for entry in sorted(src_dir.iterdir()):
+        name = entry.name
+        if name in skip or name.startswith(".") or name.endswith(WEIGHT_EXTENSIONS) or \
+                name in ("pytorch_model.bin.index.json", INDEX_NAME):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst_dir / name, symlinks=False, ignore=ignore)
+        elif entry.is_file():
+            shutil.copy2(entry, dst_dir / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``OUT_DIR`` that exists and is not an empty directory.
+
+    Raises:
+        ConflictError: it exists and is a file or holds something.
+    """
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise ConflictError(f"{out_dir} already exists and is not empty",
+                                fix="choose another --out or remove it first")
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """A temp directory next to ``out_dir``, renamed onto it when the block succeeds.
+
+    On any exception (including KeyboardInterrupt) the temp directory is removed and
+    nothing appears at ``out_dir``. An existing empty ``out_dir`` is replaced.
+
+    Raises:
+        ConflictError: ``out_dir`` exists and is not empty (checked before and again
+            just before the rename).
+    """
+    out_dir = Path(out_dir).absolute()
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        check_out_dir(out_dir)
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out_dir)
+        with contextlib.suppress(OSError):
+            fd = os.open(out_dir.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
