@@ -149,63 +149,6 @@ def train_cached(base: Path, work: Path, task: str, info: dict, *, retrain: bool
     return out, result
 
 
-class Scorer:
-    """Exact match on both eval sets and held-out perplexity, for base + any adapter.
-
-    One base model stays in memory; adapters are loaded into it by name (PEFT) and
-    switched. Exact match is batched greedy decoding (``score.py``) with the gate's
-    matching rule; perplexity is the gate's own (:class:`gate.evaluate.Evaluator`),
-    so the table and the gate agree. Results are cached in ``work/scores.json`` by
-    the digests of the adapter weights and of the data, so a rerun is instant.
-    """
-
-    def __init__(self, base: Path, data: dict[str, dict], heldout: Path, cache: Path) -> None:
-        self.base_dir, self.data, self.heldout = base, data, heldout
-        self.model = self.tokenizer = None
-        self.rows = {t: tasks.read_jsonl(Path(d["eval"])) for t, d in data.items()}
-        self.loaded: set[str] = set()
-        self.cache_path = cache
-        self.cache = json.loads(cache.read_text()) if cache.exists() else {}
-
-    def score(self, label: str, adapter_dir: Path | None) -> dict[str, float]:
-        weights = (tasks.sha256_file(adapter_dir / "adapter_model.safetensors")
-                   if adapter_dir is not None else json.loads((self.base_dir / "source.json").read_text()))
-        key = json.dumps({"w": weights, "eval": [d["eval_digest"] for d in self.data.values()],
-                          "heldout": tasks.sha256_file(self.heldout)}, sort_keys=True)
-        if key not in self.cache:
-            self.cache[key] = self._score(label, adapter_dir)
-            self.cache_path.write_text(json.dumps(self.cache, indent=1, sort_keys=True) + "\n")
-        return self.cache[key]
-
-    def _model_for(self, label: str, adapter_dir: Path | None):
-        if self.model is None:
-            self.model, self.tokenizer = smollm2.load(self.base_dir)
-        if adapter_dir is None:
-            return self.model, (self.model.disable_adapter() if self.loaded else contextlib.nullcontext())
-        from peft import PeftModel
-
-        if not self.loaded:
-            self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=label)
-        elif label not in self.loaded:
-            self.model.load_adapter(str(adapter_dir), adapter_name=label)
-        self.loaded.add(label)
-        self.model.set_adapter(label)
-        self.model.eval()
-        return self.model, contextlib.nullcontext()
-
-    def _score(self, label: str, adapter_dir: Path | None) -> dict[str, float]:
-        from gate.evaluate import Evaluator, read_texts
-        from score import exact_match
-
-        model, ctx = self._model_for(label, adapter_dir)
-        with ctx:
-            out = {t: round(exact_match(model, self.tokenizer, rows)[0], 3)
-                   for t, rows in self.rows.items()}
-            ppl = Evaluator(self.base_dir).perplexity(model, read_texts(self.heldout))
-        out["ppl"] = round(ppl, 2)
-        return out
-
-
 def write_policy(work: Path, data: dict[str, dict]) -> Path:
     """The gate policy of the demo (paths relative to the policy file)."""
     policy = f"""# Gate policy written by examples/demo.py (see examples/gate.yaml for every field).
@@ -272,7 +215,10 @@ def main() -> int:
     trained = {t: train_cached(base, work, t, data[t], retrain=args.retrain) for t in (TASK_A, TASK_B)}
 
     banner("3. score base and adapters (greedy exact match on each eval set)")
-    scorer = Scorer(base, data, work / "data" / "heldout.txt", work / "scores.json")
+    from score import Scorer
+
+    scorer = Scorer(base, {t: d["eval"] for t, d in data.items()}, work / "data" / "heldout.txt",
+                    work / "scores.json")
     scores: dict[str, dict[str, float]] = {"base": scorer.score("base", None)}
     for t, (adir, _) in trained.items():
         scores[NAMES[t]] = scorer.score(NAMES[t], adir)
@@ -398,14 +344,15 @@ def report_results(demo_dir: Path, scores: dict, merges: dict, verdicts: dict,
             why = summarize_gate(verdict.get("result"))
             gate = "fail" + (f": {why}" if why else "")
         if method is not None:
-            shown = f"merge {method} ({PRODUCT})"
+            shown = f"merge {method}"
         elif label == "base":
             shown = "base SmolLM2-135M-Instruct"
         else:
             shown = f"adapter {label}"
         rows.append([shown, f"{s[TASK_A]:.1%}", f"{s[TASK_B]:.1%}", f"{s['ppl']:.1f}", gate,
                      "yes" if method is not None and method == winner else ""])
-    table = Table(title="SmolLM2-135M-Instruct: base, adapters, merges", title_justify="left")
+    table = Table(title=f"SmolLM2-135M-Instruct: base, adapters, merges (versions of {PRODUCT})",
+                  title_justify="left")
     for column in header:
         table.add_column(column)
     for row in rows:
