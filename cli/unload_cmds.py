@@ -35,6 +35,9 @@ ShardOpt = Annotated[Optional[str], typer.Option(
 DoubleQuantOpt = Annotated[bool, typer.Option(
     "--double-quant", help="4-bit: also quantize the absmax statistics.")]
 BlocksizeOpt = Annotated[int, typer.Option("--blocksize", help="4-bit block size.")]
+SyncOpt = Annotated[bool, typer.Option(
+    "--sync/--no-sync", help="fsync the output before publishing it; --no-sync is for scratch "
+                             "output (faster; a power cut may leave truncated files).")]
 ProbeOpt = Annotated[Optional[bool], typer.Option(
     "--probe/--no-probe", help="Measure logits drift of a quantized output (default: models "
                                "up to 2 GiB).", show_default=False)]
@@ -56,6 +59,7 @@ def unload(
         "--name", help="Record the output under this name (default for a stored adapter: "
                        "<name>-unloaded).")] = None,
     probe: ProbeOpt = None,
+    sync: SyncOpt = True,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -71,7 +75,7 @@ def unload(
         result = run_unload(ref if not is_dir else Path(ref), base, out, store=st,
                             max_shard_size=max_shard_size, quantize=quantize, qlora=qlora,
                             double_quant=double_quant, blocksize=blocksize, name=name,
-                            probe=probe, progress=advance)
+                            probe=probe, progress=advance, sync=sync)
     data = result.to_json()
     output.emit(data, lambda console: _render(console, data))
 
@@ -86,6 +90,7 @@ def quantize(
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Record the output in the store under this name.")] = None,
     probe: ProbeOpt = None,
+    sync: SyncOpt = True,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -99,7 +104,7 @@ def quantize(
     with output.progress(f"quantizing into {out.name}", total) as advance:
         result = run_quantize(model_dir, to, out=out, double_quant=double_quant,
                               blocksize=blocksize, max_shard_size=max_shard_size, probe=probe,
-                              store=st, name=name, progress=advance)
+                              store=st, name=name, progress=advance, sync=sync)
     data = result.to_json()
     output.emit(data, lambda console: _render(console, data))
 

@@ -59,8 +59,9 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """A temp directory next to ``out_dir``, renamed onto it when the block succeeds.
+def staged_output(out_dir: str | Path, *, sync: bool = True) -> Iterator[Path]:
+    """A temp directory next to ``out_dir``, renamed onto it when the block succeeds
+    (and the rename fsynced with ``sync``; the files are the caller's to fsync).
 
     On any exception (including KeyboardInterrupt) the temp directory is removed and
     nothing appears at ``out_dir``. An existing empty ``out_dir`` is replaced.
@@ -80,12 +81,13 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
             out_dir.rmdir()
         os.chmod(tmp, 0o755)
         os.replace(tmp, out_dir)
-        with contextlib.suppress(OSError):
-            fd = os.open(out_dir.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if sync:
+            with contextlib.suppress(OSError):
+                fd = os.open(out_dir.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -282,7 +282,7 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
              blocksize: int = 64, compute_dtype: str | None = None,
              skip_modules: Iterable[str] = (), max_shard_size: int | str | None = None,
              probe: bool | None = None, store: Any = None, name: str | None = None,
-             progress: Any = None, on_tensor: Any = None) -> UnloadResult:
+             progress: Any = None, on_tensor: Any = None, sync: bool = True) -> UnloadResult:
     """Write a bitsandbytes-quantized copy of a model, streamed one tensor at a time.
 
     Args:
@@ -296,6 +296,7 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
         store, name: Record the output in this store under ``name`` (by reference).
         progress: Called with the source bytes processed.
         on_tensor: Called with each output tensor's name after it is written.
+        sync: fsync before publishing (see :func:`merging.unload.unload`).
 
     Returns:
         The :class:`merging.unload.UnloadResult` (``quantization`` holds the errors).
@@ -310,7 +311,7 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
     spec = QuantSpec(to, double_quant, blocksize, compute_dtype, tuple(skip_modules))
     return rewrite_model(model_dir, out, adapter=None, quant=spec, max_shard_size=max_shard_size,
                          probe=probe, store=store, name=name, progress=progress,
-                         on_tensor=on_tensor)
+                         on_tensor=on_tensor, sync=sync)
 
 
 def quantize_with_transformers(model_dir: str | Path, spec: QuantSpec, out: str | Path) -> None:

@@ -7,11 +7,16 @@ quantized. :class:`Rewrite` executes a shard's jobs in order into a
 
 * an unchanged tensor is copied inside the kernel (``copy_file_range``), or read and
   written in ~16 MB pieces when its bytes must be hashed;
-* a LoRA target (no quantization) is merged in row ranges: ``W[rows] + s·B[rows]·A``
-  in float32, cast back. Row ranges are computed by a small pool of threads (torch
-  ops release the GIL; each runs torch single-threaded, see
-  :data:`merging.unload.COMPUTE_THREADS`) and consumed in order, so reading, merging
-  and writing overlap while at most :data:`WINDOW` pieces are in memory;
+* a LoRA target (no quantization) is merged in row ranges (the arithmetic, float32
+  or bfloat16, is :mod:`merging.rowmerge`) by a small pool of threads (torch ops
+  release the GIL; each runs torch single-threaded, see
+  :data:`merging.unload.COMPUTE_THREADS`). When nothing is hashed, each worker reads
+  and merges its range and writes it (``pwrite``) at its offset in the shard (reserved
+  in order by :meth:`ShardWriter.reserve`), so ranges finish in any order and nothing
+  waits on a single consumer: this is the fast path, close to two copies running at
+  once. When base or output bytes are hashed (a recorded unload), ranges are consumed
+  in order instead, hashed, and written by the writer thread, with at most
+  :data:`WINDOW` of them in flight in pooled buffers (:mod:`merging.buffers`);
 * everything else (replacement, QLoRA round trip, quantization, or keeping the
   unquantized tensors for the logits probe) is done on the whole tensor.
 
@@ -21,19 +26,23 @@ digest is needed; the merged weight's Frobenius norm doubles as the NaN/Inf chec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
+from merging.buffers import BufferPool
 from merging.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
-from merging.shard_writer import ShardWriter
+from merging.rowmerge import RowFactors, add_delta, merge_rows
+from merging.shard_writer import MAX_PENDING, ShardWriter
 from merging.shards import SourceTensor, TensorReader, row_chunks, to_float32, torch_dtype
 from registry.errors import BadInputError
 from registry.safetensors_header import read_header
@@ -42,8 +51,17 @@ WORKERS = 2
 """Threads merging row ranges in parallel."""
 WINDOW = 2
 """Row ranges in flight (computed but not yet written), across tensors."""
+FAST_WINDOW = 2 * WORKERS
+"""Row ranges submitted but not yet collected on the fast path (each worker holds one
+buffer, so this bounds queued tasks, not memory)."""
 MERGE_CHUNK_BYTES = 4 << 20
 """Float32 bytes of one row range (its base-dtype input and output come on top)."""
+BUFFERS = 2 * (WINDOW + 1 + MAX_PENDING) + 2
+"""Pooled row-range buffers (:mod:`merging.buffers`). A range holds up to two from
+submission until the writer has written it; at most ``WINDOW + 1`` ranges wait to be
+consumed and ``MAX_PENDING`` to be written, and the consuming thread takes the next
+two, so the pool never runs dry for good (taking them in the workers could: a worker
+waiting for a buffer that only a later, unconsumed range holds)."""
 
 
 @dataclass(frozen=True)
@@ -86,32 +104,28 @@ class Job:
     kind: str = "copy"
 
 
-def _merge_rows(reader: TensorReader, src: SourceTensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float, transposed: bool, r0: int, r1: int, keep_raw: bool
+def _read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0: int, r1: int,
+                keep_raw: bool, buffers: tuple[torch.Tensor | None, torch.Tensor | None]
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Worker task: (raw rows, merged rows in the base dtype, float32 norm of the merge).
-
-    ``raw`` is the base bytes as read; with ``keep_raw`` they survive the merge (a
-    float32 base is otherwise merged in place).
-    """
-    raw = reader.read(src, r0, r1)
-    merged = raw.clone() if keep_raw and raw.dtype == torch.float32 else to_float32(raw)
-    add_delta(merged, a, b, scale, transposed, r0, r1)
-    out = merged.to(raw.dtype)
-    norm = float(torch.linalg.vector_norm(merged))
-    if not math.isfinite(norm) or out.dtype == torch.float16:
-        norm = math.inf if not bool(torch.isfinite(out).all()) else float(merged.double().norm())
+    """Worker task of the ordered path: (rows as read, merged rows, norm)."""
+    raw = reader.read(src, r0, r1, buffers[0])
+    out, norm = merge_rows(raw, factors, r0, r1, keep_raw=keep_raw, out_buffer=buffers[1])
     return raw, out, norm
 
 
-def add_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-              transposed: bool, r0: int, r1: int) -> None:
-    """``weight += scale * (B @ A)[r0:r1]`` in place (float32); ``transposed`` for
-    ``(in, out)`` weights (Conv1D / embeddings), whose rows are columns of A."""
-    if transposed:
-        weight.addmm_(a[:, r0:r1].T, b.T, alpha=scale)
-    else:
-        weight.addmm_(b[r0:r1], a, alpha=scale)
+def _merge_into(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
+                factors: RowFactors, r0: int, r1: int, local: threading.local,
+                ) -> tuple[int, float]:
+    """Worker task of the fast path: merge rows ``r0:r1`` and write them at their place
+    (``offset`` is where the tensor's data starts). Returns (bytes, norm)."""
+    buffer = getattr(local, "buffer", None)
+    if buffer is None:
+        buffer = local.buffer = BufferPool(1, MERGE_CHUNK_BYTES).acquire(0)
+    raw = reader.read(src, r0, r1, buffer)
+    out, norm = merge_rows(raw, factors, r0, r1, keep_raw=False)
+    row_bytes = src.info.nbytes // max(src.shape[0], 1)
+    writer.write_at(offset + r0 * row_bytes, out)
+    return (r1 - r0) * row_bytes, norm
 
 
 class Rewrite:
@@ -130,6 +144,8 @@ class Rewrite:
         self.state: dict[str, torch.Tensor] | None = {} if collect else None
         self.progress, self.on_tensor = progress, on_tensor
         self._pool = ThreadPoolExecutor(WORKERS, "merge")
+        self._buffers = BufferPool(BUFFERS, MERGE_CHUNK_BYTES)
+        self._local = threading.local()  # each fast-path worker's own read buffer
 
     def close(self) -> None:
         """Stop the merge threads and close the files."""
@@ -174,6 +190,9 @@ class Rewrite:
 
     def write(self, jobs: list[Job], writer: ShardWriter) -> None:
         """Execute ``jobs`` in order into ``writer`` (row ranges overlap, see module doc)."""
+        if self.base_hashes is None and self.state is None and not writer.hash_tensors:
+            self._write_fast(jobs, writer)
+            return
         queue: deque[tuple[str, Job, Any]] = deque()
         in_flight = 0
         for job in jobs:
@@ -185,6 +204,48 @@ class Rewrite:
         while queue:
             self._consume(queue.popleft(), writer)
 
+    def _write_fast(self, jobs: list[Job], writer: ShardWriter) -> None:
+        """The fast path (module doc): workers write their row ranges in place."""
+        pending: deque[tuple[Job, Future[tuple[int, float]], dict[str, Any]]] = deque()
+        try:
+            for job in jobs:
+                if job.lora is None or job.quant or job.qlora or job.replacement:
+                    (self._copy if job.lora is None and not (job.quant or job.qlora or
+                                                             job.replacement) else self._whole
+                     )(job, writer, None)
+                    self._done(job, None)
+                    continue
+                a, b, scale, delta_fro = self.factors(job.lora)
+                factors = RowFactors.build(a, b, scale, job.transposed, job.src.dtype)
+                offset = writer.reserve(job.out_name, job.src.dtype, job.src.shape)
+                ranges = list(row_chunks(job.src.shape, 4, MERGE_CHUNK_BYTES))
+                sums = {"sq": 0.0, "left": len(ranges), "delta_fro": delta_fro}
+                for r0, r1 in ranges:
+                    pending.append((job, self._pool.submit(
+                        _merge_into, self.reader, writer, offset, job.src, factors, r0, r1,
+                        self._local), sums))
+                    while len(pending) > FAST_WINDOW:
+                        self._collect(*pending.popleft())
+            while pending:
+                self._collect(*pending.popleft())
+        finally:  # workers write into the writer's file: none may outlive this call
+            for _, future, _ in pending:
+                future.cancel()
+            wait([future for _, future, _ in pending])
+
+    def _collect(self, job: Job, future: Future[tuple[int, float]], sums: dict[str, Any]) -> None:
+        nbytes, norm = future.result()
+        if not math.isfinite(norm):
+            self._refuse(job)
+        sums["sq"] += norm * norm
+        sums["left"] -= 1
+        if self.progress is not None:
+            self.progress(nbytes)
+        if not sums["left"]:
+            self.reports.append(ModuleReport(job.out_name, "lora", sums["delta_fro"],
+                                             math.sqrt(sums["sq"])))
+            self._done(job, None)
+
     def _steps(self, job: Job, writer: ShardWriter) -> Iterator[tuple[str, Job, Any]]:
         hasher = hashlib.sha256() if self.base_hashes is not None and job.hash_src else None
         simple = not (job.quant or job.qlora or job.replacement) and self.state is None
@@ -195,9 +256,16 @@ class Rewrite:
         a, b, scale, delta_fro = self.factors(job.lora)
         sums = {"sq": 0.0, "hasher": hasher, "delta_fro": delta_fro}
         yield "begin", job, sums
+        factors = RowFactors.build(a, b, scale, job.transposed, job.src.dtype)
+        keep_raw = hasher is not None
+        row_bytes = job.src.info.nbytes // max(job.src.shape[0], 1)
         for r0, r1 in row_chunks(job.src.shape, 4, MERGE_CHUNK_BYTES):
-            yield "rows", job, self._pool.submit(_merge_rows, self.reader, job.src, a, b, scale,
-                                                 job.transposed, r0, r1, hasher is not None)
+            # taken here, in order, never in the workers: see BUFFERS
+            nbytes = (r1 - r0) * row_bytes
+            buffers = (self._buffers.acquire(nbytes), self._buffers.acquire(nbytes)
+                       if factors.split is not None and keep_raw else None)
+            yield "rows", job, (self._pool.submit(
+                _read_merge, self.reader, job.src, factors, r0, r1, keep_raw, buffers), buffers)
         yield "end", job, sums
 
     def _consume(self, step: tuple[str, Job, Any], writer: ShardWriter) -> int:
@@ -208,7 +276,8 @@ class Rewrite:
             writer.begin(job.out_name, job.src.dtype, job.src.shape)
             self._sums = payload
         elif kind == "rows":
-            raw, out, norm = payload.result() if isinstance(payload, Future) else payload
+            future, buffers = payload
+            raw, out, norm = future.result()
             if not math.isfinite(norm):
                 self._refuse(job)
             self._sums["sq"] += norm * norm
@@ -216,7 +285,7 @@ class Rewrite:
                 self._sums["hasher"].update(memoryview(raw.reshape(-1).view(torch.uint8).numpy()))
             if self.progress is not None:
                 self.progress(raw.numel() * raw.element_size())
-            writer.write(out)
+            writer.write(out, functools.partial(self._release, buffers))
             return 1
         else:
             writer.end()
@@ -224,6 +293,11 @@ class Rewrite:
                                              math.sqrt(payload["sq"])))
             self._done(job, payload["hasher"])
         return 0
+
+    def _release(self, buffers: tuple[torch.Tensor | None, ...]) -> None:
+        for buffer in buffers:
+            if buffer is not None:
+                self._buffers.release(buffer)
 
     def _refuse(self, job: Job) -> None:
         what = f"module {job.lora.name}" if job.lora else f"tensor {job.replacement}"

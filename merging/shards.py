@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from merging.buffers import view_as
 from registry.errors import BadInputError, NotFoundError
 from registry.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
@@ -239,16 +240,20 @@ class TensorReader:
                                     fix="make sure nothing writes the base model while unloading")
             done += n
 
-    def read(self, src: SourceTensor, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
-        """Rows ``[row_start, row_end)`` of a tensor (the whole tensor by default)."""
+    def read(self, src: SourceTensor, row_start: int = 0, row_end: int | None = None,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[row_start, row_end)`` of a tensor (the whole tensor by default), into
+        ``buffer`` (a :class:`merging.buffers.BufferPool` buffer) when given."""
         shape = src.shape
         rows = shape[0] if shape else 1
         row_end = rows if row_end is None else row_end
         row_bytes = src.info.nbytes // max(rows, 1) if shape else src.info.nbytes
-        # allocate in the tensor's own dtype (a uint8 buffer viewed as float32 makes
-        # later matmuls several times slower) and read into its bytes
-        out = torch.empty((row_end - row_start, *shape[1:]) if shape else (),
-                          dtype=torch_dtype(src.dtype))
+        if buffer is not None and buffer.numel() < (row_end - row_start) * row_bytes:
+            buffer = None
+        # allocated in the tensor's own dtype or viewed from float32 storage (a uint8
+        # allocation viewed as float32 makes later matmuls several times slower)
+        out = view_as(buffer, torch_dtype(src.dtype),
+                      (row_end - row_start, *shape[1:]) if shape else ())
         if out.numel():
             raw = out.reshape(-1).view(torch.uint8)
             self.read_bytes_into(src, row_start * row_bytes, memoryview(raw.numpy()))

@@ -111,7 +111,7 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
            blocksize: int = 64, name: str | None = None,
            expected_fingerprint: dict[str, Any] | None = None, probe: bool | None = None,
            progress: Callable[[int], None] | None = None,
-           on_tensor: TensorCallback | None = None) -> UnloadResult:
+           on_tensor: TensorCallback | None = None, sync: bool = True) -> UnloadResult:
     """Merge a LoRA adapter into its base and write a standalone model directory.
 
     Args:
@@ -133,6 +133,8 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
         progress: Called with base bytes processed.
         on_tensor: Called with each output tensor's name once written (tests use it
             to interrupt).
+        sync: fsync the files before publishing the directory (default). ``False``
+            is for scratch output: a power cut may then leave truncated files.
 
     Returns:
         The :class:`UnloadResult`.
@@ -171,7 +173,8 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
         return rewrite_model(base_dir, out_dir, adapter=loaded, quant=spec, qlora=qspec,
                              max_shard_size=max_shard_size, expected=expected_fingerprint,
                              probe=probe, store=store if name else None, name=name,
-                             adapter_version=version, progress=progress, on_tensor=on_tensor)
+                             adapter_version=version, progress=progress, on_tensor=on_tensor,
+                             sync=sync)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -261,14 +264,15 @@ def _outputs(job: Job, spec: QuantSpec | None) -> list[OutTensor]:
 
 
 def _write_shards(run: Rewrite, jobs: list[Job], shards: list[Any], stage: Path,
-                  hash_all: bool) -> list[WrittenShard]:
+                  hash_all: bool, sync: bool) -> list[WrittenShard]:
     written, position = [], 0
     for shard in shards:
         names = {t.name for t in shard.tensors}
         end = position
         while end < len(jobs) and jobs[end].out_name in names:
             end += 1
-        writer = ShardWriter(stage / shard.filename, shard.tensors, hash_tensors=hash_all)
+        writer = ShardWriter(stage / shard.filename, shard.tensors, hash_tensors=hash_all,
+                             sync=sync)
         try:
             run.write(jobs[position:end], writer)
             written.append(writer.close())
@@ -284,7 +288,7 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
                   expected: dict[str, Any] | None = None, probe: bool | None = None,
                   store: Any = None, name: str | None = None, adapter_version: Any = None,
                   progress: Callable[[int], None] | None = None,
-                  on_tensor: TensorCallback | None = None) -> UnloadResult:
+                  on_tensor: TensorCallback | None = None, sync: bool = True) -> UnloadResult:
     """The streaming rewriter behind :func:`unload` and :func:`merging.quantize.quantize`.
 
     Raises:
@@ -336,9 +340,9 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
         with torch_threads(COMPUTE_THREADS):
             if adapter is not None:
                 run.check_adapter_finite()
-        with staged_output(out_dir) as stage:
+        with staged_output(out_dir, sync=sync) as stage:
             with torch_threads(COMPUTE_THREADS):
-                written = _write_shards(run, jobs, shards, stage, hash_all)
+                written = _write_shards(run, jobs, shards, stage, hash_all, sync)
             check_base_weights(run.base_hashes, layout, expected, base_fp, base_dir)
             if len(written) > 1 or (layout.indexed and max_bytes is None):
                 write_index(stage, written, total_parameters=sum(

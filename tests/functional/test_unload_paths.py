@@ -1,0 +1,155 @@
+"""The rewrite's two pipelines and its durability switch, end to end.
+
+A plain unload takes the fast path (workers write their row ranges in place); a
+recorded one hashes bytes in order (the ordered path). Both must write the same
+bytes; the bfloat16 way must stay within rounding of the float32 way; ``sync=False``
+must skip every fsync and nothing else. Row ranges are made tiny here so every
+tensor is split into many ranges that finish out of order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from merging import rewrite, rowmerge
+from merging.unload import unload
+from registry.errors import BadInputError
+from registry.fingerprint import fingerprint_model
+from registry.store import Store
+from tests.cli_fixtures import run_json
+from tests.unload_fixtures import (base, leftovers, load_model, logits,  # noqa: F401
+                                   make_adapter, make_base, peft_model, state_of, work)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def tiny_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rewrite, "MERGE_CHUNK_BYTES", 1024)  # 4 rows of a 64-wide weight
+
+
+@pytest.fixture(scope="module")
+def bf16_base(work: Path) -> Path:
+    return make_base(work / "bf16-base", dtype=torch.bfloat16, seed=5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_and_ordered_paths_write_the_same_bytes(work: Path, base: Path, bf16_base: Path,
+                                                     dtype: str) -> None:
+    model = base if dtype == "float32" else bf16_base
+    adapter = make_adapter(model, work / f"paths-adapter-{dtype}", seed=6)
+    fast = unload(adapter, model, work / f"fast-{dtype}")
+    store = Store.open(work / f"paths-store-{dtype}", create=True)
+    ordered = unload(adapter, model, work / f"ordered-{dtype}", store=store, name="paths")
+    assert ordered.output_fingerprint == fingerprint_model(ordered.out_dir).to_json()
+    mine, theirs = state_of(fast.out_dir), state_of(ordered.out_dir)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert [m.to_json() for m in fast.modules] == [m.to_json() for m in ordered.modules]
+    tol = 1e-5 if dtype == "float32" else 0.05
+    assert (logits(load_model(fast.out_dir)) - logits(peft_model(model, adapter))).abs().max() \
+        <= tol
+
+
+def test_bf16_way_within_rounding_of_float32_way(work: Path, bf16_base: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = make_adapter(bf16_base, work / "ways-adapter", seed=8)
+    outs = {}
+    for way in (True, False):
+        monkeypatch.setattr(rowmerge, "BF16_GEMM", way)
+        outs[way] = state_of(unload(adapter, bf16_base, work / f"way-{way}").out_dir)
+    base_state = state_of(bf16_base)
+    changed = [k for k in outs[True] if not torch.equal(outs[False][k], base_state[k])]
+    assert len(changed) == 14  # 7 targets x 2 layers, merged both ways
+    for key in changed:
+        fast, slow = outs[True][key], outs[False][key]
+        assert float((fast != slow).float().mean()) <= 5e-3, key
+        # where they differ: one bfloat16 step of the value, or a hair of the weight's
+        # scale where the merge cancels to near zero
+        step = slow.float().abs() * 2**-7 + 2**-14 * float(slow.float().abs().max())
+        assert bool(((fast.float() - slow.float()).abs() <= step).all()), key
+
+
+def test_no_sync_skips_every_fsync(work: Path, base: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from cli import main as cli_main
+    from cli import unload_cmds
+
+    import typer
+
+    if "unload" not in typer.main.get_command(cli_main.app).commands:  # type: ignore[attr-defined]
+        unload_cmds.register(cli_main.app)
+    adapter = make_adapter(base, work / "sync-adapter", seed=9)
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    durable = unload(adapter, base, work / "synced")
+    assert len(calls) >= 2  # the shard and the parent directory
+    calls.clear()
+    code, data = run_json(capsys, "unload", adapter, "--base", base, "--out",
+                          work / "unsynced", "--no-sync")
+    assert code == 0, data
+    assert calls == []
+    a, b = state_of(durable.out_dir), state_of(work / "unsynced")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overflow_in_a_row_range_refused_nothing_written(work: Path) -> None:
+    f16 = make_base(work / "f16-base", dtype=torch.float16, seed=12)
+    loud = make_adapter(f16, work / "loud-adapter", seed=13, std=100.0)  # deltas past 65504
+    with pytest.raises(BadInputError, match=r"NaN/Inf values \(module .*\)"):
+        unload(loud, f16, work / "overflow-out")
+    assert not (work / "overflow-out").exists() and leftovers(work, "overflow-out") == []
+
+
+def test_interrupt_waits_for_workers_then_cleans_up(work: Path, base: Path) -> None:
+    adapter = make_adapter(base, work / "stop-adapter", seed=14)
+    seen: list[str] = []
+
+    def stop_at_third(name: str) -> None:
+        seen.append(name)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        unload(adapter, base, work / "stopped", on_tensor=stop_at_third)
+    assert not (work / "stopped").exists() and leftovers(work, "stopped") == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("merge")] == []
+
+
+def test_writer_reserved_ranges_filled_out_of_order(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from merging.shard_writer import ShardWriter
+    from merging.shards import OutTensor
+
+    tensors = {"w": torch.randn(40, 8), "x": torch.arange(6, dtype=torch.int16),
+               "v": torch.randn(9, 3).to(torch.bfloat16)}
+    planned = [OutTensor(k, {torch.float32: "F32", torch.int16: "I16", torch.bfloat16: "BF16"}[
+        t.dtype], tuple(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
+    writer = ShardWriter(tmp_path / "r.safetensors", planned, hash_tensors=False)
+    offset = writer.reserve("w", "F32", (40, 8))
+    writer.add("x", tensors["x"])  # an ordered write between reserved ones
+    v_offset = writer.reserve("v", "BF16", (9, 3))
+    pieces = [(offset + r * 32, tensors["w"][r:r + 5]) for r in range(35, -1, -5)]
+    pieces.append((v_offset, tensors["v"]))
+    with ThreadPoolExecutor(3) as pool:  # last rows first, from several threads
+        list(pool.map(lambda p: writer.write_at(*p), pieces))
+    writer.close()
+    loaded = load_file(tmp_path / "r.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    hashing = ShardWriter(tmp_path / "h.safetensors", planned)
+    with pytest.raises(RuntimeError, match="hash_tensors"):
+        hashing.reserve("w", "F32", (40, 8))
+    hashing.abort()
