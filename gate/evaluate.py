@@ -14,8 +14,9 @@ together" model), because several checks score the same models:
 
 Scoring primitives: :meth:`Evaluator.perplexity` (token-level NLL over windows of
 ``max_length`` tokens), :meth:`Evaluator.answer_logprob` (log-likelihood of an
-answer after a prompt), :meth:`Evaluator.generate` (greedy decoding with a KV cache,
-stopping at EOS or a stop string), :meth:`Evaluator.logits`. Seeds are fixed with
+answer after a prompt), :meth:`Evaluator.generate` / :meth:`Evaluator.generate_many`
+(greedy decoding with a KV cache, stopping at EOS or a stop string; batched, see
+:mod:`gate.decoding`), :meth:`Evaluator.logits`. Seeds are fixed with
 ``torch.manual_seed`` before every model load and generation; decoding is greedy,
 so every number is reproducible on the same software stack.
 
@@ -31,22 +32,14 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gate.decoding import BATCH_SIZE, Generation, finish, greedy
 from registry.errors import BadInputError, UnsupportedAdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A greedy continuation: its decoded ``text`` (cut at a stop string) and token ids."""
-
-    text: str
-    token_ids: tuple[int, ...]
 
 
 def read_texts(path: Path, *, field: str = "text", limit: int | None = None) -> list[str]:
@@ -336,30 +329,39 @@ class Evaluator:
     def generate(self, model: Any, prompt: str, max_new_tokens: int,
                  stop: Sequence[str] = ()) -> Generation:
         """Greedy continuation of ``prompt``: stops at EOS, ``max_new_tokens`` or a stop string."""
+        return self.generate_many(model, [prompt], [max_new_tokens], stop)[0]
+
+    def generate_many(self, model: Any, prompts: Sequence[str], budgets: Sequence[int],
+                      stop: Sequence[str] = (), batch_size: int = BATCH_SIZE) -> list[Generation]:
+        """:meth:`generate` for many prompts (``budgets``: each one's ``max_new_tokens``),
+        decoded in batches of prompts of similar length (:mod:`gate.decoding`).
+
+        Raises:
+            BadInputError: A prompt encodes to no tokens.
+        """
         import torch
 
         torch.manual_seed(self.seed)
         eos = self._eos_ids(model)
-        ids = self._encode(prompt)[-self.max_length:]
-        out_ids: list[int] = []
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
-            for _ in range(max_new_tokens):
-                nxt = int(out.logits[0, -1].float().argmax())
-                if nxt in eos:
-                    break
-                out_ids.append(nxt)
-                text = self.tokenizer.decode(out_ids, skip_special_tokens=True).lstrip()
-                if any(s in text for s in stop):
-                    break
-                out = model(input_ids=torch.tensor([[nxt]], device=self.device),
-                            past_key_values=out.past_key_values, use_cache=True)
-        text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-        if stop:  # a leading newline is not an answer boundary
-            text = text.lstrip()
-        for s in stop:
-            text = text.split(s, 1)[0]
-        return Generation(text=text, token_ids=tuple(out_ids))
+        pad = self.tokenizer.pad_token_id
+        pad = pad if isinstance(pad, int) else min(eos, default=0)
+        encoded = [self._encode(p)[-self.max_length:] for p in prompts]
+        for prompt, ids in zip(prompts, encoded):
+            if not ids:
+                raise BadInputError(f"prompt {prompt!r} encodes to no tokens",
+                                    fix="give every prompt some text")
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # less padding
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows = greedy(model, [encoded[i] for i in chunk], [budgets[i] for i in chunk],
+                          eos=eos, pad_id=pad, device=self.device)
+            for i, tokens in zip(chunk, rows):
+                results[i] = finish(tokens, self._decode, stop)
+        return [r for r in results if r is not None]
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def logits(self, model: Any, text: str) -> Any:
         """Float32 logits ``(tokens, vocab)`` for ``text``."""

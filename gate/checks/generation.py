@@ -18,8 +18,9 @@ from gate.evaluate import repeat_fraction
 def run(spec: Any, ctx: Any) -> Outcome:
     model = ctx.candidate_model()
     rows, problems = [], []
-    for prompt in spec["prompts"]:
-        gen = ctx.evaluator.generate(model, prompt, spec["max_new_tokens"])
+    prompts = list(spec["prompts"])
+    gens = ctx.evaluator.generate_many(model, prompts, [spec["max_new_tokens"]] * len(prompts))
+    for prompt, gen in zip(prompts, gens):
         chars = len("".join(gen.text.split()))
         frac = repeat_fraction(gen.token_ids, spec["ngram"])
         ok = chars >= spec["min_chars"] and frac <= spec["max_repeat_fraction"]

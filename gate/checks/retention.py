@@ -36,11 +36,11 @@ def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float
             logp, n = ev.answer_logprob(model, prompt, answer)
             total, count = total + logp, count + n
         return math.exp(total / count) if count and math.isfinite(total) else 0.0
-    hits = 0
-    for prompt, answer in pairs:
-        budget = spec["max_new_tokens"] or ev.answer_tokens(prompt, answer) + 2
-        gen = ev.generate(model, prompt, budget, stop=spec["stop"])
-        hits += answer_matches(gen.text, answer, spec["case_sensitive"])
+    budgets = [spec["max_new_tokens"] or ev.answer_tokens(prompt, answer) + 2
+               for prompt, answer in pairs]
+    gens = ev.generate_many(model, [prompt for prompt, _ in pairs], budgets, stop=spec["stop"])
+    hits = sum(answer_matches(gen.text, answer, spec["case_sensitive"])
+               for gen, (_, answer) in zip(gens, pairs))
     return hits / len(pairs)
 
 

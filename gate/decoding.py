@@ -1,0 +1,100 @@
+"""Greedy decoding for the gate, many prompts at once.
+
+Retention scores every prompt of an eval set by greedy exact match; decoding them one
+at a time was ~90% of a gate run on the demo model. :func:`greedy` decodes a batch
+the way ``generate`` does for greedy search, written out so that nothing from a
+model's ``generation_config`` (repetition penalties, n-gram blocking, forced tokens)
+changes the gate's numbers:
+
+* prompts are **left-padded** to a common length with an attention mask, and
+  ``position_ids`` count only real tokens, so each row sees the positions it would
+  see alone;
+* one forward pass over the prompts fills the KV cache, then one token per step for
+  every unfinished row; the batch stops when every row has hit EOS or its own token
+  budget (rows that finished keep a slot, their extra tokens are dropped).
+
+:func:`finish` turns a row's tokens into a :class:`Generation` with the same rules as
+decoding that prompt alone: stop before EOS, stop after the first token whose decoded
+text contains a stop string, cut the text at that string. Because decoding is
+causal, a row's tokens do not depend on how long other rows run; batched and
+one-at-a-time results agree up to float rounding of padded matmuls (tests compare
+them, and against ``transformers``' own greedy ``generate``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BATCH_SIZE = 16
+"""Prompts decoded together (the demo model on 2 CPU cores: ~6x faster than one by one)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation: its decoded ``text`` (cut at a stop string) and token ids."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+def greedy(model: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *,
+           eos: set[int], pad_id: int, device: str = "cpu") -> list[list[int]]:
+    """Greedy continuations of token-id ``prompts`` (one batch), each at most its
+    ``budgets`` entry long and ending before the first EOS.
+
+    Raises:
+        ValueError: ``prompts`` and ``budgets`` differ in length, or a prompt is empty.
+    """
+    import torch
+
+    if len(prompts) != len(budgets):
+        raise ValueError("one budget per prompt")
+    if any(not p for p in prompts):
+        raise ValueError("empty prompt")
+    if not prompts:
+        return []
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows: list[list[int]] = [[] for _ in prompts]
+    done = [budget <= 0 for budget in budgets]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for _ in range(max(budgets, default=0)):
+            chosen = out.logits[:, -1].float().argmax(-1).tolist()
+            for row, token in enumerate(chosen):
+                if done[row]:
+                    continue
+                if token in eos:
+                    done[row] = True
+                    continue
+                rows[row].append(token)
+                done[row] = len(rows[row]) >= budgets[row]
+            if all(done):
+                break
+            mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=torch.tensor(chosen, device=device)[:, None],
+                        attention_mask=mask, position_ids=positions,
+                        past_key_values=out.past_key_values, use_cache=True)
+    return rows
+
+
+def finish(tokens: Sequence[int], decode: Callable[[list[int]], str],
+           stop: Sequence[str] = ()) -> Generation:
+    """A row's :class:`Generation`: tokens up to the first one whose decoded text (less
+    leading whitespace) contains a stop string, text cut at that string."""
+    kept: list[int] = []
+    for token in tokens:
+        kept.append(token)
+        if stop and any(s in decode(kept).lstrip() for s in stop):
+            break
+    text = decode(kept)
+    if stop:  # a leading newline is not an answer boundary
+        text = text.lstrip()
+    for s in stop:
+        text = text.split(s, 1)[0]
+    return Generation(text=text, token_ids=tuple(kept))

@@ -1,0 +1,86 @@
+"""Batched greedy decoding (gate.decoding) against transformers' own greedy search.
+
+The reference is ``model.generate(do_sample=False)`` on one unpadded prompt at a
+time; the batch mixes prompt lengths (so rows are left-padded) and token budgets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gate.decoding import Generation, finish, greedy
+from gate.evaluate import Evaluator
+from tests.gate_fixtures import world
+
+PROMPTS = ["the", "A cat = the big", "B red : it was on the old small new", "a of",
+           "the a of and is on in it to was big small old new the a of and", "owl"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = world().base
+    return (AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(str(base)))
+
+
+def _reference(model, ids: list[int], budget: int, eos: int) -> list[int]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=budget,
+                              eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             generation_config=config)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_batch_equals_one_prompt_at_a_time_generate(model_and_tokenizer) -> None:
+    model, tok = model_and_tokenizer
+    encoded = [tok(p)["input_ids"] for p in PROMPTS]
+    budgets = [5, 9, 3, 12, 7, 1]
+    # an EOS the model actually emits, so some rows stop early
+    free = greedy(model, encoded, [12] * len(encoded), eos=set(), pad_id=0)
+    eos = free[1][2]
+    rows = greedy(model, encoded, budgets, eos={eos}, pad_id=0)
+    expected = [_reference(model, ids, budget, eos) for ids, budget in zip(encoded, budgets)]
+    assert rows == expected
+    assert len(rows[1]) == 2  # stopped before its EOS
+    assert all(len(r) <= b for r, b in zip(rows, budgets))
+
+
+def test_evaluator_batches_agree_with_single_prompts(model_and_tokenizer) -> None:
+    ev = Evaluator(world().base)
+    model, _ = model_and_tokenizer
+    prompts = PROMPTS * 3  # 18 prompts: more than one batch of 16
+    budgets = [4 + i % 5 for i in range(len(prompts))]
+    batched = ev.generate_many(model, prompts, budgets)
+    one_by_one = ev.generate_many(model, prompts, budgets, batch_size=1)
+    assert batched == one_by_one
+    assert batched[0] == ev.generate(model, prompts[0], budgets[0])
+    assert all(isinstance(g, Generation) and len(g.token_ids) <= b for g, b in zip(batched, budgets))
+
+
+def test_finish_cuts_at_the_first_stop_string() -> None:
+    words = {1: "\n", 2: "meow", 3: ".", 4: "woof"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(words[i] for i in ids)
+
+    # a leading newline is not a boundary; the first stop after text ends the row
+    got = finish([1, 2, 3, 4, 1, 4], decode, stop=["\n", "."])
+    assert got == Generation("meow", (1, 2, 3))
+    assert finish([2, 4], decode) == Generation("meowwoof", (2, 4))
+    assert finish([], decode, stop=["\n"]) == Generation("", ())
+
+
+def test_bad_batches_refused(model_and_tokenizer) -> None:
+    model, _ = model_and_tokenizer
+    with pytest.raises(ValueError):
+        greedy(model, [[2, 5]], [1, 2], eos=set(), pad_id=0)
+    with pytest.raises(ValueError):
+        greedy(model, [[]], [3], eos=set(), pad_id=0)
+    assert greedy(model, [], [], eos=set(), pad_id=0) == []
