@@ -51,9 +51,6 @@ WORKERS = 2
 """Threads merging row ranges in parallel."""
 WINDOW = 2
 """Row ranges in flight (computed but not yet written), across tensors."""
-FAST_WINDOW = 2 * WORKERS
-"""Row ranges submitted but not yet collected on the fast path (each worker holds one
-buffer, so this bounds queued tasks, not memory)."""
 MERGE_CHUNK_BYTES = 4 << 20
 """Float32 bytes of one row range (its base-dtype input and output come on top)."""
 BUFFERS = 2 * (WINDOW + 1 + MAX_PENDING) + 2
@@ -114,15 +111,16 @@ def _read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0
 
 
 def _merge_into(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
-                factors: RowFactors, r0: int, r1: int, local: threading.local,
-                ) -> tuple[int, float]:
+                factors: Future[tuple[RowFactors, float]], r0: int, r1: int,
+                local: threading.local) -> tuple[int, float]:
     """Worker task of the fast path: merge rows ``r0:r1`` and write them at their place
-    (``offset`` is where the tensor's data starts). Returns (bytes, norm)."""
+    (``offset`` is where the tensor's data starts). Returns (bytes, norm). ``factors``
+    was submitted before this task, so it is running or done: waiting cannot deadlock."""
     buffer = getattr(local, "buffer", None)
     if buffer is None:
         buffer = local.buffer = BufferPool(1, MERGE_CHUNK_BYTES).acquire(0)
     raw = reader.read(src, r0, r1, buffer)
-    out, norm = merge_rows(raw, factors, r0, r1, keep_raw=False)
+    out, norm = merge_rows(raw, factors.result()[0], r0, r1, keep_raw=False)
     row_bytes = src.info.nbytes // max(src.shape[0], 1)
     writer.write_at(offset + r0 * row_bytes, out)
     return (r1 - r0) * row_bytes, norm
@@ -205,33 +203,52 @@ class Rewrite:
             self._consume(queue.popleft(), writer)
 
     def _write_fast(self, jobs: list[Job], writer: ShardWriter) -> None:
-        """The fast path (module doc): workers write their row ranges in place."""
-        pending: deque[tuple[Job, Future[tuple[int, float]], dict[str, Any]]] = deque()
+        """The fast path (module doc). Byte ranges are reserved in job order first; then
+        the workers merge every row range (each module's factors are a task of their
+        own, ahead of its ranges) while this thread copies the unchanged tensors."""
+        pending: list[tuple[Job, Future[tuple[int, float]], dict[str, Any]]] = []
+        copies: list[tuple[Job, int]] = []
         try:
             for job in jobs:
-                if job.lora is None or job.quant or job.qlora or job.replacement:
-                    (self._copy if job.lora is None and not (job.quant or job.qlora or
-                                                             job.replacement) else self._whole
-                     )(job, writer, None)
+                if job.quant or job.qlora or job.replacement:
+                    self._whole(job, writer, None)
                     self._done(job, None)
                     continue
-                a, b, scale, delta_fro = self.factors(job.lora)
-                factors = RowFactors.build(a, b, scale, job.transposed, job.src.dtype)
                 offset = writer.reserve(job.out_name, job.src.dtype, job.src.shape)
+                if job.lora is None:
+                    copies.append((job, offset))
+                    continue
+                factors = self._pool.submit(self._row_factors, job)
                 ranges = list(row_chunks(job.src.shape, 4, MERGE_CHUNK_BYTES))
-                sums = {"sq": 0.0, "left": len(ranges), "delta_fro": delta_fro}
-                for r0, r1 in ranges:
-                    pending.append((job, self._pool.submit(
-                        _merge_into, self.reader, writer, offset, job.src, factors, r0, r1,
-                        self._local), sums))
-                    while len(pending) > FAST_WINDOW:
-                        self._collect(*pending.popleft())
-            while pending:
-                self._collect(*pending.popleft())
+                sums = {"sq": 0.0, "left": len(ranges), "factors": factors}
+                pending.extend((job, self._pool.submit(
+                    _merge_into, self.reader, writer, offset, job.src, factors, r0, r1,
+                    self._local), sums) for r0, r1 in ranges)
+            for job, offset in copies:
+                self._copy_at(job, writer, offset)
+                self._done(job, None)
+            for item in pending:
+                self._collect(*item)
         finally:  # workers write into the writer's file: none may outlive this call
             for _, future, _ in pending:
                 future.cancel()
             wait([future for _, future, _ in pending])
+
+    def _row_factors(self, job: Job) -> tuple[RowFactors, float]:
+        assert job.lora is not None
+        a, b, scale, delta_fro = self.factors(job.lora)
+        return RowFactors.build(a, b, scale, job.transposed, job.src.dtype), delta_fro
+
+    def _copy_at(self, job: Job, writer: ShardWriter, offset: int) -> None:
+        """An unchanged tensor into its reserved range: in the kernel, else by hand."""
+        src = job.src
+        if not writer.copy_at(self.reader.handle(src.file), src.data_offset + src.info.start,
+                              src.info.nbytes, offset):
+            row_bytes = src.info.nbytes // max(src.shape[0], 1) if src.shape else 0
+            for r0, r1 in row_chunks(src.shape, torch_dtype(src.dtype).itemsize):
+                writer.write_at(offset + r0 * row_bytes, self.reader.read(src, r0, r1))
+        if self.progress is not None and job.hash_src:
+            self.progress(src.info.nbytes)
 
     def _collect(self, job: Job, future: Future[tuple[int, float]], sums: dict[str, Any]) -> None:
         nbytes, norm = future.result()
@@ -242,7 +259,7 @@ class Rewrite:
         if self.progress is not None:
             self.progress(nbytes)
         if not sums["left"]:
-            self.reports.append(ModuleReport(job.out_name, "lora", sums["delta_fro"],
+            self.reports.append(ModuleReport(job.out_name, "lora", sums["factors"].result()[1],
                                              math.sqrt(sums["sq"])))
             self._done(job, None)
 

@@ -184,10 +184,22 @@ class ShardWriter:
         refuses (another filesystem, an old kernel); the caller then copies by hand.
         """
         assert self._current is not None
-        if self._current[4] is not None or not hasattr(os, "copy_file_range"):
+        if self._current[4] is not None:
             return False
         self._drain()
-        dst, done = 8 + self.reserved + self._pos, 0
+        if not self.copy_at(src, offset, count, 8 + self.reserved + self._pos):
+            return False
+        self._pos += count
+        return True
+
+    def copy_at(self, src: BinaryIO, offset: int, count: int, dst: int) -> bool:
+        """Copy ``count`` bytes of ``src`` from ``offset`` to file offset ``dst`` (inside a
+        range from :meth:`reserve`) in the kernel (``copy_file_range``, as ``cp`` does).
+        Thread-safe like :meth:`write_at`. False when the kernel refuses (another
+        filesystem, an old kernel): the caller copies by hand over the partial bytes."""
+        if not hasattr(os, "copy_file_range"):
+            return False
+        done = 0
         try:
             while done < count:
                 n = os.copy_file_range(src.fileno(), self._fd, count - done, offset + done,
@@ -196,8 +208,7 @@ class ShardWriter:
                     raise OSError("source ended early")
                 done += n
         except OSError:
-            return False  # partial bytes are overwritten by the caller's own copy
-        self._pos += count
+            return False
         self._start_writeback(dst + count)
         return True
 
