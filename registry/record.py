@@ -8,7 +8,7 @@ of the version digest). Two kinds exist, told apart by ``record["kind"]``:
     {"kind": "adapter",
      "peft": {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
               "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias",
-              "task_type"},
+              "task_type", ["layers_to_transform", "layers_pattern", "exclude_modules"]},
      "tensors": {"count": int, "dtypes": {"F16": 12, ...}, "parameters": int},
      "base_model": {"id": str|null, "revision": str|null,
                     "fingerprint": {"struct_digest": digest, "weights_digest": digest|null}|null},
@@ -22,6 +22,12 @@ merge-and-unload output that is recorded by reference, without its weights):
 the same common fields, ``"weights": {"struct_digest", "weights_digest"}`` (the
 fingerprint of the derived model) instead of ``peft``, and optional ``tensors``,
 ``location`` (where it was written) and ``quantization`` (free-form object).
+
+The bracketed ``peft`` fields restrict which modules the adapter touches
+(``layers_to_transform``: layer indices, ``layers_pattern``: the layer container
+name(s), ``exclude_modules``: names or a regex); they are kept only when the PEFT
+config sets them, so records of adapters without them, and their digests, are the
+same as before these fields existed.
 
 :func:`validate_record` checks every field with a message naming it (e.g.
 ``record.metrics.loss must be a finite number``), refuses unknown fields, fills
@@ -174,11 +180,36 @@ def _fingerprint(value: Any, path: str, *, optional: bool = True) -> dict[str, A
                                       optional=optional)}
 
 
+PEFT_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
+               "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias", "task_type")
+PEFT_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+"""Optional ``peft`` fields, recorded only when set (module docstring)."""
+
+
+def _str_or_list(value: Any, path: str) -> str | list[str]:
+    return _str(value, path) if isinstance(value, str) else _str_list(value, path)
+
+
+def _restrictions(obj: dict[str, Any], path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    layers = obj.get("layers_to_transform")
+    if layers is not None:
+        items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if not isinstance(items, (list, tuple)):
+            raise _fail(f"{path}.layers_to_transform", "must be a layer index or a list of them",
+                        layers)
+        out["layers_to_transform"] = sorted({_int(v, f"{path}.layers_to_transform[{i}]")
+                                             for i, v in enumerate(items)})
+    for key in ("layers_pattern", "exclude_modules"):
+        if obj.get(key) is not None:
+            value = _str_or_list(obj[key], f"{path}.{key}")
+            out[key] = sorted(value) if isinstance(value, list) else value
+    return out
+
+
 def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
     obj = _obj(value, path)
-    _exact_keys(obj, path, {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
-                            "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias",
-                            "task_type"})
+    _exact_keys(obj, path, set(PEFT_FIELDS) | set(PEFT_RESTRICTIONS))
     targets = obj.get("target_modules")
     if targets is not None and not isinstance(targets, str):
         targets = sorted(_str_list(targets, f"{path}.target_modules"))
@@ -199,6 +230,7 @@ def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
         "modules_to_save": None if saved is None else _str_list(saved, f"{path}.modules_to_save"),
         "bias": bias,
         "task_type": _str(obj.get("task_type"), f"{path}.task_type", optional=True),
+        **_restrictions(obj, path),
     }
 
 
@@ -320,9 +352,7 @@ def build_record(peft_config: dict, tensors: TensorSummary, *, base_model: str |
         BadInputError: Any field is invalid (the message names it).
     """
     cfg = _obj(peft_config, "peft")
-    peft = {key: cfg[key] for key in ("peft_type", "r", "lora_alpha", "target_modules",
-                                      "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-                                      "modules_to_save", "bias", "task_type") if key in cfg}
+    peft = {key: cfg[key] for key in PEFT_FIELDS + PEFT_RESTRICTIONS if key in cfg}
     record: dict[str, Any] = {"kind": "adapter", "peft": peft, "tensors": tensors.to_json()}
     record.update(_common_args(base_model or cfg.get("base_model_name_or_path"), base_revision,
                                fingerprint, dataset, hyperparameters, metrics, known_risks,

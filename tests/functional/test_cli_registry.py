@@ -380,3 +380,22 @@ def test_cli_never_imports_torch(tmp_path):
         f"assert main({step!r} + ['--json']) == 0, {step!r}\n" for step in steps
     )
     assert heavy_modules_after(code, ROOT) == []
+
+
+def test_layer_restrictions_are_record_fields(tmp_path, store, capsys):
+    adapter = write_synthetic_adapter(tmp_path / "layers")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update({"layers_to_transform": [1], "layers_pattern": "layers"})
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    data = push(capsys, store, adapter, "restricted")
+    code, shown = run_json(capsys, "show", data["ref"], "--store", store)
+    assert code == 0
+    assert shown["record"]["peft"]["layers_to_transform"] == [1]
+    assert shown["record"]["peft"]["layers_pattern"] == "layers"
+    code, text, _ = run(capsys, "show", data["ref"], "--store", store)
+    assert code == 0 and "layers_to_transform" in text
+    # a bad value is refused with the field named, nothing stored
+    config["layers_to_transform"] = ["one"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, err = run_json(capsys, "push", adapter, "--name", "bad", "--store", store)
+    assert code == 2 and "record.peft.layers_to_transform[0]" in err["message"]

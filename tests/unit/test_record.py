@@ -143,3 +143,32 @@ def test_huge_integer_metric_is_a_clear_error() -> None:
     """An int beyond float range is bad input, not an OverflowError crash."""
     with pytest.raises(BadInputError, match=r"record\.metrics\.x must be a finite number"):
         record(metrics={"x": 10**400})
+
+
+def test_layer_restrictions_recorded_only_when_set() -> None:
+    restricted = {**CONFIG, "layers_to_transform": [29, 18, 20], "layers_pattern": "layers",
+                  "exclude_modules": ["b", "a"]}
+    rec = build_record(restricted, TENSORS, fingerprint=FP, author="a", created="2025-01-31T12:00:00Z")
+    assert rec["peft"]["layers_to_transform"] == [18, 20, 29]
+    assert rec["peft"]["layers_pattern"] == "layers"
+    assert rec["peft"]["exclude_modules"] == ["a", "b"]
+    assert validate_record(rec) == rec
+    single = build_record({**CONFIG, "layers_to_transform": 3}, TENSORS, author="a")
+    assert single["peft"]["layers_to_transform"] == [3]
+    # unset (or null, as PEFT writes it): not in the record, so digests do not change
+    plain = build_record({**CONFIG, "layers_to_transform": None, "layers_pattern": None},
+                         TENSORS, author="a")
+    assert not {"layers_to_transform", "layers_pattern", "exclude_modules"} & set(plain["peft"])
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("layers_to_transform", [1, -2], "peft.layers_to_transform[1]"),
+    ("layers_to_transform", "0-3", "peft.layers_to_transform"),
+    ("layers_to_transform", [True], "peft.layers_to_transform[0]"),
+    ("layers_pattern", 5, "peft.layers_pattern"),
+    ("exclude_modules", [""], "peft.exclude_modules[0]"),
+])
+def test_bad_layer_restrictions_name_the_field(field: str, value: Any, needle: str) -> None:
+    with pytest.raises(BadInputError) as err:
+        build_record({**CONFIG, field: value}, TENSORS, author="a")
+    assert f"record.{needle}" in err.value.message
