@@ -153,3 +153,35 @@ def test_writer_reserved_ranges_filled_out_of_order(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="hash_tensors"):
         hashing.reserve("w", "F32", (40, 8))
     hashing.abort()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_weights_in_many_ranges(work: Path, dtype: torch.dtype) -> None:
+    """GPT-2 keeps ``(in, out)`` Conv1D weights (``fan_in_fan_out``) and an adapted
+    embedding is transposed too: their row ranges are columns of ``A``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    tag = str(dtype).split(".")[1]
+    torch.manual_seed(21)
+    base_dir = work / f"gpt2-{tag}"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32)
+                    ).to(dtype).save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "wte"],
+        fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(work / f"gpt2-adapter-{tag}")
+    out = unload(work / f"gpt2-adapter-{tag}", base_dir, work / f"gpt2-out-{tag}").out_dir
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100]])
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype),
+        str(work / f"gpt2-adapter-{tag}")).eval()
+    mine = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).eval()
+    with torch.no_grad():
+        diff = (mine(ids).logits.float() - reference(ids).logits.float()).abs().max().item()
+    assert diff <= (1e-5 if dtype == torch.float32 else 0.05)
