@@ -91,14 +91,25 @@ def test_no_sync_skips_every_fsync(work: Path, base: Path, monkeypatch: pytest.M
         calls.append(fd)
         real_fsync(fd)
 
+    kicks: list[tuple[int, int]] = []
+
+    def recording_writeback(fd: int, offset: int, count: int, flags: int) -> int:
+        kicks.append((offset, count))
+        return 0
+
+    from merging import shard_writer
+
     monkeypatch.setattr(os, "fsync", counting_fsync)
+    monkeypatch.setattr(shard_writer, "_sync_file_range", recording_writeback)
     durable = unload(adapter, base, work / "synced")
     assert len(calls) >= 2  # the shard and the parent directory
+    assert kicks and all(count > 0 for _, count in kicks)  # writeback started per range
     calls.clear()
+    kicks.clear()
     code, data = run_json(capsys, "unload", adapter, "--base", base, "--out",
                           work / "unsynced", "--no-sync")
     assert code == 0, data
-    assert calls == []
+    assert calls == [] and kicks == []
     a, b = state_of(durable.out_dir), state_of(work / "unsynced")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
