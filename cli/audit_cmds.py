@@ -1,4 +1,9 @@
-"""Integrity and housekeeping commands: ``verify``, ``gc``, ``audit log|verify``.
+"""Integrity and housekeeping commands: ``verify``, ``gc``, ``audit log|verify|checkpoint``.
+
+``audit checkpoint --key KEY.pem --out FILE`` signs the log's newest entry
+(:mod:`registry.audit_checkpoint`) for the auditor to keep outside the store;
+``audit verify --checkpoint FILE --trusted-keys KEY.pub`` then also fails (exit 3)
+when the log was rewritten or cut below that entry, even with every hash recomputed.
 
 ``verify`` and ``audit verify`` print their full report, then fail with exit 3
 (:class:`registry.errors.IntegrityError`) when anything is wrong. ``verify
@@ -163,27 +168,95 @@ def audit_log(
 
 
 def _where(problem: dict[str, Any]) -> str:
-    """``log line N`` for a line of log.jsonl, ``head.json`` for the head (line 0)."""
+    """``log line N`` for a line of log.jsonl, ``head.json`` for the head (line 0),
+    ``checkpoint`` for a signed checkpoint the log no longer matches."""
+    if problem.get("kind") == "checkpoint":
+        return "checkpoint"
     return f"log line {problem['line']}" if problem["line"] else "head.json"
 
 
 @audit_app.command("verify")
-def audit_verify(json_out: JsonOpt = False, store: StoreOpt = None) -> None:
-    """Check the hash chain; exit 3 naming the first bad line."""
+def audit_verify(
+    checkpoint: Annotated[Optional[list[Path]], typer.Option(
+        "--checkpoint", help="A signed checkpoint file to check the log against (repeat).")] = None,
+    trusted_keys: Annotated[Optional[list[Path]], typer.Option(
+        "--trusted-keys", help="Public key PEM file or directory trusted to sign checkpoints.")
+    ] = None,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Check the hash chain (and signed checkpoints); exit 3 naming the first problem."""
+    trusted: dict[str, Any] = {}
+    if checkpoint:
+        from registry.signing import load_trusted_keys
+
+        trusted = load_trusted_keys(trusted_keys or [])
+        if not trusted:
+            raise BadInputError("--checkpoint needs the public key(s) trusted to sign it",
+                                fix="add --trusted-keys KEY.pub (a PEM file or a directory)")
+    elif trusted_keys:
+        raise BadInputError("--trusted-keys is only used with --checkpoint",
+                            fix="add --checkpoint FILE")
     st = open_store(store)
     report = st.audit().verify()
     data = report.to_json()
+    if checkpoint:
+        from registry.audit_checkpoint import check_checkpoint, read_checkpoint
+
+        entries = st.audit().entries() if report.ok else []
+        data["checkpoints"] = []
+        for path in checkpoint:
+            seq, problems = check_checkpoint(read_checkpoint(path), entries, trusted)
+            data["checkpoints"].append({"file": str(path), "seq": seq, "ok": not problems})
+            data["problems"] += [{"line": 0, "kind": "checkpoint", "message": f"{path}: {m}"}
+                                 for m in problems]
 
     def render(console: Any) -> None:
         for p in data["problems"]:
             console.print(f"[red]{_where(p)}[/red]: {escape(p['message'])}")
+        for c in data.get("checkpoints", []):
+            console.print(f"checkpoint {escape(c['file'])} (seq {c['seq']}): "
+                          + ("[green]ok[/green]" if c["ok"] else "[red]failed[/red]"))
         console.print(f"{data['entries']} entries, {len(data['problems'])} problems")
 
     error = None
-    if not report.ok:
+    if data["problems"]:
         first = data["problems"][0]
         error = IntegrityError(
             f"audit {_where(first)}: {first['message']}",
-            fix="the log was edited, reordered or truncated; restore it from a backup",
+            fix="the log was edited, reordered, truncated or rewritten; restore it from a backup",
         )
     emit_checked(Output(json_out), data, render, error)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (PEM) to sign with.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the checkpoint (new file); "
+                                                    "keep it outside the store.")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Sign the log's newest entry: an anchor `audit verify --checkpoint` checks against."""
+    import base64
+
+    from registry.audit_checkpoint import sign_checkpoint
+    from registry.common import atomic_write_bytes, canonical_json
+    from registry.errors import ConflictError
+
+    if out.exists():
+        raise ConflictError(f"{out} already exists", fix="pick a new file name per checkpoint")
+    st = open_store(store)
+    report = st.audit().verify()
+    if not report.ok:
+        raise IntegrityError("the audit log does not verify; not signing it",
+                             fix="run `adapters audit verify` and restore the log first")
+    envelope = sign_checkpoint(st.audit().entries(), key)
+    payload = json.loads(base64.b64decode(envelope["payload"]))
+    keyid = envelope["signatures"][0]["keyid"]
+    atomic_write_bytes(out, canonical_json(envelope) + b"\n")
+    st.audit().append("checkpoint", "audit", new={**payload, "keyid": keyid})
+    data = {"file": str(out), "seq": payload["seq"], "hash": payload["hash"], "keyid": keyid}
+    Output(json_out).emit(data, lambda c: c.print(
+        f"signed audit entry {data['seq']} ({short_digest(data['hash'])}) with key "
+        f"{short_digest(keyid)} -> {escape(str(out))}"))

@@ -124,7 +124,7 @@ def key_id(public_key: Any) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def _read_pem(path: Path, private: bool) -> Any:
+def read_pem(path: Path, private: bool) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -156,7 +156,7 @@ def sign_version(name: str, digest: str, private_key_path: Path) -> dict[str, An
         NotFoundError: If the key file does not exist.
         BadInputError: If it is not an unencrypted PEM ed25519 private key.
     """
-    key = _read_pem(private_key_path, private=True)
+    key = read_pem(private_key_path, private=True)
     payload = version_payload(name, digest)
     signature = key.sign(pae(PAYLOAD_TYPE, payload))
     return {
@@ -173,7 +173,7 @@ def load_trusted_keys(paths: Iterable[Path]) -> dict[str, Any]:
         path = Path(path)
         files = sorted(p for p in path.iterdir() if p.suffix in {".pem", ".pub"}) if path.is_dir() else [path]
         for file in files:
-            public = _read_pem(file, private=False)
+            public = read_pem(file, private=False)
             keys[key_id(public)] = public
     return keys
 
@@ -184,8 +184,6 @@ def check_envelope(envelope: dict[str, Any], trusted: dict[str, Any]) -> Signatu
     Raises:
         IntegrityError: If the envelope is malformed or of another payload type.
     """
-    from cryptography.exceptions import InvalidSignature
-
     try:
         if envelope["payloadType"] != PAYLOAD_TYPE:
             raise IntegrityError(f"signature envelope has payload type {envelope['payloadType']!r}")
@@ -195,10 +193,20 @@ def check_envelope(envelope: dict[str, Any], trusted: dict[str, Any]) -> Signatu
         signatures = list(envelope["signatures"])
     except (KeyError, TypeError, ValueError) as err:
         raise IntegrityError(f"malformed signature envelope ({err})", fix="re-sign the version") from None
+    valid, invalid, untrusted = check_signatures(PAYLOAD_TYPE, payload, signatures, trusted)
+    return SignatureCheck(name, digest, valid, invalid, untrusted)
+
+
+def check_signatures(payload_type: str, payload: bytes, signatures: list[Any],
+                     trusted: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """``(valid, invalid, untrusted)`` key ids of DSSE ``signatures`` over ``payload``:
+    verified by a trusted key, failing under a trusted key, by a key not trusted."""
+    from cryptography.exceptions import InvalidSignature
+
     valid, invalid, untrusted = [], [], []
-    message = pae(PAYLOAD_TYPE, payload)
+    message = pae(payload_type, payload)
     for entry in signatures:
-        keyid = str(entry.get("keyid", ""))
+        keyid = str(entry.get("keyid", "")) if isinstance(entry, dict) else ""
         public = trusted.get(keyid)
         if public is None:
             untrusted.append(keyid)
@@ -206,9 +214,9 @@ def check_envelope(envelope: dict[str, Any], trusted: dict[str, Any]) -> Signatu
         try:
             public.verify(base64.b64decode(entry["sig"], validate=True), message)
             valid.append(keyid)
-        except (InvalidSignature, KeyError, ValueError):
+        except (InvalidSignature, KeyError, TypeError, ValueError):
             invalid.append(keyid)
-    return SignatureCheck(name, digest, tuple(valid), tuple(invalid), tuple(untrusted))
+    return tuple(valid), tuple(invalid), tuple(untrusted)
 
 
 def split_envelope(envelope: Any) -> tuple[str, str, dict[str, dict[str, Any]]]:

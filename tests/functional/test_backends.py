@@ -235,3 +235,22 @@ def test_concurrent_pushes_and_alias_moves_lose_nothing(store_location: str,
     report = store.audit().verify()
     assert report.ok, report.to_json()
     assert verify(store).ok
+
+
+def test_audit_checkpoint_on_every_backend(store_location: str, tmp_path: Path) -> None:
+    """A checkpoint of the log's newest entry holds while the log grows, on both backends."""
+    from registry.audit_checkpoint import check_checkpoint, sign_checkpoint
+    from registry.signing import generate_key, load_trusted_keys
+
+    store = Store.open(store_location, create=True)
+    push_adapter(store, "n0", make_adapter_dir(tmp_path / "a0", seed=0))
+    generate_key(tmp_path / "k.pem", tmp_path / "k.pub")
+    trusted = load_trusted_keys([tmp_path / "k.pub"])
+    envelope = sign_checkpoint(store.audit().entries(), tmp_path / "k.pem")
+    assert check_checkpoint(envelope, store.audit().entries(), trusted) == (2, [])
+    push_adapter(store, "n1", make_adapter_dir(tmp_path / "a1", seed=1))  # appends keep it valid
+    assert check_checkpoint(envelope, store.audit().entries(), trusted) == (2, [])
+    forged = [{**e, "hash": "sha256:" + "0" * 64} if e["seq"] == 2 else e
+              for e in store.audit().entries()]
+    seq, problems = check_checkpoint(envelope, forged, trusted)
+    assert seq == 2 and "history rewritten" in problems[0]
