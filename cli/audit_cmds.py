@@ -52,6 +52,27 @@ def emit_checked(out: Output, data: dict[str, Any], render: Any,
     raise error
 
 
+def trusted_keys_for(option: str, used: bool, paths: list[Path] | None) -> dict[str, Any] | None:
+    """The public keys ``--trusted-keys`` names, when ``option`` (which needs them) is
+    ``used``; ``None`` when it is not.
+
+    Raises:
+        BadInputError: ``option`` without a trusted key, or trusted keys without ``option``.
+    """
+    if not used:
+        if paths:
+            raise BadInputError(f"--trusted-keys is only used with {option}",
+                                fix=f"add {option}")
+        return None
+    from registry.signing import load_trusted_keys
+
+    trusted = load_trusted_keys(paths or [])
+    if not trusted:
+        raise BadInputError(f"{option} needs at least one trusted public key",
+                            fix="add --trusted-keys KEY.pub (a PEM file or a directory)")
+    return trusted
+
+
 def verify(
     ref: Annotated[Optional[str], typer.Argument(help="Only this version.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every blob in the store.")] = False,
@@ -70,17 +91,7 @@ def verify(
 
     if ref is not None and all_:
         raise BadInputError("give REF or --all, not both", fix="drop one of them")
-    trusted = None
-    if signatures:
-        from registry.signing import load_trusted_keys
-
-        trusted = load_trusted_keys(trusted_keys or [])
-        if not trusted:
-            raise BadInputError("--signatures needs at least one trusted public key",
-                                fix="add --trusted-keys KEY.pub (a PEM file or a directory)")
-    elif trusted_keys:
-        raise BadInputError("--trusted-keys is only used with --signatures",
-                            fix="add --signatures")
+    trusted = trusted_keys_for("--signatures", signatures, trusted_keys)
     out = Output(json_out)
     st = open_store(store)
     with out.progress("verifying", None) as advance:
@@ -186,17 +197,7 @@ def audit_verify(
     store: StoreOpt = None,
 ) -> None:
     """Check the hash chain (and signed checkpoints); exit 3 naming the first problem."""
-    trusted: dict[str, Any] = {}
-    if checkpoint:
-        from registry.signing import load_trusted_keys
-
-        trusted = load_trusted_keys(trusted_keys or [])
-        if not trusted:
-            raise BadInputError("--checkpoint needs the public key(s) trusted to sign it",
-                                fix="add --trusted-keys KEY.pub (a PEM file or a directory)")
-    elif trusted_keys:
-        raise BadInputError("--trusted-keys is only used with --checkpoint",
-                            fix="add --checkpoint FILE")
+    trusted = trusted_keys_for("--checkpoint", bool(checkpoint), trusted_keys) or {}
     st = open_store(store)
     report = st.audit().verify()
     data = report.to_json()
