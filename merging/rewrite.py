@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
-from merging.buffers import BufferPool
+from merging.buffers import BufferPool, allocate
 from merging.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.rowmerge import RowFactors, add_delta, merge_rows
 from merging.shard_writer import MAX_PENDING, ShardWriter
@@ -122,7 +122,7 @@ def _merge_into(reader: TensorReader, writer: ShardWriter, offset: int, src: Sou
     was submitted before this task, so it is running or done: waiting cannot deadlock."""
     buffer = getattr(local, "buffer", None)
     if buffer is None:
-        buffer = local.buffer = BufferPool(1, MERGE_CHUNK_BYTES).acquire(0)
+        buffer = local.buffer = allocate(MERGE_CHUNK_BYTES)
     raw = reader.read(src, r0, r1, buffer)
     out, norm = merge_rows(raw, factors.result()[0], r0, r1, keep_raw=False)
     row_bytes = src.info.nbytes // max(src.shape[0], 1)
