@@ -166,7 +166,7 @@ def main() -> None:
         res, _, per_module, _ = timed_merge(subset, "ties", params={"density": DENSITY}, rank=RANK)
         names = sorted(res.report["modules"])
         ours_t = {n.split("layers.0.")[1]: t for n, t in zip(names, per_module)}
-        print(f"\n[subset, layer 0] ours: " + ", ".join(f"{m} {t:.2f} s" for m, t in ours_t.items()),
+        print("\n[subset, layer 0] ours: " + ", ".join(f"{m} {t:.2f} s" for m, t in ours_t.items()),
               flush=True)
         peft_t, peft_cpu, ratios = {}, {}, {}
         for module in peft_subset:

@@ -28,13 +28,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
 from merging.buffers import view_as
 from registry.errors import BadInputError, NotFoundError
 from registry.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from merging.shard_writer import WrittenShard
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -19,7 +19,7 @@ from typing import Any
 
 from registry.backends import Backend, ObjectMissing
 from registry.blobs import BlobStore
-from registry.common import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex, is_digest
+from registry.common import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.manifest import Version, check_manifest
 from registry.refwrite import read_ref
