@@ -1,4 +1,4 @@
-"""Greedy decoding for the gate, many prompts at once.
+"""Greedy decoding and scoring passes for the gate, many prompts at once.
 
 Retention scores every prompt of an eval set by greedy exact match; decoding them one
 at a time was ~90% of a gate run on the demo model. :func:`greedy` decodes a batch
@@ -81,6 +81,36 @@ def greedy(model: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                         attention_mask=mask, position_ids=positions,
                         past_key_values=out.past_key_values, use_cache=True)
     return rows
+
+
+def forward_many(model: Any, rows: Sequence[Sequence[int]], *, pad_id: int, device: str = "cpu",
+                 batch_size: int = BATCH_SIZE) -> list[Any]:
+    """Float32 logits ``(len(row), vocab)`` of each token-id row, computed in batches of
+    rows of similar length, **right**-padded: with causal attention a real token never
+    sees the padding after it, so its logits are those of the row alone (up to float
+    rounding of the batched matmuls). For perplexity and answer log-likelihoods.
+
+    Raises:
+        ValueError: A row is empty.
+    """
+    import torch
+
+    if any(not row for row in rows):
+        raise ValueError("empty row")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[Any] = [None] * len(rows)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(rows[i]) for i in chunk)
+            ids = torch.tensor([list(rows[i]) + [pad_id] * (width - len(rows[i])) for i in chunk],
+                               device=device)
+            mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in chunk],
+                                device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            for j, i in enumerate(chunk):
+                out[i] = logits[j, :len(rows[i])]
+    return out
 
 
 def finish(tokens: Sequence[int], decode: Callable[[list[int]], str],

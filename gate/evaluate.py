@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gate.decoding import BATCH_SIZE, Generation, finish, greedy
+from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from registry.errors import BadInputError, UnsupportedAdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -271,7 +271,8 @@ class Evaluator:
             return model(input_ids=tensor).logits[0].float()
 
     def perplexity(self, model: Any, texts: Sequence[str]) -> float:
-        """``exp`` of the mean token NLL over all texts (windows of ``max_length`` tokens).
+        """``exp`` of the mean token NLL over all texts (windows of ``max_length`` tokens,
+        scored in batches, see :func:`gate.decoding.forward_many`).
 
         Raises:
             BadInputError: No text has two tokens to score.
@@ -279,19 +280,20 @@ class Evaluator:
         import torch.nn.functional as F
         import torch
 
-        total, count = 0.0, 0
+        windows = []
         for text in texts:
             ids = self._encode(text)
-            for start in range(0, len(ids), self.max_length):
-                window = ids[start:start + self.max_length]
-                if len(window) < 2:
-                    continue
-                logits = self._forward(model, window)
-                target = torch.tensor(window[1:], device=logits.device)
-                total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
-                count += len(window) - 1
-        if count == 0:
+            windows += [ids[start:start + self.max_length]
+                        for start in range(0, len(ids), self.max_length)]
+        windows = [w for w in windows if len(w) >= 2]
+        if not windows:
             raise BadInputError("held-out text is too short to score", fix="add longer documents")
+        total, count = 0.0, 0
+        for window, logits in zip(windows, forward_many(model, windows, pad_id=self._pad(model),
+                                                        device=self.device)):
+            target = torch.tensor(window[1:], device=logits.device)
+            total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
+            count += len(window) - 1
         return math.exp(total / count) if math.isfinite(total) else float("nan")
 
     def _continuation(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -304,14 +306,22 @@ class Evaluator:
 
     def answer_logprob(self, model: Any, prompt: str, answer: str) -> tuple[float, int]:
         """Sum of log-probabilities of the answer tokens after the prompt, and their count."""
+        return self.answer_logprobs(model, [(prompt, answer)])[0]
+
+    def answer_logprobs(self, model: Any, pairs: Sequence[tuple[str, str]]
+                        ) -> list[tuple[float, int]]:
+        """:meth:`answer_logprob` of many ``(prompt, answer)`` pairs, scored in batches."""
         import torch
 
-        ctx, cont = self._continuation(prompt, answer)
-        ids = (ctx + cont)[-self.max_length:]
-        logits = self._forward(model, ids)
-        logp = torch.log_softmax(logits[-len(cont) - 1:-1], dim=-1)
-        picked = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None])
-        return float(picked.sum()), len(cont)
+        split = [self._continuation(prompt, answer) for prompt, answer in pairs]
+        rows = [(ctx + cont)[-self.max_length:] for ctx, cont in split]
+        out = []
+        for (_, cont), logits in zip(split, forward_many(model, rows, pad_id=self._pad(model),
+                                                          device=self.device)):
+            logp = torch.log_softmax(logits[-len(cont) - 1:-1], dim=-1)
+            picked = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None])
+            out.append((float(picked.sum()), len(cont)))
+        return out
 
     def answer_tokens(self, prompt: str, answer: str) -> int:
         """How many tokens the answer takes after the prompt."""
@@ -343,8 +353,7 @@ class Evaluator:
 
         torch.manual_seed(self.seed)
         eos = self._eos_ids(model)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if isinstance(pad, int) else min(eos, default=0)
+        pad = self._pad(model)
         encoded = [self._encode(p)[-self.max_length:] for p in prompts]
         for prompt, ids in zip(prompts, encoded):
             if not ids:
@@ -359,6 +368,11 @@ class Evaluator:
             for i, tokens in zip(chunk, rows):
                 results[i] = finish(tokens, self._decode, stop)
         return [r for r in results if r is not None]
+
+    def _pad(self, model: Any) -> int:
+        """A padding id (masked out, so any valid id does): the tokenizer's, else EOS."""
+        pad = self.tokenizer.pad_token_id
+        return pad if isinstance(pad, int) else min(self._eos_ids(model), default=0)
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))

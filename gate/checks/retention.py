@@ -31,10 +31,8 @@ from gate.evaluate import answer_matches, read_pairs
 def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float:
     """The set's score for ``model`` under the policy's metric."""
     if spec["metric"] == "loglik":
-        total, count = 0.0, 0
-        for prompt, answer in pairs:
-            logp, n = ev.answer_logprob(model, prompt, answer)
-            total, count = total + logp, count + n
+        scored = ev.answer_logprobs(model, pairs)
+        total, count = sum(logp for logp, _ in scored), sum(n for _, n in scored)
         return math.exp(total / count) if count and math.isfinite(total) else 0.0
     budgets = [spec["max_new_tokens"] or ev.answer_tokens(prompt, answer) + 2
                for prompt, answer in pairs]

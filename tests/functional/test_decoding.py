@@ -84,3 +84,42 @@ def test_bad_batches_refused(model_and_tokenizer) -> None:
     with pytest.raises(ValueError):
         greedy(model, [[]], [3], eos=set(), pad_id=0)
     assert greedy(model, [], [], eos=set(), pad_id=0) == []
+
+
+def test_batched_forward_matches_rows_alone(model_and_tokenizer) -> None:
+    from gate.decoding import forward_many
+
+    model, tok = model_and_tokenizer
+    rows = [tok(p)["input_ids"] for p in PROMPTS]
+    batched = forward_many(model, rows, pad_id=0, batch_size=4)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r])).logits[0].float() for r in rows]
+    assert all(b.shape == a.shape for b, a in zip(batched, alone))
+    assert max(float((b - a).abs().max()) for b, a in zip(batched, alone)) <= 1e-5
+    with pytest.raises(ValueError):
+        forward_many(model, [[]], pad_id=0)
+
+
+def test_perplexity_and_loglik_match_transformers_losses(model_and_tokenizer) -> None:
+    model, tok = model_and_tokenizer
+    ev = Evaluator(world().base)
+    texts = [p for p in PROMPTS if len(tok(p)["input_ids"]) >= 2]  # one-token texts are skipped
+    assert len(texts) >= 4
+    # reference: transformers' own mean NLL per text (labels = inputs), token-weighted
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert ev.perplexity(model, texts) == pytest.approx(float(torch.tensor(nll / count).exp()),
+                                                        rel=1e-5)
+    pairs = [("A cat =", "meow"), ("B red : the", "big old"), ("the", "a of and")]
+    scored = ev.answer_logprobs(model, pairs)
+    for (prompt, answer), (logp, n) in zip(pairs, scored):
+        ctx, cont = tok(prompt)["input_ids"], tok(answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0]
+        expected = torch.log_softmax(logits[len(ctx) - 1:-1], -1).gather(
+            1, torch.tensor(cont)[:, None]).sum()
+        assert n == len(cont) and logp == pytest.approx(float(expected), abs=1e-4)
