@@ -196,3 +196,28 @@ def test_transposed_weights_in_many_ranges(work: Path, dtype: torch.dtype) -> No
     with torch.no_grad():
         diff = (mine(ids).logits.float() - reference(ids).logits.float()).abs().max().item()
     assert diff <= (1e-5 if dtype == torch.float32 else 0.05)
+
+
+def test_worker_failure_cleans_up(work: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read failing inside a worker (the base changed under us) surfaces as the
+    command's error; the staged output is removed and no worker outlives the call."""
+    from merging.shards import TensorReader
+
+    adapter = make_adapter(base, work / "fail-adapter", seed=15)
+    real_read = TensorReader.read
+    calls = {"n": 0}
+
+    def flaky_read(self, src, row_start=0, row_end=None, buffer=None):  # noqa: ANN001, ANN202
+        if threading.current_thread().name.startswith("merge"):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise BadInputError(f"{src.file}: file changed while reading {src.name}",
+                                    fix="make sure nothing writes the base model while unloading")
+        return real_read(self, src, row_start, row_end, buffer)
+
+    monkeypatch.setattr(TensorReader, "read", flaky_read)
+    with pytest.raises(BadInputError, match="file changed while reading"):
+        unload(adapter, base, work / "failed")
+    assert calls["n"] >= 7
+    assert not (work / "failed").exists() and leftovers(work, "failed") == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("merge")] == []
