@@ -19,6 +19,10 @@ text contains a stop string, cut the text at that string. Because decoding is
 causal, a row's tokens do not depend on how long other rows run; batched and
 one-at-a-time results agree up to float rounding of padded matmuls (tests compare
 them, and against ``transformers``' own greedy ``generate``).
+
+:func:`forward_many` is the scoring counterpart (perplexity windows, answer
+log-likelihoods): one forward pass per batch, **right**-padded, since a causal model's
+real tokens never attend to padding that comes after them.
 """
 
 from __future__ import annotations
