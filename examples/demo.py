@@ -12,8 +12,11 @@
    (structural, merge equivalence, perplexity vs base, retention on each task's
    eval set, generation sanity), with JUnit reports.
 6. ``adapters promote`` the best passing merge to ``release``, print its lineage
-   tree and the release history, and ``adapters audit verify``.
-7. Print a results table (per-task exact match of the base, each adapter, each
+   tree and the release history.
+7. Ship it: ``adapters unload`` the release into a standalone model (merge-and-unload,
+   recorded with lineage), ``adapters quantize`` that to nf4, print the lineage from
+   the nf4 model down to the two adapters, and ``adapters audit verify``.
+8. Print a results table (per-task exact match of the base, each adapter, each
    merge, and the gate verdicts) and write it as Markdown.
 
 Everything lives under ``.adapters-demo/``: the store (``store/``, recreated each
@@ -303,9 +306,20 @@ def main() -> int:
         adapters("lineage", f"{PRODUCT}:release", "--format", "tree", capture=False)
     else:
         print("no merge passed the gate; nothing promoted")
+
+    if winner is not None:
+        banner("8. ship the release: bake it into the base, then quantize to nf4")
+        shipped, shipped_nf4 = work / "shipped", work / "shipped-nf4"
+        for old in (shipped, shipped_nf4):
+            shutil.rmtree(old, ignore_errors=True)
+        # a standalone model (no PEFT needed to load it), recorded with its lineage
+        adapters("unload", f"{PRODUCT}:release", "--base", base, "--out", shipped, capture=False)
+        adapters("quantize", shipped, "--to", "nf4", "--out", shipped_nf4,
+                 "--name", f"{PRODUCT}-nf4", capture=False)
+        adapters("lineage", f"{PRODUCT}-nf4", "--format", "tree", capture=False)
     adapters("audit", "verify", capture=False)
 
-    banner("8. results")
+    banner("9. results")
     report_results(demo_dir, scores, merges, verdicts, winner)
     print(f"\ndone in {time.perf_counter() - T0:.0f} s")
     return 0
