@@ -64,20 +64,14 @@ def unload(
     store: StoreOpt = None,
 ) -> None:
     """Merge an adapter into its base and write a model that loads without PEFT."""
-    from merging.shards import read_layout
     from merging.unload import unload as run_unload
 
-    output = Output(json_out)
     is_dir = Path(ref).is_dir()
     st = open_store(store) if (not is_dir or name) else None
-    total = read_layout(base).total_bytes
-    with output.progress(f"unloading into {out.name}", total) as advance:
-        result = run_unload(ref if not is_dir else Path(ref), base, out, store=st,
-                            max_shard_size=max_shard_size, quantize=quantize, qlora=qlora,
-                            double_quant=double_quant, blocksize=blocksize, name=name,
-                            probe=probe, progress=advance, sync=sync)
-    data = result.to_json()
-    output.emit(data, lambda console: _render(console, data))
+    _rewrite(json_out, f"unloading into {out.name}", base, lambda advance: run_unload(
+        ref if not is_dir else Path(ref), base, out, store=st, max_shard_size=max_shard_size,
+        quantize=quantize, qlora=qlora, double_quant=double_quant, blocksize=blocksize,
+        name=name, probe=probe, progress=advance, sync=sync))
 
 
 def quantize(
@@ -96,15 +90,21 @@ def quantize(
 ) -> None:
     """Write a bitsandbytes-quantized copy that from_pretrained loads as Linear4bit/8bitLt."""
     from merging.quantize import quantize as run_quantize
+
+    st = open_store(store) if name else None
+    _rewrite(json_out, f"quantizing into {out.name}", model_dir, lambda advance: run_quantize(
+        model_dir, to, out=out, double_quant=double_quant, blocksize=blocksize,
+        max_shard_size=max_shard_size, probe=probe, store=st, name=name, progress=advance,
+        sync=sync))
+
+
+def _rewrite(json_out: bool, label: str, source_dir: Path, run: Any) -> None:
+    """Run an unload/quantize with a progress bar over ``source_dir``'s bytes; render."""
     from merging.shards import read_layout
 
     output = Output(json_out)
-    st = open_store(store) if name else None
-    total = read_layout(model_dir).total_bytes
-    with output.progress(f"quantizing into {out.name}", total) as advance:
-        result = run_quantize(model_dir, to, out=out, double_quant=double_quant,
-                              blocksize=blocksize, max_shard_size=max_shard_size, probe=probe,
-                              store=st, name=name, progress=advance, sync=sync)
+    with output.progress(label, read_layout(source_dir).total_bytes) as advance:
+        result = run(advance)
     data = result.to_json()
     output.emit(data, lambda console: _render(console, data))
 
