@@ -15,15 +15,18 @@ quantized. :class:`Rewrite` executes a shard's jobs in order into a
   unquantized tensors for the logits probe) is done on the whole tensor, on the
   calling thread with :data:`WORKERS` intra-op threads.
 
-Two pipelines. **Fast** (nothing is hashed, no probe): every tensor's byte range is
-reserved in order first (:meth:`ShardWriter.reserve`); each worker then reads, merges
-and writes (``pwrite``) its row range at its own offset, so ranges finish in any
-order, and the calling thread copies the unchanged tensors meanwhile. On the 1B
-benchmark this costs ~1.8 CPU-s per 2.2 GB, about two user-space copies of the bytes
-plus the arithmetic. **Ordered** (a recorded unload hashes base and output bytes,
-sha256 in file order): ranges are consumed in order on the calling thread, which
-hashes the base bytes, and written by the writer thread, which hashes the output, with
-at most :data:`WINDOW` ranges in flight in pooled buffers (:mod:`merging.buffers`).
+Two pipelines. **Fast** (nothing is hashed, no probe): every shard's writer is open at
+once and each tensor's byte range is reserved in order (:meth:`ShardWriter.reserve`);
+the workers then copy unchanged tensors in the kernel, build each module's factors,
+and read, merge and write (``pwrite``) row ranges at their own offsets, in any order.
+The shards' task streams are interleaved, so the two workers mostly write different
+files (buffered writes to one file serialize on its inode lock) and no shard ends in
+an idle tail. On the 1B benchmark this costs ~1.8 CPU-s per 2.2 GB, about two
+user-space copies of the bytes plus the arithmetic. **Ordered** (a recorded unload
+hashes base and output bytes, sha256 in file order): shard by shard, ranges are
+consumed in order on the calling thread, which hashes the base bytes, and written by
+the writer thread, which hashes the output, with at most :data:`WINDOW` ranges in
+flight in pooled buffers (:mod:`merging.buffers`).
 Either way the merged weight's Frobenius norm doubles as the NaN/Inf check.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import threading
 from collections import deque
@@ -51,6 +55,7 @@ from merging.shards import (SourceTensor, TensorReader, row_chunks, to_float32, 
 from registry.errors import BadInputError
 from registry.safetensors_header import read_header
 
+_BROKEN_ADAPTER = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
 WORKERS = 2
 """Threads merging row ranges in parallel."""
 WINDOW = 2
@@ -115,16 +120,17 @@ def _read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0
 
 
 def _merge_into(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
-                factors: Future[tuple[RowFactors, float]], r0: int, r1: int,
+                sums: dict[str, Any], r0: int, r1: int,
                 local: threading.local) -> tuple[int, float]:
     """Worker task of the fast path: merge rows ``r0:r1`` and write them at their place
-    (``offset`` is where the tensor's data starts). Returns (bytes, norm). ``factors``
-    was submitted before this task, so it is running or done: waiting cannot deadlock."""
+    (``offset`` is where the tensor's data starts). Returns (bytes, norm). The module's
+    factors task (:meth:`Rewrite._row_factors`, which resolves ``sums["factors"]``) was
+    submitted before this one, so it is running or done: waiting cannot deadlock."""
     buffer = getattr(local, "buffer", None)
     if buffer is None:
         buffer = local.buffer = allocate(MERGE_CHUNK_BYTES)
     raw = reader.read(src, r0, r1, buffer)
-    out, norm = merge_rows(raw, factors.result()[0], r0, r1, keep_raw=False)
+    out, norm = merge_rows(raw, sums["factors"].result(), r0, r1, keep_raw=False)
     row_bytes = src.info.nbytes // max(src.shape[0], 1)
     writer.write_at(offset + r0 * row_bytes, out)
     return (r1 - r0) * row_bytes, norm
@@ -164,37 +170,51 @@ class Rewrite:
                                              header.data_offset))
 
     def factors(self, info: ModuleInfo) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """A, B (float32), scale and ``||s·B·A||_F`` (from the r x r Gram matrices)."""
-        a = self.adapter_tensor(info.keys.a).float()
-        b = self.adapter_tensor(info.keys.b).float()
-        gram = (b.T @ b).double() * (a @ a.T).double()
-        return a, b, info.scale, abs(info.scale) * math.sqrt(max(float(gram.sum()), 0.0))
-
-    def check_adapter_finite(self) -> None:
-        """Refuse NaN/Inf anywhere in the adapter, naming the module.
+        """A, B (float32), scale and ``||s·B·A||_F`` (from the r x r Gram matrices).
 
         Raises:
-            BadInputError: the module (and lora_A/lora_B) or extra tensor.
+            BadInputError: NaN/Inf in A or B, naming the module (a non-finite element
+                makes the Gram sum non-finite, so the clean case costs nothing extra).
+        """
+        a = self.adapter_tensor(info.keys.a).float()
+        b = self.adapter_tensor(info.keys.b).float()
+        total = float(((b.T @ b).double() * (a @ a.T).double()).sum())
+        if not math.isfinite(total):
+            for label, tensor in (("lora_A", a), ("lora_B", b)):
+                if not bool(torch.isfinite(tensor).all()):
+                    raise BadInputError(f"adapter module {info.name} has NaN/Inf values in "
+                                        f"{label}", fix=_BROKEN_ADAPTER)
+            a64, b64 = a.double(), b.double()  # finite, but float32 products overflowed
+            total = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+        return a, b, info.scale, abs(info.scale) * math.sqrt(max(total, 0.0))
+
+    def check_adapter_finite(self) -> None:
+        """Refuse NaN/Inf in the adapter's extra tensors (``modules_to_save``) before
+        anything is written; LoRA factors are checked as they are read (:meth:`factors`).
+
+        Raises:
+            BadInputError: the extra tensor.
         """
         assert self.adapter is not None
-        fix = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
-        for name, info in self.adapter.infos.items():
-            for label, key in (("lora_A", info.keys.a), ("lora_B", info.keys.b)):
-                if not bool(torch.isfinite(self.adapter_tensor(key)).all()):
-                    raise BadInputError(f"adapter module {name} has NaN/Inf values in {label}",
-                                        fix=fix)
         for extra in self.adapter.extras:
             tensor = self.adapter_tensor(extra)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise BadInputError(f"adapter tensor {extra} has NaN/Inf values", fix=fix)
+                raise BadInputError(f"adapter tensor {extra} has NaN/Inf values",
+                                    fix=_BROKEN_ADAPTER)
 
     # ---- the pipeline --------------------------------------------------------------
 
-    def write(self, jobs: list[Job], writer: ShardWriter) -> None:
-        """Execute ``jobs`` in order into ``writer`` (row ranges overlap, see module doc)."""
-        if self.base_hashes is None and self.state is None and not writer.hash_tensors:
-            self._write_fast(jobs, writer)
+    def write(self, parts: list[tuple[list[Job], ShardWriter]]) -> None:
+        """Execute each shard's ``jobs`` into its writer (module doc): all shards at
+        once on the fast path, one after the other on the ordered path."""
+        if self.base_hashes is None and self.state is None and \
+                not any(writer.hash_tensors for _, writer in parts):
+            self._write_fast(parts)
             return
+        for jobs, writer in parts:
+            self._write_ordered(jobs, writer)
+
+    def _write_ordered(self, jobs: list[Job], writer: ShardWriter) -> None:
         queue: deque[tuple[str, Job, Any]] = deque()
         in_flight = 0
         for job in jobs:
@@ -206,44 +226,60 @@ class Rewrite:
         while queue:
             self._consume(queue.popleft(), writer)
 
-    def _write_fast(self, jobs: list[Job], writer: ShardWriter) -> None:
-        """The fast path (module doc). Byte ranges are reserved in job order first; then
-        the workers merge every row range (each module's factors are a task of their
-        own, ahead of its ranges) while this thread copies the unchanged tensors."""
-        pending: list[tuple[Job, Future[tuple[int, float]], dict[str, Any]]] = []
-        copies: list[tuple[Job, int]] = []
+    def _write_fast(self, parts: list[tuple[list[Job], ShardWriter]]) -> None:
+        """The fast path (module doc). Each shard's tasks come from :meth:`_fast_tasks`,
+        which reserves byte ranges in job order; the shards' task streams are
+        interleaved, and each task is submitted as soon as it is planned: two workers
+        writing one file queue on its inode lock, and one task stream for the whole
+        model leaves no idle tail per shard."""
+        pending: list[tuple[Job, Future[tuple[int, float]], Any]] = []
         try:
-            for job in jobs:
-                if job.quant or job.qlora or job.replacement:
-                    self._whole(job, writer, None)
-                    self._done(job, None)
-                    continue
-                offset = writer.reserve(job.out_name, job.src.dtype, job.src.shape)
-                if job.lora is None:
-                    copies.append((job, offset))
-                    continue
-                factors = self._pool.submit(self._row_factors, job)
-                ranges = list(row_chunks(job.src.shape, 4, MERGE_CHUNK_BYTES))
-                sums = {"sq": 0.0, "left": len(ranges), "factors": factors}
-                pending.extend((job, self._pool.submit(
-                    _merge_into, self.reader, writer, offset, job.src, factors, r0, r1,
-                    self._local), sums) for r0, r1 in ranges)
-            for job, offset in copies:
-                self._copy_at(job, writer, offset)
-                self._done(job, None)
+            # in order within a shard: a module's factors task is ahead of its ranges
+            for batch in itertools.zip_longest(*(self._fast_tasks(jobs, writer)
+                                                 for jobs, writer in parts)):
+                pending.extend((job, self._pool.submit(task), sums)
+                               for job, task, sums in filter(None, batch))
             for item in pending:
                 self._collect(*item)
-        finally:  # workers write into the writer's file: none may outlive this call
+        finally:  # workers write into the writers' files: none may outlive this call
             for _, future, _ in pending:
                 future.cancel()
             wait([future for _, future, _ in pending])
 
-    def _row_factors(self, job: Job) -> tuple[RowFactors, float]:
-        assert job.lora is not None
-        a, b, scale, delta_fro = self.factors(job.lora)
-        return RowFactors.build(a, b, scale, job.transposed, job.src.dtype), delta_fro
+    def _fast_tasks(self, jobs: list[Job], writer: ShardWriter
+                    ) -> Iterator[tuple[Job, Callable[[], tuple[int, float]], Any]]:
+        """One shard's worker tasks, as ``(job, task, sums)``: a copy (``sums`` None), a
+        module's factors (``"factors"``), then its row ranges (the module's dict).
+        Whole-tensor jobs run here, on the calling thread, as they append."""
+        for job in jobs:
+            if job.quant or job.qlora or job.replacement:
+                self._whole(job, writer, None)
+                self._done(job, None)
+                continue
+            offset = writer.reserve(job.out_name, job.src.dtype, job.src.shape)
+            if job.lora is None:
+                yield job, functools.partial(self._copy_at, job, writer, offset), None
+                continue
+            ranges = list(row_chunks(job.src.shape, 4, MERGE_CHUNK_BYTES))
+            sums: dict[str, Any] = {"sq": 0.0, "left": len(ranges), "factors": Future()}
+            yield job, functools.partial(self._row_factors, job, sums), "factors"
+            for r0, r1 in ranges:
+                yield job, functools.partial(_merge_into, self.reader, writer, offset,
+                                             job.src, sums, r0, r1, self._local), sums
 
-    def _copy_at(self, job: Job, writer: ShardWriter, offset: int) -> None:
+    def _row_factors(self, job: Job, sums: dict[str, Any]) -> tuple[int, float]:
+        """Worker task: the module's :class:`RowFactors`, published in ``sums``."""
+        assert job.lora is not None
+        factors: Future[RowFactors] = sums["factors"]
+        try:
+            a, b, scale, sums["delta_fro"] = self.factors(job.lora)
+            factors.set_result(RowFactors.build(a, b, scale, job.transposed, job.src.dtype))
+        except BaseException as error:  # the module's ranges wait on it: hand it over
+            factors.set_exception(error)
+            raise
+        return 0, 0.0
+
+    def _copy_at(self, job: Job, writer: ShardWriter, offset: int) -> tuple[int, float]:
         """An unchanged tensor into its reserved range: in the kernel, else by hand."""
         src = job.src
         if not writer.copy_at(self.reader.handle(src.file), src.data_offset + src.info.start,
@@ -251,11 +287,17 @@ class Rewrite:
             row_bytes = src.info.nbytes // max(src.shape[0], 1) if src.shape else 0
             for r0, r1 in row_chunks(src.shape, torch_dtype(src.dtype).itemsize):
                 writer.write_at(offset + r0 * row_bytes, self.reader.read(src, r0, r1))
-        if self.progress is not None and job.hash_src:
-            self.progress(src.info.nbytes)
+        return 0, 0.0
 
-    def _collect(self, job: Job, future: Future[tuple[int, float]], sums: dict[str, Any]) -> None:
+    def _collect(self, job: Job, future: Future[tuple[int, float]], sums: Any) -> None:
         nbytes, norm = future.result()
+        if sums is None:  # a copy
+            if self.progress is not None and job.hash_src:
+                self.progress(job.src.info.nbytes)
+            self._done(job, None)
+            return
+        if sums == "factors":
+            return
         if not math.isfinite(norm):
             self._refuse(job)
         sums["sq"] += norm * norm
@@ -263,8 +305,9 @@ class Rewrite:
         if self.progress is not None:
             self.progress(nbytes)
         if not sums["left"]:
-            self.reports.append(ModuleReport(job.out_name, "lora", sums["factors"].result()[1],
+            self.reports.append(ModuleReport(job.out_name, "lora", sums["delta_fro"],
                                              math.sqrt(sums["sq"])))
+            del sums["factors"]  # the task list lives to the end; the factors need not
             self._done(job, None)
 
     def _steps(self, job: Job, writer: ShardWriter) -> Iterator[tuple[str, Job, Any]]:

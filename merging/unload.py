@@ -5,8 +5,9 @@ The model is rewritten tensor by tensor (:func:`rewrite_model`, shared with
 
 1. **Checks before anything is written.** The base layout (headers only), the
    adapter's A/B shapes against the base weights (``BaseMismatchError``), the base
-   ``struct_digest`` against the adapter record's fingerprint, and every adapter
-   tensor for NaN/Inf (refused with the module named).
+   ``struct_digest`` against the adapter record's fingerprint, and the adapter's
+   ``modules_to_save`` tensors for NaN/Inf. LoRA factors are checked for NaN/Inf as
+   each module's are read (refused with the module named; the staged output goes).
 2. **Streaming** (:mod:`merging.rewrite`). For each base tensor in file order:
    untouched tensors are copied in the kernel; a LoRA target gets ``W + s·B·A``
    computed in float32 on 4 MB row ranges and cast back to the base dtype; a
@@ -265,21 +266,23 @@ def _outputs(job: Job, spec: QuantSpec | None) -> list[OutTensor]:
 
 def _write_shards(run: Rewrite, jobs: list[Job], shards: list[Any], stage: Path,
                   hash_all: bool, sync: bool) -> list[WrittenShard]:
-    written, position = [], 0
-    for shard in shards:
-        names = {t.name for t in shard.tensors}
-        end = position
-        while end < len(jobs) and jobs[end].out_name in names:
-            end += 1
-        writer = ShardWriter(stage / shard.filename, shard.tensors, hash_tensors=hash_all,
-                             sync=sync)
-        try:
-            run.write(jobs[position:end], writer)
-            written.append(writer.close())
-        finally:
+    """Every shard's writer is open at once (the fast path interleaves them)."""
+    parts: list[tuple[list[Job], ShardWriter]] = []
+    position = 0
+    try:
+        for shard in shards:
+            names = {t.name for t in shard.tensors}
+            end = position
+            while end < len(jobs) and jobs[end].out_name in names:
+                end += 1
+            parts.append((jobs[position:end], ShardWriter(
+                stage / shard.filename, shard.tensors, hash_tensors=hash_all, sync=sync)))
+            position = end
+        run.write(parts)
+        return [writer.close() for _, writer in parts]
+    finally:
+        for _, writer in parts:
             writer.abort()
-        position = end
-    return written
 
 
 def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAdapter | None,

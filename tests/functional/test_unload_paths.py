@@ -9,6 +9,7 @@ tensor is split into many ranges that finish out of order.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -221,3 +222,49 @@ def test_worker_failure_cleans_up(work: Path, base: Path, monkeypatch: pytest.Mo
     assert calls["n"] >= 7
     assert not (work / "failed").exists() and leftovers(work, "failed") == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("merge")] == []
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["fast", "ordered"])
+def test_nan_in_lora_a_refused_on_both_paths(work: Path, recorded: bool) -> None:
+    """LoRA factors are checked as each module's are read (not in a pass before): the
+    refusal still names the module and the factor, on a sharded base, and leaves
+    nothing behind."""
+    from safetensors.torch import load_file, save_file
+
+    sharded = make_base(work / f"nan-base-{recorded}", max_shard_size="40KB", seed=16)
+    assert len(list(sharded.glob("*.safetensors"))) >= 3
+    bad = make_adapter(sharded, work / f"nan-a-adapter-{recorded}", seed=17)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"][0, 5] = \
+        float("inf")
+    save_file(tensors, bad / "adapter_model.safetensors", metadata={"format": "pt"})
+    store = Store.open(work / f"nan-store-{recorded}", create=True) if recorded else None
+    out = work / f"nan-a-out-{recorded}"
+    with pytest.raises(BadInputError,
+                       match=r"module .*layers\.1\.self_attn\.o_proj has NaN/Inf values in lora_A"):
+        unload(bad, sharded, out, store=store, name="nan" if store else None)
+    assert not out.exists() and leftovers(work, out.name) == []
+
+
+def test_delta_norm_survives_float32_gram_overflow(work: Path, base: Path) -> None:
+    """Finite factors whose float32 Gram products overflow are not refused; the delta
+    norm is recomputed in float64 and matches ``||s·B·A||_F`` computed directly."""
+    from safetensors.torch import load_file, save_file
+
+    from merging.adapter import load_adapter
+
+    big = make_adapter(base, work / "big-adapter", seed=18)
+    tensors = load_file(big / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors[f"{key}.lora_A.weight"] *= 1e21  # (A A^T) ~ 1e42 > float32 max
+    save_file(tensors, big / "adapter_model.safetensors", metadata={"format": "pt"})
+    adapter = load_adapter(big)
+    info = adapter.infos[key]
+    run = rewrite.Rewrite(adapter, None, None, hash_base=False, collect=False, progress=None,
+                          on_tensor=None)
+    try:
+        a, b, scale, delta_fro = run.factors(info)
+    finally:
+        run.close()
+    expected = float((scale * b.double() @ a.double()).norm())
+    assert math.isfinite(delta_fro) and delta_fro == pytest.approx(expected, rel=1e-9)
