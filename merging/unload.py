@@ -42,6 +42,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,9 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
     written: list[WrittenShard] = []
     probe_report: dict[str, Any] | None = None
     out_fp: dict[str, Any] | None = None
+    # the adapter's digest (a sha256 of its files) is computed while the model streams
+    side = ThreadPoolExecutor(1, "adapter-digest")
+    digest = side.submit(adapter_digest, adapter, adapter_version)
     try:
         with torch_threads(COMPUTE_THREADS):
             if adapter is not None:
@@ -359,6 +363,7 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
                 out_fp = output_fingerprint(out_config if config else None, written)
     finally:
         run.close()
+        side.shutdown(wait=True)
     quant_report = None
     if quant is not None:
         err_sq, w_sq = run.quant_sq
@@ -372,7 +377,7 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
         tensors=sum(len(s.tensors) for s in written), total_bytes=sum(s.nbytes for s in written),
         modules=tuple(run.reports), notes=tuple(notes), untied=untied,
         base_fingerprint=base_fp, output_fingerprint=out_fp,
-        adapter_digest=adapter_digest(adapter, adapter_version), quantization=quant_report,
+        adapter_digest=digest.result(), quantization=quant_report,
         probe=probe_report)
     if store is not None and name:
         result = replace(result, version=record_derived(store, name, result, adapter,

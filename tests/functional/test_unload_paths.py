@@ -32,6 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(autouse=True)
 def tiny_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rewrite, "MERGE_CHUNK_BYTES", 1024)  # 4 rows of a 64-wide weight
+    monkeypatch.setattr(rewrite, "FAST_CHUNK_BYTES", 1024)
 
 
 @pytest.fixture(scope="module")
