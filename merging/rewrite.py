@@ -2,8 +2,8 @@
 
 A :class:`Job` says what happens to one base tensor: copied unchanged, LoRA-merged,
 replaced by a ``modules_to_save`` copy, round-tripped through 4-bit (QLoRA) and/or
-quantized. :class:`Rewrite` executes a shard's jobs in order into a
-:class:`merging.shard_writer.ShardWriter`:
+quantized (:mod:`merging.jobs`). :class:`Rewrite` executes each shard's jobs into
+its :class:`merging.shard_writer.ShardWriter`:
 
 * an unchanged tensor is copied inside the kernel (``copy_file_range``), or read and
   written in ~16 MB pieces when its bytes must be hashed;
@@ -17,12 +17,12 @@ quantized. :class:`Rewrite` executes a shard's jobs in order into a
 
 Two pipelines. **Fast** (nothing is hashed, no probe): every shard's writer is open at
 once and each tensor's byte range is reserved in order (:meth:`ShardWriter.reserve`);
-the workers then copy unchanged tensors in the kernel, build each module's factors,
-and read, merge and write (``pwrite``) row ranges at their own offsets, in any order.
-The shards' task streams are interleaved, so the two workers mostly write different
-files (buffered writes to one file serialize on its inode lock) and no shard ends in
-an idle tail. On the 1B benchmark this costs ~1.8 CPU-s per 2.2 GB, about two
-user-space copies of the bytes plus the arithmetic. **Ordered** (a recorded unload
+each worker task then copies an unchanged tensor in the kernel, or builds a module's
+factors and reads, merges and writes (``pwrite``) its row ranges at their own
+offsets; tasks finish in any order. The shards' task streams are interleaved, so the
+two workers mostly write different files (buffered writes to one file serialize on
+its inode lock) and no shard ends in an idle tail. On the 1B benchmark this costs
+~1.7 CPU-s per 2.2 GB, about two user-space copies of the bytes plus the arithmetic. **Ordered** (a recorded unload
 hashes base and output bytes, sha256 in file order): shard by shard, ranges are
 consumed in order on the calling thread, which hashes the base bytes, and written by
 the writer thread, which hashes the output, with at most :data:`WINDOW` ranges in
@@ -40,12 +40,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
+from merging.jobs import Job, ModuleReport
 from merging.buffers import BufferPool, allocate
 from merging.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.rowmerge import RowFactors, add_delta, merge_rows
@@ -68,52 +68,16 @@ FAST_CHUNK_BYTES = 8 << 20
 the 1B benchmark: 2 MB ranges 1.20 s, 4 MB 0.98 s, 8 MB 0.88 s, 16 MB 1.46 s (fewer
 ranges cost less Python per byte until a range no longer stays in cache between the
 merge, the norm and the write)."""
+TASK_BYTES = 64 << 20
+"""Float32 bytes of a LoRA target's row ranges one worker task merges: most modules are
+one task (no per-range futures); a larger one (an ``lm_head`` on a big vocabulary) is
+split so both workers share it."""
 BUFFERS = 2 * (WINDOW + 1 + MAX_PENDING) + 2
 """Pooled row-range buffers (:mod:`merging.buffers`). A range holds up to two from
 submission until the writer has written it; at most ``WINDOW + 1`` ranges wait to be
 consumed and ``MAX_PENDING`` to be written, and the consuming thread takes the next
 two, so the pool never runs dry for good (taking them in the workers could: a worker
 waiting for a buffer that only a later, unconsumed range holds)."""
-
-
-@dataclass(frozen=True)
-class ModuleReport:
-    """What happened to one output tensor.
-
-    Attributes:
-        name: Tensor key (``model.layers.0.self_attn.q_proj.weight``).
-        kind: ``lora``, ``replaced`` (modules_to_save) or ``quantized``.
-        delta_fro: Frobenius norm of ``s·B·A`` (of new - old for replacements).
-        weight_fro: Frobenius norm of the merged weight.
-        quant_rel_error: ``||W - deq(q(W))||_F / ||W||_F`` when quantized.
-    """
-
-    name: str
-    kind: str
-    delta_fro: float | None = None
-    weight_fro: float | None = None
-    quant_rel_error: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"name": self.name, "kind": self.kind, "delta_fro": self.delta_fro,
-                "weight_fro": self.weight_fro, "quant_rel_error": self.quant_rel_error}
-
-
-@dataclass
-class Job:
-    """One base tensor (or the synthesized untied ``lm_head``) and what to do with it."""
-
-    src: SourceTensor
-    out_name: str
-    lora: ModuleInfo | None = None
-    replacement: str | None = None
-    quant: bool = False
-    qlora: bool = False
-    transposed: bool = False
-    transposed_q: bool = False
-    hash_src: bool = True
-    kind: str = "copy"
 
 
 def _read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0: int, r1: int,
@@ -125,21 +89,25 @@ def _read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0
     return raw, out, norm
 
 
-def _merge_into(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
-                sums: dict[str, Any], r0: int, r1: int,
-                local: threading.local) -> tuple[int, float]:
-    """Worker task of the fast path: merge rows ``r0:r1`` and write them at their place
-    (``offset`` is where the tensor's data starts). Returns (bytes, norm). The module's
-    factors task (:meth:`Rewrite._row_factors`, which resolves ``sums["factors"]``) was
-    submitted before this one, so it is running or done: waiting cannot deadlock."""
+def _merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
+                  factors: RowFactors, ranges: list[tuple[int, int]],
+                  local: threading.local) -> tuple[int, float]:
+    """Merge row ranges of one tensor and write each at its place (``offset`` is where
+    the tensor's data starts), in this worker's own buffer. Returns (bytes, sum of the
+    squared norms); the sum is ``inf``/``nan`` as soon as a range is not finite."""
     buffer = getattr(local, "buffer", None)
     if buffer is None:
         buffer = local.buffer = allocate(FAST_CHUNK_BYTES)
-    raw = reader.read(src, r0, r1, buffer)
-    out, norm = merge_rows(raw, sums["factors"].result(), r0, r1, keep_raw=False)
     row_bytes = src.info.nbytes // max(src.shape[0], 1)
-    writer.write_at(offset + r0 * row_bytes, out)
-    return (r1 - r0) * row_bytes, norm
+    sq = 0.0
+    for r0, r1 in ranges:
+        raw = reader.read(src, r0, r1, buffer)
+        out, norm = merge_rows(raw, factors, r0, r1, keep_raw=False)
+        if not math.isfinite(norm):
+            return 0, norm
+        sq += norm * norm
+        writer.write_at(offset + r0 * row_bytes, out)
+    return (ranges[-1][1] - ranges[0][0]) * row_bytes, sq
 
 
 class Rewrite:
@@ -240,7 +208,7 @@ class Rewrite:
         model leaves no idle tail per shard."""
         pending: list[tuple[Job, Future[tuple[int, float]], Any]] = []
         try:
-            # in order within a shard: a module's factors task is ahead of its ranges
+            # in order within a shard: a module's first group is ahead of its others
             for batch in itertools.zip_longest(*(self._fast_tasks(jobs, writer)
                                                  for jobs, writer in parts)):
                 pending.extend((job, self._pool.submit(task), sums)
@@ -254,9 +222,10 @@ class Rewrite:
 
     def _fast_tasks(self, jobs: list[Job], writer: ShardWriter
                     ) -> Iterator[tuple[Job, Callable[[], tuple[int, float]], Any]]:
-        """One shard's worker tasks, as ``(job, task, sums)``: a copy (``sums`` None), a
-        module's factors (``"factors"``), then its row ranges (the module's dict).
-        Whole-tensor jobs run here, on the calling thread, as they append."""
+        """One shard's worker tasks, as ``(job, task, sums)``: a copy (``sums`` None) or
+        a group of a LoRA target's row ranges (up to :data:`TASK_BYTES`; most modules
+        are one group) with the module's running sums. Whole-tensor jobs run here, on
+        the calling thread, as they append."""
         for job in jobs:
             if job.quant or job.qlora or job.replacement:
                 self._whole(job, writer, None)
@@ -267,23 +236,31 @@ class Rewrite:
                 yield job, functools.partial(self._copy_at, job, writer, offset), None
                 continue
             ranges = list(row_chunks(job.src.shape, 4, FAST_CHUNK_BYTES))
-            sums: dict[str, Any] = {"sq": 0.0, "left": len(ranges), "factors": Future()}
-            yield job, functools.partial(self._row_factors, job, sums), "factors"
-            for r0, r1 in ranges:
-                yield job, functools.partial(_merge_into, self.reader, writer, offset,
-                                             job.src, sums, r0, r1, self._local), sums
+            per_task = max(1, TASK_BYTES // FAST_CHUNK_BYTES)
+            groups = [ranges[i:i + per_task] for i in range(0, len(ranges), per_task)]
+            sums: dict[str, Any] = {"sq": 0.0, "left": len(groups), "factors": Future()}
+            for index, group in enumerate(groups):
+                yield job, functools.partial(self._merge_group, job, writer, offset, group,
+                                             sums, index == 0), sums
 
-    def _row_factors(self, job: Job, sums: dict[str, Any]) -> tuple[int, float]:
-        """Worker task: the module's :class:`RowFactors`, published in ``sums``."""
+    def _merge_group(self, job: Job, writer: ShardWriter, offset: int,
+                     ranges: list[tuple[int, int]], sums: dict[str, Any], first: bool
+                     ) -> tuple[int, float]:
+        """Worker task. The first group builds the module's factors and hands them to
+        the others through ``sums["factors"]``; it was submitted before them, so it is
+        running or done when they wait: no deadlock."""
         assert job.lora is not None
         factors: Future[RowFactors] = sums["factors"]
-        try:
-            a, b, scale, sums["delta_fro"] = self.factors(job.lora)
-            factors.set_result(RowFactors.build(a, b, scale, job.transposed, job.src.dtype))
-        except BaseException as error:  # the module's ranges wait on it: hand it over
-            factors.set_exception(error)
-            raise
-        return 0, 0.0
+        if first:
+            try:
+                a, b, scale, sums["delta_fro"] = self.factors(job.lora)
+                factors.set_result(RowFactors.build(a, b, scale, job.transposed,
+                                                    job.src.dtype))
+            except BaseException as error:  # the other groups wait on it: hand it over
+                factors.set_exception(error)
+                raise
+        return _merge_ranges(self.reader, writer, offset, job.src, factors.result(), ranges,
+                             self._local)
 
     def _copy_at(self, job: Job, writer: ShardWriter, offset: int) -> tuple[int, float]:
         """An unchanged tensor into its reserved range: in the kernel, else by hand."""
@@ -296,17 +273,15 @@ class Rewrite:
         return 0, 0.0
 
     def _collect(self, job: Job, future: Future[tuple[int, float]], sums: Any) -> None:
-        nbytes, norm = future.result()
+        nbytes, norm = future.result()  # norm: a copy's 0, a group's sum of squares
         if sums is None:  # a copy
             if self.progress is not None and job.hash_src:
                 self.progress(job.src.info.nbytes)
             self._done(job, None)
             return
-        if sums == "factors":
-            return
         if not math.isfinite(norm):
             self._refuse(job)
-        sums["sq"] += norm * norm
+        sums["sq"] += norm
         sums["left"] -= 1
         if self.progress is not None:
             self.progress(nbytes)

@@ -55,7 +55,8 @@ from merging.derived import (adapter_digest, check_base_weights, output_fingerpr
 from merging.output_dir import copy_non_weight_files, staged_output
 from merging.quantize import (PROBE_SHAPE, QuantSpec, load_logits, logits_drift, planned_outputs,
                               quantizable_weights, reference_logits)
-from merging.rewrite import Job, ModuleReport, Rewrite
+from merging.jobs import Job, ModuleReport
+from merging.rewrite import Rewrite
 from merging.shard_writer import ShardWriter, WrittenShard
 from merging.shards import (ModelLayout, OutTensor, parse_size, plan_shards, read_layout,
                             torch_dtype, torch_threads, write_index)

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def tiny_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rewrite, "MERGE_CHUNK_BYTES", 1024)  # 4 rows of a 64-wide weight
     monkeypatch.setattr(rewrite, "FAST_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(rewrite, "TASK_BYTES", 3 * 1024)  # tasks of 3 ranges
 
 
 @pytest.fixture(scope="module")
