@@ -32,7 +32,9 @@ Either way the merged weight's Frobenius norm doubles as the NaN/Inf check.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import itertools
 import math
@@ -110,6 +112,22 @@ def _merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: S
     return (ranges[-1][1] - ranges[0][0]) * row_bytes, sq
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector, restoring its state after. The tasks
+    allocate enough small objects to trigger a full collection, which walks every
+    object torch and transformers made at import (~170k) holding the GIL while both
+    workers wait: 53 ms of a 0.85 s unload on the 1B benchmark, 3% of its wall time.
+    The rewrite makes no reference cycles worth collecting meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class Rewrite:
     """One rewrite's state: readers, hashes, reports, quantization sums, probe tensors."""
 
@@ -181,12 +199,13 @@ class Rewrite:
     def write(self, parts: list[tuple[list[Job], ShardWriter]]) -> None:
         """Execute each shard's ``jobs`` into its writer (module doc): all shards at
         once on the fast path, one after the other on the ordered path."""
-        if self.base_hashes is None and self.state is None and \
-                not any(writer.hash_tensors for _, writer in parts):
-            self._write_fast(parts)
-            return
-        for jobs, writer in parts:
-            self._write_ordered(jobs, writer)
+        with paused_gc():
+            if self.base_hashes is None and self.state is None and \
+                    not any(writer.hash_tensors for _, writer in parts):
+                self._write_fast(parts)
+                return
+            for jobs, writer in parts:
+                self._write_ordered(jobs, writer)
 
     def _write_ordered(self, jobs: list[Job], writer: ShardWriter) -> None:
         queue: deque[tuple[str, Job, Any]] = deque()
