@@ -23,7 +23,7 @@ from registry.fingerprint import arch_fields
 from registry.safetensors_header import read_header
 
 if TYPE_CHECKING:
-    from merging.unload import UnloadResult
+    from merging.jobs import UnloadResult
 
 
 def weights_digest(entries: list[tuple[str, str, tuple[int, ...], str]]) -> str:

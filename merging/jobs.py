@@ -2,13 +2,14 @@
 
 :func:`merging.unload.rewrite_model` plans one :class:`Job` per output tensor (in base
 file order) and :class:`merging.rewrite.Rewrite` executes them; every tensor that was
-merged, replaced or quantized gets a :class:`ModuleReport` in the result (and in the
-lineage record of a recorded unload).
+merged, replaced or quantized gets a :class:`ModuleReport` in the
+:class:`UnloadResult` (and in the lineage record of a recorded unload).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from merging.adapter import ModuleInfo
@@ -69,3 +70,50 @@ class Job:
     transposed_q: bool = False
     hash_src: bool = True
     kind: str = "copy"
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    """Outcome of :func:`unload` / :func:`merging.quantize.quantize`.
+
+    Attributes:
+        out_dir: The published model directory.
+        files: Its weight files.
+        tensors: Tensors written.
+        total_bytes: Tensor bytes written.
+        modules: Per-tensor reports (merged, replaced, quantized).
+        notes: What the user should know (untied embeddings, QLoRA settings).
+        untied: ``tie_word_embeddings`` was switched off.
+        base_fingerprint: The base's structure digest (and weights digest if hashed).
+        output_fingerprint: The output's, when recorded (hashed while writing).
+        adapter_digest: The adapter version's digest, or for an adapter directory
+            recorded into a store, a digest of its files; ``None`` otherwise (an
+            unrecorded unload hashes nothing).
+        quantization: Settings and overall relative error, when quantized.
+        probe: Logits drift against the unquantized merge, when measured.
+        version: The recorded version (name, ref, digest), when recorded.
+    """
+
+    out_dir: Path
+    files: tuple[str, ...]
+    tensors: int
+    total_bytes: int
+    modules: tuple[ModuleReport, ...]
+    notes: tuple[str, ...] = ()
+    untied: bool = False
+    base_fingerprint: dict[str, Any] | None = None
+    output_fingerprint: dict[str, Any] | None = None
+    adapter_digest: str | None = None
+    quantization: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None
+    version: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (CLI ``--json`` output and the lineage report)."""
+        return {"out_dir": str(self.out_dir), "files": list(self.files), "tensors": self.tensors,
+                "total_bytes": self.total_bytes, "modules": [m.to_json() for m in self.modules],
+                "notes": list(self.notes), "untied": self.untied,
+                "base_fingerprint": self.base_fingerprint,
+                "output_fingerprint": self.output_fingerprint,
+                "adapter_digest": self.adapter_digest, "quantization": self.quantization,
+                "probe": self.probe, "version": self.version}

@@ -42,7 +42,7 @@ from registry.errors import BadInputError
 from merging.shards import OutTensor
 
 if TYPE_CHECKING:
-    from merging.unload import UnloadResult
+    from merging.jobs import UnloadResult
 
 METHODS = ("nf4", "fp4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -270,3 +270,21 @@ def test_delta_norm_survives_float32_gram_overflow(work: Path, base: Path) -> No
         run.close()
     expected = float((scale * b.double() @ a.double()).norm())
     assert math.isfinite(delta_fro) and delta_fro == pytest.approx(expected, rel=1e-9)
+
+
+def test_adapter_digest_only_when_recorded(work: Path, base: Path) -> None:
+    """An unrecorded unload hashes nothing, the adapter included; recording an adapter
+    directory puts the digest of its two files in the result and the lineage."""
+    import hashlib
+
+    from registry.common import json_digest
+
+    adapter = make_adapter(base, work / "digest-adapter", seed=19)
+    assert unload(adapter, base, work / "digest-plain").adapter_digest is None
+    store = Store.open(work / "digest-store", create=True)
+    recorded = unload(adapter, base, work / "digest-recorded", store=store, name="digested")
+    files = {name: "sha256:" + hashlib.sha256((adapter / name).read_bytes()).hexdigest()
+             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    assert recorded.adapter_digest == json_digest(files)
+    lineage = store.resolve(recorded.version["ref"]).lineage
+    assert lineage is not None and lineage["report"]["adapter_digest"] == recorded.adapter_digest
