@@ -22,19 +22,20 @@ factors and reads, merges and writes (``pwrite``) its row ranges at their own
 offsets; tasks finish in any order. The shards' task streams are interleaved, so the
 two workers mostly write different files (buffered writes to one file serialize on
 its inode lock) and no shard ends in an idle tail. On the 1B benchmark this costs
-~1.7 CPU-s per 2.2 GB, about two user-space copies of the bytes plus the arithmetic. **Ordered** (a recorded unload
-hashes base and output bytes, sha256 in file order): shard by shard, ranges are
-consumed in order on the calling thread, which hashes the base bytes, and written by
-the writer thread, which hashes the output, with at most :data:`WINDOW` ranges in
-flight in pooled buffers (:mod:`merging.buffers`).
-Either way the merged weight's Frobenius norm doubles as the NaN/Inf check.
+~1.7 CPU-s per 2.2 GB, about two user-space copies of the bytes plus the arithmetic.
+
+**Ordered** (a recorded unload hashes base and output bytes, sha256 in file order):
+shard by shard, ranges are consumed in order on the calling thread, which hashes the
+base bytes, and written by the writer thread, which hashes the output, with at most
+:data:`WINDOW` ranges in flight in pooled buffers (:mod:`merging.buffers`).
+
+Either way the merged weight's Frobenius norm doubles as the NaN/Inf check, and the
+cyclic garbage collector is paused (:func:`merging.shards.paused_gc`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import hashlib
 import itertools
 import math
@@ -47,13 +48,13 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
+from merging.buffers import BufferPool
 from merging.jobs import Job, ModuleReport
-from merging.buffers import BufferPool, allocate
 from merging.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
-from merging.rowmerge import RowFactors, add_delta, merge_rows
+from merging.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
 from merging.shard_writer import MAX_PENDING, ShardWriter
-from merging.shards import (SourceTensor, TensorReader, row_chunks, to_float32, torch_dtype,
-                            torch_threads)
+from merging.shards import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
+                            torch_dtype, torch_threads)
 from registry.errors import BadInputError
 from registry.safetensors_header import read_header
 
@@ -80,52 +81,6 @@ submission until the writer has written it; at most ``WINDOW + 1`` ranges wait t
 consumed and ``MAX_PENDING`` to be written, and the consuming thread takes the next
 two, so the pool never runs dry for good (taking them in the workers could: a worker
 waiting for a buffer that only a later, unconsumed range holds)."""
-
-
-def _read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0: int, r1: int,
-                keep_raw: bool, buffers: tuple[torch.Tensor | None, torch.Tensor | None]
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Worker task of the ordered path: (rows as read, merged rows, norm)."""
-    raw = reader.read(src, r0, r1, buffers[0])
-    out, norm = merge_rows(raw, factors, r0, r1, keep_raw=keep_raw, out_buffer=buffers[1])
-    return raw, out, norm
-
-
-def _merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
-                  factors: RowFactors, ranges: list[tuple[int, int]],
-                  local: threading.local) -> tuple[int, float]:
-    """Merge row ranges of one tensor and write each at its place (``offset`` is where
-    the tensor's data starts), in this worker's own buffer. Returns (bytes, sum of the
-    squared norms); the sum is ``inf``/``nan`` as soon as a range is not finite."""
-    buffer = getattr(local, "buffer", None)
-    if buffer is None:
-        buffer = local.buffer = allocate(FAST_CHUNK_BYTES)
-    row_bytes = src.info.nbytes // max(src.shape[0], 1)
-    sq = 0.0
-    for r0, r1 in ranges:
-        raw = reader.read(src, r0, r1, buffer)
-        out, norm = merge_rows(raw, factors, r0, r1, keep_raw=False)
-        if not math.isfinite(norm):
-            return 0, norm
-        sq += norm * norm
-        writer.write_at(offset + r0 * row_bytes, out)
-    return (ranges[-1][1] - ranges[0][0]) * row_bytes, sq
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector, restoring its state after. The tasks
-    allocate enough small objects to trigger a full collection, which walks every
-    object torch and transformers made at import (~170k) holding the GIL while both
-    workers wait: 53 ms of a 0.85 s unload on the 1B benchmark, 3% of its wall time.
-    The rewrite makes no reference cycles worth collecting meanwhile."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Rewrite:
@@ -278,8 +233,8 @@ class Rewrite:
             except BaseException as error:  # the other groups wait on it: hand it over
                 factors.set_exception(error)
                 raise
-        return _merge_ranges(self.reader, writer, offset, job.src, factors.result(), ranges,
-                             self._local)
+        return merge_ranges(self.reader, writer, offset, job.src, factors.result(), ranges,
+                            self._local, FAST_CHUNK_BYTES)
 
     def _copy_at(self, job: Job, writer: ShardWriter, offset: int) -> tuple[int, float]:
         """An unchanged tensor into its reserved range: in the kernel, else by hand."""
@@ -329,7 +284,7 @@ class Rewrite:
             buffers = (self._buffers.acquire(nbytes), self._buffers.acquire(nbytes)
                        if factors.split is not None and keep_raw else None)
             yield "rows", job, (self._pool.submit(
-                _read_merge, self.reader, job.src, factors, r0, r1, keep_raw, buffers), buffers)
+                read_merge, self.reader, job.src, factors, r0, r1, keep_raw, buffers), buffers)
         yield "end", job, sums
 
     def _consume(self, step: tuple[str, Job, Any], writer: ShardWriter) -> int:

@@ -18,18 +18,23 @@ Two ways to compute it, with the same result up to ties at a rounding boundary:
   the float32 casts were most of the merge's CPU time.
 
 Either way the merged rows' Frobenius norm doubles as the NaN/Inf check.
+
+:func:`merge_ranges` (fast path) and :func:`read_merge` (ordered path) are the worker
+tasks of :mod:`merging.rewrite` around it: read rows, merge, write (or hand back).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from merging.buffers import view_as
-from merging.shards import to_float32
+from merging.buffers import allocate, view_as
+from merging.shard_writer import ShardWriter
+from merging.shards import SourceTensor, TensorReader, to_float32
 
 BF16_GEMM: bool | None = None
 """Take the bfloat16 way for bfloat16 bases; ``None``: when :func:`bf16_gemm_is_native`."""
@@ -134,3 +139,35 @@ def merge_rows(raw: torch.Tensor, factors: RowFactors, r0: int, r1: int, *, keep
         # norm can overflow where no element does
         norm = math.inf if not bool(torch.isfinite(out).all()) else float(out.double().norm())
     return out, norm
+
+
+def read_merge(reader: TensorReader, src: SourceTensor, factors: RowFactors, r0: int, r1: int,
+                keep_raw: bool, buffers: tuple[torch.Tensor | None, torch.Tensor | None]
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Worker task of the ordered path: (rows as read, merged rows, norm)."""
+    raw = reader.read(src, r0, r1, buffers[0])
+    out, norm = merge_rows(raw, factors, r0, r1, keep_raw=keep_raw, out_buffer=buffers[1])
+    return raw, out, norm
+
+
+def merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: SourceTensor,
+                  factors: RowFactors, ranges: list[tuple[int, int]],
+                  local: threading.local, buffer_bytes: int) -> tuple[int, float]:
+    """Merge row ranges of one tensor and write each at its place (``offset`` is where
+    the tensor's data starts), in this worker's own buffer of ``buffer_bytes`` (kept in
+    ``local``: allocated once per worker, see :mod:`merging.buffers`). Returns (bytes,
+    sum of the squared norms); the sum is ``inf``/``nan`` as soon as a range is not
+    finite (nothing more is written)."""
+    buffer = getattr(local, "buffer", None)
+    if buffer is None or buffer.numel() < buffer_bytes:
+        buffer = local.buffer = allocate(buffer_bytes)
+    row_bytes = src.info.nbytes // max(src.shape[0], 1)
+    sq = 0.0
+    for r0, r1 in ranges:
+        raw = reader.read(src, r0, r1, buffer)
+        out, norm = merge_rows(raw, factors, r0, r1, keep_raw=False)
+        if not math.isfinite(norm):
+            return 0, norm
+        sq += norm * norm
+        writer.write_at(offset + r0 * row_bytes, out)
+    return (ranges[-1][1] - ranges[0][0]) * row_bytes, sq

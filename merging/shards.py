@@ -20,6 +20,7 @@ The output directory (staging, non-weight files) is :mod:`merging.output_dir`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -111,6 +112,22 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector, restoring its state after. The tasks
+    allocate enough small objects to trigger a full collection, which walks every
+    object torch and transformers made at import (~170k) holding the GIL while both
+    workers wait: 53 ms of a 0.85 s unload on the 1B benchmark, 3% of its wall time.
+    The rewrite makes no reference cycles worth collecting meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- layout
