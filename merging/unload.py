@@ -64,7 +64,7 @@ from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError, NotFoundError
 from registry.fingerprint import fingerprint_model, model_config
 from registry.peft_keys import base_key_for_extra, base_weight_key
-from registry.safetensors_header import read_header
+from registry.safetensors_header import memoized_headers, read_header
 
 PROBE_MAX_BYTES = 2 << 30
 """Logits drift is measured by default only for models up to this many weight bytes
@@ -79,6 +79,7 @@ TensorCallback = Callable[[str], None]
 
 # --------------------------------------------------------------------------- entry point
 
+@memoized_headers()  # the adapter's and base's headers are parsed once per unload
 def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str | Path, *,
            store: Any = None, max_shard_size: int | str | None = None,
            quantize: str | None = None, qlora: bool = False, double_quant: bool = False,
@@ -258,6 +259,7 @@ def _write_shards(run: Rewrite, jobs: list[Job], shards: list[Any], stage: Path,
             writer.abort()
 
 
+@memoized_headers()
 def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAdapter | None,
                   quant: QuantSpec | None = None, qlora: QuantSpec | None = None,
                   max_shard_size: int | str | None = None,

@@ -33,19 +33,14 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from registry.common import json_digest
 from registry.errors import BadInputError, NotFoundError
-from registry.safetensors_header import (
-    CHUNK_BYTES,
-    SafetensorsHeader,
-    iter_tensor_chunks,
-    read_header,
-)
+from registry.safetensors_header import CHUNK_BYTES, SafetensorsHeader, TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -357,3 +352,31 @@ def hash_tensors(
     except FileNotFoundError:
         raise NotFoundError(f"{path}: no such file", fix="check the path") from None
     return digests
+
+
+def iter_tensor_chunks(
+    fh: BinaryIO, header: SafetensorsHeader, info: TensorInfo, *, chunk_size: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """Yield one tensor's bytes from an open file in chunks of at most ``chunk_size``.
+
+    Args:
+        fh: The file ``header`` was read from, opened ``"rb"``.
+        header: Its validated header.
+        info: One of ``header.tensors``' values.
+        chunk_size: Largest chunk yielded.
+
+    Raises:
+        BadInputError: the file ended early (it changed after the header was read).
+    """
+    fh.seek(header.data_offset + info.start)
+    remaining = info.nbytes
+    while remaining:
+        chunk = fh.read(min(chunk_size, remaining))
+        if not chunk:
+            name = getattr(fh, "name", "file")
+            raise BadInputError(
+                f"{name}: file changed while reading tensor bytes (truncated)",
+                fix="make sure nothing writes the file while adapterkit reads it",
+            )
+        remaining -= len(chunk)
+        yield chunk

@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 
 from registry.errors import BadInputError, NotFoundError
-from registry.fingerprint import hash_tensors
-from registry.safetensors_header import MAX_HEADER_BYTES, iter_tensor_chunks, read_header
+from registry.fingerprint import hash_tensors, iter_tensor_chunks
+from registry.safetensors_header import (MAX_HEADER_BYTES, memoized_headers, parse_header_bytes,
+                                         read_header)
 from tests.ingest_fixtures import raw_file, safetensors_bytes, small_valid_file, write
 
 F32_1 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
@@ -226,3 +227,28 @@ def test_padding_and_metadata_survive(tmp_path):
     header = read_header(write(tmp_path / "p.safetensors", data))
     assert header.metadata == {"k": "v"}
     assert header.data_offset % 8 == 0
+
+
+def test_memoized_headers_parse_each_file_once_until_it_changes(tmp_path, monkeypatch):
+    import registry.safetensors_header as module
+
+    path = tmp_path / "m.safetensors"
+    np_save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(path))
+    parses = []
+
+    def counting(*args, **kwargs):
+        parses.append(1)
+        return parse_header_bytes(*args, **kwargs)
+
+    monkeypatch.setattr(module, "parse_header_bytes", counting)
+    assert read_header(path) is not read_header(path) and len(parses) == 2  # no memo outside
+    with memoized_headers():
+        first = read_header(path)
+        with memoized_headers():  # nested: the same memo
+            assert read_header(path) is first
+        assert len(parses) == 3
+        np_save_file({"w": np.zeros((4, 3), dtype=np.float32)}, str(path))  # rewritten
+        changed = read_header(path)
+        assert changed is not first and changed.tensors["w"].shape == (4, 3)
+        assert len(parses) == 4
+    assert read_header(path) is not changed and len(parses) == 5
