@@ -34,7 +34,7 @@ import torch
 
 from merging.buffers import allocate, view_as
 from merging.shard_writer import ShardWriter
-from merging.shards import SourceTensor, TensorReader, to_float32
+from merging.shards import SourceTensor, TensorReader, to_float32, torch_dtype
 
 BF16_GEMM: bool | None = None
 """Take the bfloat16 way for bfloat16 bases; ``None``: when :func:`bf16_gemm_is_native`."""
@@ -161,13 +161,22 @@ def merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: So
     buffer = getattr(local, "buffer", None)
     if buffer is None or buffer.numel() < buffer_bytes:
         buffer = local.buffer = allocate(buffer_bytes)
+        local.view = memoryview(buffer.numpy())
+    view: memoryview = local.view
+    dtype, tail = torch_dtype(src.dtype), tuple(src.shape[1:])
     row_bytes = src.info.nbytes // max(src.shape[0], 1)
     sq = 0.0
     for r0, r1 in ranges:
-        raw = reader.read(src, r0, r1, buffer)
+        # straight into the buffer and out of it again: no per-range tensor plumbing
+        nbytes = (r1 - r0) * row_bytes
+        reader.read_bytes_into(src, r0 * row_bytes, view[:nbytes])
+        raw = buffer[:nbytes].view(dtype).view((r1 - r0, *tail))
         out, norm = merge_rows(raw, factors, r0, r1, keep_raw=False)
         if not math.isfinite(norm):
             return 0, norm
         sq += norm * norm
-        writer.write_at(offset + r0 * row_bytes, out)
+        if out.data_ptr() == raw.data_ptr():  # merged in place (the bfloat16 way)
+            writer.write_bytes_at(offset + r0 * row_bytes, view[:nbytes])
+        else:
+            writer.write_at(offset + r0 * row_bytes, out)
     return (ranges[-1][1] - ranges[0][0]) * row_bytes, sq

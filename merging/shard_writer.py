@@ -248,7 +248,11 @@ class ShardWriter:
         """Write ``data``'s bytes at file ``offset``, inside a range from :meth:`reserve`
         (thread-safe: ``pwrite`` has no shared file position), then start their
         writeback."""
-        view = memoryview(data.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.write_bytes_at(offset, memoryview(
+            data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def write_bytes_at(self, offset: int, view: memoryview) -> None:
+        """:meth:`write_at` for bytes already in a buffer."""
         done = 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)
