@@ -29,7 +29,7 @@ the durable (default) unload against the durable copy; the default unload agains
 the plain copy is printed too.
 
 Sizes: ``--size 1b`` (default: ~1 B params, 2.2 GB bf16, the targets' setting; ~5
-minutes on a 2-core box, needs ~12 GB of free disk and ~5 GB of RAM for the PEFT run)
+minutes on a 2-core box, needs ~14 GB of free disk and ~5 GB of RAM for the PEFT run)
 or ``--size 300m`` (~0.3 B params, 0.65 GB bf16, quicker; its ratios say little about
 the targets: a child's fixed costs, ~230 MB of RSS for torch and ~0.1 s before the
 first byte, are a third of its figures there)::
