@@ -74,6 +74,8 @@ COMPUTE_THREADS = 1
 """torch threads while streaming. The work is memory-bound and rank-r skinny; with
 two OpenMP threads on a busy 2-core box, barrier waits made small ops 10-50x slower
 (17 s vs 3.5 s for a 0.65 GB model), and one thread is as fast when idle."""
+OPEN_SHARDS = 16
+"""Output shards written at once (see :func:`_write_shards`)."""
 TensorCallback = Callable[[str], None]
 
 
@@ -240,23 +242,30 @@ def _outputs(job: Job, spec: QuantSpec | None) -> list[OutTensor]:
 
 def _write_shards(run: Rewrite, jobs: list[Job], shards: list[Any], stage: Path,
                   hash_all: bool, sync: bool) -> list[WrittenShard]:
-    """Every shard's writer is open at once (the fast path interleaves them)."""
-    parts: list[tuple[list[Job], ShardWriter]] = []
-    position = 0
-    try:
-        for shard in shards:
-            names = {t.name for t in shard.tensors}
-            end = position
-            while end < len(jobs) and jobs[end].out_name in names:
-                end += 1
-            parts.append((jobs[position:end], ShardWriter(
-                stage / shard.filename, shard.tensors, hash_tensors=hash_all, sync=sync)))
-            position = end
-        run.write(parts)
-        return [writer.close() for _, writer in parts]
-    finally:
-        for _, writer in parts:
-            writer.abort()
+    """Shards are written :data:`OPEN_SHARDS` at a time, their writers open together
+    (the fast path interleaves them); more at once would only cost file descriptors
+    (``--max-shard-size 100MB`` on a 70B model is 1,400 shards)."""
+    spans, position = [], 0
+    for shard in shards:
+        names = {t.name for t in shard.tensors}
+        end = position
+        while end < len(jobs) and jobs[end].out_name in names:
+            end += 1
+        spans.append((shard, jobs[position:end]))
+        position = end
+    written: list[WrittenShard] = []
+    for start in range(0, len(spans), OPEN_SHARDS):
+        parts: list[tuple[list[Job], ShardWriter]] = []
+        try:
+            for shard, shard_jobs in spans[start:start + OPEN_SHARDS]:
+                parts.append((shard_jobs, ShardWriter(stage / shard.filename, shard.tensors,
+                                                      hash_tensors=hash_all, sync=sync)))
+            run.write(parts)
+            written.extend(writer.close() for _, writer in parts)
+        finally:
+            for _, writer in parts:
+                writer.abort()
+    return written
 
 
 @memoized_headers()

@@ -288,3 +288,35 @@ def test_adapter_digest_only_when_recorded(work: Path, base: Path) -> None:
     assert recorded.adapter_digest == json_digest(files)
     lineage = store.resolve(recorded.version["ref"]).lineage
     assert lineage is not None and lineage["report"]["adapter_digest"] == recorded.adapter_digest
+
+
+def test_shards_written_a_few_at_a_time_match(work: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """With fewer writers open than shards (``OPEN_SHARDS``), the output is the same
+    bytes in the same files as with all of them open."""
+    from merging import unload as unload_module
+
+    many = make_base(work / "many-shards", max_shard_size="30KB", seed=20)
+    assert len(list(many.glob("*.safetensors"))) >= 5
+    adapter = make_adapter(many, work / "many-adapter", seed=21)
+    together = unload(adapter, many, work / "many-together")
+    monkeypatch.setattr(unload_module, "OPEN_SHARDS", 2)
+    open_now, most = set(), [0]
+    real_init, real_abort = unload_module.ShardWriter.__init__, unload_module.ShardWriter.abort
+
+    def tracked_init(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        real_init(self, *args, **kwargs)
+        open_now.add(id(self))
+        most[0] = max(most[0], len(open_now))
+
+    def tracked_abort(self):  # noqa: ANN001, ANN202
+        open_now.discard(id(self))
+        real_abort(self)
+
+    monkeypatch.setattr(unload_module.ShardWriter, "__init__", tracked_init)
+    monkeypatch.setattr(unload_module.ShardWriter, "abort", tracked_abort)
+    in_pairs = unload(adapter, many, work / "many-pairs")
+    assert most[0] == 2 and not open_now
+    assert together.files == in_pairs.files
+    for name in together.files:
+        assert (together.out_dir / name).read_bytes() == (in_pairs.out_dir / name).read_bytes()
