@@ -158,13 +158,15 @@ def merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: So
     ``local``: allocated once per worker, see :mod:`merging.buffers`). Returns (bytes,
     sum of the squared norms); the sum is ``inf``/``nan`` as soon as a range is not
     finite (nothing more is written)."""
+    row_bytes = src.info.nbytes // max(src.shape[0], 1)
+    # a range is at least one row, which may be longer than buffer_bytes
+    buffer_bytes = max([buffer_bytes] + [(r1 - r0) * row_bytes for r0, r1 in ranges])
     buffer = getattr(local, "buffer", None)
     if buffer is None or buffer.numel() < buffer_bytes:
         buffer = local.buffer = allocate(buffer_bytes)
         local.view = memoryview(buffer.numpy())
     view: memoryview = local.view
     dtype, tail = torch_dtype(src.dtype), tuple(src.shape[1:])
-    row_bytes = src.info.nbytes // max(src.shape[0], 1)
     sq = 0.0
     for r0, r1 in ranges:
         # straight into the buffer and out of it again: no per-range tensor plumbing
@@ -175,7 +177,7 @@ def merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: So
         if not math.isfinite(norm):
             return 0, norm
         sq += norm * norm
-        if out.data_ptr() == raw.data_ptr():  # merged in place (the bfloat16 way)
+        if out.data_ptr() == raw.data_ptr():  # merged in place (bfloat16 way, float32 base)
             writer.write_bytes_at(offset + r0 * row_bytes, view[:nbytes])
         else:
             writer.write_at(offset + r0 * row_bytes, out)

@@ -320,3 +320,18 @@ def test_shards_written_a_few_at_a_time_match(work: Path, monkeypatch: pytest.Mo
     assert together.files == in_pairs.files
     for name in together.files:
         assert (together.out_dir / name).read_bytes() == (in_pairs.out_dir / name).read_bytes()
+
+
+def test_rows_longer_than_a_range_buffer(work: Path, base: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row longer than the fast path's range size still merges (its buffer grows):
+    the same tensors as with ranges of many rows, up to float32 rounding (the matmul
+    may sum in another order for another number of rows)."""
+    adapter = make_adapter(base, work / "long-rows-adapter", seed=22)
+    reference = state_of(unload(adapter, base, work / "long-rows-ref").out_dir)
+    monkeypatch.setattr(rewrite, "FAST_CHUNK_BYTES", 64)  # a 64-wide float32 row is 256
+    tiny = state_of(unload(adapter, base, work / "long-rows-tiny").out_dir)
+    assert reference.keys() == tiny.keys()
+    for key, tensor in reference.items():
+        assert tiny[key].dtype == tensor.dtype
+        torch.testing.assert_close(tiny[key], tensor, rtol=1e-6, atol=1e-7)
