@@ -22,7 +22,8 @@ class ModuleReport:
 
     Attributes:
         name: Tensor key (``model.layers.0.self_attn.q_proj.weight``).
-        kind: ``lora``, ``replaced`` (modules_to_save) or ``quantized``.
+        kind: ``lora``, ``replaced`` (modules_to_save), ``untied`` (the ``lm_head`` copy
+            written when untying) or ``quantized``.
         delta_fro: Frobenius norm of ``s·B·A`` (of new - old for replacements).
         weight_fro: Frobenius norm of the merged weight.
         quant_rel_error: ``||W - deq(q(W))||_F / ||W||_F`` when quantized.

@@ -247,15 +247,15 @@ class Rewrite:
         return 0, 0.0
 
     def _collect(self, job: Job, future: Future[tuple[int, float]], sums: Any) -> None:
-        nbytes, norm = future.result()  # norm: a copy's 0, a group's sum of squares
+        nbytes, sq = future.result()  # a group's sum of squared range norms (a copy: 0)
         if sums is None:  # a copy
             if self.progress is not None and job.hash_src:
                 self.progress(job.src.info.nbytes)
             self._done(job, None)
             return
-        if not math.isfinite(norm):
+        if not math.isfinite(sq):
             self._refuse(job)
-        sums["sq"] += norm
+        sums["sq"] += sq
         sums["left"] -= 1
         if self.progress is not None:
             self.progress(nbytes)

@@ -10,7 +10,7 @@ The model is rewritten tensor by tensor (:func:`rewrite_model`, shared with
    each module's are read (refused with the module named; the staged output goes).
 2. **Streaming** (:mod:`merging.rewrite`). For each base tensor in file order:
    untouched tensors are copied in the kernel; a LoRA target gets ``W + s·B·A``
-   computed in float32 on 4 MB row ranges and cast back to the base dtype; a
+   on row ranges of a few MB, rounded once to the base dtype (:mod:`merging.rowmerge`); a
    ``modules_to_save`` copy replaces the base tensor. With quantization (or
    ``qlora``) a target is handled whole: QLoRA first replaces ``W`` by
    ``dequantize(quantize(W))``, the weights the adapter was trained against, then
