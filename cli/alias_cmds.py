@@ -12,11 +12,10 @@ import re
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from cli.common import JsonOpt, StoreOpt, open_store, split_alias
-from cli.output import Output, make_table, short_digest
-from registry.errors import BadInputError
+from cli.output import Output, escape, make_table, short_digest
+from registry.errors import BadInputError, NotFoundError, shorten
 
 alias_app = typer.Typer(help="Move, remove and list aliases (compare-and-swap).",
                         no_args_is_help=True)
@@ -79,10 +78,13 @@ def alias_rm(
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Remove NAME:ALIAS (the version itself stays)."""
+    """Remove NAME:ALIAS (the version itself stays); exit 5 if there is no such alias."""
     name, alias = split_alias(target)
     st = open_store(store)
     old = st.delete_alias(name, alias, **_cas_kwargs(st, name, expect))
+    if old is None:  # nothing was removed (and nothing audited)
+        raise NotFoundError(f"no alias {name}:{alias}",
+                            fix=f"list the aliases with `adapters alias ls {name}`")
     data = {"name": name, "alias": alias, "old": old, "new": None}
     Output(json_out).emit(data, lambda c: c.print(
         f"removed {escape(name)}:{escape(alias)} (was {short_digest(old or '')})"
@@ -117,7 +119,7 @@ def lineage(
     if up and down:
         raise BadInputError("--up and --down exclude each other", fix="pass one of them")
     if fmt not in ("tree", "json", "dot"):
-        raise BadInputError(f"unknown --format {fmt!r}", fix="use tree, json or dot")
+        raise BadInputError(f"unknown --format {shorten(fmt)}", fix="use tree, json or dot")
     direction = "down" if down else "up"
     node = lin.lineage_tree(open_store(store), ref, direction)
     data = lin.to_json(node)

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from cli.common import JsonOpt, StoreOpt, open_store, parse_duration
-from cli.output import Output, make_table, short_digest
+from cli.output import Output, escape, make_table, short_digest
 from registry.errors import AdapterkitError, BadInputError, IntegrityError
 
 audit_app = typer.Typer(help="Read and check the hash-chained audit log.", no_args_is_help=True)

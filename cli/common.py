@@ -6,6 +6,11 @@ strings (``k=v`` pairs, ``30s``/``10m``/``1h``/``2d`` durations, ``NAME:ALIAS``)
 into values and raise :class:`registry.errors.BadInputError` (exit 2) on bad input,
 so ``cli/main.py`` reports them like every other error.
 
+:func:`open_store` also turns the environment's refusals into exit 6
+(:class:`registry.errors.EnvironmentFailure`) naming the store: a store path that
+is a file (or under one), a permission or I/O error while opening it. Values quoted
+in messages go through :func:`registry.errors.shorten` (bounded).
+
 Only the standard library, typer and ``registry.errors`` are imported here: the
 store itself is imported inside :func:`open_store`, when a command runs.
 """
@@ -19,7 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from registry.errors import BadInputError, GateFailedError
+from registry.errors import (BadInputError, EnvironmentFailure, GateFailedError,
+                             environment_error, shorten)
 
 if TYPE_CHECKING:
     from registry.store import Store, Version
@@ -32,15 +38,44 @@ StoreOpt = Annotated[
 ]
 
 
-def open_store(root: Path | None, *, create: bool = False) -> Store:
+def _check_store_path(root: Path | None) -> None:
+    """Refuse a local store path that is a file or lies under one (exit 6).
+
+    Raises:
+        EnvironmentFailure: ``root`` or one of its parents exists and is not a directory.
+    """
+    from registry.backends import s3_location
+    from registry.store import default_root
+
+    if root is not None and s3_location(root) is not None:
+        return
+    path = Path(root).expanduser() if root is not None else default_root()
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            where = "is a file" if candidate == path else f"is under the file {candidate}"
+            raise EnvironmentFailure(
+                f"store path {shorten(str(path))} {where}, not a directory",
+                fix="pass --store (or set $ADAPTERS_HOME to) a directory, or move the file away")
+        if candidate.exists():
+            return
+
+
+def open_store(root: Path | str | None, *, create: bool = False) -> Store:
     """Open the store at ``root`` (None: ``$ADAPTERS_HOME`` or ``~/.adapters``).
 
     Raises:
         NotFoundError: The store does not exist and ``create`` is False.
+        EnvironmentFailure: The path is a file (or under one), or the system refused
+            to read or create it (permission, read-only file system, disk full).
     """
     from registry.store import Store
 
-    return Store.open(root, create=create)
+    _check_store_path(None if root is None else Path(root))
+    try:
+        return Store.open(root, create=create)
+    except OSError as err:
+        action = "creating the store" if create else "opening the store"
+        raise environment_error(err, action=action) from err
 
 
 def parse_value(text: str) -> Any:
@@ -68,7 +103,7 @@ def parse_pairs(items: list[str] | None, option: str, *, typed: bool = True) -> 
         key = key.strip()
         if not sep or not key:
             raise BadInputError(
-                f"{option} expects KEY=VALUE, got {item!r}", fix=f"write e.g. {option} lr=1e-4"
+                f"{option} expects KEY=VALUE, got {shorten(item)}", fix=f"write e.g. {option} lr=1e-4"
             )
         out[key] = parse_value(value) if typed else value
     return out
@@ -87,7 +122,7 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text.lower())
     if match is None:
         raise BadInputError(
-            f"bad duration {text!r}", fix="use a number with s, m, h, d or w, e.g. 30s, 10m, 1h, 2d"
+            f"bad duration {shorten(text)}", fix="use a number with s, m, h, d or w, e.g. 30s, 10m, 1h, 2d"
         )
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
@@ -103,7 +138,7 @@ def split_alias(target: str) -> tuple[str, str]:
     parsed = parse_ref(target) if ":" in target and "@" not in target else None
     if parsed is None or parsed.name is None or parsed.alias is None:
         raise BadInputError(
-            f"expected NAME:ALIAS, got {target!r}", fix="write e.g. my-adapter:candidate"
+            f"expected NAME:ALIAS, got {shorten(target)}", fix="write e.g. my-adapter:candidate"
         )
     return parsed.name, parsed.alias
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
-from cli.output import Output
+from cli.output import Output, escape
 
 TokenOpt = Annotated[
     Optional[str],

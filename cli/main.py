@@ -5,25 +5,44 @@ unload/quantize, gate/promote); each exposes ``register(app)``. Those modules
 load torch and friends only inside the commands that need them, so
 ``adapters --help`` and every registry command start fast.
 
-``main()`` runs the app outside click's standalone mode so that every
-:class:`registry.errors.AdapterkitError` becomes one ``error:`` line, one ``fix:``
-line and the documented exit code (JSON on stdout with ``--json``).
+``main()`` runs the app outside click's standalone mode and is the one error
+boundary: whatever goes wrong becomes one ``error:`` line and one ``fix:`` line on
+stderr (with ``--json``: one JSON object ``{"error", "message", "fix", "exit_code"}``
+on stdout) and the documented exit code:
+
+* an :class:`registry.errors.AdapterkitError` -> its own code (1-6);
+* an :class:`OSError` (permission, read-only file system, disk full, I/O, network)
+  or a storage-service error -> :class:`registry.errors.EnvironmentFailure`, exit 6;
+* a click/typer usage error (unknown option, missing argument, bad choice) -> exit 2
+  with ``fix: run `adapters COMMAND --help```;
+* anything else is a bug -> ``error: internal error (Type: message)``, exit 70,
+  never a traceback (``ADAPTERS_DEBUG=1`` re-raises it for developers).
+
+Messages and fixes are printed with control characters escaped
+(:func:`cli.output.escape_control`), so a label or path holding a newline or an ESC
+sequence cannot forge a second line or repaint the terminal.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 
 import typer
 
 try:  # typer >= 0.22 vendors click as typer._click; older typer uses click itself
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover
-    from click import ClickException
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
-from registry.errors import EXIT_BAD_INPUT, AdapterkitError
+from cli.output import escape_control
+from registry.errors import (EXIT_BAD_INPUT, AdapterkitError, BadInputError,
+                             EnvironmentFailure, UsageError, environment_error, internal_error)
+
+DEBUG_ENV = "ADAPTERS_DEBUG"
+"""Set to 1 to let an internal error's traceback through (for developers)."""
 
 COMMAND_MODULES: tuple[str, ...] = (
     "cli.registry_cmds",
@@ -46,36 +65,72 @@ for _module_name in COMMAND_MODULES:
     importlib.import_module(_module_name).register(app)
 
 
-def _report(err: AdapterkitError, json_mode: bool) -> None:
-    if json_mode:
-        sys.stdout.write(json.dumps(err.to_json(), indent=2) + "\n")
-        return
-    sys.stderr.write(f"error: {err.message}\n")
-    if err.fix:
-        sys.stderr.write(f"fix: {err.fix}\n")
+def _report(err: AdapterkitError, json_mode: bool) -> int:
+    """Print ``err`` (one ``error:`` + one ``fix:`` line, or one JSON object); its code."""
+    try:
+        if json_mode:
+            sys.stdout.write(json.dumps(err.to_json(), indent=2) + "\n")
+            sys.stdout.flush()
+        else:
+            lines = f"error: {escape_control(err.message)}\n"
+            if err.fix:
+                lines += f"fix: {escape_control(err.fix)}\n"
+            sys.stderr.write(lines)
+            sys.stderr.flush()
+    except OSError:  # stdout/stderr closed (a pipe reader went away): the code still counts
+        pass
+    return err.exit_code
+
+
+def _usage_error(err: ClickException) -> UsageError:
+    """A click usage error as exit 2, its fix naming the command's ``--help``."""
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "adapters"
+    return UsageError(err.format_message(), fix=f"run `{command} --help`")
+
+
+def _storage_service_error(err: Exception) -> EnvironmentFailure | None:
+    """botocore's errors (endpoint down, credentials, access denied) as exit 6, else None."""
+    module = type(err).__module__ or ""
+    if not module.startswith(("botocore", "boto3", "s3transfer", "urllib3", "requests")):
+        return None
+    detail = " ".join(str(err).split())
+    return EnvironmentFailure(f"storage service error ({type(err).__name__}: "
+                              f"{detail or 'no message'})",
+                              fix="check the network, the endpoint and the credentials, "
+                                  "then retry")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the process exit code (see registry/errors.py)."""
+    """Run the CLI and return the process exit code (see registry/errors.py).
+
+    Never raises (except with ``$ADAPTERS_DEBUG`` set, for an internal error).
+    """
     args = sys.argv[1:] if argv is None else argv
     json_mode = "--json" in args
-    command = typer.main.get_command(app)
     try:
+        command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="adapters", standalone_mode=False)
     except AdapterkitError as err:
-        _report(err, json_mode)
-        return err.exit_code
+        return _report(err, json_mode)
     except typer.Exit as done:
         return done.exit_code
-    except ClickException as err:
+    except NoArgsIsHelpError as err:  # `adapters` / `adapters alias` alone: the help
         err.show()
         return EXIT_BAD_INPUT
+    except ClickException as err:  # usage errors: unknown option, missing argument...
+        return _report(_usage_error(err), json_mode)
     except typer.Abort:
-        sys.stderr.write("error: aborted\n")
-        return EXIT_BAD_INPUT
+        return _report(BadInputError("aborted", fix="run the command again"), json_mode)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted; nothing half-written is visible\n")
         return 130
+    except OSError as err:
+        return _report(environment_error(err), json_mode)
+    except Exception as err:  # noqa: BLE001 - the last resort: a bug, reported as one
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        return _report(_storage_service_error(err) or internal_error(err), json_mode)
     return result if isinstance(result, int) else 0
 
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from cli.common import JsonOpt, StoreOpt, open_store
-from cli.output import Output, make_table
-from registry.errors import BadInputError
+from cli.output import Output, escape, make_table
+from registry.errors import BadInputError, shorten
 
 METHOD_NAMES = ("linear", "task_arithmetic", "cat", "ties", "dare_linear", "dare_ties",
                 "magnitude_prune")
@@ -48,10 +47,10 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
     try:
         weights = [float(part) for part in text.split(",")]
     except ValueError:
-        raise BadInputError(f"--weights expects comma-separated numbers, got {text!r}",
+        raise BadInputError(f"--weights expects comma-separated numbers, got {shorten(text)}",
                             fix="write e.g. --weights 0.5,0.5") from None
     if len(weights) != count or not all(math.isfinite(w) for w in weights):
-        raise BadInputError(f"--weights needs {count} finite numbers, got {text!r}",
+        raise BadInputError(f"--weights needs {count} finite numbers, got {shorten(text)}",
                             fix="give one weight per adapter, e.g. --weights 0.5,0.5")
     return weights
 
@@ -66,7 +65,7 @@ def parse_rank(text: str | None) -> int | str | None:
         return text
     if text.isdigit() and int(text) > 0:
         return int(text)
-    raise BadInputError(f"--rank must be a positive integer or 'full', got {text!r}",
+    raise BadInputError(f"--rank must be a positive integer or 'full', got {shorten(text)}",
                         fix="write e.g. --rank 16")
 
 

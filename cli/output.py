@@ -3,17 +3,37 @@
 Commands build a JSON-able ``data`` object and, optionally, a renderer that draws
 the same data for a terminal. ``--json`` prints ``data`` alone on stdout, so CI
 can parse it; human output goes to stdout, progress bars and errors to stderr.
+
+Strings from the store or the user (labels, names, base model ids, paths) may hold
+control characters: an ESC sequence could repaint the terminal, a newline could
+forge a second ``fix:`` line. The sink escapes them centrally, in three layers:
+
+* :func:`escape` (what the commands wrap every untrusted value in, instead of
+  ``rich.markup.escape``) escapes markup *and* every control character, newlines
+  included, so an interpolated value is always one visible line;
+* the consoles (:class:`SafeConsole`) escape every control character except the
+  newlines of the command's own templates in every string they print, and every
+  control character in the text of any other renderable (tables, trees), so a value
+  that a command forgot to wrap still cannot emit ESC or CR;
+* :func:`make_table` escapes every control character of each cell.
+
+``\x1b`` is shown as the four characters ``\x1b`` (``\n``, ``\r``, ``\t`` likewise).
+JSON output is left to :func:`json.dumps`, which escapes control characters itself,
+so it stays exact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions
+from rich.markup import escape as escape_markup
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,10 +43,80 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.segment import Segment
 from rich.table import Table
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of units (bytes, modules) just processed."""
+
+
+# C0, DEL, C1, the Unicode line/paragraph separators and the bidi overrides/isolates
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e"
+                                  "\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with control characters shown as escapes (ESC -> ``\\x1b``, LF -> ``\\n``).
+
+    Args:
+        text: Any string (a label, a path, an error message).
+        keep_newlines: Leave ``\\n`` alone (for the command's own multi-line templates).
+    """
+    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    return pattern.sub(_escaped, text)
+
+
+def escape(value: object) -> str:
+    """An untrusted value for rich markup: control characters and markup escaped.
+
+    Use it (not ``rich.markup.escape``) around every value from the store or the
+    user interpolated into a line: the result is always one line, with no markup.
+    """
+    return escape_markup(escape_control(str(value)))
+
+
+class _Sanitized:
+    """A renderable whose text segments have their control characters escaped."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterable[Segment]:
+        for segment in console.render(self.inner, options):
+            if segment.control or not segment.text:
+                yield segment
+            else:
+                yield Segment(escape_control(segment.text, keep_newlines=True), segment.style)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.inner)
+
+
+class SafeConsole(Console):
+    """A rich Console that never writes a control character it was handed.
+
+    Strings keep their newlines (a command's own template may span lines) but lose
+    every other control character; any other renderable (table, tree...) has every
+    control character in its text escaped after layout.
+    """
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # noqa: D102 - Console.print
+        super().print(*(escape_control(o, keep_newlines=True) if isinstance(o, str)
+                        else _Sanitized(o) if hasattr(o, "__rich_console__")
+                        or hasattr(o, "__rich__") else o for o in objects), **kwargs)
+
+    def out(self, *objects: Any, **kwargs: Any) -> None:  # noqa: D102 - Console.out
+        super().out(*(escape_control(str(o), keep_newlines=True) for o in objects), **kwargs)
 
 
 class Output:
@@ -38,8 +128,8 @@ class Output:
 
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
-        self.console = Console(highlight=False, soft_wrap=True)
-        self.err_console = Console(stderr=True, highlight=False)
+        self.console = SafeConsole(highlight=False, soft_wrap=True)
+        self.err_console = SafeConsole(stderr=True, highlight=False)
 
     def emit(self, data: Any, render: Callable[[Console], None] | None = None) -> None:
         """Print ``data`` as JSON in JSON mode, else call ``render`` (or pretty-print)."""
@@ -83,12 +173,17 @@ class Output:
 
 
 def make_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    """Build a rich table with one column per name and ``str()`` of every cell."""
-    table = Table(title=title, title_justify="left")
+    """Build a rich table with one column per name and ``str()`` of every cell.
+
+    Control characters in the title and cells are escaped (a cell is one line);
+    markup in cells is the caller's: wrap untrusted values in :func:`escape`.
+    """
+    table = Table(title=None if title is None else escape_control(title),
+                  title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(escape_control(column))
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        table.add_row(*("" if cell is None else escape_control(str(cell)) for cell in row))
     return table
 
 

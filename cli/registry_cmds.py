@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from cli import alias_cmds, audit_cmds
 from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs,
                         point_new_alias, tree_size)
-from cli.output import Output, make_table, short_digest
+from cli.output import Output, escape, make_table, short_digest
+from registry.errors import UsageError, shorten
 
 
 def register(app: typer.Typer) -> None:
@@ -39,11 +39,32 @@ def register(app: typer.Typer) -> None:
     audit_cmds.register(app)
 
 
-def init(json_out: JsonOpt = False, store: StoreOpt = None) -> None:
-    """Create an empty store (idempotent)."""
-    st = open_store(store, create=True)
+def init(
+    location: Annotated[Optional[str], typer.Argument(
+        metavar="[STORE]", help="Store directory or s3://bucket/prefix (same as --store).",
+        show_default=False)] = None,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Create an empty store (idempotent): `adapters init [DIR | s3://bucket/prefix]`."""
+    st = open_store(_init_location(location, store), create=True)
     data = {"root": st.location}
     Output(json_out).emit(data, lambda c: c.print(f"store ready at {escape(st.location)}"))
+
+
+def _init_location(location: str | None, store: Path | None) -> str | Path | None:
+    """The store ``init`` creates: the argument, else ``--store``, else the default.
+
+    Raises:
+        UsageError: Both are given and name different stores.
+    """
+    if location is None or store is None:
+        return location if location is not None else store
+    if Path(location) != Path(store):  # Path normalises s3:// to s3:/ on both sides
+        raise UsageError(f"init got two different stores: {shorten(location)} and --store "
+                         f"{shorten(str(store))}", fix="pass the store once, e.g. "
+                         "`adapters init s3://bucket/prefix`")
+    return location
 
 
 def push(

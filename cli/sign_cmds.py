@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cli.common import JsonOpt, StoreOpt, open_store
-from cli.output import Output
+from cli.output import Output, escape
 
 
 def register(app: typer.Typer) -> None:

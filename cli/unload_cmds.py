@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from cli.common import JsonOpt, StoreOpt, open_store
-from cli.output import Output, make_table, short_digest
+from cli.output import Output, escape, make_table, short_digest
 
 MAX_ROWS = 12
 

@@ -14,11 +14,24 @@ Exit codes (documented in README.md):
 3     integrity failure (hash mismatch, broken audit chain, missing blob)
 4     conflict (alias moved under you, name already bound)
 5     not found (unknown name, version, alias or path)
+6     environment (permission denied, read-only file system, disk full, I/O or
+      network error, a store path that is a file, an export target that is a symlink)
+70    internal error (an uncaught exception: a bug in adapterkit)
 ====  =========================================================
+
+Errors from the operating system (:class:`OSError`) become
+:class:`EnvironmentFailure` through :func:`environment_error`, which names the path
+that failed and says what to do for each ``errno``; library code that knows more
+(which store, which export target) wraps them itself, and ``cli/main.py`` maps any
+that reach it. Messages quote untrusted values through :func:`shorten`, and every
+message is capped at :data:`MAX_MESSAGE` characters, so a hostile config or label
+cannot blow up an error line.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import ClassVar
 
 EXIT_OK = 0
@@ -27,6 +40,34 @@ EXIT_BAD_INPUT = 2
 EXIT_INTEGRITY = 3
 EXIT_CONFLICT = 4
 EXIT_NOT_FOUND = 5
+EXIT_ENVIRONMENT = 6
+EXIT_INTERNAL = 70
+
+MAX_MESSAGE = 1000
+"""Longest message or fix kept (longer ones end in ``...``)."""
+MAX_VALUE = 200
+"""Longest quoted value :func:`shorten` keeps."""
+
+
+def clip(text: str, limit: int = MAX_VALUE) -> str:
+    """``text`` cut to ``limit`` characters, ending in ``...`` when cut."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def shorten(value: object, limit: int = MAX_VALUE) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters.
+
+    ``reprlib``-style bounding happens before the full ``repr`` is built for big
+    containers, so a hostile structure (a YAML bomb expanded to millions of items)
+    costs no more than ``limit`` characters of work per level.
+    """
+    import reprlib
+
+    bounded = reprlib.Repr()
+    bounded.maxstring = bounded.maxother = limit
+    bounded.maxlist = bounded.maxdict = bounded.maxtuple = bounded.maxset = 8
+    bounded.maxlevel = 3
+    return clip(bounded.repr(value), limit)
 
 
 class AdapterkitError(Exception):
@@ -40,9 +81,10 @@ class AdapterkitError(Exception):
     exit_code: ClassVar[int] = EXIT_BAD_INPUT
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
+        message = clip(str(message), MAX_MESSAGE)
         super().__init__(message)
         self.message = message
-        self.fix = fix
+        self.fix = None if fix is None else clip(str(fix), MAX_MESSAGE)
 
     def to_json(self) -> dict[str, object]:
         """Machine-readable form used by ``--json`` output."""
@@ -58,6 +100,10 @@ class BadInputError(AdapterkitError):
     """The input is malformed, unsupported or inconsistent (exit 2)."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(BadInputError):
+    """The command line itself is wrong: unknown option, missing argument (exit 2)."""
 
 
 class UnsupportedAdapterError(BadInputError):
@@ -90,3 +136,86 @@ class NotFoundError(AdapterkitError):
     """A name, version, alias, blob or path does not exist (exit 5)."""
 
     exit_code = EXIT_NOT_FOUND
+
+
+class EnvironmentFailure(AdapterkitError):
+    """The operating system or the network refused: permission, space, I/O (exit 6).
+
+    Not the user's input and not a bug: the same command works once the environment
+    is fixed (space freed, permissions or mount changed, network back).
+    """
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class InternalError(AdapterkitError):
+    """An uncaught exception: a bug in adapterkit (exit 70, the CLI's last resort)."""
+
+    exit_code = EXIT_INTERNAL
+
+
+_REPORT_FIX = "this is a bug in adapterkit; please report it with the command you ran"
+
+_ERRNO_TEXT: dict[int, tuple[str, str]] = {
+    errno.EACCES: ("permission denied", "check the owner and mode of {path}, or use a store "
+                                        "you may write (--store / $ADAPTERS_HOME)"),
+    errno.EPERM: ("operation not permitted", "check the owner and mode of {path}, or use a "
+                                             "store you may write (--store / $ADAPTERS_HOME)"),
+    errno.EROFS: ("read-only file system", "remount {path} read-write, or use a store on a "
+                                           "writable file system (--store)"),
+    errno.ENOSPC: ("no space left on device", "free space on the disk holding {path} (e.g. "
+                                              "`adapters gc`) or move the store, then retry"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota for {path} (e.g. "
+                                          "`adapters gc`), then retry"),
+    errno.EFBIG: ("file too large", "raise the file size limit (`ulimit -f`) or use a file "
+                                    "system that holds large files"),
+    errno.EIO: ("input/output error", "check the disk holding {path} (dmesg), then run "
+                                      "`adapters verify --all`"),
+    errno.ENOTDIR: ("not a directory (a component of the path is a file)",
+                    "pass a path whose parents are directories"),
+    errno.EISDIR: ("is a directory", "pass a file path, not a directory"),
+    errno.EEXIST: ("already exists (a file is in the way)", "move the file out of the way "
+                                                           "or pick another path"),
+    errno.ELOOP: ("too many symbolic links, or a symbolic link where none is followed",
+                  "pass the real path, not a symbolic link"),
+    errno.ENAMETOOLONG: ("file name too long", "use a shorter path"),
+    errno.ENOENT: ("no such file or directory", "check that {path} exists and was not "
+                                                "removed while the command ran"),
+    errno.EMFILE: ("too many open files", "raise the open-file limit (`ulimit -n`)"),
+    errno.ENOMEM: ("out of memory", "free memory or use a machine with more"),
+}
+
+
+def environment_error(err: OSError, *, path: object = None,
+                      action: str | None = None) -> EnvironmentFailure:
+    """The :class:`EnvironmentFailure` for an :class:`OSError`, with a fix for its errno.
+
+    Args:
+        err: The error the operating system (or a network library) raised.
+        path: The path or location that failed (default: the error's own filename).
+        action: What was being done, e.g. ``"writing the store"`` (prefixes the message).
+
+    Returns:
+        The error to raise (``raise environment_error(err) from err``).
+    """
+    where = path if path is not None else err.filename
+    shown = "the path" if where is None else clip(os.fsdecode(str(where)))
+    reason, fix = _ERRNO_TEXT.get(err.errno or -1, (None, None))
+    if reason is None:
+        if isinstance(err, (ConnectionError, TimeoutError)) or err.errno in (
+                errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                errno.ENETUNREACH):
+            reason, fix = "network error", "check the network and the endpoint, then retry"
+        else:
+            reason = clip(err.strerror or str(err) or type(err).__name__)
+            fix = "check {path} and the system it is on, then retry"
+    message = f"{reason}: {shown}" if where is not None else reason
+    if action:
+        message = f"{action}: {message}"
+    return EnvironmentFailure(message, fix=fix.format(path=shown))
+
+
+def internal_error(err: BaseException) -> InternalError:
+    """The CLI's last-resort error for an exception nothing else handled."""
+    detail = clip(" ".join(str(err).split()) or "no message")
+    return InternalError(f"internal error ({type(err).__name__}: {detail})", fix=_REPORT_FIX)
