@@ -5,8 +5,9 @@
 branch, tag or commit. ``huggingface_hub.snapshot_download`` fetches only the PEFT
 files (``adapter_config.json``, ``adapter_model.safetensors``/``.bin``,
 ``README.md``) into the standard HF cache, so the same call works offline
-(``HF_HUB_OFFLINE=1``) from a cache filled earlier, by ``hf download`` or by hand
-in the documented layout (``models--org--name/{blobs,snapshots/<commit>,refs}``).
+(``HF_HUB_OFFLINE=1``, then with ``local_files_only=True``: see :func:`hub_offline`)
+from a cache filled earlier, by ``hf download`` or by hand in the documented layout
+(``models--org--name/{blobs,snapshots/<commit>,refs}``).
 The snapshot's files (symlinks into the cache's ``blobs/``, each checked to stay
 inside the repo's cache folder) are staged as regular files in the store's
 ``tmp/`` (hard links when possible) and go through the only door for adapter
@@ -198,6 +199,22 @@ class HubSnapshot:
                 "hub_commit": self.commit}
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (``HF_HUB_OFFLINE``, read once at its import).
+
+    Offline pulls pass ``local_files_only=True`` rather than relying on
+    ``snapshot_download``'s own offline fallback: in huggingface_hub 1.x up to at
+    least 1.33 that fallback is skipped for a 40-hex commit revision, which then
+    needs the per-commit tree listing (``trees/<commit>.json``, written only by
+    1.x downloads) and otherwise fails with ``OfflineModeIsEnabled`` although the
+    snapshot folder is cached. ``local_files_only`` looks up ``refs/`` and
+    ``snapshots/`` directly in every version from 0.25 on.
+    """
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
 def download_snapshot(ref: HubRef | str, *, cache_dir: str | Path | None = None,
                       token: str | None = None) -> HubSnapshot:
     """Fetch the PEFT files of ``ref`` with ``snapshot_download`` (offline: from the cache).
@@ -216,7 +233,8 @@ def download_snapshot(ref: HubRef | str, *, cache_dir: str | Path | None = None,
     parsed = parse_hub_ref(ref) if isinstance(ref, str) else ref
     try:
         folder = snapshot_download(parsed.repo_id, revision=parsed.revision, cache_dir=cache_dir,
-                                   token=token, allow_patterns=list(ALLOW_PATTERNS))
+                                   token=token, allow_patterns=list(ALLOW_PATTERNS),
+                                   local_files_only=hub_offline())
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a registry error
         raise hub_error(exc, parsed.uri) from exc
     path = Path(folder)  # <cache>/models--org--name/snapshots/<commit>

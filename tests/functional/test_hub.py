@@ -8,6 +8,10 @@ runs in a child process because huggingface_hub reads its environment at import.
 the uploaded folder to a local "remote" (which must equal the export and load in
 PEFT with identical logits), and through the CLI with the real ``HfApi`` in offline
 mode, which must fail with a one-line error and a fix.
+
+The module-scoped ``world`` (one store, one HF cache) is shared; each test pulls
+whatever versions it reads under its own names, so any test runs alone, in any
+order, or on any xdist worker (each worker builds its own ``world``).
 """
 
 from __future__ import annotations
@@ -187,8 +191,12 @@ def test_push_hub_to_a_branch(world: World, tmp_path: Path) -> None:
     from registry.hub import push_to_hub
     from registry.store import Store
 
+    # its own source version and alias, so the test does not depend on another having run
+    code, pulled = cli_json(world.env, "pull", f"hf://{REPO}@v2", "--name", "acme/branch-src",
+                            "--alias", "candidate", "--store", world.store)
+    assert code == 0, pulled
     api = RecordingHubApi(tmp_path / "remote")
-    result = push_to_hub(Store.open(world.store), "acme/lora-v2:candidate", "hf://acme/exp",
+    result = push_to_hub(Store.open(world.store), "acme/branch-src:candidate", "hf://acme/exp",
                          revision="dev", commit_message="try it", api=api)
     assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
     assert api.calls[2][1]["revision"] == "dev" and api.calls[2][1]["commit_message"] == "try it"
