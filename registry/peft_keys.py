@@ -24,8 +24,8 @@ plus ``.weight`` (:func:`base_weight_key`); extras map the same way, dropping a
 (:func:`base_key_for_extra`).
 
 ``rank_pattern`` / ``alpha_pattern`` keys are matched as peft does
-(:func:`rank_for`), after refusing keys that could backtrack catastrophically
-(:func:`check_pattern`). :func:`validate_lora_config` checks the fields of an
+(:func:`rank_for`), in linear time by :mod:`registry.patterns` (RE2), which also refuses
+at ingest every config pattern RE2 cannot run (:func:`validate_lora_config`). :func:`validate_lora_config` checks the fields of an
 ``adapter_config.json`` that adapterkit relies on.
 """
 
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, UnsupportedAdapterError
+from registry.patterns import check_config_patterns, pattern_key
 
 PEFT_PREFIX = "base_model.model."
 BIAS_VALUES = ("none", "all", "lora_only")
@@ -172,10 +173,11 @@ def rank_for(module_path: str, r: int, rank_pattern: dict[str, int] | None) -> i
     """The rank peft gives a module: the first ``rank_pattern`` key matching it, else ``r``.
 
     Matching follows ``peft.utils.other.get_pattern_key``: key ``K`` matches module name
-    ``N`` (without ``base_model.model.``) when ``re.match(rf"(.*\\.)?({K})$", N)``.
+    ``N`` (without ``base_model.model.``) when ``re.match(rf"(.*\\.)?({K})$", N)``; it is
+    evaluated in linear time by :mod:`registry.patterns`.
 
     Raises:
-        BadInputError: a pattern is not a valid regular expression.
+        BadInputError: a pattern is invalid or cannot be matched in linear time.
     """
     return _pattern_value(module_path, r, rank_pattern, "rank_pattern")
 
@@ -184,63 +186,30 @@ def alpha_for(module_path: str, alpha: float, alpha_pattern: dict[str, float] | 
     """The lora_alpha peft gives a module (``alpha_pattern`` matched like :func:`rank_for`).
 
     Raises:
-        BadInputError: a pattern is not a valid regular expression.
+        BadInputError: a pattern is invalid or cannot be matched in linear time.
     """
     return _pattern_value(module_path, alpha, alpha_pattern, "alpha_pattern")
 
 
-_NESTED_QUANTIFIER = re.compile(r"[*+}?]\)+[*+{?]")
-_QUANTIFIER = re.compile(r"(?<!\\)[*+{]")
-MAX_PATTERN_CHARS = 1024
-MAX_QUANTIFIERS = 3
-
-
 def check_pattern(key: str, field: str) -> None:
-    """Refuse a ``rank_pattern``/``alpha_pattern`` key that is invalid or could backtrack.
+    """Refuse a ``rank_pattern``/``alpha_pattern`` key that is invalid or not RE2-matchable.
 
-    Keys come from untrusted configs; a nested quantifier such as ``(a+)+`` or a
-    chain like ``.*.*.*.*x`` can make ``re.match`` backtrack for hours, so such keys
-    (and keys with more than :data:`MAX_QUANTIFIERS` quantifiers) are refused before
-    any matching.
+    Keys come from untrusted configs; they are matched with RE2 (linear time, see
+    :mod:`registry.patterns`), so only keys RE2 cannot run (lookaround, backreferences)
+    or that are not valid Python patterns are refused.
 
     Raises:
-        BadInputError: too long, nested quantifier, or not a valid regular expression.
+        BadInputError: too long, invalid, or a construct RE2 cannot run.
     """
-    fix = f"fix {field} in adapter_config.json"
-    if (
-        len(key) > MAX_PATTERN_CHARS
-        or _NESTED_QUANTIFIER.search(key)
-        or len(_QUANTIFIER.findall(key)) > MAX_QUANTIFIERS
-    ):
-        raise BadInputError(
-            f"adapter_config.json: {field} key {key[:80]!r} is too long or has too many "
-            "or nested quantifiers",
-            fix=fix,
-        )
-    try:
-        re.compile(rf"(.*\.)?({key})$")
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise BadInputError(
-            f"adapter_config.json: {field} key {key[:80]!r} is not a valid pattern ({exc})",
-            fix=fix,
-        ) from None
+    check_config_patterns({field: {key: 1}})
 
 
 def _pattern_value(module_path, default, patterns, field):  # type: ignore[no-untyped-def]
     if not patterns:
         return default
     name = strip_prefix(module_path)
-    for key, value in patterns.items():
-        check_pattern(key, field)
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error as exc:
-            raise BadInputError(
-                f"adapter_config.json: {field} key {key[:80]!r} is not a valid pattern ({exc})",
-                fix=f"fix {field} in adapter_config.json",
-            ) from None
-    return default
+    key = pattern_key(patterns, name, field)
+    return patterns.get(name if key is None else key, default)  # as peft: .get(r_key, r)
 
 
 def _cfg_error(path: Path, field: str, problem: str) -> BadInputError:
@@ -279,7 +248,8 @@ def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
 
     Raises:
         UnsupportedAdapterError: ``peft_type`` is not ``"LORA"``.
-        BadInputError: a field is missing or has the wrong type (message names it).
+        BadInputError: a field is missing or has the wrong type, or a pattern PEFT would
+            match cannot be matched in linear time (message names it).
     """
     if not isinstance(config, dict):
         raise BadInputError(f"{path}: not a JSON object", fix="fix adapter_config.json")
@@ -312,13 +282,18 @@ def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
         for key in patterns:
             if not key:
                 raise _cfg_error(path, field, "has an empty key")
-            check_pattern(key, field)
     for field in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode"):
         if field in config and not isinstance(config[field], bool):
             raise _cfg_error(path, field, "must be true or false")
     saved = config.get("modules_to_save")
     if saved is not None and not _str_list(saved):
         raise _cfg_error(path, "modules_to_save", "must be a list of strings or null")
+    for field in ("exclude_modules", "layers_pattern"):
+        value = config.get(field)
+        if value is not None and not isinstance(value, str) and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise _cfg_error(path, field, "must be a string, a list of strings or null")
     if "bias" in config and config["bias"] not in BIAS_VALUES:
         raise _cfg_error(path, "bias", f"must be one of {', '.join(BIAS_VALUES)}")
     dropout = config.get("lora_dropout", 0.0)
@@ -330,4 +305,5 @@ def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
             raise _cfg_error(path, field, "must be a string or null")
     if config.get("task_type") == "":
         raise _cfg_error(path, "task_type", "must be a non-empty string or null")
+    check_config_patterns(config)
     return config

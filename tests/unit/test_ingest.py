@@ -129,10 +129,19 @@ def test_rank_pattern_matches_like_peft():
         assert rank_for(module, 8, patterns) == patterns.get(key, 8), module
 
 
-@pytest.mark.parametrize("pattern", ["(a+)+b", "(.*)*", ".*.*.*.*x", "(", "x" * 2000])
-def test_dangerous_or_invalid_patterns_are_refused(pattern):
+@pytest.mark.parametrize("pattern", ["(?=q)", r"(q)\1", "(", "x" * 2000])
+def test_invalid_or_non_linear_patterns_are_refused(pattern):
     with pytest.raises(BadInputError, match="rank_pattern"):
         rank_for(Q, 4, {pattern: 2})
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+b", "(.*)*", ".*.*.*.*x"])
+def test_backtracking_patterns_are_matched_in_linear_time(pattern):
+    # RE2 runs them (registry/patterns.py); they no longer need refusing
+    from peft.utils.other import get_pattern_key
+
+    expected = {pattern: 2}.get(get_pattern_key([pattern], Q[len("base_model.model."):]), 4)
+    assert rank_for(Q, 4, {pattern: 2}) == expected
 
 
 # --- prepare_adapter: accepted inputs ------------------------------------------------------
