@@ -78,6 +78,35 @@ def open_store(root: Path | str | None, *, create: bool = False) -> Store:
         raise environment_error(err, action=action) from err
 
 
+def ref_or_dir(text: str, root: Path | None) -> tuple[Store | None, str | Path]:
+    """Open the store (if there is one) and apply the ref-or-directory rule to ``text``.
+
+    The rule is :func:`registry.ref_or_dir.resolve_ref_or_dir`: a ref wins, a
+    directory is written as a path (``./NAME``), a word that is both is refused.
+
+    Args:
+        text: A store ref, or a directory written as a path.
+        root: ``--store``.
+
+    Returns:
+        ``(store or None when there is none, ref text or directory Path)``; the ref
+        text is ``text`` itself (it resolved).
+
+    Raises:
+        BadInputError: Ambiguous (both a ref and a directory), or a bare directory name.
+        NotFoundError: Neither a ref nor a directory, or a ref without a store.
+    """
+    from registry.errors import NotFoundError
+    from registry.ref_or_dir import resolve_ref_or_dir
+
+    try:
+        st: Store | None = open_store(root)
+    except NotFoundError:
+        st = None
+    target = resolve_ref_or_dir(st, text)
+    return st, (target if isinstance(target, Path) else text)
+
+
 def parse_value(text: str) -> Any:
     """JSON when it parses (``3``, ``1e-4``, ``true``, ``[1,2]``), else the string itself."""
     try:

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
-from cli.common import JsonOpt, StoreOpt, open_store, split_alias
-from cli.output import Output, make_table, short_digest
-from registry.errors import GateFailedError, NotFoundError
+from cli.common import JsonOpt, StoreOpt, open_store, ref_or_dir, split_alias
+from cli.output import Output, escape, make_table, short_digest
+from registry.errors import GateFailedError
 
 _DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}$")
 
@@ -51,25 +50,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _candidate(ref: str, store_path: Path | None) -> tuple[Any, Any]:
-    """``(store or None, ref or Path)``: a registry ref if it resolves, else a directory."""
-    as_dir = Path(ref).expanduser()
-    try:
-        st = open_store(store_path)
-    except NotFoundError:
-        if as_dir.is_dir():
-            return None, as_dir
-        raise
-    try:
-        st.resolve(ref)
-        return st, ref
-    except Exception:  # noqa: BLE001 - not a ref (or unknown): a directory may still be meant
-        if as_dir.is_dir():
-            return st, as_dir
-        raise
+    """``(store or None, ref or Path)`` by the one ref-or-directory rule (a ref wins;
+    a directory is written as a path, ``./NAME``; a word that is both is refused)."""
+    return ref_or_dir(ref, store_path)
 
 
 def gate(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="Version to gate (any ref), or a PEFT directory.")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="Version to gate (any ref), or a PEFT directory written as a path (./DIR).")],
     base: Annotated[Path, typer.Option("--base", metavar="MODEL_DIR",
                                        help="Base model directory (weights + tokenizer).")],
     policy: Annotated[Path, typer.Option("--policy", metavar="GATE_YAML", help="Gate policy (YAML).")],

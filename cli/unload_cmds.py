@@ -1,7 +1,8 @@
 """``adapters unload`` and ``adapters quantize``: write standalone model directories.
 
 ``unload REF --base MODEL_DIR --out OUT_DIR`` bakes an adapter (a registry ref, or a
-PEFT adapter directory) into its base with :func:`merging.unload.unload`;
+PEFT adapter directory written as a path, ``./NAME``: the rule of
+:func:`registry.ref_or_dir.resolve_ref_or_dir`) into its base with :func:`merging.unload.unload`;
 ``quantize MODEL_DIR --to nf4|fp4|int8 --out OUT_DIR`` writes a bitsandbytes copy
 with :func:`merging.quantize.quantize`. Both stream tensor by tensor, write into a
 temp directory renamed at the end, and (for a stored adapter, or with ``--name``)
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, open_store
+from cli.common import JsonOpt, StoreOpt, open_store, ref_or_dir
 from cli.output import Output, escape, make_table, short_digest
 
 MAX_ROWS = 12
@@ -43,7 +44,7 @@ ProbeOpt = Annotated[Optional[bool], typer.Option(
 
 
 def unload(
-    ref: Annotated[str, typer.Argument(help="Adapter: registry ref or PEFT adapter directory.")],
+    ref: Annotated[str, typer.Argument(help="Adapter: registry ref, or a PEFT adapter directory written as a path (./DIR).")],
     base: Annotated[Path, typer.Option("--base", help="Base model directory.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (new or empty).")],
     max_shard_size: ShardOpt = None,
@@ -65,10 +66,11 @@ def unload(
     """Merge an adapter into its base and write a model that loads without PEFT."""
     from merging.unload import unload as run_unload
 
-    is_dir = Path(ref).is_dir()
-    st = open_store(store) if (not is_dir or name) else None
+    st, adapter = ref_or_dir(ref, store)
+    if isinstance(adapter, Path):  # a directory: the store only records the output (--name)
+        st = open_store(store) if name else None
     _rewrite(json_out, f"unloading into {out.name}", base, lambda advance: run_unload(
-        ref if not is_dir else Path(ref), base, out, store=st, max_shard_size=max_shard_size,
+        adapter, base, out, store=st, max_shard_size=max_shard_size,
         quantize=quantize, qlora=qlora, double_quant=double_quant, blocksize=blocksize,
         name=name, probe=probe, progress=advance, sync=sync))
 

@@ -63,6 +63,8 @@ def shorten(value: object, limit: int = MAX_VALUE) -> str:
     """
     import reprlib
 
+    if isinstance(value, str):  # cut before repr: O(limit), and the cut shows as "..."
+        return clip(repr(value[: limit + 1]), limit)
     bounded = reprlib.Repr()
     bounded.maxstring = bounded.maxother = limit
     bounded.maxlist = bounded.maxdict = bounded.maxtuple = bounded.maxset = 8

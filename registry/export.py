@@ -7,26 +7,92 @@ copied, plus a ``README.md`` model card whose YAML front matter carries
 license, and whose body lists metrics, known risks, lineage and provenance. So
 ``PeftModel.from_pretrained(base, out_dir)`` loads it unchanged.
 
-Everything is written into a temp directory next to ``out_dir`` and renamed into
-place at the end: an interrupted export never leaves a half-written ``out_dir``.
-A non-empty existing ``out_dir`` is refused (:class:`ConflictError`).
+Everything is written into a temp directory ``.<out>.export-XXXXXXXX`` next to
+``out_dir`` and renamed into place at the end: an interrupted export never leaves a
+half-written ``out_dir``. A failing export removes its own temp directory; one
+killed outright (SIGKILL, power cut) cannot, so every export first removes such
+temp directories in the same parent that are older than a grace period
+(:data:`STALE_EXPORT_GRACE_S`, one hour: a live export refreshes its directory's
+mtime with every file it writes). A non-empty existing ``out_dir`` is refused
+(:class:`ConflictError`); an ``out_dir`` that is a symbolic link is refused
+without following it (:class:`EnvironmentFailure`, exit 6), and so is the system
+refusing to write (permission, read-only file system, disk full), naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from registry.blobs import ProgressCallback
 from registry.common import make_dirs
-from registry.errors import BadInputError, ConflictError
+from registry.errors import BadInputError, ConflictError, EnvironmentFailure, environment_error
 from registry.manifest import Version
 from registry.store_read import StoreReader
+
+
+STALE_EXPORT_GRACE_S = 3600.0
+"""Age (seconds since the last write) after which a left-over export temp dir is removed."""
+
+_TEMP_NAME = re.compile(r"^\..+\.export-[A-Za-z0-9_]+$")
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest mtime of ``path`` and its direct entries (symlinks not followed)."""
+    newest = path.lstat().st_mtime
+    with os.scandir(path) as entries:
+        for entry in entries:
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+def remove_stale_exports(parent: Path, *, grace_s: float = STALE_EXPORT_GRACE_S,
+                         now: float | None = None) -> list[Path]:
+    """Remove export temp dirs (``.<name>.export-*``) in ``parent`` idle for ``grace_s``.
+
+    Only real directories whose name has the temp pattern are touched (symbolic links
+    are never followed or removed); errors on one entry are skipped, so a cleanup
+    problem never fails the export itself.
+
+    Args:
+        parent: The directory an export writes into.
+        grace_s: Minimum age in seconds of the newest write inside a temp dir.
+        now: The current time (default: ``time.time()``).
+
+    Returns:
+        The directories removed.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            if now - _newest_mtime(path) < grace_s:
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 @dataclass(frozen=True)
@@ -119,17 +185,22 @@ def model_card(version: Version) -> str:
 
 
 def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
-           progress: ProgressCallback | None = None) -> ExportResult:
+           progress: ProgressCallback | None = None,
+           stale_grace_s: float = STALE_EXPORT_GRACE_S) -> ExportResult:
     """Write ``ref`` as a plain PEFT directory plus model card into ``out_dir``.
 
     Args:
         store: The store.
         ref: Ref or version to export.
-        out_dir: Target directory; must not exist or be empty.
+        out_dir: Target directory; must not exist or be empty, and not be a symlink.
         progress: Called with bytes copied.
+        stale_grace_s: Left-over temp dirs of killed exports in ``out_dir``'s parent
+            idle this long are removed first (:func:`remove_stale_exports`).
 
     Raises:
         ConflictError: ``out_dir`` exists and is not an empty directory.
+        EnvironmentFailure: ``out_dir`` is a symbolic link, or the system refused a
+            write (permission, read-only file system, disk full); nothing is left.
         BadInputError: The version has no files (a model recorded by reference).
         IntegrityError: A blob is missing or corrupt.
         NotFoundError: Unknown ref.
@@ -139,25 +210,62 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
         raise BadInputError(f"{version.ref} has no stored files to export",
                             fix="derived models are recorded by reference; see record.location")
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise EnvironmentFailure(f"export target {out_dir} is a symbolic link; it is not followed",
+                                 fix="export into a real new or empty directory")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConflictError(f"{out_dir} already exists and is not empty",
                             fix="export into a new or empty directory")
-    make_dirs(out_dir.parent)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
-        store.materialize(version, tmp, progress=progress)  # type: ignore[attr-defined]
-        (tmp / "README.md").write_text(model_card(version), encoding="utf-8")
-        os.chmod(tmp / "README.md", 0o644)  # whatever the umask, like the files
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as err:
-            raise ConflictError(f"could not move the export into {out_dir}: {err}",
-                                fix="export into a new or empty directory") from err
+        make_dirs(out_dir.parent)
+        remove_stale_exports(out_dir.parent, grace_s=stale_grace_s)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    except OSError as err:
+        raise environment_error(err, action=f"exporting to {out_dir}") from err
+    try:
+        _fill(store, version, tmp, out_dir, progress)
+        _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = sorted({e["path"] for e in version.files} | {"README.md"})
     return ExportResult(out_dir, version, files)
+
+
+def _fill(store: StoreReader, version: Version, tmp: Path, out_dir: Path,
+          progress: ProgressCallback | None) -> None:
+    """Write the version's files and model card into ``tmp`` (the temp dir of ``out_dir``).
+
+    Raises:
+        EnvironmentFailure: The system refused a write (disk full, I/O error...).
+        IntegrityError: A blob is missing or corrupt.
+    """
+    try:
+        store.materialize(version, tmp, progress=progress)  # type: ignore[attr-defined]
+        (tmp / "README.md").write_text(model_card(version), encoding="utf-8")
+        os.chmod(tmp / "README.md", 0o644)  # whatever the umask, like the files
+        os.chmod(tmp, 0o755)
+    except OSError as err:
+        raise environment_error(err, path=err.filename or tmp.parent,
+                                action=f"exporting to {out_dir}") from err
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp dir to ``out_dir`` (an empty ``out_dir`` is replaced).
+
+    Raises:
+        ConflictError: ``out_dir`` appeared (non-empty) meanwhile.
+        EnvironmentFailure: ``out_dir`` became a symbolic link or the rename failed.
+    """
+    if out_dir.is_symlink():
+        raise EnvironmentFailure(f"export target {out_dir} is a symbolic link; it is not followed",
+                                 fix="export into a real new or empty directory")
+    try:
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ConflictError(f"could not move the export into {out_dir}: it is not empty",
+                                fix="export into a new or empty directory") from err
+        raise environment_error(err, path=out_dir, action="exporting") from err

@@ -1,0 +1,246 @@
+"""The CLI's error boundary: one ``error:`` + ``fix:`` pair (or one JSON object), the
+documented exit code, never a traceback, nothing half-written.
+
+* the environment refuses (read-only file system, disk full, a store path that is a
+  file, an export target that is a symlink) -> exit 6, on real tmpfs mounts
+  (skipped without root);
+* an uncaught exception -> ``error: internal error (...)``, exit 70;
+* click/typer usage errors -> exit 2 with ``fix: run `adapters CMD --help```;
+* control characters in labels, base model ids, paths and messages are escaped in
+  human output and messages (no forged ``fix:`` line, no ESC), exact in JSON;
+* messages quoting untrusted input are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cli_fixtures import run, run_json, write_synthetic_adapter
+from tests.mount_fixtures import remount_read_only, tmpfs  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _two_lines(err: str) -> tuple[str, str]:
+    """stderr must be exactly an ``error:`` line and a ``fix:`` line."""
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith("error: ") and lines[1].startswith("fix: "), err
+    assert "Traceback" not in err
+    return lines[0], lines[1]
+
+
+def _init(capsys: pytest.CaptureFixture[str], root: Path) -> Path:
+    code, _, err = run(capsys, "init", root)
+    assert code == 0, err
+    return root
+
+
+# ---- the environment: exit 6 -------------------------------------------------------
+
+
+def test_push_to_read_only_store_exits_6_and_json(tmpfs, tmp_path, capsys):  # noqa: F811
+    mnt = tmpfs("ro", "5m")
+    store = _init(capsys, mnt / "store")
+    adapter = write_synthetic_adapter(tmp_path / "ad")
+    remount_read_only(mnt)
+    code, out, err = run(capsys, "push", adapter, "--name", "demo", "--store", store)
+    assert code == 6
+    error, fix = _two_lines(err)
+    assert "read-only file system" in error and str(store) in error
+    assert "writable" in fix
+    code, data = run_json(capsys, "push", adapter, "--name", "demo", "--store", store)
+    assert code == 6 and data["exit_code"] == 6 and data["error"] == "EnvironmentFailure"
+    assert "read-only file system" in data["message"] and data["fix"]
+    code, listing = run_json(capsys, "ls", "--store", store)  # reading still works
+    assert code == 0 and listing == {"names": []}
+
+
+def test_push_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):  # noqa: F811
+    mnt = tmpfs("full", "5m")
+    store = _init(capsys, mnt / "store")
+    big = write_synthetic_adapter(tmp_path / "big", hidden=2048, layers=4, r=64)  # ~8 MB
+    code, _, err = run(capsys, "push", big, "--name", "big", "--store", store)
+    assert code == 6
+    error, fix = _two_lines(err)
+    assert "no space left on device" in error and "gc" in fix
+    assert list((store / "tmp").iterdir()) == []  # the failing push cleaned its temp files
+    code, data = run_json(capsys, "ls", "--store", store)
+    assert code == 0 and data == {"names": []}  # no half-written version is visible
+    code, report = run_json(capsys, "verify", "--all", "--store", store)
+    assert code == 0, report
+    small = write_synthetic_adapter(tmp_path / "small")  # the next command works
+    code, data = run_json(capsys, "push", small, "--name", "small", "--store", store)
+    assert code == 0 and data["created"]
+
+
+@pytest.mark.parametrize("args", [["ls"], ["init"], ["push", "ADAPTER", "--name", "x"]])
+def test_store_path_that_is_a_file_exits_6(tmp_path, capsys, args):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a store")
+    adapter = write_synthetic_adapter(tmp_path / "ad")
+    argv = [adapter if a == "ADAPTER" else a for a in args]
+    for store in (blocker, blocker / "sub"):
+        code, _, err = run(capsys, *argv, "--store", store)
+        assert code == 6, err
+        error, fix = _two_lines(err)
+        assert "not a directory" in error and str(blocker) in error
+        assert "--store" in fix
+    code, data = run_json(capsys, *argv, "--store", blocker)
+    assert code == 6 and data["error"] == "EnvironmentFailure"
+    assert blocker.read_text() == "not a store"
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_export_into_symlink_refused_not_followed(tmp_path, capsys, target_exists):
+    store = _init(capsys, tmp_path / "store")
+    adapter = write_synthetic_adapter(tmp_path / "ad")
+    assert run(capsys, "push", adapter, "--name", "demo", "--store", store)[0] == 0
+    real = tmp_path / "real"
+    if target_exists:
+        real.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    code, _, err = run(capsys, "export", "demo", link, "--store", store)
+    assert code == 6
+    error, _ = _two_lines(err)
+    assert "symbolic link" in error
+    assert link.is_symlink() and (list(real.iterdir()) == [] if target_exists
+                                  else not real.exists())
+    assert [p.name for p in tmp_path.iterdir() if ".export-" in p.name] == []
+    code, data = run_json(capsys, "export", "demo", link, "--store", store)
+    assert code == 6 and "symbolic link" in data["message"]
+
+
+def test_export_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):  # noqa: F811
+    store = _init(capsys, tmp_path / "store")
+    big = write_synthetic_adapter(tmp_path / "big", hidden=2048, layers=4, r=64)
+    assert run(capsys, "push", big, "--name", "big", "--store", store)[0] == 0
+    mnt = tmpfs("small", "1m")
+    code, _, err = run(capsys, "export", "big", mnt / "out", "--store", store)
+    assert code == 6
+    error, _ = _two_lines(err)
+    assert "no space left on device" in error and str(mnt / "out") in error
+    assert list(mnt.iterdir()) == []  # neither out nor a hidden temp dir
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "ls", "--store", str(blocker)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 6, proc.stderr
+    _two_lines(proc.stderr)
+
+
+# ---- last resort: exit 70 ----------------------------------------------------------
+
+
+def _break_ls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry.store import Store
+
+    def boom(self: object) -> list[str]:
+        raise ZeroDivisionError("division by zero\nfix: run rm -rf /")
+
+    monkeypatch.setattr(Store, "names", boom)
+
+
+def test_uncaught_exception_is_internal_error_70(tmp_path, capsys, monkeypatch):
+    store = _init(capsys, tmp_path / "store")
+    _break_ls(monkeypatch)
+    monkeypatch.delenv("ADAPTERS_DEBUG", raising=False)
+    code, _, err = run(capsys, "ls", "--store", store)
+    assert code == 70
+    error, fix = _two_lines(err)
+    assert error.startswith("error: internal error (ZeroDivisionError: division by zero")
+    assert fix == "fix: this is a bug in adapterkit; please report it with the command you ran"
+    code, data = run_json(capsys, "ls", "--store", store)
+    assert code == 70 and data["exit_code"] == 70 and data["error"] == "InternalError"
+    assert data["message"].startswith("internal error (ZeroDivisionError:")
+
+
+def test_adapters_debug_reraises(tmp_path, capsys, monkeypatch):
+    store = _init(capsys, tmp_path / "store")
+    _break_ls(monkeypatch)
+    monkeypatch.setenv("ADAPTERS_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        run(capsys, "ls", "--store", store)
+
+
+# ---- usage errors: exit 2 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, command, needle", [
+    (["ls", "--bogus"], "adapters ls", "No such option: --bogus"),
+    (["merge"], "adapters merge", "Missing argument"),
+    (["alias", "set"], "adapters alias set", "Missing argument"),
+    (["merge", "a", "b", "--seed", "abc"], "adapters merge", "Invalid value for '--seed'"),
+    (["no-such-command"], "adapters", "No such command"),
+])
+def test_usage_errors_are_error_fix_exit_2(capsys, argv, command, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    error, fix = _two_lines(err)
+    assert needle in error
+    assert fix == f"fix: run `{command} --help`"
+    code, data = run_json(capsys, *argv)
+    assert code == 2 and data["exit_code"] == 2 and data["error"] == "UsageError"
+    assert needle in data["message"] and data["fix"] == f"run `{command} --help`"
+
+
+# ---- control characters and bounded messages ---------------------------------------
+
+FORGED = "x\nfix: run rm -rf /"
+ESC = "\x1b[31mred\x1b[0m\r"
+
+
+def test_control_characters_escaped_in_human_output(tmp_path, capsys):
+    store = _init(capsys, tmp_path / "store")
+    adapter = write_synthetic_adapter(tmp_path / "ad")
+    code, _, err = run(capsys, "push", adapter, "--name", "demo", "--store", store,
+                       "--label", f"note={FORGED}", "--base-model", ESC)
+    assert code == 0, err
+    for argv in (["show", "demo"], ["diff", "demo", "demo"], ["ls"], ["lineage", "demo"]):
+        code, out, err = run(capsys, *argv, "--store", store)
+        assert code == 0, err
+        for text in (out, err):
+            assert "\x1b" not in text and "\r" not in text
+            assert not any(line.lstrip("│┃ ").startswith("fix:") for line in text.splitlines())
+    code, out, _ = run(capsys, "show", "demo", "--store", store)
+    assert "x\\nfix: run rm -rf /" in out and "\\x1b[31mred\\x1b[0m\\r" in out
+    code, data = run_json(capsys, "show", "demo", "--store", store)  # JSON stays exact
+    assert data["record"]["labels"]["note"] == FORGED
+    assert data["record"]["base_model"]["id"] == ESC
+
+
+def test_control_characters_escaped_in_error_messages(tmp_path, capsys):
+    hostile = tmp_path / f"no{FORGED}{ESC}"
+    code, _, err = run(capsys, "ls", "--store", hostile)
+    assert code == 5
+    error, fix = _two_lines(err)
+    assert "\\nfix: run rm -rf" in error and "\\x1b[31m" in error and "\x1b" not in err
+    assert fix.startswith("fix: run `adapters init`")
+    code, data = run_json(capsys, "ls", "--store", hostile)
+    assert code == 5 and str(hostile) in data["message"]  # exact in JSON
+
+
+def test_messages_quoting_input_are_bounded(tmp_path, capsys):
+    store = _init(capsys, tmp_path / "store")
+    adapter = write_synthetic_adapter(tmp_path / "ad")
+    huge = "k" * 100_000
+    code, _, err = run(capsys, "push", adapter, "--name", "demo", "--store", store,
+                       "--hparam", huge)
+    assert code == 2
+    error, _ = _two_lines(err)
+    assert len(error) < 400 and error.endswith("...")
+
+
+def test_json_errors_parse_as_one_object(tmp_path, capsys):
+    code, out, err = run(capsys, "ls", "--bogus", "--json")
+    assert code == 2 and err == ""
+    assert json.loads(out)["exit_code"] == 2
