@@ -65,6 +65,9 @@ def gate(
     no_record: Annotated[bool, typer.Option("--no-record",
                                             help="Do not store the result in the registry.")] = False,
     device: Annotated[str, typer.Option("--device", help="Torch device for evaluation.")] = "cpu",
+    allow_outside_data: Annotated[bool, typer.Option(
+        "--allow-outside-data", help="Let the policy read data files outside its own "
+        "directory (refused by default: a policy is untrusted input).")] = False,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -74,7 +77,7 @@ def gate(
     from gate.runner import run_gate
 
     out = Output(json_out)
-    pol = load_policy(policy)  # bad policy -> exit 2 before any model is loaded
+    pol = load_policy(policy, allow_outside_data=allow_outside_data)  # bad -> exit 2, no model loaded
     st, candidate = _candidate(ref, store)
     if isinstance(candidate, Path):
         out.info(f"gating directory {escape(str(candidate))} (not recorded in a registry)")

@@ -30,18 +30,31 @@ Unknown keys are errors, not warnings: a misspelt threshold in a release gate mu
 not silently fall back to a default. Errors name the field (``checks[2].min_ratio``)
 and exit 2.
 
-Relative paths are resolved against the policy file's directory. The policy digest
+Relative paths are resolved against the policy file's directory, and a data file must
+stay inside it: each path is resolved with ``os.path.realpath`` (symlinks followed) and
+checked with ``os.path.commonpath``, so ``../../etc/passwd``, ``/proc/self/environ``, any
+absolute path elsewhere or a symlink pointing out is refused (exit 2, naming the field)
+unless ``allow_outside_data=True`` (``adapters gate --allow-outside-data``). The policy digest
 is ``sha256`` of the canonical JSON of ``{"policy": <validated policy with defaults
 filled in, paths as written>, "data": {<path as written>: <sha256 of the file>}}``:
 editing a threshold *or an eval set* changes the digest, so a gate record can never
 vouch for data it did not see, while moving the checkout elsewhere does not.
+
+A policy file is untrusted input. :func:`load_policy` reads at most
+:data:`MAX_POLICY_BYTES`, and parses with a safe loader that refuses YAML aliases
+(``*name``: a 470-byte "billion laughs" expands into gigabytes through them) and nesting
+deeper than :data:`MAX_DEPTH` (so the recursive composer cannot overflow the stack). Every
+error is a one-line :class:`~registry.errors.BadInputError` whose values are shown with a
+bounded ``repr`` (:func:`_show`, at most 200 characters), never the whole structure.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,7 +69,21 @@ BASELINES = ("base", "parents", "release")
 DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_METHODS = ("linear", "cat", "task_arithmetic")
 FIX = "see examples/gate.yaml for a documented policy"
+MAX_POLICY_BYTES = 1 << 20
+"""Largest policy file read (a real policy is a few hundred bytes)."""
+MAX_DEPTH = 32
+"""Deepest nesting of YAML collections accepted."""
+MAX_SHOWN = 200
 _MISSING = object()
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+
+
+def _show(value: Any) -> str:
+    """A ``repr`` of an untrusted value bounded in depth, width and to 200 characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -114,7 +141,8 @@ class Policy:
 # --- field validators: each returns the cleaned value or raises via _bad -------------
 
 def _bad(where: str, msg: str, got: Any = _MISSING) -> BadInputError:
-    detail = "" if got is _MISSING else f", got {got!r}"
+    detail = "" if got is _MISSING else f", got {_show(got)}"
+    where = where if len(where) <= MAX_SHOWN else where[: MAX_SHOWN - 3] + "..."
     return BadInputError(f"policy field {where} {msg}{detail}", fix=FIX)
 
 
@@ -227,20 +255,42 @@ TOP_LEVEL = {"version", "seed", "dtype", "max_length", "release", "checks"}
 
 
 
+def _data_file(where: str, written: str, base_dir: Path, allow_outside: bool) -> Path:
+    """Resolve a data path against the policy directory; refuse one that leaves it.
+
+    Raises:
+        BadInputError: the real path (symlinks followed) is outside ``base_dir`` and
+            ``allow_outside`` is false, or it is not a file.
+    """
+    root = os.path.realpath(base_dir)
+    real = os.path.realpath(os.path.join(root, os.path.expanduser(written)))
+    shown = _show(written)
+    if not allow_outside and os.path.commonpath([root, real]) != root:
+        raise BadInputError(
+            f"policy field {where}: data file {shown} resolves to {_show(real)}, outside the "
+            f"policy's directory {_show(root)}",
+            fix="put the data beside the policy file, or pass --allow-outside-data if you "
+                "trust this policy")
+    if not os.path.isfile(real):
+        raise BadInputError(f"policy field {where}: file {shown} not found "
+                            f"(looked at {_show(real)})", fix="paths are relative to the policy file")
+    return Path(real)
+
+
 def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str],
-           names: set[str]) -> CheckSpec:
+           names: set[str], allow_outside: bool) -> CheckSpec:
     where = f"checks[{i}]"
     if not isinstance(raw, dict):
         raise _bad(where, "must be a mapping with a 'kind'", raw)
     kind = raw.get("kind")
-    if kind not in SCHEMA:
+    if not isinstance(kind, str) or kind not in SCHEMA:
         raise _bad(f"{where}.kind", f"must be one of {', '.join(CHECK_KINDS)}", kind)
     name = _str(raw.get("name", kind), f"{where}.name")
     if name in names:
         raise _bad(f"{where}.name", "must be unique (give repeated kinds distinct names)", name)
     names.add(name)
     schema = SCHEMA[kind]
-    unknown = sorted(set(raw) - set(schema) - {"kind", "name"})
+    unknown = sorted(set(raw) - set(schema) - {"kind", "name"}, key=str)
     if unknown:
         raise _bad(f"{where}.{unknown[0]}", f"is not a known field of a {kind} check "
                    f"(known: {', '.join(sorted(schema))})")
@@ -258,10 +308,7 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str],
     if kind == "retention":
         files = [(f"sets.{k}", v) for k, v in params["sets"].items()]
     for key, written in files:
-        resolved = (base_dir / Path(written).expanduser()).resolve()
-        if not resolved.is_file():
-            raise BadInputError(f"policy field {where}.{key}: file {written!r} not found "
-                                f"(looked at {resolved})", fix="paths are relative to the policy file")
+        resolved = _data_file(f"{where}.{key}", written, base_dir, allow_outside)
         paths[key] = str(resolved)
         data[written] = _file_digest(resolved)
     params["_paths"] = paths
@@ -285,26 +332,29 @@ def _file_digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None) -> Policy:
+def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
+                 allow_outside_data: bool = False) -> Policy:
     """Validate a policy object (already parsed from YAML/JSON).
 
     Args:
         raw: The parsed document.
-        base_dir: Directory that relative data paths are resolved against.
+        base_dir: Directory that relative data paths are resolved against; data files
+            must resolve inside it.
         source: Where it came from, for messages.
+        allow_outside_data: Accept data files outside ``base_dir`` (a trusted policy).
 
     Returns:
         The validated :class:`Policy` with its digest.
 
     Raises:
         BadInputError: A field is missing, unknown or out of range (the message names it),
-            or a data file named by the policy does not exist.
+            or a data file named by the policy does not exist or leaves ``base_dir``.
     """
     if not isinstance(raw, dict):
         raise _bad("(root)", "must be a mapping with 'version' and 'checks'", raw)
-    unknown = sorted(set(raw) - TOP_LEVEL)
+    unknown = sorted(set(raw) - TOP_LEVEL, key=str)
     if unknown:
-        raise _bad(unknown[0], f"is not a known top-level field (known: {', '.join(sorted(TOP_LEVEL))})")
+        raise _bad(str(unknown[0]), f"is not a known top-level field (known: {', '.join(sorted(TOP_LEVEL))})")
     if raw.get("version") != POLICY_VERSION:
         raise _bad("version", f"must be {POLICY_VERSION}", raw.get("version", None))
     seed = _int(0)(raw.get("seed", 0), "seed")
@@ -316,31 +366,34 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None) -> Poli
         raise _bad("checks", "must be a non-empty list of checks", checks_raw)
     data: dict[str, str] = {}
     names: set[str] = set()
-    checks = tuple(_check(c, i, base_dir, data, names) for i, c in enumerate(checks_raw))
+    checks = tuple(_check(c, i, base_dir, data, names, allow_outside_data)
+                   for i, c in enumerate(checks_raw))
     policy = Policy(version=POLICY_VERSION, seed=seed, dtype=dtype, max_length=max_length,
                     release=release, checks=checks, digest="", source=source,
                     data_digests=dict(sorted(data.items())))
     return replace(policy, digest=sha256_digest(policy.canonical_bytes()))
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, allow_outside_data: bool = False) -> Policy:
     """Read and validate a YAML (or JSON) policy file.
 
+    Args:
+        path: The policy file.
+        allow_outside_data: Accept data files outside the policy's directory
+            (``adapters gate --allow-outside-data``); refused by default.
+
     Raises:
-        BadInputError: The file, or a data file it names, does not exist; unparsable
-            YAML or an invalid field.
+        BadInputError: The file, or a data file it names, does not exist; a data file
+            leaves the policy's directory; the file is too large, not valid YAML, uses
+            aliases or nests too deeply; or a field is invalid.
     """
-    import yaml
+    from gate.safe_yaml import load_yaml
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise BadInputError(f"policy file {path} not found", fix="pass --policy gate.yaml")
+    raw = load_yaml(path, what="policy", max_bytes=MAX_POLICY_BYTES, max_depth=MAX_DEPTH,
+                    fix=FIX)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise BadInputError(f"policy {path} is not valid YAML: {str(err).splitlines()[0]}",
-                            fix=FIX) from None
-    try:
-        return parse_policy(raw, base_dir=path.resolve().parent, source=str(path))
+        return parse_policy(raw, base_dir=path.resolve().parent, source=str(path),
+                            allow_outside_data=allow_outside_data)
     except BadInputError as err:
         raise BadInputError(f"{path}: {err.message}", fix=err.fix) from None
