@@ -1,0 +1,169 @@
+"""A gate policy is untrusted input (issue 11 items 8 and 9), tested without models.
+
+* YAML: a "billion laughs" bomb, deep nesting, oversized files and values whose
+  ``repr`` would be huge are refused in bounded time with a short one-line message;
+* data paths: files that resolve outside the policy's directory are refused unless
+  ``allow_outside_data=True``; an ordinary policy's digest does not change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gate.policy import MAX_POLICY_BYTES, load_policy
+from registry.errors import BadInputError
+
+
+def billion_laughs() -> str:
+    """The issue's bomb: 9 levels of 9 aliases (9^9 "lol"s) under ``version:``, < 500 bytes."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "version:\n" + "".join(f"  {line}\n" for line in lines) + "checks: []\n"
+
+
+def _load(tmp_path: Path, text: str, **kwargs: object):
+    path = tmp_path / "gate.yaml"
+    path.write_text(text)
+    return load_policy(path, **kwargs)
+
+
+def _refused(tmp_path: Path, text: str, fragment: str, limit: float = 1.0) -> BadInputError:
+    start = time.perf_counter()
+    with pytest.raises(BadInputError, match=fragment) as info:
+        _load(tmp_path, text)
+    assert time.perf_counter() - start < limit
+    assert "\n" not in info.value.message and len(info.value.message) < 400
+    assert info.value.exit_code == 2 and info.value.fix
+    return info.value
+
+
+def test_billion_laughs_is_refused_in_under_a_second(tmp_path):
+    bomb = billion_laughs()
+    assert len(bomb.encode()) < 500
+    err = _refused(tmp_path, bomb, "alias")
+    assert "line 3" in err.message
+
+
+def test_merge_key_aliases_are_refused_too(tmp_path):
+    _refused(tmp_path, "base: &b {seed: 1}\nversion: 1\n<<: *b\nchecks: []\n", "alias")
+
+
+def test_anchors_without_aliases_still_load(tmp_path):
+    doc = "version: 1\nseed: &s 3\nchecks:\n  - kind: generation\n    prompts: [hi]\n"
+    assert _load(tmp_path, doc).seed == 3
+
+
+@pytest.mark.parametrize("text", ["version: " + "[" * 5000 + "]" * 5000 + "\n",
+                                  "version:\n" + "".join("  " * i + "- \n" for i in range(200))])
+def test_deep_nesting_is_refused_without_recursion_error(tmp_path, text):
+    _refused(tmp_path, text, "deeper than")
+
+
+def test_oversized_policy_is_refused_before_parsing(tmp_path):
+    _refused(tmp_path, "version: 1\n# " + "x" * MAX_POLICY_BYTES + "\n", "larger than")
+
+
+@pytest.mark.parametrize("text", [
+    "version: [" + ", ".join(["lol"] * 100_000) + "]\n",     # huge list in a message
+    "version: " + "'" + "z" * 500_000 + "'\n",               # huge string
+    "version: 1\n? " + "y" * 300_000 + "\n: 1\n",              # huge unknown key
+    "version: 1\nchecks:\n  - kind: [" + "a, " * 50_000 + "b]\n",  # unhashable kind
+])
+def test_messages_show_bounded_values(tmp_path, text):
+    # documents of a few hundred kB: PyYAML's pure-Python parser takes a second or two
+    _refused(tmp_path, text, "policy field", limit=15.0)
+
+
+@pytest.mark.parametrize("text", [
+    "version: 1\n1: a\nb: 2\n",                 # keys of mixed types (unsortable)
+    "version: 1\nchecks:\n  - kind: generation\n    prompts: [a]\n    7: x\n    z: y\n",
+])
+def test_keys_of_mixed_types_are_a_bad_input_error(tmp_path, text):
+    _refused(tmp_path, text, "not a known")
+
+
+@pytest.mark.parametrize("text", ["version: 1\nseed: " + "1" * 5000 + "\n",
+                                  "version: 2020-13-45\n", "version: !!python/object:os.system x\n"])
+def test_values_the_loader_cannot_build_are_a_bad_input_error(tmp_path, text):
+    _refused(tmp_path, text, "not valid YAML")
+
+
+# --- data paths --------------------------------------------------------------------------
+
+def _policy_dir(tmp_path: Path) -> Path:
+    inside = tmp_path / "repo" / "policies"
+    (inside / "data").mkdir(parents=True)
+    (inside / "data" / "ok.jsonl").write_text('{"text": "a b c"}\n')
+    (tmp_path / "secret.txt").write_text("TOKEN=hunter2\n")
+    return inside
+
+
+def _ppl(data: str) -> str:
+    return yaml.safe_dump({"version": 1, "checks": [
+        {"kind": "perplexity", "data": data, "max_increase": 0.1}]})
+
+
+def _ret(data: str) -> str:
+    return yaml.safe_dump({"version": 1, "checks": [
+        {"kind": "retention", "sets": {"parent": data}, "min_ratio": 0.9}]})
+
+
+ESCAPES = ["../../secret.txt", "{root}/secret.txt", "/etc/passwd", "/proc/self/environ",
+           "data/../../../secret.txt", "data/link-out", "~/.bashrc"]
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize(("doc", "field"), [(_ppl, "checks[0].data"),
+                                            (_ret, "checks[0].sets.parent")])
+def test_data_paths_leaving_the_policy_directory_are_refused(tmp_path, escape, doc, field):
+    inside = _policy_dir(tmp_path)
+    os.symlink(tmp_path / "secret.txt", inside / "data" / "link-out")
+    path = inside / "gate.yaml"
+    path.write_text(doc(escape.format(root=tmp_path)))
+    with pytest.raises(BadInputError) as info:
+        load_policy(path)
+    assert field in info.value.message and "outside the policy's directory" in info.value.message
+    assert "--allow-outside-data" in info.value.fix
+
+
+def test_outside_data_is_read_with_allow_outside_data(tmp_path):
+    inside = _policy_dir(tmp_path)
+    os.symlink(tmp_path / "secret.txt", inside / "data" / "link-out")
+    for written in ("../../secret.txt", str(tmp_path / "secret.txt"), "data/link-out"):
+        (inside / "gate.yaml").write_text(_ppl(written))
+        policy = load_policy(inside / "gate.yaml", allow_outside_data=True)
+        assert policy.checks[0].path("data") == (tmp_path / "secret.txt").resolve()
+        assert list(policy.data_digests) == [written]
+
+
+def test_paths_inside_the_directory_keep_working(tmp_path):
+    inside = _policy_dir(tmp_path)
+    os.symlink("ok.jsonl", inside / "data" / "link-in")  # a symlink that stays inside
+    for written in ("data/ok.jsonl", "./data/../data/ok.jsonl", "data/link-in",
+                    str(inside / "data" / "ok.jsonl")):
+        (inside / "gate.yaml").write_text(_ppl(written))
+        assert load_policy(inside / "gate.yaml").checks[0].path("data").name == "ok.jsonl"
+
+
+def test_ordinary_policy_digest_is_unchanged(tmp_path):
+    # the digest test_gate_policy.py's GOOD policy had before these checks existed
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "heldout.jsonl").write_text('{"text": "a b c"}\n')
+    (data / "a.jsonl").write_text('{"prompt": "A cat =", "answer": "meow"}\n')
+    doc = {"version": 1, "checks": [
+        {"kind": "structural", "max_rank": 64},
+        {"kind": "merge_equivalence", "prompts": ["hello there"]},
+        {"kind": "perplexity", "data": "data/heldout.jsonl", "max_increase": 0.05},
+        {"kind": "retention", "sets": {"adapter-a": "data/a.jsonl"}, "min_ratio": 0.9},
+        {"kind": "generation", "prompts": ["Say hi."]},
+    ]}
+    (tmp_path / "gate.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    expected = "sha256:fc43528dd1ddec75dbf46e42fa2cf1c269f83199dd58fbe8041171d815c25233"
+    assert load_policy(tmp_path / "gate.yaml").digest == expected
+    assert load_policy(tmp_path / "gate.yaml", allow_outside_data=True).digest == expected
