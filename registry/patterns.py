@@ -48,8 +48,10 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _parser  # type: ignore[no-redef]
 
-MAX_PATTERN_CHARS = 1024
-"""Longest pattern accepted (PEFT patterns are module names and short expressions)."""
+MAX_PATTERN_CHARS = 1 << 16
+"""Longest pattern accepted. Matching is linear whatever the length; the bound keeps
+compiling cheap while leaving room for a merge's ``target_modules``, an alternation of
+every merged module name (``merging/peft_output.py``)."""
 _SHOWN = 80
 _MAX_CP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
@@ -167,6 +169,13 @@ def _in(items: list[tuple[Any, Any]], flags: int) -> str:
     return _set(ranges, flags, negate)
 
 
+def _literal(cp: int, flags: int) -> str:
+    if flags & _c.SRE_FLAG_IGNORECASE and chr(cp).lower() != chr(cp).upper():
+        return _set([(cp, cp)], flags)
+    char = chr(cp)
+    return char if char.isascii() and (char.isalnum() or char == "_") else _class([(cp, cp)])
+
+
 def _at(code: Any, flags: int) -> str:
     multi = flags & _c.SRE_FLAG_MULTILINE
     return {
@@ -186,7 +195,7 @@ def _emit(items: Iterable[tuple[Any, Any]], flags: int) -> str:
         if op in _UNSUPPORTED:
             raise _Refused(f"{_UNSUPPORTED[op]} not supported")
         if op is _c.LITERAL:
-            out.append(_set([(av, av)], flags))
+            out.append(_literal(av, flags))
         elif op is _c.NOT_LITERAL:
             out.append(_in([(_c.NEGATE, None), (_c.LITERAL, av)], flags))
         elif op is _c.ANY:
@@ -211,7 +220,7 @@ def _emit(items: Iterable[tuple[Any, Any]], flags: int) -> str:
     return "".join(out)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _compile(expression: str) -> tuple[Any, dict[str, int]]:
     """Parse ``expression`` as Python does and compile it with RE2.
 
@@ -234,20 +243,21 @@ def _compile(expression: str) -> tuple[Any, dict[str, int]]:
         raise _Refused(f"RE2 refuses it: {detail[:_SHOWN]}") from None
 
 
-def _regex(expression: str, pattern: str, field: str) -> tuple[Any, dict[str, int]]:
+def _regex(expression: str, pattern: str, field: str,
+           source: str = "adapter_config.json: ") -> tuple[Any, dict[str, int]]:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise BadInputError(
-            f"adapter_config.json: {field} pattern {show(pattern)} is longer than "
+            f"{source}{field} pattern {show(pattern)} is longer than "
             f"{MAX_PATTERN_CHARS} characters", fix=_FIX)
     try:
         return _compile(expression)
     except _Refused as exc:
         raise BadInputError(
-            f"adapter_config.json: {field} pattern {show(pattern)} cannot be matched in "
+            f"{source}{field} pattern {show(pattern)} cannot be matched in "
             f"linear time ({exc})", fix=_FIX) from None
     except (_c.error, RecursionError, OverflowError, ValueError) as exc:
         raise BadInputError(
-            f"adapter_config.json: {field} pattern {show(pattern)} is not a valid pattern "
+            f"{source}{field} pattern {show(pattern)} is not a valid pattern "
             f"({str(exc)[:_SHOWN]})", fix=f"fix {field} in adapter_config.json") from None
 
 
@@ -356,12 +366,17 @@ def module_targeted(config: Mapping[str, Any], name: str) -> bool:
     return found
 
 
-def check_config_patterns(config: Mapping[str, Any]) -> None:
+def check_config_patterns(config: Mapping[str, Any], *,
+                          source: str = "adapter_config.json: ") -> None:
     """Refuse a config whose patterns are invalid or cannot be matched in linear time.
 
     Checks what PEFT treats as a regular expression: ``rank_pattern`` / ``alpha_pattern``
     keys, a string ``target_modules`` / ``exclude_modules``, ``layers_pattern`` and the
     ``modules_to_save`` names, each in the expression PEFT splices it into.
+
+    Args:
+        config: An ``adapter_config.json`` or a record's ``peft`` object.
+        source: Message prefix naming where the fields are (``"record field peft."``).
 
     Raises:
         BadInputError: names the field and the pattern (truncated).
@@ -369,14 +384,14 @@ def check_config_patterns(config: Mapping[str, Any]) -> None:
     for field in ("rank_pattern", "alpha_pattern"):
         for key in config.get(field) or {}:
             if isinstance(key, str):
-                _regex(_key_expression(key), key, field)
+                _regex(_key_expression(key), key, field, source)
     for field in ("target_modules", "exclude_modules"):
         if isinstance(config.get(field), str):
-            _regex(config[field], config[field], field)
+            _regex(config[field], config[field], field, source)
     layers = config.get("layers_pattern")
     for pattern in [layers] if isinstance(layers, str) else layers or ():
         if isinstance(pattern, str):
-            _regex(_layer_expression(pattern), pattern, "layers_pattern")
+            _regex(_layer_expression(pattern), pattern, "layers_pattern", source)
     for module in config.get("modules_to_save") or ():
         if isinstance(module, str):
-            _regex(_saved_expression(module), module, "modules_to_save")
+            _regex(_saved_expression(module), module, "modules_to_save", source)

@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 from registry.common import canonical_json, default_actor, is_digest, utc_now_iso
 from registry.errors import BadInputError
+from registry.patterns import check_config_patterns
 
 KINDS = ("adapter", "model")
 BIAS_VALUES = ("none", "all", "lora_only")
@@ -217,7 +218,7 @@ def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
     if bias not in BIAS_VALUES:
         raise _fail(f"{path}.bias", f"must be one of {', '.join(BIAS_VALUES)}", bias)
     saved = obj.get("modules_to_save")
-    return {
+    out = {
         "peft_type": _str(obj.get("peft_type"), f"{path}.peft_type"),
         "r": _int(obj.get("r"), f"{path}.r", 1),
         "lora_alpha": _number(obj.get("lora_alpha"), f"{path}.lora_alpha"),
@@ -232,6 +233,9 @@ def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
         "task_type": _str(obj.get("task_type"), f"{path}.task_type", optional=True),
         **_restrictions(obj, path),
     }
+    # the patterns PEFT will match must be RE2-matchable (registry/patterns.py)
+    check_config_patterns(out, source=f"record field {path}.")
+    return out
 
 
 def _created(value: Any, path: str = "created") -> str:

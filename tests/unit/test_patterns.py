@@ -166,7 +166,7 @@ def test_refusal_message_truncates_the_pattern():
     assert len(info.value.message) < 250 and "..." in info.value.message
 
 
-@pytest.mark.parametrize("pattern", ["(", "x" * 2000, "a{2,1}"])
+@pytest.mark.parametrize("pattern", ["(", "x" * 70_000, "a{2,1}"])
 def test_invalid_or_overlong_patterns_are_refused(pattern):
     with pytest.raises(BadInputError, match="target_modules"):
         check_config_patterns({"target_modules": pattern})
@@ -175,3 +175,27 @@ def test_invalid_or_overlong_patterns_are_refused(pattern):
 def test_names_with_control_characters_are_refused():
     with pytest.raises(BadInputError, match="control characters"):
         fullmatch("a", "a\n")
+
+
+def test_a_merge_output_target_regex_is_accepted_and_matches_like_peft():
+    # merging/peft_output.py writes an alternation of every merged module name
+    import re
+
+    names = [f"model.layers.{i}.{part}.{m}_proj" for i in range(80)
+             for part, ms in (("self_attn", "qkvo"), ("mlp", ("up", "down", "gate"))) for m in ms]
+    regex = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    assert len(regex) > 15_000
+    check_config_patterns({"target_modules": regex})
+    for name in [*names[::37], "model.layers.80.mlp.up_proj", "model.layers.1.self_attn.x_proj"]:
+        assert fullmatch(regex, name) == bool(re.fullmatch(regex, name)), name
+
+
+def test_a_record_with_a_lookaround_pattern_is_refused():
+    from registry.record import validate_record
+
+    record = {"kind": "adapter", "author": "t", "created": "2025-01-31T12:00:00Z",
+              "tensors": {"count": 2, "dtypes": {"F32": 2}, "parameters": 8},
+              "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"],
+                       "rank_pattern": {"(?=q)q": 2}}}
+    with pytest.raises(BadInputError, match=r"record field peft\.rank_pattern"):
+        validate_record(record)
