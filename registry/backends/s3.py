@@ -11,7 +11,9 @@ conditional writes, which the store uses for every change that could race --
 
 Both map to :class:`registry.backends.PreconditionFailed`; S3's 409
 ``ConditionalRequestConflict`` (two conditional writes in flight at once) does too, so
-callers simply re-read and retry. A missing key maps to :class:`ObjectMissing`.
+callers simply re-read and retry. A missing key maps to :class:`ObjectMissing`. The
+service refusing or being unreachable (access denied, no credentials, connection or
+timeout errors) is :class:`registry.errors.EnvironmentFailure`, exit 6.
 
 Connection settings, most specific first: ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``,
 then the JSON file ``$ADAPTERS_S3_CONFIG`` (default ``~/.config/adapterkit/s3.json``)::
@@ -38,7 +40,8 @@ from typing import Any, BinaryIO
 
 from registry.backends import ObjectInfo, ObjectMissing, PreconditionFailed
 from registry.common import unlink_quietly
-from registry.errors import AdapterkitError, BadInputError, NotFoundError
+from registry.errors import (AdapterkitError, BadInputError, EnvironmentFailure,
+                             NotFoundError)
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -130,16 +133,17 @@ class S3Backend:
             if code in _MISSING_CODES or status == "404":
                 raise ObjectMissing(f"{self.location}/{key} is missing",
                                     fix="run `adapters verify --all`") from None
-            raise AdapterkitError(f"S3 {op} {self.location}/{key} failed: {code} {err}",
-                                  fix="check credentials, bucket policy and endpoint") from None
+            raise EnvironmentFailure(f"S3 {op} {self.location}/{key} failed: {code} {err}",
+                                     fix="check credentials, bucket policy and endpoint") \
+                from None
         except NoCredentialsError:
-            raise BadInputError("no AWS credentials for the S3 store",
-                                fix="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") \
-                from None
+            raise EnvironmentFailure("no AWS credentials for the S3 store",
+                                     fix="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a "
+                                         "profile") from None
         except BotoCoreError as err:
-            raise BadInputError(f"cannot reach S3 for {self.location}: {err}",
-                                fix="check $AWS_ENDPOINT_URL or the adapterkit s3.json config") \
-                from None
+            raise EnvironmentFailure(f"cannot reach S3 for {self.location}: {err}",
+                                     fix="check the network, $AWS_ENDPOINT_URL or the "
+                                         "adapterkit s3.json config") from None
 
     # ---- Backend protocol --------------------------------------------------------
 
