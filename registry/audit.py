@@ -6,10 +6,15 @@ the first) and ``hash`` is the sha256 digest of the canonical JSON of the entry
 without its ``hash`` key. ``head.json`` holds ``{seq, hash}`` of the last entry, so
 removing lines at the *end* of the log (which leaves a valid chain) is detected too.
 
-Appends run under ``locks/audit.lock``: read the head, write the line with
-``O_APPEND`` and ``fsync``, then replace ``head.json`` atomically. If a crash falls
-between the two writes, the next append notices the committed-but-unheaded line
-(valid hash, chained to the head) and adopts it.
+Appends run under ``locks/audit.lock``: find the tail (the last complete line, which
+must agree with the head), write the line with ``O_APPEND`` and ``fsync``, then
+replace ``head.json`` atomically. A crash or short write mid-line leaves bytes after
+the last newline: the writer truncates them itself when it can, and the next append
+cuts any that a killed writer left, so a torn line is never glued to a new one. If a
+crash falls between the line and the head, the next append adopts the committed
+line (valid hash, chained to the head). A tail that disagrees with the head in any
+other way (lines edited, removed or reordered) makes :meth:`AuditLog.append` refuse,
+so no new entry can paper over tampering.
 
 :meth:`AuditLog.verify` walks the whole file and reports every problem with its
 line number: unparsable or malformed lines, hash mismatches (edited lines), seq
@@ -19,6 +24,7 @@ and a head that disagrees with the last line (truncated or edited tail).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -29,6 +35,7 @@ from typing import Any
 from registry.common import (atomic_write_bytes, canonical_json, default_actor, fsync_dir,
                              json_digest, make_dirs, utc_now_iso)
 from registry.errors import IntegrityError
+from registry.failpoints import armed, failpoint
 from registry.locking import file_lock
 
 ENTRY_KEYS = ("seq", "ts", "actor", "action", "subject", "old", "new", "prev_hash", "hash")
@@ -127,13 +134,44 @@ def check_chain(rows: list[tuple[int, bytes]]) -> tuple[list[AuditProblem], int,
 
 
 def new_entry(seq: int, prev_hash: str | None, action: str, subject: str, old: Any, new: Any,
-              actor: str | None) -> dict[str, Any]:
+              actor: str | None, ts: str | None = None) -> dict[str, Any]:
     """A complete entry (with its ``hash``) following ``(seq - 1, prev_hash)``."""
-    entry: dict[str, Any] = {"seq": seq, "ts": utc_now_iso(), "actor": actor or default_actor(),
+    entry: dict[str, Any] = {"seq": seq, "ts": ts or utc_now_iso(),
+                             "actor": actor or default_actor(),
                              "action": action, "subject": subject, "old": old, "new": new,
                              "prev_hash": prev_hash}
     entry["hash"] = entry_hash(entry)
     return entry
+
+
+def _append_line(fd: int, line: bytes) -> None:
+    """Write ``line`` at the end of ``fd`` and fsync it, or leave the file as it was.
+
+    Raises:
+        OSError: A short write or a failed write/fsync (the file is truncated back).
+    """
+    size = os.fstat(fd).st_size
+    try:
+        if armed("audit.torn_line"):
+            os.write(fd, line[: len(line) // 2])
+            failpoint("audit.torn_line")
+        written = os.write(fd, line)
+        if written != len(line):  # file size limit or a full disk mid-line
+            raise OSError(errno.ENOSPC, f"short write to the audit log ({written} of "
+                          f"{len(line)} bytes)")
+        os.fsync(fd)
+    except BaseException:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        raise
+
+
+def _prev_hash(raw: bytes) -> str | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    return entry.get("prev_hash") if isinstance(entry, dict) else None
 
 
 def parse_entries(rows: Iterable[tuple[int, bytes]], what: str) -> list[dict]:
@@ -179,20 +217,76 @@ class AuditLog:
             raise IntegrityError(f"audit head {self.head_path} is unreadable: {err}",
                                  fix="run `adapters audit verify`") from err
 
-    def _last_line(self) -> dict[str, Any] | None:
+    def _tail(self) -> tuple[int, str | None]:
+        """``(seq, hash)`` to chain onto, after repairing a torn tail (audit lock held).
+
+        The log itself is the truth; ``head.json`` is its checksum. Bytes after the last
+        newline are a torn append (a crash or a short write inside :meth:`append`, which
+        writes each line with its newline in one call) and are cut off. The last line
+        must then be the head's entry, or the entry right after it whose head write
+        was lost (adopted). Anything else means the log was edited, truncated or
+        reordered, and appending would hide that, so it is refused.
+
+        Raises:
+            IntegrityError: The tail disagrees with ``head.json``.
+        """
+        head_seq, head_hash = self._head()
+        last = self._repair_torn_tail()
+        if last is None:
+            if head_seq == 0:
+                return 0, None
+            raise IntegrityError(f"audit/head.json names seq {head_seq} but {self.path} "
+                                 "has no entries", fix="run `adapters audit verify`")
+        seq, digest = last.get("seq"), last.get("hash")
+        if (seq, digest) == (head_seq, head_hash):
+            return seq, digest
+        if (isinstance(seq, int) and seq == head_seq + 1 and last.get("prev_hash") == head_hash
+                and digest == entry_hash(last)):
+            return seq, digest  # adopt a line whose head write was lost
+        raise IntegrityError(f"the audit log ends at seq {seq} but audit/head.json says "
+                             f"seq {head_seq}; refusing to append to a log that was edited",
+                             fix="run `adapters audit verify` and restore the log from a backup")
+
+    def _repair_torn_tail(self) -> dict[str, Any] | None:
+        """Cut bytes after the last newline; the last complete entry, or None if empty.
+
+        Raises:
+            IntegrityError: The last complete line is not a JSON object.
+        """
         try:
-            with open(self.path, "rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                size = handle.tell()
-                handle.seek(max(0, size - 65536))
-                tail = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
-            return json.loads(tail) if tail else None
-        except (FileNotFoundError, ValueError):
+            handle = open(self.path, "r+b")
+        except FileNotFoundError:
             return None
+        with handle:
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - (1 << 20))
+            handle.seek(start)
+            tail = handle.read()
+            cut = tail.rfind(b"\n") + 1
+            if start + cut < size and (cut > 0 or start == 0):
+                handle.truncate(start + cut)  # a torn append: never committed
+                handle.flush()
+                os.fsync(handle.fileno())
+                tail = tail[:cut]
+        lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
+        if not lines[-1]:
+            return None
+        try:
+            last = json.loads(lines[-1])
+        except ValueError:
+            last = None
+        if not isinstance(last, dict):
+            raise IntegrityError(f"the last line of {self.path} is not an audit entry",
+                                 fix="run `adapters audit verify`")
+        return last
 
     def append(self, action: str, subject: str, *, old: Any = None, new: Any = None,
-               actor: str | None = None) -> dict:
+               actor: str | None = None, ts: str | None = None) -> dict:
         """Append one entry (locked, fsynced) and return it.
+
+        The line is written with one ``write`` of line + newline; a short write (disk
+        full, file size limit) or an error truncates the file back to where it was and
+        raises, so no torn line stays behind and ``head.json`` never names one.
 
         Args:
             action: What happened (``push``, ``alias``, ``promote``, ``gate``, ``gc``...).
@@ -200,30 +294,51 @@ class AuditLog:
             old: The previous value, if any (JSON-able).
             new: The new value, if any (JSON-able).
             actor: Who did it (default ``$ADAPTERS_ACTOR`` or the login name).
+            ts: The entry's time (default now; intents pass the time they recorded).
 
         Raises:
-            IntegrityError: ``head.json`` is unreadable.
+            IntegrityError: ``head.json`` is unreadable or disagrees with the log's tail.
             BadInputError: ``old``/``new`` are not JSON-able.
+            OSError: The line or the head could not be written (nothing torn is left;
+                a line whose head write failed is adopted by the next append).
         """
         make_dirs(self.dir)
         with file_lock(self.lock_path):
-            seq, prev = self._head()
-            last = self._last_line()
-            if (isinstance(last, dict) and last.get("seq") == seq + 1
-                    and last.get("prev_hash") == prev and last.get("hash") == entry_hash(last)):
-                seq, prev = last["seq"], last["hash"]  # adopt a line whose head write was lost
-            entry = new_entry(seq + 1, prev, action, subject, old, new, actor)
+            seq, prev = self._tail()
+            entry = new_entry(seq + 1, prev, action, subject, old, new, actor, ts)
             line = canonical_json(entry) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
-                os.fsync(fd)
+                _append_line(fd, line)
             finally:
                 os.close(fd)
             fsync_dir(self.dir)
+            failpoint("audit.before_head")
             atomic_write_bytes(self.head_path,
                                canonical_json({"seq": entry["seq"], "hash": entry["hash"]}))
         return entry
+
+    def last_seq(self) -> int:
+        """The seq of the last entry ``head.json`` names (0 for an empty log); the log
+        may hold one more whose head write was lost.
+
+        Raises:
+            IntegrityError: ``head.json`` is unreadable.
+        """
+        return self._head()[0]
+
+    def entries_after(self, seq: int) -> list[dict]:
+        """Entries with a seq above ``seq``, oldest first (unparsable lines skipped)."""
+        out = []
+        for _, raw in self._lines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("seq"), int) \
+                    and entry["seq"] > seq:
+                out.append(entry)
+        return out
 
     def entries(self) -> list[dict]:
         """All entries, oldest first.
@@ -238,6 +353,10 @@ class AuditLog:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
+        # bytes after the last newline are a torn append that was never committed (the
+        # next append cuts them); a committed entry always ends with its newline, so a
+        # real entry cut short still shows as a head mismatch
+        data = data[:data.rfind(b"\n") + 1]
         return [(i + 1, raw) for i, raw in enumerate(data.split(b"\n")) if raw.strip()]
 
     def verify(self) -> AuditReport:
@@ -249,10 +368,12 @@ class AuditLog:
         """
         lines = self._lines()
         problems, prev_seq, prev_hash = check_chain(lines)
-        problems.extend(self._check_head(prev_seq, prev_hash, bool(lines)))
+        problems.extend(self._check_head(prev_seq, prev_hash, bool(lines),
+                                         _prev_hash(lines[-1][1]) if lines else None))
         return AuditReport(entries=len(lines), problems=problems)
 
-    def _check_head(self, last_seq: int, last_hash: str | None, any_lines: bool) -> list:
+    def _check_head(self, last_seq: int, last_hash: str | None, any_lines: bool,
+                    before_last: str | None) -> list:
         try:
             head_seq, head_hash = self._head()
         except IntegrityError as err:
@@ -261,6 +382,8 @@ class AuditLog:
             if any_lines:
                 return [AuditProblem(0, "head_mismatch", "audit/head.json is missing")]
             return []
+        if (head_seq, head_hash) == (last_seq - 1, before_last) and head_seq:
+            return []  # a crash between the last line and its head write: append adopts it
         if (head_seq, head_hash) != (last_seq, last_hash):
             return [AuditProblem(0, "head_mismatch",
                                  f"head.json says seq {head_seq} but the log ends at seq "

@@ -90,8 +90,26 @@ class ObjectAuditLog:
         seq = keys[-1][0]
         return seq, self._entry_at(seq)["hash"]
 
+    def last_seq(self) -> int:
+        """The seq the head (or, without one, the newest entry) names; 0 when empty.
+
+        Raises:
+            IntegrityError: The head is unreadable.
+        """
+        return self._start()[0]
+
+    def entries_after(self, seq: int) -> list[dict]:
+        """Entries ``seq + 1``, ``seq + 2``... up to the first missing one, oldest first."""
+        out = []
+        while True:
+            seq += 1
+            try:
+                out.append(self._entry_at(seq))
+            except (ObjectMissing, IntegrityError):
+                return out
+
     def append(self, action: str, subject: str, *, old: Any = None, new: Any = None,
-               actor: str | None = None) -> dict:
+               actor: str | None = None, ts: str | None = None) -> dict:
         """Append one entry, claiming the next seq create-only, and return it.
 
         Raises:
@@ -100,7 +118,7 @@ class ObjectAuditLog:
         """
         seq, prev = self._start()
         while True:
-            entry = new_entry(seq + 1, prev, action, subject, old, new, actor)
+            entry = new_entry(seq + 1, prev, action, subject, old, new, actor, ts)
             try:
                 self.backend.put_if_absent(entry_key(seq + 1), canonical_json(entry))
                 break

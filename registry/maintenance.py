@@ -38,6 +38,8 @@ from typing import Any
 from registry.blobs import ProgressCallback, blob_key
 from registry.common import is_digest
 from registry.errors import AdapterkitError, IntegrityError
+from registry.audit_index import cross_check
+from registry.journal import recover, run_mutation
 from registry.manifest import check_manifest
 from registry.store import Store
 
@@ -48,7 +50,9 @@ class BlobProblem:
 
     Attributes:
         kind: ``missing``, ``corrupt``, ``bad_manifest`` (hashes fine but unreadable
-            or bound under another name), ``dangling_alias``, and with trusted keys
+            or bound under another name), ``dangling_alias``, ``unaudited`` (a binding,
+            alias target, gate record or signature that no effective audit entry
+            explains, see :mod:`registry.audit_index`), and with trusted keys
             ``unsigned`` (no valid signature by a trusted key) or ``bad_signature``
             (a trusted key's signature does not verify: forged, edited or replayed).
         digest: The blob (or alias target) concerned.
@@ -179,6 +183,8 @@ def verify(store: Store, ref: str | None = None, *,
         elif actual != digest:
             problems.append(BlobProblem("corrupt", digest, tuple(users),
                                         f"content hashes to {actual}"))
+    if ref is None:
+        problems += _unaudited(store)
     signed = None
     if trusted is not None:
         signed, found = _check_signatures(store, targets, trusted)
@@ -186,6 +192,15 @@ def verify(store: Store, ref: str | None = None, *,
     problems.sort(key=lambda p: (p.kind, p.digest))
     return VerifyReport(versions=len(targets), blobs=len(checker.results), bytes=checker.bytes,
                         problems=problems, signed=signed)
+
+
+def _unaudited(store: Store) -> list[BlobProblem]:
+    """Bindings, aliases, gate records and signatures the audit log does not explain."""
+    try:
+        found = cross_check(store)
+    except IntegrityError as err:
+        return [BlobProblem("unaudited", "", ("audit log",), err.message)]
+    return [BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found]
 
 
 def _check_signatures(store: Store, targets: list[tuple[str, str]],
@@ -325,32 +340,45 @@ def gc(store: Store, grace_seconds: float = 3600.0, *, dry_run: bool = False,
         IntegrityError: A bound manifest is unreadable (gc cannot know its files).
     """
     cutoff = (time.time() if now is None else now) - grace_seconds
-    with store.backend.lock("gc"):
+    # refs.lock too: gc is a mutation under the intent protocol (registry.journal), and
+    # no other writer may settle its marker while it runs
+    with store.backend.lock("gc"), store.backend.lock("refs"):
+        recover(store, actor=actor)
         keep = reachable(store)
         present = store.blobs.all_digests()
-        removed, young, freed = [], [], 0
+        planned: list[tuple[str, int]] = []
+        young: list[str] = []
         for digest in present:
             if digest in keep:
                 continue
-            # stat right before deleting: a push that re-used this blob since gc listed
-            # it has touched it, so it is young now (the only guard on S3, with no lock)
             stat = store.backend.stat(blob_key(digest))
             if stat is None:
                 continue
-            if stat.mtime >= cutoff:
-                young.append(digest)
-                continue
-            if not dry_run:
-                store.backend.delete(blob_key(digest))
-            removed.append(digest)
-            freed += stat.size
+            (young.append(digest) if stat.mtime >= cutoff else planned.append((digest, stat.size)))
         temps = _stale_temp_files(store, cutoff)
-        if not dry_run:
+        removed: list[str] = []
+        freed = 0
+
+        def delete() -> None:
+            nonlocal freed
+            for digest, size in planned:
+                # stat right before deleting: a push that re-used this blob since gc listed
+                # it has touched it, so it is young now (the only guard on S3, with no lock)
+                stat = store.backend.stat(blob_key(digest))
+                if stat is None or stat.mtime >= cutoff:
+                    continue
+                store.backend.delete(blob_key(digest))
+                removed.append(digest)
+                freed += size
             for path in temps:
                 _remove(path)
-            store.audit().append("gc", store.location, actor=actor,
-                                 new={"removed": len(removed), "freed_bytes": freed,
-                                      "temp_removed": len(temps)})
+
+        if dry_run:
+            removed, freed = [d for d, _ in planned], sum(size for _, size in planned)
+        else:
+            run_mutation(store, "gc", store.location, old=None, actor=actor, apply=delete,
+                         new={"removed": len(planned), "freed_bytes": sum(s for _, s in planned),
+                              "temp_removed": len(temps)})
     return GcReport(removed=removed, freed_bytes=freed,
                     kept_reachable=len(keep.intersection(present)),
                     kept_young=young, temp_removed=[str(p.relative_to(store.root)) for p in temps],

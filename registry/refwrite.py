@@ -64,7 +64,9 @@ def _backoff(attempt: int) -> None:
 
 
 def cas_ref(backend: Backend, key: str, expect: Any, new: str | None,
-            conflict: Callable[[str | None], ConflictError]) -> tuple[str | None, bool]:
+            conflict: Callable[[str | None], ConflictError],
+            around: Callable[[str | None, Callable[[], None]], Any] | None = None,
+            ) -> tuple[str | None, bool]:
     """Set (``new`` digest) or delete (``new`` None) a ref object by compare-and-swap.
 
     Args:
@@ -73,6 +75,10 @@ def cas_ref(backend: Backend, key: str, expect: Any, new: str | None,
         expect: :data:`ANY`, or the digest (None: absent) the ref must hold now.
         new: Digest to store, or None to delete.
         conflict: Builds the error raised when ``expect`` does not hold (gets the current value).
+        around: Runs the write: called with the value being replaced and a function
+            that performs the conditional write (the store passes
+            :func:`registry.journal.run_mutation`, which logs the change first and
+            rolls the entry back if the write loses the race).
 
     Returns:
         ``(previous value, changed)``; ``changed`` is False when it already held ``new``.
@@ -87,13 +93,19 @@ def cas_ref(backend: Backend, key: str, expect: Any, new: str | None,
             raise conflict(current)
         if current == new:
             return current, False
-        try:
+
+        def write(etag: str | None = etag) -> None:
             if new is None:
                 backend.delete(key, etag)
             elif etag is None:
                 backend.put_if_absent(key, (new + "\n").encode())
             else:
                 backend.put_if_match(key, (new + "\n").encode(), etag)
+        try:
+            if around is None:
+                write()
+            else:
+                around(current, write)
             return current, True
         except PreconditionFailed:
             _backoff(attempt)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ from registry.backends import Backend, ObjectMissing, PreconditionFailed, open_b
 from registry.backends.local import LocalBackend
 from registry.blobs import BlobStore, ProgressCallback
 from registry.common import canonical_json, digest_hex, is_digest, make_dirs, utc_now_iso
+from registry.failpoints import failpoint
+from registry.journal import recover, run_mutation
 from registry.errors import (AdapterkitError, BadInputError, ConflictError, GateFailedError,
                              NotFoundError)
 from registry.lineage import validate_lineage
@@ -220,9 +222,11 @@ class Store(StoreFiles):
                 digest, size, written = self.blobs.put_file(sources[path], progress)
                 entries.append({"path": path, "digest": digest, "size": size})
                 new_bytes += written
+            failpoint("push.after_blobs")
             manifest = build_manifest(name, entries, record, lineage, artifact_type)
             key = content_key(manifest)
             with self._lock("refs"):
+                recover(self, actor=actor)
                 existing = self._same_content(name, key)
                 if existing is not None:
                     return PushResult(existing, False, new_bytes)
@@ -233,13 +237,14 @@ class Store(StoreFiles):
                 if winner is not None:  # a concurrent identical push got there first
                     return PushResult(self._version(name, digest_hex(winner)), False, new_bytes)
                 created = utc_now_iso()
+                version = Version(name, digest, manifest, created)
+                binding = self._binding_key(name, digest_hex(digest))
                 try:
-                    self.backend.put_if_absent(self._binding_key(name, digest_hex(digest)),
-                                               (created + "\n").encode())
+                    run_mutation(self, "push", version.ref, old=None, new=digest, actor=actor,
+                                 apply=lambda: self.backend.put_if_absent(
+                                     binding, (created + "\n").encode()))
                 except PreconditionFailed:  # a concurrent identical push bound it first
                     return PushResult(self._version(name, digest_hex(digest)), False, new_bytes)
-                version = Version(name, digest, manifest, created)
-                self._audit.append("push", version.ref, new=digest, actor=actor)
         return PushResult(version, True, new_bytes)
 
     def _same_content(self, name: str, key: str) -> Version | None:
@@ -280,7 +285,8 @@ class Store(StoreFiles):
 
     def set_alias(self, name: str, alias: str, digest: str, *, expect: Any = ANY,
                   actor: str | None = None, action: str = "alias",
-                  protected_ok: bool = False) -> str | None:
+                  protected_ok: bool = False,
+                  notes: Sequence[tuple[str, Any]] = ()) -> str | None:
         """Point ``name:alias`` at a version of ``name`` by compare-and-swap.
 
         Args:
@@ -292,6 +298,8 @@ class Store(StoreFiles):
             actor: Who moves it.
             action: Audit action (``alias``; the gate's promote passes ``promote``).
             protected_ok: Allow moving a protected alias (only the gate's promote does).
+            notes: Extra ``(action, value)`` audit entries logged with the move (a forced
+                promotion's reason), before the alias is written.
 
         Returns:
             The previous digest, or None if the alias did not exist. Moving an alias to
@@ -319,14 +327,16 @@ class Store(StoreFiles):
                 f"expected {expect or 'nothing (new alias)'}",
                 fix=f"re-read the alias and retry with expect={current or 'none'}")
 
+        def audited(old: str | None, write: Callable[[], None]) -> None:
+            run_mutation(self, action, f"{name}:{alias}", old=old, new=target, apply=write,
+                         actor=actor, notes=notes)
+
         with self._lock("refs"):
+            recover(self, actor=actor)
             if not self.is_bound(name, target):
                 raise NotFoundError(f"{target} is not a version of {name}",
                                     fix=f"list versions with `adapters ls {name}`")
-            current, changed = cas_ref(self.backend, key, expect, target, conflict)
-            if changed:
-                self._audit.append(action, f"{name}:{alias}", old=current, new=target,
-                                   actor=actor)
+            current, _ = cas_ref(self.backend, key, expect, target, conflict, around=audited)
         return current
 
     def _target_digest(self, name: str, digest: str) -> str:
@@ -362,12 +372,14 @@ class Store(StoreFiles):
                                  f"expected {expect or 'nothing'}",
                                  fix=f"re-read the alias and retry with expect={current}")
 
+        def audited(old: str | None, write: Callable[[], None]) -> None:
+            run_mutation(self, "alias", f"{name}:{alias}", old=old, new=None, apply=write,
+                         actor=actor)
+
         with self._lock("refs"):
-            current, changed = cas_ref(self.backend, self._alias_key(name, alias), expect,
-                                       None, conflict)
-            if changed:
-                self._audit.append("alias", f"{name}:{alias}", old=current, new=None,
-                                   actor=actor)
+            recover(self, actor=actor)
+            current, _ = cas_ref(self.backend, self._alias_key(name, alias), expect,
+                                 None, conflict, around=audited)
         return current
 
     def delete_version(self, ref: str, *, actor: str | None = None) -> Version:
@@ -381,14 +393,18 @@ class Store(StoreFiles):
         """
         version = self.resolve(ref)
         with self._lock("refs"):
+            recover(self, actor=actor)
             holders = [a for a, d in self.aliases(version.name).items() if d == version.digest]
             if holders:
                 raise ConflictError(f"{version.ref} is still the target of alias(es) "
                                     f"{', '.join(holders)}",
                                     fix="move or delete those aliases first")
-            # claim first: an identical push racing us then re-creates the version cleanly
-            release_claim(self.backend, version.name, content_key(version.manifest),
-                          version.digest)
-            self.backend.delete(self._binding_key(version.name, digest_hex(version.digest)))
-            self._audit.append("delete", version.ref, old=version.digest, actor=actor)
+
+            def unbind() -> None:
+                # claim first: an identical push racing us then re-creates the version cleanly
+                release_claim(self.backend, version.name, content_key(version.manifest),
+                              version.digest)
+                self.backend.delete(self._binding_key(version.name, digest_hex(version.digest)))
+            run_mutation(self, "delete", version.ref, old=version.digest, new=None,
+                         apply=unbind, actor=actor)
         return version

@@ -16,6 +16,7 @@ crash leaves at most an unreachable blob; gc keeps pointed-to envelopes and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from registry.blobs import ProgressCallback
 from registry.common import canonical_json, check_digest, is_digest, make_dirs
 from registry.errors import BadInputError, ConflictError
+from registry.journal import recover, run_mutation
 from registry.manifest import Version
 from registry.refs import validate_file_path
 from registry.refwrite import ANY, cas_ref
@@ -109,12 +111,17 @@ class StoreFiles(StoreReader):
         with self._lock("gc", shared=True):
             record_digest = self.blobs.put_bytes(data)[0]
             key = self._gate_key(version.digest, policy_digest)
+            entry = {"record": record_digest, "policy": policy_digest,
+                     "passed": result.get("passed")}
+
+            def audited(old: str | None, write: Callable[[], None]) -> None:
+                run_mutation(self, "gate", version.ref, old=old, new=entry, apply=write,
+                             actor=actor)
+
             with self._lock("refs"):
-                old, _ = cas_ref(self.backend, key, ANY, record_digest,
-                                 lambda _: ConflictError("unreachable: no expectation"))
-                self._audit.append("gate", version.ref, old=old,
-                                   new={"record": record_digest, "policy": policy_digest,
-                                        "passed": result.get("passed")}, actor=actor)
+                recover(self, actor=actor)
+                cas_ref(self.backend, key, ANY, record_digest,
+                        lambda _: ConflictError("unreachable: no expectation"), around=audited)
         return record_digest
 
     def add_signature(self, version: str | Version, envelope: dict[str, Any], *,
@@ -150,12 +157,17 @@ class StoreFiles(StoreReader):
         with self._lock("gc", shared=True):
             for keyid, single in singles.items():
                 blob = self.blobs.put_bytes(canonical_json(single))[0]
+                signed = {"envelope": blob, "keyid": keyid}
+
+                def audited(old: str | None, write: Callable[[], None],
+                            signed: dict[str, str] = signed) -> None:
+                    run_mutation(self, "sign", version.ref, old=old, new=signed, apply=write,
+                                 actor=actor)
+
                 with self._lock("refs"):
-                    old, changed = cas_ref(self.backend, self._signature_key(digest, keyid),
-                                           ANY, blob,
-                                           lambda _: ConflictError("unreachable: no expectation"))
-                    if changed:
-                        self._audit.append("sign", version.ref, old=old,
-                                           new={"envelope": blob, "keyid": keyid}, actor=actor)
+                    recover(self, actor=actor)
+                    cas_ref(self.backend, self._signature_key(digest, keyid), ANY, blob,
+                            lambda _: ConflictError("unreachable: no expectation"),
+                            around=audited)
                 stored[keyid] = blob
         return stored

@@ -71,6 +71,30 @@ class StoreReader:
     def _signature_key(self, version_digest: str, keyid: str) -> str:
         return f"signatures/{digest_hex(version_digest)}/{digest_hex(keyid)}"
 
+    def gate_key(self, candidate: str, policy_digest: str) -> str:
+        """The pointer key of the gate record of (candidate, policy).
+
+        Raises:
+            BadInputError: A malformed digest.
+        """
+        return self._gate_key(candidate, policy_digest)
+
+    def signature_key(self, version_digest: str, keyid: str) -> str:
+        """The pointer key of ``keyid``'s signature on a version.
+
+        Raises:
+            BadInputError: A malformed digest.
+        """
+        return self._signature_key(version_digest, keyid)
+
+    def read_pointer(self, key: str) -> str | None:
+        """The digest a pointer object (alias, gate, signature) holds; None if absent or
+        not a digest."""
+        try:
+            return self._read_alias(key)
+        except IntegrityError:
+            return None
+
     def _read_ref(self, key: str) -> tuple[str | None, str | None]:
         return read_ref(self.backend, key)
 

@@ -120,12 +120,13 @@ def test_append_after_lost_head_write_adopts_the_line(log: AuditLog) -> None:
     assert log.verify().ok
 
 
-def test_append_after_truncation_keeps_problem_visible(log: AuditLog) -> None:
+def test_append_after_truncation_is_refused_and_problem_stays_visible(log: AuditLog) -> None:
     write(log, lines(log)[:-1])
-    log.append("push", "y")
+    with pytest.raises(IntegrityError, match="refusing to append"):
+        log.append("push", "y")  # chaining onto the cut tail would hide the cut
     report = log.verify()
     assert not report.ok
-    assert {p.kind for p in report.problems} >= {"seq_gap", "chain_break"}
+    assert {p.kind for p in report.problems} == {"head_mismatch"}
 
 
 def test_every_store_operation_is_audited(tmp_path: Path) -> None:
