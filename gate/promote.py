@@ -2,14 +2,17 @@
 
 Rules (:func:`promote`):
 
-1. The policy is the one given (``--policy gate.yaml``: its digest is recomputed from
-   the file and its data), else the store's configured policy, ``config.json`` key
-   ``gate_policy``: either a path (absolute, or relative to the store directory) or
+1. The policy is the store's pinned policy, ``config.json`` key ``gate_policy``: either
+   a path (absolute, or relative to the store directory) or
    ``{"path": ..., "digest": "sha256:.."}`` / ``{"digest": "sha256:.."}``. With both
    a path and a digest, the file must still hash to the pinned digest, so an edited
-   policy (or eval set) cannot quietly relax the gate.
+   policy (or eval set) cannot quietly relax the gate. When the store pins a policy,
+   it is the only one accepted: ``--policy other.yaml`` with another digest is refused
+   (exit 1) unless forced. A store with no pin takes ``--policy``.
 2. Without ``force``: a gate record must exist for *exactly* this version digest
-   under that policy digest, and say ``passed: true``. Otherwise
+   under that policy digest, be bound to them (its own ``candidate_digest`` and
+   ``policy_digest``), be the record the newest effective ``gate`` audit entry names
+   (:func:`registry.audit_index.vouched_gate`), and say ``passed: true``. Otherwise
    :class:`~registry.errors.GateFailedError` (exit 1) names what is missing, or which
    checks failed and why.
 3. ``expect`` makes the move a compare-and-swap (``ConflictError``, exit 4, when the
@@ -19,7 +22,8 @@ Rules (:func:`promote`):
 5. ``force`` skips rule 2 but requires a non-empty ``reason``; the move is audited
    as ``promote-forced``, followed by a ``promote-forced-reason`` entry for the same
    ``NAME:ALIAS`` carrying ``{"digest", "reason", "policy", "gate_passed"}`` (the
-   store's alias entry has no room for free text).
+   store's alias entry has no room for free text); both are logged before the alias
+   moves (:mod:`registry.journal`).
 6. Signatures: with trusted keys (``--trusted-keys PATH``, else the store's
    ``config.json`` ``trusted_keys`` list, paths relative to the store directory) the
    version must also carry a valid signature by one of them
@@ -99,11 +103,28 @@ def configured_policy(store: Store, policy: str | Path | None = None) -> tuple[s
 
     if policy is not None:
         return load_policy(policy).digest, str(policy)
+    pinned = pinned_policy(store)
+    if pinned is None:
+        raise BadInputError("no gate policy given and none configured for this store",
+                            fix=f"pass --policy gate.yaml, or set \"{CONFIG_KEY}\" in the "
+                            "store's config.json to a policy path or {\"digest\": \"sha256:...\"}")
+    return pinned
+
+
+def pinned_policy(store: Store) -> tuple[str, str] | None:
+    """``(digest, where)`` of the policy the store's ``config.json`` pins, or None.
+
+    Raises:
+        BadInputError: A bad config value, an unreadable or invalid policy file, or a
+            policy file that no longer matches the pinned digest.
+    """
+    from gate.policy import load_policy
+
     setting = store.config.get(CONFIG_KEY)
     fix = (f"pass --policy gate.yaml, or set \"{CONFIG_KEY}\" in the store's config.json "
            "to a policy path or {\"digest\": \"sha256:...\"}")
     if setting is None:
-        raise BadInputError("no gate policy given and none configured for this store", fix=fix)
+        return None
     if isinstance(setting, str):
         setting = {"path": setting}
     if not isinstance(setting, dict) or not (setting.get("path") or setting.get("digest")):
@@ -133,13 +154,22 @@ def failed_summary(record: dict[str, Any]) -> str:
 
 
 def require_passing_gate(store: Store, digest: str, ref: str, policy_digest: str) -> dict:
-    """The passing gate record of ``digest`` under ``policy_digest``.
+    """The passing gate record of ``digest`` under ``policy_digest``, bound and vouched for.
+
+    The record must (a) be the content-addressed blob that ``gates/<digest>/<policy>``
+    names, (b) name this very candidate and policy inside it (a record copied from
+    another version does not), and (c) be the record that the newest effective ``gate``
+    audit entry for (candidate, policy) names (one slipped in beside the log does not).
 
     Raises:
-        GateFailedError: No record, or the record did not pass (names the failed checks).
+        GateFailedError: No record, a record bound to another version or policy or not
+            vouched for by the audit log, or a record that did not pass.
+        IntegrityError: The record blob is corrupt, or the audit log is unreadable.
     """
     record = store.gate_record(digest, policy_digest)
     short = policy_digest.split(":")[-1][:12]
+    if record is not None:
+        _check_binding(store, record, digest, ref, policy_digest)
     if record is None:
         others = [p for c, p, _ in _gate_pointers(store) if c == digest]
         hint = (f" (it has records under other policies: "
@@ -152,11 +182,47 @@ def require_passing_gate(store: Store, digest: str, ref: str, policy_digest: str
     return record
 
 
+def _check_binding(store: Store, record: dict, digest: str, ref: str, policy_digest: str) -> None:
+    """Raise unless ``record`` is bound to (digest, policy) and vouched for by the log."""
+    from registry.audit_index import vouched_gate
+
+    fix = f"gate it: `adapters gate {ref} --base MODEL_DIR --policy gate.yaml`"
+    if record.get("candidate_digest") != digest or record.get("policy_digest") != policy_digest:
+        raise GateFailedError(f"the gate record stored for {ref} was made for "
+                              f"{str(record.get('candidate_digest'))[:19]}.. under policy "
+                              f"{str(record.get('policy_digest'))[:19]}.., not for this version "
+                              "and policy (copied?)", fix=fix)
+    entry = vouched_gate(store, digest, policy_digest)
+    pointer = store.read_pointer(store.gate_key(digest, policy_digest))
+    if entry is None or (entry.get("new") or {}).get("record") != pointer:
+        raise GateFailedError(f"no audit entry vouches for the gate record of {ref} "
+                              "(written outside adapterkit?)",
+                              fix=f"run `adapters verify --all`; then {fix}")
+
+
 def _gate_pointers(store: Store) -> list[tuple[str, str, str]]:
     try:
         return list(store.gate_pointers())
     except Exception:  # noqa: BLE001 - only used for a hint in an error message
         return []
+
+
+def _require_pinned(store: Store, policy_digest: str | None, force: bool) -> None:
+    """Refuse a policy other than the store's pinned one unless forced (rule 1)."""
+    try:
+        pinned = pinned_policy(store)
+    except BadInputError:
+        if force:
+            return  # a broken pin cannot block a forced (audited) promotion
+        raise
+    if pinned is None or policy_digest == pinned[0]:
+        return
+    if not force:
+        given = (policy_digest or "none").split(":")[-1][:12]
+        raise GateFailedError(f"policy {given} is not the policy this store pins "
+                              f"({pinned[0].split(':')[-1][:12]}, {pinned[1]})",
+                              fix="promote under the pinned policy (drop --policy), or "
+                                  "--force --reason TEXT (audited as forced)")
 
 
 def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: str | None = None,
@@ -192,6 +258,7 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
     if not force and not policy_digest:
         raise BadInputError("promotion needs the gate policy digest",
                             fix="pass --policy gate.yaml or configure gate_policy")
+    _require_pinned(store, policy_digest, force)
     version = store.resolve(ref)
     record = None
     if not force:
@@ -204,14 +271,12 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
 
         signed_by = tuple(require_signature(store, version, trusted_keys).valid_keyids)
     action = "promote-forced" if force else "promote"
+    gate_passed = None if record is None else record.get("passed") is True
+    notes = [(REASON_ACTION, {"digest": version.digest, "reason": (reason or "").strip(),
+                              "policy": policy_digest, "gate_passed": gate_passed})] if force else []
     old = store.set_alias(version.name, alias, version.digest,
                           expect=expect, actor=actor, action=action,
-                          protected_ok=True)
-    gate_passed = None if record is None else record.get("passed") is True
-    if force and old != version.digest:
-        store.audit().append(REASON_ACTION, f"{version.name}:{alias}", old=old,
-                             new={"digest": version.digest, "reason": reason.strip(),  # type: ignore[union-attr]
-                                  "policy": policy_digest, "gate_passed": gate_passed}, actor=actor)
+                          protected_ok=True, notes=notes)
     return PromoteResult(name=version.name, alias=alias, digest=version.digest, ref=version.ref,
                          old=old, forced=force, reason=reason.strip() if force and reason else None,
                          policy_digest=policy_digest, gate_passed=gate_passed, signed_by=signed_by)
