@@ -36,7 +36,7 @@ def _two_lines(err: str) -> tuple[str, str]:
 
 
 def _init(capsys: pytest.CaptureFixture[str], root: Path) -> Path:
-    code, _, err = run(capsys, "init", root)
+    code, _, err = run(capsys, "init", "--store", root)
     assert code == 0, err
     return root
 
@@ -127,6 +127,24 @@ def test_export_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):  #
     error, _ = _two_lines(err)
     assert "no space left on device" in error and str(mnt / "out") in error
     assert list(mnt.iterdir()) == []  # neither out nor a hidden temp dir
+
+
+def test_unreachable_s3_endpoint_exits_6(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("boto3")
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for var, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1",
+                       "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                       "AWS_DEFAULT_REGION": "us-east-1", "ADAPTERS_CACHE": str(tmp_path)}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    code, _, err = run(capsys, "ls", "--store", "s3://no-bucket/x")
+    assert code == 6
+    error, fix = _two_lines(err)
+    assert "cannot reach S3" in error and "network" in fix
 
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
