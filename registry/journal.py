@@ -151,7 +151,11 @@ def run_mutation(store: Store, action: str, subject: str, *, old: Any, new: Any,
                     subject=subject, old=old, new=new)
     store.backend.put_if_absent(intent.key, canonical_json(intent.to_json()))
     failpoint(f"{op}.after_marker")
-    entry = log.append(action, subject, old=old, new=new, actor=intent.actor, ts=intent.ts)
+    try:
+        entry = log.append(action, subject, old=old, new=new, actor=intent.actor, ts=intent.ts)
+    except BaseException:
+        store.backend.delete(intent.key)  # not logged (the append truncates what it wrote)
+        raise
     for note_action, note in notes:
         log.append(note_action, subject, old=old, new=note, actor=intent.actor)
     failpoint(f"{op}.after_entry")

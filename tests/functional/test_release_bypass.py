@@ -1,0 +1,161 @@
+"""Issue 11's bypasses, each tried the way an attacker with the CLI and file access would.
+
+* a policy other than the store's pinned one cannot promote (``--policy other.yaml``);
+* a gate record copied from another version, or forged beside the audit log, cannot
+  promote, and ``verify`` (whole store) reports it (exit 3);
+* a binding file added by hand under ``names/<name>/versions/`` is reported (exit 3);
+* an audit append that hits a short write (file size limit) fails cleanly (exit 6),
+  leaves no torn line and no half-done change, and the next command works;
+* two crashes in a row (the old protocol forked the chain) leave a linear chain.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from registry.common import canonical_json
+from registry.store import Store
+from tests.cli_fixtures import run, run_json
+from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env, make_adapter_dir, push_adapter
+
+POLICY_YAML = "version: 1\nchecks:\n  - kind: structural\n"
+
+
+def gate_record(store: Store, digest: str, policy: str, passed: bool = True) -> str:
+    return store.put_gate_record(digest, policy, {"passed": passed, "checks": [],
+                                                  "candidate_digest": digest,
+                                                  "policy_digest": policy})
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Store, dict[str, str], str, Path]:
+    """A store pinning a policy file; versions a, b of one name; a passing record for a."""
+    from gate.policy import load_policy
+
+    store = Store.open(tmp_path / "store", create=True)
+    policy = tmp_path / "store" / "gate.yaml"
+    policy.write_text(POLICY_YAML)
+    pinned = load_policy(policy).digest
+    config = {"protected_aliases": ["release"], "gate_policy": {"path": "gate.yaml",
+                                                                "digest": pinned}}
+    store.backend.put("config.json", canonical_json(config))
+    refs = {}
+    for label, r in (("a", 4), ("b", 2)):
+        refs[label] = push_adapter(store, "lora", make_adapter_dir(tmp_path / label, r=r)).version.ref
+    gate_record(store, refs["a"].rpartition("@")[2], pinned)
+    return store, refs, pinned, tmp_path
+
+
+def test_a_policy_other_than_the_pinned_one_cannot_promote(world, capsys) -> None:
+    store, refs, _, tmp = world
+    other = tmp / "trivial.yaml"
+    other.write_text(POLICY_YAML + "seed: 7\n")  # another digest, equally trivial
+    from gate.policy import load_policy
+
+    b = refs["b"].rpartition("@")[2]
+    gate_record(store, b, load_policy(other).digest)  # b "passed" the trivial policy
+    code, _, err = run(capsys, "promote", refs["b"], "--to", "release", "--policy", other,
+                       "--store", store.location)
+    assert code == 1 and "is not the policy this store pins" in err
+    assert "release" not in store.aliases("lora")
+    # with --force --reason it goes through, audited as forced with the reason
+    code, out = run_json(capsys, "promote", refs["b"], "--to", "release", "--policy", other,
+                         "--force", "--reason", "INC-7", "--store", store.location, "--json")
+    assert code == 0 and out["forced"] is True
+    actions = [e["action"] for e in store.audit().entries()][-2:]
+    assert actions == ["promote-forced", "promote-forced-reason"]
+
+
+def test_the_pinned_policy_still_promotes(world, capsys) -> None:
+    store, refs, _, _ = world
+    assert main(["promote", refs["a"], "--to", "release", "--store", store.location]) == 0
+    assert store.aliases("lora")["release"] == refs["a"].rpartition("@")[2]
+
+
+def test_a_copied_gate_record_neither_promotes_nor_verifies(world, capsys) -> None:
+    store, refs, pinned, _ = world
+    a, b = (refs[k].rpartition("@")[2] for k in ("a", "b"))
+    record = store.read_pointer(store.gate_key(a, pinned))
+    store.backend.put(store.gate_key(b, pinned), (record + "\n").encode())  # cp gates/A/P gates/B/P
+    code, _, err = run(capsys, "promote", refs["b"], "--to", "release", "--store", store.location)
+    assert code == 1 and "was made for" in err
+    assert "release" not in store.aliases("lora")
+    code, out = run_json(capsys, "verify", "--store", store.location, "--json")
+    assert code == 3
+    assert [p["kind"] for p in out["problems"]] == ["unaudited"]
+    assert "gate record" in out["problems"][0]["detail"]
+
+
+def test_a_forged_record_beside_the_log_cannot_promote(world, capsys) -> None:
+    store, refs, pinned, _ = world
+    b = refs["b"].rpartition("@")[2]
+    forged = store.put_bytes(canonical_json({"passed": True, "checks": [], "candidate_digest": b,
+                                             "policy_digest": pinned}))
+    store.backend.put(store.gate_key(b, pinned), (forged + "\n").encode())
+    code, _, err = run(capsys, "promote", refs["b"], "--to", "release", "--store", store.location)
+    assert code == 1 and "no audit entry vouches" in err
+    assert main(["verify", "--store", store.location]) == 3
+
+
+def test_a_hand_added_binding_is_caught(world, capsys) -> None:
+    store, refs, _, _ = world
+    manifest = store.resolve(refs["a"]).manifest
+    forged = {**manifest, "record": {**manifest["record"], "license": "mit"}}
+    digest = store.put_bytes(canonical_json(forged))
+    key = f"names/lora/versions/{digest[7:]}"
+    store.backend.put(key, b"2026-01-01T00:00:00.000000Z\n")
+    code, out = run_json(capsys, "verify", "--store", store.location, "--json")
+    assert code == 3
+    assert out["problems"][0]["kind"] == "unaudited" and out["problems"][0]["used_by"] == [key]
+    code, _, err = run(capsys, "verify", "--store", store.location)
+    assert code == 3 and key in err + capsys.readouterr().out
+
+
+def _limited(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_short_audit_write_fails_cleanly_and_the_next_command_works(world) -> None:
+    store, refs, _, _ = world
+    log = Path(store.location) / "audit" / "log.jsonl"
+    before, head = log.read_bytes(), (log.parent / "head.json").read_bytes()
+    # room for the intent marker (a new small file) but not for the whole audit line
+    argv = [PYTHON, "-m", "cli.main", "alias", "set", "lora:candidate", refs["b"],
+            "--store", store.location]
+    done = subprocess.run(argv, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
+                          preexec_fn=lambda: _limited(len(before) + 40), timeout=120)
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.startswith("error: ") and "\nfix: " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert log.read_bytes() == before and (log.parent / "head.json").read_bytes() == head
+    assert "candidate" not in store.aliases("lora")
+    assert not list((Path(store.location) / "audit").glob("pending/*"))
+    assert main(["alias", "set", "lora:candidate", refs["b"], "--store", store.location]) == 0
+    assert store.audit().verify().ok and main(["verify", "--store", store.location]) == 0
+
+
+def test_two_crashes_in_a_row_do_not_fork_the_chain(world) -> None:
+    store, refs, _, tmp = world
+    env = {**child_env()}
+    for point, argv in (("push.after_entry", ["push", str(tmp / "b"), "--name", "other"]),
+                        ("alias.after_entry", ["alias", "set", "lora:candidate", refs["a"]])):
+        done = subprocess.run([PYTHON, "-m", "cli.main", *argv, "--store", store.location],
+                              cwd=REPO_ROOT, env={**env, "ADAPTERS_FAILPOINT": point},
+                              capture_output=True, timeout=120)
+        assert done.returncode == -signal.SIGKILL
+    assert main(["push", str(tmp / "b"), "--name", "other", "--store", store.location]) == 0
+    report = store.audit().verify()
+    assert report.ok, report.to_json()
+    seqs = [e["seq"] for e in store.audit().entries()]
+    assert seqs == list(range(1, len(seqs) + 1))
+    outcomes = [e["new"]["outcome"] for e in store.audit().entries() if e["action"] == "recover"]
+    assert outcomes == ["rolled_back", "rolled_back"]
+    assert main(["verify", "--store", store.location]) == 0
+    assert json.loads((Path(store.location) / "audit" / "head.json").read_text())["seq"] == seqs[-1]
