@@ -72,6 +72,24 @@ def trusted_keys_for(option: str, used: bool, paths: list[Path] | None) -> dict[
     return trusted
 
 
+def _problem_line(problem: Any) -> str:
+    """``unaudited names/x/versions/ab..: no audit entry records ...`` / ``corrupt blob ..``."""
+    if problem.kind == "unaudited":
+        return f"unaudited {', '.join(problem.used_by)}: {problem.detail}"
+    what = "version" if problem.kind in ("unsigned", "bad_signature") else "blob"
+    return f"{problem.kind} {what} {problem.digest}"
+
+
+def _problem_fix(kind: str) -> str:
+    if kind in ("unsigned", "bad_signature"):
+        return ("sign the version with a trusted key (`adapters sign REF --key KEY.pem`); "
+                "treat a bad signature as tampering")
+    if kind == "unaudited":
+        return ("treat it as tampering: it was written outside adapterkit; restore the "
+                "store from a backup and check `adapters audit log`")
+    return "restore the blobs from a copy of the store, or re-push the affected adapters"
+
+
 def verify(
     ref: Annotated[Optional[str], typer.Argument(help="Only this version.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every blob in the store.")] = False,
@@ -109,15 +127,8 @@ def verify(
     error = None
     if not report.ok:
         first = report.problems[0]
-        error = IntegrityError(
-            f"{len(report.problems)} problem(s) in the store, first: {first.kind} "
-            f"{'version' if first.kind in ('unsigned', 'bad_signature') else 'blob'} "
-            f"{first.digest}",
-            fix=("sign the version with a trusted key (`adapters sign REF --key KEY.pem`); "
-                 "treat a bad signature as tampering"
-                 if first.kind in ("unsigned", "bad_signature") else
-                 "restore the blobs from a copy of the store, or re-push the affected adapters"),
-        )
+        error = IntegrityError(f"{len(report.problems)} problem(s) in the store, first: "
+                               f"{_problem_line(first)}", fix=_problem_fix(first.kind))
     emit_checked(out, data, render, error)
 
 
