@@ -41,9 +41,9 @@ editing a threshold *or an eval set* changes the digest, so a gate record can ne
 vouch for data it did not see, while moving the checkout elsewhere does not.
 
 A policy file is untrusted input. :func:`load_policy` reads at most
-:data:`MAX_POLICY_BYTES`, and parses with a safe loader that refuses YAML aliases
-(``*name``: a 470-byte "billion laughs" expands into gigabytes through them) and nesting
-deeper than :data:`MAX_DEPTH` (so the recursive composer cannot overflow the stack). Every
+:data:`MAX_POLICY_BYTES` and parses with :func:`gate.safe_yaml.load_yaml`, which bounds
+the document's size with YAML aliases expanded (a 470-byte "billion laughs" expands into
+gigabytes through them) and its nesting (:data:`MAX_DEPTH`). Every
 error is a one-line :class:`~registry.errors.BadInputError` whose values are shown with a
 bounded ``repr`` (:func:`_show`, at most 200 characters), never the whole structure.
 """
@@ -384,8 +384,8 @@ def load_policy(path: str | Path, *, allow_outside_data: bool = False) -> Policy
 
     Raises:
         BadInputError: The file, or a data file it names, does not exist; a data file
-            leaves the policy's directory; the file is too large, not valid YAML, uses
-            aliases or nests too deeply; or a field is invalid.
+            leaves the policy's directory; the file is too large, not valid YAML, expands
+            to too many nodes through aliases or nests too deeply; or a field is invalid.
     """
     from gate.safe_yaml import load_yaml
 

@@ -7,11 +7,15 @@ levels deep) expands into ~10^9 nodes, which took 38 s and 3.1 GB before a
 grow:
 
 * size: at most ``max_bytes`` are read (one byte more is read to tell), before parsing;
-* aliases: refused outright, at the first ``*name`` (PyYAML's composer would share the
-  anchored node, but the constructor and every consumer walk it once per reference);
-  a gate policy never needs them;
-* depth: collections nested deeper than ``max_depth`` are refused while composing, so
-  PyYAML's recursive composer and constructor cannot overflow the stack.
+* expansion: PyYAML's composer shares an anchored node between its aliases, but every
+  consumer (validation, ``repr``, canonical JSON) walks it once per reference. The loader
+  counts nodes as a consumer would see them, an alias costing the expanded size of what
+  it names, and refuses the document past ``max_nodes`` (100 000; a policy has a few
+  dozen). Ordinary aliases still load: ``yaml.safe_dump`` writes them for a list used
+  twice. The bomb is refused at its sixth level, after composing a few hundred nodes;
+* depth: collections nested deeper than ``max_depth`` are refused while composing (so
+  PyYAML's recursive composer and constructor cannot overflow the stack), and so is a
+  tree that gets deeper than that through aliases.
 
 Every failure is a one-line :class:`~registry.errors.BadInputError` (exit 2) whose text
 is cut to 200 characters; nothing of the document is ``repr``-ed unbounded.
@@ -35,27 +39,56 @@ class _Refused(Exception):
 
 
 class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]
-    """``SafeLoader`` that refuses aliases and nesting deeper than ``max_depth``."""
+    """``SafeLoader`` that bounds the expanded size and height of the document.
 
-    def __init__(self, stream: str, max_depth: int) -> None:
+    Every composed node costs 1, and an alias costs the expanded size of the node it
+    names (computed when that node was composed), so the total is the size of the tree
+    a consumer walking the document would see; the same for the height.
+    """
+
+    def __init__(self, stream: str, max_depth: int, max_nodes: int) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
         self._max_depth = max_depth
+        self._max_nodes = max_nodes
+        self._size: dict[int, int] = {}
+        self._height: dict[int, int] = {}
+
+    def _charge(self, cost: int) -> None:
+        self._nodes += cost
+        if self._nodes > self._max_nodes:
+            line = self.peek_event().start_mark.line + 1 if self.peek_event() else "?"
+            raise _Refused(f"expands to more than {self._max_nodes} nodes (through YAML "
+                           f"aliases or plain size) at line {line}")
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise _Refused(f"uses a YAML alias (*{str(event.anchor)[:40]}) at line "
-                           f"{event.start_mark.line + 1}; aliases are not allowed")
+            line = self.peek_event().start_mark.line + 1
+            node = super().compose_node(parent, index)
+            if id(node) not in self._size:  # `&a [*a]`: a cycle every consumer loops on
+                raise _Refused(f"has a recursive YAML alias at line {line}")
+            self._charge(self._size[id(node)])
+            return node
         self._depth += 1
         try:
             if self._depth > self._max_depth:
-                mark = self.peek_event().start_mark
                 raise _Refused(f"nests deeper than {self._max_depth} levels at line "
-                               f"{mark.line + 1}")
-            return super().compose_node(parent, index)
+                               f"{self.peek_event().start_mark.line + 1}")
+            before = self._nodes
+            self._charge(1)
+            node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        height = 1 + max((self._height.get(id(c), 1) for c in children), default=0)
+        if height > self._max_depth:
+            raise _Refused(f"nests deeper than {self._max_depth} levels through YAML aliases "
+                           f"(line {node.start_mark.line + 1})")
+        self._size[id(node)] = self._nodes - before
+        self._height[id(node)] = height
+        return node
 
 
 def _cut(text: str) -> str:
@@ -79,15 +112,16 @@ def _read(path: Path, what: str, max_bytes: int) -> str:
                             fix=f"save the {what} as UTF-8") from None
 
 
-def load_yaml(path: str | os.PathLike[str], *, what: str = "policy",
-              max_bytes: int = 1 << 20, max_depth: int = 32, fix: str | None = None) -> Any:
+def load_yaml(path: str | os.PathLike[str], *, what: str = "policy", max_bytes: int = 1 << 20,
+              max_depth: int = 32, max_nodes: int = 100_000, fix: str | None = None) -> Any:
     """Parse a YAML (or JSON) file with the bounds in the module docstring.
 
     Args:
         path: The file.
         what: What the file is, for messages (``policy``).
         max_bytes: Largest file accepted.
-        max_depth: Deepest nesting of collections accepted.
+        max_depth: Deepest nesting of collections accepted (aliases expanded).
+        max_nodes: Most nodes accepted, aliases counted as the nodes they expand to.
         fix: The fix line for a document that does not parse.
 
     Returns:
@@ -95,17 +129,17 @@ def load_yaml(path: str | os.PathLike[str], *, what: str = "policy",
 
     Raises:
         BadInputError: missing or not a regular file, too large, not UTF-8, not valid
-            YAML, uses an alias, or nests too deeply.
+            YAML, expands to too many nodes, or nests too deeply.
     """
     path = Path(path)
     text = _read(path, what, max_bytes)
-    loader = _BoundedLoader(text, max_depth)
+    loader = _BoundedLoader(text, max_depth, max_nodes)
     try:
         return loader.get_single_data()
     except _Refused as err:
         raise BadInputError(_cut(f"{what} {path} {err}"),
-                            fix=f"write the {what} out in full: no YAML aliases (*name), "
-                                f"at most {max_depth} levels of nesting") from None
+                            fix=f"a {what} has at most {max_nodes} nodes and {max_depth} "
+                                f"levels of nesting, aliases (*name) expanded") from None
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
         raise BadInputError(_cut(f"{what} {path} is not valid YAML: {_cut(str(err))}"),
                             fix=fix) from None

@@ -209,15 +209,24 @@ def world() -> GateWorld:
 
 
 def write_policy(path: Path, w: GateWorld, **overrides: object) -> Path:
-    """Write a gate policy for ``w`` that a good merge passes; ``overrides`` replace checks by kind."""
+    """Write a gate policy for ``w`` that a good merge passes; ``overrides`` replace checks by kind.
+
+    The eval data is copied to ``data/`` beside the policy and named by relative paths: a
+    policy may only read data inside its own directory (``gate/policy.py``).
+    """
     import yaml
 
+    data = path.parent / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for src in (w.heldout, w.eval_a, w.eval_b):
+        shutil.copyfile(src, data / src.name)
     checks = {
         "structural": {"kind": "structural", "max_rank": 16},
         "merge_equivalence": {"kind": "merge_equivalence", "prompts": GEN_PROMPTS, "max_abs_diff": 1e-3},
-        "perplexity": {"kind": "perplexity", "data": str(w.heldout), "max_increase": 0.25,
+        "perplexity": {"kind": "perplexity", "data": f"data/{w.heldout.name}", "max_increase": 0.25,
                        "baseline": "parents"},
-        "retention": {"kind": "retention", "sets": {"adapter-a": str(w.eval_a), "adapter-b": str(w.eval_b)},
+        "retention": {"kind": "retention", "sets": {"adapter-a": f"data/{w.eval_a.name}",
+                                                    "adapter-b": f"data/{w.eval_b.name}"},
                       "metric": "exact_match", "min_ratio": 0.8},
         "generation": {"kind": "generation", "prompts": GEN_PROMPTS, "max_new_tokens": 8,
                        "max_repeat_fraction": 0.5},

@@ -107,7 +107,7 @@ def test_yaml_bomb_policy_exits_2_fast_with_bounded_memory(tmp_path):
     assert out["elapsed"] < 1.0, out
     assert out["rss_kb"] < 64 * 1024, out  # KiB on Linux: the run grew by 3.1 GB
     error = _error_lines(out["err"])[0]
-    assert "alias" in error and len(error) < 300
+    assert "aliases" in error and len(error) < 300
 
 
 # --- item 9: data paths --------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_release_baseline_is_skipped_until_something_is_released(gated):
     vs_release = policy.parent / "vs-release.yaml"
     vs_release.write_text(yaml.safe_dump({
         "version": 1, "release": "merged:release",
-        "checks": [{"kind": "retention", "baseline": "release", "sets": {"task-a": str(w.eval_a)},
+        "checks": [{"kind": "retention", "baseline": "release", "sets": {"task-a": f"data/{w.eval_a.name}"},
                     "min_ratio": 0.8}]}))
     before = run_gate("noisy-merge", w.base, vs_release, store=store, record=False)
     assert before.passed and before.checks[0].status == "skip"
