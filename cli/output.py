@@ -157,6 +157,7 @@ class Output:
         """A progress bar on stderr; yields a callback taking the units just done.
 
         Hidden in JSON mode and when stderr is not a terminal, so logs stay clean.
+        ``description`` is plain text (names and paths are escaped here).
         """
         if self.json_mode or not self.err_console.is_terminal:
             yield lambda _n: None
@@ -168,7 +169,8 @@ class Output:
             columns += [TaskProgressColumn()]
         columns.append(TimeRemainingColumn())
         with Progress(*columns, console=self.err_console, transient=True) as bar:
-            task = bar.add_task(description, total=total)
+            # the live display bypasses print(): escape the plain-text description here
+            task = bar.add_task(escape(description), total=total)
             yield lambda n: bar.advance(task, n)
 
 

@@ -80,3 +80,14 @@ def test_console_and_tables_never_write_control_characters():
     assert "\x1b" not in out and "\x07" not in out
     assert "template line\nsecond \\x1b[2J line" in out  # the template's own newline stays
     assert "cell\\nfix: forged" in out and "root\\x1b]0;title" in out  # rich drops BEL
+
+
+def test_progress_description_is_escaped():
+    from cli.output import Output
+
+    buffer = io.StringIO()
+    out = Output(False)
+    out.err_console = SafeConsole(file=buffer, force_terminal=True, width=80)
+    with out.progress("hashing x\x1b]0;evil[bold]", 4) as advance:
+        advance(4)
+    assert "x\\x1b]0;evil[bold]" in buffer.getvalue() and "\x1b]0;" not in buffer.getvalue()
