@@ -147,8 +147,8 @@ class Output:
             self.err_console.print(message)
 
     def warn(self, message: str) -> None:
-        """A warning on stderr, shown in both modes."""
-        self.err_console.print(f"[yellow]warning:[/yellow] {message}")
+        """A warning on stderr, shown in both modes (one line: control characters escaped)."""
+        self.err_console.print(f"[yellow]warning:[/yellow] {escape_control(message)}")
 
     @contextlib.contextmanager
     def progress(
