@@ -102,7 +102,7 @@ def configured_policy(store: Store, policy: str | Path | None = None) -> tuple[s
     from gate.policy import load_policy
 
     if policy is not None:
-        return load_policy(policy).digest, str(policy)
+        return load_policy(policy, allow_outside_data=True).digest, str(policy)  # hashed only
     pinned = pinned_policy(store)
     if pinned is None:
         raise BadInputError("no gate policy given and none configured for this store",
@@ -139,7 +139,9 @@ def pinned_policy(store: Store) -> tuple[str, str] | None:
     path = Path(setting["path"]).expanduser()
     if not path.is_absolute():
         path = Path(store.root) / path
-    digest = load_policy(path).digest
+    # promote only hashes the policy's data for its digest (the gate, which reads the
+    # data, is where --allow-outside-data is decided)
+    digest = load_policy(path, allow_outside_data=True).digest
     if pinned is not None and digest != pinned:
         raise BadInputError(f"policy {path} now has digest {digest}, but config.json pins {pinned}",
                             fix="restore the policy (and its eval data), or update the pinned digest")

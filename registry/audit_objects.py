@@ -33,6 +33,7 @@ from registry.audit import AuditProblem, AuditReport, check_chain, new_entry, pa
 from registry.backends import Backend, ObjectMissing, PreconditionFailed
 from registry.common import canonical_json
 from registry.errors import IntegrityError
+from registry.failpoints import failpoint
 
 ENTRIES = "audit/entries/"
 HEAD = "audit/head.json"
@@ -125,6 +126,7 @@ class ObjectAuditLog:
             except PreconditionFailed:  # someone else holds seq + 1: chain onto it
                 seq, prev = seq + 1, self._entry_at(seq + 1)["hash"]
         self._tail = (entry["seq"], entry["hash"])
+        failpoint("audit.before_head")
         self._advance_head(entry["seq"], entry["hash"])
         return entry
 

@@ -37,8 +37,8 @@ STEPS: dict[str, str] = {
 POINTS: dict[str, str] = {
     **{f"{op}.{step}": text for op in OPERATIONS for step, text in STEPS.items()},
     "push.after_blobs": "the version's files are stored as blobs, no manifest yet",
-    "audit.torn_line": "half of an audit line is written (a torn append)",
-    "audit.before_head": "an audit line is durable, audit/head.json not yet moved",
+    "audit.torn_line": "half of an audit line is written (a torn append; local log only)",
+    "audit.before_head": "an audit entry is durable, audit/head.json not yet moved",
     "recover.after_entry": "recovery appended its rollback entry, marker not yet removed",
 }
 """Every failpoint name and what is durable when it fires."""

@@ -14,11 +14,12 @@ below never fire there.
   apart from ``record.created``) agree on one version: the first create-only write of
   ``content/<name>/<content key hex>`` wins; the others wait for the winner's binding
   and return it. A claim whose version never got bound (its pusher died) is taken
-  over after :data:`CLAIM_WAIT` seconds.
+  over after :data:`CLAIM_WAIT` seconds (``$ADAPTERS_CLAIM_WAIT``).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -118,8 +119,14 @@ def claim_key(name: str, content_key: str) -> str:
     return f"content/{name}/{digest_hex(content_key)}"
 
 
+def claim_wait() -> float:
+    """Seconds to wait for another claimant's binding: ``$ADAPTERS_CLAIM_WAIT`` or
+    :data:`CLAIM_WAIT` (a claimant that does not bind within it is taken for dead)."""
+    return float(os.environ.get("ADAPTERS_CLAIM_WAIT", CLAIM_WAIT))
+
+
 def claim_content(backend: Backend, name: str, content_key: str, digest: str,
-                  is_bound: Callable[[str], bool], *, wait: float = CLAIM_WAIT) -> str | None:
+                  is_bound: Callable[[str], bool], *, wait: float | None = None) -> str | None:
     """Claim ``content_key`` of ``name`` for version ``digest`` before binding it.
 
     Args:
@@ -134,6 +141,7 @@ def claim_content(backend: Backend, name: str, content_key: str, digest: str,
         ConflictError: The claim kept changing (extreme contention).
     """
     key = claim_key(name, content_key)
+    wait = claim_wait() if wait is None else wait
     for attempt in range(CAS_ATTEMPTS):
         current, etag = read_ref(backend, key)
         try:

@@ -16,9 +16,11 @@ temp file + fsync + atomic rename, see :mod:`registry.blobs`); the name binding 
 written last, atomically. A push killed at any point leaves no visible version,
 only unreachable blobs or temp files that :func:`registry.maintenance.gc` removes
 after the grace period. Lock order is gc (shared) -> refs -> audit
-(:mod:`registry.locking`); every change to names, aliases and gate records happens
-under ``refs.lock`` and is audited before the lock is released, so the audit log
-orders alias moves exactly as they happened.
+(:mod:`registry.locking`); every change to names, aliases, gate records and signatures
+happens under ``refs.lock`` through :func:`registry.journal.run_mutation`: intent
+marker, audit entry, change, marker removed. So the log orders alias moves exactly as
+they happened, never shows a change it does not record, and the next writer settles
+(rolls back, recording it) whatever a killed writer left half-done.
 
 Protected aliases (``config.json`` ``protected_aliases``, default ``["release"]``)
 can only be moved with ``set_alias(..., protected_ok=True)``, which the gate's
@@ -56,7 +58,7 @@ from registry.lineage import validate_lineage
 from registry.manifest import (ADAPTER_ARTIFACT, ARTIFACT_TYPES, MODEL_ARTIFACT, PushResult,
                                Version, build_manifest, content_key)
 from registry.record import validate_record
-from registry.refwrite import ANY, CLAIM_WAIT, cas_ref, claim_content, release_claim
+from registry.refwrite import ANY, cas_ref, claim_content, release_claim
 from registry.refs import validate_alias, validate_file_path, validate_name
 from registry.store_files import StoreFiles
 
@@ -233,7 +235,7 @@ class Store(StoreFiles):
                 digest, _ = self.blobs.put_bytes(canonical_json(manifest))
                 winner = claim_content(self.backend, name, key, digest,
                                        lambda d: self.is_bound(name, d),
-                                       wait=0 if self.backend.supports_locks else CLAIM_WAIT)
+                                       wait=0 if self.backend.supports_locks else None)
                 if winner is not None:  # a concurrent identical push got there first
                     return PushResult(self._version(name, digest_hex(winner)), False, new_bytes)
                 created = utc_now_iso()

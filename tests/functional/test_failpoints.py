@@ -116,7 +116,9 @@ def prepare(location: str, tmp_path: Path) -> Case:
 
 
 def run_child(argv: list[str], point: str | None, **extra: str) -> subprocess.CompletedProcess:
-    env = {**environment(), "PYTHONPATH": str(REPO_ROOT), "ADAPTERS_ACTOR": "crasher", **extra}
+    # a re-run push on S3 takes the dead push's content claim over after this long
+    env = {**environment(), "PYTHONPATH": str(REPO_ROOT), "ADAPTERS_ACTOR": "crasher",
+           "ADAPTERS_CLAIM_WAIT": "0.2", **extra}
     env.pop("ADAPTERS_FAILPOINT", None)
     if point:
         env["ADAPTERS_FAILPOINT"] = point
@@ -171,6 +173,8 @@ CASES += [("push", "push.after_blobs"), ("push", "audit.torn_line"),
                                            for op, p in CASES])
 def test_crash_at_every_point_leaves_a_consistent_store(store_location: str, tmp_path: Path,  # noqa: F811
                                                         op: str, point: str) -> None:
+    if point == "audit.torn_line" and backend_kind(store_location) != "local":
+        pytest.skip("an S3 audit entry is one atomic PUT: it cannot be torn")
     case = prepare(store_location, tmp_path)
     crashed = run_child(case.command(op), point)
     assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr[-2000:])
