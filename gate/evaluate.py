@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from registry.errors import BadInputError, UnsupportedAdapterError
+from registry.patterns import explicit_peft_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -232,8 +234,18 @@ class Evaluator:
             from peft import PeftModel
 
             model = self._load_dir(self.base_dir)
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-            return peft_model.merge_and_unload().eval()
+            with tempfile.TemporaryDirectory(prefix="adapters-explicit-") as explicit:
+                # PEFT matches config patterns with Python's re: give it literal names only
+                source = Path(adapter_dir)
+                config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+                names = [n for n, _ in model.named_modules()]
+                (Path(explicit) / ADAPTER_CONFIG).write_text(
+                    json.dumps(explicit_peft_config(config, names)), encoding="utf-8")
+                for item in source.iterdir():
+                    if item.name != ADAPTER_CONFIG:
+                        (Path(explicit) / item.name).symlink_to(item.resolve())
+                peft_model = PeftModel.from_pretrained(model, explicit, is_trainable=False)
+                return peft_model.merge_and_unload().eval()
         return self._cached(key, build)
 
     def with_deltas(self, key: str, parts: Sequence[tuple[Path, float]]) -> Any:

@@ -33,6 +33,7 @@ store. Names containing control characters are refused too (safetensors names ne
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -364,6 +365,44 @@ def module_targeted(config: Mapping[str, Any], name: str) -> bool:
             return False
         return index == layers if isinstance(layers, int) else index in layers
     return found
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,256}")
+
+
+def explicit_peft_config(config: Mapping[str, Any], module_names: Iterable[str]) -> dict[str, Any]:
+    """The same adapter config with every pattern replaced by explicit module names.
+
+    PEFT matches ``target_modules``, ``exclude_modules``, ``layers_pattern``,
+    ``rank_pattern``/``alpha_pattern`` keys and ``modules_to_save`` with Python's ``re``
+    when it loads an adapter, so a pattern that RE2 runs in linear time can still make
+    PEFT backtrack for minutes. Here the targeted modules are decided with RE2
+    (:func:`module_targeted`, :func:`pattern_key`) and PEFT gets only literal names:
+    ``target_modules`` as a list (PEFT compares list entries by name, no regex), rank
+    and alpha keys as the escaped full names, no exclusions or layer filters left.
+
+    Args:
+        config: The adapter's ``adapter_config.json``.
+        module_names: Every module name of the base model (``model.named_modules()``).
+
+    Raises:
+        BadInputError: A pattern is invalid, or a ``modules_to_save`` entry is not a
+            plain module name.
+    """
+    names = list(module_names)
+    targeted = sorted(n for n in names if n and module_targeted(config, n))
+    out = dict(config)
+    out.update(target_modules=targeted, exclude_modules=None, layers_to_transform=None,
+               layers_pattern=None)
+    for field in ("rank_pattern", "alpha_pattern"):
+        keys = list((config.get(field) or {}).keys())
+        chosen = {n: pattern_key(keys, n, field) for n in targeted} if keys else {}
+        out[field] = {re.escape(n): config[field][k] for n, k in chosen.items() if k is not None}
+    for module in config.get("modules_to_save") or ():
+        if not isinstance(module, str) or not _PLAIN_NAME.fullmatch(module):
+            raise BadInputError(f"modules_to_save entry {show(str(module))} is not a module name",
+                                fix="list modules to save by name (e.g. lm_head)")
+    return out
 
 
 def check_config_patterns(config: Mapping[str, Any], *,
