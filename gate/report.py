@@ -133,8 +133,13 @@ def append_step_summary(result: GateResult, path: str | None = None) -> Path | N
 
 def rich_table(result: GateResult) -> Any:
     """A rich Table of the checks (status coloured), titled with the verdict."""
-    from rich.markup import escape
+    from rich.markup import escape as escape_markup
     from rich.table import Table
+
+    from registry.text import escape_control
+
+    def escape(value: object) -> str:  # one visible line: markup and control chars escaped
+        return escape_markup(escape_control(str(value)))
 
     colour = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow"}
     verdict = "[green]PASSED[/green]" if result.passed else "[red]FAILED[/red]"
