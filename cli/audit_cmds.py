@@ -11,7 +11,10 @@ when the log was rewritten or cut below that entry, even with every hash recompu
 key on every selected version: an unsigned version (or one signed only by untrusted
 keys) and a forged or edited signature are integrity failures too (exit 3), because
 ``verify`` answers "can I trust these bytes"; ``promote`` refuses the same cases with
-exit 1 (:func:`registry.signing.require_signature`). In ``--json``
+exit 1 (:func:`registry.signing.require_signature`). ``verify REF --model DIR`` checks a
+deployed directory of a derived model against its record without rebuilding it
+(:func:`registry.derived_check.check_model_dir`): exit 3 naming the first differing
+tensor, exit 0 with one ``OK`` line. In ``--json``
 mode the error goes into the one JSON document (key ``error``) instead of a
 second one, so the output always parses.
 """
@@ -100,6 +103,9 @@ def verify(
         Optional[list[Path]],
         typer.Option("--trusted-keys", help="Trusted public key PEM file or directory (repeat)."),
     ] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", metavar="DIR", help="Check a deployed model directory against REF's record "
+        "(derived models; weights only, bit for bit).")] = None,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -108,6 +114,9 @@ def verify(
 
     if ref is not None and all_:
         raise BadInputError("give REF or --all, not both", fix="drop one of them")
+    if model is not None:
+        verify_model_dir(ref, model, signatures or all_, json_out, store)
+        return
     trusted = trusted_keys_for("--signatures", signatures, trusted_keys)
     out = Output(json_out)
     st = open_store(store)
@@ -130,6 +139,29 @@ def verify(
         error = IntegrityError(f"{len(report.problems)} problem(s) in the store, first: "
                                f"{_problem_line(first)}", fix=_problem_fix(first.kind))
     emit_checked(out, data, render, error)
+
+
+def verify_model_dir(ref: str | None, model: Path, other: bool, json_out: bool,
+                     store: Path | None) -> None:
+    """``verify REF --model DIR``: DIR's weights are REF's, bit for bit (exit 3 naming the
+    first differing tensor otherwise; :func:`registry.derived_check.check_model_dir`).
+
+    Raises:
+        BadInputError: No REF, or --all/--signatures given with --model.
+    """
+    from registry.derived_check import check_model_dir
+
+    if ref is None or other:
+        raise BadInputError("--model checks one directory against one version",
+                            fix="adapters verify REF --model DIR (without --all/--signatures)")
+    out = Output(json_out)
+    st = open_store(store)
+    version = st.resolve(ref)
+    with out.progress(f"hashing {model.name}", None) as advance:
+        check = check_model_dir(st, version, model, progress=advance)
+    out.emit(check.to_json(), lambda console: console.print(
+        f"OK: {escape(str(model))} is {escape(check.ref)} ({check.tensors} tensors, weights "
+        f"{short_digest(check.weights_digest)})"))
 
 
 def gc(

@@ -8,6 +8,13 @@ with :func:`merging.quantize.quantize`. Both stream tensor by tensor, write into
 temp directory renamed at the end, and (for a stored adapter, or with ``--name``)
 record the output in the store by reference with its lineage.
 
+``rebuild REF --base BASE_DIR --out DIR`` re-runs a recorded derived model's recipe
+through its lineage (:func:`merging.rebuild.rebuild`: unload and/or quantize with the
+recorded parameters) and publishes ``DIR`` only when its weights equal the record bit
+for bit: exit 3 naming the first differing tensor (and the library versions that
+differ from the recorded ones), exit 4 for a non-empty ``--out`` (nothing written),
+exit 2 for a base that is not the recorded one.
+
 torch, transformers and bitsandbytes are imported inside the commands only.
 """
 
@@ -25,9 +32,10 @@ MAX_ROWS = 12
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``unload`` and ``quantize`` to ``app``."""
+    """Add ``unload``, ``quantize`` and ``rebuild`` to ``app``."""
     app.command("unload")(unload)
     app.command("quantize")(quantize)
+    app.command("rebuild")(rebuild)
 
 
 ShardOpt = Annotated[Optional[str], typer.Option(
@@ -97,6 +105,36 @@ def quantize(
         model_dir, to, out=out, double_quant=double_quant, blocksize=blocksize,
         max_shard_size=max_shard_size, probe=probe, store=st, name=name, progress=advance,
         sync=sync))
+
+
+def rebuild(
+    ref: Annotated[str, typer.Argument(help="Derived model to rebuild (any ref).")],
+    base: Annotated[Path, typer.Option("--base", help="Base model directory the recipe started from.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (new or empty).")],
+    sync: SyncOpt = True,
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Re-run a derived model's recorded recipe and check the result bit for bit."""
+    from merging.rebuild import rebuild as run_rebuild
+    from merging.shards import read_layout
+
+    st = open_store(store)
+    output = Output(json_out)
+    total = read_layout(base).total_bytes if base.is_dir() else None
+    with output.progress(f"rebuilding into {out.name}", total) as advance:
+        result = run_rebuild(st, ref, base, out, progress=advance, sync=sync)
+    data = result.to_json()
+
+    def render(console: Any) -> None:
+        steps = " then ".join(s["method"] for s in data["steps"])
+        console.print(f"OK: rebuilt {escape(result.ref)} ({steps}) into {escape(result.out_dir)}: "
+                      f"{result.tensors} tensors, weights {short_digest(result.weights_digest)} "
+                      "bit-identical to the record")
+        for diff in result.environment_differences:
+            console.print(f"note: environment differs from the recorded one: {escape(diff)}")
+
+    output.emit(data, render)
 
 
 def _rewrite(json_out: bool, label: str, source_dir: Path, run: Any) -> None:

@@ -4,7 +4,23 @@ The weights digest is :func:`registry.fingerprint.fingerprint_model`'s, computed
 from per-tensor sha256 taken while the tensors stream (the test suite checks the two
 agree), so neither the base nor the output is read a second time. Outputs are
 recorded by reference (:meth:`registry.store.Store.record_derived`): kind ``model``,
-no weights copied, lineage to the adapter version.
+no weights copied.
+
+What a rebuild (:mod:`merging.rebuild`) needs is recorded with it:
+
+* **lineage parents**: for an unload, the adapter version (role ``adapter``) and, if
+  the store records a model with exactly the base's weights, that model (role
+  ``base``); for a quantization, the stored model with exactly the source's weights
+  (role ``source``: the model that was quantized, e.g. an unloaded merge). ``base``
+  parents are context, not custody: promotion's chain of custody skips them.
+* **recipe parameters**: every setting of the run (quantization spec, QLoRA spec,
+  ``max_shard_size``, which merge arithmetic was used for bfloat16 weights, the file
+  layout);
+* **report**: the result numbers plus ``environment`` (adapterkit, Python, torch,
+  transformers, bitsandbytes, safetensors versions, machine, torch's CPU capability);
+* **the tensor list** (:mod:`registry.derived_check`): stored as a blob whose digest
+  is the weights digest itself, so a mismatching directory names its first
+  differing tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from merging.adapter import LoraAdapter
 from merging.quantize import QuantSpec
 from merging.shard_writer import WrittenShard
 from merging.shards import ModelLayout
-from registry.common import json_digest
+from registry.common import json_digest, sha256_digest
 from registry.errors import BaseMismatchError
 from registry.fingerprint import arch_fields
 from registry.safetensors_header import read_header
@@ -79,14 +95,50 @@ def adapter_digest(adapter: LoraAdapter | None, version: Any) -> str | None:
     return json_digest(files)
 
 
+def build_environment() -> dict[str, Any]:
+    """:func:`registry.derived_check.environment` plus torch's CPU capability."""
+    import torch
+
+    from registry.derived_check import environment
+
+    env: dict[str, Any] = environment()
+    try:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        env["cpu_capability"] = None
+    return env
+
+
+def bf16_gemm_in_effect() -> bool:
+    """Whether bfloat16 LoRA weights take the split-bfloat16 ``addmm`` way here."""
+    from merging import rowmerge
+
+    return rowmerge.use_bf16_gemm("BF16")
+
+
+def store_tensor_list(store: Any, written: list[WrittenShard], weights: str | None) -> None:
+    """Store the output's tensor list as the blob named by its weights digest."""
+    from registry.derived_check import tensor_list_bytes
+
+    if not weights:
+        return
+    rows = [[n, d, list(s), shard.tensor_sha256[n]]
+            for shard in written for n, (d, s) in shard.tensors.items()]
+    data = tensor_list_bytes(rows)
+    if sha256_digest(data) == weights:  # always, unless the hashes were not taken
+        store.put_bytes(data)
+
+
 def record_derived(store: Any, name: str, result: UnloadResult, adapter: LoraAdapter | None,
-                   version: Any, base_dir: Path, qlora: QuantSpec | None) -> dict[str, Any]:
+                   version: Any, base_dir: Path, qlora: QuantSpec | None, *,
+                   written: list[WrittenShard] | None = None,
+                   max_shard_size: int | None = None) -> dict[str, Any]:
     """Record the output in the store by reference (kind ``model``) with its lineage.
 
-    Parents: the adapter version (role ``adapter``) and, if the store has recorded a
-    model with exactly the base's weights, that model (role ``base``). The report is
-    the result minus paths: fingerprints, adapter digest, per-module norms and
-    quantization errors, notes and the logits probe.
+    Parents: see the module docstring (``adapter`` + ``base`` for an unload,
+    ``source`` for a quantization). The report is the result minus paths:
+    fingerprints, adapter digest, per-module norms and quantization errors, notes,
+    the logits probe and the environment.
 
     Raises:
         BadInputError: the name or record is invalid.
@@ -111,16 +163,21 @@ def record_derived(store: Any, name: str, result: UnloadResult, adapter: LoraAda
     for candidate in store.versions():
         weights = candidate.record.get("weights") if candidate.kind == "model" else None
         if base_wd and weights and weights.get("weights_digest") == base_wd:
-            parents.append(parent(candidate, role="base"))
+            parents.append(parent(candidate, role="base" if adapter is not None else "source"))
             break
     report = {k: v for k, v in result.to_json().items() if k not in ("out_dir", "version")}
+    report["environment"] = build_environment()
     lineage = make_lineage(parents, method="unload" if adapter is not None else "quantize",
                            parameters={"quantization": result.quantization and {
                                k: v for k, v in result.quantization.items()
                                if k != "overall_rel_error"},
                                "qlora": qlora.to_json() if qlora else None,
+                               "max_shard_size": max_shard_size,
+                               "bf16_gemm": bf16_gemm_in_effect(),
                                "files": list(result.files)},
                            report=report)
+    if written is not None:
+        store_tensor_list(store, written, (result.output_fingerprint or {}).get("weights_digest"))
     pushed = store.record_derived(name, record, lineage)
     return {"name": name, "ref": pushed.version.ref, "digest": pushed.version.digest,
             "created": pushed.created}

@@ -366,8 +366,9 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
         adapter_digest=digest.result(), quantization=quant_report,
         probe=probe_report)
     if store is not None and name:
-        result = replace(result, version=record_derived(store, name, result, adapter,
-                                                        adapter_version, base_dir, qlora))
+        result = replace(result, version=record_derived(
+            store, name, result, adapter, adapter_version, base_dir, qlora, written=written,
+            max_shard_size=max_bytes))
     return result
 
 
