@@ -7,6 +7,7 @@ A policy says which checks a candidate must pass and with which thresholds::
     dtype: float32                # float32 | bfloat16 | float16 (evaluation dtype, CPU)
     max_length: 512               # token window for perplexity and log-likelihood
     release: null                 # ref of the 'release' baseline (default <candidate name>:release)
+    require_source_gate: false    # promote also needs passing records for the lineage (custody)
     checks:
       - kind: structural          # finite tensors, shapes vs base, fingerprint, serving
         max_rank: 64
@@ -126,11 +127,16 @@ class Policy:
     digest: str
     source: str | None = None
     data_digests: Mapping[str, str] = field(default_factory=dict)
+    require_source_gate: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """The canonical policy object (what the digest covers, minus the data digests)."""
+        """The canonical policy object (what the digest covers, minus the data digests).
+
+        ``require_source_gate`` appears only when true, so the digests of policies
+        without it are what they were before the field existed."""
+        custody = {"require_source_gate": True} if self.require_source_gate else {}
         return {"version": self.version, "seed": self.seed, "dtype": self.dtype,
-                "max_length": self.max_length, "release": self.release,
+                "max_length": self.max_length, "release": self.release, **custody,
                 "checks": [c.to_json() for c in self.checks]}
 
     def canonical_bytes(self) -> bytes:
@@ -251,7 +257,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any]]] = {
     },
 }
 PATH_FIELDS = {"merge_equivalence": ("data",), "perplexity": ("data",), "retention": ()}
-TOP_LEVEL = {"version", "seed", "dtype", "max_length", "release", "checks"}
+TOP_LEVEL = {"version", "seed", "dtype", "max_length", "release", "require_source_gate", "checks"}
 
 
 
@@ -361,6 +367,7 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
     dtype = _choice(*DTYPES)(raw.get("dtype", "float32"), "dtype")
     max_length = _int(8)(raw.get("max_length", 512), "max_length")
     release = _opt(_str)(raw.get("release"), "release")
+    custody = _bool(raw.get("require_source_gate", False), "require_source_gate")
     checks_raw = raw.get("checks")
     if not isinstance(checks_raw, list) or not checks_raw:
         raise _bad("checks", "must be a non-empty list of checks", checks_raw)
@@ -370,7 +377,7 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
                    for i, c in enumerate(checks_raw))
     policy = Policy(version=POLICY_VERSION, seed=seed, dtype=dtype, max_length=max_length,
                     release=release, checks=checks, digest="", source=source,
-                    data_digests=dict(sorted(data.items())))
+                    data_digests=dict(sorted(data.items())), require_source_gate=custody)
     return replace(policy, digest=sha256_digest(policy.canonical_bytes()))
 
 
