@@ -5,7 +5,10 @@ evaluates a registry version (or a PEFT directory) with :func:`gate.runner.run_g
 prints a table (or the result JSON), optionally writes JUnit XML, appends a Markdown
 summary to ``$GITHUB_STEP_SUMMARY`` when set, and stores the result as a gate record
 bound to (version digest, policy digest). Exit 0 when every check passes, 1 when one
-fails, 2 for a bad policy, a missing file or other bad input.
+fails, 2 for a bad policy, a missing file or other bad input. Without ``--policy`` the
+store's pinned policy is used, else adapterkit's built-in default
+(:mod:`gate.default_policy`; the run says so); ``adapters gate --print-default-policy``
+prints the default as YAML.
 
 ``adapters promote REF --to release [--expect OLD] [--policy gate.yaml]
 [--force --reason TEXT] [--trusted-keys KEY.pub]`` moves a protected alias after
@@ -59,7 +62,9 @@ def gate(
     ref: Annotated[str, typer.Argument(metavar="REF", help="Version to gate (any ref), or a PEFT directory written as a path (./DIR).")],
     base: Annotated[Path, typer.Option("--base", metavar="MODEL_DIR",
                                        help="Base model directory (weights + tokenizer).")],
-    policy: Annotated[Path, typer.Option("--policy", metavar="GATE_YAML", help="Gate policy (YAML).")],
+    policy: Annotated[Optional[Path], typer.Option(
+        "--policy", metavar="GATE_YAML", help="Gate policy (YAML); default: the store's pinned "
+        "policy, else the built-in default.")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", metavar="REPORT_XML",
                                                   help="Also write a JUnit XML report here.")] = None,
     no_record: Annotated[bool, typer.Option("--no-record",
@@ -68,18 +73,31 @@ def gate(
     allow_outside_data: Annotated[bool, typer.Option(
         "--allow-outside-data", help="Let the policy read data files outside its own "
         "directory (refused by default: a policy is untrusted input).")] = False,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", metavar="DIR", help="Directory of a model recorded by reference (default: "
+        "its recorded location); checked against the record first (exit 3 if it differs).")] = None,
+    source: Annotated[Optional[Path], typer.Option(
+        "--source", metavar="DIR", help="Directory of the model the candidate was made from "
+        "(drift), when its recorded location is not at hand.")] = None,
+    print_default_policy: Annotated[bool, typer.Option(
+        "--print-default-policy", is_eager=True, callback=_print_default_policy,
+        help="Print the built-in default policy as YAML and exit.")] = False,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Evaluate a candidate against a policy; exit 0 pass, 1 fail, 2 bad input."""
-    from gate.policy import load_policy
+    """Evaluate a candidate against a policy; exit 0 pass, 1 fail, 2 bad input, 3 integrity."""
+    from gate.default_policy import gate_policy
     from gate.report import append_step_summary, rich_table, write_junit
     from gate.runner import run_gate
 
     out = Output(json_out)
-    pol = load_policy(policy, allow_outside_data=allow_outside_data)  # bad -> exit 2, no model loaded
     st, candidate = _candidate(ref, store)
-    if isinstance(candidate, Path):
+    pol, default_used = gate_policy(st if st is not None else _store_if_any(store), policy,
+                                    allow_outside_data=allow_outside_data)  # bad -> exit 2
+    if default_used:
+        out.info(f"no --policy given and none pinned: using the built-in default policy "
+                 f"{short_digest(pol.digest)} (see adapters gate --print-default-policy)")
+    if isinstance(candidate, Path) and st is None:
         out.info(f"gating directory {escape(str(candidate))} (not recorded in a registry)")
     colours = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow"}
 
@@ -88,7 +106,7 @@ def gate(
                  f" ({check.duration_s:.1f}s)")
 
     result = run_gate(candidate, base, pol, store=st, record=not no_record, on_check=on_check,
-                      device=device)
+                      device=device, model_dir=model, source_dir=source)
     if junit is not None:
         write_junit(result, junit)
     append_step_summary(result)
@@ -96,11 +114,12 @@ def gate(
     def render(console: Any) -> None:
         console.print(rich_table(result))
         console.print(f"candidate {escape(result.candidate)}  policy {short_digest(result.policy_digest)}"
+                      + (" (built-in default)" if default_used else "")
                       + ("  (gate record stored)" if result.stored else ""))
         if junit is not None:
             console.print(f"JUnit report: {escape(str(junit))}")
 
-    out.emit(result.to_json(), render)
+    out.emit({**result.to_json(), "default_policy": default_used}, render)
     if not result.passed:
         if json_out:
             raise typer.Exit(1)
@@ -108,6 +127,26 @@ def gate(
         raise GateFailedError(f"gate failed: {len(result.failed)} of {len(result.checks)} checks "
                               f"did not pass ({names})",
                               fix="see the messages above; promotion needs a passing gate record")
+
+
+def _print_default_policy(value: bool) -> None:
+    """``--print-default-policy``: print the built-in default policy's YAML, exit 0."""
+    if not value:
+        return
+    from gate.default_policy import default_policy_yaml
+
+    typer.echo(default_policy_yaml(), nl=False)
+    raise typer.Exit(0)
+
+
+def _store_if_any(store_path: Path | None) -> Any:
+    """The store, if one exists there (for its pinned policy); None otherwise."""
+    from registry.errors import NotFoundError
+
+    try:
+        return open_store(store_path)
+    except NotFoundError:
+        return None
 
 
 def _expect(st: Any, expect: str | None) -> Any:
@@ -156,7 +195,7 @@ def promote(
         policy_digest, source = None, None
     keys = configured_trusted_keys(st, trusted_keys or [])
     result = do_promote(st, ref, to, policy_digest=policy_digest, expect=_expect(st, expect),
-                        force=force, reason=reason, trusted_keys=keys)
+                        force=force, reason=reason, trusted_keys=keys, policy_file=policy)
     data = {**result.to_json(), "policy_source": source}
 
     def render(console: Any) -> None:
@@ -166,6 +205,8 @@ def promote(
                       f" (was {old})")
         if result.signed_by:
             console.print(f"signed by trusted key {result.signed_by[0]}")
+        if result.custody:
+            console.print(f"chain of custody gated: {escape(', '.join(result.custody))}")
         if result.forced:
             console.print(f"[yellow]forced[/yellow]: {escape(result.reason or '')} (recorded in the audit log)")
 

@@ -10,7 +10,12 @@ together" model), because several checks score the same models:
   parent's true delta ``s_i B_i A_i`` (:func:`lora_deltas`) times its merge
   coefficient is added to a copy of the base weights, so the reference does not
   share code with the adapter under test;
-* a **derived model** (a merged-and-unloaded checkpoint) is loaded as is.
+* a **derived model** (a merged-and-unloaded checkpoint) is loaded as is; a
+  bitsandbytes-quantized one (``quantization_config`` in its ``config.json``) is
+  loaded with ``device_map`` (bitsandbytes models cannot be moved with ``.to``), and
+  its 4-bit layers are told not to take bitsandbytes' AVX512-BF16 CPU path, which
+  computes in bfloat16 on some CPUs and not on others: every machine computes the
+  same float32 ``dequantize``-then-matmul, so the gate's numbers do not depend on it.
 
 Scoring primitives: :meth:`Evaluator.perplexity` (token-level NLL over windows of
 ``max_length`` tokens), :meth:`Evaluator.answer_logprob` (log-likelihood of an
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
+from gate.provenance import is_quantized
 from registry.errors import BadInputError, UnsupportedAdapterError
 from registry.patterns import explicit_peft_config
 
@@ -203,13 +209,21 @@ class Evaluator:
         hf_logging.disable_progress_bar()  # per-load bars would drown the gate's own output
 
         torch.manual_seed(self.seed)
+        quantized = is_quantized(Path(model_dir))
+        extra = {"device_map": self.device} if quantized else {}
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=getattr(torch, self.dtype_name))
-        except (OSError, ValueError) as err:
+                str(model_dir), dtype=getattr(torch, self.dtype_name), **extra)
+        except (OSError, ValueError, ImportError) as err:
             raise BadInputError(f"cannot load a causal LM from {model_dir}: {err}",
-                                fix="pass a transformers model directory") from None
-        return model.to(self.device).eval()
+                                fix="pass a transformers model directory (a quantized one "
+                                    "needs bitsandbytes installed)") from None
+        if not quantized:
+            return model.to(self.device).eval()
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        return model.eval()
 
     def _cached(self, key: str, build: Any) -> Any:
         if key in self._models:
@@ -282,6 +296,18 @@ class Evaluator:
             tensor = torch.tensor([list(ids)], device=self.device)
             return model(input_ids=tensor).logits[0].float()
 
+    def windows(self, texts: Sequence[str], *, min_tokens: int = 1) -> list[list[int]]:
+        """Token ids of ``texts`` cut into windows of ``max_length`` (shorter ones dropped)."""
+        out = []
+        for text in texts:
+            ids = self._encode(text)
+            out += [ids[start:start + self.max_length] for start in range(0, len(ids), self.max_length)]
+        return [w for w in out if len(w) >= min_tokens]
+
+    def logits_many(self, model: Any, rows: Sequence[Sequence[int]]) -> list[Any]:
+        """Float32 logits of each token-id row (:func:`gate.decoding.forward_many`)."""
+        return forward_many(model, rows, pad_id=self._pad(model), device=self.device)
+
     def perplexity(self, model: Any, texts: Sequence[str]) -> float:
         """``exp`` of the mean token NLL over all texts (windows of ``max_length`` tokens,
         scored in batches, see :func:`gate.decoding.forward_many`).
@@ -292,12 +318,7 @@ class Evaluator:
         import torch.nn.functional as F
         import torch
 
-        windows = []
-        for text in texts:
-            ids = self._encode(text)
-            windows += [ids[start:start + self.max_length]
-                        for start in range(0, len(ids), self.max_length)]
-        windows = [w for w in windows if len(w) >= 2]
+        windows = self.windows(texts, min_tokens=2)
         if not windows:
             raise BadInputError("held-out text is too short to score", fix="add longer documents")
         total, count = 0.0, 0

@@ -25,6 +25,9 @@ A policy says which checks a candidate must pass and with which thresholds::
       - kind: generation
         prompts: ["Tell me a joke."]
         max_repeat_fraction: 0.5
+      - kind: drift               # derived models vs their source; adapters skip it
+        data: data/heldout.jsonl
+        max_kl: 0.05              # and/or min_top1, max_logit_diff
 
 Every check has a ``kind`` and an optional unique ``name`` (default: the kind).
 Unknown keys are errors, not warnings: a misspelt threshold in a release gate must
@@ -65,7 +68,7 @@ from registry.common import canonical_json, sha256_digest
 from registry.errors import BadInputError
 
 POLICY_VERSION = 1
-CHECK_KINDS = ("structural", "merge_equivalence", "perplexity", "retention", "generation")
+CHECK_KINDS = ("structural", "merge_equivalence", "perplexity", "retention", "generation", "drift")
 BASELINES = ("base", "parents", "release")
 DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_METHODS = ("linear", "cat", "task_arithmetic")
@@ -255,8 +258,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any]]] = {
         "min_chars": (_int(0), 1), "ngram": (_int(1), 3),
         "max_repeat_fraction": (_num(0, 1), 0.5),
     },
+    "drift": {  # derived models vs their source (gate/checks/drift.py)
+        "data": (_path, REQUIRED), "field": (_str, "text"), "limit": (_int(1), 64),
+        "max_kl": (_opt(_num(0)), None), "min_top1": (_opt(_num(0, 1)), None),
+        "max_logit_diff": (_opt(_num(0)), None),
+    },
 }
-PATH_FIELDS = {"merge_equivalence": ("data",), "perplexity": ("data",), "retention": ()}
+PATH_FIELDS = {"merge_equivalence": ("data",), "perplexity": ("data",), "retention": (),
+               "drift": ("data",)}
 TOP_LEVEL = {"version", "seed", "dtype", "max_length", "release", "require_source_gate", "checks"}
 
 
@@ -326,6 +335,8 @@ def _cross_checks(kind: str, p: dict[str, Any], where: str) -> None:
         raise _bad(f"{where}.max_increase", "or .max is required (a threshold to hold)")
     if kind == "retention" and p["min_ratio"] is None and p["min_score"] is None:
         raise _bad(f"{where}.min_ratio", "or .min_score is required (a threshold to hold)")
+    if kind == "drift" and all(p[k] is None for k in ("max_kl", "min_top1", "max_logit_diff")):
+        raise _bad(f"{where}.max_kl", "or .min_top1 or .max_logit_diff is required (a threshold to hold)")
     if kind == "merge_equivalence" and not p["prompts"] and not p["data"]:
         raise _bad(f"{where}.prompts", "or .data is required (text to compare logits on)")
 

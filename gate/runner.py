@@ -1,7 +1,10 @@
 """Run a gate: every policy check against one candidate, then record the verdict.
 
-:func:`run_gate` resolves the candidate (a registry ref, materialized with its
-lineage parents into a temporary directory, or a plain PEFT directory), runs the
+:func:`run_gate` resolves the candidate (any registry ref -- adapter, merge, unloaded or
+quantized model -- with its lineage, or a directory; see :mod:`gate.context`). Before
+any model is loaded, a derived model recorded by reference has its directory checked
+against its record, and, when the policy has a ``drift`` check, so has its source
+(IntegrityError, exit 3: nothing is evaluated or recorded). It then runs the
 checks in policy order with one shared :class:`gate.evaluate.Evaluator` (models are
 loaded once and reused across checks), and returns a frozen
 :class:`gate.results.GateResult`. A check that raises becomes an ``error`` result
@@ -25,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gate.checks import get_check
-from gate.context import Candidate, GateContext, Parent, candidate_from_dir, candidate_from_store
+from gate.context import (Candidate, GateContext, Parent, candidate_from_dir, candidate_from_store,
+                          check_source)
 from gate.results import CheckResult, GateResult
 from registry import __version__
 from registry.common import utc_now_iso
@@ -72,10 +76,33 @@ def _base_fingerprint(base_dir: Path) -> str | None:
         return None
 
 
+def _resolve(candidate: str | Path | Candidate, store: Store | None, workdir: Path, *,
+             parents: Sequence[Parent], method: str | None, parameters: dict | None,
+             model_dir: str | Path | None, source_dir: str | Path | None) -> Candidate:
+    """The :class:`Candidate` for what :func:`run_gate` was given."""
+    model = Path(model_dir).expanduser() if model_dir is not None else None
+    source = Path(source_dir).expanduser() if source_dir is not None else None
+    if isinstance(candidate, Candidate):
+        return candidate
+    if isinstance(candidate, Path) or (store is None and Path(str(candidate)).is_dir()):
+        if model is not None:
+            raise BadInputError("--model goes with a registry ref (the directory is the candidate)",
+                                fix="gate the directory alone, or REF --model DIR")
+        return candidate_from_dir(Path(candidate), parents=parents, method=method,
+                                  parameters=parameters, store=store, workdir=workdir,
+                                  source_dir=source)
+    if store is None:
+        raise BadInputError(f"{candidate!r} is a registry ref but no store was given",
+                            fix="pass --store, or a PEFT directory")
+    return candidate_from_store(store, str(candidate), workdir, model_dir=model, source_dir=source)
+
+
 def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Policy | str | Path, *,
              store: Store | None = None, parents: Sequence[Parent] = (), method: str | None = None,
              parameters: dict | None = None, record: bool = True, actor: str | None = None,
-             device: str = "cpu", on_check: Callable[[CheckResult], None] | None = None) -> GateResult:
+             device: str = "cpu", on_check: Callable[[CheckResult], None] | None = None,
+             model_dir: str | Path | None = None, source_dir: str | Path | None = None
+             ) -> GateResult:
     """Evaluate ``candidate`` on ``base_dir`` against ``policy``.
 
     Args:
@@ -90,14 +117,22 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
         actor: Who ran the gate (audit log).
         device: Torch device for evaluation (``cpu`` by default).
         on_check: Called with each check's result as soon as it is known.
+        model_dir: For a model recorded by reference: its directory (default: the
+            record's ``location``); checked against the record first.
+        source_dir: The source model's directory (drift), when its record's
+            ``location`` is not at hand or the candidate is a directory.
 
     Returns:
         The frozen :class:`GateResult`; ``passed`` is False if any check failed or errored.
 
     Raises:
-        BadInputError: Bad policy, missing base directory, or a ref without a store.
-        NotFoundError: Unknown ref, or a lineage parent missing from the store.
-        IntegrityError: A stored blob is corrupt.
+        BadInputError: Bad policy, missing base directory, a ref without a store,
+            ``--model`` with a version that has stored files or a directory candidate,
+            or a drift check whose source model is not at hand.
+        NotFoundError: Unknown ref, a lineage parent missing from the store, or a
+            missing model directory.
+        IntegrityError: A stored blob is corrupt, or the model (or source) directory
+            does not hold the weights its record names.
     """
     from gate.evaluate import Evaluator
     from gate.policy import Policy as PolicyType
@@ -115,16 +150,12 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
         tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gate-", dir=tmp_root) as work:
         workdir = Path(work)
-        if isinstance(candidate, Candidate):
-            cand = candidate
-        elif isinstance(candidate, Path) or (store is None and Path(str(candidate)).is_dir()):
-            cand = candidate_from_dir(Path(candidate), parents=parents, method=method,
-                                      parameters=parameters)
-        elif store is None:
-            raise BadInputError(f"{candidate!r} is a registry ref but no store was given",
-                                fix="pass --store, or a PEFT directory")
-        else:
-            cand = candidate_from_store(store, str(candidate), workdir)
+        cand = _resolve(candidate, store, workdir, parents=parents, method=method,
+                        parameters=parameters, model_dir=model_dir, source_dir=source_dir)
+        if any(spec.kind == "drift" for spec in pol.checks):
+            checked = check_source(store, cand)
+            if checked:
+                cand.provenance["source_check"] = checked
         evaluator = Evaluator(base, dtype=pol.dtype, seed=pol.seed, max_length=pol.max_length,
                               device=device)
         ctx = GateContext(policy=pol, base_dir=base, candidate=cand, evaluator=evaluator,
@@ -137,7 +168,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
                 on_check(result)
     meta = {"started": started, "duration_s": round(time.perf_counter() - clock, 3),
             "seed": pol.seed, "dtype": pol.dtype, "device": device, "policy_source": pol.source,
-            "actor": actor, "versions": _versions()}
+            "actor": actor, "versions": _versions(), "provenance": cand.provenance}
     result = GateResult(candidate=cand.label, candidate_digest=cand.digest,
                         policy_digest=pol.digest, passed=all(r.passed for r in results),
                         checks=tuple(results), base=str(base),

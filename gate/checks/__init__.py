@@ -14,6 +14,7 @@ kind                      module
 ``perplexity``            :mod:`gate.checks.perplexity`
 ``retention``             :mod:`gate.checks.retention`
 ``generation``            :mod:`gate.checks.generation`
+``drift``                 :mod:`gate.checks.drift`
 ========================  =====================================================
 """
 

@@ -3,15 +3,26 @@
 Sub-checks (each can be turned off in the policy; all problems are reported, not
 just the first):
 
-* ``finite``: every floating tensor of the candidate is finite (no NaN/inf);
+* ``finite``: every floating tensor of the candidate is finite (no NaN/inf); for a
+  bitsandbytes checkpoint also every quantized weight: its quant state is well-formed,
+  its scales and code books (``absmax``, ``quant_map``, ``nested_absmax``,
+  ``nested_quant_map``, ``SCB``) are finite with the lengths the shape and block size
+  imply, and the weight dequantized with bitsandbytes' own functions is finite
+  (:mod:`gate.bnb_state`);
 * ``shapes``: for an adapter, the LoRA tensors agree with each other and with the
   config, and every adapted module's base weight exists with the shape the adapter
   needs (:func:`registry.ingest.check_adapter_tensors` /
   :func:`registry.base_check.check_against_base`);
-  for a derived model, the same tensor names and shapes as the base;
+  for a full (or quantized) model, every tensor the base has is there with the base's
+  shape (a quantized weight by the shape its quant state records), and nothing else is,
+  besides the documented quantization state of a quantized weight and an ``lm_head``
+  written when the model unties embeddings the base ties;
 * ``fingerprint`` (``match``): the base fingerprint recorded with the version equals
   the fingerprint of ``--base`` (structure always; weights too when the record has a
-  weights digest). Plain directories and records without a fingerprint note it;
+  weights digest and the version was made from the base itself -- an adapter or an
+  unload; a quantization records the model it quantized). For a model, the structure
+  digest of its *logical* tensors (quantization state left out, shapes as recorded)
+  and config must equal the base's too, recorded or not;
 * ``serving``: what vLLM's LoRA loader refuses: DoRA (``use_dora``), ``lora_bias``,
   ``bias`` other than ``none``, a non-LoRA ``peft_type``, and (with ``max_rank``) any
   module rank above the limit (vLLM's ``--max-lora-rank``).
@@ -67,25 +78,39 @@ def _adapter_shapes(cand_dir: Path, base_dir: Path, config: dict[str, Any]) -> t
     return len(modules), max(ranks, default=0)
 
 
-def _model_shapes(cand_dir: Path, base_dir: Path) -> list[str]:
-    from registry.fingerprint import model_weight_shapes
+def _model_shapes(layout: Any, base_dir: Path) -> list[str]:
+    from registry.fingerprint import model_config, model_weight_shapes
 
-    mine, base = model_weight_shapes(cand_dir), model_weight_shapes(base_dir)
+    mine, base = layout.logical, model_weight_shapes(base_dir)
+    extra = set(mine) - set(base)
+    if (model_config(base_dir) or {}).get("tie_word_embeddings", True):
+        extra.discard("lm_head.weight")  # an unload that changes one side unties them
     problems = [f"missing tensor {k}" for k in sorted(set(base) - set(mine))[:5]]
-    problems += [f"unexpected tensor {k}" for k in sorted(set(mine) - set(base))[:5]]
+    problems += [f"unexpected tensor {k}" for k in sorted(extra)[:5]]
     problems += [f"{k}: shape {mine[k]} but the base has {base[k]}"
                  for k in sorted(set(mine) & set(base)) if mine[k] != base[k]][:5]
-    return problems
+    return problems + layout.problems[:5]
 
 
-def _fingerprint(record: dict | None, base_dir: Path) -> tuple[str, str | None]:
+def logical_struct_digest(layout: Any, cand_dir: Path) -> str:
+    """``struct_digest`` (:mod:`registry.fingerprint`) of a model's logical tensors."""
+    from registry.common import json_digest
+    from registry.fingerprint import arch_fields, model_config
+
+    config = model_config(cand_dir)
+    tensors = [[name, list(shape)] for name, shape in sorted(layout.logical.items())]
+    return json_digest({"v": 1, "tensors": tensors, "config": arch_fields(config)})
+
+
+def _fingerprint(record: dict | None, base_dir: Path, *, weights: bool = True
+                 ) -> tuple[str, str | None]:
     """(state, problem): state is match / mismatch / not recorded."""
     recorded = ((record or {}).get("base_model") or {}).get("fingerprint")
     if not isinstance(recorded, dict) or not recorded.get("struct_digest"):
         return "not recorded", None
     from registry.fingerprint import fingerprint_model
 
-    want_weights = bool(recorded.get("weights_digest"))
+    want_weights = weights and bool(recorded.get("weights_digest"))
     actual = fingerprint_model(base_dir, weights=want_weights)
     if actual.struct_digest != recorded["struct_digest"]:
         return "mismatch", ("base structure differs from the one recorded with the candidate "
@@ -113,6 +138,36 @@ def serving_problems(config: dict[str, Any], max_rank: int | None, tensor_rank: 
     return problems
 
 
+def _model_problems(spec: Any, ctx: Any, metrics: dict[str, Any]) -> list[str]:
+    """The ``finite`` (quantized part), ``shapes`` and ``fingerprint`` checks of a model."""
+    from gate.bnb_state import check_quantized, read_layout
+    from registry.fingerprint import fingerprint_model
+
+    cand_dir, base_dir = Path(ctx.candidate.dir), Path(ctx.base_dir)
+    layout = read_layout(cand_dir)
+    problems: list[str] = []
+    metrics["quantized_weights"] = len(layout.four_bit) + len(layout.int8)
+    if spec["finite"] and layout.quantized:
+        checked, found = check_quantized(cand_dir, layout)
+        metrics["quant_problems"] = len(found)
+        problems += found[:5] + ([f"(+{len(found) - 5} more)"] if len(found) > 5 else [])
+    if spec["shapes"]:
+        problems += _model_shapes(layout, base_dir)
+    if spec["fingerprint"] == "match":
+        method = ((ctx.candidate.lineage or {}).get("recipe") or {}).get("method")
+        state, problem = _fingerprint(ctx.candidate.record, base_dir, weights=method != "quantize")
+        metrics["fingerprint"] = state
+        if problem:
+            problems.append(problem)
+        same = logical_struct_digest(layout, cand_dir) == fingerprint_model(
+            base_dir, weights=False).struct_digest
+        metrics["structure"] = "match" if same else "mismatch"
+        if not same and not problems:
+            problems.append("the model's structure (tensor names, shapes, architecture) "
+                            "differs from the base's")
+    return problems
+
+
 def run(spec: Any, ctx: Any) -> Outcome:
     cand_dir, base_dir = Path(ctx.candidate.dir), Path(ctx.base_dir)
     is_adapter = (cand_dir / CONFIG).is_file()
@@ -134,24 +189,29 @@ def run(spec: Any, ctx: Any) -> Outcome:
         if bad:
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
             problems.append(f"{len(bad)} tensor(s) hold NaN/inf: {shown}")
-    if spec["shapes"]:
-        try:
-            if is_adapter:
+    if is_adapter:
+        if spec["shapes"]:
+            try:
                 modules, tensor_rank = _adapter_shapes(cand_dir, base_dir, config)
                 metrics.update(modules=modules, max_rank=tensor_rank)
-            else:
-                problems += _model_shapes(cand_dir, base_dir)
+            except AdapterkitError as err:
+                problems.append(err.message)
+        if spec["fingerprint"] == "match":
+            state, problem = _fingerprint(ctx.candidate.record, base_dir)
+            metrics["fingerprint"] = state
+            if problem:
+                problems.append(problem)
+    else:
+        try:
+            problems += _model_problems(spec, ctx, metrics)
         except AdapterkitError as err:
             problems.append(err.message)
-    if spec["fingerprint"] == "match":
-        state, problem = _fingerprint(ctx.candidate.record, base_dir)
-        metrics["fingerprint"] = state
-        if problem:
-            problems.append(problem)
     if spec["serving"] and is_adapter:
         problems += serving_problems(config, spec["max_rank"], tensor_rank)
     if spec["max_rank"] is not None:
         metrics["rank_limit"] = spec["max_rank"]
     ok = not problems
-    return passed(ok, "tensors finite, shapes fit the base, servable" if ok else "; ".join(problems),
+    what = "servable" if is_adapter else ("quantization state well-formed" if
+                                          metrics.get("quantized_weights") else "complete")
+    return passed(ok, f"tensors finite, shapes fit the base, {what}" if ok else "; ".join(problems),
                   metrics, {"problems": problems})
