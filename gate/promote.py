@@ -29,6 +29,14 @@ Rules (:func:`promote`):
    version must also carry a valid signature by one of them
    (:func:`registry.signing.require_signature`, exit 1 otherwise). ``force`` does not
    waive this: it overrides the gate, not provenance.
+7. Any version kind is promoted the same way (adapter, merge, unloaded or quantized
+   model): the record must be for that exact digest. With ``require_source_gate:
+   true`` in the policy, every version on the lineage path back to the adapters needs
+   a passing record under the same policy too (:mod:`gate.custody`; exit 1 naming the
+   ungated link). ``force`` skips this with the gate.
+8. A record made under adapterkit's built-in default policy is accepted only when the
+   store pins that policy's digest (:func:`gate.default_policy.refuse_unpinned_default`,
+   exit 1 otherwise, also with ``--policy`` naming a copy of it). ``force`` skips this.
 
 :func:`alias_history` reads the audit log back: every move of ``NAME:ALIAS``, oldest
 first, with the reason attached to forced promotions ("what was released when").
@@ -67,9 +75,10 @@ class PromoteResult:
     policy_digest: str | None
     gate_passed: bool | None
     signed_by: tuple[str, ...] = ()
+    custody: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "signed_by": list(self.signed_by)}
+        return {**self.__dict__, "signed_by": list(self.signed_by), "custody": list(self.custody)}
 
 
 def configured_trusted_keys(store: Store, given: Sequence[Path] = ()) -> list[Path]:
@@ -227,9 +236,23 @@ def _require_pinned(store: Store, policy_digest: str | None, force: bool) -> Non
                                   "--force --reason TEXT (audited as forced)")
 
 
+def _policy_file(store: Store, given: str | Path | None) -> str | Path | None:
+    """The policy file to read the policy's content from: given, else the pinned path."""
+    if given is not None:
+        return given
+    setting = store.config.get(CONFIG_KEY)
+    path = setting if isinstance(setting, str) else \
+        setting.get("path") if isinstance(setting, dict) else None
+    if not isinstance(path, str) or not path:
+        return None
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else Path(store.root) / resolved
+
+
 def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: str | None = None,
             expect: Any = ANY, force: bool = False, reason: str | None = None,
-            trusted_keys: Sequence[Path] = (), actor: str | None = None) -> PromoteResult:
+            trusted_keys: Sequence[Path] = (), actor: str | None = None,
+            policy_file: str | Path | None = None) -> PromoteResult:
     """Point ``NAME:alias`` at the version ``ref`` names, if its gate record allows.
 
     Args:
@@ -244,13 +267,17 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
         reason: Why a forced promotion was necessary.
         trusted_keys: If any, also require a valid signature by one of these keys.
         actor: Who promotes (audit log).
+        policy_file: The policy file (``--policy``), to read the policy's content
+            from when the store has no copy (default: the pinned path, if any).
 
     Returns:
         The :class:`PromoteResult`.
 
     Raises:
-        GateFailedError: No passing gate record (and not forced), or no valid trusted
-            signature when ``trusted_keys`` are given.
+        GateFailedError: No passing gate record (and not forced), an ungated link of
+            the chain of custody (``require_source_gate``), a record under the
+            unpinned built-in default policy, or no valid trusted signature when
+            ``trusted_keys`` are given.
         BadInputError: ``force`` without a reason, or no policy digest.
         ConflictError: The alias does not point to ``expect``.
         NotFoundError: Unknown ref.
@@ -263,8 +290,15 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
     _require_pinned(store, policy_digest, force)
     version = store.resolve(ref)
     record = None
+    custody: tuple[str, ...] = ()
     if not force:
+        from gate.custody import require_custody, requires_source_gate
+        from gate.default_policy import refuse_unpinned_default
+
+        refuse_unpinned_default(store, policy_digest)
         record = require_passing_gate(store, version.digest, version.ref, policy_digest)  # type: ignore[arg-type]
+        if requires_source_gate(store, policy_digest, _policy_file(store, policy_file)):  # type: ignore[arg-type]
+            custody = tuple(require_custody(store, version, policy_digest))  # type: ignore[arg-type]
     elif policy_digest:
         record = store.gate_record(version.digest, policy_digest)
     signed_by: tuple[str, ...] = ()
@@ -281,7 +315,8 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
                           protected_ok=True, notes=notes)
     return PromoteResult(name=version.name, alias=alias, digest=version.digest, ref=version.ref,
                          old=old, forced=force, reason=reason.strip() if force and reason else None,
-                         policy_digest=policy_digest, gate_passed=gate_passed, signed_by=signed_by)
+                         policy_digest=policy_digest, gate_passed=gate_passed, signed_by=signed_by,
+                         custody=custody)
 
 
 def alias_history(store: Store, name: str, alias: str) -> list[dict[str, Any]]:
