@@ -1,4 +1,4 @@
-"""Entry-wise building blocks of TIES, DARE and magnitude pruning, on true deltas.
+"""Entry-wise building blocks of TIES, DARE, Breadcrumbs, DELLA and pruning, on true deltas.
 
 Every function works on the delta ``D_i = (s_i·B_i) @ A_i`` of one module, but
 never holds more than one dense ``(out, in)`` float32 tensor (the merged result):
@@ -29,7 +29,19 @@ input ``i`` in rows ``[64j, 64j+64)`` of module ``M`` is
 so it does not depend on module order, thread scheduling or Python's hash
 randomisation (:func:`dare_mask` builds a whole mask the same way, for tests).
 
-**Sign election** (TIES, dare_ties), per entry over the trimmed deltas ``d_i``
+**Breadcrumbs** (:func:`outlier_band`). Drop the ``int(gamma · numel)`` largest
+magnitudes as outliers and keep the next ``int(density · numel)`` (mergekit's
+``magnitude_outliers``), as a band ``lo <= |D| <= hi`` of two exact order
+statistics (entries tied with a band edge are kept; mergekit's sort picks among
+ties arbitrarily).
+
+**DELLA** (:func:`della_block`). Keep each entry with a probability ``p`` between
+``density - epsilon`` (smallest magnitude of its row) and ``density + epsilon``
+(largest), linear in its magnitude rank within the row (mergekit's
+``della_magprune``), and rescale kept entries by ``1/p`` (the DELLA paper's
+MAGPRUNE). Masks are drawn like DARE's, from ``sha256(seed, M, "della", i, j)``.
+
+**Sign election** (TIES, dare_ties, breadcrumbs_ties, della), per entry over the trimmed deltas ``d_i``
 with weights ``w_i``:
 
 * ``sum`` (default; PEFT ``majority_sign_method="total"``, the TIES paper):
@@ -115,9 +127,16 @@ def magnitude_threshold(inp: ModuleInput, density: float, ctx: ModuleContext) ->
         ``density >= 1`` (keep all), ``inf`` when ``k == 0`` (keep none).
     """
     rows, cols = ctx.shape
+    if density >= 1:
+        return 0.0
+    return kth_largest(inp, keep_count(density, rows * cols), ctx)
+
+
+def kth_largest(inp: ModuleInput, k: int, ctx: ModuleContext) -> float:
+    """The exact k-th largest ``|B @ A|`` entry (``0.0`` if ``k >= numel``, ``inf`` if ``k <= 0``)."""
+    rows, cols = ctx.shape
     numel = rows * cols
-    k = keep_count(density, numel)
-    if density >= 1 or k >= numel:
+    if k >= numel:
         return 0.0
     if k <= 0:
         return math.inf
@@ -164,6 +183,92 @@ def trim_block(delta: torch.Tensor, threshold: float) -> torch.Tensor:
         return delta.zero_()
     below = float(np.nextafter(np.float32(threshold), np.float32(0.0)))
     return torch.nn.functional.hardshrink(delta, below)  # keeps |x| > below, i.e. |x| >= t
+
+
+def outlier_band(inp: ModuleInput, density: float, gamma: float,
+                 ctx: ModuleContext) -> tuple[float, float]:
+    """Model Breadcrumbs' band ``(lo, hi)``, keeping ``lo <= |D| <= hi``.
+
+    mergekit's ``magnitude_outliers``: with ``n = numel``, ``k = int(density · n)`` entries are kept, the ``k`` that come
+    right after the ``top = min(int(gamma · n), n - k)`` largest magnitudes (the
+    outliers; fewer when ``density + gamma > 1``, so that ``k`` entries remain):
+    ``hi`` is the ``(top + 1)``-th largest ``|D|`` (``inf`` when ``top == 0``) and
+    ``lo`` the ``(top + k)``-th largest.
+
+    Returns:
+        ``(0.0, inf)`` when ``density >= 1`` (keep all: mergekit ignores gamma
+        then), ``(inf, inf)`` when ``k == 0`` (keep none).
+    """
+    rows, cols = ctx.shape
+    numel = rows * cols
+    if density >= 1:
+        return 0.0, math.inf
+    k = keep_count(density, numel)
+    if k <= 0:
+        return math.inf, math.inf
+    top = min(int(gamma * numel), numel - k)
+    hi = kth_largest(inp, top + 1, ctx) if top > 0 else math.inf
+    return kth_largest(inp, top + k, ctx), hi
+
+
+def band_block(delta: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Zero the entries of ``delta`` with ``|x| < lo`` or ``|x| > hi`` (in place)."""
+    delta = trim_block(delta, lo)
+    if not math.isinf(hi):
+        delta.masked_fill_(delta.abs() > hi, 0.0)
+    return delta
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities, ranked by magnitude within each row.
+
+    As mergekit's ``della_magprune``: the entries of a row of ``c`` columns get
+    ranks ``1..c`` by increasing ``|x|`` (ties in column order: a stable sort;
+    mergekit's ``argsort`` orders ties arbitrarily), ``rank_norm = (rank - 1) /
+    (c - 1)`` and ``p = (density - epsilon) + rank_norm · 2 · epsilon``, so the
+    largest entry of a row is kept with ``density + epsilon``, the smallest with
+    ``density - epsilon``. A one-column delta (where mergekit divides 0 by 0) uses
+    ``p = density``.
+    """
+    cols = delta.shape[1]
+    if cols == 1:
+        return torch.full_like(delta, density)
+    order = torch.argsort(delta.abs(), dim=1, stable=True)
+    ranks = order.argsort(dim=1).to(torch.float32) + 1
+    rank_norm = ((ranks - 1) / (cols - 1)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della_generator(ctx: ModuleContext, index: int, block: int) -> torch.Generator:
+    """The generator of input ``index``'s DELLA mask in row block ``block``."""
+    return ctx.generator("della", index, block)
+
+
+def della_block(delta: torch.Tensor, density: float, epsilon: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """Keep each entry with its DELLA probability ``p``, rescale kept ones by ``1/p``.
+
+    The mask is ``torch.rand(delta.shape, generator=gen) < p``
+    (:func:`della_probabilities`; rows are ranked independently, so a block of rows
+    is self-contained). ``density >= 1`` keeps everything and draws nothing.
+    """
+    if density >= 1.0:
+        return delta
+    probs = della_probabilities(delta, density, epsilon)
+    keep = torch.rand(delta.shape, generator=gen) < probs
+    return delta.mul_(keep).div_(probs)
+
+
+def della_mask(inp: ModuleInput, ctx: ModuleContext, density: float,
+               epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole float 0/1 keep-mask and the probabilities DELLA uses for ``inp`` (tests)."""
+    rows, cols = ctx.shape
+    masks, probs = [], []
+    for j, b in enumerate(row_blocks(rows)):
+        p = della_probabilities(block_delta(inp, b), density, epsilon)
+        masks.append((torch.rand(p.shape, generator=della_generator(ctx, inp.index, j)) < p).float())
+        probs.append(p)
+    return torch.cat(masks), torch.cat(probs)
 
 
 def dare_generator(ctx: ModuleContext, index: int, block: int) -> torch.Generator:

@@ -20,15 +20,20 @@ Adding a method touches one file::
     def my_method(inputs, params, ctx):
         ...  # return Factors(B, A) or a dense (out, in) float32 tensor
 
-and one line in :data:`_BUILTIN` below. ``params`` lists the optional parameters
-the method accepts (``density``, ``lambda``, ``normalize``, ``sign_election``);
+Every module of this package is imported when the registry is (sorted by name),
+so nothing else needs editing. ``params`` lists the optional parameters the method
+accepts (see :data:`PARAMETER_HELP` for each one's meaning, default and bounds);
 giving any other one explicitly is an error, so a typo never passes silently.
+``align`` (:data:`ALIGNMENTS`, :mod:`merging.align`) is accepted by every
+``"dense"`` (entry-wise) method without being listed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import math
+import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
@@ -38,10 +43,31 @@ from registry.errors import BadInputError
 if TYPE_CHECKING:
     import torch
 
-PARAMETERS = ("density", "lambda", "normalize", "sign_election")
+PARAMETERS = ("density", "lambda", "normalize", "sign_election", "gamma", "epsilon", "align")
 OUTPUTS = ("exact", "concat", "dense")
 SIGN_ELECTIONS = ("sum", "frequency", "mergekit")
+ALIGNMENTS = ("knots",)
 DEFAULT_DENSITY = 0.5
+DEFAULT_GAMMA = 0.01
+"""mergekit's default for ``breadcrumbs``/``breadcrumbs_ties``."""
+DEFAULT_EPSILON = 0.15
+"""mergekit's default for ``della``/``della_linear``."""
+ALIGNED = frozenset({"align"})
+"""Parameters every entry-wise (``output="dense"``) method takes without declaring them."""
+
+PARAMETER_HELP = {
+    "density": "Fraction of entries kept per tensor, in (0, 1] (default 0.5).",
+    "lambda": "Scale of the merged delta, any finite number (default 1).",
+    "normalize": "Divide by the sum of the weights (which must not be 0).",
+    "sign_election": "sum (default) | frequency | mergekit.",
+    "gamma": "Fraction of largest magnitudes dropped as outliers per tensor, in [0, 1) "
+             "(default 0.01; breadcrumbs*).",
+    "epsilon": "Half-width of the keep probabilities density ± epsilon, >= 0 with "
+               "density ± epsilon in (0, 1) (default 0.15; della*).",
+    "align": "knots: merge in the shared SVD basis of the inputs' deltas (KnOTS; any "
+             "entry-wise method).",
+}
+"""One line per parameter (meaning, bounds, default): ``--help`` and the README."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,10 @@ class MergeParams:
         sign_election: ``sum`` | ``frequency`` | ``mergekit`` (TIES-style methods).
         weight_sum: Sum of *all* inputs' weights (a module missing from an input
             still counts its weight: that input contributes a zero delta).
+        gamma: Fraction of largest magnitudes dropped as outliers, in [0, 1)
+            (breadcrumbs).
+        epsilon: Keep probabilities range over ``density ± epsilon`` (DELLA).
+        align: None, or ``"knots"`` (:mod:`merging.align`).
     """
 
     density: float = DEFAULT_DENSITY
@@ -79,6 +109,9 @@ class MergeParams:
     normalize: bool = False
     sign_election: str = "sum"
     weight_sum: float = 0.0
+    gamma: float = DEFAULT_GAMMA
+    epsilon: float = DEFAULT_EPSILON
+    align: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,12 +170,19 @@ class MergeMethod:
     params: frozenset[str]
     summary: str
 
+    @property
+    def accepted(self) -> frozenset[str]:
+        """The parameters this method takes: its own, plus ``align`` if entry-wise."""
+        return self.params | ALIGNED if self.output == "dense" else self.params
+
     def resolve(self, given: dict[str, Any] | None, weights: Sequence[float]) -> MergeParams:
         """Check explicitly given parameters and fill in defaults.
 
         Raises:
             BadInputError: Unknown parameter, one this method ignores, density outside
-                (0, 1], non-finite lambda, unknown sign election.
+                (0, 1], non-finite lambda, unknown sign election, gamma outside [0, 1),
+                epsilon negative or with density ± epsilon outside (0, 1), unknown
+                alignment, ``normalize`` with weights summing to 0.
         """
         # None (and normalize=False) mean "not chosen": they never trip the checks below
         given = {k: v for k, v in (given or {}).items()
@@ -151,36 +191,76 @@ class MergeMethod:
             if key not in PARAMETERS:
                 raise BadInputError(f"unknown merge parameter {key!r}",
                                     fix=f"use one of {', '.join(PARAMETERS)}")
-            if key not in self.params:
-                accepted = ", ".join(sorted(self.params)) or "none"
+            if key not in self.accepted:
+                accepted = ", ".join(sorted(self.accepted)) or "none"
+                fix = f"{self.name} accepts: {accepted}"
+                if key in ALIGNED:
+                    fix += "; --align works with the entry-wise methods: " + ", ".join(
+                        sorted(n for n, m in METHODS.items() if m.output == "dense"))
                 raise BadInputError(f"--{key.replace('_', '-')} does not apply to method {self.name}",
-                                    fix=f"{self.name} accepts: {accepted}")
-        density = given.get("density", DEFAULT_DENSITY)
-        if (isinstance(density, bool) or not isinstance(density, (int, float))
-                or not 0.0 < float(density) <= 1.0):
-            raise BadInputError(f"density must be in (0, 1], got {density!r}",
-                                fix="pass e.g. --density 0.5 (the fraction of entries kept)")
-        lam = given.get("lambda", 1.0)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam != lam \
-                or abs(lam) == float("inf"):
-            raise BadInputError(f"lambda must be a finite number, got {lam!r}", fix="pass e.g. --lambda 1.0")
+                                    fix=fix)
+        density = _number(given, "density", DEFAULT_DENSITY, lambda v: 0.0 < v <= 1.0,
+                          "must be in (0, 1]", "pass e.g. --density 0.5 (the fraction of entries kept)")
+        lam = _number(given, "lambda", 1.0, math.isfinite, "must be a finite number",
+                      "pass e.g. --lambda 1.0")
+        gamma = _number(given, "gamma", DEFAULT_GAMMA, lambda v: 0.0 <= v < 1.0,
+                        "must be in [0, 1)", "pass e.g. --gamma 0.01 (the fraction of outliers dropped)")
+        epsilon = _epsilon(given, density) if "epsilon" in self.params else DEFAULT_EPSILON
         election = given.get("sign_election", "sum")
         if election not in SIGN_ELECTIONS:
             raise BadInputError(f"unknown sign election {election!r}",
                                 fix=f"use one of {', '.join(SIGN_ELECTIONS)}")
+        align = given.get("align")
+        if align is not None and align not in ALIGNMENTS:
+            raise BadInputError(f"unknown alignment {align!r}", fix=f"use one of {', '.join(ALIGNMENTS)}")
         weight_sum = float(sum(weights))
         normalize = bool(given.get("normalize", False))
         if normalize and abs(weight_sum) < 1e-12:
             raise BadInputError("--normalize divides by the sum of the weights, which is 0",
                                 fix="choose weights that do not sum to zero, or drop --normalize")
-        return MergeParams(density=float(density), lam=float(lam),
-                           normalize=normalize, sign_election=election, weight_sum=weight_sum)
+        return MergeParams(density=density, lam=lam, normalize=normalize, sign_election=election,
+                           weight_sum=weight_sum, gamma=gamma, epsilon=epsilon, align=align)
 
     def recorded(self, params: MergeParams) -> dict[str, Any]:
-        """Every parameter this method uses, for the lineage recipe."""
+        """Every parameter this method uses, for the lineage recipe (``align`` when set)."""
         values = {"density": params.density, "lambda": params.lam,
-                  "normalize": params.normalize, "sign_election": params.sign_election}
-        return {k: values[k] for k in PARAMETERS if k in self.params}
+                  "normalize": params.normalize, "sign_election": params.sign_election,
+                  "gamma": params.gamma, "epsilon": params.epsilon, "align": params.align}
+        return {k: values[k] for k in PARAMETERS
+                if k in self.params or (k in ALIGNED and values[k] is not None)}
+
+
+def _number(given: dict[str, Any], key: str, default: float, ok: Callable[[float], bool],
+            bounds: str, fix: str) -> float:
+    """``given[key]`` (or ``default``) as a float, checked by ``ok``.
+
+    Raises:
+        BadInputError: Not a number (booleans included), NaN, or ``ok`` is false.
+    """
+    value = given.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or not ok(float(value)):
+        raise BadInputError(f"{key} {bounds}, got {value!r}", fix=fix)
+    return float(value)
+
+
+def _epsilon(given: dict[str, Any], density: float) -> float:
+    """DELLA's epsilon: >= 0, and density ± epsilon in (0, 1) unless density is 1.
+
+    mergekit's ``della_magprune`` refuses the same values (density 1 keeps everything
+    and ignores epsilon).
+
+    Raises:
+        BadInputError: Negative, not finite, or pushes a probability out of (0, 1).
+    """
+    epsilon = _number(given, "epsilon", DEFAULT_EPSILON, lambda v: 0.0 <= v < 1.0,
+                      "must be in [0, 1)", "pass e.g. --epsilon 0.15")
+    if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+        raise BadInputError(
+            f"density ± epsilon must lie in (0, 1), got density {density:g} and epsilon {epsilon:g}",
+            fix="choose epsilon < min(density, 1 - density), e.g. --epsilon "
+                f"{max(min(density, 1.0 - density) / 2, 0.0):.3g}")
+    return epsilon
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -222,6 +302,11 @@ def get_method(name: str) -> MergeMethod:
     return method
 
 
-_BUILTIN = ("linear", "task_arithmetic", "cat", "ties", "dare", "magnitude_prune")
-for _module in _BUILTIN:
-    importlib.import_module(f"{__name__}.{_module}")
+def _import_all() -> None:
+    """Import every module of this package (sorted), registering its methods."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -48,7 +48,8 @@ def random_deltas(n, shape, seed):  # type: ignore[no-untyped-def]
 
 
 def test_registry_lists_every_method() -> None:
-    assert sorted(METHODS) == ["cat", "dare_linear", "dare_ties", "linear", "magnitude_prune",
+    assert sorted(METHODS) == ["breadcrumbs", "breadcrumbs_ties", "cat", "dare_linear", "dare_ties",
+                               "della", "della_linear", "linear", "magnitude_prune",
                                "task_arithmetic", "ties"]
     with pytest.raises(BadInputError, match="unknown merge method"):
         get_method("slerp")
