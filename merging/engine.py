@@ -7,7 +7,9 @@ For every module in the union of the inputs' modules (sorted by name):
    weight still counts in ``--normalize``), fold each input's scale ``s_i`` into
    ``B_i`` and convert to float32;
 2. call the method (:mod:`merging.methods`), which returns exact factors or the
-   dense merged delta;
+   dense merged delta; with ``align="knots"`` the entry-wise method runs on the
+   inputs' coefficients in their shared SVD basis instead, and the result is the
+   exact factors (basis, merged coefficients) (:mod:`merging.align`);
 3. turn that into output factors (:mod:`merging.refactor`): exact methods are
    re-factored to their true rank (``cat`` is kept as concatenated), dense results
    by truncated randomized SVD to ``rank`` (default: the largest input rank of the
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, load_adapter, torch_dtype
+from merging.align import knots_merge
 from merging.methods import Factors, ModuleContext, ModuleInput, get_method
 from merging.peft_output import output_config
 from merging.sparsify import intraop_threads
@@ -210,11 +213,15 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         adapters: :class:`LoraAdapter` objects or adapter directories.
         weights: One weight per adapter (default 1.0 each).
         method: A registered method (``linear``, ``task_arithmetic``, ``cat``,
-            ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``).
+            ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``,
+            ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``).
         params: Explicitly chosen parameters (``density``, ``lambda``, ``normalize``,
-            ``sign_election``); None values are ignored, defaults are filled in.
-        rank: Output rank: None (exact methods: true rank; dense methods: the largest
-            input rank of each module), an int, or ``"full"``.
+            ``sign_election``, ``gamma``, ``epsilon``, ``align``); None values are
+            ignored, defaults are filled in. ``align="knots"`` runs an entry-wise
+            method in the KnOTS basis (:mod:`merging.align`).
+        rank: Output rank: None (exact methods and KnOTS-aligned merges: true rank;
+            dense methods: the largest input rank of each module), an int, or
+            ``"full"``.
         seed: Seed of DARE masks and randomized SVD sketches (None means 0).
         progress: Called with 1 after each module.
         labels: Names of the inputs for messages (default ``input 1``...).
@@ -245,8 +252,11 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         inputs = _inputs(loaded, weights, labels, name)
         info = next(a.infos[name] for a in loaded if name in a.infos)
         ctx = ModuleContext(name=name, shape=info.shape, seed=seed)
-        result = spec.fn(inputs, resolved, ctx)
-        b, a, err, norm = _refactored(spec.output, result, inputs, rank, ctx, dtype)
+        if resolved.align == "knots":  # exact factors (shared basis, merged coefficients)
+            result, output = knots_merge(spec, inputs, resolved, ctx), "exact"
+        else:
+            result, output = spec.fn(inputs, resolved, ctx), spec.output
+        b, a, err, norm = _refactored(output, result, inputs, rank, ctx, dtype)
         return name, b, a, err, norm, [inp.index for inp in inputs]
 
     tensors: dict[str, torch.Tensor] = {}

@@ -1,0 +1,437 @@
+"""breadcrumbs, breadcrumbs_ties, della, della_linear and KnOTS alignment against references.
+
+References: the installed mergekit, called directly on the same dense deltas
+(``sparsify.magnitude_outliers`` / ``della_magprune`` and the registered
+``breadcrumbs``/``breadcrumbs_ties``/``della``/``della_linear`` merges on a zero
+base), with our DELLA masks injected through ``torch.bernoulli`` and the paper's
+``1/p`` rescaling applied to mergekit's masked tensors; PEFT's ``merge_utils`` for
+the TIES-style (``sum``) election; for KnOTS, the paper's construction restated
+in plain torch (SVD of the concatenated dense deltas, method on ``Σ V_i^T``,
+result ``U @ merged``). A method sees a delta ``D`` as the factors ``B = I, A = D``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging import sparsify
+from merging.align import knots_basis, knots_merge
+from merging.methods import METHODS, ModuleContext, ModuleInput, get_method
+from registry.errors import BadInputError
+
+merge_utils = pytest.importorskip("peft.utils.merge_utils")
+mk_sparsify = pytest.importorskip("mergekit.sparsify")
+mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
+mk_gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
+
+NEW = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+ENTRY_WISE = sorted(n for n, m in METHODS.items() if m.output == "dense")
+
+
+def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
+    return [ModuleInput(index=i, B=torch.eye(d.shape[0]), A=d.clone(), weight=w)
+            for i, (d, w) in enumerate(zip(deltas, weights))]
+
+
+def run(method, deltas, weights, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
+    spec = get_method(method)
+    params = spec.resolve(given, weights)
+    ctx = ModuleContext(name=name, shape=tuple(deltas[0].shape), seed=seed)
+    out = spec.fn(as_inputs(deltas, weights), params, ctx)
+    return out if isinstance(out, torch.Tensor) else out.B @ out.A
+
+
+def random_deltas(n, shape, seed):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for _ in range(n)]
+
+
+def mergekit_merge(name, deltas, weights, **params):  # type: ignore[no-untyped-def]
+    """mergekit's registered method on a zero base (so its result is the merged delta)."""
+    from mergekit.merge_methods.base import TensorGroup
+
+    group = TensorGroup.from_tensors([torch.zeros_like(deltas[0]), *deltas], base_index=0)
+    ids = range(1, len(deltas) + 1)
+    per_input = {k: params.pop(k) for k in ("density", "gamma", "epsilon") if k in params}
+    kwargs = {"int8_mask": False, "lambda": params.pop("lam", 1.0),
+              "weight": dict(zip(ids, weights)), **{k: dict.fromkeys(ids, v) for k, v in
+                                                    per_input.items()}, **params}
+    return mk_registry.get(name).merge_group(group, **kwargs)
+
+
+def test_registry_has_the_new_methods() -> None:
+    assert set(NEW) <= set(METHODS)
+    assert set(NEW) <= set(ENTRY_WISE)
+
+
+# ---- breadcrumbs ----
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.01), (0.3, 0.1), (0.9, 0.2), (0.5, 0.0),
+                                           (1.0, 0.3), (0.001, 0.1), (0.2, 0.85)])
+def test_breadcrumbs_band_equals_mergekit_magnitude_outliers(density: float, gamma: float) -> None:
+    delta = random_deltas(1, (70, 23), seed=1)[0]  # 70 rows: two row blocks
+    ctx = ModuleContext("m", tuple(delta.shape), 0)
+    inp = as_inputs([delta], [1.0])[0]
+    lo, hi = sparsify.outlier_band(inp, density, gamma, ctx)
+    ours = sparsify.band_block(delta.clone(), lo, hi)
+    ref = mk_sparsify.magnitude_outliers(delta, density, gamma=gamma)
+    assert torch.equal(ours, ref)
+
+
+def test_breadcrumbs_band_on_a_large_tensor() -> None:
+    """Over 2^20 entries: both order statistics go through the sampled bracket."""
+    delta = random_deltas(1, (1100, 1000), seed=2)[0]
+    ctx = ModuleContext("m", tuple(delta.shape), 0)
+    lo, hi = sparsify.outlier_band(as_inputs([delta], [1.0])[0], 0.4, 0.05, ctx)
+    ours = sparsify.band_block(delta.clone(), lo, hi)
+    assert torch.equal(ours, mk_sparsify.magnitude_outliers(delta, 0.4, gamma=0.05))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_breadcrumbs_equals_mergekit(normalize: bool) -> None:
+    deltas = random_deltas(3, (40, 30), seed=3)
+    weights = [0.7, 1.3, -0.4]
+    ours = run("breadcrumbs", deltas, weights, density=0.4, gamma=0.05, normalize=normalize,
+               **{"lambda": 0.8})
+    ref = mergekit_merge("breadcrumbs", deltas, weights, density=0.4, gamma=0.05,
+                         normalize=normalize, rescale=False, lam=0.8)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_breadcrumbs_ties_mergekit_election_equals_mergekit() -> None:
+    deltas = random_deltas(3, (40, 30), seed=4)
+    weights = [0.2, 0.5, 1.5]
+    ours = run("breadcrumbs_ties", deltas, weights, density=0.5, gamma=0.02,
+               sign_election="mergekit")
+    ref = mergekit_merge("breadcrumbs_ties", deltas, weights, density=0.5, gamma=0.02,
+                         normalize=True, rescale=False)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("election,peft_mode", [("sum", "total"), ("frequency", "frequency")])
+def test_breadcrumbs_ties_peft_elections(election: str, peft_mode: str) -> None:
+    """mergekit's crumbs, then PEFT's sign election and disjoint merge (TIES without its trim)."""
+    deltas = random_deltas(3, (24, 40), seed=5)
+    weights = [0.7, 1.3, -0.4]
+    ours = run("breadcrumbs_ties", deltas, weights, density=0.3, gamma=0.1, sign_election=election)
+    crumbs = torch.stack([mk_sparsify.magnitude_outliers(d, 0.3, gamma=0.1) for d in deltas])
+    weighted = crumbs * torch.tensor(weights).reshape(-1, 1, 1)
+    mask = merge_utils.calculate_majority_sign_mask(crumbs, method=peft_mode)
+    ref = merge_utils.disjoint_merge(weighted, mask)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+# ---- DELLA ----
+
+def _inject(monkeypatch, masks, seen):  # type: ignore[no-untyped-def]
+    """mergekit draws our masks (in input order); the probabilities it asked for go to ``seen``."""
+    queue = list(masks)
+
+    def fake_bernoulli(probabilities, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(probabilities.clone())
+        return queue.pop(0).clone()
+
+    monkeypatch.setattr(mk_sparsify.torch, "bernoulli", fake_bernoulli)
+    return queue
+
+
+@pytest.mark.parametrize("density,epsilon", [(0.5, 0.15), (0.3, 0.1), (0.8, 0.0), (0.6, 0.39)])
+def test_della_masks_equal_mergekit_della_magprune(monkeypatch, density: float,
+                                                   epsilon: float) -> None:
+    delta = random_deltas(1, (150, 37), seed=6)[0]  # three row blocks
+    ctx = ModuleContext("layer.v", tuple(delta.shape), 11)
+    inp = as_inputs([delta], [1.0])[0]
+    mask, probs = sparsify.della_mask(inp, ctx, density, epsilon)
+    seen: list[torch.Tensor] = []
+    queue = _inject(monkeypatch, [mask], seen)
+    masked = mk_sparsify.della_magprune(delta, density, epsilon, rescale_norm=None)
+    assert not queue
+    assert torch.equal(seen[0], probs)  # same ranking, same probabilities, bit for bit
+    assert float(probs.min()) == pytest.approx(density - epsilon)
+    assert float(probs.max()) == pytest.approx(density + epsilon)
+    # the method's transform: mergekit's masked tensor rescaled by 1/p (the paper's MAGPRUNE)
+    ours = run("della_linear", [delta], [1.0], name="layer.v", seed=11, density=density,
+               epsilon=epsilon)
+    assert torch.allclose(ours, masked / probs, atol=1e-6)
+    assert abs(float(mask.mean()) - density) < 0.05
+
+
+@pytest.mark.parametrize("method,params", [("della", {"sign_election": "mergekit"}),
+                                           ("della_linear", {}),
+                                           ("della_linear", {"normalize": True})])
+def test_della_merges_equal_mergekit(monkeypatch, method: str, params: dict) -> None:
+    deltas = random_deltas(3, (90, 33), seed=7)
+    weights = [0.6, 1.1, 0.3]
+    ctx = ModuleContext("q", (90, 33), 5)
+    masks = [sparsify.della_mask(inp, ctx, 0.4, 0.2) for inp in as_inputs(deltas, weights)]
+    ours = run(method, deltas, weights, name="q", seed=5, density=0.4, epsilon=0.2,
+               **{"lambda": 1.3}, **params)
+    real = mk_gta.sparsify
+
+    def paper_rescaled(tensor, density, method, gamma=0, epsilon=0, rescale_norm=None):  # type: ignore[no-untyped-def]
+        seen: list[torch.Tensor] = []
+        monkeypatch.setattr(mk_sparsify.torch, "bernoulli",
+                            lambda p: seen.append(p.clone()) or masks.pop(0)[0].clone())
+        masked = real(tensor, density, method, gamma=gamma, epsilon=epsilon, rescale_norm=None)
+        return masked / seen[0]
+
+    monkeypatch.setattr(mk_gta, "sparsify", paper_rescaled)
+    ref = mergekit_merge(method, deltas, weights, density=0.4, epsilon=0.2, lam=1.3,
+                         normalize=params.get("normalize", method == "della"), rescale=False)
+    assert not masks
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_della_sum_election_equals_peft_disjoint_merge() -> None:
+    deltas = random_deltas(2, (70, 20), seed=8)
+    weights = [1.0, 0.5]
+    ctx = ModuleContext("k", (70, 20), 2)
+    parts = []
+    for inp in as_inputs(deltas, weights):
+        mask, probs = sparsify.della_mask(inp, ctx, 0.5, 0.1)
+        parts.append(inp.A * mask / probs)
+    stacked = torch.stack(parts)
+    ref = merge_utils.disjoint_merge(stacked * torch.tensor(weights).reshape(-1, 1, 1),
+                                     merge_utils.calculate_majority_sign_mask(stacked, "total"))
+    ours = run("della", deltas, weights, name="k", seed=2, density=0.5, epsilon=0.1)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_deterministic_for_a_seed(method: str) -> None:
+    deltas = random_deltas(2, (130, 21), seed=9)
+    torch.manual_seed(123)
+    a = run(method, deltas, [1.0, 1.0], seed=4, density=0.3, epsilon=0.1)
+    torch.manual_seed(456)  # the global RNG does not matter
+    b = run(method, deltas, [1.0, 1.0], seed=4, density=0.3, epsilon=0.1)
+    c = run(method, deltas, [1.0, 1.0], seed=5, density=0.3, epsilon=0.1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_della_density_one_and_one_column() -> None:
+    deltas = random_deltas(2, (10, 12), seed=10)
+    assert torch.allclose(run("della_linear", deltas, [1.0, 2.0], density=1.0, epsilon=0.3),
+                          deltas[0] + 2 * deltas[1], atol=1e-6)
+    column = torch.randn(5, 1)
+    probs = sparsify.della_probabilities(column, 0.4, 0.1)
+    assert torch.equal(probs, torch.full((5, 1), 0.4))
+
+
+# ---- KnOTS ----
+
+def paper_knots(deltas, method_ref):  # type: ignore[no-untyped-def]
+    """The paper's construction: SVD of [ΔW_1 | ... | ΔW_n], method on Σ V_i^T, U @ merged."""
+    cols = deltas[0].shape[1]
+    u, s, vh = torch.linalg.svd(torch.cat(deltas, dim=1).double(), full_matrices=False)
+    k = int((s > s[0] * 2.0 ** -23).sum())
+    u, vh = u[:, :k], vh[:k]
+    flip = torch.sign(u[u.abs().argmax(dim=0), torch.arange(k)])  # largest entry of u_j positive
+    u, vh = u * flip, vh * flip[:, None]
+    sv = (torch.diag(s[:k]) @ vh).float()
+    coeffs = list(sv.split(cols, dim=1))
+    return u.float() @ method_ref(coeffs), coeffs
+
+
+def factored(rank_list, shape, seed):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(seed)
+    return [ModuleInput(i, torch.randn(shape[0], r, generator=gen),
+                        torch.randn(r, shape[1], generator=gen), w)
+            for i, (r, w) in enumerate(rank_list)]
+
+
+def knots(method, inputs, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
+    spec = get_method(method)
+    params = spec.resolve({**given, "align": "knots"}, [inp.weight for inp in inputs])
+    shape = (inputs[0].B.shape[0], inputs[0].A.shape[1])
+    out = knots_merge(spec, inputs, params, ModuleContext(name, shape, seed))
+    return out
+
+
+@pytest.mark.parametrize("election,peft_mode", [("sum", "total"), ("frequency", "frequency")])
+def test_knots_ties_equals_the_paper_construction(election: str, peft_mode: str) -> None:
+    inputs = factored([(4, 1.0), (6, 0.5), (2, 0.8)], (40, 24), seed=1)  # mixed ranks
+    weights = torch.tensor([inp.weight for inp in inputs])
+    deltas = [inp.B @ inp.A for inp in inputs]
+    ref, coeffs = paper_knots(deltas, lambda c: merge_utils.ties(c, weights, 0.3, peft_mode))
+    out = knots("ties", inputs, density=0.3, sign_election=election)
+    assert out.B.shape == (40, 12) and len(coeffs) == 3 and coeffs[0].shape == (12, 24)
+    assert torch.allclose(out.B @ out.A, ref, atol=1e-5)
+    basis, ours = knots_basis(inputs)
+    assert torch.allclose(basis.T @ basis, torch.eye(12), atol=1e-5)
+    for inp, c in zip(inputs, ours):  # ΔW_i = U C_i exactly
+        assert torch.allclose(basis @ c, inp.B @ inp.A, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_knots_random_methods_equal_the_paper_construction(method: str) -> None:
+    inputs = factored([(3, 0.9), (5, 0.6)], (130, 20), seed=2)
+    deltas = [inp.B @ inp.A for inp in inputs]
+    weights = [inp.weight for inp in inputs]
+    # our masks on the coefficients depend only on their shape and magnitude ranks, so the
+    # plain-torch reference can run the method itself (B = I) on its own coefficients
+    ref, _ = paper_knots(deltas, lambda c: run(method, c, weights, name="mod", seed=7, density=0.4,
+                                               **({"epsilon": 0.2} if "della" in method else {})))
+    out = knots(method, inputs, name="mod", seed=7, density=0.4,
+                **({"epsilon": 0.2} if "della" in method else {}))
+    assert torch.allclose(out.B @ out.A, ref, atol=1e-5)
+
+
+def test_knots_breadcrumbs_equals_the_paper_construction_with_mergekit() -> None:
+    inputs = factored([(4, 1.0), (8, 0.5)], (33, 50), seed=3)
+    deltas = [inp.B @ inp.A for inp in inputs]
+    ref, _ = paper_knots(deltas, lambda c: mergekit_merge(
+        "breadcrumbs_ties", c, [1.0, 0.5], density=0.5, gamma=0.05, normalize=True, rescale=False))
+    out = knots("breadcrumbs_ties", inputs, density=0.5, gamma=0.05, sign_election="mergekit")
+    assert torch.allclose(out.B @ out.A, ref, atol=1e-5)
+
+
+def test_knots_keeping_everything_is_the_linear_merge() -> None:
+    inputs = factored([(4, 1.0), (6, -0.5)], (40, 24), seed=4)
+    out = knots("magnitude_prune", inputs, density=1.0)
+    assert torch.allclose(out.B @ out.A, inputs[0].B @ inputs[0].A - 0.5 * inputs[1].B @ inputs[1].A,
+                          atol=1e-4)
+
+
+def test_knots_single_input_and_zero_delta() -> None:
+    inputs = factored([(4, 2.0)], (30, 20), seed=5)
+    delta = inputs[0].B @ inputs[0].A
+    ref, _ = paper_knots([delta], lambda c: merge_utils.ties(c, torch.tensor([2.0]), 0.5, "total"))
+    assert torch.allclose((lambda f: f.B @ f.A)(knots("ties", inputs)), ref, atol=1e-5)
+    zero = [ModuleInput(0, torch.zeros(30, 4), torch.randn(4, 20), 1.0)]
+    out = knots("ties", zero)
+    assert out.B.shape == (30, 1) and float((out.B @ out.A).abs().max()) == 0.0
+
+
+def test_knots_is_invariant_to_the_deltas_scale() -> None:
+    inputs = factored([(4, 1.0), (6, 0.5)], (40, 24), seed=6)
+    small = [ModuleInput(i.index, i.B * 1e-6, i.A, i.weight) for i in inputs]
+    a = knots("ties", inputs, density=0.4)
+    b = knots("ties", small, density=0.4)
+    assert torch.allclose((b.B @ b.A) * 1e6, a.B @ a.A, atol=1e-4, rtol=1e-4)
+
+
+# ---- parameters ----
+
+@pytest.mark.parametrize("method,given,message", [
+    ("breadcrumbs", {"gamma": 1.0}, "gamma must be in [0, 1)"),
+    ("breadcrumbs_ties", {"gamma": -0.1}, "gamma must be in [0, 1)"),
+    ("breadcrumbs", {"gamma": float("nan")}, "gamma must be in [0, 1)"),
+    ("breadcrumbs", {"gamma": True}, "gamma must be in [0, 1)"),
+    ("della", {"epsilon": -0.1}, "epsilon must be in [0, 1)"),
+    ("della", {"epsilon": 0.5}, "density ± epsilon must lie in (0, 1)"),
+    ("della_linear", {"density": 0.9}, "density ± epsilon must lie in (0, 1)"),  # default 0.15
+    ("della_linear", {"density": 0.2, "epsilon": 0.2}, "density ± epsilon must lie in (0, 1)"),
+    ("della", {"density": 0}, "density must be in (0, 1]"),
+    ("ties", {"gamma": 0.1}, "--gamma does not apply to method ties"),
+    ("breadcrumbs", {"epsilon": 0.1}, "--epsilon does not apply to method breadcrumbs"),
+    ("della", {"sign_election": "vote"}, "unknown sign election"),
+    ("ties", {"align": "svd"}, "unknown alignment"),
+    ("linear", {"align": "knots"}, "--align does not apply to method linear"),
+    ("cat", {"align": "knots"}, "--align does not apply to method cat"),
+])
+def test_bad_parameters_refused(method: str, given: dict, message: str) -> None:
+    with pytest.raises(BadInputError) as info:
+        get_method(method).resolve(given, [1.0, 1.0])
+    assert message in info.value.message and "\n" not in info.value.message
+    if "--align" in message:
+        assert "ties" in (info.value.fix or "")
+
+
+def test_parameters_resolved_and_recorded() -> None:
+    della = get_method("della")
+    params = della.resolve({"density": 1.0, "epsilon": 0.7}, [1.0])  # density 1: epsilon unused
+    assert params.epsilon == 0.7
+    assert della.recorded(della.resolve({}, [1.0])) == {
+        "density": 0.5, "lambda": 1.0, "sign_election": "sum", "epsilon": 0.15}
+    crumbs = get_method("breadcrumbs")
+    assert crumbs.recorded(crumbs.resolve({"gamma": 0.0}, [1.0])) == {
+        "density": 0.5, "lambda": 1.0, "normalize": False, "gamma": 0.0}
+    ties = get_method("ties")
+    assert ties.recorded(ties.resolve({"align": "knots"}, [1.0]))["align"] == "knots"
+    assert "align" not in ties.recorded(ties.resolve({}, [1.0]))  # older recipes unchanged
+    for name in ENTRY_WISE:
+        get_method(name).resolve({"align": "knots"}, [1.0, 1.0])
+
+
+# ---- the engine on hand-made adapters: mixed ranks, a module only one input has ----
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (40, 24), "model.layers.0.mlp.up_proj": (56, 24),
+          "model.layers.1.self_attn.q_proj": (40, 24)}
+ONLY_A = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture()
+def pair(tmp_path):  # type: ignore[no-untyped-def]
+    from tests.merge_fixtures import random_adapter
+
+    a = random_adapter(tmp_path / "a", SHAPES, 4, seed=1)
+    b = random_adapter(tmp_path / "b", {k: v for k, v in SHAPES.items() if k != ONLY_A}, 6,
+                       seed=2, alpha=12)
+    return a, b
+
+
+def _product(result, name):  # type: ignore[no-untyped-def]
+    key = f"base_model.model.{name}"
+    return result.tensors[key + ".lora_B.weight"] @ result.tensors[key + ".lora_A.weight"]
+
+
+def _deltas(path, names):  # type: ignore[no-untyped-def]
+    from merging.adapter import load_adapter
+
+    adapter = load_adapter(path)
+    return {n: adapter.module(f"base_model.model.{n}").delta() for n in names
+            if f"base_model.model.{n}" in adapter.infos}
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_engine_runs_the_new_methods(pair, method: str) -> None:  # type: ignore[no-untyped-def]
+    from merging.engine import merge_adapters
+
+    a, b = pair
+    extra = {"epsilon": 0.1} if "della" in method else {"gamma": 0.05}
+    res = merge_adapters([a, b], [0.6, 0.4], method, params={"density": 0.5, **extra},
+                         rank="full", seed=1)
+    da, db = _deltas(a, SHAPES), _deltas(b, SHAPES)
+    name = "model.layers.0.self_attn.q_proj"
+    expected = run(method, [da[name], db[name]], [0.6, 0.4], name=f"base_model.model.{name}",
+                   seed=1, density=0.5, **extra)
+    assert torch.allclose(_product(res, name), expected, atol=1e-5)
+    alone = run(method, [da[ONLY_A]], [0.6], name=f"base_model.model.{ONLY_A}", seed=1,
+                density=0.5, **extra)  # the module only a has: b contributes nothing
+    assert torch.allclose(_product(res, ONLY_A), alone, atol=1e-5)
+    assert res.report["modules"][f"base_model.model.{ONLY_A}"]["inputs"] == [0]
+    again = merge_adapters([a, b], [0.6, 0.4], method, params={"density": 0.5, **extra},
+                           rank="full", seed=1)
+    assert all(torch.equal(again.tensors[k], v) for k, v in res.tensors.items())
+
+
+def test_engine_knots(pair) -> None:  # type: ignore[no-untyped-def]
+    from merging.engine import merge_adapters
+
+    a, b = pair
+    res = merge_adapters([a, b], [1.0, 0.5], "dare_ties", params={"density": 0.5, "align": "knots"},
+                         seed=3)
+    assert res.report["parameters"]["align"] == "knots"
+    assert res.report["error"] < 1e-5  # exact factors: (basis, merged coefficients)
+    da, db = _deltas(a, SHAPES), _deltas(b, SHAPES)
+    for name in SHAPES:
+        deltas = [d[name] for d in (da, db) if name in d]
+        weights = [1.0, 0.5][:len(deltas)]
+        ref, _ = paper_knots(deltas, lambda c: run("dare_ties", c, weights,
+                                                   name=f"base_model.model.{name}", seed=3,
+                                                   density=0.5))
+        assert torch.allclose(_product(res, name), ref, atol=1e-4), name
+    modules = res.report["modules"]
+    assert modules[f"base_model.model.{ONLY_A}"]["rank"] <= 4
+    assert max(m["rank"] for m in modules.values()) <= 10
+    again = merge_adapters([a, b], [1.0, 0.5], "dare_ties",
+                           params={"density": 0.5, "align": "knots"}, seed=3)
+    assert all(torch.equal(again.tensors[k], v) for k, v in res.tensors.items())
+    other = merge_adapters([a, b], [1.0, 0.5], "dare_ties",
+                           params={"density": 0.5, "align": "knots"}, seed=4)
+    assert not all(torch.equal(other.tensors[k], v) for k, v in res.tensors.items())
+    truncated = merge_adapters([a, b], [1.0, 0.5], "ties", params={"align": "knots"}, rank=3)
+    assert {m["rank"] for m in truncated.report["modules"].values()} == {3}
+    with pytest.raises(BadInputError, match="does not apply to method linear"):
+        merge_adapters([a, b], None, "linear", params={"align": "knots"})
