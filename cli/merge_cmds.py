@@ -8,9 +8,13 @@ store's ``tmp/``, runs :func:`merging.engine.merge_adapters` module by module
 under a progress bar, writes the PEFT directory, validates it with the same
 ingest checks as ``push`` and pushes it with lineage: parents (digest, ref, role
 ``input``, weight), recipe (method, every parameter including defaults, seed,
-rank, tool version) and report (overall and per-module relative Frobenius
-error, output ranks, warnings). ``--out DIR`` also writes the PEFT directory
-there (atomically). torch and the merge engine are imported inside the command.
+rank, tool version; ``align`` when ``--align`` is given) and report (overall and
+per-module relative Frobenius error, output ranks, warnings). Method parameters
+(``--density``, ``--gamma``, ``--epsilon``, ``--align``, ...) are passed through
+as given: their defaults, bounds and help text belong to the methods' registry
+(:mod:`merging.methods`), which needs no torch to import. ``--out DIR`` also
+writes the PEFT directory there (atomically). torch and the merge engine are
+imported inside the command.
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ import typer
 
 from cli.common import JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
+from merging.methods import METHODS, PARAMETER_HELP, SIGN_ELECTIONS  # imports no torch
 from registry.errors import BadInputError, shorten
 
-METHOD_NAMES = ("linear", "task_arithmetic", "cat", "ties", "dare_linear", "dare_ties",
-                "magnitude_prune")
-SIGN_ELECTIONS = ("sum", "frequency", "mergekit")
+METHOD_NAMES = tuple(sorted(METHODS))
 
 
 def register(app: typer.Typer) -> None:
@@ -82,19 +85,26 @@ def merge(
     weights: Annotated[Optional[str], typer.Option(
         "--weights", help="Comma-separated weights, one per input (default 1 each).")] = None,
     density: Annotated[Optional[float], typer.Option(
-        "--density", help="Fraction of entries kept per tensor, in (0, 1] (default 0.5).")] = None,
+        "--density", help=PARAMETER_HELP["density"])] = None,
     lam: Annotated[Optional[float], typer.Option(
-        "--lambda", help="Scale of the merged delta (default 1).")] = None,
+        "--lambda", help=PARAMETER_HELP["lambda"])] = None,
     normalize: Annotated[bool, typer.Option(
-        "--normalize", help="Divide by the sum of the weights.")] = False,
+        "--normalize", help=PARAMETER_HELP["normalize"])] = False,
     sign_election: Annotated[Optional[str], typer.Option(
-        "--sign-election", help="sum (default) | frequency | mergekit.")] = None,
+        "--sign-election", help=PARAMETER_HELP["sign_election"])] = None,
+    gamma: Annotated[Optional[float], typer.Option(
+        "--gamma", help=PARAMETER_HELP["gamma"])] = None,
+    epsilon: Annotated[Optional[float], typer.Option(
+        "--epsilon", help=PARAMETER_HELP["epsilon"])] = None,
+    align: Annotated[Optional[str], typer.Option(
+        "--align", help=PARAMETER_HELP["align"], show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of DARE masks and SVD sketches.")] = 0,
     rank: Annotated[Optional[str], typer.Option(
         "--rank", help="Output rank N, or 'full' (default: exact for linear/task_arithmetic/"
                        "cat, else the largest input rank).")] = None,
     name: Annotated[Optional[str], typer.Option(
-        "--name", help="Name to push the result under (default: <first input>-<method>).")] = None,
+        "--name", help="Name to push the result under (default: <first input>-<method>, "
+                       "plus -<align> when aligned).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Also write the merged PEFT adapter directory here.")] = None,
     allow_base_mismatch: Annotated[bool, typer.Option(
@@ -113,12 +123,12 @@ def merge(
     if len(refs) < 2:
         raise BadInputError("merge needs at least two adapters", fix="adapters merge A B --method ties")
     given = {"density": density, "lambda": lam, "normalize": normalize or None,
-             "sign_election": sign_election}
+             "sign_election": sign_election, "gamma": gamma, "epsilon": epsilon, "align": align}
     weight_list = parse_weights(weights, len(refs))
     rank_value = parse_rank(rank)
     st = open_store(store)
     versions = [st.resolve(ref) for ref in refs]
-    target = name or f"{versions[0].name}-{method}"
+    target = name or f"{versions[0].name}-{method}" + (f"-{align}" if align else "")
     validate_name(target)
 
     from merging.engine import check_bases, merge_adapters, module_union

@@ -1,0 +1,81 @@
+"""``adapters merge`` with breadcrumbs, DELLA and ``--align knots``: options, lineage, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.functional.test_merge_cli import bases, cli, store  # noqa: F401  (fixtures)
+
+
+@pytest.mark.parametrize("method,extra,recorded", [
+    ("breadcrumbs", ["--gamma", "0.05", "--normalize"],
+     {"density": 0.5, "gamma": 0.05, "lambda": 1.0, "normalize": True}),
+    ("breadcrumbs_ties", ["--density", "0.4"],
+     {"density": 0.4, "gamma": 0.01, "lambda": 1.0, "sign_election": "sum"}),
+    ("della", ["--epsilon", "0.1", "--sign-election", "mergekit"],
+     {"density": 0.5, "epsilon": 0.1, "lambda": 1.0, "sign_election": "mergekit"}),
+    ("della_linear", ["--density", "0.3", "--epsilon", "0.2", "--rank", "full"],
+     {"density": 0.3, "epsilon": 0.2, "lambda": 1.0, "normalize": False}),
+])
+def test_new_methods_run_and_record_their_parameters(store: Path, capsys, method: str,  # noqa: F811
+                                                     extra: list[str], recorded: dict) -> None:  # type: ignore[no-untyped-def]
+    args = ["merge", "math", "code", "--method", method, *extra, "--seed", "2", "--store",
+            str(store), "--json"]
+    code, data, err = cli(args, capsys)
+    assert code == 0, err
+    assert data["version"]["name"] == f"math-{method}"
+    parameters = data["version"]["lineage"]["recipe"]["parameters"]
+    assert {k: parameters[k] for k in recorded} == recorded
+    assert "align" not in parameters
+    if "full" in extra:
+        assert data["error"] < 1e-6
+    code, again, _ = cli(args, capsys)  # deterministic for a seed: the same version
+    assert code == 0 and again["created"] is False
+    assert again["version"]["digest"] == data["version"]["digest"]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_align_knots_is_recorded(store: Path, capsys, method: str) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    code, data, err = cli(["merge", "math", "code", "--method", method, "--align", "knots",
+                           "--store", str(store), "--json"], capsys)
+    assert code == 0, err
+    assert data["version"]["name"] == f"math-{method}-knots"
+    assert data["version"]["lineage"]["recipe"]["parameters"]["align"] == "knots"
+    assert data["parameters"]["align"] == "knots"
+    assert data["error"] < 1e-5  # exact factors of rank <= 4 + 8
+    assert max(m["rank"] for m in data["modules"].values()) <= 12
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "breadcrumbs", "--gamma", "1"], "gamma must be in [0, 1)"),
+    (["--method", "breadcrumbs_ties", "--gamma", "-0.5"], "gamma must be in [0, 1)"),
+    (["--method", "della", "--epsilon", "0.6"], "density ± epsilon must lie in (0, 1)"),
+    (["--method", "della_linear", "--density", "0.95"], "density ± epsilon must lie in (0, 1)"),
+    (["--method", "della", "--epsilon", "-0.1"], "epsilon must be in [0, 1)"),
+    (["--method", "ties", "--gamma", "0.1"], "--gamma does not apply to method ties"),
+    (["--method", "dare_ties", "--epsilon", "0.1"], "--epsilon does not apply to method dare_ties"),
+    (["--method", "linear", "--align", "knots"], "--align does not apply to method linear"),
+    (["--method", "ties", "--align", "svd"], "unknown alignment"),
+])
+def test_bad_parameters_exit_2_with_one_line(store: Path, capsys, args: list[str],  # noqa: F811
+                                             message: str) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = cli(["merge", "math", "code", *args, "--store", str(store)], capsys)
+    assert code == 2
+    assert message in err
+    first = next(line for line in err.splitlines() if message in line)
+    assert message in first  # the message itself is one line
+    code, data, _ = cli(["merge", "math", "code", *args, "--store", str(store), "--json"], capsys)
+    assert code == 2 and data["error"] == "BadInputError" and "\n" not in data["message"]
+
+
+def test_help_lists_the_new_options(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, _ = cli(["merge", "--help"], capsys)
+    assert code == 0
+    import cli.main as cli_main
+    from typer.main import get_command
+
+    command = get_command(cli_main.app).commands["merge"]  # type: ignore[attr-defined]
+    options = {opt for p in command.params for opt in getattr(p, "opts", ())}
+    assert {"--gamma", "--epsilon", "--align"} <= options
