@@ -51,6 +51,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.merge_cmds",
     "cli.unload_cmds",
     "cli.gate_cmds",
+    "cli.ui_cmds",
 )
 
 app = typer.Typer(
