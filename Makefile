@@ -22,8 +22,19 @@ demo: $(STAMP)
 		$(BIN)/pip install -q gguf sentencepiece && touch $(VENV)/.demo-installed; }
 	$(BIN)/python examples/demo.py
 
+# CI's suite: two xdist workers, a whole module per work unit (tests/conftest.py), random
+# order (pytest-randomly). The seed is printed first; `make test SEED=N` replays that
+# order. Every test must pass alone, in any order and on any worker; the session's S3
+# servers (moto, SeaweedFS) start once per worker.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	@echo "test order: --randomly-seed=$(SEED) (replay: make test SEED=$(SEED))"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(WORKERS) --dist loadscope \
+		-p randomly --randomly-seed=$(SEED)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -151,10 +151,21 @@ def weed_binary() -> Path | None:
     return Path(found) if found else None
 
 
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # loaded here, not in the forked child (no dlopen between fork and exec)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the pytest process dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl = getattr(_LIBC, "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _seaweedfs_command(weed: Path, data_dir: Path, ports: list[int]) -> list[str]:

@@ -1,13 +1,57 @@
-"""Session-wide fixtures, registered once for every test module.
+"""Session-wide test plumbing: the shared S3 servers and how pytest-xdist splits the suite.
 
-:func:`tests.backend_fixtures.s3_servers` is session-scoped: registered here, one
-instance (one moto, one SeaweedFS, started on first use) serves every module of a
-pytest process, i.e. of each xdist worker. Test modules import the function-scoped
-fixtures they use (``store_location``...) from :mod:`tests.backend_fixtures` as before.
-
-Each run prints the pytest-randomly seed in its header (``Using --randomly-seed=N``);
-rerun a failure in the same order with ``-p randomly -p "randomly_seed=N"`` or
-``-p randomly --randomly-seed=N``.
+* :func:`tests.backend_fixtures.s3_servers` is session-scoped; registered here, one
+  instance (one moto, one SeaweedFS, each started on first use) serves every module
+  of a pytest process, i.e. of each xdist worker. Test modules import the
+  function-scoped fixtures they use (``store_location``...) from
+  :mod:`tests.backend_fixtures`.
+* Under ``--dist loadscope`` (what ``make test`` runs) a whole module goes to one
+  worker, so each module-scoped fixture (a trained adapter, a saved model, a Hub
+  cache) is built once per run rather than once per worker; the modules in
+  :data:`SAME_WORKER` also share a process-wide world (``tests.gate_fixtures.world()``,
+  two adapters trained for 150 steps each) and go to the same worker as one unit.
+  Long modules without module-scoped fixtures (:data:`SPLIT_PER_TEST`: every backend
+  times every crash point) are split test by test instead, so no single module
+  becomes the run's critical path.
+* Order: pytest-randomly shuffles modules and the tests inside them. Each run prints
+  its seed (``Using --randomly-seed=N``, and ``make test`` prints it first); replay an
+  order with ``--randomly-seed=N`` (``make test SEED=N``).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
 from tests.backend_fixtures import s3_servers  # noqa: F401
+
+SAME_WORKER = {
+    "tests/functional/test_gate.py": "gate-world",
+    "tests/functional/test_decoding.py": "gate-world",
+    "tests/functional/test_promote.py": "gate-world",
+}
+
+SPLIT_PER_TEST = {
+    "tests/functional/test_failpoints.py",
+    "tests/functional/test_backends.py",
+    "tests/functional/test_signing_store.py",
+}
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``--dist loadscope``: a work unit per module, :data:`SAME_WORKER` group, or
+    test of a :data:`SPLIT_PER_TEST` module."""
+    if config.getoption("dist", None) != "loadscope":
+        return None  # xdist's own scheduler for every other mode
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module in SPLIT_PER_TEST:
+                return nodeid
+            return SAME_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)
