@@ -167,7 +167,7 @@ def test_token_required_on_every_request(world: UiWorld) -> None:
     assert redirect.status_code == 303 and redirect.headers["location"] == "/audit?page=1"
     assert web.get("/").status_code == 200  # the cookie set by the redirect
     web.cookies.clear()
-    assert web.get(f"/?token=wrong").status_code == 401
+    assert web.get("/?token=wrong").status_code == 401
 
 
 def test_loopback_view_refuses_foreign_host_headers(world: UiWorld) -> None:
@@ -183,6 +183,48 @@ def test_ui_refuses_non_loopback_without_token(capsys: pytest.CaptureFixture[str
     code, _, err = run(capsys, "ui", "--host", "::", "--token", "short", "--store",
                        str(world.store))
     assert code == 2 and "16 characters" in err
+
+
+def test_ui_off_loopback_says_token_required_and_checks_it(world: UiWorld) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("uvicorn", reason="the ui extra (uvicorn) is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", "--host", "0.0.0.0",
+                             "--port", str(port), "--store", str(world.store), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ADAPTERS_UI_TOKEN": TOKEN})
+    try:
+        lines = [proc.stdout.readline()]
+        while lines[-1] not in ("}\n", ""):  # the start document, up to its closing brace
+            lines.append(proc.stdout.readline())
+        started = json.loads("".join(lines))
+        assert started["token_required"] is True and started["read_only"] is True
+        deadline = time.monotonic() + 30  # the document is printed before uvicorn binds
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/api/ls"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200 and "names" in json.loads(response.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_damaged_store_renders_the_damage(tmp_path: Path) -> None:
