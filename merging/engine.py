@@ -43,7 +43,14 @@ import torch
 
 from merging.adapter import LoraAdapter, load_adapter, torch_dtype
 from merging.align import knots_merge
-from merging.methods import Factors, ModuleContext, ModuleInput, get_method
+from merging.methods import (
+    Factors,
+    MergeMethod,
+    MergeParams,
+    ModuleContext,
+    ModuleInput,
+    get_method,
+)
 from merging.peft_output import output_config
 from merging.sparsify import intraop_threads
 from merging.refactor import (
@@ -176,6 +183,18 @@ def _refactored(method_output: str, result: Any, inputs: Sequence[ModuleInput], 
     return b, a, err, norm
 
 
+def _run_method(spec: MergeMethod, inputs: Sequence[ModuleInput], params: MergeParams,
+                ctx: ModuleContext) -> tuple[Any, str]:
+    """The method's result for one module and its output kind.
+
+    A KnOTS-aligned merge (``params.align == "knots"``) returns exact factors
+    (shared basis, merged coefficients): :mod:`merging.align`.
+    """
+    if params.align == "knots":
+        return knots_merge(spec, inputs, params, ctx), "exact"
+    return spec.fn(inputs, params, ctx), spec.output
+
+
 def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
             warnings: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -252,10 +271,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         inputs = _inputs(loaded, weights, labels, name)
         info = next(a.infos[name] for a in loaded if name in a.infos)
         ctx = ModuleContext(name=name, shape=info.shape, seed=seed)
-        if resolved.align == "knots":  # exact factors (shared basis, merged coefficients)
-            result, output = knots_merge(spec, inputs, resolved, ctx), "exact"
-        else:
-            result, output = spec.fn(inputs, resolved, ctx), spec.output
+        result, output = _run_method(spec, inputs, resolved, ctx)
         b, a, err, norm = _refactored(output, result, inputs, rank, ctx, dtype)
         return name, b, a, err, norm, [inp.index for inp in inputs]
 
