@@ -98,10 +98,10 @@ def merge(
         "--epsilon", help=PARAMETER_HELP["epsilon"])] = None,
     align: Annotated[Optional[str], typer.Option(
         "--align", help=PARAMETER_HELP["align"], show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of DARE masks and SVD sketches.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of DARE/DELLA masks and SVD sketches.")] = 0,
     rank: Annotated[Optional[str], typer.Option(
         "--rank", help="Output rank N, or 'full' (default: exact for linear/task_arithmetic/"
-                       "cat, else the largest input rank).")] = None,
+                       "cat and --align knots, else the largest input rank).")] = None,
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Name to push the result under (default: <first input>-<method>, "
                        "plus -<align> when aligned).")] = None,
