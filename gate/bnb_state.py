@@ -54,14 +54,14 @@ class QuantLayout:
 
     Attributes:
         logical: Tensor name -> the shape it stands for (a 4-bit weight: the shape in
-            its quant state, else the stored shape).
+            its quant state, None when that state is malformed; else the stored shape).
         four_bit: 4-bit weight name -> its quant type (from the state key).
         int8: int8 weight names.
         companions: Companion tensor name -> the weight it belongs to.
         problems: Malformed quant states found while reading the layout.
     """
 
-    logical: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    logical: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     four_bit: dict[str, str] = field(default_factory=dict)
     int8: set[str] = field(default_factory=set)
     companions: dict[str, str] = field(default_factory=dict)
@@ -71,6 +71,12 @@ class QuantLayout:
     def quantized(self) -> bool:
         """Whether any weight is quantized."""
         return bool(self.four_bit or self.int8)
+
+
+def _short(value: Any, width: int = 20) -> str:
+    """A bounded repr of an untrusted value."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _state_json(raw: Any, key: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -84,23 +90,23 @@ def _state_json(raw: Any, key: str) -> tuple[dict[str, Any] | None, str | None]:
     shape = state.get("shape")
     problems = []
     if state.get("quant_type") not in FOUR_BIT:
-        problems.append(f"quant_type {str(state.get('quant_type'))[:20]!r}")
+        problems.append(f"quant_type {_short(state.get('quant_type'))}")
     if state.get("blocksize") not in BLOCKSIZES:
-        problems.append(f"blocksize {str(state.get('blocksize'))[:20]!r}")
+        problems.append(f"blocksize {_short(state.get('blocksize'))}")
     if state.get("dtype") not in FLOAT_DTYPES:
-        problems.append(f"dtype {str(state.get('dtype'))[:20]!r}")
+        problems.append(f"dtype {_short(state.get('dtype'))}")
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
-        problems.append(f"shape {str(shape)[:40]}")
+        problems.append(f"shape {_short(shape, 40)}")
     if "nested_blocksize" in state or "nested_offset" in state:
         offset = state.get("nested_offset")
         if state.get("nested_blocksize") not in BLOCKSIZES:
-            problems.append(f"nested_blocksize {str(state.get('nested_blocksize'))[:20]!r}")
+            problems.append(f"nested_blocksize {_short(state.get('nested_blocksize'))}")
         if state.get("nested_dtype") not in FLOAT_DTYPES:
-            problems.append(f"nested_dtype {str(state.get('nested_dtype'))[:20]!r}")
+            problems.append(f"nested_dtype {_short(state.get('nested_dtype'))}")
         if (isinstance(offset, bool) or not isinstance(offset, (int, float))
                 or not math.isfinite(offset)):
-            problems.append(f"nested_offset {str(offset)[:20]}")
+            problems.append(f"nested_offset {_short(offset)}")
     if problems:
         return None, f"{key}: malformed quant state ({', '.join(problems)})"
     return state, None
@@ -134,7 +140,7 @@ def read_layout(model_dir: Path) -> QuantLayout:
             state, problem = _state_json(handle.get_tensor(name), name)
         if problem:
             out.problems.append(problem)
-        out.logical[weight] = tuple(state["shape"]) if state else stored[weight]
+        out.logical[weight] = tuple(state["shape"]) if state else None  # shape unknown
     for name in stored:
         if name.endswith(".SCB"):
             weight = name[: -len("SCB")] + "weight"
@@ -243,7 +249,8 @@ def check_quantized(model_dir: Path, layout: QuantLayout) -> tuple[int, list[str
         parts = {"weight": tensor(weight)}
         parts.update({part: tensor(f"{weight}.{part}") for part in FOUR_BIT_PARTS
                       if f"{weight}.{part}" in found.locations})
-        state, problem = _state_json(tensor(f"{weight}.quant_state.bitsandbytes__{kind}"), weight)
+        key = f"{weight}.quant_state.bitsandbytes__{kind}"
+        state, problem = _state_json(tensor(key), key)
         found_problems = [problem] if problem else _four_bit_problems(weight, parts, state)
         if not found_problems:
             deq = _dequantize_4bit(parts, state, kind)

@@ -136,7 +136,10 @@ def verify_model_dir(store: StoreReader, version: Version, model_dir: Path) -> d
     except ImportError:  # pragma: no cover - registry without per-tensor lists
         check_model_dir = None
     if check_model_dir is not None:
-        checked = check_model_dir(store, version, model_dir)
+        try:
+            checked = check_model_dir(store, version, model_dir)
+        except IntegrityError as err:
+            raise IntegrityError(f"{err.message}; nothing was evaluated", fix=err.fix) from None
         return {"model_dir": str(model_dir), "weights_digest": checked.weights_digest,
                 "tensors": checked.tensors}
     from registry.fingerprint import fingerprint_model  # pragma: no cover

@@ -73,13 +73,18 @@ def measure(ctx: Any, texts: list[str]) -> dict[str, Any]:
             "max_logit_diff": max_diff, "positions": positions, "windows": len(windows)}
 
 
+def shown(value: float) -> float | str:
+    """A measured value for metrics and messages: rounded, or ``"inf"`` (NaN/inf logits)."""
+    return num(value) if math.isfinite(value) else "inf"
+
+
 def _problems(spec: Any, found: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     problems, thresholds = [], {}
     kl, top1, diff = found["mean_kl"], found["top1_agreement"], found["max_logit_diff"]
     if spec["max_kl"] is not None:
         thresholds["threshold_max_kl"] = spec["max_kl"]
         if not kl <= spec["max_kl"]:
-            problems.append(f"mean KL {num(kl)} > max_kl {spec['max_kl']}")
+            problems.append(f"mean KL {shown(kl)} > max_kl {spec['max_kl']}")
     if spec["min_top1"] is not None:
         thresholds["threshold_min_top1"] = spec["min_top1"]
         if not top1 >= spec["min_top1"]:
@@ -87,7 +92,8 @@ def _problems(spec: Any, found: dict[str, Any]) -> tuple[list[str], dict[str, An
     if spec["max_logit_diff"] is not None:
         thresholds["threshold_max_logit_diff"] = spec["max_logit_diff"]
         if not diff <= spec["max_logit_diff"]:
-            problems.append(f"max |logit diff| {num(diff)} > max_logit_diff {spec['max_logit_diff']}")
+            problems.append(f"max |logit diff| {shown(diff)} > max_logit_diff "
+                            f"{spec['max_logit_diff']}")
     return problems, thresholds
 
 
@@ -101,12 +107,9 @@ def run(spec: Any, ctx: Any) -> Outcome:
         found = measure(ctx, texts)
     except LookupError as err:
         return Outcome("error", str(err))
-    metrics: dict[str, Any] = {"source": cand.source.label,
-                               "mean_kl": num(found["mean_kl"]) if math.isfinite(found["mean_kl"])
-                               else "inf",
+    metrics: dict[str, Any] = {"source": cand.source.label, "mean_kl": shown(found["mean_kl"]),
                                "top1_agreement": num(found["top1_agreement"]),
-                               "max_logit_diff": num(found["max_logit_diff"])
-                               if math.isfinite(found["max_logit_diff"]) else "inf",
+                               "max_logit_diff": shown(found["max_logit_diff"]),
                                "positions": found["positions"], "documents": len(texts)}
     problems, thresholds = _problems(spec, found)
     metrics.update(thresholds)

@@ -88,7 +88,8 @@ def _model_shapes(layout: Any, base_dir: Path) -> list[str]:
     problems = [f"missing tensor {k}" for k in sorted(set(base) - set(mine))[:5]]
     problems += [f"unexpected tensor {k}" for k in sorted(extra)[:5]]
     problems += [f"{k}: shape {mine[k]} but the base has {base[k]}"
-                 for k in sorted(set(mine) & set(base)) if mine[k] != base[k]][:5]
+                 for k in sorted(set(mine) & set(base))
+                 if mine[k] is not None and mine[k] != base[k]][:5]  # None: malformed state
     return problems + layout.problems[:5]
 
 
@@ -98,7 +99,7 @@ def logical_struct_digest(layout: Any, cand_dir: Path) -> str:
     from registry.fingerprint import arch_fields, model_config
 
     config = model_config(cand_dir)
-    tensors = [[name, list(shape)] for name, shape in sorted(layout.logical.items())]
+    tensors = [[name, list(shape or ())] for name, shape in sorted(layout.logical.items())]
     return json_digest({"v": 1, "tensors": tensors, "config": arch_fields(config)})
 
 
@@ -165,7 +166,7 @@ def _model_problems(spec: Any, ctx: Any, metrics: dict[str, Any]) -> list[str]:
         if not same and not problems:
             problems.append("the model's structure (tensor names, shapes, architecture) "
                             "differs from the base's")
-    return problems
+    return list(dict.fromkeys(problems))  # a malformed state is seen by layout and check
 
 
 def run(spec: Any, ctx: Any) -> Outcome:
