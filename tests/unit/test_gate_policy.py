@@ -43,7 +43,7 @@ def _write(tmp_path: Path, doc: object = GOOD) -> Path:
 def test_defaults_are_filled_and_paths_resolved(tmp_path):
     policy = load_policy(_write(tmp_path))
     assert [c.kind for c in policy.checks] == ["structural", "merge_equivalence", "perplexity",
-                                               "retention", "generation"]
+                                               "retention", "generation", "drift"]
     assert policy.seed == 0 and policy.dtype == "float32"
     ppl = policy.checks[2]
     assert ppl["baseline"] == "base" and ppl["max"] is None
@@ -230,7 +230,7 @@ def test_documented_example_policy_is_valid(tmp_path):
     shutil.copy(example, tmp_path / "gate.yaml")
     policy = load_policy(tmp_path / "gate.yaml")
     assert [c.kind for c in policy.checks] == ["structural", "merge_equivalence", "perplexity",
-                                               "retention", "generation"]
+                                               "retention", "generation", "drift"]
 
 
 def test_exponent_numbers_in_yaml(tmp_path):
