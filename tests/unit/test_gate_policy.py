@@ -43,7 +43,7 @@ def _write(tmp_path: Path, doc: object = GOOD) -> Path:
 def test_defaults_are_filled_and_paths_resolved(tmp_path):
     policy = load_policy(_write(tmp_path))
     assert [c.kind for c in policy.checks] == ["structural", "merge_equivalence", "perplexity",
-                                               "retention", "generation", "drift"]
+                                               "retention", "generation"]
     assert policy.seed == 0 and policy.dtype == "float32"
     ppl = policy.checks[2]
     assert ppl["baseline"] == "base" and ppl["max"] is None
