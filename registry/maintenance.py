@@ -11,8 +11,9 @@ reports.
 ``gc`` takes ``locks/gc.lock`` exclusively (pushes hold it shared for their whole
 duration, so no push is between writing blobs and binding them), marks what is
 reachable -- manifests bound by a name, their files, manifests still named as
-lineage parents (so history outlives a deleted binding), gate-record blobs,
-signature envelopes -- and
+lineage parents (so history outlives a deleted binding), gate-record blobs and the
+policies they were made under, signature envelopes, derived models' per-tensor
+lists (named by their weights digest) -- and
 deletes only unreachable blobs whose mtime is older than the grace period, plus
 stale temp files (``tmp/`` entries, including work directories whose newest
 file is older than the grace, and interrupted atomic writes). It refuses to run when
@@ -277,9 +278,15 @@ def reachable(store: Store) -> set[str]:
         keep.add(digest)
         if digest in bound:
             keep.update(entry["digest"] for entry in manifest["files"])
+            # a derived model's per-tensor list is the blob its weights digest names
+            # (rebuild and verify --model name the differing tensor from it)
+            weights = (manifest.get("record") or {}).get("weights") or {}
+            if is_digest(weights.get("weights_digest")):
+                keep.add(weights["weights_digest"])
         pending.extend(p["digest"] for p in (manifest.get("lineage") or {}).get("parents", [])
                        if is_digest(p.get("digest")))
-    keep.update(record for _, _, record in store.gate_pointers())
+    for _, policy, record in store.gate_pointers():
+        keep.update((record, policy))  # the gate stores the policy it applied under its digest
     keep.update(envelope for _, _, envelope in store.signature_pointers())
     return keep
 

@@ -188,3 +188,28 @@ def test_gc_removes_stale_temp_directories_only(populated: tuple[Store, dict]) -
     report = gc(store, 3600)
     assert report.temp_removed == ["tmp/unload-old"]
     assert not stale.exists() and (busy / "fresh.bin").exists()
+
+
+def test_gc_keeps_applied_policies_and_tensor_lists(tmp_path: Path) -> None:
+    """The policy a gate record was made under and a derived model's per-tensor list
+    (the blob its weights digest names) are what promote and rebuild read back."""
+    from registry.common import canonical_json
+    from registry.record import build_model_record
+
+    store = new_store(tmp_path)
+    adapter = push_adapter(store, "lora-a", make_adapter_dir(tmp_path / "a")).version
+    policy_bytes = canonical_json({"policy": {"version": 1, "checks": []}, "data": {}})
+    policy = store.put_bytes(policy_bytes)
+    store.put_gate_record(adapter.digest, policy, {"passed": True, "checks": [],
+                                                    "candidate_digest": adapter.digest,
+                                                    "policy_digest": policy})
+    tensor_list = store.put_bytes(canonical_json({"v": 1, "tensors": [["w", "F32", [2], "0" * 64]]}))
+    record = build_model_record({"struct_digest": "sha256:" + "1" * 64,
+                                 "weights_digest": tensor_list})
+    store.record_derived("lora-a-unloaded", record,
+                         make_lineage([parent(adapter, role="adapter")], method="unload"))
+    garbage = store.put_bytes(b"unreachable")
+    report = gc(store, 0, now=time.time() + 10)
+    assert garbage in report.removed
+    assert policy not in report.removed and tensor_list not in report.removed
+    assert store.blobs.read(policy) == policy_bytes
