@@ -94,7 +94,7 @@ def _problem_fix(kind: str) -> str:
 
 
 def verify(
-    ref: Annotated[Optional[str], typer.Argument(help="Only this version.")] = None,
+    ref: Annotated[Optional[str], typer.Argument(metavar="REF", help="Only this version.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every blob in the store.")] = False,
     signatures: Annotated[
         bool, typer.Option("--signatures", help="Also require a valid trusted signature.")
