@@ -49,6 +49,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.hub_cmds",
     "cli.sign_cmds",
     "cli.merge_cmds",
+    "cli.search_cmds",
     "cli.unload_cmds",
     "cli.gate_cmds",
     "cli.ui_cmds",

@@ -1,0 +1,16 @@
+"""Gate-constrained merge search (``adapters merge-search``).
+
+Finds merge recipes (method, per-input weights, density, lambda, gamma/epsilon, sign
+election, KnOTS alignment) that keep what each parent could do, under the same policy
+that ``adapters gate`` enforces. Optuna drives the search (multi-objective, seeded,
+constraints from the policy, optional shared RDB storage for several workers); each
+trial is a merge of LoRA factors in memory swapped into one loaded PEFT model
+(:mod:`merging.live`), so the base is loaded once per process and nothing is written
+per trial.
+
+Modules: :mod:`gate.search.space` (the space and its bounds), :mod:`gate.search.scoring`
+(objectives and constraints from the policy), :mod:`gate.search.study` (sampler,
+storage, shared budget, workers), :mod:`gate.search.front` (Pareto front, pick rules,
+plot), :mod:`gate.search.run` (:func:`run_search`: from refs to a pushed version).
+torch, transformers, peft and optuna are imported inside functions only.
+"""

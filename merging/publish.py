@@ -1,0 +1,101 @@
+"""Push a merge result as a store version, exactly as ``adapters merge`` does.
+
+``adapters merge`` (:mod:`cli.merge_cmds`) builds the version inline; this module is
+the same push path as a library function, so that other producers of merges (the merge
+search, :mod:`gate.search`) publish versions indistinguishable from a hand-made merge
+with the same recipe: the PEFT directory is written under a work directory, re-validated
+with the ingest checks of ``push`` (:func:`registry.ingest.prepare_adapter`), recorded
+with the first input's base (id, revision, fingerprint) and the label
+``merge_method``, and pushed with lineage: parents ``{digest, ref, role: input,
+weight}``, recipe ``{method, parameters: {...method parameters, seed, rank,
+allow_base_mismatch}}`` and report ``{error, max_error, dtype, warnings, modules}``
+(6 significant digits). ``extra_report`` adds keys to the report (the search adds
+``search``); it cannot replace the merge's own keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from merging.engine import MergeResult
+    from registry.manifest import PushResult, Version
+    from registry.store import Store
+
+
+def sig(value: float, digits: int = 6) -> float:
+    """Round to ``digits`` significant digits (lineage numbers stay readable and stable)."""
+    return float(f"{value:.{digits}g}")
+
+
+def merge_lineage(versions: Sequence[Version], result: MergeResult, *, method: str,
+                  warnings: Sequence[str], allow_base_mismatch: bool = False,
+                  extra_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The lineage ``adapters merge`` records for ``result`` (see module docstring).
+
+    Raises:
+        BadInputError: ``extra_report`` clashes with a report key, or is not JSON.
+    """
+    from registry.errors import BadInputError
+    from registry.lineage import make_lineage, parent
+
+    report = result.report
+    body: dict[str, Any] = {
+        "error": sig(report["error"]), "max_error": sig(report["max_error"]),
+        "dtype": report["dtype"], "warnings": list(warnings),
+        "modules": {m: {"rank": e["rank"], "error": sig(e["error"]), "norm": sig(e["norm"])}
+                    for m, e in report["modules"].items()}}
+    clash = sorted(set(extra_report or {}) & set(body))
+    if clash:
+        raise BadInputError(f"report key {clash[0]!r} is the merge's own", fix="use another key")
+    body.update(extra_report or {})
+    return make_lineage(
+        [parent(v, weight=w) for v, w in zip(versions, report["weights"])],
+        method=method,
+        parameters={**report["parameters"], "seed": report["seed"], "rank": report["rank"],
+                    "allow_base_mismatch": allow_base_mismatch},
+        report=body)
+
+
+def push_merge(store: Store, versions: Sequence[Version], result: MergeResult, target: str, *,
+               work_dir: Path, method: str, warnings: Sequence[str] = (),
+               allow_base_mismatch: bool = False,
+               extra_report: dict[str, Any] | None = None) -> PushResult:
+    """Write ``result`` under ``work_dir/merged``, validate it and push it as ``target``.
+
+    Args:
+        store: The registry.
+        versions: The merge's inputs, in order (parents of the lineage).
+        result: The merge (:func:`merging.engine.merge_adapters`).
+        target: The name to push under.
+        work_dir: A scratch directory (the merged PEFT directory goes in ``merged/``).
+        method: The merge method (record label and recipe).
+        warnings: Base-check warnings, before the merge's own.
+        allow_base_mismatch: Recorded in the recipe.
+        extra_report: Extra lineage report keys.
+
+    Returns:
+        The :class:`registry.manifest.PushResult` (an identical re-push is not a new version).
+
+    Raises:
+        BadInputError: The output fails the ingest checks, or a bad ``extra_report``.
+        ConflictError: ``work_dir/merged`` exists and is not empty.
+    """
+    from merging.peft_output import write_peft_dir
+    from registry.ingest import prepare_adapter
+    from registry.record import build_record
+
+    merged_dir = write_peft_dir(result, Path(work_dir) / "merged")
+    first_base = versions[0].record.get("base_model") or {}
+    all_warnings = list(warnings) + list(result.report["warnings"])
+    with prepare_adapter(merged_dir) as prepared:
+        record = build_record(prepared.peft_config, prepared.tensors,
+                              base_model=first_base.get("id"),
+                              base_revision=first_base.get("revision"),
+                              fingerprint=first_base.get("fingerprint"),
+                              labels={"merge_method": method})
+        lineage = merge_lineage(versions, result, method=method, warnings=all_warnings,
+                                allow_base_mismatch=allow_base_mismatch, extra_report=extra_report)
+        return store.push(target, prepared.files, record, lineage=lineage)
