@@ -30,6 +30,8 @@ SAME_WORKER = {
     "tests/functional/test_gate.py": "gate-world",
     "tests/functional/test_decoding.py": "gate-world",
     "tests/functional/test_promote.py": "gate-world",
+    "tests/functional/test_gate_derived.py": "gate-world",
+    "tests/functional/test_custody_default_policy.py": "gate-world",
 }
 
 SPLIT_PER_TEST = {
