@@ -276,6 +276,11 @@ def load_logits(model_dir: Path, **kwargs: Any) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", **kwargs)
+    for module in model.modules():
+        # bitsandbytes' AVX512-BF16 CPU path repacks absmax per row and fails when a row is
+        # not a whole number of blocks (hidden 96, blocksize 64); the gate turns it off too
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     model.eval()
     vocab = model.config.get_text_config().vocab_size
     with torch.no_grad():

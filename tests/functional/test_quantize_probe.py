@@ -1,0 +1,32 @@
+"""The quantize logits probe works when a row is not a whole number of 4-bit blocks.
+
+bitsandbytes' AVX512-BF16 CPU kernel repacks ``absmax`` per row; with hidden 96 and
+block size 64 that reshape fails (``shape '[96, 1]' is invalid for input of size 144``)
+and the probe used to be skipped. The probe now loads the quantized model as the gate
+does (that path off) and must report a drift measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+
+
+def test_probe_measures_drift_on_rows_that_are_not_whole_blocks(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from merging.quantize import quantize
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=160,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "base")
+    result = quantize(tmp_path / "base", "nf4", out=tmp_path / "nf4", probe=True)
+    probe = result.probe or {}
+    assert "skipped" not in probe, probe
+    assert 0.0 <= probe["top1_agreement"] <= 1.0 and probe["max_abs"] > 0.0
