@@ -23,6 +23,7 @@ from cli import alias_cmds, audit_cmds
 from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs,
                         point_new_alias, tree_size)
 from cli.output import Output, escape, make_table, short_digest
+from registry.diff import flatten
 from registry.errors import UsageError, shorten
 
 
@@ -168,16 +169,6 @@ def ls(
     Output(json_out).emit({"names": entries}, render)
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1}``; lists stay values, empty objects go."""
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    flat: dict[str, Any] = {}
-    for key, value in obj.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def _text(value: Any) -> str:
     """One cell: strings as they are, everything else as compact JSON, escaped for rich."""
     if value is None:
@@ -211,7 +202,7 @@ def show(
         console.print(f"[bold]{escape(v.ref)}[/bold]  {v.kind}, created {v.created}")
         if data["aliases"]:
             console.print(f"aliases: {escape(', '.join(data['aliases']))}")
-        rows = [(escape(k), _text(val)) for k, val in _flatten(v.record).items()]
+        rows = [(escape(k), _text(val)) for k, val in flatten(v.record).items()]
         console.print(make_table("record", ["field", "value"], rows))
         rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in v.files]
         console.print(make_table("files", ["path", "digest", "bytes"], rows))
@@ -234,28 +225,13 @@ def diff(
     store: StoreOpt = None,
 ) -> None:
     """Show record and file differences between two versions."""
-    st = open_store(store)
-    a, b = st.resolve(ref_a), st.resolve(ref_b)
-    rec_a, rec_b = _flatten(a.record), _flatten(b.record)
-    record = [
-        {"key": k, "a": rec_a.get(k), "b": rec_b.get(k)}
-        for k in sorted(rec_a.keys() | rec_b.keys())
-        if rec_a.get(k) != rec_b.get(k)
-    ]
-    files_a = {f["path"]: f for f in a.files}
-    files_b = {f["path"]: f for f in b.files}
-    files = []
-    for path in sorted(files_a.keys() | files_b.keys()):
-        fa, fb = files_a.get(path), files_b.get(path)
-        status = ("added" if fa is None else "removed" if fb is None
-                  else "same" if fa["digest"] == fb["digest"] else "changed")
-        files.append({"path": path, "status": status,
-                      "a": fa and fa["digest"], "b": fb and fb["digest"]})
-    data = {"a": a.ref, "b": b.ref, "same": a.digest == b.digest,
-            "record": record, "files": files}
+    from registry.diff import diff_versions
+
+    data = diff_versions(open_store(store), ref_a, ref_b)
+    record, files = data["record"], data["files"]
 
     def render(console: Any) -> None:
-        console.print(f"a: {escape(a.ref)}\nb: {escape(b.ref)}")
+        console.print(f"a: {escape(data['a'])}\nb: {escape(data['b'])}")
         if data["same"]:
             console.print("identical versions")
             return

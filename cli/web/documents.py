@@ -59,32 +59,20 @@ def show_doc(store: Store, ref: str) -> dict[str, Any]:
 
 def flatten(record: Any) -> dict[str, Any]:
     """A record as ``{"a.b": value}`` (the CLI's ``show``/``diff`` flattening)."""
-    from cli.registry_cmds import _flatten
+    from registry.diff import flatten as flatten_record
 
-    return _flatten(record)
+    return flatten_record(record)
 
 
 def diff_doc(store: Store, ref_a: str, ref_b: str) -> dict[str, Any]:
-    """``adapters diff REF1 REF2 --json``.
+    """``adapters diff REF1 REF2 --json`` (:func:`registry.diff.diff_versions`).
 
     Raises:
         NotFoundError / BadInputError / IntegrityError: As :meth:`Store.resolve`.
     """
-    a, b = store.resolve(ref_a), store.resolve(ref_b)
-    rec_a, rec_b = flatten(a.record), flatten(b.record)
-    record = [{"key": k, "a": rec_a.get(k), "b": rec_b.get(k)}
-              for k in sorted(rec_a.keys() | rec_b.keys()) if rec_a.get(k) != rec_b.get(k)]
-    files_a = {f["path"]: f for f in a.files}
-    files_b = {f["path"]: f for f in b.files}
-    files = []
-    for path in sorted(files_a.keys() | files_b.keys()):
-        fa, fb = files_a.get(path), files_b.get(path)
-        status = ("added" if fa is None else "removed" if fb is None
-                  else "same" if fa["digest"] == fb["digest"] else "changed")
-        files.append({"path": path, "status": status,
-                      "a": fa and fa["digest"], "b": fb and fb["digest"]})
-    return {"a": a.ref, "b": b.ref, "same": a.digest == b.digest, "record": record,
-            "files": files}
+    from registry.diff import diff_versions
+
+    return diff_versions(store, ref_a, ref_b)
 
 
 def lineage_doc(store: Store, ref: str, direction: str = "up") -> dict[str, Any]:
