@@ -1,0 +1,165 @@
+"""``adapters merge-search`` on the gate world (tests/gate_fixtures.py: two trained tiny
+LoRAs): the pick passes the policy and is pushed as a merge whose lineage records the
+search; the same seed gives the same pick and version; two worker processes share one
+SQLite study; a killed worker's trial is failed by the heartbeat and the study goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from tests.cli_fixtures import run_json
+from tests.gate_fixtures import build_store, world, write_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = "ties,dare_ties,breadcrumbs_ties"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    w = world()
+    root = tmp_path_factory.mktemp("search")
+    store, _ = build_store(root / "store", w)
+    policy = write_policy(root / "gate.yaml", w, merge_equivalence=None)
+    return w, store, policy, root
+
+
+def _args(setup, *extra: str) -> list[str]:
+    w, store, policy, _ = setup
+    return ["merge-search", "adapter-a", "adapter-b", "--base", str(w.base), "--policy", str(policy),
+            "--methods", METHODS, "--store", str(store.root), *extra]
+
+
+def test_pick_passes_and_is_pushed_with_the_search_in_its_lineage(setup, capsys):
+    w, store, policy, _ = setup
+    code, data = run_json(capsys, *_args(setup, "--trials", "5", "--name", "searched"))
+    assert code == 0, data
+    assert len(data["trials"]) == 5 and data["complete"]
+    feasible = [t for t in data["trials"] if t["feasible"]]
+    picked = data["picked"]
+    assert picked["feasible"]
+    worst = lambda t: min(v for k, v in t["values"].items() if k.startswith("retention:"))  # noqa: E731
+    assert worst(picked) == max(worst(t) for t in feasible)
+    assert picked["number"] in data["front"]
+    version = store.resolve(data["pushed"]["version"]["ref"])
+    lineage = version.lineage
+    assert lineage["recipe"]["method"] == picked["method"]
+    assert [p["weight"] for p in lineage["parents"]] == picked["weights"]
+    search = lineage["report"]["search"]
+    assert search["trials"] == 5 and search["trial"] == picked["number"]
+    assert search["sampler"] == "tpe" and search["seed"] == 0 and search["optuna_version"]
+    with store.open_blob(search["trials_digest"]) as handle:
+        blob = json.loads(handle.read())
+    assert [t["number"] for t in blob["trials"]] == [t["number"] for t in data["trials"]]
+    assert all(set(t["values"]) == {"perplexity:perplexity", "retention:adapter-a",
+                                    "retention:adapter-b"} for t in blob["trials"])
+    # the first trials are the enqueued hand-made merges (defaults)
+    assert [t["method"] for t in data["trials"][:3]] == METHODS.split(",")
+    # a normal merge version: the real gate can judge it (and records its verdict)
+    code = main(["gate", version.ref, "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--json"])
+    assert code == 0
+    assert store.gate_record(version.digest, _policy_digest(policy))["passed"] is True
+
+
+def _policy_digest(policy: Path) -> str:
+    from gate.policy import load_policy
+
+    return load_policy(policy).digest
+
+
+def test_same_seed_same_pick_and_version(setup):
+    from gate.search.run import SearchSettings, run_search
+
+    w, store, policy, _ = setup
+    settings = SearchSettings(methods=METHODS.split(","), trials=4, seed=3, name="repro")
+    first = run_search(store, ["adapter-a", "adapter-b"], w.base, policy, settings)
+    second = run_search(store, ["adapter-a", "adapter-b"], w.base, policy, settings)
+    assert [r.to_json() for r in first.rows] == [r.to_json() for r in second.rows]
+    assert first.picked is not None and first.picked.number == second.picked.number
+    assert first.pushed.version.digest == second.pushed.version.digest
+    assert second.pushed.created is False
+
+
+def _worker(setup, storage: str, study: str, trials: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ADAPTERS_ACTOR": "test"}
+    code = "import sys; from cli.main import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *_args(
+        setup, "--trials", str(trials), "--storage", storage, "--study", study, "--json", *extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _trials(storage: str, study: str):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def test_two_workers_share_one_sqlite_study(setup, tmp_path):
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    workers = [_worker(setup, storage, "shared", 8) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for proc, (out, err) in zip(workers, outputs):
+        assert proc.returncode == 0, err[-2000:]
+    docs = [json.loads(out) for out, _ in outputs]
+    trials = _trials(storage, "shared")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 8
+    assert sum(d["evaluated_here"] for d in docs) == 8          # every trial evaluated once
+    params = [json.dumps(t.params, sort_keys=True) for t in complete]
+    assert len(set(params)) == len(params)                      # no duplicate proposals
+    assert {t.number for t in complete} == set(range(len(trials))) - {
+        t.number for t in trials if t.state != TrialState.COMPLETE}
+
+
+def _running_with_heartbeat(db: Path) -> int | None:
+    """A RUNNING trial that has recorded a heartbeat (Optuna's schema), if any.
+
+    Optuna fails a stale trial only once it has a heartbeat: a worker killed between
+    taking a trial and its first heartbeat (milliseconds) leaves it RUNNING.
+    """
+    import sqlite3
+
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            row = conn.execute("SELECT t.number FROM trials t JOIN trial_heartbeats h "
+                               "ON h.trial_id = t.trial_id WHERE t.state = 'RUNNING'").fetchone()
+    except sqlite3.Error:  # tables not created yet
+        return None
+    return None if row is None else int(row[0])
+
+
+def test_killed_worker_trial_is_failed_and_the_study_continues(setup, tmp_path):
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    victim = _worker(setup, storage, "killed", 6, "--heartbeat", "1", "--no-push")
+    deadline = time.monotonic() + 240
+    running = None
+    while running is None and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+        running = _running_with_heartbeat(tmp_path / "study.db")
+    assert running is not None, "the worker never ran a trial"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    time.sleep(2.5)  # past the grace period (2 x heartbeat)
+    survivor = _worker(setup, storage, "killed", 6, "--heartbeat", "1")
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err[-2000:]
+    trials = {t.number: t for t in _trials(storage, "killed")}
+    assert trials[running].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 6
+    doc = json.loads(out)
+    assert doc["complete"] and doc["pushed"] is not None
