@@ -8,8 +8,9 @@
 * Under ``--dist loadscope`` (what ``make test`` runs) a whole module goes to one
   worker, so each module-scoped fixture (a trained adapter, a saved model, a Hub
   cache) is built once per run rather than once per worker; the modules in
-  :data:`SAME_WORKER` also share a process-wide world (``tests.gate_fixtures.world()``,
-  two adapters trained for 150 steps each) and go to the same worker as one unit.
+  :data:`SAME_WORKER`, and every module that calls ``tests.gate_fixtures.world()`` (a
+  process-wide world: two adapters trained for 150 steps each), go to the same
+  worker as one unit, so that world is built once per run.
   Long modules without module-scoped fixtures (:data:`SPLIT_PER_TEST`: every backend
   times every crash point) are split test by test instead, so no single module
   becomes the run's critical path.
@@ -49,11 +50,23 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None  # xdist's own scheduler for every other mode
     from xdist.scheduler import LoadScopeScheduling
 
+    groups: dict[str, str] = {}
+
+    def group_of(module: str) -> str:
+        """The work unit of a module: its :data:`SAME_WORKER` group, ``gate-world`` for
+        any module that calls ``tests.gate_fixtures.world()``, or the module itself."""
+        if module not in groups:
+            try:
+                text = (config.rootpath / module).read_text(encoding="utf-8")
+            except OSError:
+                text = ""
+            uses_world = "gate_fixtures" in text and "world()" in text
+            groups[module] = SAME_WORKER.get(module, "gate-world" if uses_world else module)
+        return groups[module]
+
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            if module in SPLIT_PER_TEST:
-                return nodeid
-            return SAME_WORKER.get(module, module)
+            return nodeid if module in SPLIT_PER_TEST else group_of(module)
 
     return ModuleScheduling(config, log)
