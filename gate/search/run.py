@@ -40,7 +40,7 @@ from gate.search.front import TrialRow, check_rule, pareto_front, pick, plot_fro
 from gate.search.scoring import Objective, Scorer
 from gate.search.space import SearchSpace, build_space
 from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_study,
-                               record_constraints, run_worker)
+                               record_constraints, run_worker, study_full)
 from registry.common import canonical_json, json_digest
 from registry.errors import BadInputError
 
@@ -170,6 +170,9 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
 
     adapters = [load_adapter(store.materialize(v, work / f"input-{i}")) for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
+    if study_full(study, settings.trials):  # nothing to evaluate: no model is loaded
+        return Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters)],
+                      store=store, name=target, base_dir=base, workdir=work), 0
     evaluator = Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length,
                           device=settings.device)
     live = LiveLora.attach(evaluator.base(), rank_bound(adapters))
@@ -261,21 +264,8 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
         directions = {o.name: o.direction for o in scorer.objectives}
         front = tuple(pareto_front(rows, directions))
         picked = pick(rows, settings.pick_rule)
-        notes: list[str] = []
-        digest = pushed = None
-        if len(rows) < settings.trials:
-            notes.append(f"the study holds {len(rows)} of {settings.trials} trials; another worker "
-                         "is still running (it pushes the pick), or run this command again")
-            picked_push = None
-        else:
-            picked_push = picked
-        if picked_push is not None and settings.push:
-            digest = _trials_blob(store, name, settings, scorer, rows, space)
-            search = {"study": name, "sampler": settings.sampler, "seed": settings.seed,
-                      "trials": len(rows), "trial": picked_push.number, "pick": settings.pick_rule,
-                      "objectives": picked_push.values, "policy": policy.digest,
-                      "trials_digest": digest, "optuna_version": optuna.__version__}
-            pushed = _push_pick(store, versions, picked_push, target, work, settings, warnings, search)
+        digest, pushed, notes = _publish(store, versions, rows, picked, target, work, settings,
+                                         warnings, scorer, space, name, policy.digest)
     plot = None
     if settings.plot is not None:
         note = plot_front(rows, front, picked, Path(settings.plot))
@@ -289,6 +279,26 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
                         baselines=dict(scorer.baselines), space=space.to_json(),
                         optuna_version=optuna.__version__, pushed=pushed, trials_digest=digest,
                         plot=plot, notes=tuple(notes))
+
+
+def _publish(store: Store, versions: Sequence[Version], rows: Sequence[TrialRow],
+             picked: TrialRow | None, target: str, work: Path, settings: SearchSettings,
+             warnings: Sequence[str], scorer: Scorer, space: SearchSpace, name: str,
+             policy_digest: str) -> tuple[str | None, PushResult | None, list[str]]:
+    """Push the pick once the study is full: ``(trials digest, push result, notes)``."""
+    import optuna
+
+    if len(rows) < settings.trials:
+        return None, None, [f"the study holds {len(rows)} of {settings.trials} trials; another "
+                            "worker is still running (it pushes the pick), or run this again"]
+    if picked is None or not settings.push:
+        return None, None, []
+    digest = _trials_blob(store, name, settings, scorer, rows, space)
+    search = {"study": name, "sampler": settings.sampler, "seed": settings.seed,
+              "trials": len(rows), "trial": picked.number, "pick": settings.pick_rule,
+              "objectives": picked.values, "policy": policy_digest, "trials_digest": digest,
+              "optuna_version": optuna.__version__}
+    return digest, _push_pick(store, versions, picked, target, work, settings, warnings, search), []
 
 
 def _directions(policy: Any, versions: Sequence[Version]) -> list[str]:

@@ -94,7 +94,8 @@ class Scorer:
 
     Args:
         policy: The validated policy.
-        evaluator: The process's evaluator (its base already wrapped by ``live``).
+        evaluator: The process's evaluator (its base already wrapped by ``live``); None
+            (with ``live`` None) when nothing will be scored, only named.
         live: The live PEFT model.
         parents: ``(name, adapter)`` of each input, in order.
         store: The registry (for a release baseline).
@@ -107,7 +108,7 @@ class Scorer:
             retention set (``baseline: parents``) names no input.
     """
 
-    def __init__(self, policy: Policy, evaluator: Evaluator, live: LiveLora,
+    def __init__(self, policy: Policy, evaluator: Evaluator | None, live: LiveLora | None,
                  parents: Sequence[tuple[str, LoraAdapter]], *, store: Store | None, name: str,
                  base_dir: Path, workdir: Path) -> None:
         self.policy, self.ev, self.live = policy, evaluator, live

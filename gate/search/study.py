@@ -33,6 +33,7 @@ from typing import Any
 from registry.errors import BadInputError
 
 SAMPLERS = ("tpe", "nsga2")
+OPEN_ATTEMPTS = 5
 FEASIBLE_KEY = "constraints"
 
 
@@ -133,15 +134,24 @@ def open_storage(url: str | None, heartbeat: int) -> Any:
         return optuna.storages.InMemoryStorage()
     if heartbeat < 1:
         raise BadInputError(f"--heartbeat must be >= 1 second, got {heartbeat}", fix="e.g. --heartbeat 30")
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat,
-                                          grace_period=2 * heartbeat,
-                                          engine_kwargs={"connect_args": {"timeout": 60}}
-                                          if url.startswith("sqlite") else None)
-    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        raise BadInputError(f"cannot open storage {url!r}: {type(err).__name__}: {err}",
-                            fix="pass e.g. --storage sqlite:///study.db (a driver for other "
-                                "databases must be installed)") from None
+    import time
+    import warnings
+
+    error: Exception | None = None
+    for attempt in range(OPEN_ATTEMPTS):  # workers starting together race to create the schema
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                    else None)
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            error = err
+            time.sleep(0.5 * (attempt + 1))
+    raise BadInputError(f"cannot open storage {url!r}: {type(error).__name__}: {error}",
+                        fix="pass e.g. --storage sqlite:///study.db (a driver for other "
+                            "databases must be installed)")
 
 
 def open_study(storage: Any, name: str, directions: Sequence[str], sampler: Any
@@ -179,6 +189,11 @@ def _counts(study: Any, number: int | None = None) -> int:
                                                                       TrialState.WAITING):
             done += 1
     return done
+
+
+def study_full(study: Any, trials: int) -> bool:
+    """Whether the study already holds ``trials`` COMPLETE trials."""
+    return _counts(study) >= trials
 
 
 def run_worker(study: Any, objective: Callable[[Any], Sequence[float]], trials: int) -> int:

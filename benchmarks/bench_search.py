@@ -1,0 +1,167 @@
+"""Merge-search trial throughput: live LoRA swap vs reloading the base per trial.
+
+Both loops run the same trials (each method's default merge, then seeded random
+points of the search space) and score them with the same policy-derived objectives
+(:class:`gate.search.scoring.Scorer`, baselines scored once, not timed):
+
+* **live** (what ``adapters merge-search`` does): the base is loaded once and wrapped
+  once by PEFT (:class:`merging.live.LiveLora`); a trial merges in memory and copies the
+  factors into the live model;
+* **naive**: a trial merges, writes the PEFT directory, and loads base + adapter
+  afresh (:meth:`gate.evaluate.Evaluator.with_adapter`, i.e. what ``adapters gate``
+  does for one candidate), then scores.
+
+Prints trials per minute of each and the ratio (target >= 3x), and the largest
+difference between the two loops' objective values (float rounding only). Models:
+the tiny gate world of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct
+with the demo's two adapters when ``make demo`` has run (``.adapters-demo/work``);
+otherwise that part is skipped with a note.
+
+Usage: ``python benchmarks/bench_search.py [--trials N] [--demo-dir DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+
+class _RandomTrial:
+    """Answers ``suggest_*`` from a seeded RNG (stands in for an Optuna trial)."""
+
+    def __init__(self, rng: random.Random, fixed: dict | None = None) -> None:
+        self.rng, self.fixed = rng, fixed or {}
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        return self.fixed.get(name, self.rng.uniform(low, high))
+
+    def suggest_categorical(self, name: str, choices: list) -> object:
+        return self.fixed.get(name, self.rng.choice(choices))
+
+
+def choices(space, count: int) -> list:
+    rng = random.Random(0)
+    picked = [space.suggest(_RandomTrial(rng, d)) for d in space.defaults()]
+    while len(picked) < count:
+        picked.append(space.suggest(_RandomTrial(rng)))
+    return picked[:count]
+
+
+def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], policy_path: Path,
+          methods: list[str], count: int) -> float:
+    """Time both loops on one model; returns the speed-up."""
+    from gate.evaluate import Evaluator
+    from gate.policy import load_policy
+    from gate.search.scoring import Scorer
+    from gate.search.space import build_space
+    from merging.adapter import load_adapter
+    from merging.engine import merge_adapters
+    from merging.live import LiveLora, rank_bound
+    from merging.peft_output import write_peft_dir
+
+    policy = load_policy(policy_path)
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    trials = choices(build_space(len(adapters), methods), count)
+    make_ev = lambda: Evaluator(base, dtype=policy.dtype, seed=policy.seed,  # noqa: E731
+                                max_length=policy.max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        ev = make_ev()
+        live = LiveLora.attach(ev.base(), rank_bound(adapters))
+        scorer = Scorer(policy, ev, live, list(zip(names, adapters)), store=None, name="bench",
+                        base_dir=base, workdir=Path(tmp))
+        setup = time.perf_counter() - start
+        scorer.prepare()
+        for method in dict.fromkeys(c.method for c in trials):  # warm-up, untimed: first-call
+            merge_adapters(adapters, [1.0] * len(adapters), method)  # costs hit neither loop
+        fast, start = [], time.perf_counter()
+        for c in trials:
+            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            live.load(result, adapters)
+            fast.append(scorer.score(result).values)
+        fast_s = time.perf_counter() - start + setup  # the one base load counts
+        slow, start = [], time.perf_counter()
+        for i, c in enumerate(trials):
+            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            out = write_peft_dir(result, Path(tmp) / f"trial-{i}")
+            model = make_ev().with_adapter("candidate", out)
+            scorer.live = SimpleNamespace(model=model)
+            slow.append(scorer.score(result).values)
+        slow_s = time.perf_counter() - start
+    diff = max(abs(a - b) for fa, sa in zip(fast, slow) for a, b in zip(fa, sa))
+    ratio = slow_s / fast_s
+    print(f"{label}: {count} trials  live {60 * count / fast_s:.1f} trials/min ({fast_s:.1f} s, "
+          f"base loaded once in {setup:.1f} s)  naive {60 * count / slow_s:.1f} trials/min "
+          f"({slow_s:.1f} s)  ratio {ratio:.2f}x  max objective difference {diff:.3g}", flush=True)
+    return ratio
+
+
+def tiny(count: int) -> float:
+    from tests.gate_fixtures import world, write_policy
+
+    w = world()
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = write_policy(Path(tmp) / "gate.yaml", w, merge_equivalence=None)
+        return bench("tiny Llama (gate world)", w.base, [w.adapter_a, w.adapter_b],
+                     ["adapter-a", "adapter-b"], policy, ["ties", "dare_ties", "breadcrumbs_ties"],
+                     count)
+
+
+def smollm2(demo_dir: Path, count: int) -> float | None:
+    work = demo_dir / "work"
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import smollm2
+
+        smollm2.find_gguf()
+        base = smollm2.convert(work, log=lambda *_: None) if (work / "base").is_dir() else work / "base"
+    except (ImportError, FileNotFoundError) as err:
+        print(f"SmolLM2-135M: skipped ({err})")
+        return None
+    adapters = sorted((work / "adapters").glob("*-*")) if (work / "adapters").is_dir() else []
+    policy = work / "gate-policy.yaml"
+    found = {t: next((a for a in adapters if a.name.startswith(t + "-")
+                      and (a / "adapter_config.json").is_file()), None) for t in ("reverse", "arithmetic")}
+    if not (base / "config.json").is_file() or not policy.is_file() or None in found.values():
+        print(f"SmolLM2-135M: skipped (run `make demo` first: needs {rel(base)}, the two trained "
+              f"adapters and {rel(policy)})")
+        return None
+    return bench("SmolLM2-135M-Instruct (demo adapters)", base, [found["reverse"], found["arithmetic"]],
+                 ["smollm2-reverse", "smollm2-arith"], policy, ["ties", "dare_ties", "breadcrumbs_ties"],
+                 count)
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--real-trials", type=int, default=3)
+    parser.add_argument("--demo-dir", type=Path, default=ROOT / ".adapters-demo")
+    args = parser.parse_args()
+    ratios = {"tiny": tiny(args.trials), "smollm2": smollm2(args.demo_dir, args.real_trials)}
+    print(json.dumps({k: None if v is None else round(v, 2) for k, v in ratios.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
