@@ -13,11 +13,17 @@
    eval set, generation sanity), with JUnit reports.
 6. ``adapters promote`` the best passing merge to ``release``, print its lineage
    tree and the release history.
-7. Ship it: ``adapters unload`` the release into a standalone model (merge-and-unload,
-   recorded with lineage), ``adapters quantize`` that to nf4, print the lineage from
-   the nf4 model down to the two adapters, and ``adapters audit verify``.
+7. Ship what passes: ``adapters unload`` the release into a standalone model
+   (merge-and-unload, recorded with lineage), ``adapters quantize`` that to nf4 and to
+   int8, and ``adapters gate`` every artifact under the same policy (retention against
+   the two adapters through the lineage, perplexity vs the base, drift vs the model it
+   was made from, chain of custody back to the gated merge). A failing artifact is
+   refused by ``promote``; the smallest passing one gets its ``release``. Then
+   ``adapters verify --model`` the shipped directory, print its lineage down to the two
+   adapters, and ``adapters audit verify``.
 8. Print a results table (per-task exact match of the base, each adapter, each
-   merge, and the gate verdicts) and write it as Markdown.
+   merge and each shipped artifact, perplexity, drift, the gate verdicts) and write it
+   as Markdown.
 
 Everything lives under ``.adapters-demo/``: the store (``store/``, recreated each
 run unless ``--keep-store``) and a work directory (``work/``: converted model,
@@ -159,6 +165,7 @@ version: 1
 seed: 0
 dtype: float32
 max_length: 256
+require_source_gate: true       # a derived model ships only if every link back to the adapters passed
 checks:
   - kind: structural            # finite tensors, shapes vs base, fingerprint, vLLM-servable
     max_rank: 64
@@ -175,6 +182,10 @@ checks:
       {NAMES[TASK_B]}: data/{TASK_B}/eval.jsonl
     metric: exact_match
     min_ratio: 0.7
+  - kind: drift                 # unloaded/quantized models vs the model they were made from
+    data: data/heldout.txt
+    max_kl: 0.05                  # mean KL of next-token distributions (nats)
+    min_top1: 0.9                 # share of positions whose top token is unchanged
   - kind: generation            # fixed prompts: non-empty, not degenerate
     prompts: ["The weather today is", "Reverse: fire rain star\\nReversed:", "Add 52 and 36.\\nSum:"]
     max_new_tokens: 16
@@ -307,22 +318,72 @@ def main() -> int:
     else:
         print("no merge passed the gate; nothing promoted")
 
+    shipped: list[dict] = []
     if winner is not None:
-        banner("8. ship the release: bake it into the base, then quantize to nf4")
-        shipped, shipped_nf4 = work / "shipped", work / "shipped-nf4"
-        for old in (shipped, shipped_nf4):
-            shutil.rmtree(old, ignore_errors=True)
-        # a standalone model (no PEFT needed to load it), recorded with its lineage
-        adapters("unload", f"{PRODUCT}:release", "--base", base, "--out", shipped, capture=False)
-        adapters("quantize", shipped, "--to", "nf4", "--out", shipped_nf4,
-                 "--name", f"{PRODUCT}-nf4", capture=False)
-        adapters("lineage", f"{PRODUCT}-nf4", "--format", "tree", capture=False)
+        shipped = ship(work, base, policy)
     adapters("audit", "verify", capture=False)
 
     banner("9. results")
-    report_results(demo_dir, scores, merges, verdicts, winner)
+    report_results(demo_dir, scores, merges, verdicts, winner, shipped)
     print(f"\ndone in {time.perf_counter() - T0:.0f} s")
     return 0
+
+
+SHIPPED = (("unloaded", None), ("nf4", "nf4"), ("int8", "int8"))
+SHIP_ORDER = ("nf4", "int8", "unloaded")  # smallest first: release the first that passes
+
+
+def ship(work: Path, base: Path, policy: Path) -> list[dict]:
+    """Unload the release, quantize it, gate every artifact, release the smallest that passes."""
+    banner("8. ship what passes: unload, quantize, gate every artifact")
+    dirs = {kind: work / ("shipped" if kind == "unloaded" else f"shipped-{kind}") for kind, _ in SHIPPED}
+    for old in dirs.values():
+        shutil.rmtree(old, ignore_errors=True)
+    artifacts: dict[str, dict] = {}
+    for kind, method in SHIPPED:
+        name = f"{PRODUCT}-{kind}"
+        if method is None:  # a standalone model (no PEFT needed to load it), recorded with lineage
+            _, res = adapters("unload", f"{PRODUCT}:release", "--base", base, "--out", dirs[kind],
+                              "--name", name)
+        else:
+            _, res = adapters("quantize", dirs["unloaded"], "--to", method, "--out", dirs[kind],
+                              "--name", name)
+        probe = (res or {}).get("probe") or {} if isinstance(res, dict) else {}
+        print(f"  {kind}: {rel(dirs[kind])} -> {name}"
+              + (f" (top-1 agreement with the unquantized model {probe['top1_agreement']:.3f})"
+                 if isinstance(probe.get("top1_agreement"), (int, float)) else ""))
+        code, gate = adapters("gate", name, "--base", base, "--policy", policy, ok=(0, 1))
+        for check in gate.get("checks", []) if isinstance(gate, dict) else []:
+            print(f"    {check['status']:>5} {check['name']}: {check.get('message', '')}")
+        print(f"  {kind}: gate {'PASS' if code == 0 else 'FAIL'}")
+        artifacts[kind] = {"kind": kind, "name": name, "dir": dirs[kind], "passed": code == 0,
+                           "gate": gate, "released": False}
+    for kind in SHIP_ORDER:
+        if not artifacts[kind]["passed"]:
+            print(f"{artifacts[kind]['name']} failed its gate: promote refuses it (expect exit 1)")
+            adapters("promote", artifacts[kind]["name"], "--to", "release", "--policy", policy,
+                     capture=False, ok=(1,))
+            continue
+        adapters("promote", artifacts[kind]["name"], "--to", "release", "--policy", policy,
+                 capture=False)
+        artifacts[kind]["released"] = True
+        print(f"shipped: {artifacts[kind]['name']}:release ({rel(artifacts[kind]['dir'])})")
+        adapters("verify", f"{artifacts[kind]['name']}:release", "--model", artifacts[kind]["dir"],
+                 capture=False)
+        adapters("lineage", f"{artifacts[kind]['name']}:release", "--format", "tree", capture=False)
+        break
+    else:
+        print("no shipped artifact passed the gate; nothing released")
+    return [artifacts[kind] for kind, _ in SHIPPED]
+
+
+def gate_metric(gate: object, kind: str, key: str) -> float | None:
+    """One number from a gate result's check of ``kind`` (None if absent)."""
+    for check in gate.get("checks", []) if isinstance(gate, dict) else []:
+        if check.get("kind") == kind:
+            value = (check.get("metrics") or {}).get(key)
+            return value if isinstance(value, (int, float)) else None
+    return None
 
 
 def summarize_gate(res: object) -> str:
@@ -336,6 +397,8 @@ def summarize_gate(res: object) -> str:
         metrics = check.get("metrics") or {}
         if check.get("kind") == "perplexity" and isinstance(metrics.get("increase"), (int, float)):
             reasons.append(f"perplexity {metrics['increase']:+.0%} vs base")
+        elif check.get("kind") == "drift" and isinstance(metrics.get("top1_agreement"), (int, float)):
+            reasons.append(f"drift: top-1 {metrics['top1_agreement']:.2f}, KL {metrics.get('mean_kl')}")
         elif check.get("kind") == "retention":
             ratios = [v for k, v in metrics.items() if k.endswith(".ratio") and isinstance(v, (int, float))]
             reasons.append(f"retention {min(ratios):.2f}x" if ratios else "retention")
@@ -345,12 +408,13 @@ def summarize_gate(res: object) -> str:
 
 
 def report_results(demo_dir: Path, scores: dict, merges: dict, verdicts: dict,
-                   winner: str | None) -> None:
+                   winner: str | None, shipped: list[dict]) -> None:
     """Print the results table and write it (plus a short legend) to ``results.md``."""
     from rich.console import Console
     from rich.table import Table
 
-    header = ["model", f"{TASK_A} EM", f"{TASK_B} EM", "held-out ppl", "gate", "released"]
+    header = ["model", f"{TASK_A} EM", f"{TASK_B} EM", "held-out ppl", "drift vs source",
+              "gate", "released"]
     rows = []
     for label, s in scores.items():
         method = next((m for m in merges if label == f"{PRODUCT} ({m})"), None)
@@ -368,8 +432,21 @@ def report_results(demo_dir: Path, scores: dict, merges: dict, verdicts: dict,
             shown = "base SmolLM2-135M-Instruct"
         else:
             shown = f"adapter {label}"
-        rows.append([shown, f"{s[TASK_A]:.1%}", f"{s[TASK_B]:.1%}", f"{s['ppl']:.1f}", gate,
+        rows.append([shown, f"{s[TASK_A]:.1%}", f"{s[TASK_B]:.1%}", f"{s['ppl']:.1f}", "-", gate,
                      "yes" if method is not None and method == winner else ""])
+    for art in shipped:
+        gate_res = art["gate"]
+        em = [gate_metric(gate_res, "retention", f"{NAMES[t]}.candidate") for t in (TASK_A, TASK_B)]
+        ppl = gate_metric(gate_res, "perplexity", "perplexity")
+        top1 = gate_metric(gate_res, "drift", "top1_agreement")
+        kl = gate_metric(gate_res, "drift", "mean_kl")
+        why = "" if art["passed"] else summarize_gate(gate_res)
+        rows.append([f"shipped {art['kind']} ({winner})",
+                     *(f"{v:.1%}" if v is not None else "-" for v in em),
+                     f"{ppl:.1f}" if ppl is not None else "-",
+                     f"top-1 {top1:.3f}, KL {kl:.3g}" if top1 is not None and kl is not None else "-",
+                     "pass" if art["passed"] else "fail" + (f": {why}" if why else ""),
+                     "yes" if art["released"] else ""])
     table = Table(title=f"SmolLM2-135M-Instruct: base, adapters, merges (versions of {PRODUCT})",
                   title_justify="left")
     for column in header:
@@ -377,10 +454,14 @@ def report_results(demo_dir: Path, scores: dict, merges: dict, verdicts: dict,
     for row in rows:
         table.add_row(*row)
     Console().print(table)
-    legend = (f"\nEM: exact match on {N_EVAL} held-out prompts per task (greedy); perplexity on "
-              "8 held-out English sentences; gate = `adapters gate` with the demo policy "
+    legend = (f"\nEM: exact match on {N_EVAL} held-out prompts per task (greedy; for shipped "
+              "artifacts as measured by their gate's retention check); perplexity on "
+              "8 held-out English sentences; drift: the shipped artifact vs the model it was made "
+              "from (the merge applied to the base for the unloaded model, the unloaded model for "
+              "nf4/int8) on the same sentences; gate = `adapters gate` with the demo policy "
               "(perplexity at most +10% over the base, retention at least 0.7x each parent "
-              "on its own task).\n")
+              "on its own task, drift at most 0.05 nats KL and at least 0.9 top-1 agreement, "
+              "every link back to the adapters gated).\n")
     out = demo_dir / "results.md"
     out.write_text(markdown_table(rows, header) + legend)
     print(f"markdown table written to {rel(out)}")
