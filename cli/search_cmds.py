@@ -95,6 +95,8 @@ def merge_search(
     result = run_search(st, refs, base, policy, settings, on_trial=on_trial)
     _emit(out, result)
     if result.complete and result.picked is None:
+        if json_out:  # the document above says it; one JSON document on stdout
+            raise typer.Exit(1)
         raise GateFailedError(f"no trial of {len(result.rows)} passes the policy's checks; "
                               "nothing pushed",
                               fix="widen the space (--space), add methods or trials, or relax the policy")

@@ -163,3 +163,15 @@ def test_killed_worker_trial_is_failed_and_the_study_continues(setup, tmp_path):
     assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 6
     doc = json.loads(out)
     assert doc["complete"] and doc["pushed"] is not None
+
+
+def test_no_passing_trial_exits_1_and_pushes_nothing(setup, tmp_path, capsys):
+    w, store, _, _ = setup
+    policy = write_policy(tmp_path / "gate.yaml", w, merge_equivalence=None, perplexity={
+        "kind": "perplexity", "data": f"data/{w.heldout.name}", "max": 1.0})  # unreachable
+    code, data = run_json(capsys, "merge-search", "adapter-a", "adapter-b", "--base", str(w.base),
+                          "--policy", str(policy), "--methods", "ties", "--trials", "2",
+                          "--name", "never", "--store", str(store.root))
+    assert code == 1 and data["picked"] is None and data["pushed"] is None
+    assert not any(t["feasible"] for t in data["trials"]) and data["front"]
+    assert "never" not in store.names()
