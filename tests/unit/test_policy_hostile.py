@@ -37,7 +37,9 @@ def _refused(tmp_path: Path, text: str, fragment: str, limit: float = 1.0) -> Ba
     with pytest.raises(BadInputError, match=fragment) as info:
         _load(tmp_path, text)
     assert time.perf_counter() - start < limit
-    assert "\n" not in info.value.message and len(info.value.message) < 400
+    # bounded apart from the policy's path, whose length depends on the tmp dir (xdist: longer)
+    assert "\n" not in info.value.message
+    assert len(info.value.message.replace(str(tmp_path), "")) < 400
     assert info.value.exit_code == 2 and info.value.fix
     return info.value
 
