@@ -2,8 +2,10 @@
 
 Each case builds a store, runs one real command in a child process with
 ``ADAPTERS_FAILPOINT=<point>`` (the child SIGKILLs itself there, see
-:mod:`registry.failpoints`), then checks, with its own reading of the log rather
-than only ``verify``:
+:mod:`registry.failpoints`): a fork of the test process running the CLI's ``main`` (or
+the library call the CLI would make), so no case pays for an interpreter start-up; a
+merge, which runs torch, gets a fresh ``python`` process. Then it checks, with its own
+reading of the log rather than only ``verify``:
 
 * the store verifies (``verify`` with its audit cross-check) and the audit chain is linear;
 * every visible version is explained by exactly one effective ``push`` entry, and
@@ -17,56 +19,62 @@ than only ``verify``:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
+import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from registry.audit_index import cross_check
-from registry.failpoints import OPERATIONS, STEPS
+from registry.common import canonical_json, sha256_digest
+from registry.errors import NotFoundError
+from registry.failpoints import ENV_VAR, OPERATIONS, STEPS
 from registry.journal import pending_intents
 from registry.maintenance import verify
 from registry.store import Store
 from tests.backend_fixtures import backend_kind, environment, store_location  # noqa: F401
 from tests.registry_fixtures import PYTHON, REPO_ROOT, make_adapter_dir, push_adapter
 
-POLICY = "sha256:" + "7" * 64
-KEY_ID = "sha256:" + "8" * 64
+# the policy the store pins: stored as the blob a gate run stores (promote reads it back)
+POLICY_BYTES = canonical_json({"policy": {"version": 1, "checks": []}, "data": {}})
+POLICY = sha256_digest(POLICY_BYTES)
 
-# gate records and signatures are written through the library (the CLI's gate needs a
-# model; the store call is the same one `adapters gate` makes)
-GATE_SCRIPT = """
-import sys
-from registry.store import Store
-store = Store.open(sys.argv[1])
-v = store.resolve(sys.argv[2])
-store.put_gate_record(v.digest, sys.argv[3], {"passed": True, "candidate_digest": v.digest,
-                                             "policy_digest": sys.argv[3], "checks": []})
-"""
-DELETE_SCRIPT = """
-import sys
-from registry.errors import NotFoundError
-from registry.store import Store
-try:
-    Store.open(sys.argv[1]).delete_version(sys.argv[2])
-except NotFoundError:  # the crashed run got as far as unbinding it
-    pass
-"""
-SIGN_SCRIPT = """
-import sys
-from pathlib import Path
-from registry.signing import generate_key, sign_version
-from registry.store import Store
-store = Store.open(sys.argv[1])
-v = store.resolve(sys.argv[2])
-key = Path(sys.argv[3])
-if not key.exists():
-    generate_key(key, key.with_suffix(".pub"))
-store.add_signature(v, sign_version(v.name, v.digest, key))
-"""
+
+def _gate(location: str, ref: str) -> int:
+    # the store call `adapters gate` makes (the CLI's gate would need a model)
+    store = Store.open(location)
+    version = store.resolve(ref)
+    policy = "sha256:" + "9" * 64
+    store.put_gate_record(version.digest, policy, {"passed": True, "checks": [],
+                                                   "candidate_digest": version.digest,
+                                                   "policy_digest": policy})
+    return 0
+
+
+def _delete(location: str, ref: str) -> int:
+    try:  # the library call (the CLI has no command that unbinds)
+        Store.open(location).delete_version(ref)
+    except NotFoundError:  # the crashed run got as far as unbinding it
+        pass
+    return 0
+
+
+def _sign(location: str, ref: str, key: Path) -> int:
+    from registry.signing import generate_key, sign_version
+
+    store = Store.open(location)
+    version = store.resolve(ref)
+    if not key.exists():
+        generate_key(key, key.with_suffix(".pub"))
+    store.add_signature(version, sign_version(version.name, version.digest, key))
+    return 0
 
 
 @dataclass
@@ -79,24 +87,23 @@ class Case:
     first: str   # ref of lora-a's first version
     second: str  # ref of lora-a's second version
 
-    def command(self, op: str) -> list[str]:
-        """The child process's argv for operation ``op``."""
-        cli = [PYTHON, "-m", "cli.main"]
+    def command(self, op: str) -> Callable[[], int]:
+        """What the child process runs for operation ``op`` (the real CLI where it has one)."""
         loc = self.location
-        if op == "push":
-            return [*cli, "push", str(self.work / "c"), "--name", "lora-c", "--store", loc]
-        if op == "alias":
-            return [*cli, "alias", "set", "lora-a:candidate", self.second, "--store", loc]
-        if op == "promote":
-            return [*cli, "promote", self.second, "--to", "release", "--store", loc]
-        if op == "delete":  # the library call (the CLI has no command that unbinds)
-            return [PYTHON, "-c", DELETE_SCRIPT, loc, self.second]
-        if op == "gc":
-            return [*cli, "gc", "--grace", "0s", "--store", loc]
+        cli = {
+            "push": ["push", str(self.work / "c"), "--name", "lora-c"],
+            "alias": ["alias", "set", "lora-a:candidate", self.second],
+            "promote": ["promote", self.second, "--to", "release"],
+            "gc": ["gc", "--grace", "0s"],
+        }
+        if op in cli:
+            return lambda: main([*cli[op], "--store", loc])
         if op == "gate":
-            return [PYTHON, "-c", GATE_SCRIPT, loc, self.first, "sha256:" + "9" * 64]
+            return lambda: _gate(loc, self.first)
+        if op == "delete":
+            return lambda: _delete(loc, self.second)
         if op == "sign":
-            return [PYTHON, "-c", SIGN_SCRIPT, loc, self.first, str(self.work / "k.pem")]
+            return lambda: _sign(loc, self.first, self.work / "k.pem")
         raise ValueError(op)
 
 
@@ -106,6 +113,7 @@ def prepare(location: str, tmp_path: Path) -> Case:
     second = push_adapter(store, "lora-a", make_adapter_dir(tmp_path / "a2", r=2)).version
     make_adapter_dir(tmp_path / "c", r=3)
     store.set_alias("lora-a", "candidate", first.digest)
+    assert store.put_bytes(POLICY_BYTES) == POLICY
     store.put_gate_record(second.digest, POLICY, {"passed": True, "checks": [],
                                                   "candidate_digest": second.digest,
                                                   "policy_digest": POLICY})
@@ -115,13 +123,43 @@ def prepare(location: str, tmp_path: Path) -> Case:
     return Case(location, store, tmp_path, first.ref, second.ref)
 
 
+CHILD_ENV = {"ADAPTERS_ACTOR": "crasher",
+             # a re-run push on S3 takes the dead push's content claim over after this long
+             "ADAPTERS_CLAIM_WAIT": "0.2"}
+
+
+def fork_child(target: Callable[[], int], point: str | None, log: Path,
+               **extra: str) -> int:
+    """Run ``target`` in a forked child (the CLI in-process: no interpreter start-up per
+    case); its exit code, or minus the signal that killed it. Output goes to ``log``."""
+    pid = os.fork()
+    if pid == 0:  # the child: armed failpoint, output to the log, never returns
+        code = 99
+        try:
+            os.environ.update({**CHILD_ENV, **extra})
+            os.environ.pop(ENV_VAR, None)
+            if point:
+                os.environ[ENV_VAR] = point
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            code = target()
+        except BaseException:  # noqa: BLE001 - reported through the exit code and the log
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def run_child(argv: list[str], point: str | None, **extra: str) -> subprocess.CompletedProcess:
-    # a re-run push on S3 takes the dead push's content claim over after this long
-    env = {**environment(), "PYTHONPATH": str(REPO_ROOT), "ADAPTERS_ACTOR": "crasher",
-           "ADAPTERS_CLAIM_WAIT": "0.2", **extra}
-    env.pop("ADAPTERS_FAILPOINT", None)
+    """A real ``python`` process (for merge: torch must not run in a forked pytest)."""
+    env = {**environment(), "PYTHONPATH": str(REPO_ROOT), **CHILD_ENV, **extra}
+    env.pop(ENV_VAR, None)
     if point:
-        env["ADAPTERS_FAILPOINT"] = point
+        env[ENV_VAR] = point
     return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -159,9 +197,10 @@ def check_consistent(store: Store) -> None:
 
 def settle(case: Case) -> None:
     """Run a harmless mutation that settles markers at once (as an aged marker on S3)."""
-    done = run_child([PYTHON, "-m", "cli.main", "alias", "set", "lora-a:settled", case.first,
-                      "--store", case.location], None, ADAPTERS_RECOVER_AFTER="0")
-    assert done.returncode == 0, done.stderr
+    code = fork_child(lambda: main(["alias", "set", "lora-a:settled", case.first, "--store",
+                                    case.location]), None, case.work / "settle.log",
+                      ADAPTERS_RECOVER_AFTER="0")
+    assert code == 0, (case.work / "settle.log").read_text()[-2000:]
 
 
 CASES = [(op, step) for op in OPERATIONS for step in STEPS]
@@ -176,12 +215,13 @@ def test_crash_at_every_point_leaves_a_consistent_store(store_location: str, tmp
     if point == "audit.torn_line" and backend_kind(store_location) != "local":
         pytest.skip("an S3 audit entry is one atomic PUT: it cannot be torn")
     case = prepare(store_location, tmp_path)
-    crashed = run_child(case.command(op), point)
-    assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr[-2000:])
+    log = tmp_path / "child.log"
+    crashed = fork_child(case.command(op), point, log)
+    assert crashed == -signal.SIGKILL, (crashed, log.read_text()[-2000:])
     check_consistent(case.store)
 
-    again = run_child(case.command(op), None)  # the next command works
-    assert again.returncode == 0, again.stderr[-2000:]
+    again = fork_child(case.command(op), None, log)  # the next command works
+    assert again == 0, log.read_text()[-2000:]
     check_consistent(case.store)
     settle(case)
     check_consistent(case.store)
@@ -197,10 +237,12 @@ def test_crash_at_every_point_leaves_a_consistent_store(store_location: str, tmp
 def test_a_recovery_killed_mid_way_rolls_back_exactly_once(store_location: str,  # noqa: F811
                                                           tmp_path: Path) -> None:
     case = prepare(store_location, tmp_path)
-    assert run_child(case.command("alias"), "alias.after_entry").returncode == -signal.SIGKILL
-    died = run_child([PYTHON, "-m", "cli.main", "alias", "set", "lora-a:other", case.first,
-                      "--store", case.location], "recover.after_entry", ADAPTERS_RECOVER_AFTER="0")
-    assert died.returncode == -signal.SIGKILL
+    log = tmp_path / "child.log"
+    assert fork_child(case.command("alias"), "alias.after_entry", log) == -signal.SIGKILL
+    died = fork_child(lambda: main(["alias", "set", "lora-a:other", case.first, "--store",
+                                    case.location]), "recover.after_entry", log,
+                      ADAPTERS_RECOVER_AFTER="0")
+    assert died == -signal.SIGKILL, log.read_text()[-2000:]
     settle(case)
     _, rolled = effective(case.store)
     assert list(rolled.values()) == [1]
@@ -222,9 +264,8 @@ def test_merge_killed_at_every_push_point(tmp_path: Path, request: pytest.Fixtur
         base = write_synthetic_base(tmp_path / f"base-{kind}")
         for name, seed in (("ma", 1), ("mb", 2)):
             adapter = write_synthetic_adapter(tmp_path / f"{name}-{kind}", seed=seed)
-            done = run_child([PYTHON, "-m", "cli.main", "push", str(adapter), "--name", name,
-                              "--base", str(base), "--store", location], None)
-            assert done.returncode == 0, done.stderr[-2000:]
+            assert main(["push", str(adapter), "--name", name, "--base", str(base),
+                         "--store", location]) == 0
         merge = [PYTHON, "-m", "cli.main", "merge", "ma", "mb", "--method", "ties",
                  "--name", "merged", "--store", location]
         assert run_child(merge, point).returncode == -signal.SIGKILL
