@@ -272,8 +272,12 @@ def lost(setup):
                                 base_fingerprint=unloaded.record["base_model"]["fingerprint"])
     source = store.record_derived("lost-unloaded", record, make_lineage(
         [parent(versions["merged"], role="adapter")], method="unload")).version
-    return _record_copy(store, "lost-nf4", root / "merged-nf4", source,
-                        location=str(root / "merged-nf4"))
+    # its own copy of the nf4 directory: sharing merged-nf4's location would make the
+    # newest record (this one) win the match of that directory in other tests
+    copy = root / "lost-nf4"
+    if not copy.exists():
+        shutil.copytree(root / "merged-nf4", copy)
+    return _record_copy(store, "lost-nf4", copy, source, location=str(copy))
 
 
 def test_drift_source_given_with_source_option(setup, lost, capsys, tmp_path):
