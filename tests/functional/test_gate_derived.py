@@ -194,6 +194,13 @@ def test_over_quantized_model_fails_drift(setup, capsys):
     assert checks["drift"]["metrics"]["mean_kl"] > 1.5 * MAX_KL
     record = store.gate_record(versions["merged-nf4-noisy"].digest, out["policy_digest"])
     assert record is not None and record["passed"] is False
+    # and promote refuses it, naming the drift check (exit 1, alias untouched)
+    policy = setup[3]
+    code = main(["promote", "merged-nf4-noisy", "--to", "release", "--policy", str(policy),
+                 "--store", str(store.root)])
+    err = capsys.readouterr().err
+    assert code == 1 and "drift" in err and "failed the gate" in err
+    assert "release" not in store.aliases("merged-nf4-noisy")
 
 
 def _structural_only(root: Path) -> Path:
