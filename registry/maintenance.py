@@ -13,7 +13,7 @@ duration, so no push is between writing blobs and binding them), marks what is
 reachable -- manifests bound by a name, their files, manifests still named as
 lineage parents (so history outlives a deleted binding), gate-record blobs and the
 policies they were made under, signature envelopes, derived models' per-tensor
-lists (named by their weights digest) -- and
+lists (named by their weights digest), a searched merge's trials blob -- and
 deletes only unreachable blobs whose mtime is older than the grace period, plus
 stale temp files (``tmp/`` entries, including work directories whose newest
 file is older than the grace, and interrupted atomic writes). It refuses to run when
@@ -283,6 +283,11 @@ def reachable(store: Store) -> set[str]:
             weights = (manifest.get("record") or {}).get("weights") or {}
             if is_digest(weights.get("weights_digest")):
                 keep.add(weights["weights_digest"])
+            # a searched merge's trials (every trial's parameters and scores)
+            report = (manifest.get("lineage") or {}).get("report") or {}
+            search = report.get("search") if isinstance(report, dict) else None
+            if isinstance(search, dict) and is_digest(search.get("trials_digest")):
+                keep.add(search["trials_digest"])
         pending.extend(p["digest"] for p in (manifest.get("lineage") or {}).get("parents", [])
                        if is_digest(p.get("digest")))
     for _, policy, record in store.gate_pointers():

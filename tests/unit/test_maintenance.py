@@ -191,8 +191,8 @@ def test_gc_removes_stale_temp_directories_only(populated: tuple[Store, dict]) -
 
 
 def test_gc_keeps_applied_policies_and_tensor_lists(tmp_path: Path) -> None:
-    """The policy a gate record was made under and a derived model's per-tensor list
-    (the blob its weights digest names) are what promote and rebuild read back."""
+    """The policy a gate record was made under, a derived model's per-tensor list (the
+    blob its weights digest names) and a searched merge's trials blob are read back."""
     from registry.common import canonical_json
     from registry.record import build_model_record
 
@@ -208,8 +208,15 @@ def test_gc_keeps_applied_policies_and_tensor_lists(tmp_path: Path) -> None:
                                  "weights_digest": tensor_list})
     store.record_derived("lora-a-unloaded", record,
                          make_lineage([parent(adapter, role="adapter")], method="unload"))
+    trials = store.put_bytes(canonical_json({"trials": [{"number": 0}]}))
+    lineage = make_lineage([parent(adapter)], method="ties",
+                           report={"search": {"study": "s", "trials_digest": trials}})
+    searched = make_adapter_dir(tmp_path / "s", r=2)
+    store.push("lora-a-searched", adapter_files(searched), sample_record(searched),
+               lineage=lineage)
     garbage = store.put_bytes(b"unreachable")
     report = gc(store, 0, now=time.time() + 10)
     assert garbage in report.removed
     assert policy not in report.removed and tensor_list not in report.removed
+    assert trials not in report.removed
     assert store.blobs.read(policy) == policy_bytes
