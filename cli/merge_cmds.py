@@ -72,11 +72,6 @@ def parse_rank(text: str | None) -> int | str | None:
                         fix="write e.g. --rank 16")
 
 
-def _sig(value: float, digits: int = 6) -> float:
-    """Round to ``digits`` significant digits (lineage numbers stay readable and stable)."""
-    return float(f"{value:.{digits}g}")
-
-
 def merge(
     refs: Annotated[list[str], typer.Argument(help="Two or more stored adapter refs.",
                                               show_default=False)],
@@ -114,9 +109,6 @@ def merge(
     store: StoreOpt = None,
 ) -> None:
     """Merge adapters module by module on their true deltas (s·B·A) and push the result."""
-    from registry.ingest import prepare_adapter
-    from registry.lineage import make_lineage, parent
-    from registry.record import build_record
     from registry.refs import validate_name
 
     out = Output(json_out)
@@ -132,8 +124,9 @@ def merge(
     validate_name(target)
 
     from merging.engine import check_bases, merge_adapters, module_union
-    from merging.peft_output import write_peft_dir
     from merging.methods import get_method
+    from merging.peft_output import write_peft_dir
+    from merging.publish import push_merge
 
     spec = get_method(method)
     spec.resolve({k: v for k, v in given.items() if v is not None}, weight_list or [1.0] * len(refs))
@@ -151,28 +144,10 @@ def merge(
                           unit="modules") as advance:
             result = merge_adapters(adapters, weight_list, method, params=given, rank=rank_value,
                                     seed=seed, progress=advance, labels=labels)
-        merged_dir = write_peft_dir(result, work_dir / "merged")
         report = result.report
         warnings = base_warnings + report["warnings"]
-        first_base = versions[0].record.get("base_model") or {}
-        with prepare_adapter(merged_dir) as prepared:
-            record = build_record(prepared.peft_config, prepared.tensors,
-                                  base_model=first_base.get("id"),
-                                  base_revision=first_base.get("revision"),
-                                  fingerprint=first_base.get("fingerprint"),
-                                  labels={"merge_method": method})
-            lineage = make_lineage(
-                [parent(v, weight=w) for v, w in zip(versions, report["weights"])],
-                method=method,
-                parameters={**report["parameters"], "seed": report["seed"],
-                            "rank": report["rank"], "allow_base_mismatch": allow_base_mismatch},
-                report={"error": _sig(report["error"]), "max_error": _sig(report["max_error"]),
-                        "dtype": report["dtype"], "warnings": warnings,
-                        "modules": {m: {"rank": e["rank"], "error": _sig(e["error"]),
-                                        "norm": _sig(e["norm"])}
-                                    for m, e in report["modules"].items()}},
-            )
-            pushed = st.push(target, prepared.files, record, lineage=lineage)
+        pushed = push_merge(st, versions, result, target, work_dir=work_dir, method=method,
+                            warnings=base_warnings, allow_base_mismatch=allow_base_mismatch)
         written = str(write_peft_dir(result, out_dir)) if out_dir is not None else None
     _emit(out, pushed, report, warnings, written)
 

@@ -1,9 +1,8 @@
-"""Push a merge result as a store version, exactly as ``adapters merge`` does.
+"""Push a merge result as a store version: the one push path of every merge.
 
-``adapters merge`` (:mod:`cli.merge_cmds`) builds the version inline; this module is
-the same push path as a library function, so that other producers of merges (the merge
-search, :mod:`gate.search`) publish versions indistinguishable from a hand-made merge
-with the same recipe: the PEFT directory is written under a work directory, re-validated
+``adapters merge`` (:mod:`cli.merge_cmds`) and the merge search (:mod:`gate.search`) both
+publish through :func:`push_merge`, so a searched merge is indistinguishable from a
+hand-made merge with the same recipe: the PEFT directory is written under a work directory, re-validated
 with the ingest checks of ``push`` (:func:`registry.ingest.prepare_adapter`), recorded
 with the first input's base (id, revision, fingerprint) and the label
 ``merge_method``, and pushed with lineage: parents ``{digest, ref, role: input,
