@@ -36,6 +36,11 @@ StoreOpt = Annotated[
     typer.Option("--store", help="Store directory (default: $ADAPTERS_HOME or ~/.adapters).",
                  show_default=False),
 ]
+AllowBaseMismatchOpt = Annotated[
+    bool,
+    typer.Option("--allow-base-mismatch",
+                 help="Accept inputs whose bases share the structure but not the weights."),
+]
 
 
 def _check_store_path(root: Path | None) -> None:

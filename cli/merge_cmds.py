@@ -26,9 +26,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, open_store
+from cli.common import AllowBaseMismatchOpt, JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
-from merging.methods import METHODS, PARAMETER_HELP, SIGN_ELECTIONS  # imports no torch
+from merging.methods import METHODS, PARAMETER_HELP  # imports no torch
 from registry.errors import BadInputError, shorten
 
 METHOD_NAMES = tuple(sorted(METHODS))
@@ -102,9 +102,7 @@ def merge(
                        "plus -<align> when aligned).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Also write the merged PEFT adapter directory here.")] = None,
-    allow_base_mismatch: Annotated[bool, typer.Option(
-        "--allow-base-mismatch",
-        help="Accept inputs whose bases share the structure but not the weights.")] = False,
+    allow_base_mismatch: AllowBaseMismatchOpt = False,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:

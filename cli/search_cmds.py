@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, open_store
+from cli.common import AllowBaseMismatchOpt, JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
 from registry.errors import BadInputError, GateFailedError
 
@@ -68,9 +68,7 @@ def merge_search(
         "--plot", help="Write a PNG of the front here (needs matplotlib).")] = None,
     no_push: Annotated[bool, typer.Option("--no-push", help="Report the pick, push nothing.")]
     = False,
-    allow_base_mismatch: Annotated[bool, typer.Option(
-        "--allow-base-mismatch",
-        help="Accept inputs whose bases share the structure but not the weights.")] = False,
+    allow_base_mismatch: AllowBaseMismatchOpt = False,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:

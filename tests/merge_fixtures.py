@@ -142,3 +142,28 @@ def delta_of(adapter_dir: Path) -> dict[str, torch.Tensor]:
         delta = (b.double() @ a.double() * scale).float()
         out[name] = delta.T.contiguous() if embedding else delta  # weight layout
     return out
+
+
+def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
+    """Dense deltas as method inputs (``B = I``, ``A = delta``: ``B @ A`` is the delta)."""
+    from merging.methods import ModuleInput
+
+    return [ModuleInput(index=i, B=torch.eye(d.shape[0]), A=d.clone(), weight=w)
+            for i, (d, w) in enumerate(zip(deltas, weights))]
+
+
+def run(method, deltas, weights, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
+    """One registered method on dense deltas; the merged delta."""
+    from merging.methods import ModuleContext, get_method
+
+    spec = get_method(method)
+    params = spec.resolve(given, weights)
+    ctx = ModuleContext(name=name, shape=tuple(deltas[0].shape), seed=seed)
+    out = spec.fn(as_inputs(deltas, weights), params, ctx)
+    return out if isinstance(out, torch.Tensor) else out.B @ out.A
+
+
+def random_deltas(n, shape, seed):  # type: ignore[no-untyped-def]
+    """``n`` seeded random dense deltas of ``shape``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for _ in range(n)]

@@ -19,6 +19,7 @@ import torch
 from merging import sparsify
 from merging.methods import METHODS, MergeParams, ModuleContext, ModuleInput, get_method
 from registry.errors import BadInputError
+from tests.merge_fixtures import random_deltas, run
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
@@ -27,24 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will b
 D1 = torch.tensor([[0.8, -0.7, 0.3], [0.1, 0.2, -0.9]])
 D2 = torch.tensor([[0.4, 0.6, -0.2], [0.05, -0.7, 0.3]])
 W = [1.0, 0.5]
-
-
-def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
-    return [ModuleInput(index=i, B=torch.eye(d.shape[0]), A=d.clone(), weight=w)
-            for i, (d, w) in enumerate(zip(deltas, weights))]
-
-
-def run(method, deltas, weights, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
-    spec = get_method(method)
-    params = spec.resolve(given, weights)
-    ctx = ModuleContext(name=name, shape=tuple(deltas[0].shape), seed=seed)
-    out = spec.fn(as_inputs(deltas, weights), params, ctx)
-    return out if isinstance(out, torch.Tensor) else out.B @ out.A
-
-
-def random_deltas(n, shape, seed):  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) for _ in range(n)]
 
 
 def test_registry_lists_every_method() -> None:

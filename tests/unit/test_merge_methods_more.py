@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from merging import sparsify
-from merging.methods import METHODS, ModuleContext, ModuleInput, get_method
+from merging.methods import METHODS, ModuleContext, get_method
 from registry.errors import BadInputError
+from tests.merge_fixtures import as_inputs, random_deltas, run
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 mk_sparsify = pytest.importorskip("mergekit.sparsify")
@@ -25,24 +26,6 @@ mk_gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic
 
 NEW = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 ENTRY_WISE = sorted(n for n, m in METHODS.items() if m.output == "dense")
-
-
-def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
-    return [ModuleInput(index=i, B=torch.eye(d.shape[0]), A=d.clone(), weight=w)
-            for i, (d, w) in enumerate(zip(deltas, weights))]
-
-
-def run(method, deltas, weights, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
-    spec = get_method(method)
-    params = spec.resolve(given, weights)
-    ctx = ModuleContext(name=name, shape=tuple(deltas[0].shape), seed=seed)
-    out = spec.fn(as_inputs(deltas, weights), params, ctx)
-    return out if isinstance(out, torch.Tensor) else out.B @ out.A
-
-
-def random_deltas(n, shape, seed):  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) for _ in range(n)]
 
 
 def mergekit_merge(name, deltas, weights, **params):  # type: ignore[no-untyped-def]
