@@ -154,7 +154,14 @@ def run_mutation(store: Store, action: str, subject: str, *, old: Any, new: Any,
     try:
         entry = log.append(action, subject, old=old, new=new, actor=intent.actor, ts=intent.ts)
     except BaseException:
-        store.backend.delete(intent.key)  # not logged (the append truncates what it wrote)
+        # a line that failed mid-write was truncated away: drop the marker. One that was
+        # committed before a later step failed (its head write) stays, and so does the
+        # marker: the next writer rolls the entry back
+        try:
+            if not any(intent.matches(e) for e in log.entries_after(intent.after_seq)):
+                store.backend.delete(intent.key)
+        except (OSError, AdapterkitError):
+            pass  # the next writer settles the marker either way
         raise
     for note_action, note in notes:
         log.append(note_action, subject, old=old, new=note, actor=intent.actor)

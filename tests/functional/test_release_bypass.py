@@ -159,3 +159,34 @@ def test_two_crashes_in_a_row_do_not_fork_the_chain(world) -> None:
     assert outcomes == ["rolled_back", "rolled_back"]
     assert main(["verify", "--store", store.location]) == 0
     assert json.loads((Path(store.location) / "audit" / "head.json").read_text())["seq"] == seqs[-1]
+
+
+def test_a_failed_head_write_after_a_committed_line_is_rolled_back(world, monkeypatch) -> None:
+    """The line is durable but audit/head.json cannot be written (disk full): the change
+    is not applied, the store still verifies, and the next writer rolls the entry back."""
+    import errno
+
+    import registry.audit
+    from registry.maintenance import verify
+
+    store, refs, _, _ = world
+    real = registry.audit.atomic_write_bytes
+
+    def full_disk(path: Path, data: bytes, **kwargs: object) -> None:
+        if path.name == "head.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(registry.audit, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError):
+        store.set_alias("lora", "candidate", refs["b"])
+    monkeypatch.setattr(registry.audit, "atomic_write_bytes", real)
+    assert "candidate" not in store.aliases("lora")
+    assert store.audit().verify().ok and verify(store).ok  # the pending entry is explained
+    assert main(["alias", "set", "lora:other", refs["a"], "--store", store.location]) == 0
+    log = store.audit().entries()
+    moved = [e for e in log if e["subject"] == "lora:candidate"]
+    assert [e["action"] for e in moved] == ["alias", "recover"]
+    assert moved[1]["new"]["outcome"] == "rolled_back" and moved[1]["old"]["seq"] == moved[0]["seq"]
+    assert store.audit().verify().ok and verify(store).ok
+    assert not list((Path(store.location) / "audit").glob("pending/*"))
