@@ -162,7 +162,9 @@ def test_dora_input_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # 
 
 def test_cli_lists_every_registered_method() -> None:
     from cli import merge_cmds
-    from merging.methods import METHODS
+    from merging.methods import METHODS, PARAMETER_HELP, SIGN_ELECTIONS
 
     assert set(merge_cmds.METHOD_NAMES) == set(METHODS)
-    assert set(merge_cmds.SIGN_ELECTIONS) == {"sum", "frequency", "mergekit"}
+    assert set(SIGN_ELECTIONS) == {"sum", "frequency", "mergekit"}
+    # the CLI's --sign-election help comes from the methods' registry and names each one
+    assert all(e in PARAMETER_HELP["sign_election"] for e in SIGN_ELECTIONS)
