@@ -196,6 +196,19 @@ checks:
     return path
 
 
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A rich table of ``rows`` under ``header`` on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def markdown_table(rows: list[list[str]], header: list[str]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -410,9 +423,6 @@ def summarize_gate(res: object) -> str:
 def report_results(demo_dir: Path, scores: dict, merges: dict, verdicts: dict,
                    winner: str | None, shipped: list[dict]) -> None:
     """Print the results table and write it (plus a short legend) to ``results.md``."""
-    from rich.console import Console
-    from rich.table import Table
-
     header = ["model", f"{TASK_A} EM", f"{TASK_B} EM", "held-out ppl", "drift vs source",
               "gate", "released"]
     rows = []
@@ -447,13 +457,8 @@ def report_results(demo_dir: Path, scores: dict, merges: dict, verdicts: dict,
                      f"top-1 {top1:.3f}, KL {kl:.3g}" if top1 is not None and kl is not None else "-",
                      "pass" if art["passed"] else "fail" + (f": {why}" if why else ""),
                      "yes" if art["released"] else ""])
-    table = Table(title=f"SmolLM2-135M-Instruct: base, adapters, merges (versions of {PRODUCT})",
-                  title_justify="left")
-    for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    print_table(f"SmolLM2-135M-Instruct: base, adapters, merges (versions of {PRODUCT})",
+                header, rows)
     legend = (f"\nEM: exact match on {N_EVAL} held-out prompts per task (greedy; for shipped "
               "artifacts as measured by their gate's retention check); perplexity on "
               "8 held-out English sentences; drift: the shipped artifact vs the model it was made "

@@ -120,20 +120,11 @@ def _known_scores(scorer, work: Path) -> dict[str, dict[str, float]]:
 def report(demo_dir: Path, scores: dict, pick_label: str, gate_passed: bool, result: dict,
            search_s: float) -> None:
     """Print the comparison table and the goal's verdict; write search-results.md."""
-    from rich.console import Console
-    from rich.table import Table
-
     a, b = demo.TASK_A, demo.TASK_B
     header = ["model", f"{a} EM", f"{b} EM", "worse task", "held-out ppl"]
     rows = [[label, f"{s[a]:.1%}", f"{s[b]:.1%}", f"{min(s[a], s[b]):.1%}", f"{s['ppl']:.1f}"]
             for label, s in scores.items()]
-    table = Table(title="SmolLM2-135M-Instruct: hand-picked merges vs the merge search",
-                  title_justify="left")
-    for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    demo.print_table("SmolLM2-135M-Instruct: hand-picked merges vs the merge search", header, rows)
     ties = scores.get("merge ties (hand-picked)")
     pick = scores[pick_label]
     worse_pick = min(pick[a], pick[b])

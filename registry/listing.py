@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.common import DIGEST_PREFIX, HEX_RE
 from registry.errors import AdapterkitError, BadInputError
-from registry.refs import SEGMENT_RE, validate_name
+from registry.refs import SEGMENT_RE, is_valid_name
 
 if TYPE_CHECKING:
     from registry.store_read import StoreReader
@@ -130,15 +130,7 @@ def _scan_names(store: StoreReader) -> dict[str, tuple[list[str], list[str]]]:
             hexes.append(parts[-1])
         elif parts[-2] == "aliases" and SEGMENT_RE.match(parts[-1]):
             aliases.append(key)
-    return {n: v for n, v in out.items() if v[0] and _valid_name(n)}
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        validate_name(name)
-    except BadInputError:
-        return False
-    return True
+    return {n: v for n, v in out.items() if v[0] and is_valid_name(n)}
 
 
 def _gate_index(store: StoreReader) -> dict[str, list[str]]:

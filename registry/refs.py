@@ -61,6 +61,15 @@ def validate_name(name: object) -> str:
     return name
 
 
+
+def is_valid_name(name: object) -> bool:
+    """Whether ``name`` passes :func:`validate_name` (for listings that skip stray keys)."""
+    try:
+        validate_name(name)
+    except BadInputError:
+        return False
+    return True
+
 def validate_alias(alias: object) -> str:
     """Return ``alias`` if it is one valid segment (e.g. ``candidate``, ``release``).
 

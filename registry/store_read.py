@@ -23,16 +23,8 @@ from registry.common import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.manifest import Version, check_manifest
 from registry.refwrite import read_ref
-from registry.refs import (MIN_PREFIX, SEGMENT_RE, parse_ref, validate_alias,
+from registry.refs import (MIN_PREFIX, SEGMENT_RE, is_valid_name, parse_ref, validate_alias,
                            validate_name)
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        validate_name(name)
-    except BadInputError:
-        return False
-    return True
 
 
 class StoreReader:
@@ -145,7 +137,7 @@ class StoreReader:
             parts = key.split("/")
             if len(parts) in (4, 5) and parts[-2] == "versions" and HEX_RE.match(parts[-1]):
                 found.add("/".join(parts[1:-2]))
-        return sorted(n for n in found if _valid_name(n))
+        return sorted(n for n in found if is_valid_name(n))
 
     def versions(self, name: str | None = None) -> list[Version]:
         """Versions of ``name`` (or of every name), newest first.
