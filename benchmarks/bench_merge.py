@@ -79,7 +79,7 @@ def write_adapter(path: Path, seed: int, layers: range, modules: list[str]) -> P
 
 
 def timed_merge(paths: list[Path], method: str, **kwargs):  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
 
     stamps: list[float] = []
     start, cpu = time.perf_counter(), time.process_time()

@@ -5,7 +5,7 @@ points of the search space) and score them with the same policy-derived objectiv
 (:class:`gate.search.scoring.Scorer`, baselines scored once, not timed):
 
 * **live** (what ``adapters merge-search`` does): the base is loaded once and wrapped
-  once by PEFT (:class:`merging.live.LiveLora`); a trial merges in memory and copies the
+  once by PEFT (:class:`merging.lora.live.LiveLora`); a trial merges in memory and copies the
   factors into the live model;
 * **naive**: a trial merges, writes the PEFT directory, and loads base + adapter
   afresh (:meth:`gate.evaluate.Evaluator.with_adapter`, i.e. what ``adapters gate``
@@ -69,9 +69,9 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     from gate.search.scoring import Scorer
     from gate.search.space import build_space
     from merging.adapter import load_adapter
-    from merging.engine import merge_adapters
-    from merging.live import LiveLora, rank_bound
-    from merging.peft_output import write_peft_dir
+    from merging.lora.engine import merge_adapters
+    from merging.lora.live import LiveLora, rank_bound
+    from merging.lora.peft_output import write_peft_dir
 
     policy = load_policy(policy_path)
     adapters = [load_adapter(d) for d in adapter_dirs]

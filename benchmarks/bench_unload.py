@@ -6,7 +6,7 @@ shard, never whole in memory) and an r=16 LoRA adapter on every linear module
 
 * ``copy``: a plain copy of the shard files (``shutil.copyfile``, in-kernel),
 * ``copy+fsync``: the same, then ``fsync`` of every file: a durable copy,
-* ``adapterkit``: :func:`merging.unload.unload` (default: keep the base's shards;
+* ``adapterkit``: :func:`merging.model.unload.unload` (default: keep the base's shards;
   it fsyncs every shard before publishing the directory),
 * ``adapterkit-nosync``: the same with ``sync=False`` (``--no-sync``): not durable,
   like the plain copy,
@@ -145,7 +145,7 @@ def child(kind: str, base: Path, adapter: Path, out: Path, extra: str | None) ->
         _, _, total = build(out, size, shards, rank)
         return {"model_bytes": total, "wall_s": time.perf_counter() - start}
     if kind.startswith("adapterkit"):
-        from merging.unload import unload
+        from merging.model.unload import unload
         from registry.store import Store
     elif kind == "peft":
         import torch

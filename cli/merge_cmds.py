@@ -4,7 +4,7 @@ The command resolves each input ref in the store, refuses inputs trained on base
 of different structure (their records' base fingerprints;
 ``--allow-base-mismatch`` accepts the same structure with different weights, as
 a lineage warning), materializes the inputs into a temporary directory under the
-store's ``tmp/``, runs :func:`merging.engine.merge_adapters` module by module
+store's ``tmp/``, runs :func:`merging.lora.engine.merge_adapters` module by module
 under a progress bar, writes the PEFT directory, validates it with the same
 ingest checks as ``push`` and pushes it with lineage: parents (digest, ref, role
 ``input``, weight), recipe (method, every parameter including defaults, seed,
@@ -12,7 +12,7 @@ rank, tool version; ``align`` when ``--align`` is given) and report (overall and
 per-module relative Frobenius error, output ranks, warnings). Method parameters
 (``--density``, ``--gamma``, ``--epsilon``, ``--align``, ...) are passed through
 as given: their defaults, bounds and help text belong to the methods' registry
-(:mod:`merging.methods`), which needs no torch to import. ``--out DIR`` also
+(:mod:`merging.lora.methods`), which needs no torch to import. ``--out DIR`` also
 writes the PEFT directory there (atomically). torch and the merge engine are
 imported inside the command.
 """
@@ -28,7 +28,7 @@ import typer
 
 from cli.common import AllowBaseMismatchOpt, JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
-from merging.methods import METHODS, PARAMETER_HELP  # imports no torch
+from merging.lora.methods import METHODS, PARAMETER_HELP  # imports no torch
 from registry.errors import BadInputError, shorten
 
 METHOD_NAMES = tuple(sorted(METHODS))
@@ -121,10 +121,10 @@ def merge(
     target = name or f"{versions[0].name}-{method}" + (f"-{align}" if align else "")
     validate_name(target)
 
-    from merging.engine import check_bases, merge_adapters, module_union
-    from merging.methods import get_method
-    from merging.peft_output import write_peft_dir
-    from merging.publish import push_merge
+    from merging.lora.engine import check_bases, merge_adapters, module_union
+    from merging.lora.methods import get_method
+    from merging.lora.peft_output import write_peft_dir
+    from merging.lora.publish import push_merge
 
     spec = get_method(method)
     spec.resolve({k: v for k, v in given.items() if v is not None}, weight_list or [1.0] * len(refs))

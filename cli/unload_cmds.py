@@ -2,14 +2,14 @@
 
 ``unload REF --base MODEL_DIR --out OUT_DIR`` bakes an adapter (a registry ref, or a
 PEFT adapter directory written as a path, ``./NAME``: the rule of
-:func:`registry.ref_or_dir.resolve_ref_or_dir`) into its base with :func:`merging.unload.unload`;
+:func:`registry.ref_or_dir.resolve_ref_or_dir`) into its base with :func:`merging.model.unload.unload`;
 ``quantize MODEL_DIR --to nf4|fp4|int8 --out OUT_DIR`` writes a bitsandbytes copy
-with :func:`merging.quantize.quantize`. Both stream tensor by tensor, write into a
+with :func:`merging.model.quantize.quantize`. Both stream tensor by tensor, write into a
 temp directory renamed at the end, and (for a stored adapter, or with ``--name``)
 record the output in the store by reference with its lineage.
 
 ``rebuild REF --base BASE_DIR --out DIR`` re-runs a recorded derived model's recipe
-through its lineage (:func:`merging.rebuild.rebuild`: unload and/or quantize with the
+through its lineage (:func:`merging.model.rebuild.rebuild`: unload and/or quantize with the
 recorded parameters) and publishes ``DIR`` only when its weights equal the record bit
 for bit: exit 3 naming the first differing tensor (and the library versions that
 differ from the recorded ones), exit 4 for a non-empty ``--out`` (nothing written),
@@ -72,7 +72,7 @@ def unload(
     store: StoreOpt = None,
 ) -> None:
     """Merge an adapter into its base and write a model that loads without PEFT."""
-    from merging.unload import unload as run_unload
+    from merging.model.unload import unload as run_unload
 
     st, adapter = ref_or_dir(ref, store)
     if isinstance(adapter, Path):  # a directory: the store only records the output (--name)
@@ -98,7 +98,7 @@ def quantize(
     store: StoreOpt = None,
 ) -> None:
     """Write a bitsandbytes-quantized copy that from_pretrained loads as Linear4bit/8bitLt."""
-    from merging.quantize import quantize as run_quantize
+    from merging.model.quantize import quantize as run_quantize
 
     st = open_store(store) if name else None
     _rewrite(json_out, f"quantizing into {out.name}", model_dir, lambda advance: run_quantize(
@@ -116,8 +116,8 @@ def rebuild(
     store: StoreOpt = None,
 ) -> None:
     """Re-run a derived model's recorded recipe and check the result bit for bit."""
-    from merging.rebuild import rebuild as run_rebuild
-    from merging.shards import read_layout
+    from merging.model.rebuild import rebuild as run_rebuild
+    from merging.model.layout import read_layout
 
     st = open_store(store)
     output = Output(json_out)
@@ -139,7 +139,7 @@ def rebuild(
 
 def _rewrite(json_out: bool, label: str, source_dir: Path, run: Any) -> None:
     """Run an unload/quantize with a progress bar over ``source_dir``'s bytes; render."""
-    from merging.shards import read_layout
+    from merging.model.layout import read_layout
 
     output = Output(json_out)
     with output.progress(label, read_layout(source_dir).total_bytes) as advance:

@@ -3,7 +3,7 @@
 A quantized model directory (``adapters quantize``, or transformers' own
 ``save_pretrained`` of a bitsandbytes model) stores each converted ``nn.Linear``
 weight ``<m>.weight`` with a documented set of companion tensors
-(:mod:`merging.quantize` describes the serialization):
+(:mod:`merging.model.quantize` describes the serialization):
 
 * **4-bit** (nf4/fp4): ``<m>.weight`` packed ``uint8`` of ``ceil(numel/2)`` bytes,
   ``<m>.weight.absmax`` (one scale per block; ``uint8`` when double-quantized),

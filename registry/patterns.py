@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 MAX_PATTERN_CHARS = 1 << 16
 """Longest pattern accepted. Matching is linear whatever the length; the bound keeps
 compiling cheap while leaving room for a merge's ``target_modules``, an alternation of
-every merged module name (``merging/peft_output.py``)."""
+every merged module name (``merging/lora/peft_output.py``)."""
 _SHOWN = 80
 _MAX_CP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)

@@ -146,7 +146,7 @@ def delta_of(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
     """Dense deltas as method inputs (``B = I``, ``A = delta``: ``B @ A`` is the delta)."""
-    from merging.methods import ModuleInput
+    from merging.lora.methods import ModuleInput
 
     return [ModuleInput(index=i, B=torch.eye(d.shape[0]), A=d.clone(), weight=w)
             for i, (d, w) in enumerate(zip(deltas, weights))]
@@ -154,7 +154,7 @@ def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
 
 def run(method, deltas, weights, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
     """One registered method on dense deltas; the merged delta."""
-    from merging.methods import ModuleContext, get_method
+    from merging.lora.methods import ModuleContext, get_method
 
     spec = get_method(method)
     params = spec.resolve(given, weights)

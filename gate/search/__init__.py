@@ -5,7 +5,7 @@ election, KnOTS alignment) that keep what each parent could do, under the same p
 that ``adapters gate`` enforces. Optuna drives the search (multi-objective, seeded,
 constraints from the policy, optional shared RDB storage for several workers); each
 trial is a merge of LoRA factors in memory swapped into one loaded PEFT model
-(:mod:`merging.live`), so the base is loaded once per process and nothing is written
+(:mod:`merging.lora.live`), so the base is loaded once per process and nothing is written
 per trial.
 
 Modules: :mod:`gate.search.space` (the space and its bounds), :mod:`gate.search.scoring`

@@ -2,20 +2,20 @@
 
 One call is one *worker*:
 
-1. resolve the inputs, check their bases (:func:`merging.engine.check_bases`), load
+1. resolve the inputs, check their bases (:func:`merging.lora.engine.check_bases`), load
    the policy and build the space (:mod:`gate.search.space`);
 2. materialize the inputs under the store's ``tmp/``, load the base **once**
-   (:class:`gate.evaluate.Evaluator`) and wrap it in a :class:`merging.live.LiveLora`;
+   (:class:`gate.evaluate.Evaluator`) and wrap it in a :class:`merging.lora.live.LiveLora`;
 3. score the baselines (:meth:`gate.search.scoring.Scorer.prepare`);
 4. open (or join) the Optuna study and evaluate trials until the study is full
    (:mod:`gate.search.study`): each trial merges in memory
-   (:func:`merging.engine.merge_adapters`), swaps the factors into the live model and
+   (:func:`merging.lora.engine.merge_adapters`), swaps the factors into the live model and
    scores them; its merge, constraints and per-check summary are stored as the trial's
    user attributes, so any worker can rebuild every trial's row;
 5. when the study holds its ``--trials`` COMPLETE trials: the front, the pick
    (:mod:`gate.search.front`), and -- unless ``push=False`` -- the pick re-merged
    (deterministic: same method, weights, parameters and seed) and pushed through the
-   merge command's own path (:func:`merging.publish.push_merge`). Its lineage is that of
+   merge command's own path (:func:`merging.lora.publish.push_merge`). Its lineage is that of
    a plain merge plus ``report.search``: study name, sampler and seed, trial count, the
    picked trial and its objective values, the pick rule, the policy digest, the Optuna
    version, and ``trials_digest``: a canonical-JSON blob (``Store.put_bytes``) holding
@@ -133,7 +133,7 @@ def _row(trial: Any) -> TrialRow:
 def _objective(scorer: Scorer, space: SearchSpace, adapters: Sequence[Any], labels: Sequence[str],
                live: Any, seed: int, on_trial: Callable[[TrialRow], None] | None
                ) -> Callable[[Any], Sequence[float]]:
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
 
     def objective(trial: Any) -> Sequence[float]:
         choice = space.suggest(trial)
@@ -166,7 +166,7 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
     """Load everything once, score the baselines, run this worker's trials."""
     from gate.evaluate import Evaluator
     from merging.adapter import load_adapter
-    from merging.live import LiveLora, rank_bound
+    from merging.lora.live import LiveLora, rank_bound
 
     adapters = [load_adapter(store.materialize(v, work / f"input-{i}")) for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
@@ -197,8 +197,8 @@ def _trials_blob(store: Store, name: str, settings: SearchSettings, scorer: Scor
 def _push_pick(store: Store, versions: Sequence[Version], row: TrialRow, target: str, work: Path,
                settings: SearchSettings, warnings: Sequence[str], search: dict[str, Any]
                ) -> PushResult:
-    from merging.engine import merge_adapters
-    from merging.publish import push_merge
+    from merging.lora.engine import merge_adapters
+    from merging.lora.publish import push_merge
 
     labels = [f"{v.name}@{v.short}" for v in versions]
     inputs = [work / f"input-{i}" for i in range(len(versions))]
@@ -224,7 +224,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     import optuna
 
     from gate.policy import load_policy
-    from merging.engine import check_bases
+    from merging.lora.engine import check_bases
     from registry.refs import validate_name
 
     if len(refs) < 2:

@@ -26,7 +26,7 @@ policy as far as the search can tell:
   model), 0 for pass/skip and 1 for fail/error.
 
 Baselines are scored once per process, on the same live model: the base with every
-factor zeroed, each parent with its own factors swapped in (:mod:`merging.live`), so
+factor zeroed, each parent with its own factors swapped in (:mod:`merging.lora.live`), so
 ratios compare models computed the same way. The release (``baseline: release``) is
 resolved in the store as ``<name>:release`` (or the policy's ``release``) and swapped in
 the same way when it is an adapter version; without one, release-relative parts are
@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from gate.evaluate import Evaluator
     from gate.policy import CheckSpec, Policy
     from merging.adapter import LoraAdapter
-    from merging.engine import MergeResult
-    from merging.live import LiveLora
+    from merging.lora.engine import MergeResult
+    from merging.lora.live import LiveLora
     from registry.store import Store
 
 BAD = 1e9

@@ -1,10 +1,10 @@
 """The merge search's space: which method, weights and parameters a trial may choose.
 
 Every trial picks a ``method`` from ``--methods``, a weight per input, and the
-parameters *that method declares* (:attr:`merging.methods.MergeMethod.accepted`):
+parameters *that method declares* (:attr:`merging.lora.methods.MergeMethod.accepted`):
 
 ==================  ======================  ==================================================
-parameter           default range           hard bounds (from :mod:`merging.methods`)
+parameter           default range           hard bounds (from :mod:`merging.lora.methods`)
 ==================  ======================  ==================================================
 ``w0``, ``w1``, ..  [0.25, 1.5] each        finite
 ``density``         [0.1, 1.0]              (0, 1]
@@ -12,9 +12,9 @@ parameter           default range           hard bounds (from :mod:`merging.meth
 ``gamma``           [0.0, 0.1]              [0, 1)          (breadcrumbs*)
 ``epsilon``         [0.0, 0.2]              [0, 1), clipped to 0.95 min(density, 1 - density)
                                                             (della*; DELLA needs density ± epsilon in (0, 1))
-``sign_election``   sum, frequency,         :data:`merging.methods.SIGN_ELECTIONS`
+``sign_election``   sum, frequency,         :data:`merging.lora.methods.SIGN_ELECTIONS`
                     mergekit
-``align``           none, knots             none + :data:`merging.methods.ALIGNMENTS`
+``align``           none, knots             none + :data:`merging.lora.methods.ALIGNMENTS`
                                             (entry-wise methods only)
 ==================  ======================  ==================================================
 
@@ -23,7 +23,7 @@ is ``--seed``. ``--space space.yaml`` (read with :func:`gate.safe_yaml.load_yaml
 overrides any row: ``[low, high]`` for a range, a single value to fix it (not
 searched), a list of choices for the categorical ones; ``methods: [...]`` gives the
 methods when ``--methods`` is not passed. Every range is checked against the
-methods' own validation (:meth:`merging.methods.MergeMethod.resolve` on both ends), so
+methods' own validation (:meth:`merging.lora.methods.MergeMethod.resolve` on both ends), so
 a space can never propose a merge the engine would refuse.
 
 Optuna parameter names are the table's names and ``method``; a parameter a method
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merging.methods import (ALIGNMENTS, DEFAULT_DENSITY, DEFAULT_EPSILON, DEFAULT_GAMMA,
+from merging.lora.methods import (ALIGNMENTS, DEFAULT_DENSITY, DEFAULT_EPSILON, DEFAULT_GAMMA,
                              SIGN_ELECTIONS, get_method)
 from registry.errors import BadInputError, shorten
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gate.bnb_state import check_quantized, read_layout
-from merging.quantize import quantize
+from merging.model.quantize import quantize
 from tests.unload_fixtures import base, state_of, work  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -58,8 +58,8 @@ def _scale_absmax(model_dir: Path, how) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    from merging.quantize import quantize
-    from merging.unload import unload
+    from merging.model.quantize import quantize
+    from merging.model.unload import unload
 
     w = world()
     root = tmp_path_factory.mktemp("gate-derived")

@@ -162,7 +162,7 @@ def test_dora_input_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # 
 
 def test_cli_lists_every_registered_method() -> None:
     from cli import merge_cmds
-    from merging.methods import METHODS, PARAMETER_HELP, SIGN_ELECTIONS
+    from merging.lora.methods import METHODS, PARAMETER_HELP, SIGN_ELECTIONS
 
     assert set(merge_cmds.METHOD_NAMES) == set(METHODS)
     assert set(SIGN_ELECTIONS) == {"sum", "frequency", "mergekit"}

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from merging.adapter import load_adapter
-from merging.engine import merge_adapters
-from merging.peft_output import write_peft_dir
-from merging.sparsify import dare_mask
-from merging.methods import ModuleContext
+from merging.lora.engine import merge_adapters
+from merging.lora.peft_output import write_peft_dir
+from merging.lora.sparsify import dare_mask
+from merging.lora.methods import ModuleContext
 from registry.errors import UnsupportedAdapterError
 from tests.merge_fixtures import (
     PREFIX,

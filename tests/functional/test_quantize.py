@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.quantize import QuantSpec, quantize, quantize_with_transformers
-from merging.unload import unload
+from merging.model.quantize import QuantSpec, quantize, quantize_with_transformers
+from merging.model.unload import unload
 from registry.errors import BadInputError
 from registry.fingerprint import fingerprint_model
 from tests.cli_fixtures import run_json

@@ -19,7 +19,7 @@ pytest.importorskip("bitsandbytes")
 def test_probe_measures_drift_on_rows_that_are_not_whole_blocks(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from merging.quantize import quantize
+    from merging.model.quantize import quantize
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=160,

@@ -52,7 +52,7 @@ def test_unload_of_a_real_checkpoint_matches_peft(smollm2: Path, tmp_path: Path)
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merging.unload import unload
+    from merging.model.unload import unload
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)

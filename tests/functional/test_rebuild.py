@@ -132,7 +132,7 @@ def test_rebuild_into_non_empty_out_is_refused(recorded: dict, work: Path, base:
 
 def test_rebuild_that_differs_names_the_tensor_and_writes_nothing(
         recorded: dict, work: Path, base: Path, capsys, monkeypatch) -> None:
-    from merging import rebuild as rebuild_mod
+    from merging.model import rebuild as rebuild_mod
 
     real = rebuild_mod._spec
 

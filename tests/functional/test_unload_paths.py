@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging import rewrite, rowmerge
-from merging.unload import unload
+from merging.model import pipeline as rewrite
+from merging.model import rowmerge
+from merging.model.unload import unload
 from registry.errors import BadInputError
 from registry.fingerprint import fingerprint_model
 from registry.store import Store
@@ -100,7 +101,7 @@ def test_no_sync_skips_every_fsync(work: Path, base: Path, monkeypatch: pytest.M
         kicks.append((offset, count))
         return 0
 
-    from merging import shard_writer
+    from merging.model import shard_writer
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
     monkeypatch.setattr(shard_writer, "_sync_file_range", recording_writeback)
@@ -145,8 +146,8 @@ def test_writer_reserved_ranges_filled_out_of_order(tmp_path: Path) -> None:
 
     from safetensors.torch import load_file
 
-    from merging.shard_writer import ShardWriter
-    from merging.shards import OutTensor
+    from merging.model.shard_writer import ShardWriter
+    from merging.model.layout import OutTensor
 
     tensors = {"w": torch.randn(40, 8), "x": torch.arange(6, dtype=torch.int16),
                "v": torch.randn(9, 3).to(torch.bfloat16)}
@@ -204,7 +205,7 @@ def test_transposed_weights_in_many_ranges(work: Path, dtype: torch.dtype) -> No
 def test_worker_failure_cleans_up(work: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read failing inside a worker (the base changed under us) surfaces as the
     command's error; the staged output is removed and no worker outlives the call."""
-    from merging.shards import TensorReader
+    from merging.model.layout import TensorReader
 
     adapter = make_adapter(base, work / "fail-adapter", seed=15)
     real_read = TensorReader.read
@@ -294,7 +295,7 @@ def test_shards_written_a_few_at_a_time_match(work: Path, monkeypatch: pytest.Mo
                                               ) -> None:
     """With fewer writers open than shards (``OPEN_SHARDS``), the output is the same
     bytes in the same files as with all of them open."""
-    from merging import unload as unload_module
+    from merging.model import unload as unload_module
 
     many = make_base(work / "many-shards", max_shard_size="30KB", seed=20)
     assert len(list(many.glob("*.safetensors"))) >= 5

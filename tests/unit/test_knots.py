@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.align import knots_basis, knots_merge
-from merging.methods import ModuleContext, ModuleInput, get_method
+from merging.lora.align import knots_basis, knots_merge
+from merging.lora.methods import ModuleContext, ModuleInput, get_method
 from registry.errors import BadInputError
 from tests.unit.test_merge_methods_more import (  # noqa: F401  (pair: a fixture)
     ONLY_A,
@@ -120,7 +120,7 @@ def test_knots_is_invariant_to_the_deltas_scale() -> None:
 
 
 def test_engine_knots(pair) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
 
     a, b = pair
     res = merge_adapters([a, b], [1.0, 0.5], "dare_ties", params={"density": 0.5, "align": "knots"},

@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from merging import sparsify
-from merging.methods import METHODS, MergeParams, ModuleContext, ModuleInput, get_method
+from merging.lora import sparsify
+from merging.lora.methods import METHODS, MergeParams, ModuleContext, ModuleInput, get_method
 from registry.errors import BadInputError
 from tests.merge_fixtures import random_deltas, run
 
@@ -278,7 +278,7 @@ def pair(tmp_path):  # type: ignore[no-untyped-def]
 
 
 def test_dare_is_bit_identical_regardless_of_module_order_and_threads(pair) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
     from tests.merge_fixtures import random_adapter
 
     root, a, b = pair
@@ -312,7 +312,7 @@ def load_delta(path, name):  # type: ignore[no-untyped-def]
 
 
 def test_missing_module_contributes_zero(pair) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
     from tests.merge_fixtures import random_adapter
 
     root, a, _ = pair
@@ -329,7 +329,7 @@ def test_missing_module_contributes_zero(pair) -> None:  # type: ignore[no-untyp
 
 
 def test_output_config_and_ranks(pair) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
 
     _, a, b = pair
     res = merge_adapters([a, b], None, "cat")
@@ -350,7 +350,7 @@ def test_output_config_and_ranks(pair) -> None:  # type: ignore[no-untyped-def]
 def test_regex_targets_give_an_exact_regex(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import re
 
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
     from tests.merge_fixtures import random_adapter
 
     a = random_adapter(tmp_path / "a", SHAPES, 2, seed=1)
@@ -364,7 +364,7 @@ def test_regex_targets_give_an_exact_regex(tmp_path) -> None:  # type: ignore[no
 
 
 def test_dtypes_are_kept_or_promoted(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
     from tests.merge_fixtures import random_adapter
 
     a = random_adapter(tmp_path / "a", SHAPES, 2, seed=1, dtype=torch.bfloat16)
@@ -389,8 +389,8 @@ def test_unsupported_configs_refused(tmp_path) -> None:  # type: ignore[no-untyp
 
 
 def test_write_peft_dir_is_atomic_and_refuses_non_empty(pair) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
-    from merging.peft_output import write_peft_dir
+    from merging.lora.engine import merge_adapters
+    from merging.lora.peft_output import write_peft_dir
     from registry.errors import ConflictError
 
     root, a, b = pair
@@ -407,8 +407,8 @@ def test_write_peft_dir_modes_ignore_the_umask(pair) -> None:  # type: ignore[no
     import os
     import stat
 
-    from merging.engine import merge_adapters
-    from merging.peft_output import write_peft_dir
+    from merging.lora.engine import merge_adapters
+    from merging.lora.peft_output import write_peft_dir
 
     root, a, b = pair
     res = merge_adapters([a, b], None, "linear")
@@ -424,7 +424,7 @@ def test_write_peft_dir_modes_ignore_the_umask(pair) -> None:  # type: ignore[no
 
 
 def test_check_bases() -> None:
-    from merging.engine import check_bases
+    from merging.lora.engine import check_bases
     from registry.errors import BaseMismatchError
 
     def base(struct, weights):  # type: ignore[no-untyped-def]

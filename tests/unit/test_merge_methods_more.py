@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging import sparsify
-from merging.methods import METHODS, ModuleContext, get_method
+from merging.lora import sparsify
+from merging.lora.methods import METHODS, ModuleContext, get_method
 from registry.errors import BadInputError
 from tests.merge_fixtures import as_inputs, random_deltas, run
 
@@ -283,7 +283,7 @@ def _deltas(path, names):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("method", NEW)
 def test_engine_runs_the_new_methods(pair, method: str) -> None:  # type: ignore[no-untyped-def]
-    from merging.engine import merge_adapters
+    from merging.lora.engine import merge_adapters
 
     a, b = pair
     extra = {"epsilon": 0.1} if "della" in method else {"gamma": 0.05}

@@ -104,9 +104,9 @@ def test_live_swap_equals_peft_loading_and_clear_is_the_base(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from merging.adapter import load_adapter
-    from merging.engine import merge_adapters
-    from merging.live import LiveLora, rank_bound
-    from merging.peft_output import write_peft_dir
+    from merging.lora.engine import merge_adapters
+    from merging.lora.live import LiveLora, rank_bound
+    from merging.lora.peft_output import write_peft_dir
     from tests.cli_fixtures import build_tiny_peft
 
     base_dir, a_dir = tmp_path / "base", tmp_path / "a"

@@ -178,7 +178,7 @@ def test_names_with_control_characters_are_refused():
 
 
 def test_a_merge_output_target_regex_is_accepted_and_matches_like_peft():
-    # merging/peft_output.py writes an alternation of every merged module name
+    # merging/lora/peft_output.py writes an alternation of every merged module name
     import re
 
     names = [f"model.layers.{i}.{part}.{m}_proj" for i in range(80)

@@ -1,4 +1,4 @@
-"""``merging.shards.paused_gc``: the collector is off inside and back as it was after."""
+"""``merging.model.layout.paused_gc``: the collector is off inside and back as it was after."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from merging.shards import paused_gc
+from merging.model.layout import paused_gc
 
 
 @pytest.mark.parametrize("enabled_before", [True, False])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging import refactor
-from merging.methods import MergeParams, ModuleContext, ModuleInput
-from merging.methods.ties import ties
+from merging.lora import factorize as refactor
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods.ties import ties
 
 
 def factors(rows: int, cols: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Row-range merging (merging.rowmerge) against float64 references, both ways.
+"""Row-range merging (merging.model.rowmerge) against float64 references, both ways.
 
 The float64 product ``W + s·B·A`` rounded once to the base dtype is the reference;
 the float32 way rounds once too, and the bfloat16 way (split factors) may differ from
@@ -13,9 +13,9 @@ import threading
 import pytest
 import torch
 
-from merging import rowmerge
-from merging.buffers import BufferPool, view_as
-from merging.rowmerge import RowFactors, merge_rows, split_bf16
+from merging.model import rowmerge
+from merging.model.buffers import BufferPool, view_as
+from merging.model.rowmerge import RowFactors, merge_rows, split_bf16
 
 
 def _case(rows: int = 300, cols: int = 200, rank: int = 8, seed: int = 0

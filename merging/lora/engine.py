@@ -6,11 +6,11 @@ For every module in the union of the inputs' modules (sorted by name):
    module contributes a zero delta: it is left out of elections and sums, but its
    weight still counts in ``--normalize``), fold each input's scale ``s_i`` into
    ``B_i`` and convert to float32;
-2. call the method (:mod:`merging.methods`), which returns exact factors or the
+2. call the method (:mod:`merging.lora.methods`), which returns exact factors or the
    dense merged delta; with ``align="knots"`` the entry-wise method runs on the
    inputs' coefficients in their shared SVD basis instead, and the result is the
-   exact factors (basis, merged coefficients) (:mod:`merging.align`);
-3. turn that into output factors (:mod:`merging.refactor`): exact methods are
+   exact factors (basis, merged coefficients) (:mod:`merging.lora.align`);
+3. turn that into output factors (:mod:`merging.lora.factorize`): exact methods are
    re-factored to their true rank (``cat`` is kept as concatenated), dense results
    by truncated randomized SVD to ``rank`` (default: the largest input rank of the
    module), ``rank="full"`` keeps the exact delta at full rank;
@@ -21,9 +21,9 @@ For every module in the union of the inputs' modules (sorted by name):
 Memory: the inputs' factors of one module plus at most one dense ``(out, in)``
 float32 tensor; the output factors are kept (they are what gets written).
 
-Output config: :func:`merging.peft_output.output_config` (``r`` = the most common
+Output config: :func:`merging.lora.peft_output.output_config` (``r`` = the most common
 output rank at scale 1, ``rank_pattern`` where a module's rank differs,
-``target_modules`` = the union of the inputs'); :func:`merging.peft_output.write_peft_dir`
+``target_modules`` = the union of the inputs'); :func:`merging.lora.peft_output.write_peft_dir`
 writes the result as a PEFT directory. Extra tensors (``modules_to_save``
 copies) are copied; the same tensor name with different contents in two inputs is
 refused (``UnsupportedAdapterError``), since no merge of full weights is defined.
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, load_adapter, torch_dtype
-from merging.align import knots_merge
-from merging.methods import (
+from merging.lora.align import knots_merge
+from merging.lora.methods import (
     Factors,
     MergeMethod,
     MergeParams,
@@ -51,9 +51,9 @@ from merging.methods import (
     ModuleInput,
     get_method,
 )
-from merging.peft_output import output_config
-from merging.sparsify import intraop_threads
-from merging.refactor import (
+from merging.lora.peft_output import output_config
+from merging.lora.sparsify import intraop_threads
+from merging.lora.factorize import (
     dense_error,
     exact_refactor,
     factored_error,
@@ -71,7 +71,7 @@ ProgressCallback = Callable[[int], None]
 
 @dataclass(frozen=True)
 class MergeResult:
-    """A merged adapter, ready for :func:`merging.peft_output.write_peft_dir`.
+    """A merged adapter, ready for :func:`merging.lora.peft_output.write_peft_dir`.
 
     Attributes:
         config: The output ``adapter_config.json``.
@@ -188,7 +188,7 @@ def _run_method(spec: MergeMethod, inputs: Sequence[ModuleInput], params: MergeP
     """The method's result for one module and its output kind.
 
     A KnOTS-aligned merge (``params.align == "knots"``) returns exact factors
-    (shared basis, merged coefficients): :mod:`merging.align`.
+    (shared basis, merged coefficients): :mod:`merging.lora.align`.
     """
     if params.align == "knots":
         return knots_merge(spec, inputs, params, ctx), "exact"
@@ -237,7 +237,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         params: Explicitly chosen parameters (``density``, ``lambda``, ``normalize``,
             ``sign_election``, ``gamma``, ``epsilon``, ``align``); None values are
             ignored, defaults are filled in. ``align="knots"`` runs an entry-wise
-            method in the KnOTS basis (:mod:`merging.align`).
+            method in the KnOTS basis (:mod:`merging.lora.align`).
         rank: Output rank: None (exact methods and KnOTS-aligned merges: true rank;
             dense methods: the largest input rank of each module), an int, or
             ``"full"``.
@@ -282,7 +282,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
     names = module_union(loaded)
     # Factored methods hold no dense tensor, so small modules run side by side, each
     # with single-threaded ops; dense methods go one module at a time and parallelise
-    # inside the module (merging.sparsify.block_map). Results come back in name order.
+    # inside the module (merging.lora.sparsify.block_map). Results come back in name order.
     workers = 1 if spec.output == "dense" else min(torch.get_num_threads(), len(names))
     try:
         extras = _extras(loaded, labels, warnings)  # clashes are refused before any work

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from merging.engine import MergeResult
+    from merging.lora.engine import MergeResult
     from registry.manifest import PushResult, Version
     from registry.store import Store
 
@@ -67,7 +67,7 @@ def push_merge(store: Store, versions: Sequence[Version], result: MergeResult, t
     Args:
         store: The registry.
         versions: The merge's inputs, in order (parents of the lineage).
-        result: The merge (:func:`merging.engine.merge_adapters`).
+        result: The merge (:func:`merging.lora.engine.merge_adapters`).
         target: The name to push under.
         work_dir: A scratch directory (the merged PEFT directory goes in ``merged/``).
         method: The merge method (record label and recipe).
@@ -82,7 +82,7 @@ def push_merge(store: Store, versions: Sequence[Version], result: MergeResult, t
         BadInputError: The output fails the ingest checks, or a bad ``extra_report``.
         ConflictError: ``work_dir/merged`` exists and is not empty.
     """
-    from merging.peft_output import write_peft_dir
+    from merging.lora.peft_output import write_peft_dir
     from registry.ingest import prepare_adapter
     from registry.record import build_record
 

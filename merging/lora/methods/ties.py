@@ -5,7 +5,7 @@ fraction by magnitude, elect a sign per entry, and average the weighted entries
 that agree with it (disjoint mean), then multiply by ``--lambda``. The default
 election (``--sign-election sum``) equals ``peft.utils.merge_utils.ties`` with
 ``majority_sign_method="total"``; ``frequency`` and ``mergekit`` are described in
-:mod:`merging.sparsify`. The dense result is re-factored by the engine.
+:mod:`merging.lora.sparsify`. The dense result is re-factored by the engine.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
                  summary="trim to top density, elect signs, disjoint mean (TIES)")
 def ties(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> torch.Tensor:
     """TIES on the module's true deltas; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     thresholds = [sparsify.magnitude_threshold(inp, params.density, ctx) for inp in inputs]
     return sparsify.dense_merge(

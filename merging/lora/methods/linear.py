@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.methods import Factors, MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import Factors, MergeParams, ModuleContext, ModuleInput, register_method
 
 
 def stacked_factors(inputs: Sequence[ModuleInput], scale: float) -> Factors:

@@ -21,7 +21,7 @@ embedding, tied weights, last module), ``_keep_in_fp32_modules`` or
 ``llm_int8_skip_modules`` exclude it.
 
 The tensors are produced one at a time by the streaming rewriter in
-:mod:`merging.unload` (:func:`quantize` is that rewriter with no adapter), so peak
+:mod:`merging.model.unload` (:func:`quantize` is that rewriter with no adapter), so peak
 memory is about one module. :func:`quantize_with_transformers` is the whole-model
 route, kept as the reference the tests compare against.
 """
@@ -39,10 +39,10 @@ import torch
 
 from registry.errors import BadInputError
 
-from merging.shards import OutTensor
+from merging.model.layout import OutTensor
 
 if TYPE_CHECKING:
-    from merging.jobs import UnloadResult
+    from merging.model.results import UnloadResult
 
 METHODS = ("nf4", "fp4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -303,21 +303,21 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
         double_quant, blocksize, compute_dtype, skip_modules: See :class:`QuantSpec`.
         max_shard_size: Reshard the output (``"2GB"``); default keeps the source files.
         probe: Measure logits drift against the source model (default: when the
-            weights are at most :data:`merging.unload.PROBE_MAX_BYTES`).
+            weights are at most :data:`merging.model.unload.PROBE_MAX_BYTES`).
         store, name: Record the output in this store under ``name`` (by reference).
         progress: Called with the source bytes processed.
         on_tensor: Called with each output tensor's name after it is written.
-        sync: fsync before publishing (see :func:`merging.unload.unload`).
+        sync: fsync before publishing (see :func:`merging.model.unload.unload`).
 
     Returns:
-        The :class:`merging.unload.UnloadResult` (``quantization`` holds the errors).
+        The :class:`merging.model.unload.UnloadResult` (``quantization`` holds the errors).
 
     Raises:
         BadInputError: bad settings, an already-quantized or unsupported model.
         ConflictError: ``out`` exists and is not empty.
         NotFoundError: ``model_dir`` is missing.
     """
-    from merging.unload import rewrite_model
+    from merging.model.unload import rewrite_model
 
     spec = QuantSpec(to, double_quant, blocksize, compute_dtype, tuple(skip_modules))
     return rewrite_model(model_dir, out, adapter=None, quant=spec, max_shard_size=max_shard_size,

@@ -1,5 +1,5 @@
 """``W[rows] + s·B[rows]·A`` for one row range of a base weight: the arithmetic of
-merge-and-unload, apart from the pipeline that streams it (:mod:`merging.rewrite`).
+merge-and-unload, apart from the pipeline that streams it (:mod:`merging.model.pipeline`).
 
 Two ways to compute it, with the same result up to ties at a rounding boundary:
 
@@ -20,7 +20,7 @@ Two ways to compute it, with the same result up to ties at a rounding boundary:
 Either way the merged rows' Frobenius norm doubles as the NaN/Inf check.
 
 :func:`merge_ranges` (fast path) and :func:`read_merge` (ordered path) are the worker
-tasks of :mod:`merging.rewrite` around it: read rows, merge, write (or hand back).
+tasks of :mod:`merging.model.pipeline` around it: read rows, merge, write (or hand back).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from merging.buffers import allocate, view_as
-from merging.shard_writer import ShardWriter
-from merging.shards import SourceTensor, TensorReader, to_float32, torch_dtype
+from merging.model.buffers import allocate, view_as
+from merging.model.shard_writer import ShardWriter
+from merging.model.layout import SourceTensor, TensorReader, to_float32, torch_dtype
 
 BF16_GEMM: bool | None = None
 """Take the bfloat16 way for bfloat16 bases; ``None``: when :func:`bf16_gemm_is_native`."""
@@ -155,7 +155,7 @@ def merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: So
                   local: threading.local, buffer_bytes: int) -> tuple[int, float]:
     """Merge row ranges of one tensor and write each at its place (``offset`` is where
     the tensor's data starts), in this worker's own buffer of ``buffer_bytes`` (kept in
-    ``local``: allocated once per worker, see :mod:`merging.buffers`). Returns (bytes,
+    ``local``: allocated once per worker, see :mod:`merging.model.buffers`). Returns (bytes,
     sum of the squared norms); the sum is ``inf``/``nan`` as soon as a range is not
     finite (nothing more is written)."""
     row_bytes = src.info.nbytes // max(src.shape[0], 1)

@@ -7,7 +7,7 @@ then takes the weighted sum (``--normalize``: divided by the sum of weights);
 ``--lambda``. They equal ``peft.utils.merge_utils.dare_linear`` / ``dare_ties``
 given the same masks. Masks are reproducible: one generator per (module, input)
 seeded from ``sha256(seed, module, "dare", input index, row block)`` (see
-:mod:`merging.sparsify`).
+:mod:`merging.lora.sparsify`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
 
 
 def _dropper(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyped-def]
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return lambda pos, inp, block, j: sparsify.dare_block(
         block, params.density, sparsify.dare_generator(ctx, inp.index, j))
@@ -33,7 +33,7 @@ def _dropper(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleCont
 def dare_linear(inputs: Sequence[ModuleInput], params: MergeParams,
                 ctx: ModuleContext) -> torch.Tensor:
     """DARE then weighted sum; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return sparsify.dense_merge(inputs, params, ctx, transform=_dropper(inputs, params, ctx),
                                 combine=sparsify.weighted_sum, normalize=params.normalize)
@@ -44,7 +44,7 @@ def dare_linear(inputs: Sequence[ModuleInput], params: MergeParams,
 def dare_ties(inputs: Sequence[ModuleInput], params: MergeParams,
               ctx: ModuleContext) -> torch.Tensor:
     """DARE then sign election and disjoint mean; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return sparsify.dense_merge(
         inputs, params, ctx, transform=_dropper(inputs, params, ctx),

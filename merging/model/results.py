@@ -1,7 +1,7 @@
 """What a streamed rewrite does to each base tensor, and what it reports.
 
-:func:`merging.unload.rewrite_model` plans one :class:`Job` per output tensor (in base
-file order) and :class:`merging.rewrite.Rewrite` executes them; every tensor that was
+:func:`merging.model.unload.rewrite_model` plans one :class:`Job` per output tensor (in base
+file order) and :class:`merging.model.pipeline.Rewrite` executes them; every tensor that was
 merged, replaced or quantized gets a :class:`ModuleReport` in the
 :class:`UnloadResult` (and in the lineage record of a recorded unload).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.adapter import ModuleInfo
-from merging.shards import SourceTensor
+from merging.model.layout import SourceTensor
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Job:
 
 @dataclass(frozen=True)
 class UnloadResult:
-    """Outcome of :func:`unload` / :func:`merging.quantize.quantize`.
+    """Outcome of :func:`unload` / :func:`merging.model.quantize.quantize`.
 
     Attributes:
         out_dir: The published model directory.

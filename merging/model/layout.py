@@ -10,11 +10,11 @@ row ranges in memory:
   process's resident set until the file is closed (measured here: 800 MB peak RSS to
   stream a 512 MB shard with one ``safe_open``, 320 MB when reopening per tensor),
   which breaks the "peak memory ~ one module" budget on multi-GB shards. Writing is
-  :mod:`merging.shard_writer`.
+  :mod:`merging.model.shard_writer`.
 * **Planning** (:func:`plan_shards`) keeps the base's file layout by default or
   packs tensors greedily in base order under ``max_shard_size``.
 
-The output directory (staging, non-weight files) is :mod:`merging.output_dir`.
+The output directory (staging, non-weight files) is :mod:`merging.model.output_dir`.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
-from merging.buffers import view_as
+from merging.model.buffers import view_as
 from registry.errors import BadInputError, NotFoundError
 from registry.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
-    from merging.shard_writer import WrittenShard
+    from merging.model.shard_writer import WrittenShard
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -263,7 +263,7 @@ class TensorReader:
     def read(self, src: SourceTensor, row_start: int = 0, row_end: int | None = None,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[row_start, row_end)`` of a tensor (the whole tensor by default), into
-        ``buffer`` (a :class:`merging.buffers.BufferPool` buffer) when given."""
+        ``buffer`` (a :class:`merging.model.buffers.BufferPool` buffer) when given."""
         shape = src.shape
         rows = shape[0] if shape else 1
         row_end = rows if row_end is None else row_end

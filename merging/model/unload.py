@@ -1,21 +1,21 @@
 """Merge-and-unload: bake a LoRA adapter into its base and write a standalone model.
 
 The model is rewritten tensor by tensor (:func:`rewrite_model`, shared with
-:func:`merging.quantize.quantize`), never loaded whole:
+:func:`merging.model.quantize.quantize`), never loaded whole:
 
 1. **Checks before anything is written.** The base layout (headers only), the
    adapter's A/B shapes against the base weights (``BaseMismatchError``), the base
    ``struct_digest`` against the adapter record's fingerprint, and the adapter's
    ``modules_to_save`` tensors for NaN/Inf. LoRA factors are checked for NaN/Inf as
    each module's are read (refused with the module named; the staged output goes).
-2. **Streaming** (:mod:`merging.rewrite`). For each base tensor in file order:
+2. **Streaming** (:mod:`merging.model.pipeline`). For each base tensor in file order:
    untouched tensors are copied in the kernel; a LoRA target gets ``W + s·B·A``
-   on row ranges of a few MB, rounded once to the base dtype (:mod:`merging.rowmerge`); a
+   on row ranges of a few MB, rounded once to the base dtype (:mod:`merging.model.rowmerge`); a
    ``modules_to_save`` copy replaces the base tensor. With quantization (or
    ``qlora``) a target is handled whole: QLoRA first replaces ``W`` by
    ``dequantize(quantize(W))``, the weights the adapter was trained against, then
-   the merged weight is quantized (:mod:`merging.quantize`). Output shards are
-   streamed by :class:`merging.shard_writer.ShardWriter`, so the peak is a few row
+   the merged weight is quantized (:mod:`merging.model.quantize`). Output shards are
+   streamed by :class:`merging.model.shard_writer.ShardWriter`, so the peak is a few row
    ranges (one module when quantizing), never a shard.
 3. **Tied embeddings.** If ``tie_word_embeddings`` is set and the adapter changes only
    one side (``embed_tokens`` or ``lm_head``), the output unties them: both tensors are
@@ -50,15 +50,15 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo, load_adapter
-from merging.derived import (adapter_digest, check_base_weights, output_fingerprint,
+from merging.model.derived import (adapter_digest, check_base_weights, output_fingerprint,
                              record_derived)
-from merging.jobs import Job, UnloadResult
-from merging.output_dir import copy_non_weight_files, staged_output
-from merging.quantize import (PROBE_SHAPE, QuantSpec, load_logits, logits_drift, planned_outputs,
+from merging.model.results import Job, UnloadResult
+from merging.model.output_dir import copy_non_weight_files, staged_output
+from merging.model.quantize import (PROBE_SHAPE, QuantSpec, load_logits, logits_drift, planned_outputs,
                               quantizable_weights, reference_logits)
-from merging.rewrite import Rewrite
-from merging.shard_writer import ShardWriter, WrittenShard
-from merging.shards import (ModelLayout, OutTensor, parse_size, plan_shards, read_layout,
+from merging.model.pipeline import Rewrite
+from merging.model.shard_writer import ShardWriter, WrittenShard
+from merging.model.layout import (ModelLayout, OutTensor, parse_size, plan_shards, read_layout,
                             torch_dtype, torch_threads, write_index)
 from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError, NotFoundError
@@ -276,7 +276,7 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
                   store: Any = None, name: str | None = None, adapter_version: Any = None,
                   progress: Callable[[int], None] | None = None,
                   on_tensor: TensorCallback | None = None, sync: bool = True) -> UnloadResult:
-    """The streaming rewriter behind :func:`unload` and :func:`merging.quantize.quantize`.
+    """The streaming rewriter behind :func:`unload` and :func:`merging.model.quantize.quantize`.
 
     Raises:
         As :func:`unload`.

@@ -2,15 +2,15 @@
 
 A :class:`Job` says what happens to one base tensor: copied unchanged, LoRA-merged,
 replaced by a ``modules_to_save`` copy, round-tripped through 4-bit (QLoRA) and/or
-quantized (:mod:`merging.jobs`). :class:`Rewrite` executes each shard's jobs into
-its :class:`merging.shard_writer.ShardWriter`:
+quantized (:mod:`merging.model.results`). :class:`Rewrite` executes each shard's jobs into
+its :class:`merging.model.shard_writer.ShardWriter`:
 
 * an unchanged tensor is copied inside the kernel (``copy_file_range``), or read and
   written in ~16 MB pieces when its bytes must be hashed;
 * a LoRA target (no quantization) is merged in row ranges (the arithmetic, float32
-  or bfloat16, is :mod:`merging.rowmerge`) by a small pool of threads (torch ops
+  or bfloat16, is :mod:`merging.model.rowmerge`) by a small pool of threads (torch ops
   release the GIL; each runs torch single-threaded, see
-  :data:`merging.unload.COMPUTE_THREADS`);
+  :data:`merging.model.unload.COMPUTE_THREADS`);
 * everything else (replacement, QLoRA round trip, quantization, or keeping the
   unquantized tensors for the logits probe) is done on the whole tensor, on the
   calling thread with :data:`WORKERS` intra-op threads.
@@ -27,10 +27,10 @@ its inode lock) and no shard ends in an idle tail. On the 1B benchmark this cost
 **Ordered** (a recorded unload hashes base and output bytes, sha256 in file order):
 shard by shard, ranges are consumed in order on the calling thread, which hashes the
 base bytes, and written by the writer thread, which hashes the output, with at most
-:data:`WINDOW` ranges in flight in pooled buffers (:mod:`merging.buffers`).
+:data:`WINDOW` ranges in flight in pooled buffers (:mod:`merging.model.buffers`).
 
 Either way the merged weight's Frobenius norm doubles as the NaN/Inf check, and the
-cyclic garbage collector is paused (:func:`merging.shards.paused_gc`).
+cyclic garbage collector is paused (:func:`merging.model.layout.paused_gc`).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
-from merging.buffers import BufferPool
-from merging.jobs import Job, ModuleReport
-from merging.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
-from merging.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
-from merging.shard_writer import MAX_PENDING, ShardWriter
-from merging.shards import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
+from merging.model.buffers import BufferPool
+from merging.model.results import Job, ModuleReport
+from merging.model.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
+from merging.model.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
+from merging.model.shard_writer import MAX_PENDING, ShardWriter
+from merging.model.layout import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
                             torch_dtype, torch_threads)
 from registry.errors import BadInputError
 from registry.safetensors_header import read_header
@@ -76,7 +76,7 @@ TASK_BYTES = 64 << 20
 one task (no per-range futures); a larger one (an ``lm_head`` on a big vocabulary) is
 split so both workers share it."""
 BUFFERS = 2 * (WINDOW + 1 + MAX_PENDING) + 2
-"""Pooled row-range buffers (:mod:`merging.buffers`). A range holds up to two from
+"""Pooled row-range buffers (:mod:`merging.model.buffers`). A range holds up to two from
 submission until the writer has written it; at most ``WINDOW + 1`` ranges wait to be
 consumed and ``MAX_PENDING`` to be written, and the consuming thread takes the next
 two, so the pool never runs dry for good (taking them in the workers could: a worker
@@ -110,7 +110,7 @@ class Rewrite:
     # ---- adapter -----------------------------------------------------------------
 
     def adapter_tensor(self, key: str) -> torch.Tensor:
-        """One adapter tensor, read with plain file reads (no mmap; see merging.shards)."""
+        """One adapter tensor, read with plain file reads (no mmap; see merging.model.layout)."""
         header = self.adapter_header
         assert header is not None and self.adapter is not None
         return self.reader.read(SourceTensor(key, self.adapter.weights_path, header.tensors[key],

@@ -13,7 +13,7 @@ the ``adapter`` parent, materialized from the store. So an nf4 model of an unloa
 merge is *unload, then quantize*, and ``unload --quantize nf4`` is one unload step
 with quantization, as it was made.
 
-**Each step** calls :func:`merging.unload.rewrite_model` with the recorded
+**Each step** calls :func:`merging.model.unload.rewrite_model` with the recorded
 parameters (quantization and QLoRA specs, ``max_shard_size``, the merge arithmetic
 used for bfloat16 weights) and the step's recorded base fingerprint as ``expected``:
 the input's bytes are verified while they stream (a wrong ``--base`` is refused,
@@ -136,7 +136,7 @@ def plan(store: Store, version: Version) -> list[Step]:
 
 
 def _spec(data: dict[str, Any] | None) -> Any:
-    from merging.quantize import QuantSpec
+    from merging.model.quantize import QuantSpec
 
     if not data:
         return None
@@ -147,7 +147,7 @@ def _spec(data: dict[str, Any] | None) -> Any:
 @contextlib.contextmanager
 def _bf16_gemm(value: Any) -> Iterator[None]:
     """Replay the recorded merge arithmetic for bfloat16 weights."""
-    from merging import rowmerge
+    from merging.model import rowmerge
 
     old = rowmerge.BF16_GEMM
     if isinstance(value, bool):
@@ -161,7 +161,7 @@ def _bf16_gemm(value: Any) -> Iterator[None]:
 def _run_step(store: Store, step: Step, src: Path, dest: Path, scratch: Path, *,
               progress: Callable[[int], None] | None, sync: bool) -> Any:
     from merging.adapter import load_adapter
-    from merging.unload import rewrite_model
+    from merging.model.unload import rewrite_model
 
     params = step.parameters
     loaded = None
@@ -228,7 +228,7 @@ def rebuild(store: Store, ref: str, base_dir: str | Path, out_dir: str | Path, *
         BadInputError: ``ref`` is not a derived model or cannot be replayed.
         NotFoundError: Unknown ref, or a recorded input is no longer in the store.
     """
-    from merging.derived import build_environment
+    from merging.model.derived import build_environment
 
     version = store.resolve(ref)
     recorded_weights(version)

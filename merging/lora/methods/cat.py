@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.methods import Factors, MergeParams, ModuleContext, ModuleInput, register_method
-from merging.methods.linear import stacked_factors
+from merging.lora.methods import Factors, MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods.linear import stacked_factors
 
 
 @register_method("cat", output="concat", params=set(),

@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from merging.shards import CHUNK_BYTES, TORCH_TO_ST, OutTensor, torch_dtype
+from merging.model.layout import CHUNK_BYTES, TORCH_TO_ST, OutTensor, torch_dtype
 
 MAX_PENDING = 2
 """Chunks queued for the writer thread before :meth:`ShardWriter.write` waits."""

@@ -25,7 +25,7 @@ affects speed; a missed bracket falls back to ``kthvalue`` on everything).
 ``1/density`` (``merge_utils.random_pruning(..., rescale=True)``). The mask of
 input ``i`` in rows ``[64j, 64j+64)`` of module ``M`` is
 ``torch.rand(rows, cols, generator=g) < density`` with ``g`` seeded from
-``sha256(seed, M, "dare", i, j)`` (:meth:`merging.methods.ModuleContext.generator`),
+``sha256(seed, M, "dare", i, j)`` (:meth:`merging.lora.methods.ModuleContext.generator`),
 so it does not depend on module order, thread scheduling or Python's hash
 randomisation (:func:`dare_mask` builds a whole mask the same way, for tests).
 
@@ -66,7 +66,7 @@ from typing import Iterator, TypeVar
 import numpy as np
 import torch
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
 
 BLOCK_ROWS = 64
 """Rows per block. Part of the DARE mask definition: changing it changes masks."""

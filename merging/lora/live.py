@@ -10,8 +10,8 @@ would cost a model load per trial; here the base is loaded once and wrapped once
    its default rank: a dense method's output has the largest input rank, an exact or
    KnOTS-aligned one at most the sum of the ranks, ``cat`` exactly the sum. ``lora_alpha
    = R`` and every layer's ``scaling`` is set to 1, since merged factors carry their
-   scales and weights folded in (:mod:`merging.peft_output`).
-2. :meth:`LiveLora.load` copies a :class:`merging.engine.MergeResult`'s factors (as
+   scales and weights folded in (:mod:`merging.lora.peft_output`).
+2. :meth:`LiveLora.load` copies a :class:`merging.lora.engine.MergeResult`'s factors (as
    stored: already cast to the output dtype) into the first ``k`` rows of each A and
    columns of each B and zeroes the rest, so ``B @ A`` is exactly the merged delta; a
    module the result lacks gets zeros (no delta). :meth:`LiveLora.load_factors` does
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from merging.adapter import LoraAdapter
-    from merging.engine import MergeResult
+    from merging.lora.engine import MergeResult
 
 ADAPTER_NAME = "default"
 

@@ -6,7 +6,7 @@ agree), so neither the base nor the output is read a second time. Outputs are
 recorded by reference (:meth:`registry.store.Store.record_derived`): kind ``model``,
 no weights copied.
 
-What a rebuild (:mod:`merging.rebuild`) needs is recorded with it:
+What a rebuild (:mod:`merging.model.rebuild`) needs is recorded with it:
 
 * **lineage parents**: for an unload, the adapter version (role ``adapter``) and, if
   the store records a model with exactly the base's weights, that model (role
@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merging.adapter import LoraAdapter
-from merging.quantize import QuantSpec
-from merging.shard_writer import WrittenShard
-from merging.shards import ModelLayout
+from merging.model.quantize import QuantSpec
+from merging.model.shard_writer import WrittenShard
+from merging.model.layout import ModelLayout
 from registry.common import json_digest, sha256_digest
 from registry.errors import BaseMismatchError
 from registry.fingerprint import arch_fields
 from registry.safetensors_header import read_header
 
 if TYPE_CHECKING:
-    from merging.jobs import UnloadResult
+    from merging.model.results import UnloadResult
 
 
 def weights_digest(entries: list[tuple[str, str, tuple[int, ...], str]]) -> str:
@@ -111,7 +111,7 @@ def build_environment() -> dict[str, Any]:
 
 def bf16_gemm_in_effect() -> bool:
     """Whether bfloat16 LoRA weights take the split-bfloat16 ``addmm`` way here."""
-    from merging import rowmerge
+    from merging.model import rowmerge
 
     return rowmerge.use_bf16_gemm("BF16")
 

@@ -13,7 +13,7 @@ are dropped and the next ``k = int(density · n)`` are kept (when
 ``breadcrumbs`` is ``λ · Σ_i w_i crumbs(ΔW_i)`` (``--normalize`` divides by
 ``Σ_i w_i``: mergekit's ``breadcrumbs`` with ``normalize: true``);
 ``breadcrumbs_ties`` is ``λ · disjoint_mean(crumbs(ΔW_i))`` with the TIES sign
-election of :mod:`merging.sparsify` (``--sign-election mergekit`` is mergekit's
+election of :mod:`merging.lora.sparsify` (``--sign-election mergekit`` is mergekit's
 ``breadcrumbs_ties`` with ``normalize: true``; mergekit's default,
 ``normalize: false``, sums the agreeing entries without dividing). Entries tied
 with a band edge are all kept (mergekit's sort keeps an arbitrary subset of them;
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 def _crumbs(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyped-def]
     """The block transform keeping each input's breadcrumbs band."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     bands = [sparsify.outlier_band(inp, params.density, params.gamma, ctx) for inp in inputs]
     return lambda pos, inp, block, j: sparsify.band_block(block, *bands[pos])
@@ -45,7 +45,7 @@ def _crumbs(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleConte
 def breadcrumbs(inputs: Sequence[ModuleInput], params: MergeParams,
                 ctx: ModuleContext) -> torch.Tensor:
     """Breadcrumbs then weighted sum; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return sparsify.dense_merge(inputs, params, ctx, transform=_crumbs(inputs, params, ctx),
                                 combine=sparsify.weighted_sum, normalize=params.normalize)
@@ -57,7 +57,7 @@ def breadcrumbs(inputs: Sequence[ModuleInput], params: MergeParams,
 def breadcrumbs_ties(inputs: Sequence[ModuleInput], params: MergeParams,
                      ctx: ModuleContext) -> torch.Tensor:
     """Breadcrumbs then sign election and disjoint mean; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return sparsify.dense_merge(
         inputs, params, ctx, transform=_crumbs(inputs, params, ctx),

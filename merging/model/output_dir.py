@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from merging.shards import INDEX_NAME, WEIGHT_EXTENSIONS
+from merging.model.layout import INDEX_NAME, WEIGHT_EXTENSIONS
 from registry.errors import ConflictError
 
 

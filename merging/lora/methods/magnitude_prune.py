@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def magnitude_prune(inputs: Sequence[ModuleInput], params: MergeParams,
                     ctx: ModuleContext) -> torch.Tensor:
     """Trim then weighted sum; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     thresholds = [sparsify.magnitude_threshold(inp, params.density, ctx) for inp in inputs]
     return sparsify.dense_merge(

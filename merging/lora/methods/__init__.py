@@ -5,15 +5,15 @@ A method merges the inputs of *one module* and returns either exact factors
 ``linear``, ``task_arithmetic``, ``cat``) or the dense float32 merged delta
 (TIES, DARE, magnitude pruning, which act entry by entry and must see the true
 delta ``s·B·A``). The method's ``output`` says what the engine
-(:mod:`merging.engine`) does with the result: ``"exact"`` factors are re-factored
+(:mod:`merging.lora.engine`) does with the result: ``"exact"`` factors are re-factored
 exactly to their true rank (QR + small SVD), ``"concat"`` factors are stored as
 they are, ``"dense"`` deltas are re-factored by truncated randomized SVD to the
-requested rank (:mod:`merging.refactor`); the error is measured in every case.
+requested rank (:mod:`merging.lora.factorize`); the error is measured in every case.
 
 Adding a method touches one file::
 
-    # merging/methods/my_method.py
-    from merging.methods import register_method
+    # merging/lora/methods/my_method.py
+    from merging.lora.methods import register_method
 
     @register_method("my_method", output="dense", params={"density", "lambda"},
                      summary="what it does")
@@ -24,7 +24,7 @@ Every module of this package is imported when the registry is (sorted by name),
 so nothing else needs editing. ``params`` lists the optional parameters the method
 accepts (see :data:`PARAMETER_HELP` for each one's meaning, default and bounds);
 giving any other one explicitly is an error, so a typo never passes silently.
-``align`` (:data:`ALIGNMENTS`, :mod:`merging.align`) is accepted by every
+``align`` (:data:`ALIGNMENTS`, :mod:`merging.lora.align`) is accepted by every
 ``"dense"`` (entry-wise) method without being listed.
 """
 
@@ -101,7 +101,7 @@ class MergeParams:
         gamma: Fraction of largest magnitudes dropped as outliers, in [0, 1)
             (breadcrumbs).
         epsilon: Keep probabilities range over ``density ± epsilon`` (DELLA).
-        align: None, or ``"knots"`` (:mod:`merging.align`).
+        align: None, or ``"knots"`` (:mod:`merging.lora.align`).
     """
 
     density: float = DEFAULT_DENSITY

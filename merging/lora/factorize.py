@@ -127,7 +127,7 @@ def full_factors(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dense_error(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
     """``(||D - B A||_F, ||D||_F)``, block by block (float64 accumulation)."""
-    from merging.sparsify import block_map, row_blocks
+    from merging.lora.sparsify import block_map, row_blocks
 
     B32, A32 = B.float(), A.float()
 

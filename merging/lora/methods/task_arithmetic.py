@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.methods import Factors, MergeParams, ModuleContext, ModuleInput, register_method
-from merging.methods.linear import stacked_factors
+from merging.lora.methods import Factors, MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods.linear import stacked_factors
 
 
 @register_method("task_arithmetic", output="exact", params={"lambda", "normalize"},

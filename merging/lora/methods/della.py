@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 def _magprune(params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyped-def]
     """The block transform drawing each input's DELLA mask."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return lambda pos, inp, block, j: sparsify.della_block(
         block, params.density, params.epsilon, sparsify.della_generator(ctx, inp.index, j))
@@ -45,7 +45,7 @@ def _magprune(params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyp
                  summary="magnitude-ranked random drop (density ± epsilon), rescale 1/p, TIES")
 def della(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> torch.Tensor:
     """MAGPRUNE then sign election and disjoint mean; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return sparsify.dense_merge(
         inputs, params, ctx, transform=_magprune(params, ctx),
@@ -59,7 +59,7 @@ def della(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext
 def della_linear(inputs: Sequence[ModuleInput], params: MergeParams,
                  ctx: ModuleContext) -> torch.Tensor:
     """MAGPRUNE then weighted sum; dense float32 result."""
-    from merging import sparsify
+    from merging.lora import sparsify
 
     return sparsify.dense_merge(inputs, params, ctx, transform=_magprune(params, ctx),
                                 combine=sparsify.weighted_sum, normalize=params.normalize)
