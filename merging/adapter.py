@@ -63,7 +63,6 @@ _UNSUPPORTED_FIELDS = {
     "alora_invocation_tokens": "aLoRA deltas only apply after their invocation tokens",
     "use_qalora": "QALoRA pools inputs before A",
 }
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -292,9 +291,3 @@ def load_adapter(adapter_dir: str | Path) -> LoraAdapter:
     extra_info = {e: (header.tensors[e].dtype, header.tensors[e].shape) for e in extras}
     return LoraAdapter(root, config, infos, list(extras), extra_info)
 
-
-def torch_dtype(safetensors_dtype: str) -> torch.dtype:
-    """``"BF16"`` -> ``torch.bfloat16`` (F16/BF16/F32/F64)."""
-    import torch
-
-    return getattr(torch, _SAFETENSORS_DTYPES[safetensors_dtype])

@@ -35,13 +35,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merging.adapter import LoraAdapter, load_adapter, torch_dtype
+from merging.adapter import LoraAdapter, load_adapter
+from merging.dtypes import torch_dtype
 from merging.lora.align import knots_merge
 from merging.lora.methods import (
     Factors,
@@ -52,6 +52,8 @@ from merging.lora.methods import (
     get_method,
 )
 from merging.lora.peft_output import output_config
+from merging.lora.options import Rank, parse_rank, parse_weights
+from merging.lora.results import MergeResult
 from merging.lora.sparsify import intraop_threads
 from merging.lora.factorize import (
     dense_error,
@@ -69,50 +71,9 @@ from registry.errors import (
 ProgressCallback = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class MergeResult:
-    """A merged adapter, ready for :func:`merging.lora.peft_output.write_peft_dir`.
-
-    Attributes:
-        config: The output ``adapter_config.json``.
-        tensors: Output tensor name -> tensor (safetensors content).
-        report: JSON-able: ``method``, ``parameters``, ``weights``, ``seed``, ``rank``,
-            ``dtype``, ``modules`` (name -> ``{"rank", "error", "norm", "inputs"}``),
-            ``error`` (overall relative Frobenius error), ``max_error``, ``warnings``.
-    """
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    report: dict[str, Any]
-
-
 def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
     """Sorted union of the inputs' module paths."""
     return sorted(set().union(*(a.infos for a in adapters)))
-
-
-def _parse_rank(rank: int | str | None) -> int | str | None:
-    if rank is None or rank == "full":
-        return rank
-    if isinstance(rank, str) and rank.strip().isdigit():
-        rank = int(rank)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise BadInputError(f"rank must be a positive integer or 'full', got {rank!r}",
-                            fix="pass e.g. --rank 16, or --rank full")
-    return rank
-
-
-def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    weights = list(weights)
-    if len(weights) != n:
-        raise BadInputError(f"{len(weights)} weights for {n} adapters",
-                            fix="give one weight per adapter, e.g. --weights 0.5,0.5")
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise BadInputError(f"weight {w!r} is not a finite number", fix="e.g. --weights 0.5,0.5")
-    return [float(w) for w in weights]
 
 
 def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) -> list[str]:
@@ -222,15 +183,16 @@ def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
 
 
 def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
-                   weights: Sequence[float] | None = None, method: str = "ties", *,
-                   params: dict[str, Any] | None = None, rank: int | str | None = None,
+                   weights: Sequence[float] | str | None = None, method: str = "ties", *,
+                   params: dict[str, Any] | None = None, rank: Rank = None,
                    seed: int | None = 0, progress: ProgressCallback | None = None,
                    labels: Sequence[str] | None = None) -> MergeResult:
     """Merge LoRA adapters module by module on their true deltas.
 
     Args:
         adapters: :class:`LoraAdapter` objects or adapter directories.
-        weights: One weight per adapter (default 1.0 each).
+        weights: One weight per adapter (default 1.0 each), or their comma-separated
+            text (:func:`merging.lora.options.parse_weights`).
         method: A registered method (``linear``, ``task_arithmetic``, ``cat``,
             ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``,
             ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``).
@@ -259,39 +221,66 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         raise BadInputError("nothing to merge", fix="pass at least two adapters")
     loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
     labels = list(labels) if labels is not None else [f"input {i + 1}" for i in range(len(loaded))]
-    weights = _check_weights(weights, len(loaded))
+    weights = parse_weights(weights, len(loaded))
     spec = get_method(method)
-    resolved = spec.resolve(params, weights)
-    rank = _parse_rank(rank)
-    seed = 0 if seed is None else int(seed)
-    warnings = _check_compatible(loaded, labels)
-    dtype = _output_dtype(loaded)
+    run = _MergeRun(loaded, labels, weights, spec, spec.resolve(params, weights),
+                    parse_rank(rank), 0 if seed is None else int(seed))
+    try:
+        warnings = _check_compatible(loaded, labels)
+        extras = _extras(loaded, labels, warnings)  # clashes are refused before any work
+        tensors, modules, ranks, error = run.all_modules(progress)
+        tensors.update(extras)
+    finally:
+        for adapter in loaded:
+            adapter.close()
+    errors = [m["error"] for m in modules.values()]
+    report = {
+        "method": spec.name, "parameters": spec.recorded(run.params), "weights": weights,
+        "seed": run.seed, "rank": run.rank, "dtype": str(run.dtype).removeprefix("torch."),
+        "modules": modules, "error": error, "max_error": max(errors, default=0.0),
+        "warnings": warnings,
+    }
+    return MergeResult(config=output_config(loaded, ranks), tensors=tensors, report=report)
 
-    def one(name: str) -> tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]:
-        inputs = _inputs(loaded, weights, labels, name)
-        info = next(a.infos[name] for a in loaded if name in a.infos)
-        ctx = ModuleContext(name=name, shape=info.shape, seed=seed)
-        result, output = _run_method(spec, inputs, resolved, ctx)
-        b, a, err, norm = _refactored(output, result, inputs, rank, ctx, dtype)
+
+class _MergeRun:
+    """One merge's settings and its per-module step (:meth:`one`), run over every module
+    in name order by :meth:`all_modules`."""
+
+    def __init__(self, loaded: Sequence[LoraAdapter], labels: Sequence[str],
+                 weights: Sequence[float], spec: MergeMethod, params: MergeParams, rank: Rank,
+                 seed: int) -> None:
+        self.loaded, self.labels, self.weights = loaded, labels, weights
+        self.spec, self.params, self.rank, self.seed = spec, params, rank, seed
+        self.dtype = _output_dtype(loaded)
+
+    def one(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]:
+        """Merge module ``name``: (name, B, A, error, norm, indices of the inputs used)."""
+        inputs = _inputs(self.loaded, self.weights, self.labels, name)
+        info = next(a.infos[name] for a in self.loaded if name in a.infos)
+        ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed)
+        result, output = _run_method(self.spec, inputs, self.params, ctx)
+        b, a, err, norm = _refactored(output, result, inputs, self.rank, ctx, self.dtype)
         return name, b, a, err, norm, [inp.index for inp in inputs]
 
-    tensors: dict[str, torch.Tensor] = {}
-    modules: dict[str, dict[str, Any]] = {}
-    ranks: dict[str, int] = {}
-    err2 = norm2 = 0.0
-    names = module_union(loaded)
-    # Factored methods hold no dense tensor, so small modules run side by side, each
-    # with single-threaded ops; dense methods go one module at a time and parallelise
-    # inside the module (merging.lora.sparsify.block_map). Results come back in name order.
-    workers = 1 if spec.output == "dense" else min(torch.get_num_threads(), len(names))
-    try:
-        extras = _extras(loaded, labels, warnings)  # clashes are refused before any work
+    def all_modules(self, progress: ProgressCallback | None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, int], float]:
+        """Every module: (tensors, per-module report, ranks, overall relative error)."""
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, Any]] = {}
+        ranks: dict[str, int] = {}
+        err2 = norm2 = 0.0
+        names = module_union(self.loaded)
+        # Factored methods hold no dense tensor, so small modules run side by side, each
+        # with single-threaded ops; dense methods go one module at a time and parallelise
+        # inside the module (merging.lora.sparsify.block_map). Results come back in name order.
+        workers = 1 if self.spec.output == "dense" else min(torch.get_num_threads(), len(names))
         with intraop_threads(1) if workers > 1 else contextlib.nullcontext():
             pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
             try:
-                outcomes: Iterator[Any] = pool.map(one, names) if pool else map(one, names)
+                outcomes: Iterator[Any] = pool.map(self.one, names) if pool else map(self.one, names)
                 for name, b, a, err, norm, used in outcomes:
-                    keys = next(ad.infos[name] for ad in loaded if name in ad.infos).keys
+                    keys = next(ad.infos[name] for ad in self.loaded if name in ad.infos).keys
                     tensors[keys.a], tensors[keys.b] = a, b
                     ranks[name] = a.shape[0]
                     modules[name] = {"rank": a.shape[0], "error": err / norm if norm > 0 else 0.0,
@@ -302,18 +291,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
-        tensors.update(extras)
-    finally:
-        for adapter in loaded:
-            adapter.close()
-    errors = [m["error"] for m in modules.values()]
-    report = {
-        "method": spec.name, "parameters": spec.recorded(resolved), "weights": weights,
-        "seed": seed, "rank": rank, "dtype": str(dtype).removeprefix("torch."),
-        "modules": modules, "error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
-        "max_error": max(errors, default=0.0), "warnings": warnings,
-    }
-    return MergeResult(config=output_config(loaded, ranks), tensors=tensors, report=report)
+        return tensors, modules, ranks, math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
 
 
 def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *,

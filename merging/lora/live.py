@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from merging.adapter import LoraAdapter
-    from merging.lora.engine import MergeResult
+    from merging.lora.results import MergeResult
 
 ADAPTER_NAME = "default"
 

@@ -33,7 +33,7 @@ from registry.peft_keys import strip_prefix
 
 if TYPE_CHECKING:
     from merging.adapter import LoraAdapter
-    from merging.lora.engine import MergeResult
+    from merging.lora.results import MergeResult
 
 _RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 

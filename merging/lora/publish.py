@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from merging.lora.engine import MergeResult
+    from merging.lora.results import MergeResult
     from registry.manifest import PushResult, Version
     from registry.store import Store
 

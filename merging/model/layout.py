@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
+from merging.dtypes import torch_dtype
 from merging.model.buffers import view_as
 from registry.errors import BadInputError, NotFoundError
 from registry.safetensors_header import SafetensorsHeader, TensorInfo, read_header
@@ -46,13 +47,6 @@ WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".
 CHUNK_BYTES = 16 << 20
 """Largest piece read or written at once (row ranges of big tensors are this size)."""
 
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -76,19 +70,6 @@ def parse_size(text: str | int | None) -> int | None:
     if not match or float(match.group(1)) <= 0:
         raise BadInputError(f"bad size {text!r}", fix="use e.g. 2GB, 500MB or 1GiB")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
-
-
-def torch_dtype(st_dtype: str) -> torch.dtype:
-    """Safetensors dtype name -> torch dtype.
-
-    Raises:
-        BadInputError: a dtype torch cannot hold here (F4, F6...).
-    """
-    try:
-        return ST_TO_TORCH[st_dtype]
-    except KeyError:
-        raise BadInputError(f"tensor dtype {st_dtype} is not supported for rewriting",
-                            fix="convert the model to float16/bfloat16/float32 first") from None
 
 
 def to_float32(tensor: torch.Tensor) -> torch.Tensor:
