@@ -20,8 +20,8 @@ import typer
 
 from cli.common import AllowBaseMismatchOpt, JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
-from merging.lora.methods import METHODS, PARAMETER_HELP  # imports no torch
 from merging.lora.merge_versions import MergeRequest  # imports no torch
+from merging.lora.methods import METHODS, PARAMETER_HELP  # imports no torch
 
 if TYPE_CHECKING:
     from merging.lora.merge_versions import MergeReport

@@ -116,8 +116,8 @@ def rebuild(
     store: StoreOpt = None,
 ) -> None:
     """Re-run a derived model's recorded recipe and check the result bit for bit."""
-    from merging.model.rebuild import rebuild as run_rebuild
     from merging.model.layout import read_layout
+    from merging.model.rebuild import rebuild as run_rebuild
 
     st = open_store(store)
     output = Output(json_out)

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.lora.methods import Factors, MergeMethod, MergeParams, ModuleContext, ModuleInput
 from merging.lora.factorize import RANK_RTOL
+from merging.lora.methods import Factors, MergeMethod, MergeParams, ModuleContext, ModuleInput
 
 
 def knots_basis(inputs: Sequence[ModuleInput]) -> tuple[torch.Tensor, list[torch.Tensor]]:

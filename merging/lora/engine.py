@@ -43,6 +43,13 @@ import torch
 from merging.adapter import LoraAdapter, load_adapter
 from merging.dtypes import torch_dtype
 from merging.lora.align import knots_merge
+from merging.lora.factorize import (
+    dense_error,
+    exact_refactor,
+    factored_error,
+    full_factors,
+    lowrank_refactor,
+)
 from merging.lora.methods import (
     Factors,
     MergeMethod,
@@ -51,17 +58,10 @@ from merging.lora.methods import (
     ModuleInput,
     get_method,
 )
-from merging.lora.peft_output import output_config
 from merging.lora.options import Rank, parse_rank, parse_weights
+from merging.lora.peft_output import output_config
 from merging.lora.results import MergeResult
 from merging.lora.sparsify import intraop_threads
-from merging.lora.factorize import (
-    dense_error,
-    exact_refactor,
-    factored_error,
-    full_factors,
-    lowrank_refactor,
-)
 from registry.errors import (
     BadInputError,
     BaseMismatchError,

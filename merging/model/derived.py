@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merging.adapter import LoraAdapter
-from merging.model.quantize import QuantSpec
-from merging.model.shard_writer import WrittenShard
+from merging.model.bnb import QuantSpec
 from merging.model.layout import ModelLayout
+from merging.model.results import WrittenShard
 from registry.common import json_digest, sha256_digest
 from registry.errors import BaseMismatchError
 from registry.fingerprint import arch_fields
@@ -40,6 +40,8 @@ from registry.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merging.model.results import UnloadResult
+    from registry.manifest import Version
+    from registry.store import Store
 
 
 def weights_digest(entries: list[tuple[str, str, tuple[int, ...], str]]) -> str:
@@ -78,7 +80,7 @@ def output_fingerprint(config: dict[str, Any] | None, written: list[WrittenShard
     return {"struct_digest": struct, "weights_digest": weights}
 
 
-def adapter_digest(adapter: LoraAdapter | None, version: Any) -> str | None:
+def adapter_digest(adapter: LoraAdapter | None, version: Version | None) -> str | None:
     """The stored version's digest, else a digest of the adapter's two files."""
     if version is not None:
         return version.digest
@@ -116,7 +118,7 @@ def bf16_gemm_in_effect() -> bool:
     return rowmerge.use_bf16_gemm("BF16")
 
 
-def store_tensor_list(store: Any, written: list[WrittenShard], weights: str | None) -> None:
+def store_tensor_list(store: Store, written: list[WrittenShard], weights: str | None) -> None:
     """Store the output's tensor list as the blob named by its weights digest."""
     from registry.derived_check import tensor_list_bytes
 
@@ -129,8 +131,8 @@ def store_tensor_list(store: Any, written: list[WrittenShard], weights: str | No
         store.put_bytes(data)
 
 
-def record_derived(store: Any, name: str, result: UnloadResult, adapter: LoraAdapter | None,
-                   version: Any, base_dir: Path, qlora: QuantSpec | None, *,
+def record_derived(store: Store, name: str, result: UnloadResult, adapter: LoraAdapter | None,
+                   version: Version | None, base_dir: Path, qlora: QuantSpec | None, *,
                    written: list[WrittenShard] | None = None,
                    max_shard_size: int | None = None) -> dict[str, Any]:
     """Record the output in the store by reference (kind ``model``) with its lineage.

@@ -1,16 +1,14 @@
-"""The tensor-by-tensor engine behind merge-and-unload and requantization.
+"""The tensor-by-tensor pipeline behind merge-and-unload and requantization.
 
-A :class:`Job` says what happens to one base tensor: copied unchanged, LoRA-merged,
-replaced by a ``modules_to_save`` copy, round-tripped through 4-bit (QLoRA) and/or
-quantized (:mod:`merging.model.results`). :class:`Rewrite` executes each shard's jobs into
-its :class:`merging.model.shard_writer.ShardWriter`:
+:class:`Rewrite` executes each shard's planned jobs (:class:`merging.model.plan.Job`)
+into its :class:`merging.model.shard_writer.ShardWriter`:
 
 * an unchanged tensor is copied inside the kernel (``copy_file_range``), or read and
   written in ~16 MB pieces when its bytes must be hashed;
 * a LoRA target (no quantization) is merged in row ranges (the arithmetic, float32
   or bfloat16, is :mod:`merging.model.rowmerge`) by a small pool of threads (torch ops
   release the GIL; each runs torch single-threaded, see
-  :data:`merging.model.unload.COMPUTE_THREADS`);
+  :data:`merging.model.execute.COMPUTE_THREADS`);
 * everything else (replacement, QLoRA round trip, quantization, or keeping the
   unquantized tensors for the logits probe) is done on the whole tensor, on the
   calling thread with :data:`WORKERS` intra-op threads.
@@ -48,13 +46,15 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
+from merging.dtypes import torch_dtype
+from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.model.buffers import BufferPool
-from merging.model.results import Job, ModuleReport
-from merging.model.quantize import QuantSpec, quantize_weight, relative_error, roundtrip
+from merging.model.layout import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
+                                  torch_threads)
+from merging.model.plan import Job
+from merging.model.results import ModuleReport
 from merging.model.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
 from merging.model.shard_writer import MAX_PENDING, ShardWriter
-from merging.model.layout import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
-                            torch_dtype, torch_threads)
 from registry.errors import BadInputError
 from registry.safetensors_header import read_header
 
@@ -106,8 +106,6 @@ class Rewrite:
         """Stop the merge threads and close the files."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
-
-    # ---- adapter -----------------------------------------------------------------
 
     def adapter_tensor(self, key: str) -> torch.Tensor:
         """One adapter tensor, read with plain file reads (no mmap; see merging.model.layout)."""
@@ -387,8 +385,7 @@ class Rewrite:
             tensors, deq = quantize_weight(job.out_name, weight, self.spec,
                                            transposed=job.transposed_q)
             err_sq, w_sq = relative_error(weight, deq)
-            self.quant_sq[0] += err_sq
-            self.quant_sq[1] += w_sq
+            self.quant_sq = [self.quant_sq[0] + err_sq, self.quant_sq[1] + w_sq]
             quant_err = math.sqrt(err_sq / w_sq) if w_sq > 0 else 0.0
             weight_fro = math.sqrt(w_sq) if weight_fro is None else weight_fro
             for key, tensor in tensors.items():

@@ -1,324 +1,60 @@
-"""bitsandbytes requantization that transformers' ``from_pretrained`` reads back.
+"""``adapters quantize``: a bitsandbytes-quantized copy of a model, streamed.
 
-Serialization (transformers 5.23 + bitsandbytes 0.50, checked against
-``from_pretrained(quantization_config=BitsAndBytesConfig(...)).save_pretrained()`` in
-``tests/functional/test_quantize.py``, tensor for tensor):
-
-* 4-bit (nf4/fp4), for every ``nn.Linear`` weight transformers would convert:
-  ``<m>.weight`` (packed ``uint8``, shape ``(numel/2, 1)``) plus the packed
-  ``QuantState`` (``QuantState.as_dict(packed=True)``): ``<m>.weight.absmax``,
-  ``<m>.weight.quant_map``, ``<m>.weight.quant_state.bitsandbytes__<nf4|fp4>`` (JSON
-  of blocksize, dtype, shape) and with double quantization ``<m>.weight.nested_absmax``
-  and ``<m>.weight.nested_quant_map``.
-* int8 (LLM.int8, row-wise): ``<m>.weight`` (``int8``), ``<m>.SCB`` (float32 row
-  scales) and ``<m>.weight_format`` (``uint8`` scalar 0 = row-major).
-* ``config.json`` gains ``quantization_config`` = ``BitsAndBytesConfig(...).to_dict()``.
-
-Which weights are converted is decided exactly as transformers does: the model is
-built on the meta device from its config, and a ``nn.Linear`` (or ``Conv1D``, whose
-weight is transposed first) is converted unless ``get_keys_to_not_convert`` (output
-embedding, tied weights, last module), ``_keep_in_fp32_modules`` or
-``llm_int8_skip_modules`` exclude it.
-
-The tensors are produced one at a time by the streaming rewriter in
-:mod:`merging.model.unload` (:func:`quantize` is that rewriter with no adapter), so peak
-memory is about one module. :func:`quantize_with_transformers` is the whole-model
-route, kept as the reference the tests compare against.
+:func:`quantize` is the streaming rewrite (:func:`merging.model.execute.rewrite_model`)
+with no adapter and a :class:`merging.model.bnb.QuantSpec`: each weight transformers
+would convert is quantized as it streams (:mod:`merging.model.bnb` describes the
+serialization, which transformers' ``from_pretrained`` reads back), every other tensor
+is copied, and peak memory is about one module. :func:`quantize_with_transformers` is
+the whole-model route, kept as the reference the tests compare against.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from registry.errors import BadInputError
-
-from merging.model.layout import OutTensor
+from merging.model.bnb import QuantSpec
+from merging.model.execute import TensorCallback, rewrite_model
+from merging.model.probe import config_dtype
 
 if TYPE_CHECKING:
     from merging.model.results import UnloadResult
+    from registry.store import Store
 
-METHODS = ("nf4", "fp4", "int8")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-PROBE_SHAPE = (2, 16)
-PROBE_SEED = 0
-_QS_JSON_MAX = 512
-"""Upper bound on the packed quant-state JSON (about 200 bytes in practice)."""
-
-
-def _bnb():  # noqa: ANN202 - imported lazily: bitsandbytes takes ~6 s to import
-    import bitsandbytes
-
-    return bitsandbytes
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize.
-
-    Attributes:
-        method: ``nf4``, ``fp4`` or ``int8``.
-        double_quant: Quantize the 4-bit absmax statistics too (QLoRA's default).
-        blocksize: 4-bit block size (elements per absmax).
-        compute_dtype: ``bnb_4bit_compute_dtype`` (default: the model's dtype).
-        skip_modules: Extra ``llm_int8_skip_modules`` patterns.
-    """
-
-    method: str
-    double_quant: bool = False
-    blocksize: int = 64
-    compute_dtype: str | None = None
-    skip_modules: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise BadInputError(f"unknown quantization {self.method!r}",
-                                fix=f"use one of {', '.join(METHODS)}")
-        if self.blocksize not in BLOCKSIZES:
-            raise BadInputError(f"blocksize {self.blocksize} is not supported by bitsandbytes",
-                                fix=f"use one of {', '.join(map(str, BLOCKSIZES))}")
-        if self.method == "int8" and self.double_quant:
-            raise BadInputError("--double-quant applies to nf4/fp4 only", fix="drop --double-quant")
-
-    @property
-    def four_bit(self) -> bool:
-        """nf4 or fp4."""
-        return self.method != "int8"
-
-    def bnb_config(self, model_dtype: torch.dtype) -> dict[str, Any]:
-        """``BitsAndBytesConfig(...).to_dict()`` as transformers writes it into config.json."""
-        from transformers import BitsAndBytesConfig
-
-        skip = list(self.skip_modules) or None
-        if not self.four_bit:
-            cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-        else:
-            compute = getattr(torch, self.compute_dtype) if self.compute_dtype else model_dtype
-            cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.method,
-                                     bnb_4bit_use_double_quant=self.double_quant,
-                                     bnb_4bit_compute_dtype=compute,
-                                     bnb_4bit_quant_storage=torch.uint8,
-                                     llm_int8_skip_modules=skip)
-        return cfg.to_dict()
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form (reports, lineage)."""
-        return {"method": self.method, "double_quant": self.double_quant,
-                "blocksize": self.blocksize if self.four_bit else None,
-                "compute_dtype": self.compute_dtype, "skip_modules": list(self.skip_modules)}
-
-
-# --------------------------------------------------------------------------- which weights
-
-def quantizable_weights(config: dict[str, Any], spec: QuantSpec) -> dict[str, bool]:
-    """Checkpoint keys transformers would quantize -> whether the weight is transposed (Conv1D).
-
-    Raises:
-        BadInputError: the architecture is unknown to transformers.
-    """
-    import transformers
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
-    archs = cfg_dict.get("architectures") or []
-    model_cls = getattr(transformers, archs[0], None) if archs else None
-    try:
-        cfg = transformers.AutoConfig.for_model(**cfg_dict)
-        if model_cls is None:
-            model_cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
-        with torch.device("meta"):
-            model = model_cls(cfg)
-    except (KeyError, ValueError, TypeError) as err:
-        raise BadInputError(f"cannot build the model skeleton from config.json ({err})",
-                            fix="quantize with transformers directly for this architecture") from None
-    skip = get_keys_to_not_convert(model) + list(spec.skip_modules)
-    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    out: dict[str, bool] = {}
-    for name, module in model.named_modules():
-        if not name or not should_convert_module(name, skip):
-            continue
-        if type(module) is nn.Linear or isinstance(module, Conv1D):
-            out[f"{name}.weight"] = isinstance(module, Conv1D)
-    return out
-
-
-# --------------------------------------------------------------------------- one tensor
-
-def planned_outputs(name: str, shape: tuple[int, ...], spec: QuantSpec) -> list[OutTensor]:
-    """The tensors one quantized weight ``name`` (``<m>.weight``) becomes, with sizes."""
-    numel = math.prod(shape)
-    module = name[: -len(".weight")]
-    if not spec.four_bit:
-        return [OutTensor(f"{module}.SCB", "F32", (shape[0],), 4 * shape[0]),
-                OutTensor(name, "I8", tuple(shape), numel),
-                OutTensor(f"{module}.weight_format", "U8", (), 1)]
-    blocks = -(-numel // spec.blocksize)
-    out = [OutTensor(f"{name}.quant_map", "F32", (16,), 64)]
-    if spec.double_quant:
-        nested = -(-blocks // 256)
-        out += [OutTensor(f"{name}.nested_absmax", "F32", (nested,), 4 * nested),
-                OutTensor(f"{name}.nested_quant_map", "F32", (256,), 1024),
-                OutTensor(f"{name}.absmax", "U8", (blocks,), blocks)]
-    else:
-        out.append(OutTensor(f"{name}.absmax", "F32", (blocks,), 4 * blocks))
-    packed = (numel + 1) // 2
-    out += [OutTensor(name, "U8", (packed, 1), packed),
-            OutTensor(f"{name}.quant_state.bitsandbytes__{spec.method}", "U8", None, _QS_JSON_MAX)]
-    return out
-
-
-def quantize_weight(name: str, weight: torch.Tensor, spec: QuantSpec, *, transposed: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Quantize one weight; returns (tensors to write, dequantized weight).
-
-    ``weight`` is in the model's dtype (what transformers quantizes); the tensors are
-    ordered float32 first, the dequantized weight is float32 in the weight's shape.
-    """
-    functional = _bnb().functional
-    w = (weight.T if transposed else weight).contiguous()
-    module = name[: -len(".weight")]
-    if not spec.four_bit:
-        cb, scb, _ = functional.int8_vectorwise_quant(w.to(torch.float16))
-        deq = functional.int8_vectorwise_dequant(cb, scb).float()
-        tensors = {f"{module}.SCB": scb.float().contiguous(), name: cb.contiguous(),
-                   f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
-    else:
-        packed, state = functional.quantize_4bit(w, blocksize=spec.blocksize,
-                                                 compress_statistics=spec.double_quant,
-                                                 quant_type=spec.method, quant_storage=torch.uint8)
-        deq = functional.dequantize_4bit(packed, state).float()
-        parts = {f"{name}.{k}": v.detach().clone().contiguous()
-                 for k, v in state.as_dict(packed=True).items()}
-        tensors = {k: parts[k] for k in sorted(parts, key=lambda k: parts[k].dtype != torch.float32)}
-        tensors[name] = packed.contiguous()
-        qs_key = f"{name}.quant_state.bitsandbytes__{spec.method}"
-        tensors[qs_key] = tensors.pop(qs_key)
-        if tensors[qs_key].numel() > _QS_JSON_MAX:  # pragma: no cover - bnb format change
-            raise RuntimeError(f"{qs_key}: quant state larger than {_QS_JSON_MAX} bytes")
-    return tensors, (deq.T if transposed else deq)
-
-
-def roundtrip(weight: torch.Tensor, spec: QuantSpec, *, transposed: bool = False) -> torch.Tensor:
-    """``dequantize(quantize(weight))`` in the weight's dtype: what a QLoRA adapter saw."""
-    _, deq = quantize_weight("w.weight", weight, spec, transposed=transposed)
-    return deq.to(weight.dtype)
-
-
-def relative_error(weight: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
-    """``(||W - deq||_F^2, ||W||_F^2)`` (sum over modules for the overall error).
-
-    Squares are summed in float32 with torch's cascade summation (``(x * x).sum()``):
-    within ~1e-8 of float64 and 4x faster; ``vector_norm`` in float32 is faster still
-    but ~1e-3 off on a 10M-element weight (measured).
-    """
-    w = weight.float()
-    diff = w - deq.float()
-    return float((diff * diff).sum()), float((w * w).sum())
-
-
-# --------------------------------------------------------------------------- probing
-
-def probe_ids(vocab_size: int) -> torch.Tensor:
-    """The fixed probe batch: ``PROBE_SHAPE`` token ids drawn with ``PROBE_SEED``."""
-    gen = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randint(0, vocab_size, PROBE_SHAPE, generator=gen)
-
-
-def logits_drift(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
-    """Drift of ``other`` logits from ``reference`` (same probe batch)."""
-    ref, oth = reference.double(), other.double()
-    diff = oth - ref
-    return {"max_abs": float(diff.abs().max()), "mean_abs": float(diff.abs().mean()),
-            "relative_fro": float(diff.norm() / ref.norm().clamp_min(1e-30)),
-            "top1_agreement": float((ref.argmax(-1) == oth.argmax(-1)).double().mean()),
-            "probe_tokens": int(math.prod(PROBE_SHAPE))}
-
-
-def reference_logits(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of the unquantized model built from ``config`` and a full state dict.
-
-    Raises:
-        RuntimeError: the state dict does not cover the model's parameters.
-    """
-    import transformers
-    from transformers.initialization import no_init_weights
-
-    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
-    cfg = transformers.AutoConfig.for_model(**cfg_dict)
-    archs = cfg_dict.get("architectures") or []
-    model_cls = getattr(transformers, archs[0], None) if archs else None
-    model_cls = model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
-    dtype = _config_dtype(cfg_dict) or next(iter(state.values())).dtype
-    with no_init_weights():
-        model = model_cls(cfg).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"reference model: missing {sorted(set(missing) - tied)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]}")
-    model.tie_weights()
-    model.eval()
-    with torch.no_grad():
-        return model(probe_ids(cfg.get_text_config().vocab_size)).logits.float()
-
-
-def load_logits(model_dir: Path, **kwargs: Any) -> torch.Tensor:
-    """Logits of ``from_pretrained(model_dir)`` (CPU) on the probe batch."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", **kwargs)
-    for module in model.modules():
-        # bitsandbytes' AVX512-BF16 CPU path repacks absmax per row and fails when a row is
-        # not a whole number of blocks (hidden 96, blocksize 64); the gate turns it off too
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    model.eval()
-    vocab = model.config.get_text_config().vocab_size
-    with torch.no_grad():
-        return model(probe_ids(vocab)).logits.float()
-
-
-# --------------------------------------------------------------------------- entry points
 
 def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: bool = False,
              blocksize: int = 64, compute_dtype: str | None = None,
              skip_modules: Iterable[str] = (), max_shard_size: int | str | None = None,
-             probe: bool | None = None, store: Any = None, name: str | None = None,
-             progress: Any = None, on_tensor: Any = None, sync: bool = True) -> UnloadResult:
+             probe: bool | None = None, store: Store | None = None, name: str | None = None,
+             progress: Callable[[int], None] | None = None,
+             on_tensor: TensorCallback | None = None, sync: bool = True) -> UnloadResult:
     """Write a bitsandbytes-quantized copy of a model, streamed one tensor at a time.
 
     Args:
         model_dir: Source model (safetensors, single file or sharded).
         to: ``nf4``, ``fp4`` or ``int8``.
         out: Output directory (must not exist or be empty).
-        double_quant, blocksize, compute_dtype, skip_modules: See :class:`QuantSpec`.
+        double_quant, blocksize, compute_dtype, skip_modules: See :class:`merging.model.bnb.QuantSpec`.
         max_shard_size: Reshard the output (``"2GB"``); default keeps the source files.
         probe: Measure logits drift against the source model (default: when the
-            weights are at most :data:`merging.model.unload.PROBE_MAX_BYTES`).
+            weights are at most :data:`merging.model.probe.PROBE_MAX_BYTES`).
         store, name: Record the output in this store under ``name`` (by reference).
         progress: Called with the source bytes processed.
         on_tensor: Called with each output tensor's name after it is written.
         sync: fsync before publishing (see :func:`merging.model.unload.unload`).
 
     Returns:
-        The :class:`merging.model.unload.UnloadResult` (``quantization`` holds the errors).
+        The :class:`merging.model.results.UnloadResult` (``quantization`` holds the errors).
 
     Raises:
         BadInputError: bad settings, an already-quantized or unsupported model.
         ConflictError: ``out`` exists and is not empty.
         NotFoundError: ``model_dir`` is missing.
     """
-    from merging.model.unload import rewrite_model
-
     spec = QuantSpec(to, double_quant, blocksize, compute_dtype, tuple(skip_modules))
     return rewrite_model(model_dir, out, adapter=None, quant=spec, max_shard_size=max_shard_size,
                          probe=probe, store=store, name=name, progress=progress,
@@ -333,13 +69,10 @@ def quantize_with_transformers(model_dir: str | Path, spec: QuantSpec, out: str 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    dtype = _config_dtype(config) or torch.float32
+    dtype = config_dtype(config) or torch.float32
     qcfg = BitsAndBytesConfig.from_dict(spec.bnb_config(dtype))
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qcfg,
                                                  device_map="cpu", dtype=dtype)
     model.save_pretrained(out)
 
 
-def _config_dtype(config: dict[str, Any]) -> torch.dtype | None:
-    value = config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, value, None) if isinstance(value, str) else None

@@ -45,6 +45,8 @@ from registry.derived_check import (check_model_dir, environment_diff, model_ten
 from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
+    from merging.model.bnb import QuantSpec
+    from merging.model.results import UnloadResult
     from registry.manifest import Version
     from registry.store import Store
 
@@ -135,8 +137,8 @@ def plan(store: Store, version: Version) -> list[Step]:
     return steps
 
 
-def _spec(data: dict[str, Any] | None) -> Any:
-    from merging.model.quantize import QuantSpec
+def _spec(data: dict[str, Any] | None) -> QuantSpec | None:
+    from merging.model.bnb import QuantSpec
 
     if not data:
         return None
@@ -159,9 +161,9 @@ def _bf16_gemm(value: Any) -> Iterator[None]:
 
 
 def _run_step(store: Store, step: Step, src: Path, dest: Path, scratch: Path, *,
-              progress: Callable[[int], None] | None, sync: bool) -> Any:
+              progress: Callable[[int], None] | None, sync: bool) -> UnloadResult:
     from merging.adapter import load_adapter
-    from merging.model.unload import rewrite_model
+    from merging.model.execute import rewrite_model
 
     params = step.parameters
     loaded = None
@@ -179,7 +181,7 @@ def _run_step(store: Store, step: Step, src: Path, dest: Path, scratch: Path, *,
             loaded.close()
 
 
-def _check_step(store: Store, step: Step, dest: Path, result: Any, diffs: list[str]) -> int:
+def _check_step(store: Store, step: Step, dest: Path, result: UnloadResult, diffs: list[str]) -> int:
     """Raise unless ``dest`` is bit for bit what ``step.version`` records; tensor count."""
     want = recorded_weights(step.version)
     got = (result.output_fingerprint or {}).get("weights_digest")

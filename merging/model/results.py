@@ -1,9 +1,13 @@
-"""What a streamed rewrite does to each base tensor, and what it reports.
+"""Result types of the model pipeline, shared by its layers.
 
-:func:`merging.model.unload.rewrite_model` plans one :class:`Job` per output tensor (in base
-file order) and :class:`merging.model.pipeline.Rewrite` executes them; every tensor that was
-merged, replaced or quantized gets a :class:`ModuleReport` in the
-:class:`UnloadResult` (and in the lineage record of a recorded unload).
+:class:`WrittenShard` is what a :class:`merging.model.shard_writer.ShardWriter` reports
+and what the index, fingerprints and tensor list are built from;
+:class:`ModuleReport` is what happened to one tensor; :class:`UnloadResult` is what
+:func:`merging.model.unload.unload`, :func:`merging.model.quantize.quantize` and
+:func:`merging.model.rebuild.rebuild` return. They live in one dependency-free module
+so the writer, the shard plan, the executor and the recorder share them without
+importing each other (the writer and the layout module used to import each other for
+these types).
 """
 
 from __future__ import annotations
@@ -11,9 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from merging.adapter import ModuleInfo
-from merging.model.layout import SourceTensor
 
 
 @dataclass(frozen=True)
@@ -41,36 +42,14 @@ class ModuleReport:
                 "weight_fro": self.weight_fro, "quant_rel_error": self.quant_rel_error}
 
 
-@dataclass
-class Job:
-    """One base tensor (or the synthesized untied ``lm_head``) and what to do with it.
+@dataclass(frozen=True)
+class WrittenShard:
+    """What :meth:`ShardWriter.close` reports."""
 
-    Attributes:
-        src: Where the base bytes are.
-        out_name: The output tensor's key (``lm_head.weight`` when untying).
-        lora: The LoRA module merged into it, if any.
-        replacement: Adapter tensor that replaces it (``modules_to_save``), if any.
-        quant: Quantize the result (bitsandbytes serialization).
-        qlora: Replace the base by ``dequantize(quantize(W))`` before merging.
-        transposed: The weight is ``(in, out)`` (Conv1D, embeddings): rows of the
-            delta are columns of A.
-        transposed_q: The stored weight is ``(in, out)`` (Conv1D): it is quantized (and
-            round-tripped for QLoRA) as its transpose, the layout transformers uses.
-        hash_src: The base bytes count towards the base hash and progress (False for
-            the second use of a tied tensor).
-        kind: ``copy``, ``lora``, ``replaced`` or ``untied`` (the report's kind).
-    """
-
-    src: SourceTensor
-    out_name: str
-    lora: ModuleInfo | None = None
-    replacement: str | None = None
-    quant: bool = False
-    qlora: bool = False
-    transposed: bool = False
-    transposed_q: bool = False
-    hash_src: bool = True
-    kind: str = "copy"
+    filename: str
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    nbytes: int
+    tensor_sha256: dict[str, str]
 
 
 @dataclass(frozen=True)

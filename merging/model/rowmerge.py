@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from merging.dtypes import torch_dtype
 from merging.model.buffers import allocate, view_as
+from merging.model.layout import SourceTensor, TensorReader, to_float32
 from merging.model.shard_writer import ShardWriter
-from merging.model.layout import SourceTensor, TensorReader, to_float32, torch_dtype
 
 BF16_GEMM: bool | None = None
 """Take the bfloat16 way for bfloat16 bases; ``None``: when :func:`bf16_gemm_is_native`."""

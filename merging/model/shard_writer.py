@@ -35,13 +35,15 @@ import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from merging.model.layout import CHUNK_BYTES, TORCH_TO_ST, OutTensor, torch_dtype
+from merging.dtypes import TORCH_TO_ST, torch_dtype
+from merging.model.layout import CHUNK_BYTES
+from merging.model.results import WrittenShard
+from merging.model.shard_plan import OutTensor
 
 MAX_PENDING = 2
 """Chunks queued for the writer thread before :meth:`ShardWriter.write` waits."""
@@ -71,16 +73,6 @@ def _header_bytes(entries: dict[str, dict[str, Any]], metadata: dict[str, str] |
         obj["__metadata__"] = metadata
     obj.update(entries)
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-@dataclass(frozen=True)
-class WrittenShard:
-    """What :meth:`ShardWriter.close` reports."""
-
-    filename: str
-    tensors: dict[str, tuple[str, tuple[int, ...]]]
-    nbytes: int
-    tensor_sha256: dict[str, str]
 
 
 class ShardWriter:

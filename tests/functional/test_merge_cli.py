@@ -161,10 +161,10 @@ def test_dora_input_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # 
 
 
 def test_cli_lists_every_registered_method() -> None:
+    import typing
+
     from cli import merge_cmds
     from merging.lora.methods import METHODS, PARAMETER_HELP, SIGN_ELECTIONS
-
-    import typing
 
     # the --method help is built from the methods' registry: it names every method
     method_help = typing.get_type_hints(merge_cmds.merge, include_extras=True)["method"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.model.quantize import QuantSpec, quantize, quantize_with_transformers
+from merging.model.bnb import QuantSpec
+from merging.model.quantize import quantize, quantize_with_transformers
 from merging.model.unload import unload
 from registry.errors import BadInputError
 from registry.fingerprint import fingerprint_model

@@ -240,8 +240,9 @@ def test_registry_ref_records_lineage(work: Path, base: Path, adapter: Path, cap
 def test_shard_writer_streams_a_valid_file(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
+    from merging.model.layout import parse_size
+    from merging.model.shard_plan import OutTensor, plan_shards
     from merging.model.shard_writer import ShardWriter
-    from merging.model.layout import OutTensor, parse_size, plan_shards
     from registry.safetensors_header import read_header
 
     tensors = {"b": torch.randn(300, 7).to(torch.bfloat16), "a": torch.arange(5, dtype=torch.int8),

@@ -147,7 +147,7 @@ def test_writer_reserved_ranges_filled_out_of_order(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from merging.model.shard_writer import ShardWriter
-    from merging.model.layout import OutTensor
+    from merging.model.shard_plan import OutTensor
 
     tensors = {"w": torch.randn(40, 8), "x": torch.arange(6, dtype=torch.int16),
                "v": torch.randn(9, 3).to(torch.bfloat16)}
@@ -295,15 +295,15 @@ def test_shards_written_a_few_at_a_time_match(work: Path, monkeypatch: pytest.Mo
                                               ) -> None:
     """With fewer writers open than shards (``OPEN_SHARDS``), the output is the same
     bytes in the same files as with all of them open."""
-    from merging.model import unload as unload_module
+    from merging.model import execute
 
     many = make_base(work / "many-shards", max_shard_size="30KB", seed=20)
     assert len(list(many.glob("*.safetensors"))) >= 5
     adapter = make_adapter(many, work / "many-adapter", seed=21)
     together = unload(adapter, many, work / "many-together")
-    monkeypatch.setattr(unload_module, "OPEN_SHARDS", 2)
+    monkeypatch.setattr(execute, "OPEN_SHARDS", 2)
     open_now, most = set(), [0]
-    real_init, real_abort = unload_module.ShardWriter.__init__, unload_module.ShardWriter.abort
+    real_init, real_abort = execute.ShardWriter.__init__, execute.ShardWriter.abort
 
     def tracked_init(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         real_init(self, *args, **kwargs)
@@ -314,8 +314,8 @@ def test_shards_written_a_few_at_a_time_match(work: Path, monkeypatch: pytest.Mo
         open_now.discard(id(self))
         real_abort(self)
 
-    monkeypatch.setattr(unload_module.ShardWriter, "__init__", tracked_init)
-    monkeypatch.setattr(unload_module.ShardWriter, "abort", tracked_abort)
+    monkeypatch.setattr(execute.ShardWriter, "__init__", tracked_init)
+    monkeypatch.setattr(execute.ShardWriter, "abort", tracked_abort)
     in_pairs = unload(adapter, many, work / "many-pairs")
     assert most[0] == 2 and not open_now
     assert together.files == in_pairs.files

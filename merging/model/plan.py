@@ -1,0 +1,154 @@
+"""Planning a streamed rewrite: what happens to each base tensor, decided before writing.
+
+:func:`plan_jobs` turns the base layout and the adapter into one :class:`Job` per
+output tensor, in base file order: copy it, merge a LoRA module into it, replace it by
+a ``modules_to_save`` copy, or (when the adapter changes one side of tied embeddings)
+write a second, untied ``lm_head``. :mod:`merging.model.execute` then marks the jobs to
+quantize and plans the shards from :func:`planned_tensors`; :mod:`merging.model.pipeline`
+executes the jobs. Planning reads headers only (and, to decide a tie, the two
+replacement tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from merging.adapter import LoraAdapter, ModuleInfo
+from merging.dtypes import torch_dtype
+from merging.model.bnb import QuantSpec
+from merging.model.layout import ModelLayout, SourceTensor
+from merging.model.shard_plan import OutTensor
+from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
+from registry.errors import BadInputError, BaseMismatchError
+from registry.peft_keys import base_key_for_extra, base_weight_key
+from registry.safetensors_header import read_header
+
+HEAD_KEY = "lm_head.weight"
+
+
+@dataclass
+class Job:
+    """One base tensor (or the synthesized untied ``lm_head``) and what to do with it.
+
+    Attributes:
+        src: Where the base bytes are.
+        out_name: The output tensor's key (``lm_head.weight`` when untying).
+        lora: The LoRA module merged into it, if any.
+        replacement: Adapter tensor that replaces it (``modules_to_save``), if any.
+        quant: Quantize the result (bitsandbytes serialization).
+        qlora: Replace the base by ``dequantize(quantize(W))`` before merging.
+        transposed: The weight is ``(in, out)`` (Conv1D, embeddings): rows of the
+            delta are columns of A.
+        transposed_q: The stored weight is ``(in, out)`` (Conv1D): it is quantized (and
+            round-tripped for QLoRA) as its transpose, the layout transformers uses.
+        hash_src: The base bytes count towards the base hash and progress (False for
+            the second use of a tied tensor).
+        kind: ``copy``, ``lora``, ``replaced`` or ``untied`` (the report's kind).
+    """
+
+    src: SourceTensor
+    out_name: str
+    lora: ModuleInfo | None = None
+    replacement: str | None = None
+    quant: bool = False
+    qlora: bool = False
+    transposed: bool = False
+    transposed_q: bool = False
+    hash_src: bool = True
+    kind: str = "copy"
+
+
+def tied_embeddings(config: dict[str, Any]) -> bool:
+    """Whether ``config`` (or its ``text_config``) ties the input and output embeddings."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def adapter_plan(adapter: LoraAdapter, layout: ModelLayout, config: dict[str, Any]
+                 ) -> tuple[dict[str, ModuleInfo], dict[str, str]]:
+    """Base key -> LoRA module, base key -> replacing adapter tensor (shapes checked).
+
+    Raises:
+        BaseMismatchError: An adapter tensor has no base tensor, or shapes disagree.
+        BadInputError: A tensor is both LoRA-adapted and replaced.
+    """
+    header = read_header(adapter.weights_path)
+    check_against_base({n: i.keys for n, i in adapter.infos.items()}, adapter.extras, header,
+                       adapter.config, layout.model_dir)
+    loras = {base_weight_key(n): info for n, info in adapter.infos.items()}
+    replacements: dict[str, str] = {}
+    for extra in adapter.extras:
+        key = base_key_for_extra(extra)
+        if key not in layout.tensors and not (key == HEAD_KEY and tied_embeddings(config)):
+            raise BaseMismatchError(f"adapter tensor {extra}: the base has no tensor {key!r}",
+                                    fix="check that the base is the one the adapter was trained on")
+        if key in loras and not extra.endswith(".base_layer.weight"):
+            raise BadInputError(f"{key} is both LoRA-adapted and replaced by {extra}",
+                                fix="re-save the adapter with PeftModel.save_pretrained")
+        replacements[key] = extra
+    return loras, replacements
+
+
+def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter | None
+              ) -> tuple[list[Job], bool, list[str]]:
+    """Jobs in base order, whether the embeddings get untied, and notes.
+
+    Raises:
+        As :func:`adapter_plan`.
+    """
+    loras, replacements = adapter_plan(adapter, layout, config) if adapter else ({}, {})
+    fan_in_fan_out = bool(adapter and adapter.config.get("fan_in_fan_out"))
+    jobs: list[Job] = []
+    for key, src in layout.tensors.items():
+        job = Job(src, key, lora=loras.get(key), replacement=replacements.get(key))
+        if job.lora is not None:
+            job.kind, job.transposed = "lora", job.lora.embedding or fan_in_fan_out
+        elif job.replacement is not None:
+            job.kind = "replaced"
+        jobs.append(job)
+    notes: list[str] = []
+    embeds = [k for k in layout.tensors if k.endswith(EMBEDDING_SUFFIXES)]
+    if not (tied_embeddings(config) and len(embeds) == 1):
+        return jobs, False, notes
+    embed, touched = embeds[0], set(loras) | set(replacements)
+    if not ({embed, HEAD_KEY} & touched):
+        return jobs, False, notes
+    if adapter is not None and adapter.config.get("ensure_weight_tying"):
+        notes.append("tied embeddings kept: ensure_weight_tying changes both sides together")
+        return jobs, False, notes
+    if {embed, HEAD_KEY} <= set(replacements) and torch.equal(
+            adapter.extra_tensor(replacements[embed]), adapter.extra_tensor(replacements[HEAD_KEY])):
+        notes.append("tied embeddings kept: both sides replaced by the same tensor")
+        return jobs, False, notes
+    side = " and ".join(sorted({embed, HEAD_KEY} & touched))
+    notes.append(f"untied embeddings: the adapter changes {side} only on one side of the tie, "
+                 "so both tensors are written and tie_word_embeddings is set to false")
+    if HEAD_KEY not in layout.tensors:
+        at = next(i for i, j in enumerate(jobs) if j.out_name == embed)
+        head = Job(layout.tensors[embed], HEAD_KEY, lora=loras.get(HEAD_KEY),
+                   replacement=replacements.get(HEAD_KEY), hash_src=False, kind="untied")
+        if head.lora is not None:
+            head.kind, head.transposed = "lora", head.lora.embedding or fan_in_fan_out
+        elif head.replacement is not None:
+            head.kind = "replaced"
+        jobs.insert(at + 1, head)
+    return jobs, True, notes
+
+
+def model_dtype(config: dict[str, Any], layout: ModelLayout) -> torch.dtype:
+    """The model's dtype: its config's, else the most common float dtype of its tensors."""
+    value = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    floats = [t.dtype for t in layout.tensors.values() if t.dtype in ("F32", "F16", "BF16")]
+    return torch_dtype(max(set(floats), key=floats.count)) if floats else torch.float32
+
+
+def planned_tensors(job: Job, spec: QuantSpec | None) -> list[OutTensor]:
+    """The output tensors ``job`` writes (several for a quantized weight)."""
+    if job.quant and spec is not None:
+        return plannedplanned_tensors(job.out_name, job.src.shape, spec)
+    return [OutTensor(job.out_name, job.src.dtype, job.src.shape, job.src.info.nbytes)]
