@@ -18,7 +18,7 @@ import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
-from merging.model.bnb import QuantSpec
+from merging.model.bnb import QuantSpec, planned_outputs
 from merging.model.layout import ModelLayout, SourceTensor
 from merging.model.shard_plan import OutTensor
 from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
@@ -150,5 +150,5 @@ def model_dtype(config: dict[str, Any], layout: ModelLayout) -> torch.dtype:
 def planned_tensors(job: Job, spec: QuantSpec | None) -> list[OutTensor]:
     """The output tensors ``job`` writes (several for a quantized weight)."""
     if job.quant and spec is not None:
-        return plannedplanned_tensors(job.out_name, job.src.shape, spec)
+        return planned_outputs(job.out_name, job.src.shape, spec)
     return [OutTensor(job.out_name, job.src.dtype, job.src.shape, job.src.info.nbytes)]
