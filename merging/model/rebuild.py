@@ -13,7 +13,7 @@ the ``adapter`` parent, materialized from the store. So an nf4 model of an unloa
 merge is *unload, then quantize*, and ``unload --quantize nf4`` is one unload step
 with quantization, as it was made.
 
-**Each step** calls :func:`merging.model.unload.rewrite_model` with the recorded
+**Each step** calls :func:`merging.model.execute.rewrite_model` with the recorded
 parameters (quantization and QLoRA specs, ``max_shard_size``, the merge arithmetic
 used for bfloat16 weights) and the step's recorded base fingerprint as ``expected``:
 the input's bytes are verified while they stream (a wrong ``--base`` is refused,
