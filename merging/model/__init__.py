@@ -18,5 +18,6 @@ A model is rewritten tensor by tensor, never loaded whole. The layers, lowest fi
 * entry points: :mod:`merging.model.unload` and :mod:`merging.model.quantize`.
 
 Result types shared by these layers live in :mod:`merging.model.results`. It imports
-:mod:`merging.adapter` (the shared reader), never :mod:`merging.lora`.
+:mod:`merging.adapter` (the shared reader) and :mod:`merging.dtypes`, never
+:mod:`merging.lora`.
 """
