@@ -20,13 +20,17 @@ torch, transformers and bitsandbytes are imported inside the commands only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from cli.common import JsonOpt, StoreOpt, open_store, ref_or_dir
 from cli.output import Output, escape, make_table, short_digest
+
+if TYPE_CHECKING:
+    from merging.model.results import UnloadResult
 
 MAX_ROWS = 12
 
@@ -137,7 +141,8 @@ def rebuild(
     output.emit(data, render)
 
 
-def _rewrite(json_out: bool, label: str, source_dir: Path, run: Any) -> None:
+def _rewrite(json_out: bool, label: str, source_dir: Path,
+             run: Callable[[Callable[[int], None]], UnloadResult]) -> None:
     """Run an unload/quantize with a progress bar over ``source_dir``'s bytes; render."""
     from merging.model.layout import read_layout
 
