@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from gate.evaluate import Evaluator
     from gate.policy import CheckSpec, Policy
     from merging.adapter import LoraAdapter
-    from merging.lora.engine import MergeResult
+    from merging.lora.results import MergeResult
     from merging.lora.live import LiveLora
     from registry.store import Store
 
