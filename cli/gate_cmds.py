@@ -151,7 +151,7 @@ def _store_if_any(store_path: Path | None) -> Any:
 
 def _expect(st: Any, expect: str | None) -> Any:
     """``--expect`` -> the store's CAS value: absent = ANY, ``none`` = must not exist."""
-    from registry.store import ANY
+    from registry.storage.store import ANY
 
     if expect is None:
         return ANY

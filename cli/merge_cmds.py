@@ -107,7 +107,7 @@ def merge(
     store: StoreOpt = None,
 ) -> None:
     """Merge adapters module by module on their true deltas (s·B·A) and push the result."""
-    from registry.refs import validate_name
+    from registry.storage.refs import validate_name
 
     out = Output(json_out)
     if len(refs) < 2:

@@ -94,7 +94,7 @@ def push(
     """Store an adapter directory as a new version of NAME (deduplicated)."""
     from registry.ingest import prepare_adapter
     from registry.record import build_record
-    from registry.refs import validate_name
+    from registry.storage.refs import validate_name
 
     out = Output(json_out)
     st = open_store(store)
@@ -109,7 +109,7 @@ def push(
     with prepare_adapter(adapter_dir, allow_pickle=allow_pickle, base_dir=base) as prepared:
         fp = None
         if base is not None:
-            from registry.fingerprint import fingerprint_model, model_weights
+            from registry.formats.fingerprint import fingerprint_model, model_weights
 
             total = model_weights(base).total_bytes
             with out.progress(f"fingerprinting {base.name}", total) as advance:
@@ -253,7 +253,7 @@ def fingerprint(
     store: StoreOpt = None,
 ) -> None:
     """Print a base model's struct_digest and weights_digest (no store needed)."""
-    from registry.fingerprint import fingerprint_model, model_weights
+    from registry.formats.fingerprint import fingerprint_model, model_weights
 
     del store  # accepted like on every command; fingerprinting reads only MODEL_DIR
     out = Output(json_out)

@@ -1,9 +1,9 @@
 """Fingerprints and registry records of derived models (unload / quantize outputs).
 
-The weights digest is :func:`registry.fingerprint.fingerprint_model`'s, computed
+The weights digest is :func:`registry.formats.fingerprint.fingerprint_model`'s, computed
 from per-tensor sha256 taken while the tensors stream (the test suite checks the two
 agree), so neither the base nor the output is read a second time. Outputs are
-recorded by reference (:meth:`registry.store.Store.record_derived`): kind ``model``,
+recorded by reference (:meth:`registry.storage.store.Store.record_derived`): kind ``model``,
 no weights copied.
 
 What a rebuild (:mod:`merging.rebuild`) needs is recorded with it:
@@ -33,17 +33,18 @@ from merging.adapter import LoraAdapter
 from merging.quantize import QuantSpec
 from merging.shard_writer import WrittenShard
 from merging.shards import ModelLayout
-from registry.common import json_digest, sha256_digest
+from registry.digests import json_digest
+from registry.digests import sha256_digest
 from registry.errors import BaseMismatchError
-from registry.fingerprint import arch_fields
-from registry.safetensors_header import read_header
+from registry.formats.fingerprint import arch_fields
+from registry.formats.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merging.jobs import UnloadResult
 
 
 def weights_digest(entries: list[tuple[str, str, tuple[int, ...], str]]) -> str:
-    """``registry.fingerprint``'s weights digest from per-tensor sha256 hex (name order)."""
+    """``registry.formats.fingerprint``'s weights digest from per-tensor sha256 hex (name order)."""
     return json_digest({"v": 1, "tensors": [[n, d, list(s), h] for n, d, s, h in sorted(entries)]})
 
 

@@ -45,8 +45,8 @@ from registry.derived_check import (check_model_dir, environment_diff, model_ten
 from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 METHODS = ("unload", "quantize")
 SOURCE_ROLES = ("source", "base")

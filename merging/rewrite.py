@@ -56,7 +56,7 @@ from merging.shard_writer import MAX_PENDING, ShardWriter
 from merging.shards import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
                             torch_dtype, torch_threads)
 from registry.errors import BadInputError
-from registry.safetensors_header import read_header
+from registry.formats.safetensors_header import read_header
 
 _BROKEN_ADAPTER = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
 WORKERS = 2

@@ -60,11 +60,11 @@ from merging.rewrite import Rewrite
 from merging.shard_writer import ShardWriter, WrittenShard
 from merging.shards import (ModelLayout, OutTensor, parse_size, plan_shards, read_layout,
                             torch_dtype, torch_threads, write_index)
-from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
+from registry.formats.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError, NotFoundError
-from registry.fingerprint import fingerprint_model, model_config
-from registry.peft_keys import base_key_for_extra, base_weight_key
-from registry.safetensors_header import memoized_headers, read_header
+from registry.formats.fingerprint import fingerprint_model, model_config
+from registry.formats.peft_keys import base_key_for_extra, base_weight_key
+from registry.formats.safetensors_header import memoized_headers, read_header
 
 PROBE_MAX_BYTES = 2 << 30
 """Logits drift is measured by default only for models up to this many weight bytes
@@ -96,7 +96,7 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
             ref (needs ``store``).
         base_dir: The base model directory (safetensors, one file or sharded).
         out_dir: Output directory; must not exist or be empty.
-        store: A :class:`registry.store.Store`: resolves refs and records the result.
+        store: A :class:`registry.storage.store.Store`: resolves refs and records the result.
         max_shard_size: Reshard the output (``"2GB"``); default keeps the base's files.
         quantize: ``nf4``/``fp4``/``int8``: quantize the merged model in the same pass.
         qlora: Merge into ``dequantize(quantize(W))`` (the adapter trained on a 4-bit

@@ -42,9 +42,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from registry.common import canonical_json, default_actor, is_digest, utc_now_iso
+from registry.digests import canonical_json
+from registry.stamps import default_actor
+from registry.digests import is_digest
+from registry.stamps import utc_now_iso
 from registry.errors import BadInputError
-from registry.patterns import check_config_patterns
+from registry.formats.patterns import check_config_patterns
 
 KINDS = ("adapter", "model")
 BIAS_VALUES = ("none", "all", "lora_only")
@@ -233,7 +236,7 @@ def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
         "task_type": _str(obj.get("task_type"), f"{path}.task_type", optional=True),
         **_restrictions(obj, path),
     }
-    # the patterns PEFT will match must be RE2-matchable (registry/patterns.py)
+    # the patterns PEFT will match must be RE2-matchable (registry/formats/patterns.py)
     check_config_patterns(out, source=f"record field {path}.")
     return out
 

@@ -14,7 +14,7 @@ import pytest
 
 from registry.errors import BadInputError, BaseMismatchError, NotFoundError, UnsupportedAdapterError
 from registry.ingest import prepare_adapter
-from registry.peft_keys import (
+from registry.formats.peft_keys import (
     base_key_for_extra,
     base_weight_key,
     lora_modules,
@@ -137,7 +137,7 @@ def test_invalid_or_non_linear_patterns_are_refused(pattern):
 
 @pytest.mark.parametrize("pattern", ["(a+)+b", "(.*)*", ".*.*.*.*x"])
 def test_backtracking_patterns_are_matched_in_linear_time(pattern):
-    # RE2 runs them (registry/patterns.py); they no longer need refusing
+    # RE2 runs them (registry/formats/patterns.py); they no longer need refusing
     from peft.utils.other import get_pattern_key
 
     expected = {pattern: 2}.get(get_pattern_key([pattern], Q[len("base_model.model."):]), 4)
@@ -445,7 +445,7 @@ def test_handmade_fixture_matches_what_peft_writes(built, tmp_path):
 def test_registry_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import registry.safetensors_header, registry.fingerprint, registry.peft_keys, registry.ingest\n"
+        "import registry.formats.safetensors_header, registry.formats.fingerprint, registry.formats.peft_keys, registry.ingest\n"
         "bad = [m for m in ('torch', 'transformers', 'peft', 'safetensors', 'numpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
