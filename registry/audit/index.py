@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents
 
 if TYPE_CHECKING:
-    from registry.storage.store import Store
+    from registry.storage.reader import StoreReader
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class AuditIndex:
     pending: set[int] = field(default_factory=set)
 
     @classmethod
-    def build(cls, store: Store) -> AuditIndex:
+    def build(cls, store: StoreReader) -> AuditIndex:
         """Read the whole log (and the pending markers) of ``store``.
 
         Raises:
@@ -107,7 +107,7 @@ class AuditIndex:
         return entry.get("seq") in self.pending and old == value
 
 
-def cross_check(store: Store, index: AuditIndex | None = None) -> list[Unexplained]:
+def cross_check(store: StoreReader, index: AuditIndex | None = None) -> list[Unexplained]:
     """Everything in ``store`` that its audit log does not explain (see module docstring).
 
     Raises:
@@ -136,7 +136,7 @@ def cross_check(store: Store, index: AuditIndex | None = None) -> list[Unexplain
     return out
 
 
-def vouched_gate(store: Store, candidate: str, policy: str,
+def vouched_gate(store: StoreReader, candidate: str, policy: str,
                  index: AuditIndex | None = None) -> dict[str, Any] | None:
     """The newest effective, applied ``gate`` entry for (candidate, policy), or None.
 

@@ -48,7 +48,7 @@ from registry.errors import AdapterkitError
 from registry.storage.failpoints import failpoint
 
 if TYPE_CHECKING:
-    from registry.storage.store import Store
+    from registry.storage.reader import StoreReader
 
 PENDING = "audit/pending/"
 RECOVER = "recover"
@@ -94,14 +94,14 @@ class Settled:
     seq: int | None
 
 
-def recover_after(store: Store) -> float:
+def recover_after(store: StoreReader) -> float:
     """Seconds a marker must age before another writer may settle it."""
     if store.backend.supports_locks:
         return 0.0
     return float(os.environ.get("ADAPTERS_RECOVER_AFTER", RECOVER_AFTER_S3))
 
 
-def pending_intents(store: Store) -> list[Intent]:
+def pending_intents(store: StoreReader) -> list[Intent]:
     """Every intent marker now in the store (unreadable ones are skipped)."""
     out = []
     for key in store.backend.list(PENDING):
@@ -121,7 +121,7 @@ def _age_seconds(ts: str) -> float:
     return time.time() - (when - datetime(1970, 1, 1)).total_seconds()
 
 
-def run_mutation(store: Store, action: str, subject: str, *, old: Any, new: Any,
+def run_mutation(store: StoreReader, action: str, subject: str, *, old: Any, new: Any,
                  apply: Callable[[], Any], actor: str | None = None,
                  notes: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
     """Log ``action`` as an intent, apply it, and return its audit entry.
@@ -178,7 +178,7 @@ def run_mutation(store: Store, action: str, subject: str, *, old: Any, new: Any,
     return entry
 
 
-def _roll_back(store: Store, intent: Intent, entry: dict[str, Any], reason: str) -> None:
+def _roll_back(store: StoreReader, intent: Intent, entry: dict[str, Any], reason: str) -> None:
     """Record that ``entry`` was not applied, then drop its marker (best effort: if the
     log cannot be written now, the marker stays and the next writer settles it)."""
     try:
@@ -191,7 +191,7 @@ def _roll_back(store: Store, intent: Intent, entry: dict[str, Any], reason: str)
         pass
 
 
-def recover(store: Store, *, actor: str | None = None) -> list[Settled]:
+def recover(store: StoreReader, *, actor: str | None = None) -> list[Settled]:
     """Settle the intents that dead writers left (see the module docstring).
 
     The caller holds ``refs.lock`` (local stores).
@@ -211,7 +211,7 @@ def recover(store: Store, *, actor: str | None = None) -> list[Settled]:
     return done
 
 
-def _settle(store: Store, intent: Intent, actor: str | None) -> Settled:
+def _settle(store: StoreReader, intent: Intent, actor: str | None) -> Settled:
     log = store.audit()
     later = log.entries_after(intent.after_seq)
     found = next((e for e in later if intent.matches(e)), None)
@@ -235,7 +235,8 @@ def _settle(store: Store, intent: Intent, actor: str | None) -> Settled:
     return Settled(intent, outcome, found["seq"])
 
 
-def effect_visible(store: Store, entry: dict[str, Any], later: Sequence[dict[str, Any]]) -> bool:
+def effect_visible(store: StoreReader, entry: dict[str, Any],
+                   later: Sequence[dict[str, Any]]) -> bool:
     """Whether the change ``entry`` records is in the store (now, or overtaken by a
     later entry that started from its result)."""
     action, subject, new = entry["action"], entry["subject"], entry["new"]
@@ -259,7 +260,7 @@ def effect_visible(store: Store, entry: dict[str, Any], later: Sequence[dict[str
     return False  # gc: a marker left behind means it did not finish
 
 
-def gate_or_sign_key(store: Store, entry: dict[str, Any]) -> tuple[str, str]:
+def gate_or_sign_key(store: StoreReader, entry: dict[str, Any]) -> tuple[str, str]:
     """``(pointer key, pointer value)`` a ``gate`` or ``sign`` entry writes."""
     digest = str(entry.get("subject")).rpartition("@")[2]
     new = entry.get("new") if isinstance(entry.get("new"), dict) else {}

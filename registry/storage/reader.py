@@ -1,7 +1,8 @@
 """Read side of the store: names, versions, aliases, ref resolution, gate records, signatures.
 
-Split from :mod:`registry.storage.store` to keep modules small; :class:`registry.storage.store.Store`
-inherits everything here. Reading takes no locks: every object it reads is replaced
+:class:`registry.storage.store.Store` is this view plus the writers; everything that
+only reads (listing, lineage, export, the gate's provenance) takes a ``StoreReader``.
+Reading takes no locks: every object it reads is replaced
 atomically by writers (rename locally, a single PUT on S3), so a reader sees either
 the old or the new state. All access goes through the store's backend
 (:mod:`registry.storage.backends`) by key, so the same code reads local and S3 stores.
@@ -17,26 +18,36 @@ import json
 from pathlib import Path
 from typing import Any
 
-from registry.storage.backends.base import Backend
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.blobs import BlobStore
-from registry.digests import DIGEST_PREFIX
-from registry.digests import HEX_RE
-from registry.digests import check_digest
-from registry.digests import digest_hex
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+from registry.digests import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex
 from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.storage.backends.base import Backend, ObjectMissing
+from registry.storage.blobs import BlobStore
 from registry.storage.manifest import Version, check_manifest
 from registry.storage.refwrite import read_ref
-from registry.storage.refs import (MIN_PREFIX, SEGMENT_RE, is_valid_name, parse_ref, validate_alias,
-                           validate_name)
+from registry.storage.refs import (MIN_PREFIX, SEGMENT_RE, is_valid_name, parse_ref,
+                                   validate_alias, validate_name)
+
+if TYPE_CHECKING:
+    from registry.audit.trail import AuditTrail
+
+DEFAULT_CONFIG: dict[str, Any] = {"protected_aliases": ["release"]}
+"""What ``config.json`` holds in a new store; keys it lacks fall back to these."""
 
 
 class StoreReader:
     """Read-only queries over a store.
 
+    The writers (:mod:`registry.storage.publish`, :mod:`registry.storage.aliases`,
+    :mod:`registry.storage.attachments`) and the journal work over this view: it gives
+    them the keys, the backend, the locks and the audit log, and nothing that writes.
+
     Args:
         backend: Where the store's objects live.
         blobs: Its blob storage.
+        audit: Its audit log (read here; appended to only through the journal).
 
     Attributes:
         root: A local directory of the store: the store itself for a local store, a
@@ -44,21 +55,61 @@ class StoreReader:
         location: Where the store is (a path or ``s3://bucket/prefix``).
     """
 
-    def __init__(self, backend: Backend, blobs: BlobStore) -> None:
+    def __init__(self, backend: Backend, blobs: BlobStore, audit: AuditTrail) -> None:
         self.backend = backend
         self.blobs = blobs
+        self._audit = audit
         self.root: Path = backend.local_root
         self.location: str = backend.location
+
+    def audit(self) -> AuditTrail:
+        """The store's audit log (JSONL locally, one object per entry on S3)."""
+        return self._audit
+
+    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
+        """The store's cross-process lock ``name`` (``gc``, ``refs``; a no-op on S3)."""
+        return self.backend.lock(name, shared=shared)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``config.json`` merged over the defaults.
+
+        Raises:
+            BadInputError: config.json is not valid JSON.
+        """
+        try:
+            data = json.loads(self.backend.get("config.json")[0])
+        except ObjectMissing:
+            data = {}
+        except ValueError as err:
+            raise BadInputError(f"{self.location}/config.json is not valid JSON: {err}",
+                                fix="restore the file or re-create it") from err
+        return {**DEFAULT_CONFIG, **(data if isinstance(data, dict) else {})}
+
+    @property
+    def protected_aliases(self) -> list[str]:
+        """Aliases that only ``promote`` (``protected_ok=True``) may move."""
+        return list(self.config.get("protected_aliases") or [])
 
     # ---- keys --------------------------------------------------------------------
 
     def _versions_prefix(self, name: str) -> str:
         return f"names/{validate_name(name)}/versions/"
 
-    def _binding_key(self, name: str, hexdigest: str) -> str:
+    def binding_key(self, name: str, hexdigest: str) -> str:
+        """The key binding ``name`` to the version ``sha256:<hexdigest>``.
+
+        Raises:
+            BadInputError: A malformed name.
+        """
         return self._versions_prefix(name) + hexdigest
 
-    def _alias_key(self, name: str, alias: str) -> str:
+    def alias_key(self, name: str, alias: str) -> str:
+        """The pointer key of ``name:alias``.
+
+        Raises:
+            BadInputError: A malformed name or alias.
+        """
         return f"names/{validate_name(name)}/aliases/{validate_alias(alias)}"
 
     def _gate_key(self, candidate: str, policy_digest: str) -> str:
@@ -98,9 +149,10 @@ class StoreReader:
         return self._read_ref(key)[0]
 
     def _has_versions(self, name: str) -> bool:
-        return bool(self._bound_hexes(name))
+        return bool(self.bound_hexes(name))
 
-    def _bound_hexes(self, name: str) -> list[str]:
+    def bound_hexes(self, name: str) -> list[str]:
+        """The hex digests of every version bound to ``name`` (unordered)."""
         prefix = self._versions_prefix(name)
         return [h for h in (k[len(prefix):] for k in self.backend.list(prefix)) if HEX_RE.match(h)]
 
@@ -120,9 +172,15 @@ class StoreReader:
                 from None
         return check_manifest(manifest, digest)
 
-    def _version(self, name: str, hexdigest: str) -> Version:
+    def version_at(self, name: str, hexdigest: str) -> Version:
+        """The version of ``name`` bound at ``sha256:<hexdigest>``, manifest checked.
+
+        Raises:
+            NotFoundError: No such binding.
+            IntegrityError: The manifest is missing, corrupt or of another name.
+        """
         try:
-            created = self.backend.get(self._binding_key(name, hexdigest))[0].decode(
+            created = self.backend.get(self.binding_key(name, hexdigest))[0].decode(
                 "utf-8", errors="replace").strip()
         except ObjectMissing:
             raise NotFoundError(f"{name} has no version sha256:{hexdigest}",
@@ -151,7 +209,7 @@ class StoreReader:
             IntegrityError: A manifest is missing or corrupt.
         """
         names = [validate_name(name)] if name is not None else self.names()
-        out = [self._version(n, h) for n in names for h in self._bound_hexes(n)]
+        out = [self.version_at(n, h) for n in names for h in self.bound_hexes(n)]
         if name is not None and not out:
             raise NotFoundError(f"no versions named {name!r}", fix="list names with `adapters ls`")
         return sorted(out, key=lambda v: (v.created, v.digest), reverse=True)
@@ -183,7 +241,7 @@ class StoreReader:
                 raise NotFoundError(f"no version {digest}",
                                     fix="list versions with `adapters ls`") from None
             raise
-        return self._version(manifest["name"], digest_hex(digest))
+        return self.version_at(manifest["name"], digest_hex(digest))
 
     def resolve_digest(self, ref: str) -> tuple[str, str]:
         """``(name, version digest)`` of a ref, from bindings and aliases only.
@@ -198,7 +256,7 @@ class StoreReader:
         parsed = parse_ref(ref)
         if parsed.alias is not None:
             assert parsed.name is not None
-            target = self._read_alias(self._alias_key(parsed.name, parsed.alias))
+            target = self._read_alias(self.alias_key(parsed.name, parsed.alias))
             if target is None:
                 raise NotFoundError(f"no alias {parsed.name}:{parsed.alias}",
                                     fix=f"list aliases with `adapters show {parsed.name}`")
@@ -206,7 +264,7 @@ class StoreReader:
         if parsed.digest_prefix is None:
             assert parsed.name is not None
             latest = None
-            for hexdigest in self._bound_hexes(parsed.name):
+            for hexdigest in self.bound_hexes(parsed.name):
                 created = self._binding_time(parsed.name, hexdigest)
                 if latest is None or (created, hexdigest) > latest:
                     latest = (created, hexdigest)
@@ -216,7 +274,7 @@ class StoreReader:
             return parsed.name, DIGEST_PREFIX + latest[1]
         prefix = parsed.digest_prefix
         names = [parsed.name] if parsed.name is not None else self.names()
-        matches = [(n, h) for n in names for h in self._bound_hexes(n) if h.startswith(prefix)]
+        matches = [(n, h) for n in names for h in self.bound_hexes(n) if h.startswith(prefix)]
         if not matches:
             raise NotFoundError(f"no version matches {ref!r}",
                                 fix="list versions with `adapters ls`")
@@ -228,7 +286,7 @@ class StoreReader:
 
     def _binding_time(self, name: str, hexdigest: str) -> str:
         try:
-            return self.backend.get(self._binding_key(name, hexdigest))[0].decode(
+            return self.backend.get(self.binding_key(name, hexdigest))[0].decode(
                 "utf-8", errors="replace").strip()
         except ObjectMissing:
             return ""
@@ -242,7 +300,7 @@ class StoreReader:
             IntegrityError: The manifest is missing or corrupt.
         """
         name, digest = self.resolve_digest(ref)
-        return self._version(name, digest_hex(digest))
+        return self.version_at(name, digest_hex(digest))
 
     # ---- gate records ------------------------------------------------------------
 
@@ -320,8 +378,8 @@ class StoreReader:
 
     def is_bound(self, name: str, digest: str) -> bool:
         """Whether ``name`` binds version ``digest``."""
-        return self.backend.stat(self._binding_key(name, digest_hex(digest))) is not None
+        return self.backend.stat(self.binding_key(name, digest_hex(digest))) is not None
 
     def bindings(self) -> list[tuple[str, str]]:
         """Every ``(name, version digest)`` binding, without reading manifests."""
-        return [(n, DIGEST_PREFIX + h) for n in self.names() for h in self._bound_hexes(n)]
+        return [(n, DIGEST_PREFIX + h) for n in self.names() for h in self.bound_hexes(n)]

@@ -22,9 +22,14 @@ marker, audit entry, change, marker removed. So the log orders alias moves exact
 they happened, never shows a change it does not record, and the next writer settles
 (rolls back, recording it) whatever a killed writer left half-done.
 
-Protected aliases (``config.json`` ``protected_aliases``, default ``["release"]``)
-can only be moved with ``set_alias(..., protected_ok=True)``, which the gate's
-``promote`` passes after it has checked a passing gate record.
+Composition: :class:`Store` is the read view :class:`registry.storage.reader.StoreReader`
+(every query, the keys, the locks, the audit log) plus the writers, each a module of
+functions over that view: :mod:`registry.storage.publish` (push),
+:mod:`registry.storage.aliases` (aliases, unbinding, protected aliases),
+:mod:`registry.storage.attachments` (gate records, signatures). The store picks the
+backend (:mod:`registry.storage.backends`) and the audit log kind
+(:class:`registry.audit.trail.AuditTrail`) once, when it is opened; nothing below
+branches on them again.
 
 Every write goes through the backend's conditional operations, so the same code is
 safe without locks on S3: blobs, manifests and bindings are created with
@@ -38,43 +43,31 @@ S3 they are no-ops and the audit log is one object per entry
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from registry.audit.log import AuditLog
 from registry.audit.objects import ObjectAuditLog
-from registry.storage.backends.base import Backend
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.backends.base import PreconditionFailed
-from registry.storage.backends.select import open_backend
-from registry.storage.backends.select import s3_location
-from registry.storage.backends.local import LocalBackend
-from registry.progress import ProgressCallback
-from registry.storage.blobs import BlobStore
+from registry.audit.trail import AuditTrail
 from registry.digests import canonical_json
-from registry.digests import digest_hex
-from registry.digests import is_digest
+from registry.errors import BadInputError, NotFoundError
 from registry.fsutil import make_dirs
-from registry.stamps import utc_now_iso
-from registry.storage.failpoints import failpoint
-from registry.audit.journal import recover, run_mutation
-from registry.errors import (AdapterkitError, BadInputError, ConflictError, GateFailedError,
-                             NotFoundError)
-from registry.lineage import validate_lineage
-from registry.storage.manifest import (ADAPTER_ARTIFACT, ARTIFACT_TYPES, MODEL_ARTIFACT, PushResult,
-                               Version, build_manifest, content_key)
-from registry.record import validate_record
-from registry.storage.refwrite import ANY, cas_ref, claim_content, release_claim
-from registry.storage.refs import validate_alias, validate_file_path, validate_name
-from registry.storage.attachments import StoreFiles
+from registry.progress import ProgressCallback
+from registry.storage import aliases, attachments
+from registry.storage.backends.base import Backend, PreconditionFailed
+from registry.storage.backends.local import LocalBackend
+from registry.storage.backends.select import open_backend, s3_location
+from registry.storage.blobs import BlobStore
+from registry.storage.manifest import ADAPTER_ARTIFACT, MODEL_ARTIFACT, PushResult, Version
+from registry.storage.publish import push_version
+from registry.storage.reader import DEFAULT_CONFIG, StoreReader
+from registry.storage.refs import validate_file_path
+from registry.storage.refwrite import ANY
 
-__all__ = ["ADAPTER_ARTIFACT", "ANY", "DEFAULT_CONFIG", "MODEL_ARTIFACT", "ProgressCallback",
-           "PushResult", "Store", "Version", "default_root"]
-
-DEFAULT_CONFIG: dict[str, Any] = {"protected_aliases": ["release"]}
+__all__ = ["ADAPTER_ARTIFACT", "ANY", "DEFAULT_CONFIG", "MODEL_ARTIFACT", "PushResult", "Store",
+           "Version", "default_root"]
 
 
 def default_root() -> Path:
@@ -82,16 +75,25 @@ def default_root() -> Path:
     return Path(os.environ.get("ADAPTERS_HOME") or Path.home() / ".adapters").expanduser()
 
 
-class Store(StoreFiles):
+def _audit_trail(backend: Backend) -> AuditTrail:
+    """The audit log kind that fits the backend (JSONL + flock locally, objects on S3)."""
+    return AuditLog(backend.root) if isinstance(backend, LocalBackend) else ObjectAuditLog(backend)
+
+
+class Store(StoreReader):
     """A content-addressed adapter store (local directory or S3-compatible bucket).
 
-    Read-side methods (``resolve``, ``versions``, ``names``, ``aliases``, ``gate_record``,
-    ``load_manifest``...) come from :class:`registry.storage.reader.StoreReader`.
+    Queries (``resolve``, ``versions``, ``names``, ``aliases``, ``gate_record``,
+    ``load_manifest``...) come from :class:`registry.storage.reader.StoreReader`; the
+    writing methods below delegate to the writer modules (see the module docstring).
 
     Args:
         root: The store directory or ``s3://bucket/prefix`` (use :meth:`open` to check
             or create it).
         backend: An already-built backend (instead of ``root``).
+
+    Raises:
+        BadInputError: Neither ``root`` nor ``backend``, or a malformed S3 location.
     """
 
     def __init__(self, root: str | Path | None = None, *, backend: Backend | None = None) -> None:
@@ -99,10 +101,7 @@ class Store(StoreFiles):
             if root is None:
                 raise BadInputError("Store needs a root or a backend", fix="use Store.open()")
             backend = open_backend(root)
-        super().__init__(backend, BlobStore(backend))
-        self._audit: AuditLog | ObjectAuditLog = (
-            AuditLog(backend.root) if isinstance(backend, LocalBackend)
-            else ObjectAuditLog(backend))
+        super().__init__(backend, BlobStore(backend), _audit_trail(backend))
 
     # ---- opening -----------------------------------------------------------------
 
@@ -158,115 +157,22 @@ class Store(StoreFiles):
         self._audit.append("init", self.location, new={"layout": "1.0.0"})
         self.backend.put("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """``config.json`` merged over the defaults.
-
-        Raises:
-            BadInputError: config.json is not valid JSON.
-        """
-        try:
-            data = json.loads(self.backend.get("config.json")[0])
-        except ObjectMissing:
-            data = {}
-        except ValueError as err:
-            raise BadInputError(f"{self.location}/config.json is not valid JSON: {err}",
-                                fix="restore the file or re-create it") from err
-        return {**DEFAULT_CONFIG, **(data if isinstance(data, dict) else {})}
-
-    @property
-    def protected_aliases(self) -> list[str]:
-        """Aliases that only ``promote`` (``protected_ok=True``) may move."""
-        return list(self.config.get("protected_aliases") or [])
-
-    def audit(self) -> AuditLog | ObjectAuditLog:
-        """The store's audit log (JSONL locally, one object per entry on S3)."""
-        return self._audit
-
-    # ---- writing -----------------------------------------------------------------
+    # ---- writing (delegated to the writer modules) -----------------------------------
 
     def push(self, name: str, files: Mapping[str, Path], record: dict, *,
              lineage: dict | None = None, artifact_type: str = ADAPTER_ARTIFACT,
              actor: str | None = None, progress: ProgressCallback | None = None) -> PushResult:
-        """Store files (deduplicated), write the manifest, bind the name, audit ``push``.
+        """Store files, write the manifest, bind the name, audit ``push``.
 
-        Args:
-            name: Name to bind (``name`` or ``org/name``).
-            files: Path inside the version -> local file to store.
-            record: Adapter/model record (validated and normalised here).
-            lineage: Optional ``{"parents", "recipe", "report"}``; parent digests must
-                be versions in this store.
-            artifact_type: :data:`ADAPTER_ARTIFACT` or :data:`MODEL_ARTIFACT` (must
-                match ``record["kind"]``).
-            actor: Who pushes (default ``$ADAPTERS_ACTOR`` / login name).
-            progress: Called with the bytes hashed per chunk.
-
-        Returns:
-            A :class:`PushResult`; ``created`` is False (and nothing new is bound) when
-            identical files and record (ignoring ``record["created"]``) already exist.
+        See :func:`registry.storage.publish.push_version` (arguments and result).
 
         Raises:
             BadInputError: Bad name, file path, record, lineage or artifact type.
             NotFoundError: A lineage parent is not in the store, or a source file is missing.
             OSError: A source file cannot be read.
         """
-        validate_name(name)
-        if artifact_type not in ARTIFACT_TYPES:
-            raise BadInputError(f"unknown artifact type {artifact_type!r}",
-                                fix=f"use one of {', '.join(ARTIFACT_TYPES)}")
-        record = validate_record(record)
-        if record["kind"] != ARTIFACT_TYPES[artifact_type]:
-            raise BadInputError(f"record kind {record['kind']!r} does not match artifact type "
-                                f"{artifact_type}", fix="build a model record for MODEL_ARTIFACT")
-        lineage = validate_lineage(lineage)
-        if lineage is not None:
-            for parent in lineage["parents"]:
-                self.version_by_digest(parent["digest"])
-        sources = {validate_file_path(path): Path(src) for path, src in files.items()}
-        for path, src in sources.items():
-            if not src.is_file():
-                raise NotFoundError(f"{src} (for {path}) is not a readable file",
-                                    fix="check the adapter directory")
-        with self._lock("gc", shared=True):
-            entries, new_bytes = [], 0
-            for path in sorted(sources):
-                digest, size, written = self.blobs.put_file(sources[path], progress)
-                entries.append({"path": path, "digest": digest, "size": size})
-                new_bytes += written
-            failpoint("push.after_blobs")
-            manifest = build_manifest(name, entries, record, lineage, artifact_type)
-            key = content_key(manifest)
-            with self._lock("refs"):
-                recover(self, actor=actor)
-                existing = self._same_content(name, key)
-                if existing is not None:
-                    return PushResult(existing, False, new_bytes)
-                digest, _ = self.blobs.put_bytes(canonical_json(manifest))
-                winner = claim_content(self.backend, name, key, digest,
-                                       lambda d: self.is_bound(name, d),
-                                       wait=0 if self.backend.supports_locks else None)
-                if winner is not None:  # a concurrent identical push got there first
-                    return PushResult(self._version(name, digest_hex(winner)), False, new_bytes)
-                created = utc_now_iso()
-                version = Version(name, digest, manifest, created)
-                binding = self._binding_key(name, digest_hex(digest))
-                try:
-                    run_mutation(self, "push", version.ref, old=None, new=digest, actor=actor,
-                                 apply=lambda: self.backend.put_if_absent(
-                                     binding, (created + "\n").encode()))
-                except PreconditionFailed:  # a concurrent identical push bound it first
-                    return PushResult(self._version(name, digest_hex(digest)), False, new_bytes)
-        return PushResult(version, True, new_bytes)
-
-    def _same_content(self, name: str, key: str) -> Version | None:
-        for hexdigest in self._bound_hexes(name):
-            try:
-                version = self._version(name, hexdigest)
-            except AdapterkitError:  # a damaged old version must not block new pushes
-                continue
-            if content_key(version.manifest) == key:
-                return version
-        return None
+        return push_version(self, name, files, record, lineage=lineage,
+                            artifact_type=artifact_type, actor=actor, progress=progress)
 
     def record_derived(self, name: str, record: dict, lineage: dict, *,
                        actor: str | None = None) -> PushResult:
@@ -278,7 +184,7 @@ class Store(StoreFiles):
 
         Raises:
             BadInputError: The record is not a valid model record or lineage is missing.
-            NotFoundError: A lineage parent is not in the store.
+            NotFoundError: A lineage parent is not in the self.
         """
         if not lineage:
             raise BadInputError("a derived model needs lineage (its parents and recipe)",
@@ -286,136 +192,111 @@ class Store(StoreFiles):
         return self.push(name, {}, record, lineage=lineage, artifact_type=MODEL_ARTIFACT,
                          actor=actor)
 
-    def _expect_digest(self, name: str, expect: Any) -> Any:
-        if expect is ANY or expect is None or is_digest(expect):
-            return expect
-        if isinstance(expect, str):
-            return self.resolve(f"{name}@{expect}").digest
-        raise BadInputError(f"expect must be a digest, None or ANY, got {expect!r}",
-                            fix="pass the alias's current digest")
-
     def set_alias(self, name: str, alias: str, digest: str, *, expect: Any = ANY,
                   actor: str | None = None, action: str = "alias",
                   protected_ok: bool = False,
                   notes: Sequence[tuple[str, Any]] = ()) -> str | None:
         """Point ``name:alias`` at a version of ``name`` by compare-and-swap.
 
-        Args:
-            name: The name.
-            alias: Alias to move (e.g. ``candidate``).
-            digest: Target version: full digest, digest prefix or a ref of the same name.
-            expect: :data:`ANY` (no check), None (alias must not exist yet) or the digest
-                (or unique prefix) the alias must currently point to.
-            actor: Who moves it.
-            action: Audit action (``alias``; the gate's promote passes ``promote``).
-            protected_ok: Allow moving a protected alias (only the gate's promote does).
-            notes: Extra ``(action, value)`` audit entries logged with the move (a forced
-                promotion's reason), before the alias is written.
-
-        Returns:
-            The previous digest, or None if the alias did not exist. Moving an alias to
-            where it already points is a no-op (not audited).
+        See :func:`registry.storage.aliases.set_alias` (arguments and result).
 
         Raises:
             GateFailedError: ``alias`` is protected and ``protected_ok`` is False.
-            ConflictError: ``expect`` does not match the current value (the message and
-                fix say what it is now).
+            ConflictError: ``expect`` does not match the current value.
             NotFoundError: The target is not a version of ``name``.
             BadInputError: Bad name, alias or digest.
         """
-        validate_name(name)
-        validate_alias(alias)
-        if alias in self.protected_aliases and not protected_ok:
-            raise GateFailedError(f"alias {alias!r} is protected; only a passing gate moves it",
-                                  fix=f"run `adapters promote {name}@<digest> --to {alias}`")
-        target = self._target_digest(name, digest)
-        expect = self._expect_digest(name, expect)
-        key = self._alias_key(name, alias)
-
-        def conflict(current: str | None) -> ConflictError:
-            return ConflictError(
-                f"alias {name}:{alias} points to {current or 'nothing'}, "
-                f"expected {expect or 'nothing (new alias)'}",
-                fix=f"re-read the alias and retry with expect={current or 'none'}")
-
-        def audited(old: str | None, write: Callable[[], None]) -> None:
-            run_mutation(self, action, f"{name}:{alias}", old=old, new=target, apply=write,
-                         actor=actor, notes=notes)
-
-        with self._lock("refs"):
-            recover(self, actor=actor)
-            if not self.is_bound(name, target):
-                raise NotFoundError(f"{target} is not a version of {name}",
-                                    fix=f"list versions with `adapters ls {name}`")
-            current, _ = cas_ref(self.backend, key, expect, target, conflict, around=audited)
-        return current
-
-    def _target_digest(self, name: str, digest: str) -> str:
-        if is_digest(digest):
-            return digest
-        text = str(digest)
-        version = self.resolve(text if ("@" in text or ":" in text) and not
-                               text.startswith("sha256:") else f"{name}@{text}")
-        if version.name != name:
-            raise BadInputError(f"{version.ref} is not a version of {name}",
-                                fix="aliases can only point at versions of their own name")
-        return version.digest
+        return aliases.set_alias(self, name, alias, digest, expect=expect, actor=actor,
+                                 action=action, protected_ok=protected_ok, notes=notes)
 
     def delete_alias(self, name: str, alias: str, *, expect: Any = ANY,
                      actor: str | None = None, protected_ok: bool = False) -> str | None:
-        """Remove an alias (compare-and-swap like :meth:`set_alias`), audited ``alias``.
+        """Remove an alias by compare-and-swap, audited ``alias``.
 
-        Returns:
-            The digest it pointed to, or None if it did not exist.
+        See :func:`registry.storage.aliases.delete_alias`.
 
         Raises:
             GateFailedError: Protected alias without ``protected_ok``.
             ConflictError: ``expect`` does not match.
         """
-        validate_name(name)
-        validate_alias(alias)
-        if alias in self.protected_aliases and not protected_ok:
-            raise GateFailedError(f"alias {alias!r} is protected",
-                                  fix="protected aliases are moved by `adapters promote`")
-        expect = self._expect_digest(name, expect)
-        def conflict(current: str | None) -> ConflictError:
-            return ConflictError(f"alias {name}:{alias} points to {current or 'nothing'}, "
-                                 f"expected {expect or 'nothing'}",
-                                 fix=f"re-read the alias and retry with expect={current}")
-
-        def audited(old: str | None, write: Callable[[], None]) -> None:
-            run_mutation(self, "alias", f"{name}:{alias}", old=old, new=None, apply=write,
-                         actor=actor)
-
-        with self._lock("refs"):
-            recover(self, actor=actor)
-            current, _ = cas_ref(self.backend, self._alias_key(name, alias), expect,
-                                 None, conflict, around=audited)
-        return current
+        return aliases.delete_alias(self, name, alias, expect=expect, actor=actor,
+                                    protected_ok=protected_ok)
 
     def delete_version(self, ref: str, *, actor: str | None = None) -> Version:
-        """Unbind a version from its name (its blobs become garbage for gc), audited.
+        """Unbind a version from its name, audited ``delete``.
 
-        Manifests of versions still named as lineage parents are kept by gc.
+        See :func:`registry.storage.aliases.delete_version`.
 
         Raises:
             ConflictError: An alias still points at it.
             NotFoundError: No such version.
         """
-        version = self.resolve(ref)
-        with self._lock("refs"):
-            recover(self, actor=actor)
-            holders = [a for a, d in self.aliases(version.name).items() if d == version.digest]
-            if holders:
-                raise ConflictError(f"{version.ref} is still the target of alias(es) "
-                                    f"{', '.join(holders)}",
-                                    fix="move or delete those aliases first")
+        return aliases.delete_version(self, ref, actor=actor)
 
-            def unbind() -> None:
-                # claim first: an identical push racing us then re-creates the version cleanly
-                release_claim(self.backend, version.name, content_key(version.manifest),
-                              version.digest)
-                self.backend.delete(self._binding_key(version.name, digest_hex(version.digest)))
-            run_mutation(self, "delete", version.ref, old=version.digest, new=None,
-                         apply=unbind, actor=actor)
-        return version
+    def put_gate_record(self, candidate: str, policy_digest: str, result: dict, *,
+                        actor: str | None = None) -> str:
+        """Store a gate result for (candidate version, policy) and audit ``gate``.
+
+        See :func:`registry.storage.attachments.put_gate_record`.
+
+        Raises:
+            NotFoundError: Unknown candidate.
+            BadInputError: Bad policy digest or non-JSON result.
+        """
+        return attachments.put_gate_record(self, candidate, policy_digest, result, actor=actor)
+
+    def add_signature(self, version: str | Version, envelope: dict[str, Any], *,
+                      actor: str | None = None) -> dict[str, str]:
+        """Store a DSSE signature envelope beside ``version`` and audit ``sign``.
+
+        See :func:`registry.storage.attachments.add_signature`.
+
+        Raises:
+            BadInputError: Malformed envelope, or it binds another name or digest.
+            NotFoundError: Unknown version.
+        """
+        return attachments.add_signature(self, version, envelope, actor=actor)
+
+    # ---- blobs -------------------------------------------------------------------
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store a small blob and return its digest (unreachable until referenced)."""
+        with self.lock("gc", shared=True):
+            return self.blobs.put_bytes(data)[0]
+
+    def blob_path(self, digest: str) -> Path:
+        """Local path of a blob (may not exist); local stores only.
+
+        Raises:
+            BadInputError: Malformed digest, or an S3 store (use :meth:`open_blob` or
+                :meth:`materialize` there).
+        """
+        return self.blobs.path(digest)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """Open a blob for reading. Raises NotFoundError if missing."""
+        return self.blobs.open(digest)
+
+    def materialize(self, ref_or_version: str | Version, dest: Path, *,
+                    progress: ProgressCallback | None = None) -> Path:
+        """Write a version's files into ``dest`` (a plain PEFT directory), verifying digests.
+
+        Existing files of the same names in ``dest`` are replaced; each file is written
+        to a temp file in its directory and renamed only once its digest checks out.
+
+        Raises:
+            IntegrityError: A blob is missing or corrupt (the bad file is not written).
+            BadInputError: The version has no files (a model recorded by reference).
+            NotFoundError: Unknown ref.
+        """
+        version = ref_or_version if isinstance(ref_or_version, Version) \
+            else self.resolve(ref_or_version)
+        if not version.files:
+            raise BadInputError(f"{version.ref} has no stored files (recorded by reference)",
+                                fix="its record's 'location' says where the model was written")
+        dest = Path(dest)
+        make_dirs(dest)
+        for entry in version.files:
+            self.blobs.copy_verified(entry["digest"], dest / validate_file_path(entry["path"]),
+                                     progress)
+        return dest
