@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import BadInputError, NotFoundError, UnsupportedAdapterError
-from registry.formats.fingerprint import load_json_file
+from registry.formats.strict_json import load_json_file
 from registry.ingest import (
     CONFIG_NAME,
     MAX_CONFIG_BYTES,

@@ -43,7 +43,7 @@ from typing import Any
 
 from registry.formats.base_check import check_against_base
 from registry.errors import BadInputError, NotFoundError, UnsupportedAdapterError
-from registry.formats.fingerprint import load_json_file
+from registry.formats.strict_json import load_json_file
 from registry.formats.peft_keys import (
     LoraKeys,
     rank_for,

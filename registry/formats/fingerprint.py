@@ -30,7 +30,6 @@ only reads them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -41,13 +40,12 @@ from typing import Any, BinaryIO
 from registry.progress import ProgressCallback
 from registry.digests import json_digest
 from registry.errors import BadInputError, NotFoundError
+from registry.formats.strict_json import load_json_file
 from registry.formats.safetensors_header import CHUNK_BYTES, SafetensorsHeader, TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-MAX_JSON_BYTES = 64 * 1024 * 1024
-
 ARCH_FIELDS: tuple[str, ...] = (
     "architectures",
     "model_type",
@@ -91,49 +89,6 @@ class ModelWeights:
         return sum(self.files[path].tensors[name].nbytes for name, path in self.locations.items())
 
 
-def load_json_file(path: Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Parse a small JSON file strictly (size cap, no NaN, no duplicate keys).
-
-    Args:
-        path: The file.
-        what: How messages call it (``"config.json"``).
-        max_bytes: Refuse larger files (bounds memory on hostile input).
-
-    Raises:
-        BadInputError: too big, not UTF-8, not JSON, or unreadable.
-    """
-    fix = f"repair or regenerate {path.name}"
-    try:
-        if not path.is_file():
-            raise BadInputError(f"{path}: {what} is not a regular file", fix=fix)
-        with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
-        if len(raw) > max_bytes:
-            raise BadInputError(f"{path}: {what} is larger than {max_bytes} bytes", fix=fix)
-    except OSError as exc:
-        problem = exc.strerror or exc
-        raise BadInputError(f"{path}: cannot read {what} ({problem})", fix=fix) from None
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in items:
-            if key in out:
-                raise ValueError(f"duplicate key {key[:80]!r}")
-            out[key] = value
-        return out
-
-    def constant(text: str) -> Any:
-        raise ValueError(f"{text} is not JSON")
-
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except UnicodeDecodeError:
-        raise BadInputError(f"{path}: {what} is not UTF-8", fix=fix) from None
-    except RecursionError:
-        raise BadInputError(f"{path}: {what} is nested too deeply", fix=fix) from None
-    except ValueError as exc:
-        problem = str(exc)[:100]
-        raise BadInputError(f"{path}: {what} is not valid JSON ({problem})", fix=fix) from None
 
 
 def _model_dir(model_dir: str | Path) -> Path:

@@ -31,7 +31,6 @@ at ingest every config pattern RE2 cannot run (:func:`validate_lora_config`). :f
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, UnsupportedAdapterError
+from registry.formats.fields import is_finite_number, is_int, is_string_list
 from registry.formats.patterns import check_config_patterns, pattern_key
 
 PEFT_PREFIX = "base_model.model."
@@ -219,21 +219,10 @@ def _cfg_error(path: Path, field: str, problem: str) -> BadInputError:
     )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float range
-        return False
 
 
-def _str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
 
 def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
@@ -261,18 +250,18 @@ def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
             f"{path}: peft_type {peft_type[:40]!r} is not supported (LoRA adapters only)",
             fix="use a LoRA adapter (peft LoraConfig)",
         )
-    if not _is_int(config.get("r")) or config["r"] < 1:
+    if not is_int(config.get("r")) or config["r"] < 1:
         raise _cfg_error(path, "r", "must be a positive integer")
-    if not _is_number(config.get("lora_alpha")):
+    if not is_finite_number(config.get("lora_alpha")):
         raise _cfg_error(path, "lora_alpha", "must be a finite number")
     targets = config.get("target_modules")
-    if targets is not None and not (isinstance(targets, str) and targets) and not _str_list(
+    if targets is not None and not (isinstance(targets, str) and targets) and not is_string_list(
         targets
     ):
         raise _cfg_error(path, "target_modules", "must be a string or a list of strings")
     for field, check, what in (
-        ("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers"),
-        ("alpha_pattern", _is_number, "finite numbers"),
+        ("rank_pattern", lambda v: is_int(v) and v >= 1, "positive integers"),
+        ("alpha_pattern", is_finite_number, "finite numbers"),
     ):
         patterns = config.get(field)
         if patterns is None:
@@ -286,7 +275,7 @@ def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
         if field in config and not isinstance(config[field], bool):
             raise _cfg_error(path, field, "must be true or false")
     saved = config.get("modules_to_save")
-    if saved is not None and not _str_list(saved):
+    if saved is not None and not is_string_list(saved):
         raise _cfg_error(path, "modules_to_save", "must be a list of strings or null")
     for field in ("exclude_modules", "layers_pattern"):
         value = config.get(field)
@@ -297,7 +286,7 @@ def validate_lora_config(config: Any, path: Path) -> dict[str, Any]:
     if "bias" in config and config["bias"] not in BIAS_VALUES:
         raise _cfg_error(path, "bias", f"must be one of {', '.join(BIAS_VALUES)}")
     dropout = config.get("lora_dropout", 0.0)
-    if not _is_number(dropout) or not 0 <= dropout <= 1:
+    if not is_finite_number(dropout) or not 0 <= dropout <= 1:
         raise _cfg_error(path, "lora_dropout", "must be a number in [0, 1]")
     for field in ("task_type", "base_model_name_or_path", "revision"):
         value = config.get(field)

@@ -49,7 +49,6 @@ chunks, so that fingerprints of multi-GB models never load a whole file.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from registry.errors import BadInputError, NotFoundError
+from registry.formats.strict_json import StrictJSONError, loads_strict, show_name
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest header accepted (the limit of the reference implementation)."""
@@ -175,27 +175,10 @@ def _parse_float(text: str) -> Any:
     raise _Bad(f"unexpected number {text[:24]} (integers only)")
 
 
-def _parse_constant(text: str) -> Any:
-    raise _Bad(f"unexpected constant {text}")
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _Bad(f"duplicate key {_show(key)}")
-            seen.add(key)
-    return out
 
 
-def _show(name: str) -> str:
-    """A name made safe for a one-line message."""
-    cut = name[:80]
-    text = cut.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return repr(text + ("..." if len(name) > 80 else ""))
 
 
 def _check_name(name: str) -> None:
@@ -204,9 +187,9 @@ def _check_name(name: str) -> None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Bad(f"tensor name {_show(name)} is not valid UTF-8") from None
+        raise _Bad(f"tensor name {show_name(name)} is not valid UTF-8") from None
     if _CONTROL.search(name):
-        raise _Bad(f"tensor name {_show(name)} contains control characters")
+        raise _Bad(f"tensor name {show_name(name)} contains control characters")
 
 
 class _Shown:
@@ -216,7 +199,7 @@ class _Shown:
         self.name = name
 
     def __str__(self) -> str:
-        return _show(self.name)
+        return show_name(self.name)
 
 
 def _tensor_info(name: str, entry: Any, data_len: int) -> TensorInfo:
@@ -226,11 +209,11 @@ def _tensor_info(name: str, entry: Any, data_len: int) -> TensorInfo:
     if set(entry) != _FIELDS:
         extra = sorted(set(entry) - _FIELDS)
         missing = sorted(_FIELDS - set(entry))
-        what = f"unknown field {_show(extra[0])}" if extra else f"missing field {missing[0]!r}"
+        what = f"unknown field {show_name(extra[0])}" if extra else f"missing field {missing[0]!r}"
         raise _Bad(f"tensor {shown}: {what}")
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        shown_dtype = _show(dtype) if isinstance(dtype, str) else type(dtype).__name__
+        shown_dtype = show_name(dtype) if isinstance(dtype, str) else type(dtype).__name__
         raise _Bad(f"tensor {shown}: unknown dtype {shown_dtype}")
     shape = entry["shape"]
     if not isinstance(shape, list) or not set(map(type, shape)) <= _INT_ONLY:
@@ -276,7 +259,7 @@ def _check_tiling(tensors: dict[str, TensorInfo], data_len: int) -> None:
     for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if info.start != position:
             problem = "overlaps the previous tensor" if info.start < position else "leaves a gap"
-            raise _Bad(f"tensor {_show(name)}: data_offsets [{info.start}, {info.end}] {problem}")
+            raise _Bad(f"tensor {show_name(name)}: data_offsets [{info.start}, {info.end}] {problem}")
         position = info.end
     if position != data_len:
         raise _Bad(
@@ -316,15 +299,11 @@ def parse_header_bytes(
     except UnicodeDecodeError as exc:
         raise _Bad(f"header is not UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(
-            text,
-            object_pairs_hook=_pairs,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-            parse_constant=_parse_constant,
-        )
+        obj = loads_strict(text, parse_int=_parse_int, parse_float=_parse_float)
     except _Bad:
         raise
+    except StrictJSONError as exc:
+        raise _Bad(str(exc)) from None
     except RecursionError:
         raise _Bad("header JSON is nested too deeply") from None
     except (ValueError, MemoryError) as exc:  # JSONDecodeError is a ValueError
