@@ -1,6 +1,6 @@
 """Signed audit checkpoints: an anchor for the audit log kept outside the store.
 
-The audit log is hash-chained (:mod:`registry.audit`): editing, removing or
+The audit log is hash-chained (:mod:`registry.audit.log`): editing, removing or
 reordering an entry breaks the chain, and ``head.json`` catches a cut tail. What the
 chain cannot catch is someone with write access to the store who rewrites the log
 *and* recomputes every hash after the change. A checkpoint closes that gap: it is a

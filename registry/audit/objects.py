@@ -1,6 +1,6 @@
 """The audit log on object storage (S3): one object per entry, no locks.
 
-Local stores keep ``audit/log.jsonl`` + ``audit/head.json`` (:mod:`registry.audit`). Object
+Local stores keep ``audit/log.jsonl`` + ``audit/head.json`` (:mod:`registry.audit.log`). Object
 storage has no append and no lock, so here each entry is its own object
 ``audit/entries/<seq, 12 digits>`` holding the canonical JSON of the same entry shape
 ``{seq, ts, actor, action, subject, old, new, prev_hash, hash}``.

@@ -41,10 +41,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from registry.errors import AdapterkitError, BadInputError, NotFoundError
+from registry.progress import ProgressCallback, single_callback
 from registry.storage.manifest import PushResult, Version
+
+if TYPE_CHECKING:
+    from registry.storage.store import Store
 
 SCHEME = "hf://"
 ALLOW_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
@@ -262,11 +266,11 @@ class PullResult:
                 "hub": {"uri": self.snapshot.ref.uri, **self.snapshot.labels()}}
 
 
-def pull(store: Any, ref: HubRef | str, *, name: str | None = None,
+def pull(store: Store, ref: HubRef | str, *, name: str | None = None,
          base_dir: str | Path | None = None, allow_pickle: bool = False,
          cache_dir: str | Path | None = None, token: str | None = None,
          labels: dict[str, str] | None = None, actor: str | None = None,
-         progress: Any = None) -> PullResult:
+         progress: ProgressCallback | None = None) -> PullResult:
     """Import a Hub adapter repo as a version (see the module docstring).
 
     Args:
@@ -279,7 +283,7 @@ def pull(store: Any, ref: HubRef | str, *, name: str | None = None,
         token: Hub token.
         labels: Extra labels; the ``hub_*`` labels win on a clash.
         actor: Audit actor (default ``$ADAPTERS_ACTOR`` or the login).
-        progress: Called with bytes hashed.
+        progress: Called with the bytes fingerprinted and hashed.
 
     Raises:
         BadInputError: Bad ref or name, invalid adapter, auth or network failure.
@@ -287,8 +291,7 @@ def pull(store: Any, ref: HubRef | str, *, name: str | None = None,
         BaseMismatchError: The adapter does not fit ``base_dir``.
         NotFoundError: Unknown repo/revision, or offline and not cached; missing ``base_dir``.
     """
-    from registry.ingest import prepare_adapter
-    from registry.record import build_record
+    from registry.add import AdapterMetadata, add_adapter
     from registry.storage.refs import validate_name
 
     parsed = parse_hub_ref(ref) if isinstance(ref, str) else ref
@@ -299,22 +302,14 @@ def pull(store: Any, ref: HubRef | str, *, name: str | None = None,
     staging = Path(tempfile.mkdtemp(prefix="hub-pull-", dir=tmp if tmp.is_dir() else None))
     try:
         stage_snapshot(snapshot.path, staging)
-        with prepare_adapter(staging, allow_pickle=allow_pickle, base_dir=base_dir,
-                             workdir_parent=staging) as prepared:
-            fingerprint = None
-            if base_dir is not None:
-                from registry.formats.fingerprint import fingerprint_model
-
-                fingerprint = fingerprint_model(base_dir)
-            config = prepared.peft_config
-            record = build_record(config, prepared.tensors,
-                                  base_revision=config.get("revision") or None,
-                                  fingerprint=fingerprint,
-                                  labels={**(labels or {}), **snapshot.labels()})
-            result = store.push(target, prepared.files, record, actor=actor, progress=progress)
+        metadata = AdapterMetadata(base_revision_from_config=True,
+                                   labels={**(labels or {}), **snapshot.labels()})
+        added = add_adapter(store, staging, target, metadata=metadata, base_dir=base_dir,
+                            allow_pickle=allow_pickle, actor=actor, workdir_parent=staging,
+                            progress=single_callback(progress))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return PullResult(result, snapshot)
+    return PullResult(added.push, snapshot)
 
 
 def stage_snapshot(snapshot: Path, dest: Path) -> list[str]:

@@ -222,7 +222,7 @@ def test_push_hub_cli_errors(world: World) -> None:
 
 def test_hub_modules_import_nothing_heavy() -> None:
     heavy = ("huggingface_hub", "torch", "transformers", "peft")
-    probe = ("import sys, json, cli.hub_cmds, registry.hub\n"
+    probe = ("import sys, json, cli.hub_cmds, registry.interop.hub\n"
              f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
