@@ -51,7 +51,8 @@ from registry.formats.peft_keys import (
     validate_lora_config,
 )
 from registry.record import TensorSummary
-from registry.formats.safetensors_header import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
+from registry.formats.dtypes import FLOAT_DTYPES
+from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from registry.errors import BadInputError, NotFoundError
+from registry.formats.dtypes import DTYPE_BITS
 from registry.formats.strict_json import StrictJSONError, loads_strict, show_name
 
 MAX_HEADER_BYTES = 100_000_000
@@ -81,35 +82,6 @@ MAX_INT_DIGITS = 20
 U64_MAX = 2**64 - 1
 
 CHUNK_BYTES = 1 << 20
-
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
-"""Every dtype safetensors 0.8 knows, with its size in bits."""
-
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-"""Dtypes a LoRA weight may have."""
 
 _FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _INT_ONLY = frozenset({int})  # exact type: bool (a subclass of int) is refused
