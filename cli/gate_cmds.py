@@ -179,8 +179,7 @@ def promote(
     store: StoreOpt = None,
 ) -> None:
     """Move a protected alias to REF if REF passed the gate under the configured policy."""
-    from gate.promote import configured_policy, configured_trusted_keys
-    from gate.promote import promote as do_promote
+    from gate.promote import configured_policy, configured_trusted_keys, promote as do_promote
     from registry.errors import BadInputError
 
     out = Output(json_out)

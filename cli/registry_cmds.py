@@ -20,8 +20,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cli import alias_cmds, audit_cmds
-from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs,
-                        point_new_alias)
+from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
 from registry.errors import UsageError, shorten

@@ -64,8 +64,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from registry.digests import canonical_json
-from registry.digests import sha256_digest
+from registry.digests import canonical_json, sha256_digest
 from registry.errors import BadInputError
 
 POLICY_VERSION = 1

@@ -135,8 +135,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
             does not hold the weights its record names.
     """
     from gate.evaluate import Evaluator
-    from gate.policy import Policy as PolicyType
-    from gate.policy import load_policy
+    from gate.policy import Policy as PolicyType, load_policy
 
     pol = policy if isinstance(policy, PolicyType) else load_policy(policy)
     base = Path(base_dir).expanduser()

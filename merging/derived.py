@@ -33,8 +33,7 @@ from merging.adapter import LoraAdapter
 from merging.quantize import QuantSpec
 from merging.shard_writer import WrittenShard
 from merging.shards import ModelLayout
-from registry.digests import json_digest
-from registry.digests import sha256_digest
+from registry.digests import json_digest, sha256_digest
 from registry.errors import BaseMismatchError
 from registry.formats.fingerprint import arch_fields
 from registry.formats.safetensors_header import read_header

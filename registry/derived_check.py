@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import __version__
-from registry.digests import canonical_json
-from registry.digests import is_digest
-from registry.digests import sha256_digest
+from registry.digests import canonical_json, is_digest, sha256_digest
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:

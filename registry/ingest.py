@@ -41,18 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.formats.base_check import check_against_base
 from registry.errors import BadInputError, NotFoundError, UnsupportedAdapterError
-from registry.formats.strict_json import load_json_file
+from registry.formats.base_check import check_against_base
+from registry.formats.dtypes import FLOAT_DTYPES
 from registry.formats.peft_keys import (
     LoraKeys,
     rank_for,
     split_keys,
     validate_lora_config,
 )
-from registry.record import TensorSummary
-from registry.formats.dtypes import FLOAT_DTYPES
 from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from registry.formats.strict_json import load_json_file
+from registry.record import TensorSummary
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from registry import __version__
-from registry.digests import canonical_json
-from registry.digests import is_digest
+from registry.digests import canonical_json, is_digest
 from registry.errors import AdapterkitError, BadInputError
 
 if TYPE_CHECKING:

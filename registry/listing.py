@@ -27,8 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from registry.digests import DIGEST_PREFIX
-from registry.digests import HEX_RE
+from registry.digests import DIGEST_PREFIX, HEX_RE
 from registry.errors import AdapterkitError, BadInputError
 from registry.storage.refs import SEGMENT_RE, is_valid_name
 

@@ -41,13 +41,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from registry.digests import canonical_json
-from registry.stamps import default_actor
-from registry.digests import is_digest
-from registry.stamps import utc_now_iso
+from registry.digests import canonical_json, is_digest
 from registry.errors import BadInputError
 from registry.formats.fields import FieldChecker
 from registry.formats.patterns import check_config_patterns
+from registry.stamps import default_actor, utc_now_iso
 
 KINDS = ("adapter", "model")
 BIAS_VALUES = ("none", "all", "lora_only")

@@ -94,8 +94,8 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from registry.fsutil import make_dirs
     from registry.errors import ConflictError
+    from registry.fsutil import make_dirs
 
     for path in (private_path, public_path):
         if path.exists():
@@ -126,7 +126,10 @@ def key_id(public_key: Any) -> str:
 
 def read_pem(path: Path, private: bool) -> Any:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
     try:
         data = Path(path).read_bytes()

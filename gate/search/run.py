@@ -41,8 +41,7 @@ from gate.search.scoring import Objective, Scorer
 from gate.search.space import SearchSpace, build_space
 from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_study,
                                record_constraints, run_worker, study_full)
-from registry.digests import canonical_json
-from registry.digests import json_digest
+from registry.digests import canonical_json, json_digest
 from registry.errors import BadInputError
 
 if TYPE_CHECKING:

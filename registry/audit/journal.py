@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from registry.storage.backends.base import ObjectMissing
 from registry.digests import canonical_json
-from registry.stamps import default_actor
-from registry.stamps import utc_now_iso
 from registry.errors import AdapterkitError
+from registry.stamps import default_actor, utc_now_iso
+from registry.storage.backends.base import ObjectMissing
 from registry.storage.failpoints import failpoint
 
 if TYPE_CHECKING:

@@ -30,8 +30,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from registry.audit.chain import (AuditProblem, AuditReport, check_chain, entry_hash, new_entry,
-                                  parse_entries)
+from registry.audit.chain import (
+    AuditProblem,
+    AuditReport,
+    check_chain,
+    entry_hash,
+    new_entry,
+    parse_entries,
+)
 from registry.digests import canonical_json
 from registry.errors import IntegrityError
 from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs

@@ -29,16 +29,10 @@ import json
 import re
 from typing import Any
 
-from registry.audit.chain import AuditProblem
-from registry.audit.chain import AuditReport
-from registry.audit.chain import check_chain
-from registry.audit.chain import new_entry
-from registry.audit.chain import parse_entries
-from registry.storage.backends.base import Backend
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.backends.base import PreconditionFailed
+from registry.audit.chain import AuditProblem, AuditReport, check_chain, new_entry, parse_entries
 from registry.digests import canonical_json
 from registry.errors import IntegrityError
+from registry.storage.backends.base import Backend, ObjectMissing, PreconditionFailed
 from registry.storage.failpoints import failpoint
 
 ENTRIES = "audit/entries/"

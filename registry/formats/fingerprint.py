@@ -37,11 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from registry.progress import ProgressCallback
 from registry.digests import json_digest
 from registry.errors import BadInputError, NotFoundError
+from registry.formats.safetensors_header import (
+    CHUNK_BYTES,
+    SafetensorsHeader,
+    TensorInfo,
+    read_header,
+)
 from registry.formats.strict_json import load_json_file
-from registry.formats.safetensors_header import CHUNK_BYTES, SafetensorsHeader, TensorInfo, read_header
+from registry.progress import ProgressCallback
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -25,7 +25,6 @@ from typing import Any
 from registry.errors import BadInputError
 from registry.formats.linear_regex import check_module_name, linear_regex, show
 
-
 # --- PEFT's rules --------------------------------------------------------------------------
 
 

@@ -136,13 +136,6 @@ def split_keys(tensor_names: Iterable[str]) -> tuple[dict[str, LoraKeys], list[s
     return modules, sorted(extras)
 
 
-def lora_modules(tensor_names: Iterable[str]) -> dict[str, LoraKeys]:
-    """Module path -> its LoRA keys (see :func:`split_keys`; extras are dropped).
-
-    Raises:
-        BadInputError: as :func:`split_keys`.
-    """
-    return split_keys(tensor_names)[0]
 
 
 def strip_prefix(name: str) -> str:
@@ -191,17 +184,6 @@ def alpha_for(module_path: str, alpha: float, alpha_pattern: dict[str, float] | 
     return _pattern_value(module_path, alpha, alpha_pattern, "alpha_pattern")
 
 
-def check_pattern(key: str, field: str) -> None:
-    """Refuse a ``rank_pattern``/``alpha_pattern`` key that is invalid or not RE2-matchable.
-
-    Keys come from untrusted configs; they are matched with RE2 (linear time, see
-    :mod:`registry.formats.patterns`), so only keys RE2 cannot run (lookaround, backreferences)
-    or that are not valid Python patterns are refused.
-
-    Raises:
-        BadInputError: too long, invalid, or a construct RE2 cannot run.
-    """
-    check_config_patterns({field: {key: 1}})
 
 
 def _pattern_value(module_path, default, patterns, field):  # type: ignore[no-untyped-def]

@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import AdapterkitError, BadInputError
-from registry.interop.hub_refs import (HubRef, check_branch, hub_error, parse_hub_ref,
-                                       parse_repo_id)
+from registry.interop.hub_refs import HubRef, check_branch, hub_error, parse_hub_ref, parse_repo_id
 from registry.progress import ProgressCallback, single_callback
 from registry.storage.manifest import PushResult, Version
 

@@ -22,17 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from registry.progress import ProgressCallback
-from registry.storage.backends.base import Backend
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.backends.base import PreconditionFailed
-from registry.digests import DIGEST_PREFIX
-from registry.digests import HEX_RE
-from registry.digests import digest_hex
-from registry.fsutil import make_dirs
-from registry.digests import sha256_digest
-from registry.fsutil import unlink_quietly
+from registry.digests import DIGEST_PREFIX, HEX_RE, digest_hex, sha256_digest
 from registry.errors import IntegrityError, NotFoundError
+from registry.fsutil import make_dirs, unlink_quietly
+from registry.progress import ProgressCallback
+from registry.storage.backends.base import Backend, ObjectMissing, PreconditionFailed
 
 CHUNK = 1 << 20
 PREFIX = "blobs/sha256/"

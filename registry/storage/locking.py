@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from registry.fsutil import make_dirs
 from registry.errors import ConflictError
+from registry.fsutil import make_dirs
 
 
 @contextmanager

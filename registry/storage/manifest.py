@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from registry.digests import is_digest
-from registry.digests import json_digest
+from registry.digests import is_digest, json_digest
 from registry.errors import IntegrityError
 from registry.storage.refs import validate_file_path
 

@@ -26,8 +26,14 @@ from registry.record import validate_record
 from registry.stamps import utc_now_iso
 from registry.storage.backends.base import PreconditionFailed
 from registry.storage.failpoints import failpoint
-from registry.storage.manifest import (ADAPTER_ARTIFACT, ARTIFACT_TYPES, PushResult, Version,
-                                       build_manifest, content_key)
+from registry.storage.manifest import (
+    ADAPTER_ARTIFACT,
+    ARTIFACT_TYPES,
+    PushResult,
+    Version,
+    build_manifest,
+    content_key,
+)
 from registry.storage.reader import StoreReader
 from registry.storage.refs import validate_file_path, validate_name
 from registry.storage.refwrite import claim_content

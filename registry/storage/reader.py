@@ -15,20 +15,24 @@ trusted silently. File blobs are checked when they are materialised or verified.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
-
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from registry.digests import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.storage.backends.base import Backend, ObjectMissing
 from registry.storage.blobs import BlobStore
 from registry.storage.manifest import Version, check_manifest
+from registry.storage.refs import (
+    MIN_PREFIX,
+    SEGMENT_RE,
+    is_valid_name,
+    parse_ref,
+    validate_alias,
+    validate_name,
+)
 from registry.storage.refwrite import read_ref
-from registry.storage.refs import (MIN_PREFIX, SEGMENT_RE, is_valid_name, parse_ref,
-                                   validate_alias, validate_name)
 
 if TYPE_CHECKING:
     from registry.audit.trail import AuditTrail

@@ -25,12 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from registry.storage.backends.base import Backend
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.backends.base import PreconditionFailed
-from registry.digests import digest_hex
-from registry.digests import is_digest
+from registry.digests import digest_hex, is_digest
 from registry.errors import ConflictError, IntegrityError
+from registry.storage.backends.base import Backend, ObjectMissing, PreconditionFailed
 
 CAS_ATTEMPTS = 200
 CLAIM_WAIT = 30.0

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from registry.storage.backends.select import open_backend
-from registry.digests import canonical_json
-from registry.digests import sha256_digest
+from registry.digests import canonical_json, sha256_digest
 from registry.errors import BadInputError, ConflictError, GateFailedError, NotFoundError
 from registry.maintenance.collection import gc
 from registry.maintenance.integrity import verify

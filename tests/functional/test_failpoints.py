@@ -33,8 +33,7 @@ import pytest
 
 from cli.main import main
 from registry.audit.index import cross_check
-from registry.digests import canonical_json
-from registry.digests import sha256_digest
+from registry.digests import canonical_json, sha256_digest
 from registry.errors import NotFoundError
 from registry.storage.failpoints import ENV_VAR, OPERATIONS, STEPS
 from registry.audit.journal import pending_intents

@@ -137,8 +137,7 @@ def test_refusals(work: Path, base: Path) -> None:
 def test_quantize_cli_records_lineage(work: Path, base: Path, capsys) -> None:
     import typer
 
-    from cli import main as cli_main
-    from cli import unload_cmds
+    from cli import main as cli_main, unload_cmds
 
     if "quantize" not in typer.main.get_command(cli_main.app).commands:
         unload_cmds.register(cli_main.app)

@@ -16,8 +16,7 @@ import cli.main
 from cli import sign_cmds
 from registry import signing
 from registry.storage.blobs import blob_key
-from registry.digests import canonical_json
-from registry.digests import digest_hex
+from registry.digests import canonical_json, digest_hex
 from registry.errors import BadInputError, GateFailedError
 from registry.storage.store import Store
 from tests.backend_fixtures import s3_endpoint, store_location  # noqa: F401

@@ -36,8 +36,7 @@ def cli_app() -> None:
     """Make sure ``unload``/``quantize`` are registered on the app ``main`` runs."""
     import typer
 
-    from cli import main as cli_main
-    from cli import unload_cmds
+    from cli import main as cli_main, unload_cmds
 
     if "unload" not in typer.main.get_command(cli_main.app).commands:  # type: ignore[attr-defined]
         unload_cmds.register(cli_main.app)

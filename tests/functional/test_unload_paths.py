@@ -79,8 +79,7 @@ def test_bf16_way_within_rounding_of_float32_way(work: Path, bf16_base: Path,
 
 def test_no_sync_skips_every_fsync(work: Path, base: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from cli import main as cli_main
-    from cli import unload_cmds
+    from cli import main as cli_main, unload_cmds
 
     import typer
 

@@ -17,7 +17,6 @@ from registry.ingest import prepare_adapter
 from registry.formats.peft_keys import (
     base_key_for_extra,
     base_weight_key,
-    lora_modules,
     rank_for,
     split_keys,
 )
@@ -90,10 +89,10 @@ def test_peft_key_forms_saved_by_peft_are_grouped(built):
     assert extras == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.base_layer.weight"]
     assert [base_key_for_extra(e) for e in extras] == ["lm_head.weight", "model.embed_tokens.weight"]
     assert base_key_for_extra("base_model.model.lm_head.modules_to_save.default.weight") == "lm_head.weight"
-    dora = lora_modules(load_file(str(built["dora"] / "adapter_model.safetensors")).keys())
+    dora = split_keys(load_file(str(built["dora"] / "adapter_model.safetensors")).keys())[0]
     assert dora[Q].magnitude == Q + ".lora_magnitude_vector"
-    assert lora_modules([Q + ".lora_A.weight", Q + ".lora_B.weight", Q + ".lora_magnitude_vector.weight"])[Q].magnitude
-    bias = lora_modules(load_file(str(built["bias"] / "adapter_model.safetensors")).keys())
+    assert split_keys([Q + ".lora_A.weight", Q + ".lora_B.weight", Q + ".lora_magnitude_vector.weight"])[0][Q].magnitude
+    bias = split_keys(load_file(str(built["bias"] / "adapter_model.safetensors")).keys())[0]
     assert bias[Q].bias == Q + ".lora_B.bias"
     assert base_weight_key(Q) == "model.layers.0.self_attn.q_proj.weight"
 

@@ -10,8 +10,7 @@ import pytest
 
 from registry.errors import IntegrityError
 from registry.lineage import make_lineage, parent
-from registry.maintenance.collection import gc
-from registry.maintenance.collection import reachable
+from registry.maintenance.collection import gc, reachable
 from registry.maintenance.integrity import verify
 from registry.storage.store import Store
 from tests.registry_fixtures import (adapter_files, make_adapter_dir, new_store, push_adapter,

@@ -24,14 +24,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
 
-from registry.storage.backends.base import ObjectInfo
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.backends.base import PreconditionFailed
-from registry.fsutil import atomic_write_bytes
-from registry.fsutil import fsync_dir
-from registry.fsutil import make_dirs
-from registry.fsutil import unlink_quietly
 from registry.errors import BadInputError
+from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs, unlink_quietly
+from registry.storage.backends.base import ObjectInfo, ObjectMissing, PreconditionFailed
 from registry.storage.locking import file_lock
 
 IMMUTABLE_PREFIX = "blobs/"

@@ -38,12 +38,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from registry.storage.backends.base import ObjectInfo
-from registry.storage.backends.base import ObjectMissing
-from registry.storage.backends.base import PreconditionFailed
+from registry.errors import AdapterkitError, BadInputError, EnvironmentFailure, NotFoundError
 from registry.fsutil import unlink_quietly
-from registry.errors import (AdapterkitError, BadInputError, EnvironmentFailure,
-                             NotFoundError)
+from registry.storage.backends.base import ObjectInfo, ObjectMissing, PreconditionFailed
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
