@@ -2,7 +2,7 @@
 
 Builds (or reuses, with ``--store DIR``) a store of ``--names`` names with
 ``--per-name`` versions each (default 2,000 x 5 = 10,000 versions), every version a
-tiny synthetic PEFT adapter pushed through :meth:`registry.store.Store.push` (the real
+tiny synthetic PEFT adapter pushed through :meth:`registry.storage.store.Store.push` (the real
 write path: blobs, manifest, binding, audit entry), with labels and a base model per
 name and a gate record on every 10th name. ``os.fsync`` is stubbed out while
 building: the store is scratch, and durability is not what is measured (building
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build(store_dir: Path, names: int, per_name: int) -> None:
     """Push ``names * per_name`` tiny versions (skipped when the store already has them)."""
-    from registry.common import canonical_json
+    from registry.digests import canonical_json
     from registry.ingest import prepare_adapter
     from registry.record import build_record
-    from registry.store import Store
+    from registry.storage.store import Store
     from tests.cli_fixtures import write_synthetic_adapter
 
     st = Store.open(store_dir, create=True)
@@ -96,7 +96,7 @@ def main() -> int:
     from starlette.testclient import TestClient
 
     from cli.web.app import create_app
-    from registry.store import Store
+    from registry.storage.store import Store
 
     st = Store.open(store_dir)
     client = TestClient(create_app(st), base_url="http://127.0.0.1")

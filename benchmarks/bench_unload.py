@@ -146,7 +146,7 @@ def child(kind: str, base: Path, adapter: Path, out: Path, extra: str | None) ->
         return {"model_bytes": total, "wall_s": time.perf_counter() - start}
     if kind.startswith("adapterkit"):
         from merging.model.unload import unload
-        from registry.store import Store
+        from registry.storage.store import Store
     elif kind == "peft":
         import torch
         from peft import PeftModel

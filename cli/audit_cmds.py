@@ -1,7 +1,7 @@
 """Integrity and housekeeping commands: ``verify``, ``gc``, ``audit log|verify|checkpoint``.
 
 ``audit checkpoint --key KEY.pem --out FILE`` signs the log's newest entry
-(:mod:`registry.audit_checkpoint`) for the auditor to keep outside the store;
+(:mod:`registry.audit.checkpoint`) for the auditor to keep outside the store;
 ``audit verify --checkpoint FILE --trusted-keys KEY.pub`` then also fails (exit 3)
 when the log was rewritten or cut below that entry, even with every hash recomputed.
 
@@ -110,7 +110,7 @@ def verify(
     store: StoreOpt = None,
 ) -> None:
     """Re-hash stored blobs (and check signatures); exit 3 if anything is wrong."""
-    from registry.maintenance import verify as verify_blobs
+    from registry.maintenance.integrity import verify as verify_blobs
 
     if ref is not None and all_:
         raise BadInputError("give REF or --all, not both", fix="drop one of them")
@@ -173,7 +173,7 @@ def gc(
     store: StoreOpt = None,
 ) -> None:
     """Remove blobs that no version, lineage or gate record reaches."""
-    from registry.maintenance import gc as collect
+    from registry.maintenance.collection import gc as collect
 
     seconds = parse_duration(grace)
     report = collect(open_store(store), seconds, dry_run=dry_run)
@@ -244,7 +244,7 @@ def audit_verify(
     report = st.audit().verify()
     data = report.to_json()
     if checkpoint:
-        from registry.audit_checkpoint import check_checkpoint, read_checkpoint
+        from registry.audit.checkpoint import check_checkpoint, read_checkpoint
 
         entries = st.audit().entries() if report.ok else []
         data["checkpoints"] = []
@@ -283,8 +283,9 @@ def audit_checkpoint(
     """Sign the log's newest entry: an anchor `audit verify --checkpoint` checks against."""
     import base64
 
-    from registry.audit_checkpoint import sign_checkpoint
-    from registry.common import atomic_write_bytes, canonical_json
+    from registry.audit.checkpoint import sign_checkpoint
+    from registry.fsutil import atomic_write_bytes
+    from registry.digests import canonical_json
     from registry.errors import ConflictError
 
     if out.exists():

@@ -28,7 +28,7 @@ from registry.errors import (BadInputError, EnvironmentFailure, GateFailedError,
                              environment_error, shorten)
 
 if TYPE_CHECKING:
-    from registry.store import Store, Version
+    from registry.storage.store import Store, Version
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StoreOpt = Annotated[
@@ -49,8 +49,8 @@ def _check_store_path(root: Path | None) -> None:
     Raises:
         EnvironmentFailure: ``root`` or one of its parents exists and is not a directory.
     """
-    from registry.backends import s3_location
-    from registry.store import default_root
+    from registry.storage.backends.select import s3_location
+    from registry.storage.store import default_root
 
     if root is not None and s3_location(root) is not None:
         return
@@ -73,7 +73,7 @@ def open_store(root: Path | str | None, *, create: bool = False) -> Store:
         EnvironmentFailure: The path is a file (or under one), or the system refused
             to read or create it (permission, read-only file system, disk full).
     """
-    from registry.store import Store
+    from registry.storage.store import Store
 
     _check_store_path(None if root is None else Path(root))
     try:
@@ -167,7 +167,7 @@ def split_alias(target: str) -> tuple[str, str]:
     Raises:
         BadInputError: Not of the form NAME:ALIAS, or an invalid name or alias.
     """
-    from registry.refs import parse_ref
+    from registry.storage.refs import parse_ref
 
     parsed = parse_ref(target) if ":" in target and "@" not in target else None
     if parsed is None or parsed.name is None or parsed.alias is None:
@@ -195,7 +195,7 @@ def check_new_alias(st: Store, alias: str | None, *, command: str, name: str) ->
         BadInputError: An invalid alias.
         GateFailedError: A protected alias (only ``promote`` moves it).
     """
-    from registry.refs import validate_alias
+    from registry.storage.refs import validate_alias
 
     if alias is None:
         return

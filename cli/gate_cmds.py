@@ -151,7 +151,7 @@ def _store_if_any(store_path: Path | None) -> Any:
 
 def _expect(st: Any, expect: str | None) -> Any:
     """``--expect`` -> the store's CAS value: absent = ANY, ``none`` = must not exist."""
-    from registry.store import ANY
+    from registry.storage.store import ANY
 
     if expect is None:
         return ANY
@@ -179,8 +179,7 @@ def promote(
     store: StoreOpt = None,
 ) -> None:
     """Move a protected alias to REF if REF passed the gate under the configured policy."""
-    from gate.promote import configured_policy, configured_trusted_keys
-    from gate.promote import promote as do_promote
+    from gate.promote import configured_policy, configured_trusted_keys, promote as do_promote
     from registry.errors import BadInputError
 
     out = Output(json_out)

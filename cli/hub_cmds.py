@@ -1,6 +1,6 @@
 """Hugging Face Hub commands: ``pull`` (Hub -> store) and ``push-hub`` (store -> Hub).
 
-Thin wrappers over :mod:`registry.hub`: parse options, call the library, render
+Thin wrappers over :mod:`registry.interop.hub`: parse options, call the library, render
 through :class:`cli.output.Output`. ``pull`` takes the same ``--name``/``--alias``/
 ``--base`` options as ``push`` (a protected alias such as ``release`` is refused:
 only ``promote`` moves it). Errors are :mod:`registry.errors` exceptions left to
@@ -50,8 +50,8 @@ def pull(
     store: StoreOpt = None,
 ) -> None:
     """Import an adapter from the Hugging Face Hub (or, offline, from the HF cache)."""
-    from registry import hub
-    from registry.refs import validate_name
+    from registry.interop import hub
+    from registry.storage.refs import validate_name
 
     out = Output(json_out)
     ref = hub.parse_hub_ref(source)  # fail on a bad ref before opening anything
@@ -91,7 +91,7 @@ def push_hub(
     store: StoreOpt = None,
 ) -> None:
     """Upload a version to the Hub as a PEFT directory with a model card."""
-    from registry import hub
+    from registry.interop import hub
 
     out = Output(json_out)
     target = hub.parse_repo_id(repo_id)  # fail on bad input before opening anything

@@ -20,8 +20,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cli import alias_cmds, audit_cmds
-from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs,
-                        point_new_alias, tree_size)
+from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
 from registry.errors import UsageError, shorten
@@ -92,9 +91,8 @@ def push(
     store: StoreOpt = None,
 ) -> None:
     """Store an adapter directory as a new version of NAME (deduplicated)."""
-    from registry.ingest import prepare_adapter
-    from registry.record import build_record
-    from registry.refs import validate_name
+    from registry.add import AdapterMetadata, add_adapter
+    from registry.storage.refs import validate_name
 
     out = Output(json_out)
     st = open_store(store)
@@ -106,30 +104,20 @@ def push(
     dataset = None
     if dataset_version is not None or dataset_digest is not None:
         dataset = {"version": dataset_version, "digest": dataset_digest}
-    with prepare_adapter(adapter_dir, allow_pickle=allow_pickle, base_dir=base) as prepared:
-        fp = None
-        if base is not None:
-            from registry.fingerprint import fingerprint_model, model_weights
-
-            total = model_weights(base).total_bytes
-            with out.progress(f"fingerprinting {base.name}", total) as advance:
-                fp = fingerprint_model(base, progress=advance)
-        record = build_record(
-            prepared.peft_config, prepared.tensors, base_model=base_model,
-            base_revision=base_revision, fingerprint=fp, dataset=dataset,
-            hyperparameters=hyperparameters, metrics=metrics, known_risks=risk,
-            license=license, labels=labels,
-        )
-        total = tree_size(list(prepared.files.values()))
-        with out.progress(f"hashing {adapter_dir.name}", total) as advance:
-            result = st.push(name, prepared.files, record, progress=advance)
+    metadata = AdapterMetadata(
+        base_model=base_model, base_revision=base_revision, dataset=dataset,
+        hyperparameters=hyperparameters, metrics=metrics, known_risks=risk, license=license,
+        labels=labels,
+    )
+    result = add_adapter(st, adapter_dir, name, metadata=metadata, base_dir=base,
+                         allow_pickle=allow_pickle, progress=out.progress)
     version = result.version
     data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
 
     def render(console: Any) -> None:
-        state = "pushed" if result.created else "already stored (no new bytes)"
+        state = "pushed" if result.push.created else "already stored (no new bytes)"
         console.print(f"{state}: {escape(version.ref)}")
-        console.print(f"new bytes: {result.new_bytes}")
+        console.print(f"new bytes: {result.push.new_bytes}")
         if alias:
             console.print(f"{escape(version.name)}:{escape(alias)} -> {version.short}")
 
@@ -253,7 +241,7 @@ def fingerprint(
     store: StoreOpt = None,
 ) -> None:
     """Print a base model's struct_digest and weights_digest (no store needed)."""
-    from registry.fingerprint import fingerprint_model, model_weights
+    from registry.formats.fingerprint import fingerprint_model, model_weights
 
     del store  # accepted like on every command; fingerprinting reads only MODEL_DIR
     out = Output(json_out)

@@ -3,7 +3,7 @@
 ``adapters keygen PRIVATE.pem PUBLIC.pem`` writes an ed25519 key pair (PEM; the
 private key 0600, never overwritten). ``adapters sign REF --key KEY.pem`` signs the
 version's name and digest as a DSSE envelope (:mod:`registry.signing`) and stores it
-beside the version (:meth:`registry.store.Store.add_signature`, audited ``sign``).
+beside the version (:meth:`registry.storage.store.Store.add_signature`, audited ``sign``).
 Trust lives with whoever checks: ``adapters verify [REF|--all] --signatures
 --trusted-keys KEY.pub`` (``cli/audit_cmds.py``) and ``promote``'s signature
 requirement (:func:`registry.signing.require_signature`).

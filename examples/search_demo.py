@@ -79,7 +79,7 @@ def main() -> int:
         print(f"    {check['status']:>5} {check['name']}: {check.get('message', '')}")
 
     demo.banner("3. the pick beside the hand-picked merges")
-    from registry.store import Store
+    from registry.storage.store import Store
     from score import Scorer
 
     pick_dir = work / "merged" / "search-pick"

@@ -116,12 +116,12 @@ def read_layout(model_dir: Path) -> QuantLayout:
     """The roles of every tensor in ``model_dir`` (headers plus the small quant states).
 
     Raises:
-        BadInputError: No readable safetensors weights (:func:`registry.fingerprint.model_weights`).
+        BadInputError: No readable safetensors weights (:func:`registry.formats.fingerprint.model_weights`).
         NotFoundError: The directory or a shard is missing.
     """
     from safetensors import safe_open
 
-    from registry.fingerprint import model_weights
+    from registry.formats.fingerprint import model_weights
 
     found = model_weights(model_dir)
     stored = {name: found.files[path].tensors[name].shape for name, path in found.locations.items()}
@@ -231,7 +231,7 @@ def check_quantized(model_dir: Path, layout: QuantLayout) -> tuple[int, list[str
     import torch
     from safetensors import safe_open
 
-    from registry.fingerprint import model_weights
+    from registry.formats.fingerprint import model_weights
 
     if not layout.quantized:
         return 0, []

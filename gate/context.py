@@ -44,14 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 from gate.provenance import (is_model_dir, is_quantized, match_model_dir, model_dir_for, recorded_location,
                              verify_model_dir, walk)
-from registry.common import canonical_json
+from registry.digests import canonical_json
 from registry.errors import BadInputError, NotFoundError
 
 if TYPE_CHECKING:
     from gate.evaluate import Evaluator
     from gate.policy import Policy
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 _UNSET: Any = object()
 

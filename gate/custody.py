@@ -29,12 +29,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.common import sha256_digest
+from registry.digests import sha256_digest
 from registry.errors import AdapterkitError, GateFailedError, IntegrityError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 MAX_NODES = 1024
 """Most ancestors followed (a lineage is a DAG of a handful of versions in practice)."""

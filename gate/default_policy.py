@@ -35,7 +35,7 @@ from registry.errors import BadInputError, GateFailedError
 
 if TYPE_CHECKING:
     from gate.policy import Policy
-    from registry.store import Store
+    from registry.storage.store import Store
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 POLICY_FILE = DATA_DIR / "default_policy.yaml"

@@ -44,7 +44,7 @@ from typing import Any
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from gate.provenance import is_quantized
 from registry.errors import BadInputError, UnsupportedAdapterError
-from registry.patterns import explicit_peft_config
+from registry.formats.patterns import explicit_peft_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,7 +125,7 @@ def answer_matches(prediction: str, answer: str, case_sensitive: bool = True) ->
 
 
 def _scales(config: dict[str, Any], module: str, rank: int) -> float:
-    from registry.peft_keys import alpha_for
+    from registry.formats.peft_keys import alpha_for
 
     alpha = alpha_for(module, config.get("lora_alpha", 8), config.get("alpha_pattern"))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -144,7 +144,7 @@ def lora_deltas(adapter_dir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from registry.peft_keys import base_weight_key, split_keys
+    from registry.formats.peft_keys import base_weight_key, split_keys
 
     config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))

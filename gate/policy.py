@@ -64,7 +64,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from registry.common import canonical_json, sha256_digest
+from registry.digests import canonical_json, sha256_digest
 from registry.errors import BadInputError
 
 POLICY_VERSION = 1

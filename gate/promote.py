@@ -12,7 +12,7 @@ Rules (:func:`promote`):
 2. Without ``force``: a gate record must exist for *exactly* this version digest
    under that policy digest, be bound to them (its own ``candidate_digest`` and
    ``policy_digest``), be the record the newest effective ``gate`` audit entry names
-   (:func:`registry.audit_index.vouched_gate`), and say ``passed: true``. Otherwise
+   (:func:`registry.audit.index.vouched_gate`), and say ``passed: true``. Otherwise
    :class:`~registry.errors.GateFailedError` (exit 1) names what is missing, or which
    checks failed and why.
 3. ``expect`` makes the move a compare-and-swap (``ConflictError``, exit 4, when the
@@ -23,7 +23,7 @@ Rules (:func:`promote`):
    as ``promote-forced``, followed by a ``promote-forced-reason`` entry for the same
    ``NAME:ALIAS`` carrying ``{"digest", "reason", "policy", "gate_passed"}`` (the
    store's alias entry has no room for free text); both are logged before the alias
-   moves (:mod:`registry.journal`).
+   moves (:mod:`registry.audit.journal`).
 6. Signatures: with trusted keys (``--trusted-keys PATH``, else the store's
    ``config.json`` ``trusted_keys`` list, paths relative to the store directory) the
    version must also carry a valid signature by one of them
@@ -49,12 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.common import is_digest
+from registry.digests import is_digest
 from registry.errors import BadInputError, GateFailedError
-from registry.store import ANY
+from registry.storage.store import ANY
 
 if TYPE_CHECKING:
-    from registry.store import Store
+    from registry.storage.store import Store
 
 REASON_ACTION = "promote-forced-reason"
 CONFIG_KEY = "gate_policy"
@@ -195,7 +195,7 @@ def require_passing_gate(store: Store, digest: str, ref: str, policy_digest: str
 
 def _check_binding(store: Store, record: dict, digest: str, ref: str, policy_digest: str) -> None:
     """Raise unless ``record`` is bound to (digest, policy) and vouched for by the log."""
-    from registry.audit_index import vouched_gate
+    from registry.audit.index import vouched_gate
 
     fix = f"gate it: `adapters gate {ref} --base MODEL_DIR --policy gate.yaml`"
     if record.get("candidate_digest") != digest or record.get("policy_digest") != policy_digest:

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store_read import StoreReader
+    from registry.storage.manifest import Version
+    from registry.storage.reader import StoreReader
 
 SOURCE_ROLES = {"unload": ("adapter",), "quantize": ("source", "input", "base")}
 """Lineage method -> the parent roles that name the source, in order of preference."""
@@ -142,7 +142,7 @@ def verify_model_dir(store: StoreReader, version: Version, model_dir: Path) -> d
             raise IntegrityError(f"{err.message}; nothing was evaluated", fix=err.fix) from None
         return {"model_dir": str(model_dir), "weights_digest": checked.weights_digest,
                 "tensors": checked.tensors}
-    from registry.fingerprint import fingerprint_model  # pragma: no cover
+    from registry.formats.fingerprint import fingerprint_model  # pragma: no cover
 
     want = (version.record.get("weights") or {}).get("weights_digest")  # pragma: no cover
     got = fingerprint_model(model_dir).weights_digest  # pragma: no cover
@@ -182,7 +182,7 @@ def match_model_dir(store: StoreReader, path: Path) -> tuple[Version | None, str
         BadInputError: No readable safetensors weights.
         NotFoundError: A listed shard is missing.
     """
-    from registry.fingerprint import fingerprint_model
+    from registry.formats.fingerprint import fingerprint_model
 
     digest = str(fingerprint_model(path).weights_digest)
     found = [v for v in store.versions() if v.kind == "model"

@@ -32,12 +32,12 @@ from gate.context import (Candidate, GateContext, Parent, candidate_from_dir, ca
                           check_source)
 from gate.results import CheckResult, GateResult
 from registry import __version__
-from registry.common import utc_now_iso
+from registry.stamps import utc_now_iso
 from registry.errors import AdapterkitError, BadInputError
 
 if TYPE_CHECKING:
     from gate.policy import Policy
-    from registry.store import Store
+    from registry.storage.store import Store
 
 __all__ = ["CheckResult", "GateResult", "run_gate"]
 
@@ -68,7 +68,7 @@ def _run_check(spec: Any, ctx: GateContext) -> CheckResult:
 
 
 def _base_fingerprint(base_dir: Path) -> str | None:
-    from registry.fingerprint import fingerprint_model
+    from registry.formats.fingerprint import fingerprint_model
 
     try:
         return fingerprint_model(base_dir, weights=False).struct_digest
@@ -135,8 +135,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
             does not hold the weights its record names.
     """
     from gate.evaluate import Evaluator
-    from gate.policy import Policy as PolicyType
-    from gate.policy import load_policy
+    from gate.policy import Policy as PolicyType, load_policy
 
     pol = policy if isinstance(policy, PolicyType) else load_policy(policy)
     base = Path(base_dir).expanduser()

@@ -7,7 +7,7 @@ weight, with ``A`` of shape ``(r, in)``, ``B`` of shape ``(out, r)`` and the sca
 key matching it the way ``peft.utils.other.get_pattern_key`` matches
 (``re.match(rf"(.*\\.)?({key})$", name)`` on the name without
 ``base_model.model.``), else the config's ``r`` / ``lora_alpha``
-(:func:`registry.peft_keys.rank_for` / :func:`~registry.peft_keys.alpha_for`).
+(:func:`registry.formats.peft_keys.rank_for` / :func:`~registry.formats.peft_keys.alpha_for`).
 Embedding LoRA (``lora_embedding_A``/``_B``) is read the same way: its delta is
 ``(B @ A).T`` in weight space, and every merge method here is transpose-equivariant,
 so the engine works in factor space for both kinds.
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import BadInputError, NotFoundError, UnsupportedAdapterError
-from registry.fingerprint import load_json_file
+from registry.formats.strict_json import load_json_file
 from registry.ingest import (
     CONFIG_NAME,
     MAX_CONFIG_BYTES,
@@ -44,8 +44,8 @@ from registry.ingest import (
     WEIGHTS_NAME,
     check_adapter_tensors,
 )
-from registry.peft_keys import LoraKeys, alpha_for, rank_for, validate_lora_config
-from registry.safetensors_header import read_header
+from registry.formats.peft_keys import LoraKeys, alpha_for, rank_for, validate_lora_config
+from registry.formats.safetensors_header import read_header
 
 if TYPE_CHECKING:
     import torch

@@ -2,7 +2,7 @@
 
 A derived model (an ``unload`` / ``quantize`` output) is recorded *by reference*: the
 store keeps its record, not its weights. The record's ``weights.weights_digest`` is
-:func:`registry.fingerprint.fingerprint_model`'s, defined as the sha256 of the
+:func:`registry.formats.fingerprint.fingerprint_model`'s, defined as the sha256 of the
 canonical JSON ``{"v": 1, "tensors": [[name, dtype, shape, sha256 hex], ...]}`` sorted
 by name. When a derived model is recorded, that very JSON document (the *tensor
 list*) is stored as a blob (:func:`tensor_list_bytes`), so the blob's digest **is** the
@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import __version__
-from registry.common import canonical_json, is_digest, sha256_digest
+from registry.digests import canonical_json, is_digest, sha256_digest
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store_read import StoreReader
+    from registry.storage.manifest import Version
+    from registry.storage.reader import StoreReader
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "safetensors")
 """Libraries whose versions a bit-identical rebuild depends on."""
@@ -82,7 +82,7 @@ def model_tensor_list(model_dir: str | Path, *, progress: Callable[[int], None] 
         NotFoundError: The directory or a shard is missing.
         BadInputError: No safetensors weights, malformed headers or index.
     """
-    from registry.fingerprint import hash_tensors, model_weights
+    from registry.formats.fingerprint import hash_tensors, model_weights
 
     found = model_weights(model_dir)
     hashes: dict[str, str] = {}

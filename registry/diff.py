@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from registry.store_read import StoreReader
+    from registry.storage.reader import StoreReader
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

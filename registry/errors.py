@@ -34,7 +34,6 @@ import errno
 import os
 from typing import ClassVar
 
-EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTEGRITY = 3

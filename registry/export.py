@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.blobs import ProgressCallback
-from registry.common import make_dirs
 from registry.errors import BadInputError, ConflictError, EnvironmentFailure, environment_error
-from registry.manifest import Version
-from registry.store_read import StoreReader
-
+from registry.fsutil import make_dirs
+from registry.progress import ProgressCallback
+from registry.storage.manifest import Version
+from registry.storage.reader import StoreReader
 
 STALE_EXPORT_GRACE_S = 3600.0
 """Age (seconds since the last write) after which a left-over export temp dir is removed."""

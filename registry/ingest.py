@@ -14,17 +14,17 @@ trusts nothing it reads:
   positive ints / numbers with safe regular-expression keys, booleans for
   ``use_rslora``/``use_dora``/``fan_in_fan_out``/``lora_bias``, ``bias`` one of
   ``none|all|lora_only``, ``lora_dropout`` in [0, 1]
-  (:func:`registry.peft_keys.validate_lora_config`).
+  (:func:`registry.formats.peft_keys.validate_lora_config`).
 * **Weights.** The safetensors header is fully validated
-  (:mod:`registry.safetensors_header`). LoRA keys are grouped by module
-  (:mod:`registry.peft_keys`); for every module A is ``(r_eff, in)`` and B is
+  (:mod:`registry.formats.safetensors_header`). LoRA keys are grouped by module
+  (:mod:`registry.formats.peft_keys`); for every module A is ``(r_eff, in)`` and B is
   ``(out, r_eff)`` (embedding LoRA: A ``(r_eff, num_embeddings)``, B ``(dim, r_eff)``)
   with ``r_eff`` the config's ``r`` or its ``rank_pattern`` match; LoRA tensors are
   F16/BF16/F32/F64 and 2-D (convolution LoRA raises ``UnsupportedAdapterError``);
   DoRA magnitudes and ``lora_B.bias`` are ``(out,)`` and present only when the
   config says ``use_dora`` / ``lora_bias``.
 * **Base.** With ``base_dir``, every module must fit the base model's weight shapes
-  (:func:`registry.base_check.check_against_base`; headers only); the first offender
+  (:func:`registry.formats.base_check.check_against_base`; headers only); the first offender
   raises ``BaseMismatchError`` naming the module and both shapes.
 * **Pickles.** ``adapter_model.bin`` alone is refused unless ``allow_pickle``; then it
   is loaded with ``torch.load(weights_only=True)`` (torch imported only here) and
@@ -41,17 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.base_check import check_against_base
 from registry.errors import BadInputError, NotFoundError, UnsupportedAdapterError
-from registry.fingerprint import load_json_file
-from registry.peft_keys import (
+from registry.formats.base_check import check_against_base
+from registry.formats.dtypes import FLOAT_DTYPES
+from registry.formats.peft_keys import (
     LoraKeys,
     rank_for,
     split_keys,
     validate_lora_config,
 )
+from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from registry.formats.strict_json import load_json_file
 from registry.record import TensorSummary
-from registry.safetensors_header import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -211,7 +212,7 @@ def check_adapter_tensors(
         path: The weights file, for messages.
 
     Returns:
-        ``(modules, extras)`` as :func:`registry.peft_keys.split_keys`.
+        ``(modules, extras)`` as :func:`registry.formats.peft_keys.split_keys`.
 
     Raises:
         BadInputError: malformed keys, no LoRA tensors, wrong dtypes, inconsistent

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from registry import __version__
-from registry.common import canonical_json, is_digest
+from registry.digests import canonical_json, is_digest
 from registry.errors import AdapterkitError, BadInputError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store_read import StoreReader
+    from registry.storage.manifest import Version
+    from registry.storage.reader import StoreReader
 
 
 def _bad(field_name: str, msg: str, got: Any = ...) -> BadInputError:

@@ -1,6 +1,6 @@
 """A paginated, filterable listing of a store's names (what the web view's index shows).
 
-:meth:`registry.store_read.StoreReader.versions` loads every manifest of the store,
+:meth:`registry.storage.reader.StoreReader.versions` loads every manifest of the store,
 which is what ``adapters ls`` wants and what a page of 50 names out of 10,000
 versions cannot afford. :func:`list_names` reads only what one page needs, without
 changing the store format:
@@ -27,12 +27,12 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from registry.common import DIGEST_PREFIX, HEX_RE
+from registry.digests import DIGEST_PREFIX, HEX_RE
 from registry.errors import AdapterkitError, BadInputError
-from registry.refs import SEGMENT_RE, is_valid_name
+from registry.storage.refs import SEGMENT_RE, is_valid_name
 
 if TYPE_CHECKING:
-    from registry.store_read import StoreReader
+    from registry.storage.reader import StoreReader
 
 MAX_PAGE = 500
 """Largest page size :func:`list_names` accepts."""

@@ -36,15 +36,16 @@ optional ones with defaults and returns the normalised copy. No jsonschema.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from registry.common import canonical_json, default_actor, is_digest, utc_now_iso
+from registry.digests import canonical_json, is_digest
 from registry.errors import BadInputError
-from registry.patterns import check_config_patterns
+from registry.formats.fields import FieldChecker
+from registry.formats.patterns import check_config_patterns
+from registry.stamps import default_actor, utc_now_iso
 
 KINDS = ("adapter", "model")
 BIAS_VALUES = ("none", "all", "lora_only")
@@ -87,6 +88,10 @@ def _fail(path: str, msg: str, got: Any = ...) -> BadInputError:
                          fix=f"fix '{path}' in the record (see DESIGN.md, adapter record)")
 
 
+_FIELDS = FieldChecker(_fail, blank_is_empty=True)
+"""Field rules from :mod:`registry.formats.fields`, failures worded as record errors."""
+
+
 def _obj(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(path, "must be an object", value)
@@ -96,40 +101,14 @@ def _obj(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def _str(value: Any, path: str, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(path, "must be a non-empty string" + (" or null" if optional else ""), value)
-    return value
 
 
-def _int(value: Any, path: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(path, f"must be an integer >= {minimum}", value)
-    return value
 
 
-def _number(value: Any, path: str) -> float | int:
-    try:
-        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    except OverflowError:  # an int too large for a float (e.g. 10**400)
-        finite = False
-    if not finite:
-        raise _fail(path, "must be a finite number", value)
-    return value
 
 
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, "must be true or false", value)
-    return value
 
 
-def _str_list(value: Any, path: str) -> list[str]:
-    if not isinstance(value, (list, tuple)):
-        raise _fail(path, "must be a list of strings", value)
-    return [str(_str(item, f"{path}[{i}]")) for i, item in enumerate(value)]
 
 
 def _mapping(value: Any, path: str, check: Callable[[Any, str], Any]) -> dict[str, Any]:
@@ -163,9 +142,11 @@ def _exact_keys(obj: dict[str, Any], path: str, allowed: set[str]) -> None:
 def _tensors(value: Any, path: str) -> dict[str, Any]:
     obj = _obj(value, path)
     _exact_keys(obj, path, {"count", "dtypes", "parameters"})
-    return {"count": _int(obj.get("count"), f"{path}.count"),
-            "dtypes": _mapping(obj.get("dtypes"), f"{path}.dtypes", lambda v, p: _int(v, p, 1)),
-            "parameters": _int(obj.get("parameters", 0), f"{path}.parameters")}
+    return {"count": _FIELDS.integer(obj.get("count"), f"{path}.count", minimum=0),
+            "dtypes": _mapping(obj.get("dtypes"), f"{path}.dtypes",
+                               lambda v, p: _FIELDS.integer(v, p, minimum=1)),
+            "parameters": _FIELDS.integer(obj.get("parameters", 0), f"{path}.parameters",
+                                          minimum=0)}
 
 
 def _fingerprint(value: Any, path: str, *, optional: bool = True) -> dict[str, Any] | None:
@@ -188,7 +169,9 @@ PEFT_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 def _str_or_list(value: Any, path: str) -> str | list[str]:
-    return _str(value, path) if isinstance(value, str) else _str_list(value, path)
+    if isinstance(value, str):
+        return _FIELDS.string(value, path)
+    return _FIELDS.string_list(value, path)
 
 
 def _restrictions(obj: dict[str, Any], path: str) -> dict[str, Any]:
@@ -199,8 +182,9 @@ def _restrictions(obj: dict[str, Any], path: str) -> dict[str, Any]:
         if not isinstance(items, (list, tuple)):
             raise _fail(f"{path}.layers_to_transform", "must be a layer index or a list of them",
                         layers)
-        out["layers_to_transform"] = sorted({_int(v, f"{path}.layers_to_transform[{i}]")
-                                             for i, v in enumerate(items)})
+        out["layers_to_transform"] = sorted(
+            {_FIELDS.integer(v, f"{path}.layers_to_transform[{i}]", minimum=0)
+             for i, v in enumerate(items)})
     for key in ("layers_pattern", "exclude_modules"):
         if obj.get(key) is not None:
             value = _str_or_list(obj[key], f"{path}.{key}")
@@ -213,27 +197,29 @@ def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
     _exact_keys(obj, path, set(PEFT_FIELDS) | set(PEFT_RESTRICTIONS))
     targets = obj.get("target_modules")
     if targets is not None and not isinstance(targets, str):
-        targets = sorted(_str_list(targets, f"{path}.target_modules"))
+        targets = sorted(_FIELDS.string_list(targets, f"{path}.target_modules"))
     bias = obj.get("bias", "none")
     if bias not in BIAS_VALUES:
         raise _fail(f"{path}.bias", f"must be one of {', '.join(BIAS_VALUES)}", bias)
     saved = obj.get("modules_to_save")
     out = {
-        "peft_type": _str(obj.get("peft_type"), f"{path}.peft_type"),
-        "r": _int(obj.get("r"), f"{path}.r", 1),
-        "lora_alpha": _number(obj.get("lora_alpha"), f"{path}.lora_alpha"),
+        "peft_type": _FIELDS.string(obj.get("peft_type"), f"{path}.peft_type"),
+        "r": _FIELDS.integer(obj.get("r"), f"{path}.r", minimum=1),
+        "lora_alpha": _FIELDS.number(obj.get("lora_alpha"), f"{path}.lora_alpha"),
         "target_modules": targets,
         "rank_pattern": _mapping(obj.get("rank_pattern"), f"{path}.rank_pattern",
-                                 lambda v, p: _int(v, p, 1)),
-        "alpha_pattern": _mapping(obj.get("alpha_pattern"), f"{path}.alpha_pattern", _number),
-        "use_rslora": _bool(obj.get("use_rslora", False), f"{path}.use_rslora"),
-        "use_dora": _bool(obj.get("use_dora", False), f"{path}.use_dora"),
-        "modules_to_save": None if saved is None else _str_list(saved, f"{path}.modules_to_save"),
+                                 lambda v, p: _FIELDS.integer(v, p, minimum=1)),
+        "alpha_pattern": _mapping(obj.get("alpha_pattern"), f"{path}.alpha_pattern",
+                                  _FIELDS.number),
+        "use_rslora": _FIELDS.boolean(obj.get("use_rslora", False), f"{path}.use_rslora"),
+        "use_dora": _FIELDS.boolean(obj.get("use_dora", False), f"{path}.use_dora"),
+        "modules_to_save": (None if saved is None
+                            else _FIELDS.string_list(saved, f"{path}.modules_to_save")),
         "bias": bias,
-        "task_type": _str(obj.get("task_type"), f"{path}.task_type", optional=True),
+        "task_type": _FIELDS.optional_string(obj.get("task_type"), f"{path}.task_type"),
         **_restrictions(obj, path),
     }
-    # the patterns PEFT will match must be RE2-matchable (registry/patterns.py)
+    # the patterns PEFT will match must be RE2-matchable (registry/formats/patterns.py)
     check_config_patterns(out, source=f"record field {path}.")
     return out
 
@@ -255,21 +241,22 @@ def _common(obj: dict[str, Any]) -> dict[str, Any]:
     if dataset is not None:
         dataset = _obj(dataset, "dataset")
         _exact_keys(dataset, "dataset", {"version", "digest"})
-        dataset = {"version": _str(dataset.get("version"), "dataset.version", optional=True),
-                   "digest": _str(dataset.get("digest"), "dataset.digest", optional=True)}
+        dataset = {"version": _FIELDS.optional_string(dataset.get("version"), "dataset.version"),
+                   "digest": _FIELDS.optional_string(dataset.get("digest"), "dataset.digest")}
     return {
-        "base_model": {"id": _str(base.get("id"), "base_model.id", optional=True),
-                       "revision": _str(base.get("revision"), "base_model.revision", optional=True),
+        "base_model": {"id": _FIELDS.optional_string(base.get("id"), "base_model.id"),
+                       "revision": _FIELDS.optional_string(base.get("revision"),
+                                                           "base_model.revision"),
                        "fingerprint": _fingerprint(base.get("fingerprint"),
                                                    "base_model.fingerprint")},
         "dataset": dataset,
         "hyperparameters": _mapping(obj.get("hyperparameters"), "hyperparameters", _json_value),
-        "metrics": _mapping(obj.get("metrics"), "metrics", _number),
-        "known_risks": _str_list(obj.get("known_risks") or [], "known_risks"),
-        "license": _str(obj.get("license"), "license", optional=True),
+        "metrics": _mapping(obj.get("metrics"), "metrics", _FIELDS.number),
+        "known_risks": _FIELDS.string_list(obj.get("known_risks") or [], "known_risks"),
+        "license": _FIELDS.optional_string(obj.get("license"), "license"),
         "created": _created(obj.get("created")),
-        "author": _str(obj.get("author"), "author"),
-        "labels": _mapping(obj.get("labels"), "labels", lambda v, p: _str(v, p)),
+        "author": _FIELDS.string(obj.get("author"), "author"),
+        "labels": _mapping(obj.get("labels"), "labels", lambda v, p: _FIELDS.string(v, p)),
     }
 
 
@@ -299,7 +286,7 @@ def validate_record(record: dict) -> dict:
         out = {"kind": kind,
                "weights": _fingerprint(obj.get("weights"), "weights", optional=False),
                "tensors": None if tensors is None else _tensors(tensors, "tensors"),
-               "location": _str(obj.get("location"), "location", optional=True),
+               "location": _FIELDS.optional_string(obj.get("location"), "location"),
                "quantization": None if quant is None else _json_value(_obj(quant, "quantization"),
                                                                      "quantization")}
     out.update(_common(obj))

@@ -24,8 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from registry.errors import BadInputError, NotFoundError, shorten
-from registry.manifest import Version
-from registry.store_read import StoreReader
+from registry.storage.manifest import Version
+from registry.storage.reader import StoreReader
 
 _PATH_STARTS = ("/", ".", "~")
 

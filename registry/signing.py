@@ -17,7 +17,7 @@ Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public) so that
 ``openssl genpkey -algorithm ed25519`` keys work unchanged. ``cryptography`` is
 imported inside the functions: registry commands that do not sign stay fast.
 
-Storage: :meth:`registry.store.Store.add_signature` keeps one single-signature
+Storage: :meth:`registry.storage.store.Store.add_signature` keeps one single-signature
 envelope per (version, key) as a blob pointed to by
 ``signatures/<version hex>/<key id hex>`` (created or replaced by compare-and-swap,
 audited ``sign``). The store holds no trust list: trust is decided at check time by
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import BadInputError, GateFailedError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store_read import StoreReader
+    from registry.storage.manifest import Version
+    from registry.storage.reader import StoreReader
 
 PAYLOAD_TYPE = "application/vnd.adapterkit.version+json"
 
@@ -94,8 +94,8 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from registry.common import make_dirs
     from registry.errors import ConflictError
+    from registry.fsutil import make_dirs
 
     for path in (private_path, public_path):
         if path.exists():
@@ -126,7 +126,10 @@ def key_id(public_key: Any) -> str:
 
 def read_pem(path: Path, private: bool) -> Any:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
     try:
         data = Path(path).read_bytes()
@@ -226,7 +229,7 @@ def split_envelope(envelope: Any) -> tuple[str, str, dict[str, dict[str, Any]]]:
         BadInputError: Not a DSSE envelope of :data:`PAYLOAD_TYPE`, no signatures, a key
             id that is not ``sha256:<hex>``, or a payload that is not ``{name, digest}``.
     """
-    from registry.common import is_digest
+    from registry.digests import is_digest
 
     fix = "sign with `adapters sign REF --key KEY.pem` (or registry.signing.sign_version)"
     try:

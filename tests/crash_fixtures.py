@@ -73,8 +73,8 @@ def kill_trial(args: list[str], delay: float, trial: int, outcomes: dict[str, in
 
 def open_verified(root: str, trial: int, failures: list[str]) -> Any:
     """The store at ``root`` as a kill left it; a failure unless ``verify`` is clean."""
-    from registry.maintenance import verify
-    from registry.store import Store
+    from registry.maintenance.integrity import verify
+    from registry.storage.store import Store
 
     store = Store.open(root)
     report = verify(store)

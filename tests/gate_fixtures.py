@@ -242,7 +242,7 @@ def write_policy(path: Path, w: GateWorld, **overrides: object) -> Path:
 
 def push_adapter(store, name: str, adapter_dir: Path, base_dir: Path, *, lineage: dict | None = None):
     """Push a PEFT dir with a record carrying the base fingerprint; returns the Version."""
-    from registry.fingerprint import fingerprint_model
+    from registry.formats.fingerprint import fingerprint_model
     from registry.ingest import prepare_adapter
     from registry.record import build_record
 
@@ -261,7 +261,7 @@ def build_store(root: Path, w: GateWorld):
         ``(store, {name: Version})``.
     """
     from registry.lineage import make_lineage, parent
-    from registry.store import Store
+    from registry.storage.store import Store
 
     store = Store.open(root, create=True)
     versions = {"adapter-a": push_adapter(store, "adapter-a", w.adapter_a, w.base),

@@ -1,4 +1,4 @@
-"""Check ``registry.hub`` against whichever huggingface_hub the running interpreter has.
+"""Check ``registry.interop.hub`` against whichever huggingface_hub the running interpreter has.
 
 Not collected by pytest (no ``test_`` prefix): CI installs one huggingface_hub, and
 the floor declared in ``pyproject.toml`` is checked by hand, per release, like this::

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.record import TensorSummary, build_record
-from registry.store import PushResult, Store
+from registry.storage.store import PushResult, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_BASE = {"struct_digest": "sha256:" + "1" * 64, "weights_digest": "sha256:" + "2" * 64}

@@ -76,7 +76,7 @@ def gate_result(candidate: str, digest: str, policy: str) -> dict[str, Any]:
 def _push(main: Any, store: Path, adapter: Path, name: str, *extra: str) -> str:
     code = main(["push", str(adapter), "--name", name, "--store", str(store), *extra])
     assert code == 0, f"push {name} exited {code}"
-    from registry.store import Store
+    from registry.storage.store import Store
 
     return Store.open(store).resolve(name).ref
 
@@ -85,11 +85,11 @@ def build_ui_store(root: Path) -> UiWorld:
     """Build the store under ``root / "store"`` (see the module docstring)."""
     from cli.main import main
     from gate.promote import promote
-    from registry.common import canonical_json
+    from registry.digests import canonical_json
     from registry.lineage import make_lineage, parent
     from registry.record import build_model_record
     from registry.signing import generate_key, sign_version
-    from registry.store import Store
+    from registry.storage.store import Store
 
     store = root / "store"
     assert main(["init", str(store)]) == 0

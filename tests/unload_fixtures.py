@@ -127,7 +127,7 @@ def state_of(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def shard_layout(model_dir: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
     """File name -> tensor name -> (dtype, shape), from headers."""
-    from registry.safetensors_header import read_header
+    from registry.formats.safetensors_header import read_header
 
     return {f.name: {n: (i.dtype, i.shape) for n, i in read_header(f).tensors.items()}
             for f in sorted(model_dir.glob("*.safetensors"))}

@@ -226,7 +226,7 @@ def create_app(store: Any, config: UiConfig | None = None) -> Any:
     """The ASGI app serving ``store`` read-only.
 
     Args:
-        store: An open :class:`registry.store.Store` (local or S3).
+        store: An open :class:`registry.storage.store.Store` (local or S3).
         config: Token, allowed hosts, trusted keys and checkpoints (default: none).
 
     Returns:

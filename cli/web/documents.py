@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import AdapterkitError, BadInputError, IntegrityError, shorten
 
 if TYPE_CHECKING:
-    from registry.store import Store
+    from registry.storage.store import Store
 
 
 def ls_doc(store: Store, name: str | None = None) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def verify_doc(store: Store, ref: str | None = None,
         NotFoundError / BadInputError: ``ref`` does not resolve.
     """
     from cli.audit_cmds import _problem_fix, _problem_line
-    from registry.maintenance import verify
+    from registry.maintenance.integrity import verify
 
     report = verify(store, ref, trusted=trusted)
     data = report.to_json()
@@ -131,7 +131,7 @@ def audit_verify_doc(store: Store, checkpoints: list[Path] | tuple[Path, ...] = 
     report = store.audit().verify()
     data = report.to_json()
     if checkpoints:
-        from registry.audit_checkpoint import check_checkpoint, read_checkpoint
+        from registry.audit.checkpoint import check_checkpoint, read_checkpoint
 
         entries = store.audit().entries() if report.ok else []
         data["checkpoints"] = []

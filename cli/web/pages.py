@@ -18,8 +18,8 @@ from cli.web.graph import layout
 from registry.errors import AdapterkitError
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 AUDIT_PAGE = 50
 """Audit entries per page."""
@@ -122,7 +122,7 @@ def version_page(store: Store, ref: str, *, trusted: dict[str, Any] | None) -> d
         IntegrityError: The version's manifest is missing or corrupt.
     """
     from registry.lineage import LineageNode, ancestors, descendants
-    from registry.maintenance import verify
+    from registry.maintenance.integrity import verify
 
     v = store.resolve(ref)
     report, verify_error = _safely(verify, store, v.ref)

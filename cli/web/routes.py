@@ -37,7 +37,7 @@ from registry.errors import BadInputError, shorten
 
 if TYPE_CHECKING:
     from cli.web.app import UiConfig
-    from registry.store import Store
+    from registry.storage.store import Store
 
 PER_PAGE = 50
 

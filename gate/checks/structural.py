@@ -12,7 +12,7 @@ just the first):
 * ``shapes``: for an adapter, the LoRA tensors agree with each other and with the
   config, and every adapted module's base weight exists with the shape the adapter
   needs (:func:`registry.ingest.check_adapter_tensors` /
-  :func:`registry.base_check.check_against_base`);
+  :func:`registry.formats.base_check.check_against_base`);
   for a full (or quantized) model, every tensor the base has is there with the base's
   shape (a quantized weight by the shape its quant state records), and nothing else is,
   besides the documented quantization state of a quantized weight and an ``lm_head``
@@ -44,7 +44,7 @@ WEIGHTS = "adapter_model.safetensors"
 def _weight_files(cand_dir: Path) -> list[Path]:
     if (cand_dir / WEIGHTS).is_file():
         return [cand_dir / WEIGHTS]
-    from registry.fingerprint import model_weights
+    from registry.formats.fingerprint import model_weights
 
     return sorted(model_weights(cand_dir).files)
 
@@ -67,9 +67,9 @@ def nonfinite_tensors(files: list[Path]) -> tuple[int, list[str]]:
 
 def _adapter_shapes(cand_dir: Path, base_dir: Path, config: dict[str, Any]) -> tuple[int, int]:
     """Validate tensors vs config and base; returns (modules, max rank)."""
-    from registry.base_check import check_against_base
+    from registry.formats.base_check import check_against_base
     from registry.ingest import check_adapter_tensors
-    from registry.safetensors_header import read_header
+    from registry.formats.safetensors_header import read_header
 
     header = read_header(cand_dir / WEIGHTS)
     modules, extras = check_adapter_tensors(header, config, cand_dir / WEIGHTS)
@@ -79,7 +79,7 @@ def _adapter_shapes(cand_dir: Path, base_dir: Path, config: dict[str, Any]) -> t
 
 
 def _model_shapes(layout: Any, base_dir: Path) -> list[str]:
-    from registry.fingerprint import model_config, model_weight_shapes
+    from registry.formats.fingerprint import model_config, model_weight_shapes
 
     mine, base = layout.logical, model_weight_shapes(base_dir)
     extra = set(mine) - set(base)
@@ -94,9 +94,9 @@ def _model_shapes(layout: Any, base_dir: Path) -> list[str]:
 
 
 def logical_struct_digest(layout: Any, cand_dir: Path) -> str:
-    """``struct_digest`` (:mod:`registry.fingerprint`) of a model's logical tensors."""
-    from registry.common import json_digest
-    from registry.fingerprint import arch_fields, model_config
+    """``struct_digest`` (:mod:`registry.formats.fingerprint`) of a model's logical tensors."""
+    from registry.digests import json_digest
+    from registry.formats.fingerprint import arch_fields, model_config
 
     config = model_config(cand_dir)
     tensors = [[name, list(shape or ())] for name, shape in sorted(layout.logical.items())]
@@ -109,7 +109,7 @@ def _fingerprint(record: dict | None, base_dir: Path, *, weights: bool = True
     recorded = ((record or {}).get("base_model") or {}).get("fingerprint")
     if not isinstance(recorded, dict) or not recorded.get("struct_digest"):
         return "not recorded", None
-    from registry.fingerprint import fingerprint_model
+    from registry.formats.fingerprint import fingerprint_model
 
     want_weights = weights and bool(recorded.get("weights_digest"))
     actual = fingerprint_model(base_dir, weights=want_weights)
@@ -142,7 +142,7 @@ def serving_problems(config: dict[str, Any], max_rank: int | None, tensor_rank: 
 def _model_problems(spec: Any, ctx: Any, metrics: dict[str, Any]) -> list[str]:
     """The ``finite`` (quantized part), ``shapes`` and ``fingerprint`` checks of a model."""
     from gate.bnb_state import check_quantized, read_layout
-    from registry.fingerprint import fingerprint_model
+    from registry.formats.fingerprint import fingerprint_model
 
     cand_dir, base_dir = Path(ctx.candidate.dir), Path(ctx.base_dir)
     layout = read_layout(cand_dir)
@@ -179,7 +179,7 @@ def run(spec: Any, ctx: Any) -> Outcome:
     if is_adapter:
         try:
             config = json.loads((cand_dir / CONFIG).read_text(encoding="utf-8"))
-            from registry.peft_keys import validate_lora_config
+            from registry.formats.peft_keys import validate_lora_config
 
             validate_lora_config(config, cand_dir / CONFIG)
         except (ValueError, AdapterkitError) as err:

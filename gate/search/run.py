@@ -41,12 +41,13 @@ from gate.search.scoring import Objective, Scorer
 from gate.search.space import SearchSpace, build_space
 from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_study,
                                record_constraints, run_worker, study_full)
-from registry.common import canonical_json, json_digest
+from registry.digests import canonical_json
+from registry.digests import json_digest
 from registry.errors import BadInputError
 
 if TYPE_CHECKING:
-    from registry.manifest import PushResult, Version
-    from registry.store import Store
+    from registry.storage.manifest import PushResult, Version
+    from registry.storage.store import Store
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
 
     from gate.policy import load_policy
     from merging.lora.engine import check_bases
-    from registry.refs import validate_name
+    from registry.storage.refs import validate_name
 
     if len(refs) < 2:
         raise BadInputError("merge-search needs at least two adapters",

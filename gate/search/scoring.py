@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from merging.adapter import LoraAdapter
     from merging.lora.results import MergeResult
     from merging.lora.live import LiveLora
-    from registry.store import Store
+    from registry.storage.store import Store
 
 BAD = 1e9
 """Objective value of a non-finite perplexity (Optuna refuses NaN)."""

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import UnsupportedAdapterError
-from registry.peft_keys import strip_prefix
+from registry.formats.peft_keys import strip_prefix
 
 if TYPE_CHECKING:
     import torch

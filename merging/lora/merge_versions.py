@@ -35,8 +35,8 @@ from merging.lora.options import Rank, parse_rank, parse_weights
 from registry.errors import BadInputError
 
 if TYPE_CHECKING:
-    from registry.manifest import PushResult
-    from registry.store import Store
+    from registry.storage.manifest import PushResult
+    from registry.storage.store import Store
 
 Advance = Callable[[int], None]
 """Called with the number of modules just merged."""
@@ -161,7 +161,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
     from merging.lora.methods import get_method
     from merging.lora.peft_output import write_peft_dir
     from merging.lora.publish import push_merge
-    from registry.refs import validate_name
+    from registry.storage.refs import validate_name
 
     versions = [store.resolve(ref) for ref in request.refs]
     target = request.target(versions[0].name)

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.common import make_dirs
+from registry.fsutil import make_dirs
 from registry.errors import ConflictError
 from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
-from registry.peft_keys import strip_prefix
+from registry.formats.peft_keys import strip_prefix
 
 if TYPE_CHECKING:
     from merging.adapter import LoraAdapter

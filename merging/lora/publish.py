@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from merging.lora.results import MergeResult
-    from registry.manifest import PushResult, Version
-    from registry.store import Store
+    from registry.storage.manifest import PushResult, Version
+    from registry.storage.store import Store
 
 
 def sig(value: float, digits: int = 6) -> float:
@@ -76,7 +76,7 @@ def push_merge(store: Store, versions: Sequence[Version], result: MergeResult, t
         extra_report: Extra lineage report keys.
 
     Returns:
-        The :class:`registry.manifest.PushResult` (an identical re-push is not a new version).
+        The :class:`registry.storage.manifest.PushResult` (an identical re-push is not a new version).
 
     Raises:
         BadInputError: The output fails the ingest checks, or a bad ``extra_report``.

@@ -1,9 +1,9 @@
 """Fingerprints and registry records of derived models (unload / quantize outputs).
 
-The weights digest is :func:`registry.fingerprint.fingerprint_model`'s, computed
+The weights digest is :func:`registry.formats.fingerprint.fingerprint_model`'s, computed
 from per-tensor sha256 taken while the tensors stream (the test suite checks the two
 agree), so neither the base nor the output is read a second time. Outputs are
-recorded by reference (:meth:`registry.store.Store.record_derived`): kind ``model``,
+recorded by reference (:meth:`registry.storage.store.Store.record_derived`): kind ``model``,
 no weights copied.
 
 What a rebuild (:mod:`merging.model.rebuild`) needs is recorded with it:
@@ -33,19 +33,20 @@ from merging.adapter import LoraAdapter
 from merging.model.bnb import QuantSpec
 from merging.model.layout import ModelLayout
 from merging.model.results import WrittenShard
-from registry.common import json_digest, sha256_digest
+from registry.digests import json_digest
+from registry.digests import sha256_digest
 from registry.errors import BaseMismatchError
-from registry.fingerprint import arch_fields
-from registry.safetensors_header import read_header
+from registry.formats.fingerprint import arch_fields
+from registry.formats.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merging.model.results import UnloadResult
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 
 def weights_digest(entries: list[tuple[str, str, tuple[int, ...], str]]) -> str:
-    """``registry.fingerprint``'s weights digest from per-tensor sha256 hex (name order)."""
+    """``registry.formats.fingerprint``'s weights digest from per-tensor sha256 hex (name order)."""
     return json_digest({"v": 1, "tensors": [[n, d, list(s), h] for n, d, s, h in sorted(entries)]})
 
 

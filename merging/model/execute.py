@@ -39,12 +39,12 @@ from merging.model.results import UnloadResult, WrittenShard
 from merging.model.shard_plan import ShardSpec, plan_shards, write_index
 from merging.model.shard_writer import ShardWriter
 from registry.errors import BadInputError, BaseMismatchError
-from registry.fingerprint import fingerprint_model, model_config
-from registry.safetensors_header import memoized_headers
+from registry.formats.fingerprint import fingerprint_model, model_config
+from registry.formats.safetensors_header import memoized_headers
 
 if TYPE_CHECKING:
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 COMPUTE_THREADS = 1
 """torch threads while streaming. The work is memory-bound and rank-r skinny; with

@@ -4,7 +4,7 @@ merge-and-unload and requantization rewrite a whole model but may hold only a fe
 row ranges in memory:
 
 * **Layout** (:func:`read_layout`): shard files and every tensor's offsets, from the
-  strict header reader (:mod:`registry.safetensors_header`); headers only.
+  strict header reader (:mod:`registry.formats.safetensors_header`); headers only.
 * **Reading** (:class:`TensorReader`): ``preadv`` at the tensor's offset, in row
   ranges. ``safe_open`` would mmap the shard, and every page touched stays in the
   process's resident set until the file is closed (measured here: 800 MB peak RSS to
@@ -35,7 +35,7 @@ import torch
 from merging.dtypes import torch_dtype
 from merging.model.buffers import view_as
 from registry.errors import BadInputError, NotFoundError
-from registry.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

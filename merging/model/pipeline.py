@@ -56,7 +56,7 @@ from merging.model.results import ModuleReport
 from merging.model.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
 from merging.model.shard_writer import MAX_PENDING, ShardWriter
 from registry.errors import BadInputError
-from registry.safetensors_header import read_header
+from registry.formats.safetensors_header import read_header
 
 _BROKEN_ADAPTER = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
 WORKERS = 2

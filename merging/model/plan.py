@@ -21,10 +21,10 @@ from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, planned_outputs
 from merging.model.layout import ModelLayout, SourceTensor
 from merging.model.shard_plan import OutTensor
-from registry.base_check import EMBEDDING_SUFFIXES, check_against_base
+from registry.formats.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError
-from registry.peft_keys import base_key_for_extra, base_weight_key
-from registry.safetensors_header import read_header
+from registry.formats.peft_keys import base_key_for_extra, base_weight_key
+from registry.formats.safetensors_header import read_header
 
 HEAD_KEY = "lm_head.weight"
 

@@ -23,7 +23,7 @@ from merging.model.probe import config_dtype
 
 if TYPE_CHECKING:
     from merging.model.results import UnloadResult
-    from registry.store import Store
+    from registry.storage.store import Store
 
 
 def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: bool = False,

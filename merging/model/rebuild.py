@@ -47,8 +47,8 @@ from registry.errors import BadInputError, ConflictError, IntegrityError, NotFou
 if TYPE_CHECKING:
     from merging.model.bnb import QuantSpec
     from merging.model.results import UnloadResult
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 METHODS = ("unload", "quantize")
 SOURCE_ROLES = ("source", "base")

@@ -50,12 +50,12 @@ from merging.adapter import LoraAdapter, load_adapter
 from merging.model.bnb import QuantSpec
 from merging.model.execute import TensorCallback, rewrite_model
 from registry.errors import BadInputError, NotFoundError
-from registry.safetensors_header import memoized_headers
+from registry.formats.safetensors_header import memoized_headers
 
 if TYPE_CHECKING:
     from merging.model.results import UnloadResult
-    from registry.manifest import Version
-    from registry.store import Store
+    from registry.storage.manifest import Version
+    from registry.storage.store import Store
 
 
 @memoized_headers()  # the adapter's and base's headers are parsed once per unload
@@ -73,7 +73,7 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
             ref (needs ``store``).
         base_dir: The base model directory (safetensors, one file or sharded).
         out_dir: Output directory; must not exist or be empty.
-        store: A :class:`registry.store.Store`: resolves refs and records the result.
+        store: A :class:`registry.storage.store.Store`: resolves refs and records the result.
         max_shard_size: Reshard the output (``"2GB"``); default keeps the base's files.
         quantize: ``nf4``/``fp4``/``int8``: quantize the merged model in the same pass.
         qlora: Merge into ``dequantize(quantize(W))`` (the adapter trained on a 4-bit

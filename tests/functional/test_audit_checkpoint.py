@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.audit import entry_hash
-from registry.common import canonical_json
+from registry.audit.chain import entry_hash
+from registry.digests import canonical_json
 from tests.cli_fixtures import run, run_json, write_synthetic_adapter
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from registry.backends import open_backend
-from registry.common import canonical_json, sha256_digest
+from registry.storage.backends.select import open_backend
+from registry.digests import canonical_json, sha256_digest
 from registry.errors import BadInputError, ConflictError, GateFailedError, NotFoundError
-from registry.maintenance import gc, verify
-from registry.store import Store
+from registry.maintenance.collection import gc
+from registry.maintenance.integrity import verify
+from registry.storage.store import Store
 from tests.backend_fixtures import is_s3, store_location  # noqa: F401
 from tests.registry_fixtures import (adapter_files, make_adapter_dir, push_adapter, run_together,
                                      sample_record)
@@ -245,7 +246,7 @@ def test_concurrent_pushes_and_alias_moves_lose_nothing(store_location: str,
 
 def test_audit_checkpoint_on_every_backend(store_location: str, tmp_path: Path) -> None:
     """A checkpoint of the log's newest entry holds while the log grows, on every backend."""
-    from registry.audit_checkpoint import check_checkpoint, sign_checkpoint
+    from registry.audit.checkpoint import check_checkpoint, sign_checkpoint
     from registry.signing import generate_key, load_trusted_keys
 
     store = Store.open(store_location, create=True)

@@ -160,7 +160,7 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
 
 
 def _break_ls(monkeypatch: pytest.MonkeyPatch) -> None:
-    from registry.store import Store
+    from registry.storage.store import Store
 
     def boom(self: object) -> list[str]:
         raise ZeroDivisionError("division by zero\nfix: run rm -rf /")

@@ -57,7 +57,7 @@ def test_init_positional_s3(s3_store_location, capsys):  # noqa: F811
 
 
 def test_rule_in_the_library(store, tmp_path, monkeypatch):
-    from registry.store import Store
+    from registry.storage.store import Store
 
     st = Store.open(store)
     monkeypatch.chdir(tmp_path)
@@ -115,7 +115,7 @@ def test_unload_bare_directory_name_needs_a_path(store, tmp_path, capsys, monkey
 
 
 def test_alias_rm_missing_alias_exits_5(store, capsys):
-    from registry.store import Store
+    from registry.storage.store import Store
 
     before = len(Store.open(store).audit().entries())
     code, _, err = run(capsys, "alias", "rm", "demo:nope", "--store", store)

@@ -280,7 +280,7 @@ def test_gc_removes_only_old_unreachable_blobs(tmp_path, store, capsys):
 def test_lineage_up_and_down(tmp_path, store, capsys):
     from registry.ingest import prepare_adapter
     from registry.record import build_record
-    from registry.store import Store
+    from registry.storage.store import Store
 
     a = push(capsys, store, write_synthetic_adapter(tmp_path / "a"), "demo")
     st = Store.open(store)

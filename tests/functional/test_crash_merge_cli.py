@@ -58,7 +58,7 @@ DRIVER = textwrap.dedent(r"""
 
     from cli.main import main
     from merging.adapter import load_adapter
-    from registry.store import Store
+    from registry.storage.store import Store
     from tests.crash_fixtures import fork_main, kill_trial, open_verified, wait
     from tests.registry_fixtures import make_adapter_dir
 

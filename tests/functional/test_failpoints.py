@@ -2,7 +2,7 @@
 
 Each case builds a store, runs one real command in a child process with
 ``ADAPTERS_FAILPOINT=<point>`` (the child SIGKILLs itself there, see
-:mod:`registry.failpoints`): a fork of the test process running the CLI's ``main`` (or
+:mod:`registry.storage.failpoints`): a fork of the test process running the CLI's ``main`` (or
 the library call the CLI would make), so no case pays for an interpreter start-up; a
 merge, which runs torch, gets a fresh ``python`` process. Then it checks, with its own
 reading of the log rather than only ``verify``:
@@ -32,13 +32,13 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from registry.audit_index import cross_check
-from registry.common import canonical_json, sha256_digest
+from registry.audit.index import cross_check
+from registry.digests import canonical_json, sha256_digest
 from registry.errors import NotFoundError
-from registry.failpoints import ENV_VAR, OPERATIONS, STEPS
-from registry.journal import pending_intents
-from registry.maintenance import verify
-from registry.store import Store
+from registry.storage.failpoints import ENV_VAR, OPERATIONS, STEPS
+from registry.audit.journal import pending_intents
+from registry.maintenance.integrity import verify
+from registry.storage.store import Store
 from tests.backend_fixtures import backend_kind, environment, store_location  # noqa: F401
 from tests.registry_fixtures import PYTHON, REPO_ROOT, make_adapter_dir, push_adapter
 

@@ -41,7 +41,7 @@ def _rewrite(src: Path, dest: Path, change) -> Path:
 
 @pytest.mark.parametrize("kind", ["int8", "nf4-dq", "fp4"])
 def test_clean_checkpoints_pass_with_logical_shapes(checkpoints, base, kind):
-    from registry.fingerprint import model_weight_shapes
+    from registry.formats.fingerprint import model_weight_shapes
 
     layout = read_layout(checkpoints[kind])
     assert layout.problems == []

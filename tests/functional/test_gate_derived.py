@@ -33,7 +33,7 @@ MAX_KL = 1.2
 
 def _record_copy(store, name: str, model_dir: Path, source, *, location: str | None = None):
     """Record ``model_dir`` by reference as a quantization of ``source``."""
-    from registry.fingerprint import fingerprint_model
+    from registry.formats.fingerprint import fingerprint_model
     from registry.lineage import make_lineage, parent
     from registry.record import build_model_record
 

@@ -2,7 +2,7 @@
 
 PEFT matches ``target_modules``, ``rank_pattern``... with Python's ``re`` when it loads
 an adapter; a pattern that RE2 accepts (so ``push`` stores it) can still backtrack
-exponentially there. :func:`registry.patterns.explicit_peft_config` decides the targets
+exponentially there. :func:`registry.formats.patterns.explicit_peft_config` decides the targets
 with RE2 and gives PEFT literal names. Checked against PEFT itself: the merged model
 is bit-for-bit the one PEFT builds from the original config, and a backtracking
 pattern no longer stalls the load.

@@ -159,8 +159,8 @@ def test_bad_hf_refs_exit_2(world: World) -> None:
 
 def test_push_hub_uploads_the_export(world: World, tmp_path: Path) -> None:
     from registry.export import export
-    from registry.hub import push_to_hub
-    from registry.store import Store
+    from registry.interop.hub import push_to_hub
+    from registry.storage.store import Store
 
     store = Store.open(world.store)
     api = RecordingHubApi(tmp_path / "remote")
@@ -188,8 +188,8 @@ def test_push_hub_uploads_the_export(world: World, tmp_path: Path) -> None:
 
 
 def test_push_hub_to_a_branch(world: World, tmp_path: Path) -> None:
-    from registry.hub import push_to_hub
-    from registry.store import Store
+    from registry.interop.hub import push_to_hub
+    from registry.storage.store import Store
 
     # its own source version and alias, so the test does not depend on another having run
     code, pulled = cli_json(world.env, "pull", f"hf://{REPO}@v2", "--name", "acme/branch-src",
@@ -222,7 +222,7 @@ def test_push_hub_cli_errors(world: World) -> None:
 
 def test_hub_modules_import_nothing_heavy() -> None:
     heavy = ("huggingface_hub", "torch", "transformers", "peft")
-    probe = ("import sys, json, cli.hub_cmds, registry.hub\n"
+    probe = ("import sys, json, cli.hub_cmds, registry.interop.hub\n"
              f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

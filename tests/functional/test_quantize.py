@@ -18,7 +18,7 @@ from merging.model.bnb import QuantSpec
 from merging.model.quantize import quantize, quantize_with_transformers
 from merging.model.unload import unload
 from registry.errors import BadInputError
-from registry.fingerprint import fingerprint_model
+from registry.formats.fingerprint import fingerprint_model
 from tests.cli_fixtures import run_json
 from tests.unload_fixtures import (base, exact_cpu_4bit, leftovers, load_model,  # noqa: F401
                                    logits, make_adapter, make_base, peft_model, shard_layout,
@@ -138,8 +138,7 @@ def test_refusals(work: Path, base: Path) -> None:
 def test_quantize_cli_records_lineage(work: Path, base: Path, capsys) -> None:
     import typer
 
-    from cli import main as cli_main
-    from cli import unload_cmds
+    from cli import main as cli_main, unload_cmds
 
     if "quantize" not in typer.main.get_command(cli_main.app).commands:
         unload_cmds.register(cli_main.app)

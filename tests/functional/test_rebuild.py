@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.fingerprint import fingerprint_model
-from registry.safetensors_header import read_header
+from registry.formats.fingerprint import fingerprint_model
+from registry.formats.safetensors_header import read_header
 from tests.cli_fixtures import run, run_json
 from tests.unload_fixtures import base, make_adapter, work  # noqa: F401
 
@@ -55,7 +55,7 @@ def recorded(work: Path, base: Path) -> dict:
 
 
 def _store(recorded: dict):
-    from registry.store import Store
+    from registry.storage.store import Store
 
     return Store.open(recorded["store"])
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from registry.common import canonical_json
-from registry.store import Store
+from registry.digests import canonical_json
+from registry.storage.store import Store
 from tests.cli_fixtures import run, run_json
 from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env, make_adapter_dir, push_adapter
 
@@ -166,21 +166,21 @@ def test_a_failed_head_write_after_a_committed_line_is_rolled_back(world, monkey
     is not applied, the store still verifies, and the next writer rolls the entry back."""
     import errno
 
-    import registry.audit
-    from registry.maintenance import verify
+    import registry.audit.log
+    from registry.maintenance.integrity import verify
 
     store, refs, _, _ = world
-    real = registry.audit.atomic_write_bytes
+    real = registry.audit.log.atomic_write_bytes
 
     def full_disk(path: Path, data: bytes, **kwargs: object) -> None:
         if path.name == "head.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data, **kwargs)
 
-    monkeypatch.setattr(registry.audit, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(registry.audit.log, "atomic_write_bytes", full_disk)
     with pytest.raises(OSError):
         store.set_alias("lora", "candidate", refs["b"])
-    monkeypatch.setattr(registry.audit, "atomic_write_bytes", real)
+    monkeypatch.setattr(registry.audit.log, "atomic_write_bytes", real)
     assert "candidate" not in store.aliases("lora")
     assert store.audit().verify().ok and verify(store).ok  # the pending entry is explained
     assert main(["alias", "set", "lora:other", refs["a"], "--store", store.location]) == 0

@@ -15,10 +15,10 @@ import pytest
 import cli.main
 from cli import sign_cmds
 from registry import signing
-from registry.blobs import blob_key
-from registry.common import canonical_json, digest_hex
+from registry.storage.blobs import blob_key
+from registry.digests import canonical_json, digest_hex
 from registry.errors import BadInputError, GateFailedError
-from registry.store import Store
+from registry.storage.store import Store
 from tests.backend_fixtures import s3_endpoint, store_location  # noqa: F401
 from tests.cli_fixtures import run_json
 from tests.registry_fixtures import make_adapter_dir

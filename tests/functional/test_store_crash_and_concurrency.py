@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from registry.common import sha256_digest
+from registry.digests import sha256_digest
 from registry.errors import ConflictError, NotFoundError
-from registry.maintenance import gc, verify
-from registry.store import Store
+from registry.maintenance.collection import gc
+from registry.maintenance.integrity import verify
+from registry.storage.store import Store
 from tests.registry_fixtures import (PYTHON, REPO_ROOT, adapter_files, child_env,
                                      make_adapter_dir, new_store, push_adapter, run_together,
                                      sample_record)
@@ -35,7 +36,7 @@ BIG = 48 << 20
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from registry.store import Store
+    from registry.storage.store import Store
     from tests.registry_fixtures import sample_record
 
     root, big, config = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

@@ -17,7 +17,7 @@ import pytest
 
 import cli.main
 from cli import sign_cmds
-from registry.store import Store
+from registry.storage.store import Store
 from tests.cli_fixtures import run_json
 from tests.registry_fixtures import make_adapter_dir
 

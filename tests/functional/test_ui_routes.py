@@ -27,7 +27,7 @@ pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from cli.web.app import LOOPBACK_HOSTS, UiConfig, create_app  # noqa: E402
-from registry.store import Store  # noqa: E402
+from registry.storage.store import Store  # noqa: E402
 from tests.cli_fixtures import heavy_modules_after, run, run_json  # noqa: E402
 from tests.ui_fixtures import PAYLOADS, UiWorld, build_ui_store  # noqa: E402
 
@@ -256,7 +256,7 @@ def test_damaged_store_renders_the_damage(tmp_path: Path) -> None:
 
 def test_web_view_imports_no_torch(world: UiWorld) -> None:
     code = (f"from starlette.testclient import TestClient\n"
-            f"from cli.web.app import create_app\nfrom registry.store import Store\n"
+            f"from cli.web.app import create_app\nfrom registry.storage.store import Store\n"
             f"c = TestClient(create_app(Store.open({str(world.store)!r})), "
             f"base_url='http://127.0.0.1')\n"
             f"for u in ['/', '/v/{world.merge}', '/audit', '/verify', '/api/ls']:\n"

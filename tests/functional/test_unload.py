@@ -15,7 +15,7 @@ import torch
 
 from merging.model.unload import unload
 from registry.errors import BadInputError, BaseMismatchError, ConflictError
-from registry.fingerprint import fingerprint_model
+from registry.formats.fingerprint import fingerprint_model
 from tests.cli_fixtures import run, run_json
 from tests.unload_fixtures import (EXTRA_FILES, base, leftovers, load_model,  # noqa: F401
                                    logits, make_adapter, make_base, peft_model, shard_layout,
@@ -243,7 +243,7 @@ def test_shard_writer_streams_a_valid_file(tmp_path: Path) -> None:
     from merging.model.layout import parse_size
     from merging.model.shard_plan import OutTensor, plan_shards
     from merging.model.shard_writer import ShardWriter
-    from registry.safetensors_header import read_header
+    from registry.formats.safetensors_header import read_header
 
     tensors = {"b": torch.randn(300, 7).to(torch.bfloat16), "a": torch.arange(5, dtype=torch.int8),
                "s": torch.tensor(3.0), "odd": torch.randint(0, 9, (3,), dtype=torch.uint8)}

@@ -21,8 +21,8 @@ from merging.model import pipeline as rewrite
 from merging.model import rowmerge
 from merging.model.unload import unload
 from registry.errors import BadInputError
-from registry.fingerprint import fingerprint_model
-from registry.store import Store
+from registry.formats.fingerprint import fingerprint_model
+from registry.storage.store import Store
 from tests.cli_fixtures import run_json
 from tests.unload_fixtures import (base, leftovers, load_model, logits,  # noqa: F401
                                    make_adapter, make_base, peft_model, state_of, work)
@@ -80,8 +80,7 @@ def test_bf16_way_within_rounding_of_float32_way(work: Path, bf16_base: Path,
 
 def test_no_sync_skips_every_fsync(work: Path, base: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from cli import main as cli_main
-    from cli import unload_cmds
+    from cli import main as cli_main, unload_cmds
 
     import typer
 
@@ -278,7 +277,7 @@ def test_adapter_digest_only_when_recorded(work: Path, base: Path) -> None:
     directory puts the digest of its two files in the result and the lineage."""
     import hashlib
 
-    from registry.common import json_digest
+    from registry.digests import json_digest
 
     adapter = make_adapter(base, work / "digest-adapter", seed=19)
     assert unload(adapter, base, work / "digest-plain").adapter_digest is None

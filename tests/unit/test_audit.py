@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from registry.audit import AuditLog, entry_hash
-from registry.common import canonical_json
+from registry.audit.log import AuditLog
+from registry.audit.chain import entry_hash
+from registry.digests import canonical_json
 from registry.errors import IntegrityError
-from registry.maintenance import gc
+from registry.maintenance.collection import gc
 from tests.registry_fixtures import make_adapter_dir, new_store, push_adapter
 
 

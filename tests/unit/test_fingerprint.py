@@ -9,15 +9,15 @@ import shutil
 
 import pytest
 
-from registry.common import canonical_json
+from registry.digests import canonical_json
 from registry.errors import BadInputError, NotFoundError
-from registry.fingerprint import (
+from registry.formats.fingerprint import (
     ARCH_FIELDS,
     fingerprint_model,
     model_weight_shapes,
     model_weights,
 )
-from registry.safetensors_header import read_header
+from registry.formats.safetensors_header import read_header
 from tests.ingest_fixtures import save_base
 
 torch = pytest.importorskip("torch")

@@ -14,10 +14,9 @@ import pytest
 
 from registry.errors import BadInputError, BaseMismatchError, NotFoundError, UnsupportedAdapterError
 from registry.ingest import prepare_adapter
-from registry.peft_keys import (
+from registry.formats.peft_keys import (
     base_key_for_extra,
     base_weight_key,
-    lora_modules,
     rank_for,
     split_keys,
 )
@@ -90,10 +89,10 @@ def test_peft_key_forms_saved_by_peft_are_grouped(built):
     assert extras == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.base_layer.weight"]
     assert [base_key_for_extra(e) for e in extras] == ["lm_head.weight", "model.embed_tokens.weight"]
     assert base_key_for_extra("base_model.model.lm_head.modules_to_save.default.weight") == "lm_head.weight"
-    dora = lora_modules(load_file(str(built["dora"] / "adapter_model.safetensors")).keys())
+    dora = split_keys(load_file(str(built["dora"] / "adapter_model.safetensors")).keys())[0]
     assert dora[Q].magnitude == Q + ".lora_magnitude_vector"
-    assert lora_modules([Q + ".lora_A.weight", Q + ".lora_B.weight", Q + ".lora_magnitude_vector.weight"])[Q].magnitude
-    bias = lora_modules(load_file(str(built["bias"] / "adapter_model.safetensors")).keys())
+    assert split_keys([Q + ".lora_A.weight", Q + ".lora_B.weight", Q + ".lora_magnitude_vector.weight"])[0][Q].magnitude
+    bias = split_keys(load_file(str(built["bias"] / "adapter_model.safetensors")).keys())[0]
     assert bias[Q].bias == Q + ".lora_B.bias"
     assert base_weight_key(Q) == "model.layers.0.self_attn.q_proj.weight"
 
@@ -137,7 +136,7 @@ def test_invalid_or_non_linear_patterns_are_refused(pattern):
 
 @pytest.mark.parametrize("pattern", ["(a+)+b", "(.*)*", ".*.*.*.*x"])
 def test_backtracking_patterns_are_matched_in_linear_time(pattern):
-    # RE2 runs them (registry/patterns.py); they no longer need refusing
+    # RE2 runs them (registry/formats/patterns.py); they no longer need refusing
     from peft.utils.other import get_pattern_key
 
     expected = {pattern: 2}.get(get_pattern_key([pattern], Q[len("base_model.model."):]), 4)
@@ -445,7 +444,7 @@ def test_handmade_fixture_matches_what_peft_writes(built, tmp_path):
 def test_registry_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import registry.safetensors_header, registry.fingerprint, registry.peft_keys, registry.ingest\n"
+        "import registry.formats.safetensors_header, registry.formats.fingerprint, registry.formats.peft_keys, registry.ingest\n"
         "bad = [m for m in ('torch', 'transformers', 'peft', 'safetensors', 'numpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

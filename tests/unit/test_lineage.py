@@ -10,7 +10,7 @@ import pytest
 from registry.errors import BadInputError
 from registry.lineage import (ancestors, descendants, lineage_tree, make_lineage, parent, to_dot,
                               to_json, to_text, validate_lineage)
-from registry.store import Store
+from registry.storage.store import Store
 from tests.registry_fixtures import (adapter_files, make_adapter_dir, new_store, push_adapter,
                                      sample_record)
 

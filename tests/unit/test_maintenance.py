@@ -10,8 +10,9 @@ import pytest
 
 from registry.errors import IntegrityError
 from registry.lineage import make_lineage, parent
-from registry.maintenance import gc, reachable, verify
-from registry.store import Store
+from registry.maintenance.collection import gc, reachable
+from registry.maintenance.integrity import verify
+from registry.storage.store import Store
 from tests.registry_fixtures import (adapter_files, make_adapter_dir, new_store, push_adapter,
                                      sample_record)
 
@@ -193,7 +194,7 @@ def test_gc_removes_stale_temp_directories_only(populated: tuple[Store, dict]) -
 def test_gc_keeps_applied_policies_and_tensor_lists(tmp_path: Path) -> None:
     """The policy a gate record was made under, a derived model's per-tensor list (the
     blob its weights digest names) and a searched merge's trials blob are read back."""
-    from registry.common import canonical_json
+    from registry.digests import canonical_json
     from registry.record import build_model_record
 
     store = new_store(tmp_path)

@@ -14,14 +14,14 @@ import time
 import pytest
 
 from registry.errors import BadInputError
-from registry.patterns import (
+from registry.formats.patterns import (
     check_config_patterns,
     fullmatch,
     layer_index,
     module_targeted,
     pattern_key,
 )
-from registry.peft_keys import alpha_for, rank_for
+from registry.formats.peft_keys import alpha_for, rank_for
 
 HOSTILE = ["(a|aa)+", "(a+)+$", "(a+)+b", "(.*a){20}", "(.*.*)*x", "(a|a?)+$", "(\\w+\\w+)+c",
            "([a-z]+)*$", "(a*)*b", ".*.*.*.*.*.*.*.*x"]

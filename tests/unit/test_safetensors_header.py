@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 
 from registry.errors import BadInputError, NotFoundError
-from registry.fingerprint import hash_tensors, iter_tensor_chunks
-from registry.safetensors_header import (MAX_HEADER_BYTES, memoized_headers, parse_header_bytes,
+from registry.formats.fingerprint import hash_tensors, iter_tensor_chunks
+from registry.formats.safetensors_header import (MAX_HEADER_BYTES, memoized_headers, parse_header_bytes,
                                          read_header)
 from tests.ingest_fixtures import raw_file, safetensors_bytes, small_valid_file, write
 
@@ -230,7 +230,7 @@ def test_padding_and_metadata_survive(tmp_path):
 
 
 def test_memoized_headers_parse_each_file_once_until_it_changes(tmp_path, monkeypatch):
-    import registry.safetensors_header as module
+    import registry.formats.safetensors_header as module
 
     path = tmp_path / "m.safetensors"
     np_save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(path))

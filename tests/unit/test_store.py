@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from registry.common import sha256_digest
+from registry.digests import sha256_digest
 from registry.errors import (BadInputError, ConflictError, GateFailedError, IntegrityError,
                              NotFoundError)
 from registry.lineage import make_lineage, parent
 from registry.record import build_model_record
-from registry.store import ANY, MODEL_ARTIFACT, Store
+from registry.storage.store import ANY, MODEL_ARTIFACT, Store
 from tests.registry_fixtures import (adapter_files, blob_bytes, make_adapter_dir, new_store,
                                      push_adapter, sample_record)
 

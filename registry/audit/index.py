@@ -1,0 +1,153 @@
+"""The audit log read back as an index: which entry vouches for what the store holds.
+
+The write protocol (:mod:`registry.audit.journal`) logs every change before making it, so
+everything visible in the store must be explained by an *effective* audit entry (one
+that no ``recover`` entry rolled back):
+
+* every name binding ``names/<n>/versions/<hex>`` by a ``push`` of ``n@sha256:<hex>``;
+* every alias's current target by the newest ``alias``/``promote``/``promote-forced``
+  entry of ``n:alias`` (its ``new``), or, while that entry's intent marker is still
+  pending, by its ``old`` (written but not yet applied);
+* every gate pointer ``gates/<c>/<p>`` by the newest ``gate`` entry of candidate ``c``
+  under policy ``p`` (its ``new.record``), likewise for signature pointers.
+
+:func:`cross_check` lists whatever is not explained (``adapters verify --all`` reports
+each as ``unaudited``, exit 3): a binding added by hand, an alias file edited, a gate
+record copied from another version. :func:`vouched_gate` is what ``promote`` asks:
+the record digest the log says is current for (candidate, policy), if it passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents
+
+if TYPE_CHECKING:
+    from registry.storage.reader import StoreReader
+
+
+@dataclass(frozen=True)
+class Unexplained:
+    """Something the store holds that no effective audit entry explains."""
+
+    what: str
+    key: str
+    digest: str
+    detail: str
+
+
+@dataclass
+class AuditIndex:
+    """Effective entries of one audit log, keyed by what they changed.
+
+    Attributes:
+        pushes: ``name@digest`` subjects with an effective push.
+        aliases: ``name:alias`` -> its newest effective move entry.
+        gates: ``(candidate, policy)`` -> newest effective gate entry.
+        signatures: ``(version, keyid)`` -> newest effective sign entry.
+        pending: Seqs of entries whose intent marker is still present.
+    """
+
+    pushes: set[str] = field(default_factory=set)
+    aliases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gates: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    signatures: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, store: StoreReader) -> AuditIndex:
+        """Read the whole log (and the pending markers) of ``store``.
+
+        Raises:
+            IntegrityError: The log cannot be parsed (``adapters audit verify`` says where).
+        """
+        entries = [e for e in store.audit().entries() if isinstance(e, dict)]
+        rolled_back = {(e.get("old") or {}).get("seq") for e in entries
+                       if e.get("action") == RECOVER and isinstance(e.get("old"), dict)
+                       and (e.get("new") or {}).get("outcome") == "rolled_back"}
+        index = cls()
+        intents = pending_intents(store)
+        for entry in entries:
+            if entry.get("seq") in rolled_back:
+                continue
+            if any(i.matches(entry) for i in intents):
+                index.pending.add(entry["seq"])
+                if entry.get("action") == "delete":
+                    continue  # logged, maybe not applied: the push still explains the binding
+            index._add(entry)
+        return index
+
+    def _add(self, entry: dict[str, Any]) -> None:
+        action, subject, new = entry.get("action"), str(entry.get("subject")), entry.get("new")
+        if action == "push":
+            self.pushes.add(subject)
+        elif action == "delete":
+            self.pushes.discard(subject)
+        elif action in ALIAS_ACTIONS:
+            self.aliases[subject] = entry
+        elif action in ("gate", "sign") and isinstance(new, dict):
+            digest = subject.rpartition("@")[2]
+            if action == "gate":
+                self.gates[(digest, str(new.get("policy")))] = entry
+            else:
+                self.signatures[(digest, str(new.get("keyid")))] = entry
+
+    def explains(self, entry: dict[str, Any] | None, value: str | None, target: str) -> bool:
+        """Whether ``entry`` (newest for a ref) explains the ref holding ``value``;
+        ``target`` is the key of ``entry["new"]`` that holds the value ('' = new itself)."""
+        if entry is None:
+            return False
+        new = entry.get("new")
+        written = new.get(target) if target and isinstance(new, dict) else new
+        if written == value:
+            return True
+        old = entry.get("old")
+        return entry.get("seq") in self.pending and old == value
+
+
+def cross_check(store: StoreReader, index: AuditIndex | None = None) -> list[Unexplained]:
+    """Everything in ``store`` that its audit log does not explain (see module docstring).
+
+    Raises:
+        IntegrityError: The log cannot be parsed.
+    """
+    index = index or AuditIndex.build(store)
+    out = []
+    for name, digest in store.bindings():
+        if f"{name}@{digest}" not in index.pushes:
+            out.append(Unexplained("version", f"names/{name}/versions/{digest[7:]}", digest,
+                                   "no audit entry records the push of this version"))
+    for name in store.names():
+        for alias, digest in store.aliases(name).items():
+            if not index.explains(index.aliases.get(f"{name}:{alias}"), digest, ""):
+                out.append(Unexplained("alias", f"{name}:{alias}", digest,
+                                       "the audit log does not record a move of the alias "
+                                       "to this version"))
+    for cand, policy, record in store.gate_pointers():
+        if not index.explains(index.gates.get((cand, policy)), record, "record"):
+            out.append(Unexplained("gate", f"gates/{cand[7:19]}../{policy[7:19]}..", record,
+                                   "no audit entry vouches for this gate record"))
+    for version, keyid, envelope in store.signature_pointers():
+        if not index.explains(index.signatures.get((version, keyid)), envelope, "envelope"):
+            out.append(Unexplained("signature", f"signatures/{version[7:19]}../{keyid[7:19]}..",
+                                   envelope, "no audit entry records this signature"))
+    return out
+
+
+def vouched_gate(store: StoreReader, candidate: str, policy: str,
+                 index: AuditIndex | None = None) -> dict[str, Any] | None:
+    """The newest effective, applied ``gate`` entry for (candidate, policy), or None.
+
+    Raises:
+        IntegrityError: The log cannot be parsed.
+    """
+    index = index or AuditIndex.build(store)
+    entry = index.gates.get((candidate, policy))
+    if entry is None or entry.get("seq") in index.pending:
+        return None
+    return entry
+
+
+__all__ = ["AuditIndex", "Unexplained", "cross_check", "vouched_gate"]

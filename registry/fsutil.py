@@ -1,0 +1,94 @@
+"""Durable, umask-independent local file writes shared by the store and the audit log.
+
+Durable small-file writes (:func:`atomic_write_bytes`) go through a temp file in
+the same directory, ``fsync``, ``os.replace`` and an ``fsync`` of the directory, so
+a crash leaves either the old or the new content, never a torn file.
+
+Permissions do not depend on the caller's umask: store files get an explicit mode
+(0644, blobs 0444) and every directory the registry creates goes through
+:func:`make_dirs`, which creates it with mode 0755 (the umask can only make that
+stricter), so even ``umask 000`` never yields a world-writable store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (after a rename) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> Path:
+    """``mkdir -p path``, leaving every directory it creates 0755 or stricter.
+
+    ``Path.mkdir(parents=True)`` makes directories ``0777 & ~umask`` (world-writable
+    under ``umask 000``); here each missing component is made with mode 0755, which
+    the umask can only make stricter. Existing directories are left alone.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: A component cannot be created (or exists as a file).
+    """
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o755)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            # a concurrent process made it (with the same mode)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` durably: temp file in the same dir, fsync, rename.
+
+    Readers see either the old file or the complete new one. The file gets ``mode``
+    whatever the umask; missing directories are made by :func:`make_dirs`.
+
+    Raises:
+        OSError: The file cannot be written.
+    """
+    make_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def unlink_quietly(path: str | Path) -> None:
+    """Remove a (temp) file, ignoring every ``OSError`` (already gone, no permission)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

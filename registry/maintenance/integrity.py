@@ -1,0 +1,206 @@
+"""Store integrity: :func:`verify` re-hashes everything a store references.
+
+``verify`` starts from name bindings (one ref or all of them), aliases, gate
+records and signatures, re-hashes every blob they reference (manifests, adapter
+files, gate records, signature envelopes; each blob once) and reports each missing
+or corrupt blob together with every version that uses it. Given trusted keys it
+also checks that every selected version carries a valid signature from one of them
+(problems ``unsigned`` / ``bad_signature``). It never raises for a damaged store; it
+reports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry.audit.index import cross_check
+from registry.errors import AdapterkitError, IntegrityError
+from registry.progress import ProgressCallback
+from registry.storage.manifest import check_manifest
+from registry.storage.store import Store
+
+
+@dataclass(frozen=True)
+class BlobProblem:
+    """A problem found by :func:`verify`.
+
+    Attributes:
+        kind: ``missing``, ``corrupt``, ``bad_manifest`` (hashes fine but unreadable
+            or bound under another name), ``dangling_alias``, ``unaudited`` (a binding,
+            alias target, gate record or signature that no effective audit entry
+            explains, see :mod:`registry.audit.index`), and with trusted keys
+            ``unsigned`` (no valid signature by a trusted key) or ``bad_signature``
+            (a trusted key's signature does not verify: forged, edited or replayed).
+        digest: The blob (or alias target) concerned.
+        used_by: Who needs it, e.g. ``["lora-a@sha256:ab.. adapter_model.safetensors"]``.
+        detail: Extra explanation (actual digest of a corrupt blob...).
+    """
+
+    kind: str
+    digest: str
+    used_by: tuple[str, ...]
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"kind": self.kind, "digest": self.digest, "used_by": list(self.used_by),
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :func:`verify`.
+
+    Attributes:
+        versions: Number of versions checked.
+        blobs: Number of distinct blobs re-hashed.
+        bytes: Bytes re-hashed.
+        problems: Every missing/corrupt blob, one entry per blob.
+        signed: Versions with a valid trusted signature (None: signatures not checked).
+    """
+
+    versions: int
+    blobs: int
+    bytes: int
+    problems: list[BlobProblem] = field(default_factory=list)
+    signed: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing or corrupt."""
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"ok": self.ok, "versions": self.versions, "blobs": self.blobs,
+                "bytes": self.bytes, "problems": [p.to_json() for p in self.problems],
+                "signed": self.signed}
+
+
+class _Checker:
+    def __init__(self, store: Store, progress: ProgressCallback | None) -> None:
+        self.store, self.progress = store, progress
+        self.uses: dict[str, list[str]] = {}
+        self.results: dict[str, str | None] = {}
+        self.bytes = 0
+        self.extra: list[BlobProblem] = []
+
+    def use(self, digest: str, who: str) -> None:
+        self.uses.setdefault(digest, []).append(who)
+
+    def hash(self, digest: str) -> str | None:
+        if digest not in self.results:
+            self.results[digest] = self.store.blobs.hash_blob(digest, self.progress)
+            if self.results[digest] is not None:
+                self.bytes += self.store.blobs.size(digest) or 0
+        return self.results[digest]
+
+    def version(self, name: str, digest: str) -> None:
+        label = f"{name}@{digest}"
+        self.use(digest, f"{label} (manifest)")
+        if self.hash(digest) != digest:
+            return
+        try:
+            manifest = check_manifest(json.loads(self.store.blobs.read(digest)), digest)
+        except (ValueError, AdapterkitError) as err:
+            self.extra.append(BlobProblem("bad_manifest", digest, (label,), str(err)))
+            return
+        if manifest.get("name") != name:
+            self.extra.append(BlobProblem("bad_manifest", digest, (label,),
+                                          f"manifest is for {manifest.get('name')!r}"))
+        for entry in manifest["files"]:
+            self.use(entry["digest"], f"{label} {entry['path']}")
+
+
+def verify(store: Store, ref: str | None = None, *,
+           progress: ProgressCallback | None = None,
+           trusted: dict[str, Any] | None = None) -> VerifyReport:
+    """Re-hash every blob reachable from ``ref`` (None: the whole store).
+
+    Args:
+        store: The store.
+        ref: One version (plus its gate records and signatures), or None for every
+            name, alias, gate record and signature.
+        progress: Called with bytes hashed.
+        trusted: Key id -> public key (:func:`registry.signing.load_trusted_keys`):
+            also require a valid trusted signature on every selected version.
+
+    Returns:
+        A :class:`VerifyReport` listing each missing or corrupt blob and its users.
+
+    Raises:
+        NotFoundError / BadInputError: ``ref`` does not resolve.
+    """
+    checker = _Checker(store, progress)
+    if ref is not None:
+        targets = [store.resolve_digest(ref)]
+    else:
+        targets = store.bindings()
+        for name in store.names():
+            for alias, digest in store.aliases(name).items():
+                if not store.is_bound(name, digest):
+                    checker.extra.append(BlobProblem("dangling_alias", digest,
+                                                     (f"{name}:{alias}",),
+                                                     "alias points at an unbound version"))
+    wanted = {d for _, d in targets}
+    for name, digest in targets:
+        checker.version(name, digest)
+    for cand, policy, record in store.gate_pointers():
+        if ref is None or cand in wanted:
+            checker.use(record, f"gate record {cand[:19]}../{policy[:19]}..")
+    for version_digest, keyid, envelope in store.signature_pointers():
+        if ref is None or version_digest in wanted:
+            checker.use(envelope, f"signature {version_digest[:19]}.. by {keyid[:19]}..")
+    problems = list(checker.extra)
+    for digest, users in checker.uses.items():
+        actual = checker.hash(digest)
+        if actual is None:
+            problems.append(BlobProblem("missing", digest, tuple(users), "blob file is absent"))
+        elif actual != digest:
+            problems.append(BlobProblem("corrupt", digest, tuple(users),
+                                        f"content hashes to {actual}"))
+    if ref is None:
+        problems += _unaudited(store)
+    signed = None
+    if trusted is not None:
+        signed, found = _check_signatures(store, targets, trusted)
+        problems += found
+    problems.sort(key=lambda p: (p.kind, p.digest))
+    return VerifyReport(versions=len(targets), blobs=len(checker.results), bytes=checker.bytes,
+                        problems=problems, signed=signed)
+
+
+def _unaudited(store: Store) -> list[BlobProblem]:
+    """Bindings, aliases, gate records and signatures the audit log does not explain."""
+    try:
+        found = cross_check(store)
+    except IntegrityError as err:
+        return [BlobProblem("unaudited", "", ("audit log",), err.message)]
+    return [BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found]
+
+
+def _check_signatures(store: Store, targets: list[tuple[str, str]],
+                      trusted: dict[str, Any]) -> tuple[int, list[BlobProblem]]:
+    """``(versions validly signed, problems)`` for every target binding."""
+    from registry.signing import check_version
+
+    signed, problems = 0, []
+    for name, digest in targets:  # bindings only: a damaged manifest is reported above
+        check = check_version(store, name, digest, trusted)
+        label = (f"{name}@{digest}",)
+        if check.invalid_keyids:
+            problems.append(BlobProblem("bad_signature", digest, label,
+                                        "signature by trusted key "
+                                        f"{', '.join(check.invalid_keyids)} does not verify"))
+        elif not check.valid_keyids:
+            others = (f"; signed only by untrusted {', '.join(check.untrusted_keyids)}"
+                      if check.untrusted_keyids else "")
+            problems.append(BlobProblem("unsigned", digest, label,
+                                        f"no valid signature by a trusted key{others}"))
+        else:
+            signed += 1
+    return signed, problems
+
+__all__ = ["BlobProblem", "VerifyReport", "verify"]
