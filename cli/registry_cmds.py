@@ -7,8 +7,8 @@ machines). Errors are the library's :mod:`registry.errors` exceptions, left to
 so ``adapters --help`` pays only for typer and rich; nothing here imports torch
 (only ``push --allow-pickle`` does, inside the ingest library).
 
-:func:`register` also registers the alias/lineage commands (``cli/alias_cmds.py``)
-and the verify/gc/audit commands (``cli/audit_cmds.py``).
+The alias/lineage commands (``cli/alias_cmds.py``) and the verify/gc/audit
+commands (``cli/audit_cmds.py``) are registered by ``cli/main.py`` like this module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli import alias_cmds, audit_cmds
 from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs,
                         point_new_alias, tree_size)
 from cli.output import Output, escape, make_table, short_digest
@@ -36,8 +35,6 @@ def register(app: typer.Typer) -> None:
     app.command("diff")(diff)
     app.command("fingerprint")(fingerprint)
     app.command("export")(export)
-    alias_cmds.register(app)
-    audit_cmds.register(app)
 
 
 def init(

@@ -67,7 +67,7 @@ def check_binding(host: str, token: str | None) -> None:
 
 def _trusted(st: Any, paths: list[Path] | None) -> dict[str, Any]:
     """Key id -> public key from ``--trusted-keys`` or config.json ``trusted_keys``."""
-    from gate.promote import configured_trusted_keys
+    from gate.store_config import configured_trusted_keys
     from registry.signing import load_trusted_keys
 
     files = configured_trusted_keys(st, paths or [])
