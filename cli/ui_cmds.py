@@ -92,7 +92,8 @@ def ui(
     store: StoreOpt = None,
 ) -> None:
     """Serve a read-only web view of the store (pip install 'adapterkit[ui]')."""
-    from cli.web.app import LOOPBACK_HOSTS, UiConfig, create_app, missing_extra
+    from cli.web.app import create_app, missing_extra
+    from cli.web.guard import LOOPBACK_HOSTS, UiConfig
 
     check_binding(host, token)
     try:

@@ -24,7 +24,7 @@ JSON (the documents of the CLI's ``--json``, see :mod:`cli.web.documents`)::
     /api/names?q=&label=&base=&page=   the index page's listing
 
 Every endpoint is a plain function (Starlette runs it in its thread pool) wrapped by
-:func:`cli.web.app.guarded`, which turns errors into pages.
+:func:`cli.web.errors.guarded`, which turns errors into pages.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cli.web import documents, pages
-from cli.web.app import guarded
+from cli.web.errors import guarded
 from registry.errors import BadInputError, shorten
 
 if TYPE_CHECKING:
-    from cli.web.app import UiConfig
+    from cli.web.guard import UiConfig
     from registry.store import Store
 
 PER_PAGE = 50

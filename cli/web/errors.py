@@ -1,0 +1,63 @@
+"""Errors of the web view as responses: never a traceback in a page.
+
+A :class:`registry.errors.AdapterkitError` becomes an error page (or the CLI's JSON
+error document under ``/api/``) with a status from its kind (:func:`status_of`); any
+other exception a generic 500 page (logged); an error page that fails itself, one
+plain line. :func:`guarded` wraps every endpoint of :mod:`cli.web.routes` with this.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cli.web.guard import plain_response
+from registry.errors import (
+    AdapterkitError,
+    BadInputError,
+    ConflictError,
+    NotFoundError,
+    internal_error,
+)
+
+log = logging.getLogger("adapterkit.ui")
+
+
+def status_of(err: AdapterkitError) -> int:
+    """The HTTP status of a library error."""
+    if isinstance(err, NotFoundError):
+        return 404
+    if isinstance(err, ConflictError):
+        return 409
+    if isinstance(err, BadInputError):
+        return 400
+    return 500
+
+
+def render_error(request: Any, err: AdapterkitError, tpl: Any) -> Any:
+    """An error as a page, or as the CLI's JSON error document under ``/api/``."""
+    from starlette.responses import JSONResponse
+
+    status = status_of(err)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse(err.to_json(), status_code=status)
+    try:
+        return tpl.TemplateResponse(request, "error.html", {"err": err}, status_code=status)
+    except Exception:  # noqa: BLE001 - the error page itself failed: plain text, no trace
+        log.exception("error page failed")
+        return plain_response(status, f"error: {err.message}")
+
+
+def guarded(tpl: Any, handler: Any) -> Any:
+    """Wrap a sync endpoint: library errors and bugs become pages, never tracebacks."""
+    def endpoint(request: Any) -> Any:
+        try:
+            return handler(request)
+        except AdapterkitError as err:
+            return render_error(request, err, tpl)
+        except Exception as err:  # noqa: BLE001 - the boundary: a bug, shown as one line
+            log.exception("internal error serving %s", request.url.path)
+            return render_error(request, internal_error(err), tpl)
+
+    endpoint.__name__ = getattr(handler, "__name__", "endpoint")
+    return endpoint
