@@ -29,9 +29,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.decoding import BATCH_SIZE
 from gate.evaluate import read_texts
+
+PARAMS = CheckParams(listed=5, fields={
+    "data": (f.path, f.REQUIRED), "field": (f.text, "text"), "limit": (f.int_at_least(1), 64),
+    "max_kl": (f.optional(f.number(0)), None), "min_top1": (f.optional(f.number(0, 1)), None),
+    "max_logit_diff": (f.optional(f.number(0)), None),
+}, files=("data",), one_of=("max_kl", "min_top1", "max_logit_diff"))
 
 
 def drift_stats(source_logits: Any, candidate_logits: Any) -> dict[str, float]:

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed
 from gate.evaluate import repeat_fraction
+
+PARAMS = CheckParams(listed=4, fields={
+    "prompts": (f.text_list, f.REQUIRED), "max_new_tokens": (f.int_at_least(1), 32),
+    "min_chars": (f.int_at_least(0), 1), "ngram": (f.int_at_least(1), 3),
+    "max_repeat_fraction": (f.number(0, 1), 0.5),
+})
 
 
 def run(spec: Any, ctx: Any) -> Outcome:

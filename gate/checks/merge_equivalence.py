@@ -22,8 +22,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import read_texts
+
+LINEAR_METHODS = ("linear", "cat", "task_arithmetic")
+PARAMS = CheckParams(listed=1, fields={
+    "prompts": (f.optional(f.text_list), None), "data": (f.optional(f.path), None),
+    "max_abs_diff": (f.number(0), 1e-3), "min_top1_agreement": (f.optional(f.number(0, 1)), None),
+    "methods": (f.text_list, list(LINEAR_METHODS)), "limit": (f.int_at_least(1), 16),
+}, files=("data",), one_of=("prompts", "data"), one_of_why="text to compare logits on")
 
 
 def coefficients(method: str, parameters: dict[str, Any], weights: list[float | None]) -> list[float]:

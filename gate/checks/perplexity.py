@@ -17,8 +17,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import read_texts
+
+BASELINES = ("base", "parents", "release")
+PARAMS = CheckParams(listed=2, fields={
+    "data": (f.path, f.REQUIRED), "field": (f.text, "text"),
+    "baseline": (f.choice(*BASELINES), "base"),
+    "max_increase": (f.optional(f.number(0)), None), "max": (f.optional(f.number(1)), None),
+    "limit": (f.int_at_least(1), 256),
+}, files=("data",), one_of=("max_increase", "max"))
 
 
 def _baseline(spec: Any, ctx: Any, texts: list[str]) -> tuple[float | None, str]:

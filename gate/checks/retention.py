@@ -24,8 +24,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import answer_matches, read_pairs
+
+PARAMS = CheckParams(listed=3, fields={
+    "sets": (f.path_map, f.REQUIRED),
+    "metric": (f.choice("exact_match", "loglik"), "exact_match"),
+    "baseline": (f.choice("parents", "release"), "parents"),
+    "min_ratio": (f.optional(f.number(0)), None), "min_score": (f.optional(f.number(0, 1)), None),
+    "max_new_tokens": (f.optional(f.int_at_least(1)), None), "stop": (f.stop_list, ["\n"]),
+    "case_sensitive": (f.boolean, True), "limit": (f.int_at_least(1), 256),
+}, file_maps=("sets",), one_of=("min_ratio", "min_score"))
 
 
 def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float:

@@ -34,8 +34,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, passed
 from registry.errors import AdapterkitError
+
+PARAMS = CheckParams(listed=0, fields={
+    "finite": (f.boolean, True), "shapes": (f.boolean, True),
+    "fingerprint": (f.choice("match", "skip"), "match"),
+    "serving": (f.boolean, True), "max_rank": (f.optional(f.int_at_least(1)), None),
+})
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
