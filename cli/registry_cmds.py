@@ -139,20 +139,10 @@ def ls(
     store: StoreOpt = None,
 ) -> None:
     """List names, their versions (newest first) and aliases."""
-    st = open_store(store)
-    entries = []
-    for n in [name] if name else st.names():
-        aliases = st.aliases(n)
-        versions = [
-            {
-                "digest": v.digest,
-                "created": v.created,
-                "size": v.size,
-                "aliases": sorted(a for a, d in aliases.items() if d == v.digest),
-            }
-            for v in st.versions(n)
-        ]
-        entries.append({"name": n, "aliases": aliases, "versions": versions})
+    from registry.version_documents import ls_document
+
+    data = ls_document(open_store(store), name)
+    entries = data["names"]
 
     def render(console: Any) -> None:
         rows = [
@@ -163,7 +153,7 @@ def ls(
         ]
         console.print(make_table(None, ["name", "version", "created", "bytes", "aliases"], rows))
 
-    Output(json_out).emit({"names": entries}, render)
+    Output(json_out).emit(data, render)
 
 
 def _text(value: Any) -> str:
@@ -179,29 +169,17 @@ def show(
     store: StoreOpt = None,
 ) -> None:
     """Show a version: record, files, aliases and lineage summary."""
-    from registry.lineage import descendants
+    from registry.version_documents import show_document
 
-    st = open_store(store)
-    v = st.resolve(ref)
-    lineage = v.lineage or {}
-    children = descendants(st, v.ref, max_depth=1).children
-    data = {
-        **v.to_json(),
-        "aliases": sorted(a for a, d in st.aliases(v.name).items() if d == v.digest),
-        "lineage": {
-            "parents": lineage.get("parents", []),
-            "recipe": lineage.get("recipe"),
-            "children": [f"{c.name}@{c.digest}" for c in children],
-        },
-    }
+    data = show_document(open_store(store), ref)
 
     def render(console: Any) -> None:
-        console.print(f"[bold]{escape(v.ref)}[/bold]  {v.kind}, created {v.created}")
+        console.print(f"[bold]{escape(data['ref'])}[/bold]  {data['kind']}, created {data['created']}")
         if data["aliases"]:
             console.print(f"aliases: {escape(', '.join(data['aliases']))}")
-        rows = [(escape(k), _text(val)) for k, val in flatten(v.record).items()]
+        rows = [(escape(k), _text(val)) for k, val in flatten(data["record"]).items()]
         console.print(make_table("record", ["field", "value"], rows))
-        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in v.files]
+        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in data["files"]]
         console.print(make_table("files", ["path", "digest", "bytes"], rows))
         info = data["lineage"]
         if info["recipe"]:
