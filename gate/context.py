@@ -26,7 +26,8 @@ can be named too. For a plain directory the parents are passed in.
 The **source** is what the candidate was made from (drift's reference): the adapter
 on the base for an unload, the unquantized model for a quantization (its record's
 ``location``, or ``--source DIR``; checked against its record before a drift check
-runs). Adapters and merges have none; ``--source`` gives one to a directory.
+runs, :func:`gate.source_check.check_source`). Adapters and merges have none;
+``--source`` gives one to a directory.
 
 The **release** baseline is the version the ``release`` alias of the candidate's
 name points at (or the policy's ``release`` ref), resolved on first use; when no
@@ -305,27 +306,6 @@ def candidate_from_store(store: Store, ref: str, workdir: Path, *, model_dir: Pa
                      stored=True, kind=version.kind, source=source, ancestors=ancestors,
                      merge_lineage=merge if version.kind == "model" else None,
                      provenance=provenance)
-
-
-def check_source(store: Store | None, cand: Candidate) -> dict[str, Any] | None:
-    """Make sure the candidate's source can be read and is what its record says.
-
-    Called by the runner before evaluating when the policy has a drift check.
-
-    Raises:
-        BadInputError: The source is recorded by reference and no copy is at hand.
-        IntegrityError: The source directory is not the recorded model.
-    """
-    src = cand.source
-    if src is None:
-        return None
-    if src.dir is None:
-        raise BadInputError(f"drift needs the source of {cand.label}: {src.note}",
-                            fix="pass --source DIR with that model's directory, or drop the "
-                                "drift check")
-    if src.recorded and store is not None and src.digest:
-        return verify_model_dir(store, store.version_by_digest(src.digest), src.dir)
-    return None
 
 
 @dataclass

@@ -7,7 +7,7 @@ together" model), because several checks score the same models:
 * **adapters** are applied with PEFT (``PeftModel.from_pretrained`` then
   ``merge_and_unload``), exactly as a user would load them;
 * **"parents applied together"** (merge equivalence) is built without PEFT: each
-  parent's true delta ``s_i B_i A_i`` (:func:`lora_deltas`) times its merge
+  parent's true delta ``s_i B_i A_i`` (:func:`gate.lora_deltas.lora_deltas`) times its merge
   coefficient is added to a copy of the base weights, so the reference does not
   share code with the adapter under test;
 * a **derived model** (a merged-and-unloaded checkpoint) is loaded as is; a
@@ -43,11 +43,10 @@ from typing import Any
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from gate.provenance import is_quantized
-from registry.errors import BadInputError, UnsupportedAdapterError
+from registry.errors import BadInputError
 from registry.patterns import explicit_peft_config
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def read_texts(path: Path, *, field: str = "text", limit: int | None = None) -> list[str]:
@@ -122,45 +121,6 @@ def answer_matches(prediction: str, answer: str, case_sensitive: bool = True) ->
     if not ans:
         return not pred
     return pred == ans or (pred.startswith(ans) and not pred[len(ans)].isalnum())
-
-
-def _scales(config: dict[str, Any], module: str, rank: int) -> float:
-    from registry.peft_keys import alpha_for
-
-    alpha = alpha_for(module, config.get("lora_alpha", 8), config.get("alpha_pattern"))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def lora_deltas(adapter_dir: Path) -> dict[str, Any]:
-    """Base weight key -> the adapter's true delta ``s·B·A`` (float32), shaped like the weight.
-
-    ``modules_to_save`` copies are not deltas and are refused, as are DoRA and LoRA
-    biases (their effect is not a weight delta).
-
-    Raises:
-        UnsupportedAdapterError: DoRA, lora_bias or modules_to_save tensors.
-        BadInputError: Malformed adapter files.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from registry.peft_keys import base_weight_key, split_keys
-
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    modules, extras = split_keys(tensors)
-    if extras or config.get("use_dora") or config.get("lora_bias"):
-        raise UnsupportedAdapterError(
-            f"{adapter_dir}: DoRA, lora_bias or modules_to_save have no plain weight delta",
-            fix="merge equivalence needs plain LoRA parents")
-    out: dict[str, Any] = {}
-    for module, keys in modules.items():
-        a, b = tensors[keys.a].to(torch.float32), tensors[keys.b].to(torch.float32)
-        delta = (b @ a) * _scales(config, module, a.shape[0])
-        if keys.embedding or config.get("fan_in_fan_out"):
-            delta = delta.T
-        out[base_weight_key(module)] = delta
-    return out
 
 
 class Evaluator:
@@ -266,11 +226,14 @@ class Evaluator:
         """Base + ``Σ c_i ΔW_i`` over ``(adapter_dir, c_i)``, built without PEFT.
 
         Raises:
-            UnsupportedAdapterError: A part is not plain LoRA (see :func:`lora_deltas`).
+            UnsupportedAdapterError: A part is not plain LoRA
+                (see :func:`gate.lora_deltas.lora_deltas`).
             BadInputError: A delta names a weight the base lacks or has another shape.
         """
         def build() -> Any:
             import torch
+
+            from gate.lora_deltas import lora_deltas
 
             model = self._load_dir(self.base_dir)
             params = dict(model.named_parameters())
