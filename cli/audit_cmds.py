@@ -28,13 +28,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from cli.common import JsonOpt, StoreOpt, open_store, parse_duration
 from cli.output import Output, escape, make_table, short_digest
 from registry.errors import AdapterkitError, BadInputError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from rich.console import Console
 
 audit_app = typer.Typer(help="Read and check the hash-chained audit log.", no_args_is_help=True)
 
@@ -46,7 +51,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
 
 
-def emit_checked(out: Output, data: dict[str, Any], render: Any,
+def emit_checked(out: Output, data: dict[str, Any], render: Callable[[Console], None],
                  error: AdapterkitError | None) -> None:
     """Emit a report; then raise ``error`` (human mode) or exit with its code (JSON mode)."""
     if error is not None:
@@ -59,7 +64,8 @@ def emit_checked(out: Output, data: dict[str, Any], render: Any,
     raise error
 
 
-def trusted_keys_for(option: str, used: bool, paths: list[Path] | None) -> dict[str, Any] | None:
+def trusted_keys_for(option: str, used: bool,
+                     paths: list[Path] | None) -> dict[str, Ed25519PublicKey] | None:
     """The public keys ``--trusted-keys`` names, when ``option`` (which needs them) is
     ``used``; ``None`` when it is not.
 
@@ -112,7 +118,7 @@ def verify(
         report = verify_blobs(st, ref, progress=advance, trusted=trusted)
     data = report.to_json()
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         for p in report.problems:
             console.print(f"[red]{p.kind}[/red] {p.digest} {escape(p.detail)}")
             for user in p.used_by:
@@ -161,7 +167,7 @@ def gc(
     seconds = parse_duration(grace)
     report = collect(open_store(store), seconds, dry_run=dry_run)
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         verb = "would remove" if dry_run else "removed"
         for digest in report.removed:
             console.print(f"{verb} {digest}")
@@ -218,7 +224,7 @@ def audit_verify(
     trusted = trusted_keys_for("--checkpoint", bool(checkpoint), trusted_keys) or {}
     data = audit_document(open_store(store), checkpoint or [], trusted)
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         for p in data["problems"]:
             console.print(f"[red]{problem_where(p)}[/red]: {escape(p['message'])}")
         for c in data.get("checkpoints", []):

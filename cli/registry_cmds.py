@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -24,6 +24,9 @@ from cli.common import (JsonOpt, StoreOpt, check_new_alias, open_store, parse_pa
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
 from registry.errors import UsageError, shorten
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(app: typer.Typer) -> None:
@@ -144,7 +147,7 @@ def ls(
     data = ls_document(open_store(store), name)
     entries = data["names"]
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         rows = [
             (escape(e["name"]), short_digest(v["digest"]), v["created"], v["size"],
              escape(", ".join(v["aliases"])))
@@ -173,7 +176,7 @@ def show(
 
     data = show_document(open_store(store), ref)
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         console.print(f"[bold]{escape(data['ref'])}[/bold]  {data['kind']}, created {data['created']}")
         if data["aliases"]:
             console.print(f"aliases: {escape(', '.join(data['aliases']))}")
@@ -205,7 +208,7 @@ def diff(
     data = diff_versions(open_store(store), ref_a, ref_b)
     record, files = data["record"], data["files"]
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         console.print(f"a: {escape(data['a'])}\nb: {escape(data['b'])}")
         if data["same"]:
             console.print("identical versions")

@@ -49,6 +49,8 @@ from registry.common import canonical_json
 from registry.errors import BadInputError, NotFoundError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from gate.evaluate import Evaluator
     from gate.policy import Policy
     from registry.manifest import Version
@@ -322,11 +324,11 @@ class GateContext:
     _release: Any = field(default=_UNSET, repr=False)
     release_note: str = ""
 
-    def candidate_model(self) -> Any:
+    def candidate_model(self) -> PreTrainedModel:
         """The candidate applied to the base (cached)."""
         return self.evaluator.with_adapter("candidate", self.candidate.dir)
 
-    def parent_model(self, parent: Parent) -> Any:
+    def parent_model(self, parent: Parent) -> PreTrainedModel:
         """A parent applied to the base (cached)."""
         return self.evaluator.with_adapter(f"parent:{parent.name}", parent.dir)
 
@@ -337,7 +339,7 @@ class GateContext:
                 return p
         return None
 
-    def source_model(self) -> Any:
+    def source_model(self) -> PreTrainedModel | None:
         """The candidate's source loaded (adapter on the base, or model dir), or None."""
         src = self.candidate.source
         if src is None or src.dir is None:
@@ -375,7 +377,7 @@ class GateContext:
                          record=version.record, lineage=version.lineage, stored=True,
                          kind=version.kind)
 
-    def release_model(self) -> Any:
+    def release_model(self) -> PreTrainedModel | None:
         """The release applied to the base, or None."""
         rel = self.release()
         if rel is None:

@@ -171,7 +171,7 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str],
         raise bad(where, "must be a mapping with a 'kind'", raw)
     kind = raw.get("kind")
     declared = check_params(kind) if isinstance(kind, str) else None
-    if declared is None:
+    if declared is None or not isinstance(kind, str):
         raise bad(f"{where}.kind", f"must be one of {', '.join(check_kinds())}", kind)
     name = text(raw.get("name", kind), f"{where}.name")
     if name in names:

@@ -20,6 +20,8 @@ from registry.common import is_digest
 from registry.errors import BadInputError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from registry.store import Store
 
 CONFIG_KEY = "gate_policy"
@@ -44,6 +46,20 @@ def configured_trusted_keys(store: Store, given: Sequence[Path] = ()) -> list[Pa
                             fix="e.g. \"trusted_keys\": [\"keys/release.pub\"]")
     root = Path(store.root)
     return [p if p.is_absolute() else root / p for p in (Path(x).expanduser() for x in setting)]
+
+
+def load_configured_trusted_keys(store: Store, given: Sequence[Path] = ()
+                                 ) -> dict[str, Ed25519PublicKey]:
+    """Key id -> public key of :func:`configured_trusted_keys` (empty when none are set).
+
+    Raises:
+        BadInputError: A bad ``trusted_keys`` setting, or a key file that is not an
+            ed25519 public key.
+    """
+    from registry.signing import load_trusted_keys
+
+    files = configured_trusted_keys(store, given)
+    return load_trusted_keys(files) if files else {}
 
 
 def configured_policy(store: Store, policy: str | Path | None = None) -> tuple[str, str]:

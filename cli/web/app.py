@@ -32,6 +32,8 @@ from cli.web.routes import build_routes
 from registry.errors import AdapterkitError
 
 if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
+
     from registry.store import Store
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +53,7 @@ def _jsonv(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def templates() -> Any:
+def templates() -> Jinja2Templates:
     """The Jinja2 environment (autoescape on for every template) wrapped for Starlette."""
     import jinja2
     from starlette.templating import Jinja2Templates
@@ -67,7 +69,7 @@ def templates() -> Any:
     return Jinja2Templates(env=env)
 
 
-def create_app(store: Store, config: UiConfig | None = None) -> Any:
+def create_app(store: Store, config: UiConfig | None = None) -> Guard:
     """The ASGI app serving ``store`` read-only.
 
     Args:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import BadInputError, shorten
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from registry.store import Store
 
 
@@ -76,7 +78,7 @@ def lineage_doc(store: Store, ref: str, direction: str = "up") -> dict[str, Any]
 
 
 def verify_doc(store: Store, ref: str | None = None,
-               trusted: dict[str, Any] | None = None) -> dict[str, Any]:
+               trusted: dict[str, Ed25519PublicKey] | None = None) -> dict[str, Any]:
     """``adapters verify [REF] [--signatures --trusted-keys K] --json`` (with its ``error``
     key when the store does not verify; the web view answers 200 either way).
 
@@ -106,7 +108,7 @@ def audit_log_doc(store: Store, limit: int = 20) -> dict[str, Any]:
 
 
 def audit_verify_doc(store: Store, checkpoints: list[Path] | tuple[Path, ...] = (),
-                     trusted: dict[str, Any] | None = None) -> dict[str, Any]:
+                     trusted: dict[str, Ed25519PublicKey] | None = None) -> dict[str, Any]:
     """``adapters audit verify [--checkpoint F --trusted-keys K] --json`` (with ``error``
     when a problem is found).
 

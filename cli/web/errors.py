@@ -9,7 +9,8 @@ plain line. :func:`guarded` wraps every endpoint of :mod:`cli.web.routes` with t
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cli.web.guard import plain_response
 from registry.errors import (
@@ -19,6 +20,11 @@ from registry.errors import (
     NotFoundError,
     internal_error,
 )
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.templating import Jinja2Templates
 
 log = logging.getLogger("adapterkit.ui")
 
@@ -34,7 +40,7 @@ def status_of(err: AdapterkitError) -> int:
     return 500
 
 
-def render_error(request: Any, err: AdapterkitError, tpl: Any) -> Any:
+def render_error(request: Request, err: AdapterkitError, tpl: Jinja2Templates) -> Response:
     """An error as a page, or as the CLI's JSON error document under ``/api/``."""
     from starlette.responses import JSONResponse
 
@@ -48,9 +54,10 @@ def render_error(request: Any, err: AdapterkitError, tpl: Any) -> Any:
         return plain_response(status, f"error: {err.message}")
 
 
-def guarded(tpl: Any, handler: Any) -> Any:
+def guarded(tpl: Jinja2Templates, handler: Callable[[Request], Response]
+            ) -> Callable[[Request], Response]:
     """Wrap a sync endpoint: library errors and bugs become pages, never tracebacks."""
-    def endpoint(request: Any) -> Any:
+    def endpoint(request: Request) -> Response:
         try:
             return handler(request)
         except AdapterkitError as err:

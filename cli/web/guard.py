@@ -19,8 +19,13 @@ import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlencode
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from starlette.responses import PlainTextResponse
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "adapterkit_ui"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -48,11 +53,12 @@ class UiConfig:
 
     token: str | None = None
     allowed_hosts: tuple[str, ...] | None = None
-    trusted: dict[str, Any] = field(default_factory=dict)
+    trusted: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     checkpoints: tuple[Path, ...] = ()
 
 
-def plain_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> Any:
+def plain_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] = ()
+                   ) -> PlainTextResponse:
     """A plain-text response with ``extra`` headers (refusals and last-resort errors)."""
     from starlette.responses import PlainTextResponse
 
@@ -70,7 +76,7 @@ class Guard:
         config: The token and allowed hosts.
     """
 
-    def __init__(self, app: Any, config: UiConfig) -> None:
+    def __init__(self, app: ASGIApp, config: UiConfig) -> None:
         self.app = app
         self.config = config
 
@@ -85,7 +91,7 @@ class Guard:
                 return True
         return False
 
-    def _refusal(self, scope: dict[str, Any]) -> Any:
+    def _refusal(self, scope: Scope) -> PlainTextResponse | None:
         """The response refusing this request, or None to let it through."""
         if scope["method"] not in SAFE_METHODS:
             return plain_response(405, "read-only: only GET and HEAD are served",
@@ -113,7 +119,7 @@ class Guard:
                           [(b"www-authenticate", b'Bearer realm="adapterkit"')])
         return None
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
@@ -121,7 +127,7 @@ class Guard:
             await send({"type": "websocket.close", "code": 1008})
             return
 
-        async def send_with_headers(message: dict[str, Any]) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", []))
                            + SECURITY_HEADERS}

@@ -22,12 +22,19 @@ A baseline score of 0 leaves nothing to retain: the ratio is not computed and on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gate import policy_fields as f
 from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import answer_matches, read_pairs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from gate.context import GateContext
+    from gate.evaluate import Evaluator
+    from gate.policy import CheckSpec
 
 PARAMS = CheckParams(listed=3, fields={
     "sets": (f.path_map, f.REQUIRED),
@@ -39,7 +46,7 @@ PARAMS = CheckParams(listed=3, fields={
 }, file_maps=("sets",), one_of=("min_ratio", "min_score"))
 
 
-def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float:
+def score(spec: CheckSpec, ev: Evaluator, model: PreTrainedModel, pairs: list[tuple[str, str]]) -> float:
     """The set's score for ``model`` under the policy's metric."""
     if spec["metric"] == "loglik":
         scored = ev.answer_logprobs(model, pairs)
@@ -53,7 +60,7 @@ def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float
     return hits / len(pairs)
 
 
-def run(spec: Any, ctx: Any) -> Outcome:
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     ev = ctx.evaluator
     by_parents = spec["baseline"] == "parents"
     if not by_parents and ctx.release_model() is None:
