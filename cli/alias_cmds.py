@@ -1,54 +1,38 @@
-"""Alias and lineage commands: ``alias set|rm|ls``, ``tag`` and ``lineage``.
+"""Alias and lineage commands: ``alias set|rm|ls|history``, ``tag`` and ``lineage``.
 
-Alias moves are compare-and-swap in the store (``--expect OLD``; ``--expect none``
-means "the alias must not exist yet"); a lost race is the store's ConflictError
-(exit 4). ``lineage`` walks parents (``--up``) or children (``--down``) with
-:mod:`registry.lineage` and draws a rich tree, JSON, or Graphviz dot.
+Alias moves are compare-and-swap in the store (``--expect OLD``, read by
+:func:`cli.common.parse_expect`; ``--expect none`` means "the alias must not exist
+yet"); a lost race is the store's ConflictError (exit 4). ``alias history NAME:ALIAS``
+lists every move of an alias from the audit log (:func:`gate.promote.alias_history`:
+what was released when, by whom, forced or not and why). ``lineage`` walks parents
+(``--up``) or children (``--down``) with :mod:`registry.lineage` and draws a rich
+tree, JSON, or Graphviz dot.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, open_store, split_alias
+from cli.common import ExpectOpt, JsonOpt, StoreOpt, open_store, parse_expect, split_alias
 from cli.output import Output, escape, make_table, short_digest
 from registry.errors import BadInputError, NotFoundError, shorten
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.tree import Tree
+
+    from registry.lineage import LineageNode
+
 alias_app = typer.Typer(help="Move, remove and list aliases (compare-and-swap).",
                         no_args_is_help=True)
-
-_DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}$")
-
-ExpectOpt = Annotated[
-    Optional[str],
-    typer.Option("--expect", metavar="OLD",
-                 help="Only move if the alias points here now (digest or ref; 'none': must not exist)."),
-]
-
 
 def register(app: typer.Typer) -> None:
     """Add ``alias``, ``tag`` and ``lineage`` to ``app``."""
     app.add_typer(alias_app, name="alias")
     app.command("tag", help="Short for 'alias set NAME:ALIAS REF'.")(alias_set)
     app.command("lineage")(lineage)
-
-
-def _cas_kwargs(st: Any, name: str, expect: str | None) -> dict[str, Any]:
-    """``--expect`` -> ``set_alias``/``delete_alias`` kwargs (absent: move unconditionally).
-
-    ``none`` means "must not exist"; a digest or hex prefix goes to the store as is;
-    anything else is a ref, resolved to its digest now.
-    """
-    if expect is None:
-        return {}
-    if expect.lower() in ("none", "-", ""):
-        return {"expect": None}
-    if _DIGEST_OR_PREFIX.match(expect):
-        return {"expect": expect}
-    return {"expect": st.resolve(expect).digest}
 
 
 @alias_app.command("set")
@@ -63,7 +47,7 @@ def alias_set(
     name, alias = split_alias(target)
     st = open_store(store)
     version = st.resolve(ref)
-    old = st.set_alias(name, alias, version.digest, **_cas_kwargs(st, name, expect))
+    old = st.set_alias(name, alias, version.digest, expect=parse_expect(st, expect))
     data = {"name": name, "alias": alias, "old": old, "new": version.digest}
     Output(json_out).emit(data, lambda c: c.print(
         f"{escape(name)}:{escape(alias)} {short_digest(old) if old else '(new)'} "
@@ -81,7 +65,7 @@ def alias_rm(
     """Remove NAME:ALIAS (the version itself stays); exit 5 if there is no such alias."""
     name, alias = split_alias(target)
     st = open_store(store)
-    old = st.delete_alias(name, alias, **_cas_kwargs(st, name, expect))
+    old = st.delete_alias(name, alias, expect=parse_expect(st, expect))
     if old is None:  # nothing was removed (and nothing audited)
         raise NotFoundError(f"no alias {name}:{alias}",
                             fix=f"list the aliases with `adapters alias ls {name}`")
@@ -103,6 +87,32 @@ def alias_ls(
     data = {"name": name, "aliases": aliases}
     rows = [(escape(a), d) for a, d in sorted(aliases.items())]
     Output(json_out).emit(data, lambda c: c.print(make_table(name, ["alias", "digest"], rows)))
+
+
+@alias_app.command("history")
+def alias_history(
+    target: Annotated[str, typer.Argument(metavar="NAME:ALIAS", help="Alias to trace, e.g. demo:release.")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """What an alias pointed at when: every move from the audit log, oldest first."""
+    from gate.promote import alias_history as history_of
+
+    name, alias = split_alias(target)
+    rows = history_of(open_store(store), name, alias)
+
+    def render(console: Console) -> None:
+        if not rows:
+            console.print(f"{escape(target)} was never set")
+            return
+        console.print(make_table(f"history of {escape(target)}",
+                                 ["seq", "time", "action", "from", "to", "actor", "reason"],
+                                 [(r["seq"], r["ts"], r["action"],
+                                   short_digest(r["old"]) if r["old"] else "-",
+                                   short_digest(r["new"]) if isinstance(r["new"], str) else "-",
+                                   escape(str(r["actor"])), escape(r["reason"] or "")) for r in rows]))
+
+    Output(json_out).emit({"alias": target, "history": rows}, render)
 
 
 def lineage(
@@ -130,11 +140,11 @@ def lineage(
         out.emit(data, lambda c: c.print(_rich_tree(node)))
 
 
-def _rich_tree(root: Any) -> Any:
+def _rich_tree(root: LineageNode) -> Tree:
     """A rich Tree of a :class:`registry.lineage.LineageNode`."""
     from rich.tree import Tree
 
-    def label(node: Any) -> str:
+    def label(node: LineageNode) -> str:
         text = escape(node.label)
         extra = [str(x) for x in (node.method, node.role) if x]
         if node.weight is not None:

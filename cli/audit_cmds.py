@@ -17,19 +17,29 @@ deployed directory of a derived model against its record without rebuilding it
 tensor, exit 0 with one ``OK`` line. In ``--json``
 mode the error goes into the one JSON document (key ``error``) instead of a
 second one, so the output always parses.
+
+Each command is parse, one library call, render: the documents and their errors
+come from :mod:`registry.audit_report` (log, chain and checkpoint checks, signing a
+checkpoint) and :mod:`registry.verify_report` (what a failed ``verify`` says), which
+the web view's ``/api/`` uses too.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from cli.common import JsonOpt, StoreOpt, open_store, parse_duration
 from cli.output import Output, escape, make_table, short_digest
-from registry.errors import AdapterkitError, BadInputError, IntegrityError
+from registry.errors import AdapterkitError, BadInputError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from rich.console import Console
 
 audit_app = typer.Typer(help="Read and check the hash-chained audit log.", no_args_is_help=True)
 
@@ -41,7 +51,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
 
 
-def emit_checked(out: Output, data: dict[str, Any], render: Any,
+def emit_checked(out: Output, data: dict[str, Any], render: Callable[[Console], None],
                  error: AdapterkitError | None) -> None:
     """Emit a report; then raise ``error`` (human mode) or exit with its code (JSON mode)."""
     if error is not None:
@@ -54,7 +64,8 @@ def emit_checked(out: Output, data: dict[str, Any], render: Any,
     raise error
 
 
-def trusted_keys_for(option: str, used: bool, paths: list[Path] | None) -> dict[str, Any] | None:
+def trusted_keys_for(option: str, used: bool,
+                     paths: list[Path] | None) -> dict[str, Ed25519PublicKey] | None:
     """The public keys ``--trusted-keys`` names, when ``option`` (which needs them) is
     ``used``; ``None`` when it is not.
 
@@ -75,24 +86,6 @@ def trusted_keys_for(option: str, used: bool, paths: list[Path] | None) -> dict[
     return trusted
 
 
-def _problem_line(problem: Any) -> str:
-    """``unaudited names/x/versions/ab..: no audit entry records ...`` / ``corrupt blob ..``."""
-    if problem.kind == "unaudited":
-        return f"unaudited {', '.join(problem.used_by)}: {problem.detail}"
-    what = "version" if problem.kind in ("unsigned", "bad_signature") else "blob"
-    return f"{problem.kind} {what} {problem.digest}"
-
-
-def _problem_fix(kind: str) -> str:
-    if kind in ("unsigned", "bad_signature"):
-        return ("sign the version with a trusted key (`adapters sign REF --key KEY.pem`); "
-                "treat a bad signature as tampering")
-    if kind == "unaudited":
-        return ("treat it as tampering: it was written outside adapterkit; restore the "
-                "store from a backup and check `adapters audit log`")
-    return "restore the blobs from a copy of the store, or re-push the affected adapters"
-
-
 def verify(
     ref: Annotated[Optional[str], typer.Argument(metavar="REF", help="Only this version.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every blob in the store.")] = False,
@@ -111,6 +104,7 @@ def verify(
 ) -> None:
     """Re-hash stored blobs (and check signatures); exit 3 if anything is wrong."""
     from registry.maintenance.integrity import verify as verify_blobs
+    from registry.verify_report import verify_error
 
     if ref is not None and all_:
         raise BadInputError("give REF or --all, not both", fix="drop one of them")
@@ -124,7 +118,7 @@ def verify(
         report = verify_blobs(st, ref, progress=advance, trusted=trusted)
     data = report.to_json()
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         for p in report.problems:
             console.print(f"[red]{p.kind}[/red] {p.digest} {escape(p.detail)}")
             for user in p.used_by:
@@ -133,12 +127,7 @@ def verify(
         console.print(f"checked {report.versions} version(s){signed}, {report.blobs} blob(s), "
                       f"{report.bytes} bytes: {len(report.problems)} problem(s)")
 
-    error = None
-    if not report.ok:
-        first = report.problems[0]
-        error = IntegrityError(f"{len(report.problems)} problem(s) in the store, first: "
-                               f"{_problem_line(first)}", fix=_problem_fix(first.kind))
-    emit_checked(out, data, render, error)
+    emit_checked(out, data, render, verify_error(report))
 
 
 def verify_model_dir(ref: str | None, model: Path, other: bool, json_out: bool,
@@ -178,7 +167,7 @@ def gc(
     seconds = parse_duration(grace)
     report = collect(open_store(store), seconds, dry_run=dry_run)
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         verb = "would remove" if dry_run else "removed"
         for digest in report.removed:
             console.print(f"{verb} {digest}")
@@ -198,10 +187,9 @@ def audit_log(
     store: StoreOpt = None,
 ) -> None:
     """Show the newest audit entries."""
-    st = open_store(store)
-    entries = st.audit().entries()
-    if limit > 0:
-        entries = entries[-limit:]
+    from registry.audit_report import newest_entries
+
+    entries = newest_entries(open_store(store), limit)
 
     def cell(value: Any) -> str:
         if isinstance(value, str) and value.startswith("sha256:"):
@@ -220,14 +208,6 @@ def audit_log(
     ))
 
 
-def _where(problem: dict[str, Any]) -> str:
-    """``log line N`` for a line of log.jsonl, ``head.json`` for the head (line 0),
-    ``checkpoint`` for a signed checkpoint the log no longer matches."""
-    if problem.get("kind") == "checkpoint":
-        return "checkpoint"
-    return f"log line {problem['line']}" if problem["line"] else "head.json"
-
-
 @audit_app.command("verify")
 def audit_verify(
     checkpoint: Annotated[Optional[list[Path]], typer.Option(
@@ -239,37 +219,20 @@ def audit_verify(
     store: StoreOpt = None,
 ) -> None:
     """Check the hash chain (and signed checkpoints); exit 3 naming the first problem."""
+    from registry.audit_report import audit_document, audit_error, problem_where
+
     trusted = trusted_keys_for("--checkpoint", bool(checkpoint), trusted_keys) or {}
-    st = open_store(store)
-    report = st.audit().verify()
-    data = report.to_json()
-    if checkpoint:
-        from registry.audit.checkpoint import check_checkpoint, read_checkpoint
+    data = audit_document(open_store(store), checkpoint or [], trusted)
 
-        entries = st.audit().entries() if report.ok else []
-        data["checkpoints"] = []
-        for path in checkpoint:
-            seq, problems = check_checkpoint(read_checkpoint(path), entries, trusted)
-            data["checkpoints"].append({"file": str(path), "seq": seq, "ok": not problems})
-            data["problems"] += [{"line": 0, "kind": "checkpoint", "message": f"{path}: {m}"}
-                                 for m in problems]
-
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         for p in data["problems"]:
-            console.print(f"[red]{_where(p)}[/red]: {escape(p['message'])}")
+            console.print(f"[red]{problem_where(p)}[/red]: {escape(p['message'])}")
         for c in data.get("checkpoints", []):
             console.print(f"checkpoint {escape(c['file'])} (seq {c['seq']}): "
                           + ("[green]ok[/green]" if c["ok"] else "[red]failed[/red]"))
         console.print(f"{data['entries']} entries, {len(data['problems'])} problems")
 
-    error = None
-    if data["problems"]:
-        first = data["problems"][0]
-        error = IntegrityError(
-            f"audit {_where(first)}: {first['message']}",
-            fix="the log was edited, reordered, truncated or rewritten; restore it from a backup",
-        )
-    emit_checked(Output(json_out), data, render, error)
+    emit_checked(Output(json_out), data, render, audit_error(data))
 
 
 @audit_app.command("checkpoint")
@@ -281,26 +244,10 @@ def audit_checkpoint(
     store: StoreOpt = None,
 ) -> None:
     """Sign the log's newest entry: an anchor `audit verify --checkpoint` checks against."""
-    import base64
+    from registry.audit_report import refuse_existing, write_checkpoint
 
-    from registry.audit.checkpoint import sign_checkpoint
-    from registry.fsutil import atomic_write_bytes
-    from registry.digests import canonical_json
-    from registry.errors import ConflictError
-
-    if out.exists():
-        raise ConflictError(f"{out} already exists", fix="pick a new file name per checkpoint")
-    st = open_store(store)
-    report = st.audit().verify()
-    if not report.ok:
-        raise IntegrityError("the audit log does not verify; not signing it",
-                             fix="run `adapters audit verify` and restore the log first")
-    envelope = sign_checkpoint(st.audit().entries(), key)
-    payload = json.loads(base64.b64decode(envelope["payload"]))
-    keyid = envelope["signatures"][0]["keyid"]
-    atomic_write_bytes(out, canonical_json(envelope) + b"\n")
-    st.audit().append("checkpoint", "audit", new={**payload, "keyid": keyid})
-    data = {"file": str(out), "seq": payload["seq"], "hash": payload["hash"], "keyid": keyid}
-    Output(json_out).emit(data, lambda c: c.print(
-        f"signed audit entry {data['seq']} ({short_digest(data['hash'])}) with key "
-        f"{short_digest(keyid)} -> {escape(str(out))}"))
+    refuse_existing(out)  # before the store is opened
+    done = write_checkpoint(open_store(store), key, out)
+    Output(json_out).emit(done.to_json(), lambda c: c.print(
+        f"signed audit entry {done.seq} ({short_digest(done.hash)}) with key "
+        f"{short_digest(done.keyid)} -> {escape(str(out))}"))

@@ -1,7 +1,9 @@
 """Options and small parsers shared by the command modules.
 
-Every command takes ``--json`` and ``--store PATH``; the annotated aliases here keep
-their spelling and help text identical everywhere. The parsers turn command-line
+This is the one module of shared typer options: every command takes ``--json`` and
+``--store PATH``, every alias move ``--expect OLD``; the annotated aliases here keep
+their spelling and help text identical everywhere (and :func:`parse_expect` is the
+one reading of ``--expect``). The parsers turn command-line
 strings (``k=v`` pairs, ``30s``/``10m``/``1h``/``2d`` durations, ``NAME:ALIAS``)
 into values and raise :class:`registry.errors.BadInputError` (exit 2) on bad input,
 so ``cli/main.py`` reports them like every other error.
@@ -36,11 +38,41 @@ StoreOpt = Annotated[
     typer.Option("--store", help="Store directory (default: $ADAPTERS_HOME or ~/.adapters).",
                  show_default=False),
 ]
+ExpectOpt = Annotated[
+    Optional[str],
+    typer.Option("--expect", metavar="OLD",
+                 help="Only move if the alias points here now (digest or ref; 'none': must not exist)."),
+]
 AllowBaseMismatchOpt = Annotated[
     bool,
     typer.Option("--allow-base-mismatch",
                  help="Accept inputs whose bases share the structure but not the weights."),
 ]
+
+
+_DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}$")
+
+
+def parse_expect(st: Store, expect: str | None) -> str | None | object:
+    """``--expect OLD`` -> the ``expect`` value of ``Store.set_alias``/``delete_alias``.
+
+    Absent: :data:`registry.storage.store.ANY` (move unconditionally); ``none`` (or ``-``, or
+    empty): None, the alias must not exist; a digest or hex prefix goes to the store as
+    written (it resolves prefixes itself); anything else is a ref, resolved to its
+    digest now.
+
+    Raises:
+        NotFoundError / BadInputError: ``expect`` is a ref that does not resolve.
+    """
+    from registry.storage.store import ANY
+
+    if expect is None:
+        return ANY
+    if expect.lower() in ("none", "-", ""):
+        return None
+    if _DIGEST_OR_PREFIX.match(expect):
+        return expect
+    return st.resolve(expect).digest
 
 
 def _check_store_path(root: Path | None) -> None:

@@ -1,4 +1,4 @@
-"""Gate and release commands: ``gate``, ``promote`` and ``alias history``.
+"""Gate and release commands: ``gate`` and ``promote``.
 
 ``adapters gate REF --base MODEL_DIR --policy gate.yaml [--junit report.xml] [--json]``
 evaluates a registry version (or a PEFT directory) with :func:`gate.runner.run_gate`,
@@ -12,50 +12,35 @@ prints the default as YAML.
 
 ``adapters promote REF --to release [--expect OLD] [--policy gate.yaml]
 [--force --reason TEXT] [--trusted-keys KEY.pub]`` moves a protected alias after
-checking for a passing gate record (and, with trusted keys, a valid signature;
-:mod:`gate.promote`); without ``--policy`` the store's ``config.json`` ``gate_policy``
-is used. Exit 1 (naming what is missing or failed) when refused.
-
-``adapters alias history NAME:ALIAS`` lists every move of an alias from the audit log
-(what was released when, by whom, forced or not and why). It is attached to the
-``alias`` sub-app of :mod:`cli.alias_cmds` when that module exists, else registered
-as a top-level ``history`` command.
+checking for a passing gate record (and, with trusted keys, a valid signature):
+one call of :func:`gate.promote.promote_configured`, which takes the store's
+``config.json`` ``gate_policy`` without ``--policy``. Exit 1 (naming what is missing
+or failed) when refused. (``alias history`` is :mod:`cli.alias_cmds`'s.)
 
 torch, transformers and peft are imported only inside ``gate``.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, open_store, ref_or_dir, split_alias
-from cli.output import Output, escape, make_table, short_digest
+from cli.common import ExpectOpt, JsonOpt, StoreOpt, open_store, parse_expect, ref_or_dir
+from cli.output import Output, escape, short_digest
 from registry.errors import GateFailedError
 
-_DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}$")
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gate.results import CheckResult
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``gate``, ``promote`` and ``alias history`` (or ``history``) to ``app``."""
+    """Add ``gate`` and ``promote`` to ``app``."""
     app.command("gate")(gate)
     app.command("promote")(promote)
-    try:
-        from cli.alias_cmds import alias_app
-    except ImportError:  # pragma: no cover - alias commands not installed
-        app.command("history")(history)
-        return
-    if not any(c.name == "history" for c in alias_app.registered_commands):
-        alias_app.command("history")(history)
-
-
-def _candidate(ref: str, store_path: Path | None) -> tuple[Any, Any]:
-    """``(store or None, ref or Path)`` by the one ref-or-directory rule (a ref wins;
-    a directory is written as a path, ``./NAME``; a word that is both is refused)."""
-    return ref_or_dir(ref, store_path)
 
 
 def gate(
@@ -91,9 +76,10 @@ def gate(
     from gate.runner import run_gate
 
     out = Output(json_out)
-    st, candidate = _candidate(ref, store)
-    pol, default_used = gate_policy(st if st is not None else _store_if_any(store), policy,
-                                    allow_outside_data=allow_outside_data)  # bad -> exit 2
+    # the one ref-or-directory rule: a ref wins, a directory is written as a path
+    # (./NAME), a word that is both is refused; st is None where there is no store
+    st, candidate = ref_or_dir(ref, store)
+    pol, default_used = gate_policy(st, policy, allow_outside_data=allow_outside_data)  # bad -> exit 2
     if default_used:
         out.info(f"no --policy given and none pinned: using the built-in default policy "
                  f"{short_digest(pol.digest)} (see adapters gate --print-default-policy)")
@@ -101,7 +87,7 @@ def gate(
         out.info(f"gating directory {escape(str(candidate))} (not recorded in a registry)")
     colours = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow"}
 
-    def on_check(check: Any) -> None:
+    def on_check(check: CheckResult) -> None:
         out.info(f"[{colours.get(check.status, 'white')}]{check.status:>5}[/] {escape(check.name)}"
                  f" ({check.duration_s:.1f}s)")
 
@@ -111,7 +97,7 @@ def gate(
         write_junit(result, junit)
     append_step_summary(result)
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         console.print(rich_table(result))
         console.print(f"candidate {escape(result.candidate)}  policy {short_digest(result.policy_digest)}"
                       + (" (built-in default)" if default_used else "")
@@ -139,34 +125,10 @@ def _print_default_policy(value: bool) -> None:
     raise typer.Exit(0)
 
 
-def _store_if_any(store_path: Path | None) -> Any:
-    """The store, if one exists there (for its pinned policy); None otherwise."""
-    from registry.errors import NotFoundError
-
-    try:
-        return open_store(store_path)
-    except NotFoundError:
-        return None
-
-
-def _expect(st: Any, expect: str | None) -> Any:
-    """``--expect`` -> the store's CAS value: absent = ANY, ``none`` = must not exist."""
-    from registry.storage.store import ANY
-
-    if expect is None:
-        return ANY
-    if expect.lower() in ("none", "-", ""):
-        return None
-    if _DIGEST_OR_PREFIX.match(expect):
-        return expect
-    return st.resolve(expect).digest
-
-
 def promote(
     ref: Annotated[str, typer.Argument(metavar="REF", help="Version to promote.")],
     to: Annotated[str, typer.Option("--to", metavar="ALIAS", help="Alias to move.")] = "release",
-    expect: Annotated[Optional[str], typer.Option(
-        "--expect", metavar="OLD", help="Only move if the alias points here now ('none': must not exist).")] = None,
+    expect: ExpectOpt = None,
     policy: Annotated[Optional[Path], typer.Option(
         "--policy", metavar="GATE_YAML", help="Policy the gate record must be under "
         "(default: the store's config.json gate_policy).")] = None,
@@ -179,25 +141,15 @@ def promote(
     store: StoreOpt = None,
 ) -> None:
     """Move a protected alias to REF if REF passed the gate under the configured policy."""
-    from gate.promote import configured_policy, configured_trusted_keys, promote as do_promote
-    from registry.errors import BadInputError
+    from gate.promote import promote_configured, require_reason
 
-    out = Output(json_out)
-    if force and not (reason and reason.strip()):
-        raise BadInputError("--force requires --reason", fix="say why: --force --reason 'hotfix for ...'")
+    require_reason(force, reason)  # before the store is opened, as a usage error
     st = open_store(store)
-    try:
-        policy_digest, source = configured_policy(st, policy)
-    except BadInputError:
-        if not force or policy is not None:
-            raise
-        policy_digest, source = None, None
-    keys = configured_trusted_keys(st, trusted_keys or [])
-    result = do_promote(st, ref, to, policy_digest=policy_digest, expect=_expect(st, expect),
-                        force=force, reason=reason, trusted_keys=keys, policy_file=policy)
-    data = {**result.to_json(), "policy_source": source}
+    promotion = promote_configured(st, ref, to, policy_file=policy, expect=parse_expect(st, expect),
+                                   force=force, reason=reason, trusted_key_paths=trusted_keys or [])
+    result = promotion.result
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         verb = "force-promoted" if result.forced else "promoted"
         old = short_digest(result.old) if result.old else "nothing"
         console.print(f"{verb} {escape(result.ref)} to {escape(result.name)}:{escape(result.alias)}"
@@ -209,30 +161,5 @@ def promote(
         if result.forced:
             console.print(f"[yellow]forced[/yellow]: {escape(result.reason or '')} (recorded in the audit log)")
 
-    out.emit(data, render)
+    Output(json_out).emit(promotion.to_json(), render)
 
-
-def history(
-    target: Annotated[str, typer.Argument(metavar="NAME:ALIAS", help="Alias to trace, e.g. demo:release.")],
-    json_out: JsonOpt = False,
-    store: StoreOpt = None,
-) -> None:
-    """What an alias pointed at when: every move from the audit log, oldest first."""
-    from gate.promote import alias_history
-
-    out = Output(json_out)
-    name, alias = split_alias(target)
-    rows = alias_history(open_store(store), name, alias)
-
-    def render(console: Any) -> None:
-        if not rows:
-            console.print(f"{escape(target)} was never set")
-            return
-        console.print(make_table(f"history of {escape(target)}",
-                                 ["seq", "time", "action", "from", "to", "actor", "reason"],
-                                 [(r["seq"], r["ts"], r["action"],
-                                   short_digest(r["old"]) if r["old"] else "-",
-                                   short_digest(r["new"]) if isinstance(r["new"], str) else "-",
-                                   escape(str(r["actor"])), escape(r["reason"] or "")) for r in rows]))
-
-    out.emit({"alias": target, "history": rows}, render)

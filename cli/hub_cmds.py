@@ -11,12 +11,15 @@ runs, so ``adapters --help`` does not pay for it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
 from cli.output import Output, escape
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 TokenOpt = Annotated[
     Optional[str],
@@ -65,7 +68,7 @@ def pull(
     version = result.push.version
     data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         state = "pulled" if result.push.created else "already stored (no new bytes)"
         console.print(f"{state}: {escape(version.ref)}")
         console.print(f"from: {escape(ref.uri)} (commit {result.snapshot.commit})")
@@ -101,7 +104,7 @@ def push_hub(
     result = hub.push_to_hub(st, ref, target, private=private, revision=revision,
                              commit_message=commit_message, token=token)
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         console.print(f"uploaded {escape(result.version.ref)} -> "
                       f"hf://{escape(result.repo_id)}@{escape(result.revision or 'main')}")
         console.print(f"commit: {escape(result.commit_url or result.commit)}")

@@ -1,8 +1,11 @@
 """Entry point of the ``adapters`` command.
 
-The typer app is assembled from one module per command group (registry, merge,
-unload/quantize, gate/promote); each exposes ``register(app)``. Those modules
-load torch and friends only inside the commands that need them, so
+The typer app is assembled here, and only here, from one module per command
+group: :data:`COMMAND_MODULES` names every one of them, in the order their commands
+appear in ``adapters --help``, and each exposes ``register(app)`` adding its own
+commands (no module registers another's, none patches another's sub-app). Shared
+options (``--json``, ``--store``, ``--expect`` ...) live in :mod:`cli.common`. The
+command modules load torch and friends only inside the commands that need them, so
 ``adapters --help`` and every registry command start fast.
 
 ``main()`` runs the app outside click's standalone mode and is the one error
@@ -46,6 +49,8 @@ DEBUG_ENV = "ADAPTERS_DEBUG"
 
 COMMAND_MODULES: tuple[str, ...] = (
     "cli.registry_cmds",
+    "cli.alias_cmds",
+    "cli.audit_cmds",
     "cli.hub_cmds",
     "cli.sign_cmds",
     "cli.merge_cmds",

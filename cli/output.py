@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any

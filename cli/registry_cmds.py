@@ -7,23 +7,25 @@ machines). Errors are the library's :mod:`registry.errors` exceptions, left to
 so ``adapters --help`` pays only for typer and rich; nothing here imports torch
 (only ``push --allow-pickle`` does, inside the ingest library).
 
-:func:`register` also registers the alias/lineage commands (``cli/alias_cmds.py``)
-and the verify/gc/audit commands (``cli/audit_cmds.py``).
+The alias/lineage commands (``cli/alias_cmds.py``) and the verify/gc/audit
+commands (``cli/audit_cmds.py``) are registered by ``cli/main.py`` like this module.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cli import alias_cmds, audit_cmds
 from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
 from registry.errors import UsageError, shorten
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +37,6 @@ def register(app: typer.Typer) -> None:
     app.command("diff")(diff)
     app.command("fingerprint")(fingerprint)
     app.command("export")(export)
-    alias_cmds.register(app)
-    audit_cmds.register(app)
 
 
 def init(
@@ -130,22 +130,12 @@ def ls(
     store: StoreOpt = None,
 ) -> None:
     """List names, their versions (newest first) and aliases."""
-    st = open_store(store)
-    entries = []
-    for n in [name] if name else st.names():
-        aliases = st.aliases(n)
-        versions = [
-            {
-                "digest": v.digest,
-                "created": v.created,
-                "size": v.size,
-                "aliases": sorted(a for a, d in aliases.items() if d == v.digest),
-            }
-            for v in st.versions(n)
-        ]
-        entries.append({"name": n, "aliases": aliases, "versions": versions})
+    from registry.version_documents import ls_document
 
-    def render(console: Any) -> None:
+    data = ls_document(open_store(store), name)
+    entries = data["names"]
+
+    def render(console: Console) -> None:
         rows = [
             (escape(e["name"]), short_digest(v["digest"]), v["created"], v["size"],
              escape(", ".join(v["aliases"])))
@@ -154,7 +144,7 @@ def ls(
         ]
         console.print(make_table(None, ["name", "version", "created", "bytes", "aliases"], rows))
 
-    Output(json_out).emit({"names": entries}, render)
+    Output(json_out).emit(data, render)
 
 
 def _text(value: Any) -> str:
@@ -170,29 +160,17 @@ def show(
     store: StoreOpt = None,
 ) -> None:
     """Show a version: record, files, aliases and lineage summary."""
-    from registry.lineage import descendants
+    from registry.version_documents import show_document
 
-    st = open_store(store)
-    v = st.resolve(ref)
-    lineage = v.lineage or {}
-    children = descendants(st, v.ref, max_depth=1).children
-    data = {
-        **v.to_json(),
-        "aliases": sorted(a for a, d in st.aliases(v.name).items() if d == v.digest),
-        "lineage": {
-            "parents": lineage.get("parents", []),
-            "recipe": lineage.get("recipe"),
-            "children": [f"{c.name}@{c.digest}" for c in children],
-        },
-    }
+    data = show_document(open_store(store), ref)
 
-    def render(console: Any) -> None:
-        console.print(f"[bold]{escape(v.ref)}[/bold]  {v.kind}, created {v.created}")
+    def render(console: Console) -> None:
+        console.print(f"[bold]{escape(data['ref'])}[/bold]  {data['kind']}, created {data['created']}")
         if data["aliases"]:
             console.print(f"aliases: {escape(', '.join(data['aliases']))}")
-        rows = [(escape(k), _text(val)) for k, val in flatten(v.record).items()]
+        rows = [(escape(k), _text(val)) for k, val in flatten(data["record"]).items()]
         console.print(make_table("record", ["field", "value"], rows))
-        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in v.files]
+        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in data["files"]]
         console.print(make_table("files", ["path", "digest", "bytes"], rows))
         info = data["lineage"]
         if info["recipe"]:
@@ -218,7 +196,7 @@ def diff(
     data = diff_versions(open_store(store), ref_a, ref_b)
     record, files = data["record"], data["files"]
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         console.print(f"a: {escape(data['a'])}\nb: {escape(data['b'])}")
         if data["same"]:
             console.print("identical versions")

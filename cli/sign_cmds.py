@@ -2,8 +2,8 @@
 
 ``adapters keygen PRIVATE.pem PUBLIC.pem`` writes an ed25519 key pair (PEM; the
 private key 0600, never overwritten). ``adapters sign REF --key KEY.pem`` signs the
-version's name and digest as a DSSE envelope (:mod:`registry.signing`) and stores it
-beside the version (:meth:`registry.storage.store.Store.add_signature`, audited ``sign``).
+version's name and digest as a DSSE envelope and stores it beside the version,
+audited ``sign`` (one call: :func:`registry.sign_stored.sign_stored_version`).
 Trust lives with whoever checks: ``adapters verify [REF|--all] --signatures
 --trusted-keys KEY.pub`` (``cli/audit_cmds.py``) and ``promote``'s signature
 requirement (:func:`registry.signing.require_signature`).
@@ -14,12 +14,15 @@ requirement (:func:`registry.signing.require_signature`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli.common import JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(app: typer.Typer) -> None:
@@ -53,17 +56,12 @@ def sign(
     store: StoreOpt = None,
 ) -> None:
     """Sign a version's name and digest and store the envelope beside it."""
-    from registry.signing import sign_version
+    from registry.sign_stored import sign_stored_version
 
-    st = open_store(store)
-    version = st.resolve(ref)
-    envelope = sign_version(version.name, version.digest, key)
-    stored = st.add_signature(version, envelope)
-    keyid, blob = next(iter(stored.items()))
-    data = {"ref": version.ref, "digest": version.digest, "keyid": keyid, "envelope": blob}
+    signed = sign_stored_version(open_store(store), ref, key)
 
-    def render(console: Any) -> None:
-        console.print(f"signed {escape(version.ref)}")
-        console.print(f"key {keyid}, envelope {blob}")
+    def render(console: Console) -> None:
+        console.print(f"signed {escape(signed.ref)}")
+        console.print(f"key {signed.keyid}, envelope {signed.envelope}")
 
-    Output(json_out).emit(data, render)
+    Output(json_out).emit(signed.to_json(), render)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -65,15 +65,6 @@ def check_binding(host: str, token: str | None) -> None:
                             fix=f"pass --token (or set ${TOKEN_ENV}), or keep --host 127.0.0.1")
 
 
-def _trusted(st: Any, paths: list[Path] | None) -> dict[str, Any]:
-    """Key id -> public key from ``--trusted-keys`` or config.json ``trusted_keys``."""
-    from gate.promote import configured_trusted_keys
-    from registry.signing import load_trusted_keys
-
-    files = configured_trusted_keys(st, paths or [])
-    return load_trusted_keys(files) if files else {}
-
-
 def ui(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback "
                                                      "unless --token is given).")] = "127.0.0.1",
@@ -92,7 +83,9 @@ def ui(
     store: StoreOpt = None,
 ) -> None:
     """Serve a read-only web view of the store (pip install 'adapterkit[ui]')."""
-    from cli.web.app import LOOPBACK_HOSTS, UiConfig, create_app, missing_extra
+    from cli.web.app import create_app, missing_extra
+    from cli.web.guard import LOOPBACK_HOSTS, UiConfig
+    from gate.store_config import load_configured_trusted_keys
 
     check_binding(host, token)
     try:
@@ -101,7 +94,7 @@ def ui(
         raise missing_extra(err) from None
     st = open_store(store)
     config = UiConfig(token=token, allowed_hosts=None if token else LOOPBACK_HOSTS,
-                      trusted=_trusted(st, trusted_keys),
+                      trusted=load_configured_trusted_keys(st, trusted_keys or []),
                       checkpoints=tuple(checkpoint or ()))
     app = create_app(st, config)
     shown = f"[{host}]" if ":" in host else host

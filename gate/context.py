@@ -26,7 +26,8 @@ can be named too. For a plain directory the parents are passed in.
 The **source** is what the candidate was made from (drift's reference): the adapter
 on the base for an unload, the unquantized model for a quantization (its record's
 ``location``, or ``--source DIR``; checked against its record before a drift check
-runs). Adapters and merges have none; ``--source`` gives one to a directory.
+runs, :func:`gate.source_check.check_source`). Adapters and merges have none;
+``--source`` gives one to a directory.
 
 The **release** baseline is the version the ``release`` alias of the candidate's
 name points at (or the policy's ``release`` ref), resolved on first use; when no
@@ -48,6 +49,8 @@ from registry.digests import canonical_json
 from registry.errors import BadInputError, NotFoundError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from gate.evaluate import Evaluator
     from gate.policy import Policy
     from registry.storage.manifest import Version
@@ -307,27 +310,6 @@ def candidate_from_store(store: Store, ref: str, workdir: Path, *, model_dir: Pa
                      provenance=provenance)
 
 
-def check_source(store: Store | None, cand: Candidate) -> dict[str, Any] | None:
-    """Make sure the candidate's source can be read and is what its record says.
-
-    Called by the runner before evaluating when the policy has a drift check.
-
-    Raises:
-        BadInputError: The source is recorded by reference and no copy is at hand.
-        IntegrityError: The source directory is not the recorded model.
-    """
-    src = cand.source
-    if src is None:
-        return None
-    if src.dir is None:
-        raise BadInputError(f"drift needs the source of {cand.label}: {src.note}",
-                            fix="pass --source DIR with that model's directory, or drop the "
-                                "drift check")
-    if src.recorded and store is not None and src.digest:
-        return verify_model_dir(store, store.version_by_digest(src.digest), src.dir)
-    return None
-
-
 @dataclass
 class GateContext:
     """Shared state of one gate run (models are cached in ``evaluator``)."""
@@ -342,11 +324,11 @@ class GateContext:
     _release: Any = field(default=_UNSET, repr=False)
     release_note: str = ""
 
-    def candidate_model(self) -> Any:
+    def candidate_model(self) -> PreTrainedModel:
         """The candidate applied to the base (cached)."""
         return self.evaluator.with_adapter("candidate", self.candidate.dir)
 
-    def parent_model(self, parent: Parent) -> Any:
+    def parent_model(self, parent: Parent) -> PreTrainedModel:
         """A parent applied to the base (cached)."""
         return self.evaluator.with_adapter(f"parent:{parent.name}", parent.dir)
 
@@ -357,7 +339,7 @@ class GateContext:
                 return p
         return None
 
-    def source_model(self) -> Any:
+    def source_model(self) -> PreTrainedModel | None:
         """The candidate's source loaded (adapter on the base, or model dir), or None."""
         src = self.candidate.source
         if src is None or src.dir is None:
@@ -395,7 +377,7 @@ class GateContext:
                          record=version.record, lineage=version.lineage, stored=True,
                          kind=version.kind)
 
-    def release_model(self) -> Any:
+    def release_model(self) -> PreTrainedModel | None:
         """The release applied to the base, or None."""
         rel = self.release()
         if rel is None:

@@ -12,7 +12,7 @@ baked into) are context, not custody. So an nf4 model of an unloaded TIES merge 
 and B needs passing records for the nf4 model, the unloaded model and the merge;
 a quantized model of an ungated merge is refused (exit 1) naming the merge.
 
-Each record is checked by :func:`gate.promote.require_passing_gate`, the same rule as
+Each record is checked by :func:`gate.records.require_passing_gate`, the same rule as
 for the candidate: bound to that version and policy inside the record, vouched for
 by the audit log, ``passed: true``.
 
@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gate.records import require_passing_gate
 from registry.digests import sha256_digest
 from registry.errors import AdapterkitError, GateFailedError, IntegrityError
 
@@ -145,8 +146,6 @@ def require_custody(store: Store, version: Version, policy_digest: str) -> list[
             parent it is).
         IntegrityError: A record or manifest is corrupt.
     """
-    from gate.promote import require_passing_gate
-
     checked = []
     for entry, child in custody_path(store, version):
         ref = entry.get("ref") or entry["digest"]

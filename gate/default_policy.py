@@ -89,7 +89,7 @@ def gate_policy(store: Store | None, given: str | Path | None, *,
             policy by digest only (its file is needed to run it).
     """
     from gate.policy import load_policy
-    from gate.promote import CONFIG_KEY, pinned_policy
+    from gate.store_config import CONFIG_KEY, pinned_policy
 
     if given is not None:
         return load_policy(given, allow_outside_data=allow_outside_data), False
@@ -114,7 +114,7 @@ def refuse_unpinned_default(store: Store, policy_digest: str | None) -> None:
         GateFailedError: ``policy_digest`` is the default's and the store does not pin it.
         BadInputError: The store's pinned policy setting is invalid.
     """
-    from gate.promote import CONFIG_KEY, pinned_policy
+    from gate.store_config import CONFIG_KEY, pinned_policy
 
     if policy_digest is None:
         return

@@ -7,7 +7,7 @@ together" model), because several checks score the same models:
 * **adapters** are applied with PEFT (``PeftModel.from_pretrained`` then
   ``merge_and_unload``), exactly as a user would load them;
 * **"parents applied together"** (merge equivalence) is built without PEFT: each
-  parent's true delta ``s_i B_i A_i`` (:func:`lora_deltas`) times its merge
+  parent's true delta ``s_i B_i A_i`` (:func:`gate.lora_deltas.lora_deltas`) times its merge
   coefficient is added to a copy of the base weights, so the reference does not
   share code with the adapter under test;
 * a **derived model** (a merged-and-unloaded checkpoint) is loaded as is; a
@@ -37,17 +37,20 @@ import json
 import math
 import tempfile
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from gate.provenance import is_quantized
-from registry.errors import BadInputError, UnsupportedAdapterError
+from registry.errors import BadInputError
 from registry.formats.patterns import explicit_peft_config
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def read_texts(path: Path, *, field: str = "text", limit: int | None = None) -> list[str]:
@@ -124,45 +127,6 @@ def answer_matches(prediction: str, answer: str, case_sensitive: bool = True) ->
     return pred == ans or (pred.startswith(ans) and not pred[len(ans)].isalnum())
 
 
-def _scales(config: dict[str, Any], module: str, rank: int) -> float:
-    from registry.formats.peft_keys import alpha_for
-
-    alpha = alpha_for(module, config.get("lora_alpha", 8), config.get("alpha_pattern"))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def lora_deltas(adapter_dir: Path) -> dict[str, Any]:
-    """Base weight key -> the adapter's true delta ``s·B·A`` (float32), shaped like the weight.
-
-    ``modules_to_save`` copies are not deltas and are refused, as are DoRA and LoRA
-    biases (their effect is not a weight delta).
-
-    Raises:
-        UnsupportedAdapterError: DoRA, lora_bias or modules_to_save tensors.
-        BadInputError: Malformed adapter files.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from registry.formats.peft_keys import base_weight_key, split_keys
-
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    modules, extras = split_keys(tensors)
-    if extras or config.get("use_dora") or config.get("lora_bias"):
-        raise UnsupportedAdapterError(
-            f"{adapter_dir}: DoRA, lora_bias or modules_to_save have no plain weight delta",
-            fix="merge equivalence needs plain LoRA parents")
-    out: dict[str, Any] = {}
-    for module, keys in modules.items():
-        a, b = tensors[keys.a].to(torch.float32), tensors[keys.b].to(torch.float32)
-        delta = (b @ a) * _scales(config, module, a.shape[0])
-        if keys.embedding or config.get("fan_in_fan_out"):
-            delta = delta.T
-        out[base_weight_key(module)] = delta
-    return out
-
-
 class Evaluator:
     """Loads model variants on one device and scores them.
 
@@ -180,12 +144,12 @@ class Evaluator:
         self.base_dir = Path(base_dir)
         self.dtype_name, self.seed, self.max_length = dtype, seed, max_length
         self.device, self.cache_size = device, cache_size
-        self._models: OrderedDict[str, Any] = OrderedDict()
-        self._tokenizer: Any = None
+        self._models: OrderedDict[str, PreTrainedModel] = OrderedDict()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
     # --- loading -------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer (loaded once).
 
         Raises:
@@ -201,7 +165,7 @@ class Evaluator:
                                     fix="the base directory needs tokenizer files") from None
         return self._tokenizer
 
-    def _load_dir(self, model_dir: Path) -> Any:
+    def _load_dir(self, model_dir: Path) -> PreTrainedModel:
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -225,7 +189,7 @@ class Evaluator:
                 module.support_avx512bf16_for_cpu = False
         return model.eval()
 
-    def _cached(self, key: str, build: Any) -> Any:
+    def _cached(self, key: str, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
@@ -235,16 +199,16 @@ class Evaluator:
         self._models[key] = model
         return model
 
-    def base(self) -> Any:
+    def base(self) -> PreTrainedModel:
         """The base model."""
         return self._cached("base", lambda: self._load_dir(self.base_dir))
 
-    def with_adapter(self, key: str, adapter_dir: Path) -> Any:
+    def with_adapter(self, key: str, adapter_dir: Path) -> PreTrainedModel:
         """Base + a PEFT adapter (merged into the weights), or a full model directory."""
         if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
             return self._cached(key, lambda: self._load_dir(adapter_dir))
 
-        def build() -> Any:
+        def build() -> PreTrainedModel:
             from peft import PeftModel
 
             model = self._load_dir(self.base_dir)
@@ -262,15 +226,18 @@ class Evaluator:
                 return peft_model.merge_and_unload().eval()
         return self._cached(key, build)
 
-    def with_deltas(self, key: str, parts: Sequence[tuple[Path, float]]) -> Any:
+    def with_deltas(self, key: str, parts: Sequence[tuple[Path, float]]) -> PreTrainedModel:
         """Base + ``Σ c_i ΔW_i`` over ``(adapter_dir, c_i)``, built without PEFT.
 
         Raises:
-            UnsupportedAdapterError: A part is not plain LoRA (see :func:`lora_deltas`).
+            UnsupportedAdapterError: A part is not plain LoRA
+                (see :func:`gate.lora_deltas.lora_deltas`).
             BadInputError: A delta names a weight the base lacks or has another shape.
         """
-        def build() -> Any:
+        def build() -> PreTrainedModel:
             import torch
+
+            from gate.lora_deltas import lora_deltas
 
             model = self._load_dir(self.base_dir)
             params = dict(model.named_parameters())
@@ -289,7 +256,7 @@ class Evaluator:
     def _encode(self, text: str, special: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _forward(self, model: Any, ids: Sequence[int]) -> Any:
+    def _forward(self, model: PreTrainedModel, ids: Sequence[int]) -> torch.Tensor:
         import torch
 
         with torch.no_grad():
@@ -304,11 +271,11 @@ class Evaluator:
             out += [ids[start:start + self.max_length] for start in range(0, len(ids), self.max_length)]
         return [w for w in out if len(w) >= min_tokens]
 
-    def logits_many(self, model: Any, rows: Sequence[Sequence[int]]) -> list[Any]:
+    def logits_many(self, model: PreTrainedModel, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Float32 logits of each token-id row (:func:`gate.decoding.forward_many`)."""
         return forward_many(model, rows, pad_id=self._pad(model), device=self.device)
 
-    def perplexity(self, model: Any, texts: Sequence[str]) -> float:
+    def perplexity(self, model: PreTrainedModel, texts: Sequence[str]) -> float:
         """``exp`` of the mean token NLL over all texts (windows of ``max_length`` tokens,
         scored in batches, see :func:`gate.decoding.forward_many`).
 
@@ -337,11 +304,11 @@ class Evaluator:
             return ctx, full[len(ctx):]
         return ctx, self._encode(sep + answer, special=False)
 
-    def answer_logprob(self, model: Any, prompt: str, answer: str) -> tuple[float, int]:
+    def answer_logprob(self, model: PreTrainedModel, prompt: str, answer: str) -> tuple[float, int]:
         """Sum of log-probabilities of the answer tokens after the prompt, and their count."""
         return self.answer_logprobs(model, [(prompt, answer)])[0]
 
-    def answer_logprobs(self, model: Any, pairs: Sequence[tuple[str, str]]
+    def answer_logprobs(self, model: PreTrainedModel, pairs: Sequence[tuple[str, str]]
                         ) -> list[tuple[float, int]]:
         """:meth:`answer_logprob` of many ``(prompt, answer)`` pairs, scored in batches."""
         import torch
@@ -360,7 +327,7 @@ class Evaluator:
         """How many tokens the answer takes after the prompt."""
         return len(self._continuation(prompt, answer)[1])
 
-    def _eos_ids(self, model: Any) -> set[int]:
+    def _eos_ids(self, model: PreTrainedModel) -> set[int]:
         ids: set[int] = set()
         for value in (self.tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(value, int):
@@ -369,12 +336,12 @@ class Evaluator:
                 ids.update(v for v in value if isinstance(v, int))
         return ids
 
-    def generate(self, model: Any, prompt: str, max_new_tokens: int,
+    def generate(self, model: PreTrainedModel, prompt: str, max_new_tokens: int,
                  stop: Sequence[str] = ()) -> Generation:
         """Greedy continuation of ``prompt``: stops at EOS, ``max_new_tokens`` or a stop string."""
         return self.generate_many(model, [prompt], [max_new_tokens], stop)[0]
 
-    def generate_many(self, model: Any, prompts: Sequence[str], budgets: Sequence[int],
+    def generate_many(self, model: PreTrainedModel, prompts: Sequence[str], budgets: Sequence[int],
                       stop: Sequence[str] = (), batch_size: int = BATCH_SIZE) -> list[Generation]:
         """:meth:`generate` for many prompts (``budgets``: each one's ``max_new_tokens``),
         decoded in batches of prompts of similar length (:mod:`gate.decoding`).
@@ -402,7 +369,7 @@ class Evaluator:
                 results[i] = finish(tokens, self._decode, stop)
         return [r for r in results if r is not None]
 
-    def _pad(self, model: Any) -> int:
+    def _pad(self, model: PreTrainedModel) -> int:
         """A padding id (masked out, so any valid id does): the tokenizer's, else EOS."""
         pad = self.tokenizer.pad_token_id
         return pad if isinstance(pad, int) else min(self._eos_ids(model), default=0)
@@ -410,6 +377,6 @@ class Evaluator:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def logits(self, model: Any, text: str) -> Any:
+    def logits(self, model: PreTrainedModel, text: str) -> torch.Tensor:
         """Float32 logits ``(tokens, vocab)`` for ``text``."""
         return self._forward(model, self._encode(text)[-self.max_length:])

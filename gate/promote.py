@@ -38,6 +38,12 @@ Rules (:func:`promote`):
    store pins that policy's digest (:func:`gate.default_policy.refuse_unpinned_default`,
    exit 1 otherwise, also with ``--policy`` naming a copy of it). ``force`` skips this.
 
+Where the rules' inputs come from is :mod:`gate.store_config` (the pinned policy,
+the trusted keys) and what a passing record is, :mod:`gate.records` (shared with
+:mod:`gate.custody`), so this module only composes them and neither imports it back.
+:func:`promote_configured` is the ``adapters promote`` use case: the same rules with
+the policy and keys taken from the options or the store's configuration.
+
 :func:`alias_history` reads the audit log back: every move of ``NAME:ALIAS``, oldest
 first, with the reason attached to forced promotions ("what was released when").
 """
@@ -49,7 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.digests import is_digest
+from gate.custody import require_custody, requires_source_gate
+from gate.default_policy import refuse_unpinned_default
+from gate.records import require_passing_gate
+from gate.store_config import (configured_policy, configured_trusted_keys, pinned_policy,
+                               pinned_policy_file)
 from registry.errors import BadInputError, GateFailedError
 from registry.storage.store import ANY
 
@@ -57,8 +67,6 @@ if TYPE_CHECKING:
     from registry.storage.store import Store
 
 REASON_ACTION = "promote-forced-reason"
-CONFIG_KEY = "gate_policy"
-TRUSTED_KEYS_KEY = "trusted_keys"
 
 
 @dataclass(frozen=True)
@@ -81,143 +89,6 @@ class PromoteResult:
         return {**self.__dict__, "signed_by": list(self.signed_by), "custody": list(self.custody)}
 
 
-def configured_trusted_keys(store: Store, given: Sequence[Path] = ()) -> list[Path]:
-    """Trusted signing keys for promotion: ``given``, else ``config.json`` ``trusted_keys``.
-
-    Raises:
-        BadInputError: ``trusted_keys`` in config.json is not a list of paths.
-    """
-    if given:
-        return [Path(p).expanduser() for p in given]
-    setting = store.config.get(TRUSTED_KEYS_KEY)
-    if setting is None:
-        return []
-    if isinstance(setting, str):
-        setting = [setting]
-    if not isinstance(setting, list) or not all(isinstance(p, str) and p for p in setting):
-        raise BadInputError(f"config.json {TRUSTED_KEYS_KEY} must be a list of key paths, got {setting!r}",
-                            fix="e.g. \"trusted_keys\": [\"keys/release.pub\"]")
-    root = Path(store.root)
-    return [p if p.is_absolute() else root / p for p in (Path(x).expanduser() for x in setting)]
-
-
-def configured_policy(store: Store, policy: str | Path | None = None) -> tuple[str, str]:
-    """``(policy digest, where it came from)`` for promotion.
-
-    Raises:
-        BadInputError: No policy given or configured, a bad config value, an unreadable
-            or invalid policy, or a policy file that no longer matches the pinned digest.
-    """
-    from gate.policy import load_policy
-
-    if policy is not None:
-        return load_policy(policy, allow_outside_data=True).digest, str(policy)  # hashed only
-    pinned = pinned_policy(store)
-    if pinned is None:
-        raise BadInputError("no gate policy given and none configured for this store",
-                            fix=f"pass --policy gate.yaml, or set \"{CONFIG_KEY}\" in the "
-                            "store's config.json to a policy path or {\"digest\": \"sha256:...\"}")
-    return pinned
-
-
-def pinned_policy(store: Store) -> tuple[str, str] | None:
-    """``(digest, where)`` of the policy the store's ``config.json`` pins, or None.
-
-    Raises:
-        BadInputError: A bad config value, an unreadable or invalid policy file, or a
-            policy file that no longer matches the pinned digest.
-    """
-    from gate.policy import load_policy
-
-    setting = store.config.get(CONFIG_KEY)
-    fix = (f"pass --policy gate.yaml, or set \"{CONFIG_KEY}\" in the store's config.json "
-           "to a policy path or {\"digest\": \"sha256:...\"}")
-    if setting is None:
-        return None
-    if isinstance(setting, str):
-        setting = {"path": setting}
-    if not isinstance(setting, dict) or not (setting.get("path") or setting.get("digest")):
-        raise BadInputError(f"config.json {CONFIG_KEY} must be a path or an object with "
-                            f"'path' and/or 'digest', got {setting!r}", fix=fix)
-    pinned = setting.get("digest")
-    if pinned is not None and not is_digest(pinned):
-        raise BadInputError(f"config.json {CONFIG_KEY}.digest is not a sha256 digest: {pinned!r}",
-                            fix=fix)
-    if not setting.get("path"):
-        return pinned, f"config.json {CONFIG_KEY}.digest"
-    path = Path(setting["path"]).expanduser()
-    if not path.is_absolute():
-        path = Path(store.root) / path
-    # promote only hashes the policy's data for its digest (the gate, which reads the
-    # data, is where --allow-outside-data is decided)
-    digest = load_policy(path, allow_outside_data=True).digest
-    if pinned is not None and digest != pinned:
-        raise BadInputError(f"policy {path} now has digest {digest}, but config.json pins {pinned}",
-                            fix="restore the policy (and its eval data), or update the pinned digest")
-    return digest, str(path)
-
-
-def failed_summary(record: dict[str, Any]) -> str:
-    """``"retention (fail: ...); structural (error: ...)"`` from a stored gate record."""
-    bad = [c for c in record.get("checks") or [] if c.get("status") in ("fail", "error")]
-    return "; ".join(f"{c.get('name')} ({c.get('status')}: {c.get('message')})" for c in bad) \
-        or "the record says passed is not true"
-
-
-def require_passing_gate(store: Store, digest: str, ref: str, policy_digest: str) -> dict:
-    """The passing gate record of ``digest`` under ``policy_digest``, bound and vouched for.
-
-    The record must (a) be the content-addressed blob that ``gates/<digest>/<policy>``
-    names, (b) name this very candidate and policy inside it (a record copied from
-    another version does not), and (c) be the record that the newest effective ``gate``
-    audit entry for (candidate, policy) names (one slipped in beside the log does not).
-
-    Raises:
-        GateFailedError: No record, a record bound to another version or policy or not
-            vouched for by the audit log, or a record that did not pass.
-        IntegrityError: The record blob is corrupt, or the audit log is unreadable.
-    """
-    record = store.gate_record(digest, policy_digest)
-    short = policy_digest.split(":")[-1][:12]
-    if record is not None:
-        _check_binding(store, record, digest, ref, policy_digest)
-    if record is None:
-        others = [p for c, p, _ in _gate_pointers(store) if c == digest]
-        hint = (f" (it has records under other policies: "
-                f"{', '.join(p.split(':')[-1][:12] for p in others)})") if others else ""
-        raise GateFailedError(f"no gate record for {ref} under policy {short}{hint}",
-                              fix=f"run `adapters gate {ref} --base MODEL_DIR --policy gate.yaml` first")
-    if record.get("passed") is not True:
-        raise GateFailedError(f"{ref} failed the gate under policy {short}: {failed_summary(record)}",
-                              fix="fix the candidate and gate it again, or --force --reason TEXT")
-    return record
-
-
-def _check_binding(store: Store, record: dict, digest: str, ref: str, policy_digest: str) -> None:
-    """Raise unless ``record`` is bound to (digest, policy) and vouched for by the log."""
-    from registry.audit.index import vouched_gate
-
-    fix = f"gate it: `adapters gate {ref} --base MODEL_DIR --policy gate.yaml`"
-    if record.get("candidate_digest") != digest or record.get("policy_digest") != policy_digest:
-        raise GateFailedError(f"the gate record stored for {ref} was made for "
-                              f"{str(record.get('candidate_digest'))[:19]}.. under policy "
-                              f"{str(record.get('policy_digest'))[:19]}.., not for this version "
-                              "and policy (copied?)", fix=fix)
-    entry = vouched_gate(store, digest, policy_digest)
-    pointer = store.read_pointer(store.gate_key(digest, policy_digest))
-    if entry is None or (entry.get("new") or {}).get("record") != pointer:
-        raise GateFailedError(f"no audit entry vouches for the gate record of {ref} "
-                              "(written outside adapterkit?)",
-                              fix=f"run `adapters verify --all`; then {fix}")
-
-
-def _gate_pointers(store: Store) -> list[tuple[str, str, str]]:
-    try:
-        return list(store.gate_pointers())
-    except Exception:  # noqa: BLE001 - only used for a hint in an error message
-        return []
-
-
 def _require_pinned(store: Store, policy_digest: str | None, force: bool) -> None:
     """Refuse a policy other than the store's pinned one unless forced (rule 1)."""
     try:
@@ -236,17 +107,14 @@ def _require_pinned(store: Store, policy_digest: str | None, force: bool) -> Non
                                   "--force --reason TEXT (audited as forced)")
 
 
-def _policy_file(store: Store, given: str | Path | None) -> str | Path | None:
-    """The policy file to read the policy's content from: given, else the pinned path."""
-    if given is not None:
-        return given
-    setting = store.config.get(CONFIG_KEY)
-    path = setting if isinstance(setting, str) else \
-        setting.get("path") if isinstance(setting, dict) else None
-    if not isinstance(path, str) or not path:
-        return None
-    resolved = Path(path).expanduser()
-    return resolved if resolved.is_absolute() else Path(store.root) / resolved
+def require_reason(force: bool, reason: str | None) -> None:
+    """A forced promotion must say why (rule 5); checked before any other work.
+
+    Raises:
+        BadInputError: ``force`` without a non-empty ``reason``.
+    """
+    if force and not (reason and reason.strip()):
+        raise BadInputError("--force requires --reason", fix="say why: --force --reason 'hotfix for ...'")
 
 
 def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: str | None = None,
@@ -282,8 +150,7 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
         ConflictError: The alias does not point to ``expect``.
         NotFoundError: Unknown ref.
     """
-    if force and not (reason and reason.strip()):
-        raise BadInputError("--force requires --reason", fix="say why: --force --reason 'hotfix for ...'")
+    require_reason(force, reason)
     if not force and not policy_digest:
         raise BadInputError("promotion needs the gate policy digest",
                             fix="pass --policy gate.yaml or configure gate_policy")
@@ -292,12 +159,9 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
     record = None
     custody: tuple[str, ...] = ()
     if not force:
-        from gate.custody import require_custody, requires_source_gate
-        from gate.default_policy import refuse_unpinned_default
-
         refuse_unpinned_default(store, policy_digest)
         record = require_passing_gate(store, version.digest, version.ref, policy_digest)  # type: ignore[arg-type]
-        if requires_source_gate(store, policy_digest, _policy_file(store, policy_file)):  # type: ignore[arg-type]
+        if requires_source_gate(store, policy_digest, pinned_policy_file(store, policy_file)):  # type: ignore[arg-type]
             custody = tuple(require_custody(store, version, policy_digest))  # type: ignore[arg-type]
     elif policy_digest:
         record = store.gate_record(version.digest, policy_digest)
@@ -317,6 +181,47 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
                          old=old, forced=force, reason=reason.strip() if force and reason else None,
                          policy_digest=policy_digest, gate_passed=gate_passed, signed_by=signed_by,
                          custody=custody)
+
+
+@dataclass(frozen=True)
+class ConfiguredPromotion:
+    """What ``adapters promote`` did: the promotion and where its policy came from."""
+
+    result: PromoteResult
+    policy_source: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``promote --json`` document."""
+        return {**self.result.to_json(), "policy_source": self.policy_source}
+
+
+def promote_configured(store: Store, ref: str, alias: str = "release", *,
+                       policy_file: str | Path | None = None, expect: object = ANY,
+                       force: bool = False, reason: str | None = None,
+                       trusted_key_paths: Sequence[Path] = ()) -> ConfiguredPromotion:
+    """:func:`promote` with the policy and trusted keys given, else the store's configuration.
+
+    The policy digest is ``policy_file``'s, else the store's pinned one
+    (:func:`gate.store_config.configured_policy`); a forced promotion without
+    ``policy_file`` goes ahead when none can be found (it is audited as forced and
+    names no policy). The trusted keys are ``trusted_key_paths``, else config.json's.
+
+    Raises:
+        BadInputError: ``force`` without a non-empty ``reason``; no policy (not forced),
+            or an invalid given or configured policy or key setting.
+        GateFailedError / ConflictError / NotFoundError: As :func:`promote`.
+    """
+    require_reason(force, reason)
+    try:
+        policy_digest, source = configured_policy(store, policy_file)
+    except BadInputError:
+        if not force or policy_file is not None:
+            raise
+        policy_digest, source = None, None
+    keys = configured_trusted_keys(store, trusted_key_paths)
+    result = promote(store, ref, alias, policy_digest=policy_digest, expect=expect, force=force,
+                     reason=reason, trusted_keys=keys, policy_file=policy_file)
+    return ConfiguredPromotion(result=result, policy_source=source)
 
 
 def alias_history(store: Store, name: str, alias: str) -> list[dict[str, Any]]:

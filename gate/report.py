@@ -21,9 +21,12 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gate.results import GateResult
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 STATUS_ICON = {"pass": "✅ pass", "fail": "❌ fail", "error": "💥 error", "skip": "⏭️ skip"}
 _HIDDEN_METRICS = ("baseline",)
@@ -131,7 +134,7 @@ def append_step_summary(result: GateResult, path: str | None = None) -> Path | N
     return Path(target)
 
 
-def rich_table(result: GateResult) -> Any:
+def rich_table(result: GateResult) -> Table:
     """A rich Table of the checks (status coloured), titled with the verdict."""
     from rich.markup import escape as escape_markup
     from rich.table import Table

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gate.checks import get_check
-from gate.context import (Candidate, GateContext, Parent, candidate_from_dir, candidate_from_store,
-                          check_source)
+from gate.context import (Candidate, GateContext, Parent, candidate_from_dir,
+                          candidate_from_store)
+from gate.source_check import check_source
 from gate.results import CheckResult, GateResult
 from registry import __version__
 from registry.stamps import utc_now_iso
@@ -97,6 +98,29 @@ def _resolve(candidate: str | Path | Candidate, store: Store | None, workdir: Pa
     return candidate_from_store(store, str(candidate), workdir, model_dir=model, source_dir=source)
 
 
+def _evaluate(pol: Policy, base: Path, cand: Candidate, *, store: Store | None, workdir: Path,
+              device: str, on_check: Callable[[CheckResult], None] | None) -> list[CheckResult]:
+    """Run the policy's checks in order with one shared evaluator (source checked first
+    when a drift check needs it)."""
+    from gate.evaluate import Evaluator
+
+    if any(spec.kind == "drift" for spec in pol.checks):
+        checked = check_source(store, cand)
+        if checked:
+            cand.provenance["source_check"] = checked
+    evaluator = Evaluator(base, dtype=pol.dtype, seed=pol.seed, max_length=pol.max_length,
+                          device=device)
+    ctx = GateContext(policy=pol, base_dir=base, candidate=cand, evaluator=evaluator,
+                      store=store, workdir=workdir)
+    results = []
+    for spec in pol.checks:
+        result = _run_check(spec, ctx)
+        results.append(result)
+        if on_check is not None:
+            on_check(result)
+    return results
+
+
 def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Policy | str | Path, *,
              store: Store | None = None, parents: Sequence[Parent] = (), method: str | None = None,
              parameters: dict | None = None, record: bool = True, actor: str | None = None,
@@ -134,8 +158,8 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
         IntegrityError: A stored blob is corrupt, or the model (or source) directory
             does not hold the weights its record names.
     """
-    from gate.evaluate import Evaluator
-    from gate.policy import Policy as PolicyType, load_policy
+    from gate.policy import Policy as PolicyType
+    from gate.policy import load_policy
 
     pol = policy if isinstance(policy, PolicyType) else load_policy(policy)
     base = Path(base_dir).expanduser()
@@ -148,23 +172,10 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
         tmp_root = store.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gate-", dir=tmp_root) as work:
-        workdir = Path(work)
-        cand = _resolve(candidate, store, workdir, parents=parents, method=method,
+        cand = _resolve(candidate, store, Path(work), parents=parents, method=method,
                         parameters=parameters, model_dir=model_dir, source_dir=source_dir)
-        if any(spec.kind == "drift" for spec in pol.checks):
-            checked = check_source(store, cand)
-            if checked:
-                cand.provenance["source_check"] = checked
-        evaluator = Evaluator(base, dtype=pol.dtype, seed=pol.seed, max_length=pol.max_length,
-                              device=device)
-        ctx = GateContext(policy=pol, base_dir=base, candidate=cand, evaluator=evaluator,
-                          store=store, workdir=workdir)
-        results = []
-        for spec in pol.checks:
-            result = _run_check(spec, ctx)
-            results.append(result)
-            if on_check is not None:
-                on_check(result)
+        results = _evaluate(pol, base, cand, store=store, workdir=Path(work), device=device,
+                            on_check=on_check)
     meta = {"started": started, "duration_s": round(time.perf_counter() - clock, 3),
             "seed": pol.seed, "dtype": pol.dtype, "device": device, "policy_source": pol.source,
             "actor": actor, "versions": _versions(), "provenance": cand.provenance}

@@ -18,6 +18,8 @@ from cli.web.graph import layout
 from registry.errors import AdapterkitError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from registry.storage.manifest import Version
     from registry.storage.store import Store
 
@@ -50,7 +52,7 @@ def index_page(store: Store, *, query: str, label: str, base_model: str, page: i
 
 
 def signature_rows(store: Store, version: Version,
-                   trusted: dict[str, Any] | None) -> list[dict[str, Any]]:
+                   trusted: dict[str, Ed25519PublicKey] | None) -> list[dict[str, Any]]:
     """One row per stored signature: key id, envelope digest and its status
     (``valid``, ``invalid``, ``untrusted`` or ``not checked`` without trusted keys)."""
     from registry.signing import check_version
@@ -114,7 +116,7 @@ def merge_info(version: Version) -> dict[str, Any] | None:
             "modules": table, "columns": columns, "report": rest}
 
 
-def version_page(store: Store, ref: str, *, trusted: dict[str, Any] | None) -> dict[str, Any]:
+def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey] | None) -> dict[str, Any]:
     """The version page.
 
     Raises:
@@ -162,7 +164,7 @@ def diff_page(store: Store, ref_a: str, ref_b: str) -> dict[str, Any]:
 
 
 def audit_page(store: Store, page: int, *, checkpoints: tuple[Path, ...],
-               trusted: dict[str, Any] | None) -> dict[str, Any]:
+               trusted: dict[str, Ed25519PublicKey] | None) -> dict[str, Any]:
     """``audit verify`` (with the configured checkpoints) and one page of entries,
     newest first."""
     check, check_error = _safely(documents.audit_verify_doc, store, checkpoints, trusted)
@@ -174,7 +176,7 @@ def audit_page(store: Store, page: int, *, checkpoints: tuple[Path, ...],
             "has_more": start + AUDIT_PAGE < len(entries)}
 
 
-def verify_page(store: Store, trusted: dict[str, Any] | None) -> dict[str, Any]:
+def verify_page(store: Store, trusted: dict[str, Ed25519PublicKey] | None) -> dict[str, Any]:
     """``adapters verify --all`` of the whole store (every blob re-hashed)."""
     doc, error = _safely(documents.verify_doc, store, None, trusted)
     return {"doc": doc, "error": error, "trusted": bool(trusted)}

@@ -24,25 +24,31 @@ JSON (the documents of the CLI's ``--json``, see :mod:`cli.web.documents`)::
     /api/names?q=&label=&base=&page=   the index page's listing
 
 Every endpoint is a plain function (Starlette runs it in its thread pool) wrapped by
-:func:`cli.web.app.guarded`, which turns errors into pages.
+:func:`cli.web.errors.guarded`, which turns errors into pages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cli.web import documents, pages
-from cli.web.app import guarded
+from cli.web.errors import guarded
 from registry.errors import BadInputError, shorten
 
 if TYPE_CHECKING:
-    from cli.web.app import UiConfig
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import BaseRoute
+    from starlette.templating import Jinja2Templates
+
+    from cli.web.guard import UiConfig
     from registry.storage.store import Store
 
 PER_PAGE = 50
 
 
-def _int(request: Any, key: str, default: int, *, low: int = 0, high: int = 10**9) -> int:
+def _int(request: Request, key: str, default: int, *, low: int = 0, high: int = 10**9) -> int:
     """An integer query parameter.
 
     Raises:
@@ -61,44 +67,44 @@ def _int(request: Any, key: str, default: int, *, low: int = 0, high: int = 10**
     return value
 
 
-def _text(request: Any, key: str) -> str:
+def _text(request: Request, key: str) -> str:
     return request.query_params.get(key, "").strip()
 
 
-def build_routes(store: Store, config: UiConfig, tpl: Any) -> list[Any]:
+def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[BaseRoute]:
     """Every route of the view, bound to ``store`` and ``config``."""
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
     trusted = config.trusted or None
 
-    def page(name: str, request: Any, context: dict[str, Any]) -> Any:
+    def page(name: str, request: Request, context: dict[str, Any]) -> Response:
         return tpl.TemplateResponse(request, name, context)
 
-    def index(request: Any) -> Any:
+    def index(request: Request) -> Response:
         ctx = pages.index_page(store, query=_text(request, "q"), label=_text(request, "label"),
                                base_model=_text(request, "base"),
                                page=_int(request, "page", 1, low=1), per_page=PER_PAGE)
         return page("index.html", request, ctx)
 
-    def version(request: Any) -> Any:
+    def version(request: Request) -> Response:
         ctx = pages.version_page(store, request.path_params["ref"], trusted=trusted)
         return page("version.html", request, ctx)
 
-    def diff(request: Any) -> Any:
+    def diff(request: Request) -> Response:
         a, b = _text(request, "a"), _text(request, "b")
         ctx = pages.diff_page(store, a, b) if a and b else {"doc": None, "ref_a": a, "ref_b": b}
         return page("diff.html", request, ctx)
 
-    def audit(request: Any) -> Any:
+    def audit(request: Request) -> Response:
         ctx = pages.audit_page(store, _int(request, "page", 1, low=1),
                                checkpoints=config.checkpoints, trusted=trusted)
         return page("audit.html", request, ctx)
 
-    def verify(request: Any) -> Any:
+    def verify(request: Request) -> Response:
         return page("verify.html", request, pages.verify_page(store, trusted))
 
-    def api(build: Any) -> Any:
+    def api(build: Callable[[Request], object]) -> Callable[[Request], Response]:
         return lambda request: JSONResponse(build(request))
 
     api_routes = {
@@ -119,7 +125,7 @@ def build_routes(store: Store, config: UiConfig, tpl: Any) -> list[Any]:
             store, query=_text(r, "q"), label=_text(r, "label"), base_model=_text(r, "base"),
             page=_int(r, "page", 1, low=1), per_page=PER_PAGE)["listing"].to_json(),
     }
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/", guarded(tpl, index), methods=["GET"]),
         Route("/v/{ref:path}", guarded(tpl, version), methods=["GET"]),
         Route("/diff", guarded(tpl, diff), methods=["GET"]),

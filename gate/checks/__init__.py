@@ -1,4 +1,23 @@
-"""One small module per check kind; each exposes ``run(spec, ctx) -> Outcome``.
+"""One small module per check kind; each declares ``PARAMS`` and exposes ``run(spec, ctx)``.
+
+Adding a check touches one file, as adding a merge method does::
+
+    # gate/checks/my_check.py
+    from gate import policy_fields as f
+    from gate.check_kinds import CheckParams
+    from gate.checks import Outcome
+
+    PARAMS = CheckParams(listed=7, fields={"data": (f.path, f.REQUIRED),
+                                           "max_x": (f.optional(f.number(0)), None)},
+                         files=("data",), one_of=("max_x",))
+
+    def run(spec, ctx) -> Outcome: ...
+
+Every module of this package that declares ``PARAMS`` is a check kind named after the
+module (found by :func:`gate.check_kinds.check_kinds`, imported once); :mod:`gate.policy` validates a
+check's fields with its ``PARAMS`` (unknown fields are errors, defaults filled in,
+data files resolved and hashed into the policy digest) and the runner calls its
+``run``. The field checkers are :mod:`gate.policy_fields`, one small set for all.
 
 A check reads its validated parameters from ``spec`` (:class:`gate.policy.CheckSpec`)
 and everything else (candidate, parents, release, cached models) from ``ctx``
@@ -20,7 +39,6 @@ kind                      module
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +81,11 @@ CheckFn = Callable[["CheckSpec", "GateContext"], Outcome]
 
 
 def get_check(kind: str) -> CheckFn:
-    """The ``run`` function of a check kind (imported on first use)."""
-    module = importlib.import_module(f"gate.checks.{kind}")
-    return module.run
+    """The ``run`` function of a check kind.
+
+    Raises:
+        KeyError: An unknown kind (a validated policy holds none).
+    """
+    from gate.check_kinds import check_module
+
+    return check_module(kind).run

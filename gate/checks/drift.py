@@ -27,14 +27,28 @@ batch's logits per model rather than the whole text's.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.decoding import BATCH_SIZE
 from gate.evaluate import read_texts
 
+if TYPE_CHECKING:
+    import torch
 
-def drift_stats(source_logits: Any, candidate_logits: Any) -> dict[str, float]:
+    from gate.context import GateContext
+    from gate.policy import CheckSpec
+
+PARAMS = CheckParams(listed=5, fields={
+    "data": (f.path, f.REQUIRED), "field": (f.text, "text"), "limit": (f.int_at_least(1), 64),
+    "max_kl": (f.optional(f.number(0)), None), "min_top1": (f.optional(f.number(0, 1)), None),
+    "max_logit_diff": (f.optional(f.number(0)), None),
+}, files=("data",), one_of=("max_kl", "min_top1", "max_logit_diff"))
+
+
+def drift_stats(source_logits: torch.Tensor, candidate_logits: torch.Tensor) -> dict[str, float]:
     """Sums over the positions of one window: ``kl_sum``, ``agree``, ``positions``, ``max_diff``.
 
     Both arguments are float logits ``(positions, vocab)`` of the same tokens.
@@ -52,7 +66,7 @@ def drift_stats(source_logits: Any, candidate_logits: Any) -> dict[str, float]:
             "max_diff": float(diff.max()) if finite else math.inf}
 
 
-def measure(ctx: Any, texts: list[str]) -> dict[str, Any]:
+def measure(ctx: GateContext, texts: list[str]) -> dict[str, Any]:
     """Mean KL, top-1 agreement and max |logit diff| of the candidate vs its source."""
     ev = ctx.evaluator
     windows = ev.windows(texts)
@@ -97,7 +111,7 @@ def _problems(spec: Any, found: dict[str, Any]) -> tuple[list[str], dict[str, An
     return problems, thresholds
 
 
-def run(spec: Any, ctx: Any) -> Outcome:
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     cand = ctx.candidate
     if cand.source is None:
         return skip(f"{cand.label} has no source model (an adapter or merge is not derived "

@@ -9,13 +9,25 @@ repeated n-gram fraction (``1 - distinct/total`` over token n-grams of size
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed
 from gate.evaluate import repeat_fraction
 
+if TYPE_CHECKING:
+    from gate.context import GateContext
+    from gate.policy import CheckSpec
 
-def run(spec: Any, ctx: Any) -> Outcome:
+PARAMS = CheckParams(listed=4, fields={
+    "prompts": (f.text_list, f.REQUIRED), "max_new_tokens": (f.int_at_least(1), 32),
+    "min_chars": (f.int_at_least(0), 1), "ngram": (f.int_at_least(1), 3),
+    "max_repeat_fraction": (f.number(0, 1), 0.5),
+})
+
+
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     model = ctx.candidate_model()
     rows, problems = [], []
     prompts = list(spec["prompts"])

@@ -20,10 +20,23 @@ the unquantized model is what the ``drift`` check measures.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import read_texts
+
+if TYPE_CHECKING:
+    from gate.context import GateContext
+    from gate.policy import CheckSpec
+
+LINEAR_METHODS = ("linear", "cat", "task_arithmetic")
+PARAMS = CheckParams(listed=1, fields={
+    "prompts": (f.optional(f.text_list), None), "data": (f.optional(f.path), None),
+    "max_abs_diff": (f.number(0), 1e-3), "min_top1_agreement": (f.optional(f.number(0, 1)), None),
+    "methods": (f.text_list, list(LINEAR_METHODS)), "limit": (f.int_at_least(1), 16),
+}, files=("data",), one_of=("prompts", "data"), one_of_why="text to compare logits on")
 
 
 def coefficients(method: str, parameters: dict[str, Any], weights: list[float | None]) -> list[float]:
@@ -36,7 +49,7 @@ def coefficients(method: str, parameters: dict[str, Any], weights: list[float | 
     return [x * scale for x in w]
 
 
-def run(spec: Any, ctx: Any) -> Outcome:
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     import torch
 
     cand = ctx.candidate

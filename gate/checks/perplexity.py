@@ -15,13 +15,27 @@ be finite and, with ``max_increase: x``, at most ``(1 + x)`` times the baseline'
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import read_texts
 
+if TYPE_CHECKING:
+    from gate.context import GateContext
+    from gate.policy import CheckSpec
 
-def _baseline(spec: Any, ctx: Any, texts: list[str]) -> tuple[float | None, str]:
+BASELINES = ("base", "parents", "release")
+PARAMS = CheckParams(listed=2, fields={
+    "data": (f.path, f.REQUIRED), "field": (f.text, "text"),
+    "baseline": (f.choice(*BASELINES), "base"),
+    "max_increase": (f.optional(f.number(0)), None), "max": (f.optional(f.number(1)), None),
+    "limit": (f.int_at_least(1), 256),
+}, files=("data",), one_of=("max_increase", "max"))
+
+
+def _baseline(spec: CheckSpec, ctx: GateContext, texts: list[str]) -> tuple[float | None, str]:
     ev = ctx.evaluator
     kind = spec["baseline"]
     if kind == "base":
@@ -38,7 +52,7 @@ def _baseline(spec: Any, ctx: Any, texts: list[str]) -> tuple[float | None, str]
     return ev.perplexity(model, texts), f"release {ctx.release().label}"
 
 
-def run(spec: Any, ctx: Any) -> Outcome:
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     texts = read_texts(spec.path("data"), field=spec["field"], limit=spec["limit"])
     cand = ctx.evaluator.perplexity(ctx.candidate_model(), texts)
     try:

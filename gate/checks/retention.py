@@ -22,13 +22,31 @@ A baseline score of 0 leaves nothing to retain: the ratio is not computed and on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.evaluate import answer_matches, read_pairs
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float:
+    from gate.context import GateContext
+    from gate.evaluate import Evaluator
+    from gate.policy import CheckSpec
+
+PARAMS = CheckParams(listed=3, fields={
+    "sets": (f.path_map, f.REQUIRED),
+    "metric": (f.choice("exact_match", "loglik"), "exact_match"),
+    "baseline": (f.choice("parents", "release"), "parents"),
+    "min_ratio": (f.optional(f.number(0)), None), "min_score": (f.optional(f.number(0, 1)), None),
+    "max_new_tokens": (f.optional(f.int_at_least(1)), None), "stop": (f.stop_list, ["\n"]),
+    "case_sensitive": (f.boolean, True), "limit": (f.int_at_least(1), 256),
+}, file_maps=("sets",), one_of=("min_ratio", "min_score"))
+
+
+def score(spec: CheckSpec, ev: Evaluator, model: PreTrainedModel, pairs: list[tuple[str, str]]) -> float:
     """The set's score for ``model`` under the policy's metric."""
     if spec["metric"] == "loglik":
         scored = ev.answer_logprobs(model, pairs)
@@ -42,7 +60,7 @@ def score(spec: Any, ev: Any, model: Any, pairs: list[tuple[str, str]]) -> float
     return hits / len(pairs)
 
 
-def run(spec: Any, ctx: Any) -> Outcome:
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     ev = ctx.evaluator
     by_parents = spec["baseline"] == "parents"
     if not by_parents and ctx.release_model() is None:

@@ -32,10 +32,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gate import policy_fields as f
+from gate.check_kinds import CheckParams
 from gate.checks import Outcome, passed
 from registry.errors import AdapterkitError
+
+if TYPE_CHECKING:
+    from gate.bnb_state import QuantLayout
+    from gate.context import GateContext
+    from gate.policy import CheckSpec
+
+PARAMS = CheckParams(listed=0, fields={
+    "finite": (f.boolean, True), "shapes": (f.boolean, True),
+    "fingerprint": (f.choice("match", "skip"), "match"),
+    "serving": (f.boolean, True), "max_rank": (f.optional(f.int_at_least(1)), None),
+})
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -78,7 +91,7 @@ def _adapter_shapes(cand_dir: Path, base_dir: Path, config: dict[str, Any]) -> t
     return len(modules), max(ranks, default=0)
 
 
-def _model_shapes(layout: Any, base_dir: Path) -> list[str]:
+def _model_shapes(layout: QuantLayout, base_dir: Path) -> list[str]:
     from registry.formats.fingerprint import model_config, model_weight_shapes
 
     mine, base = layout.logical, model_weight_shapes(base_dir)
@@ -93,7 +106,7 @@ def _model_shapes(layout: Any, base_dir: Path) -> list[str]:
     return problems + layout.problems[:5]
 
 
-def logical_struct_digest(layout: Any, cand_dir: Path) -> str:
+def logical_struct_digest(layout: QuantLayout, cand_dir: Path) -> str:
     """``struct_digest`` (:mod:`registry.formats.fingerprint`) of a model's logical tensors."""
     from registry.digests import json_digest
     from registry.formats.fingerprint import arch_fields, model_config
@@ -169,7 +182,7 @@ def _model_problems(spec: Any, ctx: Any, metrics: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(problems))  # a malformed state is seen by layout and check
 
 
-def run(spec: Any, ctx: Any) -> Outcome:
+def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     cand_dir, base_dir = Path(ctx.candidate.dir), Path(ctx.base_dir)
     is_adapter = (cand_dir / CONFIG).is_file()
     problems: list[str] = []

@@ -26,7 +26,8 @@ pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from cli.web.app import LOOPBACK_HOSTS, UiConfig, create_app  # noqa: E402
+from cli.web.app import create_app  # noqa: E402
+from cli.web.guard import LOOPBACK_HOSTS, UiConfig  # noqa: E402
 from registry.storage.store import Store  # noqa: E402
 from tests.cli_fixtures import heavy_modules_after, run, run_json  # noqa: E402
 from tests.ui_fixtures import PAYLOADS, UiWorld, build_ui_store  # noqa: E402

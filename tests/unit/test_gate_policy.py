@@ -13,7 +13,7 @@ import yaml
 from gate.checks.merge_equivalence import coefficients
 from gate.evaluate import answer_matches, read_pairs, read_texts, repeat_fraction
 from gate.policy import load_policy, parse_policy
-from gate.promote import failed_summary
+from gate.records import failed_summary
 from gate.report import append_step_summary, to_junit, to_markdown
 from gate.results import CheckResult, GateResult
 from registry.errors import BadInputError

@@ -1,0 +1,174 @@
+"""The field checkers of gate policies: one small set, shared by the policy and its checks.
+
+A policy file is untrusted input, so every field goes through one of these: each
+takes ``(value, where)`` and returns the cleaned value or raises a one-line
+:class:`~registry.errors.BadInputError` naming the field (``checks[2].min_ratio``)
+with the offending value shown by a bounded ``repr`` (:func:`show`, at most 200
+characters), never the whole structure. :mod:`gate.policy` checks the top-level
+fields with them and each check module (:mod:`gate.checks`) declares its own
+parameters with them, so adding a check touches only its own file.
+
+Factories (:func:`int_at_least`, :func:`number`, :func:`choice`, :func:`optional`)
+return a checker; the rest are checkers themselves. :data:`REQUIRED` as a default
+means the field must be given.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import reprlib
+from collections.abc import Callable
+from typing import Any
+
+from registry.errors import BadInputError
+
+FIX = "see examples/gate.yaml for a documented policy"
+MAX_SHOWN = 200
+_MISSING = object()
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+
+
+def show(value: Any) -> str:
+    """A ``repr`` of an untrusted value bounded in depth, width and to 200 characters."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= MAX_SHOWN else shown[: MAX_SHOWN - 3] + "..."
+
+Checker = Callable[[Any, str], Any]
+"""``(value, where) -> cleaned value``; raises BadInputError naming ``where``."""
+
+REQUIRED: Any = object()
+"""A parameter's default meaning: the policy must give it."""
+
+
+def bad(where: str, msg: str, got: Any = _MISSING) -> BadInputError:
+    """The error for field ``where``: ``policy field WHERE MSG[, got VALUE]`` (bounded)."""
+    detail = "" if got is _MISSING else f", got {show(got)}"
+    where = where if len(where) <= MAX_SHOWN else where[: MAX_SHOWN - 3] + "..."
+    return BadInputError(f"policy field {where} {msg}{detail}", fix=FIX)
+
+
+def boolean(v: Any, where: str) -> bool:
+    """``true``/``false``.
+
+    Raises:
+        BadInputError: Anything else.
+    """
+    if not isinstance(v, bool):
+        raise bad(where, "must be true or false", v)
+    return v
+
+
+def int_at_least(lo: int | None = None) -> Callable[[Any, str], int]:
+    """A checker of integers (not booleans), ``>= lo`` when given.
+
+    Raises:
+        BadInputError: (the checker) Not such an integer.
+    """
+    def check(v: Any, where: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+            raise bad(where, f"must be an integer{'' if lo is None else f' >= {lo}'}", v)
+        return v
+    return check
+
+
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any, str], float]:
+    """A checker of finite numbers in ``[lo, hi]`` (either bound optional), as float.
+
+    Raises:
+        BadInputError: (the checker) Not a finite number in range.
+    """
+    def check(v: Any, where: str) -> float:
+        if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
+            v = float(v)  # PyYAML (YAML 1.1) reads 1e-3 as a string; accept it as the number
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+            raise bad(where, f"must be a finite number{rng}", v)
+        return float(v)
+    return check
+
+
+def choice(*choices: str) -> Callable[[Any, str], str]:
+    """A checker accepting exactly one of ``choices``.
+
+    Raises:
+        BadInputError: (the checker) Anything else.
+    """
+    def check(v: Any, where: str) -> str:
+        if v not in choices:
+            raise bad(where, f"must be one of {', '.join(choices)}", v)
+        return v
+    return check
+
+
+def text(v: Any, where: str) -> str:
+    """A non-empty string.
+
+    Raises:
+        BadInputError: Anything else.
+    """
+    if not isinstance(v, str) or not v:
+        raise bad(where, "must be a non-empty string", v)
+    return v
+
+
+def text_list(v: Any, where: str) -> list[str]:
+    """A non-empty list of non-empty strings.
+
+    Raises:
+        BadInputError: Anything else.
+    """
+    if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
+        raise bad(where, "must be a non-empty list of non-empty strings", v)
+    return list(v)
+
+
+def optional(inner: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """``inner``, or None for a null value.
+
+    Raises:
+        BadInputError: (the checker) As ``inner``.
+    """
+    return lambda v, where: None if v is None else inner(v, where)
+
+
+def path(v: Any, where: str) -> str:
+    """A data file path as written (resolved and hashed by :mod:`gate.policy`).
+
+    Raises:
+        BadInputError: Not a non-empty string.
+    """
+    return text(v, where)
+
+
+def path_map(v: Any, where: str) -> dict[str, str]:
+    """A non-empty mapping of names to data file paths.
+
+    Raises:
+        BadInputError: Not such a mapping.
+    """
+    if not isinstance(v, dict) or not v:
+        raise bad(where, "must be a non-empty mapping of parent name -> eval file", v)
+    for key, value in v.items():
+        text(key, f"{where} key")
+        text(value, f"{where}.{key}")
+    return dict(v)
+
+
+def stop_list(v: Any, where: str) -> list[str]:
+    """A (possibly empty) list of non-empty strings.
+
+    Raises:
+        BadInputError: Anything else.
+    """
+    if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+        raise bad(where, "must be a list of non-empty strings", v)
+    return list(v)
+
+
