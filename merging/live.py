@@ -138,6 +138,15 @@ class LiveLora:
         if unknown:
             raise UnsupportedAdapterError(f"module {unknown[0]} is not in the live model",
                                           fix="swap only merges of the inputs it was built for")
+        for name, (b, a, _) in factors.items():  # all checked before any weight changes
+            weight = self.modules[name].weight
+            embedding = isinstance(self.modules[name], torch.nn.Embedding)
+            shape = tuple(weight.shape)[::-1] if embedding else tuple(weight.shape)
+            if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != shape:
+                raise UnsupportedAdapterError(
+                    f"module {name}: factors {tuple(b.shape)} x {tuple(a.shape)} do not fit "
+                    f"its weight {tuple(weight.shape)}",
+                    fix="swap only merges of adapters trained on this base model")
         with torch.no_grad():
             for name, module in self.modules.items():
                 weight = module.weight
@@ -145,17 +154,10 @@ class LiveLora:
                 if name not in factors:
                     continue
                 b, a, scale = factors[name]
-                embedding = isinstance(module, torch.nn.Embedding)
-                shape = tuple(weight.shape)[::-1] if embedding else tuple(weight.shape)
-                if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != shape:
-                    raise UnsupportedAdapterError(
-                        f"module {name}: factors {tuple(b.shape)} x {tuple(a.shape)} do not fit "
-                        f"its weight {tuple(weight.shape)}",
-                        fix="swap only merges of adapters trained on this base model")
                 delta = b.to(torch.float32) @ a.to(torch.float32)
-                if embedding:  # PEFT: transpose(B @ A) * scale, rounded to W's dtype, added
+                if isinstance(module, torch.nn.Embedding):  # PEFT: (B @ A).T * s, cast, added
                     weight += (delta.T * scale).to(weight.dtype)
-                else:  # PEFT: W += (B @ A) * scale (the add promotes, then rounds)
+                else:  # PEFT: W += (B @ A) * s (the add promotes to float32, then rounds)
                     weight += delta * scale
 
     def load(self, result: MergeResult, adapters: Sequence[LoraAdapter]) -> None:
