@@ -193,3 +193,39 @@ def test_live_merge_refuses_factors_that_do_not_fit(tmp_path):
         live.load_factors({"base_model.model.nowhere": (torch.ones(1, 1), torch.ones(1, 1), 1.0)})
     live.clear()
     assert all(torch.equal(v, before[k]) for k, v in live.model.state_dict().items())
+
+
+def test_live_merge_of_embedding_adapters_is_bit_identical(tmp_path):
+    """An Embedding's delta is PEFT's ``(B @ A).T * s`` rounded to the weight's dtype
+    before the add (a Linear's is added in float32): bfloat16 tells the two apart."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from gate.evaluate import Evaluator
+    from merging.adapter import load_adapter
+    from merging.engine import merge_adapters
+    from merging.live import LiveLora, rank_bound
+    from merging.peft_output import write_peft_dir
+    from tests.cli_fixtures import build_tiny_llama
+
+    for seed in (1, 2):
+        base = build_tiny_llama()
+        base.save_pretrained(tmp_path / "base")
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                                target_modules=["embed_tokens", "q_proj"]))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen))
+        model.save_pretrained(tmp_path / f"a{seed}", save_embedding_layers=False)
+    adapters = [load_adapter(tmp_path / "a1"), load_adapter(tmp_path / "a2")]
+    live = LiveLora.attach(Evaluator(tmp_path / "base", dtype="bfloat16").base(), rank_bound(adapters))
+    assert any(isinstance(m, torch.nn.Embedding) for m in live.modules.values())
+    for method in ("ties", "cat"):
+        result = merge_adapters(adapters, [0.7, 1.2], method)
+        live.load(result, adapters)
+        expected = Evaluator(tmp_path / "base", dtype="bfloat16").with_adapter(
+            "c", write_peft_dir(result, tmp_path / method)).state_dict()
+        got = live.model.state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
