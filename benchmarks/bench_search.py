@@ -13,9 +13,10 @@ points of the search space) and score them with the same policy-derived objectiv
   does for one candidate), then scores.
 
 The two loops alternate trial by trial (live, naive, live, ...), each timed on its own,
-so a load change on a shared machine hits both alike. Prints trials per minute of each
-and the ratio (target >= 3x), and whether the two loops' objective values are
-identical (they must be: same weights, same scoring code). Models: the tiny gate world
+so a load change on a shared machine hits both alike. Prints trials per minute of each,
+the ratio (target >= 3x), where a trial's time goes (merge, swap, reload, scoring), and
+whether the two loops' objective values are identical (they must be: same weights, same
+scoring code). Models: the tiny gate world
 of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct with the demo's two
 adapters when ``make demo`` has run (``.adapters-demo/work``); otherwise that part is
 skipped with a note.
@@ -91,26 +92,37 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
         scorer.prepare()
         for method in dict.fromkeys(c.method for c in trials):  # warm-up, untimed: first-call
             merge_adapters(adapters, [1.0] * len(adapters), method)  # costs hit neither loop
-        fast, slow, fast_s, slow_s = [], [], setup, 0.0  # the one base load counts
+        fast, slow, parts = [], [], dict.fromkeys(("merge", "swap", "score", "reload"), 0.0)
+        fast_s, slow_s = setup, 0.0  # the one base load counts
         for i, c in enumerate(trials):
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            t1 = time.perf_counter()
             live.load(result, adapters)
+            t2 = time.perf_counter()
             fast.append(scorer.score(result).values)
-            middle = time.perf_counter()
+            t3 = time.perf_counter()
             result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            t4 = time.perf_counter()
             out = write_peft_dir(result, Path(tmp) / f"trial-{i}")
             model = make_ev().with_adapter("candidate", out)
             scorer.live = SimpleNamespace(model=model)
+            t5 = time.perf_counter()
             slow.append(scorer.score(result).values)
             scorer.live, model = live, None  # the naive model is dropped, as a gate run ends
-            fast_s, slow_s = fast_s + middle - start, slow_s + time.perf_counter() - middle
+            t6 = time.perf_counter()
+            fast_s, slow_s = fast_s + t3 - t0, slow_s + t6 - t3
+            for key, spent in (("merge", t1 - t0 + t4 - t3), ("swap", t2 - t1),
+                               ("score", t3 - t2 + t6 - t5), ("reload", t5 - t4)):
+                parts[key] += spent
     same = fast == slow
     ratio = slow_s / fast_s
     print(f"{label}: {count} trials  live {60 * count / fast_s:.1f} trials/min ({fast_s:.1f} s, "
           f"base loaded once in {setup:.1f} s)  naive {60 * count / slow_s:.1f} trials/min "
-          f"({slow_s:.1f} s)  ratio {ratio:.2f}x  objectives identical: {'yes' if same else 'NO'}",
-          flush=True)
+          f"({slow_s:.1f} s)  ratio {ratio:.2f}x  objectives identical: {'yes' if same else 'NO'}\n"
+          f"  per trial: merge {parts['merge'] / 2 / count:.2f} s (both loops), in-place swap "
+          f"{parts['swap'] / count:.3f} s (live), write + reload {parts['reload'] / count:.2f} s "
+          f"(naive), scoring {parts['score'] / 2 / count:.2f} s (both loops)", flush=True)
     return ratio
 
 
