@@ -21,7 +21,8 @@ of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct with the demo'
 adapters when ``make demo`` has run (``.adapters-demo/work``); otherwise that part is
 skipped with a note.
 
-Usage: ``python benchmarks/bench_search.py [--trials N] [--demo-dir DIR]``
+Usage: ``python benchmarks/bench_search.py [--trials N] [--real-trials N] [--demo-dir DIR]
+[--only tiny|smollm2]``
 """
 
 from __future__ import annotations
@@ -173,8 +174,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--real-trials", type=int, default=3)
     parser.add_argument("--demo-dir", type=Path, default=ROOT / ".adapters-demo")
+    parser.add_argument("--only", choices=("tiny", "smollm2"), help="run one model's benchmark")
     args = parser.parse_args()
-    ratios = {"tiny": tiny(args.trials), "smollm2": smollm2(args.demo_dir, args.real_trials)}
+    ratios = {"tiny": None if args.only == "smollm2" else tiny(args.trials),
+              "smollm2": None if args.only == "tiny" else smollm2(args.demo_dir, args.real_trials)}
     print(json.dumps({k: None if v is None else round(v, 2) for k, v in ratios.items()}))
     return 0
 
