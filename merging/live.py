@@ -148,11 +148,12 @@ class LiveLora:
                     f"its weight {tuple(weight.shape)}",
                     fix="swap only merges of adapters trained on this base model")
         with torch.no_grad():
+            for name, module in self.modules.items():  # every W0 first: tied weights share
+                module.weight.copy_(self.originals[name])  # storage, both deltas must land
             for name, module in self.modules.items():
-                weight = module.weight
-                weight.copy_(self.originals[name])
                 if name not in factors:
                     continue
+                weight = module.weight
                 b, a, scale = factors[name]
                 delta = b.to(torch.float32) @ a.to(torch.float32)
                 if isinstance(module, torch.nn.Embedding):  # PEFT: (B @ A).T * s, cast, added
