@@ -4,20 +4,25 @@ Both loops run the same trials (each method's default merge, then seeded random
 points of the search space) and score them with the same policy-derived objectives
 (:class:`gate.search.scoring.Scorer`, baselines scored once, not timed):
 
-* **live** (what ``adapters merge-search`` does): the base is loaded once and wrapped
-  once by PEFT (:class:`merging.lora.live.LiveLora`); a trial merges in memory and copies the
-  factors into the live model;
+* **live** (what ``adapters merge-search`` does): the base is loaded once
+  (:class:`merging.lora.live.LiveLora`); a trial merges in memory and writes the merge into
+  the base weights in place (restoring ``W0`` first), bit for bit the weights of the
+  gate's candidate model;
 * **naive**: a trial merges, writes the PEFT directory, and loads base + adapter
   afresh (:meth:`gate.evaluate.Evaluator.with_adapter`, i.e. what ``adapters gate``
   does for one candidate), then scores.
 
-Prints trials per minute of each and the ratio (target >= 3x), and the largest
-difference between the two loops' objective values (float rounding only). Models:
-the tiny gate world of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct
-with the demo's two adapters when ``make demo`` has run (``.adapters-demo/work``);
-otherwise that part is skipped with a note.
+The two loops alternate trial by trial (live, naive, live, ...), each timed on its own,
+so a load change on a shared machine hits both alike. Prints trials per minute of each,
+the ratio (target >= 3x), where a trial's time goes (merge, swap, reload, scoring), and
+whether the two loops' objective values are identical (they must be: same weights, same
+scoring code). Models: the tiny gate world
+of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct with the demo's two
+adapters when ``make demo`` has run (``.adapters-demo/work``); otherwise that part is
+skipped with a note.
 
-Usage: ``python benchmarks/bench_search.py [--trials N] [--demo-dir DIR]``
+Usage: ``python benchmarks/bench_search.py [--trials N] [--real-trials N] [--demo-dir DIR]
+[--only tiny|smollm2]``
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     policy = load_policy(policy_path)
     adapters = [load_adapter(d) for d in adapter_dirs]
     trials = choices(build_space(len(adapters), methods), count)
-    make_ev = lambda: Evaluator(base, dtype=policy.dtype, seed=policy.seed,  # noqa: E731
+    make_ev = lambda: Evaluator(base, dtype=policy.dtype, seed=policy.seed,
                                 max_length=policy.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -88,25 +93,37 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
         scorer.prepare()
         for method in dict.fromkeys(c.method for c in trials):  # warm-up, untimed: first-call
             merge_adapters(adapters, [1.0] * len(adapters), method)  # costs hit neither loop
-        fast, start = [], time.perf_counter()
-        for c in trials:
-            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
-            live.load(result, adapters)
-            fast.append(scorer.score(result).values)
-        fast_s = time.perf_counter() - start + setup  # the one base load counts
-        slow, start = [], time.perf_counter()
+        fast, slow, parts = [], [], dict.fromkeys(("merge", "swap", "score", "reload"), 0.0)
+        fast_s, slow_s = setup, 0.0  # the one base load counts
         for i, c in enumerate(trials):
+            t0 = time.perf_counter()
             result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            t1 = time.perf_counter()
+            live.load(result, adapters)
+            t2 = time.perf_counter()
+            fast.append(scorer.score(result).values)
+            t3 = time.perf_counter()
+            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            t4 = time.perf_counter()
             out = write_peft_dir(result, Path(tmp) / f"trial-{i}")
             model = make_ev().with_adapter("candidate", out)
             scorer.live = SimpleNamespace(model=model)
+            t5 = time.perf_counter()
             slow.append(scorer.score(result).values)
-        slow_s = time.perf_counter() - start
-    diff = max(abs(a - b) for fa, sa in zip(fast, slow) for a, b in zip(fa, sa))
+            scorer.live, model = live, None  # the naive model is dropped, as a gate run ends
+            t6 = time.perf_counter()
+            fast_s, slow_s = fast_s + t3 - t0, slow_s + t6 - t3
+            for key, spent in (("merge", t1 - t0 + t4 - t3), ("swap", t2 - t1),
+                               ("score", t3 - t2 + t6 - t5), ("reload", t5 - t4)):
+                parts[key] += spent
+    same = fast == slow
     ratio = slow_s / fast_s
     print(f"{label}: {count} trials  live {60 * count / fast_s:.1f} trials/min ({fast_s:.1f} s, "
           f"base loaded once in {setup:.1f} s)  naive {60 * count / slow_s:.1f} trials/min "
-          f"({slow_s:.1f} s)  ratio {ratio:.2f}x  max objective difference {diff:.3g}", flush=True)
+          f"({slow_s:.1f} s)  ratio {ratio:.2f}x  objectives identical: {'yes' if same else 'NO'}\n"
+          f"  per trial: merge {parts['merge'] / 2 / count:.2f} s (both loops), in-place swap "
+          f"{parts['swap'] / count:.3f} s (live), write + reload {parts['reload'] / count:.2f} s "
+          f"(naive), scoring {parts['score'] / 2 / count:.2f} s (both loops)", flush=True)
     return ratio
 
 
@@ -157,8 +174,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--real-trials", type=int, default=3)
     parser.add_argument("--demo-dir", type=Path, default=ROOT / ".adapters-demo")
+    parser.add_argument("--only", choices=("tiny", "smollm2"), help="run one model's benchmark")
     args = parser.parse_args()
-    ratios = {"tiny": tiny(args.trials), "smollm2": smollm2(args.demo_dir, args.real_trials)}
+    ratios = {"tiny": None if args.only == "smollm2" else tiny(args.trials),
+              "smollm2": None if args.only == "tiny" else smollm2(args.demo_dir, args.real_trials)}
     print(json.dumps({k: None if v is None else round(v, 2) for k, v in ratios.items()}))
     return 0
 

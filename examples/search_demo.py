@@ -10,8 +10,10 @@ and work directory, reusing its helpers (``demo.adapters`` runs the CLI in-proce
    task as objectives, perplexity too, every check a constraint); the pick is pushed
    as a version of ``smollm2-skills`` and the front is drawn to ``search-front.png``
    when matplotlib is installed;
-2. ``adapters gate`` on the pick: the real gate's verdict (the search's scores are an
-   estimate on a live PEFT model, not a gate record);
+2. ``adapters gate`` on the pick: the real gate's verdict (the search computes the
+   gate's numbers for retention and perplexity, on weights bit-identical to the gate's
+   model, but checks such as drift or the fingerprint only the gate runs, and only a
+   gate run is a gate record);
 3. the pick scored by the demo's own scorer, printed beside the base, the adapters and
    the hand-picked merges of ``demo.py`` (their cached scores), with the goal: a passing
    merge whose worse task keeps more than the hand-picked TIES's worse task. Written

@@ -4,9 +4,11 @@ Finds merge recipes (method, per-input weights, density, lambda, gamma/epsilon, 
 election, KnOTS alignment) that keep what each parent could do, under the same policy
 that ``adapters gate`` enforces. Optuna drives the search (multi-objective, seeded,
 constraints from the policy, optional shared RDB storage for several workers); each
-trial is a merge of LoRA factors in memory swapped into one loaded PEFT model
-(:mod:`merging.lora.live`), so the base is loaded once per process and nothing is written
-per trial.
+trial is a merge of LoRA factors in memory, merged into the weights of one loaded
+base model in place (:mod:`merging.lora.live`: bit-identical to the model the gate scores
+for that merge, base weights restored exactly between trials), so the base is loaded
+once per process, nothing is written per trial, and the objectives are the gate's own
+numbers.
 
 Modules: :mod:`gate.search.space` (the space and its bounds), :mod:`gate.search.scoring`
 (objectives and constraints from the policy), :mod:`gate.search.study` (sampler,

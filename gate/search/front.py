@@ -20,11 +20,13 @@ criterion and then by the lower trial number (so the pick is deterministic):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gate.search.scoring import BAD
 from registry.errors import BadInputError, shorten
 
 PICK_RULES = ("min_retention", "perplexity", "retention:<set>", "trial:<n>")
@@ -111,15 +113,15 @@ def pick(rows: Sequence[TrialRow], rule: str = "min_retention") -> TrialRow | No
     """
     feasible = [r for r in rows if r.feasible]
     if rule == "min_retention":
-        key = lambda r: (-worst_retention(r), perplexity(r), r.number)  # noqa: E731
+        key = lambda r: (-worst_retention(r), perplexity(r), r.number)
     elif rule == "perplexity":
-        key = lambda r: (perplexity(r), -worst_retention(r), r.number)  # noqa: E731
+        key = lambda r: (perplexity(r), -worst_retention(r), r.number)
     elif rule.startswith("retention:"):
         name = rule
         if rows and name not in rows[0].values:
             known = ", ".join(k for k in rows[0].values if k.startswith("retention:"))
             raise BadInputError(f"--pick {shorten(rule)}: no such objective", fix=f"use one of {known}")
-        key = lambda r: (-r.values.get(name, float("-inf")), -worst_retention(r), r.number)  # noqa: E731
+        key = lambda r: (-r.values.get(name, float("-inf")), -worst_retention(r), r.number)
     elif rule.startswith("trial:") and rule[6:].isdigit():
         number = int(rule[6:])
         found = [r for r in rows if r.number == number]
@@ -133,38 +135,59 @@ def pick(rows: Sequence[TrialRow], rule: str = "min_retention") -> TrialRow | No
     return min(feasible, key=key) if feasible else None
 
 
+def _axis(rows: Sequence[TrialRow], prefix: str) -> bool:
+    return any(k.startswith(prefix) for r in rows for k in r.values)
+
+
 def plot_front(rows: Sequence[TrialRow], front: Sequence[TrialRow], picked: TrialRow | None,
                path: Path) -> str | None:
-    """Write a PNG (perplexity vs worst-case retention); returns a note if it could not.
+    """Write a PNG of the trials, the front and the pick; returns a note if it could not.
 
-    Returns None on success, else why nothing was written (matplotlib missing).
+    Axes: held-out perplexity (x) against worst-case retention (y); a policy without a
+    perplexity (retention) objective puts the trial number on that axis instead. Trials
+    whose perplexity was not finite (scored :data:`gate.search.scoring.BAD`) are left
+    out of the picture (they fail the policy) and counted in the title.
+
+    Returns:
+        None when the PNG was written, else why not (matplotlib missing, unwritable path).
     """
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display needed, whatever the user's default backend
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed; no plot written (pip install matplotlib)"
+    x_of = perplexity if _axis(rows, "perplexity:") else (lambda r: float(r.number))
+    y_of = worst_retention if _axis(rows, "retention:") else (lambda r: float(r.number))
+    shown = [r for r in rows if math.isfinite(x_of(r)) and x_of(r) < BAD
+             and math.isfinite(y_of(r))]
     fig, ax = plt.subplots(figsize=(7, 5))
     for feasible, colour, label in ((False, "#bbbbbb", "fails the policy"), (True, "#4c72b0", "passes")):
-        pts = [r for r in rows if r.feasible == feasible]
-        ax.scatter([perplexity(r) for r in pts], [worst_retention(r) for r in pts], c=colour,
-                   label=label, s=24)
-    ordered = sorted(front, key=perplexity)
-    ax.plot([perplexity(r) for r in ordered], [worst_retention(r) for r in ordered], "-o",
-            c="#dd8452", label="Pareto front", ms=5)
+        pts = [r for r in shown if r.feasible == feasible]
+        ax.scatter([x_of(r) for r in pts], [y_of(r) for r in pts], c=colour, label=label, s=24)
+    ordered = sorted((r for r in front if r in shown), key=x_of)
+    ax.plot([x_of(r) for r in ordered], [y_of(r) for r in ordered], "-o", c="#dd8452",
+            label="Pareto front", ms=5)
     for r in ordered:
-        ax.annotate(f"#{r.number} {r.label}", (perplexity(r), worst_retention(r)), fontsize=7)
-    if picked is not None:
-        ax.scatter([perplexity(picked)], [worst_retention(picked)], marker="*", s=260, c="#c44e52",
+        ax.annotate(f"#{r.number} {r.label}", (x_of(r), y_of(r)), fontsize=7)
+    if picked is not None and picked in shown:
+        ax.scatter([x_of(picked)], [y_of(picked)], marker="*", s=260, c="#c44e52",
                    label=f"pick #{picked.number}", zorder=5)
-    ax.set_xlabel("held-out perplexity (lower is better)")
-    ax.set_ylabel("worst-case retention ratio (higher is better)")
+    left_out = len(rows) - len(shown)
+    ax.set_title(f"{len(rows)} trials" + (f" ({left_out} not shown: perplexity not finite)"
+                                          if left_out else ""), fontsize=9)
+    ax.set_xlabel("held-out perplexity (lower is better)" if x_of is perplexity else "trial")
+    ax.set_ylabel("worst-case retention ratio (higher is better)" if y_of is worst_retention
+                  else "trial")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, format="png")
+    except OSError as err:
+        return f"cannot write the plot to {path}: {err}"
+    finally:
+        plt.close(fig)
     return None

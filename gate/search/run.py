@@ -5,12 +5,12 @@ One call is one *worker*:
 1. resolve the inputs, check their bases (:func:`merging.lora.engine.check_bases`), load
    the policy and build the space (:mod:`gate.search.space`);
 2. materialize the inputs under the store's ``tmp/``, load the base **once**
-   (:class:`gate.evaluate.Evaluator`) and wrap it in a :class:`merging.lora.live.LiveLora`;
+   (:class:`gate.evaluate.Evaluator`) and hand it to a :class:`merging.lora.live.LiveLora`;
 3. score the baselines (:meth:`gate.search.scoring.Scorer.prepare`);
 4. open (or join) the Optuna study and evaluate trials until the study is full
    (:mod:`gate.search.study`): each trial merges in memory
-   (:func:`merging.lora.engine.merge_adapters`), swaps the factors into the live model and
-   scores them; its merge, constraints and per-check summary are stored as the trial's
+   (:func:`merging.lora.engine.merge_adapters`), merges the factors into the live model's
+   weights in place (the gate's merged model, bit for bit) and scores it; its merge, constraints and per-check summary are stored as the trial's
    user attributes, so any worker can rebuild every trial's row;
 5. when the study holds its ``--trials`` COMPLETE trials: the front, the pick
    (:mod:`gate.search.front`), and -- unless ``push=False`` -- the pick re-merged

@@ -22,13 +22,15 @@ policy as far as the search can tell:
 * ``merge_equivalence`` and ``drift``: 0 (a linear-family merge equals its parents by
   construction; a merge has no source to drift from);
 * any other kind (``generation``, ...): the gate's own check run on the live model
-  (:func:`gate.checks.get_check` with a context whose ``candidate_model`` is the swapped
+  (:func:`gate.checks.get_check` with a context whose ``candidate_model`` is the live
   model), 0 for pass/skip and 1 for fail/error.
 
-Baselines are scored once per process, on the same live model: the base with every
-factor zeroed, each parent with its own factors swapped in (:mod:`merging.lora.live`), so
-ratios compare models computed the same way. The release (``baseline: release``) is
-resolved in the store as ``<name>:release`` (or the policy's ``release``) and swapped in
+Baselines are scored once per process, on the same live model: the base (weights
+restored), each parent merged in on its own (:mod:`merging.lora.live`). The live model's
+weights are bit-identical to those of the model the gate loads for the same merge (or
+parent), and scoring uses the gate's own functions, so every objective is exactly the
+number ``adapters gate`` computes for that model. The release (``baseline: release``) is
+resolved in the store as ``<name>:release`` (or the policy's ``release``) and merged in
 the same way when it is an adapter version; without one, release-relative parts are
 skipped, as in the gate.
 """
@@ -96,7 +98,7 @@ class Scorer:
         policy: The validated policy.
         evaluator: The process's evaluator (its base already wrapped by ``live``); None
             (with ``live`` None) when nothing will be scored, only named.
-        live: The live PEFT model.
+        live: The live model (a candidate's weights merged in place).
         parents: ``(name, adapter)`` of each input, in order.
         store: The registry (for a release baseline).
         name: The name the pick will be pushed under (its ``release`` alias).

@@ -1,29 +1,39 @@
-"""A loaded PEFT model whose LoRA factors are swapped in place: one base load, many merges.
+"""A loaded base model whose weights take one candidate merge at a time: one load, many merges.
 
 The merge search (:mod:`gate.search`) evaluates dozens of candidate merges of the same
 inputs. Writing each candidate as a PEFT directory and loading base + adapter again
-would cost a model load per trial; here the base is loaded once and wrapped once:
+(what ``adapters gate`` does for one candidate) costs a model load per trial; here the
+base is loaded once and each candidate is **merged into its weights in place**:
 
-1. :meth:`LiveLora.attach` injects LoRA layers (PEFT ``get_peft_model``) into every
-   module of the inputs' union, all of one rank ``R`` = the largest sum of the inputs'
-   ranks over the modules. That bound holds every result the engine can produce with
-   its default rank: a dense method's output has the largest input rank, an exact or
-   KnOTS-aligned one at most the sum of the ranks, ``cat`` exactly the sum. ``lora_alpha
-   = R`` and every layer's ``scaling`` is set to 1, since merged factors carry their
-   scales and weights folded in (:mod:`merging.lora.peft_output`).
-2. :meth:`LiveLora.load` copies a :class:`merging.lora.engine.MergeResult`'s factors (as
-   stored: already cast to the output dtype) into the first ``k`` rows of each A and
-   columns of each B and zeroes the rest, so ``B @ A`` is exactly the merged delta; a
-   module the result lacks gets zeros (no delta). :meth:`LiveLora.load_factors` does
-   the same from ``{module: (B, A)}`` (a parent's own ``s·B``, ``A``), and
-   :meth:`LiveLora.clear` zeroes everything: the model is then exactly the base.
+1. :meth:`LiveLora.attach` finds every module of the inputs' union in the loaded base
+   (a ``Linear`` or an ``Embedding``) and keeps a copy of its weight ``W0``;
+2. :meth:`LiveLora.load` restores every ``W0`` (``copy_``: bit-exact) and adds each
+   module's delta the way PEFT's ``merge_and_unload`` does for the gate's candidate
+   model, operation for operation, so the live model's weights are **bit-identical** to
+   the model the gate scores for the same merge:
 
-Nothing is written to disk and no weights are reloaded; a swap is a few ``copy_`` calls.
-The forward pass is PEFT's unmerged LoRA path (``W x + B (A x)``), which agrees with the
-gate's ``merge_and_unload`` model up to float rounding; the gate run on the pushed pick
-is the verdict that counts. Only plain LoRA on linear and embedding modules is
-supported (the engine already refuses DoRA, biases and the rest); ``fan_in_fan_out``
-inputs and ``modules_to_save`` tensors are refused, since they are not factor swaps.
+   * PEFT holds LoRA factors in float32 (it upcasts half-precision adapters on load),
+     so the factors are cast to float32;
+   * ``delta = (B @ A) * scale`` (``Linear``), ``delta = (B @ A).T * scale``
+     (``Embedding``), with PEFT's scale: 1 for a merge result (the engine folds every
+     input's scale and weight into the factors; :mod:`merging.lora.peft_output` writes
+     ``lora_alpha = r``), ``alpha / r`` (or ``alpha / sqrt(r)``) for a parent;
+   * ``W += delta`` (``Linear``), ``W += delta.to(W.dtype)`` (``Embedding``).
+
+   :meth:`LiveLora.load_adapter` does the same for one adapter on its own (a parent's
+   or the release's baseline) and :meth:`LiveLora.clear` restores the base exactly.
+
+Why in place rather than LoRA layers whose factors are swapped: the forward pass is
+then the base model's own (a plain ``Linear`` per module, no ``B (A x)`` side path,
+which cost 10-40% per forward with a rank that must hold the largest merge), and the
+objectives the search optimises are exactly the gate's numbers for the same merge,
+not an approximation of them. Nothing is written to disk and no weights are reloaded;
+a swap is one ``copy_``, one matmul and one ``add_`` per module. Memory: one extra copy
+of the adapted modules' weights.
+
+Only plain LoRA on linear and embedding modules is supported (the engine already
+refuses DoRA, biases and the rest); ``fan_in_fan_out`` inputs and ``modules_to_save``
+tensors are refused, since they are not factor merges.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ if TYPE_CHECKING:
     from merging.adapter import LoraAdapter
     from merging.lora.results import MergeResult
 
-ADAPTER_NAME = "default"
+Factors = Mapping[str, "tuple[torch.Tensor, torch.Tensor, float]"]
+"""Module path -> ``(B, A, scale)``: the delta ``scale · B @ A`` of that module."""
 
 
 def rank_bound(adapters: Sequence[LoraAdapter]) -> dict[str, int]:
@@ -54,7 +65,7 @@ def rank_bound(adapters: Sequence[LoraAdapter]) -> dict[str, int]:
     for adapter in adapters:
         if adapter.config.get("fan_in_fan_out"):
             raise UnsupportedAdapterError(
-                f"{adapter.path}: fan_in_fan_out adapters cannot be swapped into a live model",
+                f"{adapter.path}: fan_in_fan_out adapters cannot be merged into a live model",
                 fix="search merges of adapters for Linear/Embedding modules (Llama-style models)")
         if adapter.extras:
             raise UnsupportedAdapterError(
@@ -67,65 +78,59 @@ def rank_bound(adapters: Sequence[LoraAdapter]) -> dict[str, int]:
 
 
 class LiveLora:
-    """A base model wrapped once by PEFT; candidate factors are swapped in place.
+    """A loaded base model; candidate merges are written into its weights in place.
 
     Args:
-        model: The ``PeftModel`` (from :meth:`attach`).
-        modules: Module path (as saved) -> the injected LoRA layer.
-        rank: The injected rank ``R``.
+        model: The loaded transformers model (its weights are modified in place).
+        modules: Module path (as saved) -> the model's ``Linear``/``Embedding`` there.
+        originals: Module path -> a copy of that module's base weight ``W0``.
+        rank: The largest rank a merge of the inputs can need (:func:`rank_bound`).
     """
 
-    def __init__(self, model: Any, modules: Mapping[str, Any], rank: int) -> None:
+    def __init__(self, model: Any, modules: Mapping[str, Any],
+                 originals: Mapping[str, torch.Tensor], rank: int) -> None:
         self.model, self.modules, self.rank = model, dict(modules), rank
+        self.originals = dict(originals)
 
     @classmethod
     def attach(cls, base_model: Any, bound: Mapping[str, int]) -> LiveLora:
-        """Inject rank-``max(bound)`` LoRA layers into ``base_model`` (modified in place).
+        """Take ``base_model`` (modified in place from now on) for the modules of ``bound``.
 
         Args:
-            base_model: A loaded transformers model (it becomes the PEFT model's base).
+            base_model: A loaded transformers model.
             bound: Module path -> largest rank needed (:func:`rank_bound`).
 
         Raises:
-            UnsupportedAdapterError: No module to adapt, or a module PEFT cannot wrap.
+            UnsupportedAdapterError: No module to adapt, or a module that the base lacks
+                or that is neither a ``Linear`` nor an ``Embedding``.
         """
-        from peft import LoraConfig, get_peft_model
+        import torch
 
         if not bound:
             raise UnsupportedAdapterError("the inputs adapt no module", fix="pass LoRA adapters")
-        rank = max(bound.values())
-        targets = sorted(strip_prefix(name) for name in bound)
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
-                            target_modules=targets)
-        try:
-            model = get_peft_model(base_model, config, adapter_name=ADAPTER_NAME)
-        except (ValueError, TypeError) as err:
-            raise UnsupportedAdapterError(f"cannot wrap the base with the inputs' modules: {err}",
-                                          fix="use adapters trained on this base model") from None
-        layers = {}
-        for name in bound:
-            layer = model.get_submodule(name)
-            if ADAPTER_NAME not in getattr(layer, "scaling", {}):
-                raise UnsupportedAdapterError(f"module {name} did not get a LoRA layer",
-                                              fix="use adapters trained on this base model")
-            layer.scaling[ADAPTER_NAME] = 1.0
-            layers[name] = layer
-        model.eval()
-        live = cls(model, layers, rank)
-        live.clear()
-        return live
+        modules, originals = {}, {}
+        for name in sorted(bound):
+            try:
+                module = base_model.get_submodule(strip_prefix(name))
+            except AttributeError:
+                raise UnsupportedAdapterError(f"module {name} is not in the base model",
+                                              fix="use adapters trained on this base model") from None
+            if type(module) not in (torch.nn.Linear, torch.nn.Embedding):
+                raise UnsupportedAdapterError(
+                    f"module {name} is a {type(module).__name__}, not a Linear or an Embedding",
+                    fix="search merges of adapters for Linear/Embedding modules")
+            modules[name] = module
+            originals[name] = module.weight.detach().clone()
+        base_model.eval()
+        return cls(base_model, modules, originals, max(bound.values()))
 
-    def _params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.modules[name]
-        if ADAPTER_NAME in getattr(layer, "lora_A", {}):
-            return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-        return layer.lora_embedding_A[ADAPTER_NAME], layer.lora_embedding_B[ADAPTER_NAME]
-
-    def load_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Set each module's delta to ``B @ A`` (``factors``: path -> (B, A)); others to 0.
+    def load_factors(self, factors: Factors) -> None:
+        """Set the model to the base plus each module's ``scale · B @ A`` (see module
+        docstring: the operations of PEFT's merge); modules not in ``factors`` get W0.
 
         Raises:
-            UnsupportedAdapterError: A module was not injected, or its rank exceeds ``R``.
+            UnsupportedAdapterError: A module that was not attached, or factors whose
+                product does not have the module's weight shape.
         """
         import torch
 
@@ -133,27 +138,32 @@ class LiveLora:
         if unknown:
             raise UnsupportedAdapterError(f"module {unknown[0]} is not in the live model",
                                           fix="swap only merges of the inputs it was built for")
+        for name, (b, a, _) in factors.items():  # all checked before any weight changes
+            weight = self.modules[name].weight
+            embedding = isinstance(self.modules[name], torch.nn.Embedding)
+            shape = tuple(weight.shape)[::-1] if embedding else tuple(weight.shape)
+            if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != shape:
+                raise UnsupportedAdapterError(
+                    f"module {name}: factors {tuple(b.shape)} x {tuple(a.shape)} do not fit "
+                    f"its weight {tuple(weight.shape)}",
+                    fix="swap only merges of adapters trained on this base model")
         with torch.no_grad():
-            for name in self.modules:
-                a_param, b_param = self._params(name)
+            for name, module in self.modules.items():  # every W0 first: tied weights share
+                module.weight.copy_(self.originals[name])  # storage, both deltas must land
+            for name, module in self.modules.items():
                 if name not in factors:
-                    a_param.zero_()
-                    b_param.zero_()
                     continue
-                b, a = factors[name]
-                k = a.shape[0]
-                if k > self.rank or tuple(b.shape) != (b_param.shape[0], k) \
-                        or a.shape[1] != a_param.shape[1]:
-                    raise UnsupportedAdapterError(
-                        f"module {name}: factors {tuple(b.shape)} x {tuple(a.shape)} do not fit "
-                        f"the live rank-{self.rank} layer", fix="merge with the default rank")
-                a_param[:k].copy_(a)
-                a_param[k:].zero_()
-                b_param[:, :k].copy_(b)
-                b_param[:, k:].zero_()
+                weight = module.weight
+                b, a, scale = factors[name]
+                delta = b.to(torch.float32) @ a.to(torch.float32)
+                if isinstance(module, torch.nn.Embedding):  # PEFT: (B @ A).T * s, cast, added
+                    weight += (delta.T * scale).to(weight.dtype)
+                else:  # PEFT: W += (B @ A) * s (the add promotes to float32, then rounds)
+                    weight += delta * scale
 
     def load(self, result: MergeResult, adapters: Sequence[LoraAdapter]) -> None:
-        """Swap in a merge result's stored factors (scale 1: the engine folds scales in).
+        """Merge a result's stored factors into the base (scale 1: the engine folds
+        scales and weights into them, as the written PEFT config says).
 
         Raises:
             UnsupportedAdapterError: The result carries extra tensors or does not fit.
@@ -162,8 +172,8 @@ class LiveLora:
         for adapter in adapters:
             for name, info in adapter.infos.items():
                 keys.setdefault(name, info.keys)
-        factors = {name: (result.tensors[k.b], result.tensors[k.a]) for name, k in keys.items()
-                   if k.a in result.tensors}
+        factors = {name: (result.tensors[k.b], result.tensors[k.a], 1.0)
+                   for name, k in keys.items() if k.a in result.tensors}
         extra = sorted(set(result.tensors) - {t for k in keys.values() for t in (k.a, k.b)})
         if extra:
             raise UnsupportedAdapterError(f"merged tensor {extra[0]} is not a LoRA factor",
@@ -171,10 +181,14 @@ class LiveLora:
         self.load_factors(factors)
 
     def load_adapter(self, adapter: LoraAdapter) -> None:
-        """Swap in one adapter on its own (``s·B``, ``A``): a parent's baseline."""
-        self.load_factors({name: (m.B.float() * m.scale, m.A.float())
-                           for name, m in adapter.modules.items()})
+        """Merge one adapter on its own into the base (``scale · B @ A``, its PEFT scale):
+        a parent's or the release's baseline.
+
+        Raises:
+            UnsupportedAdapterError: The adapter adapts a module that was not attached.
+        """
+        self.load_factors({name: (m.B, m.A, m.scale) for name, m in adapter.modules.items()})
 
     def clear(self) -> None:
-        """Zero every LoRA factor: the model computes exactly the base model."""
+        """Restore every attached weight to ``W0``: the model is exactly the base again."""
         self.load_factors({})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import main
+from gate.checks import num
 from tests.cli_fixtures import run_json
 from tests.gate_fixtures import build_store, world, write_policy
 
@@ -40,8 +40,17 @@ def _args(setup, *extra: str) -> list[str]:
 
 def test_pick_passes_and_is_pushed_with_the_search_in_its_lineage(setup, capsys):
     w, store, policy, _ = setup
-    code, data = run_json(capsys, *_args(setup, "--trials", "5", "--name", "searched"))
+    png = setup[3] / "front.png"
+    code, data = run_json(capsys, *_args(setup, "--trials", "5", "--name", "searched",
+                                         "--plot", str(png)))
     assert code == 0, data
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the search still succeeds, and says why there is no picture
+        assert data["plot"] is None and not png.exists()
+        assert "matplotlib is not installed; no plot written (pip install matplotlib)" in data["notes"]
+    else:
+        assert data["plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
     assert len(data["trials"]) == 5 and data["complete"]
     feasible = [t for t in data["trials"] if t["feasible"]]
     picked = data["picked"]
@@ -63,10 +72,18 @@ def test_pick_passes_and_is_pushed_with_the_search_in_its_lineage(setup, capsys)
                                     "retention:adapter-b"} for t in blob["trials"])
     # the first trials are the enqueued hand-made merges (defaults)
     assert [t["method"] for t in data["trials"][:3]] == METHODS.split(",")
-    # a normal merge version: the real gate can judge it (and records its verdict)
-    code = main(["gate", version.ref, "--base", str(w.base), "--policy", str(policy),
-                 "--store", str(store.root), "--json"])
+    # a normal merge version: the real gate can judge it (and records its verdict), and
+    # its numbers are the search's (the live model is bit-identical to the gate's)
+    code, gate = run_json(capsys, "gate", version.ref, "--base", str(w.base), "--policy",
+                          str(policy), "--store", str(store.root))
     assert code == 0
+    metrics = {c["name"]: c["metrics"] for c in gate["checks"]}
+    values = picked["values"]
+    assert num(values["perplexity:perplexity"]) == metrics["perplexity"]["perplexity"]
+    assert num(data["baselines"]["perplexity:baseline"]) == metrics["perplexity"]["baseline_perplexity"]
+    for name in ("adapter-a", "adapter-b"):
+        assert num(values[f"retention:{name}"]) == metrics["retention"][f"{name}.ratio"]
+        assert num(data["baselines"][f"retention:{name}"]) == metrics["retention"][f"{name}.baseline"]
     assert store.gate_record(version.digest, _policy_digest(policy))["passed"] is True
 
 

@@ -1,6 +1,7 @@
 """Parts of the merge search that need no trained model: the space and its bounds, the
-front and pick rules, per-trial sampler seeds, and the live LoRA swap (exact against
-PEFT's own loading of the same factors, on the tiny Llama of tests/cli_fixtures.py)."""
+front and pick rules, the plot (and its message without matplotlib), per-trial sampler
+seeds, and the live in-place merge (bit-identical to the gate's own model for the same
+merge, base restored exactly; on the tiny Llama of tests/cli_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -98,11 +99,43 @@ def test_trial_seeds_depend_on_seed_and_number_only():
     assert len({trial_seed(0, n) for n in range(50)} | {trial_seed(1, 0)}) == 51
 
 
-def test_live_swap_equals_peft_loading_and_clear_is_the_base(tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def _rows():
+    return [TrialRow(number=n, method="ties", weights=(1.0, 1.0), parameters={"align": "knots"},
+                     values={"retention:a": r, "perplexity:p": ppl}, constraints=(c,), checks={})
+            for n, (r, ppl, c) in enumerate([(0.9, 10.0, 0.0), (0.8, 9.0, 0.0), (0.5, 12.0, 1.0),
+                                             (0.1, 1e9, 1.0)])]
 
+
+def test_plot_without_matplotlib_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    import sys
+
+    from gate.search.front import plot_front
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rows = _rows()
+    note = plot_front(rows, rows[:2], rows[0], tmp_path / "front.png")
+    assert note == "matplotlib is not installed; no plot written (pip install matplotlib)"
+    assert not (tmp_path / "front.png").exists()
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gate.search.front import plot_front
+
+    rows = _rows()
+    out = tmp_path / "sub" / "front.png"
+    assert plot_front(rows, rows[:2], rows[0], out) is None
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_live_merge_is_bit_identical_to_the_gates_model_and_clear_restores_w0(tmp_path, dtype):
+    """The live model's weights after a swap are exactly those of the model the gate
+    scores for the same merge (base + written PEFT dir, merge_and_unload), for merge
+    results and for a parent on its own; clear() gives the base weights back bit for bit."""
+    import torch
+
+    from gate.evaluate import Evaluator
     from merging.adapter import load_adapter
     from merging.lora.engine import merge_adapters
     from merging.lora.live import LiveLora, rank_bound
@@ -113,18 +146,86 @@ def test_live_swap_equals_peft_loading_and_clear_is_the_base(tmp_path):
     build_tiny_peft(base_dir, a_dir, seed=1)
     build_tiny_peft(tmp_path / "base2", tmp_path / "b", seed=2)  # same base weights (seeded)
     adapters = [load_adapter(a_dir), load_adapter(tmp_path / "b")]
-    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
-    base_logits = AutoModelForCausalLM.from_pretrained(base_dir).eval()(ids).logits
-    live = LiveLora.attach(AutoModelForCausalLM.from_pretrained(base_dir).eval(), rank_bound(adapters))
+
+    def gate_model(key: str, path):  # what `adapters gate` scores: base + PEFT dir, merged
+        return Evaluator(base_dir, dtype=dtype).with_adapter(key, path)
+
+    base_state = {k: v.clone() for k, v in Evaluator(base_dir, dtype=dtype).base().state_dict().items()}
+    live = LiveLora.attach(Evaluator(base_dir, dtype=dtype).base(), rank_bound(adapters))
     assert live.rank == 8
+
+    def same_weights(expected: dict) -> bool:
+        got = live.model.state_dict()
+        return set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    for method, params in (("ties", {"align": "knots"}), ("dare_ties", {}), ("cat", {})):
+        result = merge_adapters(adapters, [0.7, 1.2], method, params=params)
+        live.load(result, adapters)
+        assert same_weights(gate_model("c", write_peft_dir(result, tmp_path / f"m-{method}")).state_dict())
+        assert not same_weights(base_state)
+    live.load_adapter(adapters[1])
+    assert same_weights(gate_model("p", tmp_path / "b").state_dict())
+    live.clear()
+    assert same_weights(base_state)
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
     with torch.no_grad():
-        assert torch.equal(live.model(input_ids=ids).logits, base_logits)
-        for method, params in (("ties", {"align": "knots"}), ("dare_ties", {}), ("cat", {})):
-            result = merge_adapters(adapters, [0.7, 1.2], method, params=params)
-            live.load(result, adapters)
-            out = write_peft_dir(result, tmp_path / f"m-{method}")
-            ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
-            torch.testing.assert_close(live.model(input_ids=ids).logits, ref(ids).logits,
-                                       atol=1e-5, rtol=1e-5)
-        live.clear()
-        assert torch.equal(live.model(input_ids=ids).logits, base_logits)
+        assert torch.equal(live.model(input_ids=ids).logits,
+                           Evaluator(base_dir, dtype=dtype).base()(input_ids=ids).logits)
+
+
+def test_live_merge_refuses_factors_that_do_not_fit(tmp_path):
+    import torch
+
+    from gate.evaluate import Evaluator
+    from merging.adapter import load_adapter
+    from merging.lora.live import LiveLora, rank_bound
+    from registry.errors import UnsupportedAdapterError
+    from tests.cli_fixtures import build_tiny_peft
+
+    build_tiny_peft(tmp_path / "base", tmp_path / "a", seed=1)
+    adapter = load_adapter(tmp_path / "a")
+    live = LiveLora.attach(Evaluator(tmp_path / "base").base(), rank_bound([adapter]))
+    name = next(iter(live.modules))
+    before = {k: v.clone() for k, v in live.model.state_dict().items()}
+    with pytest.raises(UnsupportedAdapterError, match="do not fit"):
+        live.load_factors({name: (torch.ones(3, 2), torch.ones(2, 5), 1.0)})
+    with pytest.raises(UnsupportedAdapterError, match="not in the live model"):
+        live.load_factors({"base_model.model.nowhere": (torch.ones(1, 1), torch.ones(1, 1), 1.0)})
+    live.clear()
+    assert all(torch.equal(v, before[k]) for k, v in live.model.state_dict().items())
+
+
+def test_live_merge_of_embedding_adapters_is_bit_identical(tmp_path):
+    """An Embedding's delta is PEFT's ``(B @ A).T * s`` rounded to the weight's dtype
+    before the add (a Linear's is added in float32): bfloat16 tells the two apart."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from gate.evaluate import Evaluator
+    from merging.adapter import load_adapter
+    from merging.lora.engine import merge_adapters
+    from merging.lora.live import LiveLora, rank_bound
+    from merging.lora.peft_output import write_peft_dir
+    from tests.cli_fixtures import build_tiny_llama
+
+    for seed in (1, 2):
+        base = build_tiny_llama()
+        base.save_pretrained(tmp_path / "base")
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                                target_modules=["embed_tokens", "q_proj"]))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen))
+        model.save_pretrained(tmp_path / f"a{seed}", save_embedding_layers=False)
+    adapters = [load_adapter(tmp_path / "a1"), load_adapter(tmp_path / "a2")]
+    live = LiveLora.attach(Evaluator(tmp_path / "base", dtype="bfloat16").base(), rank_bound(adapters))
+    assert any(isinstance(m, torch.nn.Embedding) for m in live.modules.values())
+    for method in ("ties", "cat"):
+        result = merge_adapters(adapters, [0.7, 1.2], method)
+        live.load(result, adapters)
+        expected = Evaluator(tmp_path / "base", dtype="bfloat16").with_adapter(
+            "c", write_peft_dir(result, tmp_path / method)).state_dict()
+        got = live.model.state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
