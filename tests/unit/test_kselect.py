@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from merging import sparsify
 from merging.kselect import (
@@ -17,10 +19,6 @@ from merging.kselect import (
     magnitude_bits,
 )
 from merging.methods import ModuleContext, ModuleInput
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 SPECIALS = [0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.17549435e-38, 1.0, -1.0, 2.0, 3.4028235e38,
             -3.4028235e38, math.inf, -math.inf]
