@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from merging import refactor
-from merging.lowrank import frobenius_errors, lowrank_factors, randomized_svd, sketch_seed
+from merging.lowrank import (
+    frobenius_errors,
+    lowrank_factors,
+    randomized_svd,
+    sketch_seed,
+)
 
 
 def low_rank_plus_noise(rows: int, cols: int, seed: int) -> torch.Tensor:
