@@ -102,9 +102,11 @@ def kth_largest_bits(bits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     cand, rows = bits, row_ids[:, None]
     for shift, width in DIGITS:
         bins = 1 << width
-        digit = (cand >> shift) & (bins - 1)
-        counts = torch.bincount((digit + rows * bins).reshape(-1),
-                                minlength=batch * bins).view(batch, bins)
+        high = cand >> shift  # the prefix fixed so far and this digit
+        # The top digit is all of ``high`` (bit 31 is clear), so no mask is needed there.
+        digit = high if shift + width >= 31 else high & (bins - 1)
+        keys = digit if batch == 1 else digit + rows * bins
+        counts = torch.bincount(keys.reshape(-1), minlength=batch * bins).view(batch, bins)
         at_or_above = counts.flip(1).cumsum(1).flip(1)  # entries whose digit is >= d
         # The digit holding the k-th largest: the largest d with at_or_above[d] >= remaining.
         chosen = (at_or_above >= remaining[:, None]).sum(1) - 1
@@ -115,11 +117,11 @@ def kth_largest_bits(bits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         if shift:
             wanted = prefix >> shift
             if cand.dim() == 2:
-                same = (cand >> shift) == wanted[:, None]
-                rows = row_ids[:, None].expand_as(cand)[same]
+                same = high == wanted[:, None]
+                rows = row_ids[:, None].expand_as(cand)[same] if batch > 1 else row_ids[:0]
             else:
-                same = (cand >> shift) == wanted[rows.long()]
-                rows = rows[same]
+                same = high == (wanted[rows.long()] if batch > 1 else wanted)
+                rows = rows[same] if batch > 1 else rows
             cand = cand[same]
     return prefix
 
