@@ -47,7 +47,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
-    """The int32 bit patterns of ``|values|`` (promoted to float32), flattened per row.
+    """The int32 bit patterns of ``|values|`` (promoted to float32), same shape.
 
     Args:
         values: A float32/float16/bfloat16 tensor of any shape.
