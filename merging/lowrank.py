@@ -1,0 +1,159 @@
+"""Truncated randomized SVD of dense deltas on any device, one matrix or a batch.
+
+:func:`merging.refactor.lowrank_refactor` runs ``torch.svd_lowrank`` under
+``torch.random.fork_rng(devices=[])`` after ``torch.manual_seed``: correct on the
+CPU, but on CUDA its sketch comes from the *global* CUDA generator (re-seeded by
+``manual_seed`` and not restored, since only CPU state is forked), it allocates its
+zero result on the CPU, and it takes one matrix at a time, which leaves a GPU idle
+between the small QR/SVD steps.
+
+This module is the same algorithm (Halko et al. 2009, Algorithm 5.1 with 4.4, as
+``torch._lowrank._svd_lowrank``: sketch ``A R``, ``niter`` power iterations with a
+QR after every product, SVD of the small ``Q^T A``) with three changes:
+
+* the Gaussian sketch of matrix ``i`` is drawn from its own ``torch.Generator`` on
+  the matrix's device, seeded from ``sha256(seed, module_i, "svd")``
+  (:func:`sketch_seed`, the seed ``lowrank_refactor`` uses), so no global RNG is
+  touched, results are reproducible per device and independent of which other
+  modules share the batch (the draws are per matrix; the products are batched);
+* a ``(batch, out, in)`` stack runs as batched matmuls, QRs and SVDs;
+* every tensor is created on the input's device.
+
+For one 2-D float32 matrix on the CPU the operations are exactly those of
+``lowrank_refactor`` (same draw, same products in the same order), so the factors
+are bit for bit the same: wiring this in changes no CPU digest. A batch may round
+differently from one-by-one (batched BLAS kernels), still deterministically.
+The selection rules are ``lowrank_refactor``'s: ``q = rank + oversample``
+(default ``2·rank``), an exact ``torch.linalg.svd`` for small matrices
+(``min(out, in) <= 2q`` or at most 2^20 entries), zero factors for a zero delta,
+and balanced factors (``S^½`` on each side).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+NITER = 2
+"""Power iterations (as :data:`merging.refactor.NITER`)."""
+SMALL_MATRIX = 1 << 20
+"""At most this many entries: exact SVD (as ``lowrank_refactor``)."""
+
+
+def sketch_seed(seed: int, module: str) -> int:
+    """The sketch seed of ``module`` in a run seeded ``seed`` (``sha256(seed, module, "svd")``)."""
+    text = f"{seed}\x1f{module}\x1fsvd"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _sketch(cols: int, q: int, seeds: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``(len(seeds), cols, q)`` Gaussians, matrix ``i`` drawn from a generator seeded ``seeds[i]``."""
+    draws = []
+    for value in seeds:
+        gen = torch.Generator(device=like.device).manual_seed(value)
+        draws.append(torch.randn(cols, q, generator=gen, dtype=like.dtype, device=like.device))
+    return torch.stack(draws)
+
+
+def randomized_svd(D: torch.Tensor, q: int, seeds: Sequence[int],
+                   niter: int = NITER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.svd_lowrank(D, q, niter)`` with one seeded sketch per matrix, batched.
+
+    Args:
+        D: ``(batch, m, n)`` float tensor on any device.
+        q: Sketch width (``<= min(m, n)``).
+        seeds: One generator seed per matrix.
+        niter: Power iterations.
+
+    Returns:
+        ``(U, S, V)``: ``(batch, m, q)``, ``(batch, q)``, ``(batch, n, q)``, with
+        ``D ≈ U diag(S) V^T``.
+
+    Raises:
+        ValueError: ``D`` is not 3-D or ``seeds`` does not have one seed per matrix.
+    """
+    if D.dim() != 3 or len(seeds) != D.shape[0]:
+        raise ValueError("randomized_svd takes a (batch, m, n) tensor and one seed per matrix")
+    wide = D.shape[-2] < D.shape[-1]
+    A = D.mH if wide else D  # the algorithm assumes a tall matrix
+    sketch = _sketch(A.shape[-1], q, seeds, A)
+    if D.shape[0] == 1:  # 2-D products: exactly torch.svd_lowrank's kernels
+        A, sketch = A[0], sketch[0]
+    Q = torch.linalg.qr(A @ sketch).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A.mH @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    U, S, Vh = torch.linalg.svd(Q.mH @ A, full_matrices=False)
+    U, V = Q @ U, Vh.mH
+    if wide:
+        U, V = V, U
+    if D.shape[0] == 1:
+        U, S, V = U[None], S[None], V[None]
+    return U, S, V
+
+
+def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    root = s.clamp(min=0).sqrt()
+    return (u * root[..., None, :]).float(), (root[..., :, None] * vh).float()
+
+
+def lowrank_factors(D: torch.Tensor, rank: int, *, seed: int = 0,
+                    modules: Sequence[str] | str = "", oversample: int | None = None,
+                    niter: int = NITER) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of dense deltas: ``lowrank_refactor`` on any device, batched.
+
+    Args:
+        D: ``(out, in)`` or ``(batch, out, in)`` float32 on any device.
+        rank: Output rank (clamped to ``[1, min(out, in)]``).
+        seed: Run seed.
+        modules: The module name of each matrix (one string for a 2-D ``D``); with
+            ``seed`` it seeds that matrix's sketch.
+        oversample: Extra sketch columns (default ``rank``, i.e. ``q = 2·rank``).
+        niter: Power iterations.
+
+    Returns:
+        ``(B, A)`` float32 on ``D``'s device, ``(…, out, rank)`` and ``(…, rank, in)``;
+        zero factors for a zero matrix. For a 2-D ``D`` on the CPU, bit for bit
+        :func:`merging.refactor.lowrank_refactor` ``(D, rank, seed=seed, module=modules)``.
+
+    Raises:
+        ValueError: ``D`` is not 2-D or 3-D, or ``modules`` does not name every matrix.
+    """
+    single = D.dim() == 2
+    if single:
+        D = D[None]
+        modules = [modules] if isinstance(modules, str) else list(modules)
+    if D.dim() != 3 or isinstance(modules, str) or len(modules) != D.shape[0]:
+        raise ValueError("lowrank_factors takes (out, in) with one module name or "
+                         "(batch, out, in) with one module name per matrix")
+    rows, cols = D.shape[-2:]
+    rank = max(1, min(rank, rows, cols))
+    q = min(rank + (rank if oversample is None else oversample), rows, cols)
+    if min(rows, cols) <= 2 * q or rows * cols <= SMALL_MATRIX:
+        u, s, vh = torch.linalg.svd(D, full_matrices=False)
+        B, A = _balanced(u[..., :rank], s[..., :rank], vh[..., :rank, :])
+    else:
+        u, s, v = randomized_svd(D, q, [sketch_seed(seed, name) for name in modules], niter)
+        B, A = _balanced(u[..., :rank], s[..., :rank], v[..., :rank].mT)
+    nonzero = D.flatten(1).ne(0).any(1)[:, None, None]  # no host sync: a select, not a branch
+    B, A = torch.where(nonzero, B, 0.0), torch.where(nonzero, A, 0.0)
+    return (B[0], A[0]) if single else (B, A)
+
+
+def frobenius_errors(D: torch.Tensor, B: torch.Tensor,
+                     A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||D - B A||_F, ||D||_F)`` per matrix, accumulated in float64, on ``D``'s device.
+
+    Args:
+        D: ``(out, in)`` or ``(batch, out, in)`` float32.
+        B: ``(…, out, r)`` factors (any float dtype; used as float32, as stored).
+        A: ``(…, r, in)``.
+
+    Returns:
+        Two float64 tensors of shape ``D.shape[:-2]``.
+    """
+    diff = torch.matmul(B.float(), A.float()).sub_(D).neg_()
+    return (torch.linalg.vector_norm(diff, dim=(-2, -1), dtype=torch.float64),
+            torch.linalg.vector_norm(D, dim=(-2, -1), dtype=torch.float64))

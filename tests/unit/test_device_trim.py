@@ -1,0 +1,81 @@
+"""device_trim: TIES / magnitude_prune of module groups equal today's methods bit for bit (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging.device_trim import group_by_shape, group_deltas, merge_group, trim_group
+from merging.methods import MergeParams, ModuleContext, ModuleInput
+from merging.methods.magnitude_prune import magnitude_prune
+from merging.methods.ties import ties
+
+
+def integer_inputs(rows: int, cols: int, seed: int, weights: list[float]) -> list[ModuleInput]:
+    """Inputs with small-integer factors: exact products, so block and full matmuls agree."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for index, weight in enumerate(weights):
+        rank = 3 + index
+        b = torch.randint(-3, 4, (rows, rank), generator=gen).float()
+        a = torch.randint(-3, 4, (rank, cols), generator=gen).float()
+        out.append(ModuleInput(index=index, B=b, A=a, weight=weight))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sum", "frequency", "mergekit"])
+@pytest.mark.parametrize(("rows", "cols"), [(70, 50), (1100, 1000)])
+def test_ties_group_equals_ties_per_module(mode: str, rows: int, cols: int) -> None:
+    # Three modules with ranks 3 and 4: equal shapes across the group, as merge_group requires.
+    group = [integer_inputs(rows, cols, seed, [0.7, 0.3]) for seed in (1, 2, 3)]
+    params = MergeParams(density=0.3, lam=1.5, sign_election=mode, weight_sum=1.0)
+    merged = merge_group(group, params, elect=True, device="cpu")
+    assert merged.shape == (3, rows, cols)
+    for m, inputs in enumerate(group):
+        ctx = ModuleContext(name=f"layers.{m}.q_proj", shape=(rows, cols), seed=0)
+        assert torch.equal(merged[m], ties(inputs, params, ctx))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_magnitude_prune_group_equals_per_module(normalize: bool) -> None:
+    group = [integer_inputs(60, 40, seed, [0.5, 2.0, -1.0]) for seed in (4, 5)]
+    params = MergeParams(density=0.45, lam=0.8, normalize=normalize, weight_sum=1.5)
+    merged = merge_group(group, params, elect=False, device="cpu")
+    for m, inputs in enumerate(group):
+        ctx = ModuleContext(name=f"m{m}", shape=(60, 40), seed=0)
+        assert torch.equal(merged[m], magnitude_prune(inputs, params, ctx))
+
+
+def test_float_factors_are_close_to_todays_ties() -> None:
+    gen = torch.Generator().manual_seed(6)
+    inputs = [ModuleInput(index=i, B=torch.randn(300, 8, generator=gen),
+                          A=torch.randn(8, 200, generator=gen), weight=w)
+              for i, w in enumerate([0.6, 0.4])]
+    params = MergeParams(density=0.5)
+    ours = merge_group([inputs], params, elect=True, device="cpu")[0]
+    today = ties(inputs, params, ModuleContext(name="m", shape=(300, 200), seed=0))
+    torch.testing.assert_close(ours, today, rtol=1e-5, atol=1e-5)
+
+
+def test_trim_keeps_exactly_the_top_count_and_density_one_keeps_all() -> None:
+    deltas = torch.randn(2, 3, 50, 40, generator=torch.Generator().manual_seed(7))
+    trimmed = trim_group(deltas.clone(), 0.25)
+    assert (trimmed != 0).reshape(6, -1).sum(1).tolist() == [500] * 6
+    assert torch.equal(trim_group(deltas.clone(), 1.0), deltas)
+
+
+def test_bad_groups_are_refused() -> None:
+    with pytest.raises(ValueError):
+        group_deltas([], "cpu")
+    with pytest.raises(ValueError):
+        group_deltas([integer_inputs(10, 8, 1, [1.0, 1.0]), integer_inputs(10, 8, 2, [1.0])], "cpu")
+    with pytest.raises(ValueError):
+        group_deltas([integer_inputs(10, 8, 1, [1.0]), integer_inputs(10, 9, 2, [1.0])], "cpu")
+
+
+def test_group_by_shape_bounds_groups_and_separates_kinds() -> None:
+    shapes = {"a.q": (4, 4), "b.q": (4, 4), "c.q": (4, 4), "a.up": (8, 4), "b.up": (8, 4)}
+    assert group_by_shape(shapes, 32) == [["a.q", "b.q"], ["a.up"], ["b.up"], ["c.q"]]
+    inputs_of = {"a.q": (0, 1), "b.q": (0,), "c.q": (0, 1), "a.up": (0, 1), "b.up": (0, 1)}
+    assert group_by_shape(shapes, 10_000, inputs_of) == [["a.q", "c.q"], ["a.up", "b.up"], ["b.q"]]
+    assert group_by_shape(shapes, 1) == [["a.q"], ["a.up"], ["b.q"], ["b.up"], ["c.q"]]

@@ -1,0 +1,98 @@
+"""lowrank: the device-agnostic, batched randomized SVD equals lowrank_refactor on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging import refactor
+from merging.lowrank import (
+    frobenius_errors,
+    lowrank_factors,
+    randomized_svd,
+    sketch_seed,
+)
+
+
+def low_rank_plus_noise(rows: int, cols: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    signal = torch.randn(rows, 24, generator=gen) @ torch.randn(24, cols, generator=gen)
+    return signal + 0.01 * torch.randn(rows, cols, generator=gen)
+
+
+def test_sketch_seed_is_refactors() -> None:
+    for seed, module in [(0, ""), (7, "layers.3.mlp.up_proj")]:
+        assert sketch_seed(seed, module) == refactor._sketch_seed(seed, module)
+
+
+@pytest.mark.parametrize("shape", [(1100, 1000), (600, 1800), (40, 30), (300, 20)])
+def test_one_matrix_is_bit_for_bit_lowrank_refactor(shape: tuple[int, int]) -> None:
+    # (1100, 1000) and (600, 1800) take the randomized path (tall and wide), the others the exact SVD.
+    D = low_rank_plus_noise(*shape, seed=shape[0])
+    for rank in (4, 8):
+        B, A = lowrank_factors(D, rank, seed=3, modules="m.q_proj")
+        B_ref, A_ref = refactor.lowrank_refactor(D, rank, seed=3, module="m.q_proj")
+        assert torch.equal(B, B_ref) and torch.equal(A, A_ref)
+
+
+def test_global_rng_untouched_and_repeatable() -> None:
+    D = low_rank_plus_noise(1100, 1000, seed=1)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = lowrank_factors(D, 8, seed=5, modules="x")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    second = lowrank_factors(D, 8, seed=5, modules="x")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    other = lowrank_factors(D, 8, seed=6, modules="x")
+    assert not torch.equal(first[0], other[0])
+
+
+def test_batch_matches_one_by_one_and_ignores_its_neighbours() -> None:
+    stack = torch.stack([low_rank_plus_noise(1100, 1000, seed=s) for s in (1, 2, 3)])
+    names = ["a", "b", "c"]
+    B, A = lowrank_factors(stack, 8, seed=0, modules=names)
+    assert B.shape == (3, 1100, 8) and A.shape == (3, 8, 1000)
+    for i, name in enumerate(names):
+        b1, a1 = lowrank_factors(stack[i], 8, seed=0, modules=name)
+        torch.testing.assert_close(B[i] @ A[i], b1 @ a1, rtol=1e-4, atol=1e-4)
+    # The same matrix and name gives the same factors whatever shares the batch.
+    B2, A2 = lowrank_factors(stack[[0, 2]], 8, seed=0, modules=["a", "c"])
+    B3, A3 = lowrank_factors(stack[[0, 2]], 8, seed=0, modules=["a", "c"])
+    assert torch.equal(B2, B3) and torch.equal(A2, A3)
+    torch.testing.assert_close(B2[1] @ A2[1], B[2] @ A[2], rtol=1e-4, atol=1e-4)
+
+
+def test_error_is_near_the_exact_truncation() -> None:
+    D = low_rank_plus_noise(1100, 1000, seed=4)
+    B, A = lowrank_factors(D[None], 16, modules=["m"])
+    err, norm = frobenius_errors(D[None], B, A)
+    s = torch.linalg.svdvals(D.double())
+    optimal = float((s[16:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    assert float(err[0] / norm[0]) <= optimal * 1.01
+
+
+def test_zero_matrices_give_zero_factors() -> None:
+    stack = torch.stack([torch.zeros(1100, 1000), low_rank_plus_noise(1100, 1000, seed=5)])
+    B, A = lowrank_factors(stack, 4, modules=["z", "n"])
+    assert not B[0].any() and not A[0].any() and B[1].any()
+    B_ref, A_ref = refactor.lowrank_refactor(torch.zeros(50, 40), 4)
+    B1, A1 = lowrank_factors(torch.zeros(50, 40), 4)
+    assert torch.equal(B1, B_ref) and torch.equal(A1, A_ref)
+
+
+def test_frobenius_errors_match_dense_error() -> None:
+    D = low_rank_plus_noise(200, 150, seed=6)
+    B, A = lowrank_factors(D, 5)
+    err, norm = frobenius_errors(D, B, A)
+    ref_err, ref_norm = refactor.dense_error(D, B, A)
+    assert float(err) == pytest.approx(ref_err, rel=1e-5)
+    assert float(norm) == pytest.approx(ref_norm, rel=1e-6)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        lowrank_factors(torch.zeros(2, 3, 4), 2, modules="one name for two matrices")
+    with pytest.raises(ValueError):
+        lowrank_factors(torch.zeros(3), 1)
+    with pytest.raises(ValueError):
+        randomized_svd(torch.zeros(2, 30, 20), 4, seeds=[1])
