@@ -4,7 +4,7 @@ Every ratio is against an anchor measured in the same run on the same machine:
 
 (a) **TIES of two r=16 adapters, Llama-2-7B shapes** (q/k/v/o 4096x4096, gate/up
     11008x4096, down 4096x11008; ``--layers`` 32), back to rank 16, on the device:
-    our path (:mod:`merging.device_trim` + :mod:`merging.lowrank`: batched deltas,
+    our path (:mod:`merging.lora.device_trim` + :mod:`merging.lora.lowrank`: batched deltas,
     radix-select trim thresholds, batched randomized SVD; factors in host memory
     before and after, the clock includes both copies; one small warm-up group is
     run first and not timed) vs PEFT ``add_weighted_adapter(...,
@@ -19,7 +19,7 @@ Every ratio is against an anchor measured in the same run on the same machine:
     that function changes.
 (b) **nf4 quantization of a TinyLlama-1.1B-shaped bf16 model** (random weights,
     shapes from a ``LlamaConfig``; the weights transformers would convert, as
-    :func:`merging.quantize.quantizable_weights` decides): :func:`merging.quantize.quantize_weight`
+    :func:`merging.model.quantize.quantizable_weights` decides): :func:`merging.model.quantize.quantize_weight`
     on the GPU for every weight vs on the CPU (our path) for ``--cpu-layers``
     layers, extrapolated. Skipped without bitsandbytes.
 (c) **The demo's gate policy on SmolLM2-135M**, GPU vs CPU, on a linear merge of two
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_merge import ALPHA, DENSITY, PER_LAYER, RANK, SHAPES, WEIGHTS
 
-from merging.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -102,13 +102,13 @@ def ours_ties_on_device(inputs: dict[str, list[ModuleInput]], shapes: dict[str, 
                         device: torch.device) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """TIES -> rank 16 of every module on ``device``: (host factors, overall relative error).
 
-    NOT YET WIRED into the engine: calls :mod:`merging.device_trim` and
-    :mod:`merging.lowrank` directly. Once wired, this becomes
+    NOT YET WIRED into the engine: calls :mod:`merging.lora.device_trim` and
+    :mod:`merging.lora.lowrank` directly. Once wired, this becomes
     ``merge_adapters(paths, WEIGHTS, "ties", params={"density": DENSITY}, rank=RANK,
     device=str(device))`` on adapter directories.
     """
-    from merging.device_trim import group_by_shape, merge_group
-    from merging.lowrank import frobenius_errors, lowrank_factors
+    from merging.lora.device_trim import group_by_shape, merge_group
+    from merging.lora.lowrank import frobenius_errors, lowrank_factors
 
     params = MergeParams(density=DENSITY)
     by_name = {name: shapes[name.split(".", 3)[3]] for name in inputs}
@@ -136,8 +136,8 @@ def ours_ties_on_device(inputs: dict[str, list[ModuleInput]], shapes: dict[str, 
 
 def todays_cpu_ties(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]]) -> float:
     """Seconds of today's CPU path (``ties`` + ``lowrank_refactor`` + ``dense_error``) on ``inputs``."""
-    from merging.methods.ties import ties
-    from merging.refactor import dense_error, lowrank_refactor
+    from merging.lora.methods.ties import ties
+    from merging.lora.factorize import dense_error, lowrank_refactor
 
     start = time.perf_counter()
     for name, module_in in inputs.items():
@@ -177,8 +177,8 @@ def peft_ties_svd(module_in: list[ModuleInput], shape: tuple[int, int], device: 
 
 def error_ratio(module_in: list[ModuleInput], name: str, device: torch.device) -> tuple[float, float]:
     """(our rank-16 relative error, the exact truncated SVD's) on one module's merged delta."""
-    from merging.device_trim import merge_group
-    from merging.lowrank import frobenius_errors, lowrank_factors
+    from merging.lora.device_trim import merge_group
+    from merging.lora.lowrank import frobenius_errors, lowrank_factors
 
     merged = merge_group([module_in], MergeParams(density=DENSITY), elect=True, device=device)
     B, A = lowrank_factors(merged, RANK, seed=0, modules=[name])
@@ -243,7 +243,7 @@ def tinyllama_config(small: bool) -> LlamaConfig:
 
 def quantize_all(weights: dict[str, tuple[int, ...]], device: torch.device) -> tuple[float, dict]:
     """Seconds to nf4-quantize every weight (random bf16, drawn on ``device``, untimed)."""
-    from merging.quantize import QuantSpec, quantize_weight
+    from merging.model.quantize import QuantSpec, quantize_weight
 
     spec = QuantSpec(method="nf4")
     total, first = 0.0, {}
@@ -266,7 +266,7 @@ def part_b(args: argparse.Namespace, device: torch.device) -> None:
         return
     from transformers import LlamaForCausalLM
 
-    from merging.quantize import QuantSpec, quantizable_weights
+    from merging.model.quantize import QuantSpec, quantizable_weights
 
     config = tinyllama_config(args.small)
     names = quantizable_weights(config.to_dict(), QuantSpec(method="nf4"))

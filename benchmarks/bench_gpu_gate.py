@@ -66,8 +66,8 @@ def gate_timings(device: torch.device, *, small: bool) -> None:
 
     from gate.context import Parent
     from gate.runner import run_gate
-    from merging.engine import merge_adapters
-    from merging.peft_output import write_peft_dir
+    from merging.lora.engine import merge_adapters
+    from merging.lora.peft_output import write_peft_dir
 
     base = smollm2.convert(ROOT / ".adapters-demo" / "work", log=lambda *_a: None)
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:

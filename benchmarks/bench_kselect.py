@@ -4,8 +4,8 @@
 half of them (TIES density 0.5):
 
 1. ``torch.kthvalue(|x|, n - k + 1)`` on all entries (what a naive port does);
-2. :func:`merging.kselect.kth_largest_magnitude` (radix select, integer counting);
-3. today's :func:`merging.sparsify.kth_largest` on the factors of a rank-16 delta
+2. :func:`merging.lora.kselect.kth_largest_magnitude` (radix select, integer counting);
+3. today's :func:`merging.lora.sparsify.kth_largest` on the factors of a rank-16 delta
    (sampled bracket + ``kthvalue`` on the few bracketed entries; it also recomputes
    the delta block by block from its factors, which the other two are given).
 
@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging import sparsify
-from merging.kselect import kth_largest_magnitude
-from merging.methods import ModuleContext, ModuleInput
+from merging.lora import sparsify
+from merging.lora.kselect import kth_largest_magnitude
+from merging.lora.methods import ModuleContext, ModuleInput
 
 ROWS, COLS, RANK = 11008, 4096, 16
 

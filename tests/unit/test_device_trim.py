@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.device_trim import group_by_shape, group_deltas, merge_group, trim_group
-from merging.methods import MergeParams, ModuleContext, ModuleInput
-from merging.methods.magnitude_prune import magnitude_prune
-from merging.methods.ties import ties
+from merging.lora.device_trim import group_by_shape, group_deltas, merge_group, trim_group
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods.magnitude_prune import magnitude_prune
+from merging.lora.methods.ties import ties
 
 
 def integer_inputs(rows: int, cols: int, seed: int, weights: list[float]) -> list[ModuleInput]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.device_trim import merge_group
-from merging.kselect import keep_mask, kth_largest_magnitudes
-from merging.lowrank import lowrank_factors
-from merging.methods import MergeParams, ModuleInput
+from merging.lora.device_trim import merge_group
+from merging.lora.kselect import keep_mask, kth_largest_magnitudes
+from merging.lora.lowrank import lowrank_factors
+from merging.lora.methods import MergeParams, ModuleInput
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,15 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merging import sparsify
-from merging.kselect import (
+from merging.lora import sparsify
+from merging.lora.kselect import (
     keep_mask,
     kth_largest_bits,
     kth_largest_magnitude,
     kth_largest_magnitudes,
     magnitude_bits,
 )
-from merging.methods import ModuleContext, ModuleInput
+from merging.lora.methods import ModuleContext, ModuleInput
 
 SPECIALS = [0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.17549435e-38, 1.0, -1.0, 2.0, 3.4028235e38,
             -3.4028235e38, math.inf, -math.inf]

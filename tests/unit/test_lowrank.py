@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging import refactor
-from merging.lowrank import (
+from merging.lora import factorize as refactor
+from merging.lora.lowrank import (
     frobenius_errors,
     lowrank_factors,
     randomized_svd,

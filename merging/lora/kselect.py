@@ -2,7 +2,7 @@
 
 The TIES/magnitude-prune trim keeps the ``k`` entries of largest magnitude, i.e.
 every entry with ``|x| >= t`` where ``t`` is the k-th largest ``|x|``
-(:mod:`merging.sparsify`; entries tied with ``t`` are all kept). ``torch.kthvalue``
+(:mod:`merging.lora.sparsify`; entries tied with ``t`` are all kept). ``torch.kthvalue``
 finds ``t`` by a selection that is slow on large tensors and, on CUDA, sorts: on
 45M entries it dominated a GPU TIES merge. This module finds the same ``t``
 with integer counting only, on any device and for a batch of tensors at once.
@@ -26,10 +26,10 @@ promoted to float32 first (exact and order-preserving), as the merge engine
 computes every delta in float32. Other dtypes are refused (rounding float64 to
 float32 could create ties that are not there).
 
-**Conventions** (those of :func:`merging.sparsify.kth_largest`): ``k <= 0`` gives
+**Conventions** (those of :func:`merging.lora.sparsify.kth_largest`): ``k <= 0`` gives
 ``inf`` (keep none) and ``k >= numel`` gives ``0.0`` (keep all), also for an
 empty tensor. :func:`keep_mask` is exactly the mask
-:func:`merging.sparsify.trim_block` applies for a threshold: ``|x| >= t``, NaN
+:func:`merging.lora.sparsify.trim_block` applies for a threshold: ``|x| >= t``, NaN
 entries kept (``hardshrink`` keeps them), nothing kept for ``t = inf``,
 everything for ``t <= 0`` or ``t`` NaN.
 """
@@ -137,7 +137,7 @@ def kth_largest_magnitudes(values: torch.Tensor,
     Returns:
         ``(batch,)`` float32 on ``values``' device: bit for bit
         ``torch.kthvalue(|values[i]|.flatten(), n - k + 1).values``; ``inf`` where
-        ``k <= 0`` and ``0.0`` where ``k >= n`` (as :func:`merging.sparsify.kth_largest`).
+        ``k <= 0`` and ``0.0`` where ``k >= n`` (as :func:`merging.lora.sparsify.kth_largest`).
 
     Raises:
         TypeError: Unsupported dtype (see :func:`magnitude_bits`).
@@ -176,7 +176,7 @@ def kth_largest_magnitude(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def keep_mask(values: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
-    """The entries a trim at ``thresholds`` keeps, exactly as :func:`merging.sparsify.trim_block`.
+    """The entries a trim at ``thresholds`` keeps, exactly as :func:`merging.lora.sparsify.trim_block`.
 
     Args:
         values: ``(batch, ...)`` (or any shape with a scalar threshold).

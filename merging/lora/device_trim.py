@@ -1,6 +1,6 @@
 """TIES and magnitude_prune on a device (CUDA or CPU), several modules at a time.
 
-:mod:`merging.sparsify` merges a module on the CPU block by block, never holding
+:mod:`merging.lora.sparsify` merges a module on the CPU block by block, never holding
 more than one dense delta, and finds each trim threshold by sampling plus a
 ``kthvalue`` on the bracketed entries. On a GPU the constraints are reversed:
 memory is plentiful (a 7B-shaped module's two deltas are 360 MB), launches and
@@ -12,15 +12,15 @@ entries dominate. So here:
   once (from pinned memory, without blocking) and multiplied in one batched
   matmul into a ``(modules, inputs, out, in)`` float32 stack of true deltas;
 * every threshold of the group comes from one radix select
-  (:func:`merging.kselect.kth_largest_magnitudes`: exact, integer counting, the
-  same value ``kthvalue`` gives) and the trim is :func:`merging.kselect.keep_mask`,
-  the mask :func:`merging.sparsify.trim_block` applies;
-* the sign election and disjoint mean are :func:`merging.sparsify.elect_and_merge`
+  (:func:`merging.lora.kselect.kth_largest_magnitudes`: exact, integer counting, the
+  same value ``kthvalue`` gives) and the trim is :func:`merging.lora.kselect.keep_mask`,
+  the mask :func:`merging.lora.sparsify.trim_block` applies;
+* the sign election and disjoint mean are :func:`merging.lora.sparsify.elect_and_merge`
   itself (element-wise, so it runs on whatever device its tensors are on), and
-  magnitude_prune's sum is :func:`merging.sparsify.weighted_sum`.
+  magnitude_prune's sum is :func:`merging.lora.sparsify.weighted_sum`.
 
 The deltas are full products rather than 64-row blocks, so on the CPU they can
-round differently from :mod:`merging.sparsify` in the last bit (exactly equal when
+round differently from :mod:`merging.lora.sparsify` in the last bit (exactly equal when
 the products are exact, as the tests check); on one device the result is
 deterministic: no atomics on floats, no sampling.
 """
@@ -32,9 +32,9 @@ from collections.abc import Sequence
 
 import torch
 
-from merging import sparsify
-from merging.kselect import keep_mask, kth_largest_magnitudes
-from merging.methods import MergeParams, ModuleInput
+from merging.lora import sparsify
+from merging.lora.kselect import keep_mask, kth_largest_magnitudes
+from merging.lora.methods import MergeParams, ModuleInput
 
 
 def _stacked(factors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -78,7 +78,7 @@ def trim_group(deltas: torch.Tensor, density: float) -> torch.Tensor:
         density: Fraction kept; ``>= 1`` keeps everything.
 
     Returns:
-        ``deltas``, with the entries :func:`merging.sparsify.trim_block` zeroes set to 0.
+        ``deltas``, with the entries :func:`merging.lora.sparsify.trim_block` zeroes set to 0.
     """
     if density >= 1:
         return deltas

@@ -1,6 +1,6 @@
 """Truncated randomized SVD of dense deltas on any device, one matrix or a batch.
 
-:func:`merging.refactor.lowrank_refactor` runs ``torch.svd_lowrank`` under
+:func:`merging.lora.factorize.lowrank_refactor` runs ``torch.svd_lowrank`` under
 ``torch.random.fork_rng(devices=[])`` after ``torch.manual_seed``: correct on the
 CPU, but on CUDA its sketch comes from the *global* CUDA generator (re-seeded by
 ``manual_seed`` and not restored, since only CPU state is forked), it allocates its
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 NITER = 2
-"""Power iterations (as :data:`merging.refactor.NITER`)."""
+"""Power iterations (as :data:`merging.lora.factorize.NITER`)."""
 SMALL_MATRIX = 1 << 20
 """At most this many entries: exact SVD (as ``lowrank_refactor``)."""
 
@@ -116,7 +116,7 @@ def lowrank_factors(D: torch.Tensor, rank: int, *, seed: int = 0,
     Returns:
         ``(B, A)`` float32 on ``D``'s device, ``(…, out, rank)`` and ``(…, rank, in)``;
         zero factors for a zero matrix. For a 2-D ``D`` on the CPU, bit for bit
-        :func:`merging.refactor.lowrank_refactor` ``(D, rank, seed=seed, module=modules)``.
+        :func:`merging.lora.factorize.lowrank_refactor` ``(D, rank, seed=seed, module=modules)``.
 
     Raises:
         ValueError: ``D`` is not 2-D or 3-D, or ``modules`` does not name every matrix.
