@@ -13,7 +13,7 @@ points of the search space) and score them with the same policy-derived objectiv
 
 Prints trials per minute of each and the ratio (target >= 3x), and the largest
 difference between the two loops' objective values (float rounding only). Models:
-the tiny gate world of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct
+the tiny gate world of ``tests/support/gate.py`` (always), and SmolLM2-135M-Instruct
 with the demo's two adapters when ``make demo`` has run (``.adapters-demo/work``);
 otherwise that part is skipped with a note.
 
@@ -111,7 +111,7 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
 
 
 def tiny(count: int) -> float:
-    from tests.gate_fixtures import world, write_policy
+    from tests.support.gate import world, write_policy
 
     w = world()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Hugging Face Hub interop, offline: ``adapters pull`` from a hand-filled HF cache, ``push-hub``.
 
 No network exists here. ``pull`` runs with ``HF_HUB_OFFLINE=1`` against a cache that
-:func:`tests.hub_fixtures.populate_hf_cache` lays out in huggingface_hub's documented
+:func:`tests.support.hub.populate_hf_cache` lays out in huggingface_hub's documented
 format, holding a real PEFT LoRA of a tiny Llama (hidden 64, non-zero B). The CLI
 runs in a child process because huggingface_hub reads its environment at import.
 ``push-hub`` is checked through the library with an injected Hub client that copies
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_fixtures import (
+from tests.support.hub import (
     BASE_MODEL_ID,
     ROOT,
     RecordingHubApi,

@@ -5,7 +5,7 @@ Inputs are real PEFT adapters (different ranks and targets, ``rank_pattern``,
 adapter is loaded with ``PeftModel.from_pretrained`` and its logits are compared
 with the base model whose weights are ``W + merged delta``, the merged delta being
 computed independently: the inputs' deltas read with peft's own pattern lookup
-(``tests.merge_fixtures.delta_of``) and combined with ``peft.utils.merge_utils``.
+(``tests.support.merge.delta_of``) and combined with ``peft.utils.merge_utils``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from merging.peft_output import write_peft_dir
 from merging.sparsify import dare_mask
 from merging.methods import ModuleContext
 from registry.errors import UnsupportedAdapterError
-from tests.merge_fixtures import (
+from tests.support.merge import (
     PREFIX,
     delta_of,
     peft_adapter,

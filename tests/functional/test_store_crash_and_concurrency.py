@@ -24,7 +24,7 @@ from registry.common import sha256_digest
 from registry.errors import ConflictError, NotFoundError
 from registry.maintenance import gc, verify
 from registry.store import Store
-from tests.registry_fixtures import (PYTHON, REPO_ROOT, adapter_files, child_env,
+from tests.support.registry import (PYTHON, REPO_ROOT, adapter_files, child_env,
                                      make_adapter_dir, new_store, push_adapter, run_together,
                                      sample_record)
 
@@ -36,7 +36,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from registry.store import Store
-    from tests.registry_fixtures import sample_record
+    from tests.support.registry import sample_record
 
     root, big, config = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     total, done = big.stat().st_size + config.stat().st_size, 0

@@ -11,7 +11,7 @@ from registry.audit import AuditLog, entry_hash
 from registry.common import canonical_json
 from registry.errors import IntegrityError
 from registry.maintenance import gc
-from tests.registry_fixtures import make_adapter_dir, new_store, push_adapter
+from tests.support.registry import make_adapter_dir, new_store, push_adapter
 
 
 @pytest.fixture()

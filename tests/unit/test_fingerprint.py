@@ -18,7 +18,7 @@ from registry.fingerprint import (
     model_weights,
 )
 from registry.safetensors_header import read_header
-from tests.ingest_fixtures import save_base
+from tests.support.ingest import save_base
 
 torch = pytest.importorskip("torch")
 from safetensors import safe_open  # noqa: E402
@@ -163,7 +163,7 @@ def test_progress_counts_all_tensor_bytes(bases):
 
 
 def test_shapes_match_the_model(bases):
-    from tests.ingest_fixtures import tiny_llama
+    from tests.support.ingest import tiny_llama
 
     model = tiny_llama(0)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

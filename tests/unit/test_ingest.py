@@ -22,7 +22,7 @@ from registry.peft_keys import (
     split_keys,
 )
 from registry.record import TensorSummary, build_record
-from tests.ingest_fixtures import save_adapter, save_base
+from tests.support.ingest import save_adapter, save_base
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -250,7 +250,7 @@ def test_bin_adapter_refused_by_default_and_converted_with_allow_pickle(built, t
         # the converted directory loads in peft and computes what the original does
         from peft import PeftModel
 
-        from tests.ingest_fixtures import tiny_llama
+        from tests.support.ingest import tiny_llama
 
         converted_dir = tmp_path / "converted"
         converted_dir.mkdir()
@@ -421,10 +421,10 @@ def test_corrupt_safetensors_is_refused(built, tmp_path):
 
 
 def test_handmade_fixture_matches_what_peft_writes(built, tmp_path):
-    """tests/ingest_fixtures.handmade_adapter (used by the torch-free fuzz tests) stays honest."""
+    """tests.support.ingest.handmade_adapter (used by the torch-free fuzz tests) stays honest."""
     from safetensors import safe_open
 
-    from tests.ingest_fixtures import handmade_adapter
+    from tests.support.ingest import handmade_adapter
 
     real = save_adapter(tmp_path / "real", target_modules=("q_proj",))
     fake = handmade_adapter(tmp_path / "fake")

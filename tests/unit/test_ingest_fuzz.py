@@ -30,7 +30,7 @@ from safetensors import safe_open  # noqa: E402
 from registry.errors import BadInputError  # noqa: E402
 from registry.fingerprint import hash_tensors  # noqa: E402
 from registry.safetensors_header import DTYPE_BITS, read_header  # noqa: E402
-from tests.ingest_fixtures import handmade_adapter, raw_file, small_valid_file  # noqa: E402
+from tests.support.ingest import handmade_adapter, raw_file, small_valid_file  # noqa: E402
 
 # ADAPTERKIT_FUZZ_EXAMPLES=20000 runs a long, randomized campaign; the default is a
 # small deterministic one for CI.

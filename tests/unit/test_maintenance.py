@@ -12,7 +12,7 @@ from registry.errors import IntegrityError
 from registry.lineage import make_lineage, parent
 from registry.maintenance import gc, reachable, verify
 from registry.store import Store
-from tests.registry_fixtures import (adapter_files, make_adapter_dir, new_store, push_adapter,
+from tests.support.registry import (adapter_files, make_adapter_dir, new_store, push_adapter,
                                      sample_record)
 
 POLICY = "sha256:" + "f" * 64

@@ -1,6 +1,6 @@
 """Parts of the merge search that need no trained model: the space and its bounds, the
 front and pick rules, per-trial sampler seeds, and the live LoRA swap (exact against
-PEFT's own loading of the same factors, on the tiny Llama of tests/cli_fixtures.py)."""
+PEFT's own loading of the same factors, on the tiny Llama of tests/support/cli.py)."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_live_swap_equals_peft_loading_and_clear_is_the_base(tmp_path):
     from merging.engine import merge_adapters
     from merging.live import LiveLora, rank_bound
     from merging.peft_output import write_peft_dir
-    from tests.cli_fixtures import build_tiny_peft
+    from tests.support.cli import build_tiny_peft
 
     base_dir, a_dir = tmp_path / "base", tmp_path / "a"
     build_tiny_peft(base_dir, a_dir, seed=1)

@@ -17,7 +17,7 @@ from registry.errors import BadInputError, NotFoundError
 from registry.fingerprint import hash_tensors, iter_tensor_chunks
 from registry.safetensors_header import (MAX_HEADER_BYTES, memoized_headers, parse_header_bytes,
                                          read_header)
-from tests.ingest_fixtures import raw_file, safetensors_bytes, small_valid_file, write
+from tests.support.ingest import raw_file, safetensors_bytes, small_valid_file, write
 
 F32_1 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 

@@ -3,7 +3,8 @@
 Everything is built from a config with random weights (seeded), saved with
 ``save_pretrained`` exactly as a downloaded model would be, so the tests exercise
 real transformers/PEFT files without any network access. The module-scoped fixtures
-:func:`work` and :func:`base` are imported by the test modules that share them.
+that save the default base once per test module (``work``, ``base``) live in
+:mod:`tests.plugins.unload`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -136,15 +136,3 @@ def shard_layout(model_dir: Path) -> dict[str, dict[str, tuple[str, tuple[int, .
 def leftovers(parent: Path, out_name: str) -> list[str]:
     """Entries of ``parent`` that look like a staging directory of ``out_name``."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{out_name}.tmp-"))
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """A scratch directory shared by one test module (``test_unload`` -> ``unload0``)."""
-    return tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2].removeprefix("test_"))
-
-
-@pytest.fixture(scope="module")
-def base(work: Path) -> Path:
-    """The default tiny float32 Llama, saved once per test module."""
-    return make_base(work / "base")
