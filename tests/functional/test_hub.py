@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.hub import (
     BASE_MODEL_ID,
+    HUB_LLAMA,
     ROOT,
     RecordingHubApi,
     commit_sha,
@@ -33,9 +34,9 @@ from tests.support.hub import (
     logits,
     populate_hf_cache,
     run_cli,
-    save_base,
     save_lora,
 )
+from tests.support.tiny_llama import save_tiny_llama
 
 REPO = "acme/tiny-lora"
 C1, C2 = commit_sha("tiny-lora-1"), commit_sha("tiny-lora-2")
@@ -83,7 +84,7 @@ def assert_one_line_error(code: int, err: str, expected_code: int) -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("hub")
-    base = save_base(root / "base")
+    base = save_tiny_llama(root / "base", HUB_LLAMA)
     a1 = save_lora(base, root / "a1", seed=1)
     a2 = save_lora(base, root / "a2", seed=2)
     env = hub_env(root)

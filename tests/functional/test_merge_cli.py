@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.merge import CLI_SHAPES, merge_cli, random_adapter
+from tests.support.merge import CLI_SHAPES, MERGE_LLAMA, merge_cli, random_adapter
+from tests.support.tiny_llama import save_tiny_llama
 
 def test_merge_pushes_a_version_with_lineage(merge_store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "merged"
@@ -87,12 +88,8 @@ def test_base_weights_mismatch_needs_the_flag(merge_store: Path, capsys) -> None
 
 
 def test_base_structure_mismatch_is_refused(merge_store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    wide = tmp_path / "wide-base"
-    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=False)).save_pretrained(str(wide))
+    wide = save_tiny_llama(tmp_path / "wide-base", MERGE_LLAMA, vocab_size=128,
+                           max_position_embeddings=2048)  # LlamaConfig's own default
     adapter = random_adapter(tmp_path / "wide", CLI_SHAPES, 4, seed=9)
     assert merge_cli(["push", str(adapter), "--name", "wide", "--base", str(wide), "--store", str(merge_store)],
                capsys)[0] == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import merge
+from tests.support.tiny_llama import save_tiny_llama
 
 
 @pytest.fixture()
@@ -26,8 +27,8 @@ def adapter_pair(tmp_path: Path) -> tuple[Path, Path]:
 def merge_bases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two saved tiny Llamas of one structure: seed 0 and seed 1 (other weights)."""
     root = tmp_path_factory.mktemp("merge-cli-bases")
-    same = merge.save_tiny_llama(root / "base", seed=0)
-    other_weights = merge.save_tiny_llama(root / "base-other-weights", seed=1)
+    same = save_tiny_llama(root / "base", merge.MERGE_LLAMA, seed=0)
+    other_weights = save_tiny_llama(root / "base-other-weights", merge.MERGE_LLAMA, seed=1)
     return same, other_weights
 
 

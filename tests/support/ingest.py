@@ -1,44 +1,23 @@
-"""Builders for ingestion tests: tiny Llama bases, PEFT adapters, raw safetensors bytes.
+"""Builders for ingestion tests: the tiny Llama shape, PEFT adapters, small safetensors files.
 
 torch, transformers and peft are imported inside the functions that need them, so
-tests that only build raw bytes stay fast.
+tests that only build raw bytes stay fast; bytes are written with
+:mod:`tests.support.safetensors_files`.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
-TINY_LLAMA = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=64,
-)
+from tests.support.safetensors_files import RawTensor, f32, safetensors_bytes, write_safetensors
+from tests.support.tiny_llama import tiny_llama
 
-
-def tiny_llama(seed: int = 0, **overrides: Any):  # type: ignore[no-untyped-def]
-    """A randomly initialised tiny ``LlamaForCausalLM`` (deterministic per seed)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
-
-
-def save_base(
-    out_dir: Path, *, seed: int = 0, max_shard_size: str | None = None, **overrides: Any
-) -> Path:
-    """Save a tiny Llama base model (optionally sharded) and return its directory."""
-    model = tiny_llama(seed, **overrides)
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(out_dir, **kwargs)
-    return Path(out_dir)
+INGEST_LLAMA = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                "num_key_value_heads": 1}
+"""The ingestion and fingerprint tests' shape (a :func:`tests.support.tiny_llama.tiny_llama`
+preset): hidden 16, so an 8 KB shard limit splits the base into several files."""
 
 
 def save_adapter(
@@ -55,7 +34,7 @@ def save_adapter(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_llama(seed, **(base_overrides or {}))
+    model = tiny_llama(INGEST_LLAMA, seed=seed, **(base_overrides or {}))
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
     config = LoraConfig(
         r=r,
@@ -72,33 +51,6 @@ def save_adapter(
                 param.copy_(torch.randn_like(param) * 0.1)
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
-
-
-def safetensors_bytes(
-    tensors: dict[str, tuple[str, list[int], bytes]],
-    metadata: dict[str, str] | None = None,
-    *,
-    pad: bool = True,
-) -> bytes:
-    """Serialize tensors by hand: ``{name: (dtype, shape, data)}`` in the given order."""
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    offset = 0
-    for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    if pad:
-        raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + b"".join(d for _, _, d in tensors.values())
-
-
-def raw_file(header: bytes | dict[str, Any], data: bytes = b"", *, length: int | None = None) -> bytes:
-    """A file from header JSON (object or bytes) and data; ``length`` overrides N."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    n = len(raw) if length is None else length
-    return struct.pack("<Q", n) + raw + data
 
 
 PEFT_CONFIG = {
@@ -122,23 +74,22 @@ PEFT_CONFIG = {
 
 
 def handmade_adapter(out_dir: Path, *, layers: int = 2, r: int = 4, hidden: int = 16) -> Path:
-    """A PEFT-shaped LoRA adapter for :data:`TINY_LLAMA`'s q_proj, without torch or peft.
+    """A PEFT-shaped LoRA adapter for :data:`INGEST_LLAMA`'s q_proj, without torch or peft.
 
     Same key names, shapes, dtype and config fields as ``save_adapter(...,
     target_modules=("q_proj",))`` writes; the values are a fixed ramp.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, tuple[str, list[int], bytes]] = {}
+    tensors: dict[str, RawTensor] = {}
     for layer in range(layers):
         module = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
         for suffix, shape in ((".lora_A.weight", [r, hidden]), (".lora_B.weight", [hidden, r])):
             count = shape[0] * shape[1]
             values = [((i * 37 + layer) % 11 - 5) / 50 for i in range(count)]
-            tensors[module + suffix] = ("F32", shape, struct.pack(f"<{count}f", *values))
-    (out_dir / "adapter_model.safetensors").write_bytes(
-        safetensors_bytes(dict(sorted(tensors.items())), metadata={"format": "pt"})
-    )
+            tensors[module + suffix] = ("F32", shape, f32(values))
+    write_safetensors(out_dir / "adapter_model.safetensors", dict(sorted(tensors.items())),
+                      metadata={"format": "pt"})
     (out_dir / "adapter_config.json").write_text(json.dumps({**PEFT_CONFIG, "r": r}, indent=2))
     (out_dir / "README.md").write_text("---\nlibrary_name: peft\n---\n")
     return out_dir
@@ -154,9 +105,3 @@ def small_valid_file() -> bytes:
         },
         metadata={"format": "pt"},
     )
-
-
-def write(path: Path, data: bytes) -> Path:
-    """Write bytes and return the path."""
-    path.write_bytes(data)
-    return path

@@ -1,10 +1,11 @@
 """Builders shared by the merge tests: hand-made adapter directories and tiny Llamas.
 
 ``write_adapter`` writes a PEFT-format adapter directory from explicit factors with
-safetensors alone (no peft import, milliseconds). ``tiny_llama`` /
-``peft_adapter`` build a real 2-layer Llama from ``LlamaConfig`` and adapters with
-``peft.get_peft_model`` (``init_lora_weights=False`` so B is not zero), for the
-tests that load results with ``PeftModel.from_pretrained``.
+safetensors alone (no peft import, milliseconds). :data:`MERGE_LLAMA` is the merge
+tests' tiny Llama shape (saved with :func:`tests.support.tiny_llama.save_tiny_llama`)
+and ``peft_adapter`` makes adapters for it with ``peft.get_peft_model``
+(``init_lora_weights=False`` so B is not zero), for the tests that load results with
+``PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -68,27 +69,8 @@ def random_adapter(path: Path, shapes: dict[str, tuple[int, int]], r: int, *, al
     return write_adapter(path, modules, lora_config(r, alpha, targets, **config_extra))
 
 
-def tiny_llama_config():  # type: ignore[no-untyped-def]
-    """A 2-layer Llama small enough for CPU tests in milliseconds."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=False)
-
-
-def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
-    """A randomly initialised tiny ``LlamaForCausalLM`` (eval mode, float32)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config()).eval()
-
-
-def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """Save a tiny Llama (safetensors) and return its directory."""
-    tiny_llama(seed).save_pretrained(str(path))
-    return path
+MERGE_LLAMA = {"vocab_size": 96, "intermediate_size": 48}
+"""The merge tests' shape (a :func:`tests.support.tiny_llama.tiny_llama` preset)."""
 
 
 def peft_adapter(base_dir: Path, out: Path, *, r: int, alpha: float, targets: list[str],
