@@ -54,7 +54,7 @@ def test_merge_pushes_a_version_with_lineage(merge_store: Path, tmp_path: Path, 
                                           ("magnitude_prune", ["--density", "0.2", "--rank", "full"])])
 def test_every_method_runs(merge_store: Path, capsys, method: str, extra: list[str]) -> None:  # type: ignore[no-untyped-def]
     code, data, err = merge_cli(["merge", "math", "code", "--method", method, *extra, "--store", str(merge_store),
-                           "--json"], capsys)
+                                "--json"], capsys)
     assert code == 0, err
     assert data["version"]["name"] == f"math-{method}"
     if method in ("linear", "cat", "task_arithmetic") or "full" in extra:
@@ -80,7 +80,7 @@ def test_base_weights_mismatch_needs_the_flag(merge_store: Path, capsys) -> None
     code, data, err = merge_cli(["merge", "math", "drift", "--store", str(merge_store), "--json"], capsys)
     assert code == 2 and data["error"] == "BaseMismatchError" and "not its weights" in data["message"]
     code, data, err = merge_cli(["merge", "math", "drift", "--allow-base-mismatch", "--store", str(merge_store),
-                           "--json"], capsys)
+                                "--json"], capsys)
     assert code == 0, err
     warnings = data["version"]["lineage"]["report"]["warnings"]
     assert any("merged anyway" in w for w in warnings)
@@ -92,9 +92,9 @@ def test_base_structure_mismatch_is_refused(merge_store: Path, tmp_path: Path, c
                            max_position_embeddings=2048)  # LlamaConfig's own default
     adapter = random_adapter(tmp_path / "wide", CLI_SHAPES, 4, seed=9)
     assert merge_cli(["push", str(adapter), "--name", "wide", "--base", str(wide), "--store", str(merge_store)],
-               capsys)[0] == 0
+                     capsys)[0] == 0
     code, data, _ = merge_cli(["merge", "math", "wide", "--allow-base-mismatch", "--store", str(merge_store),
-                         "--json"], capsys)
+                              "--json"], capsys)
     assert code == 2 and data["error"] == "BaseMismatchError"
     assert "different structure" in data["message"] and "math@" in data["message"]
 

@@ -39,7 +39,7 @@ def test_new_methods_run_and_record_their_parameters(merge_store: Path, capsys, 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
 def test_align_knots_is_recorded(merge_store: Path, capsys, method: str) -> None:  # type: ignore[no-untyped-def]
     code, data, err = merge_cli(["merge", "math", "code", "--method", method, "--align", "knots",
-                           "--store", str(merge_store), "--json"], capsys)
+                                "--store", str(merge_store), "--json"], capsys)
     assert code == 0, err
     assert data["version"]["name"] == f"math-{method}-knots"
     assert data["version"]["lineage"]["recipe"]["parameters"]["align"] == "knots"

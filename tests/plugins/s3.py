@@ -26,8 +26,8 @@ boto3 call is mocked.
   come up fails the test with the tail of its log.
 
 Both servers are started lazily, once per session (so once per pytest-xdist worker),
-by the session fixture :func:`s3_servers`, which lives in ``tests/conftest.py`` so
-that one instance serves every test module. When the first server starts, the
+by the session fixture :func:`s3_servers`; this module is a pytest plugin
+(``pytest_plugins`` in ``tests/conftest.py``), so one instance serves every test module. When the first server starts, the
 session's environment is set in ``os.environ`` (dummy credentials, a private
 ``$ADAPTERS_CACHE``, no ``$AWS_ENDPOINT_URL*``) and ``$ADAPTERS_S3_CONFIG`` names a
 JSON file with one entry per bucket, ``{"buckets": {"adapterkit-moto":
@@ -35,9 +35,9 @@ JSON file with one entry per bucket, ``{"buckets": {"adapterkit-moto":
 says which server holds it, in this process and in every child process, which
 inherits ``os.environ`` (:func:`environment`).
 
-Helpers for other test modules (e.g. crash-point tests): :func:`store_location`,
-:func:`s3_store_location` (the S3 backends only), :func:`backend_kind`, :func:`is_s3`,
-:func:`environment`.
+Fixtures a test asks for by name: :func:`store_location`, :func:`s3_store_location`
+(the S3 backends only), :func:`s3_endpoint`. Plain helpers a test module imports
+(e.g. the crash-point tests): :func:`backend_kind`, :func:`is_s3`, :func:`environment`.
 """
 
 from __future__ import annotations
@@ -357,8 +357,8 @@ class S3Servers:
 def s3_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Servers]:
     """The session's lazily started S3 servers (one set per xdist worker).
 
-    Defined here, registered once in ``tests/conftest.py``: do not import it into a
-    test module (a second registration would start a second set of servers).
+    Registered once, as a plugin: do not import it into a test module (a second
+    registration would start a second set of servers).
     """
     servers = S3Servers(tmp_path_factory.mktemp("s3"), pytest.MonkeyPatch())
     try:
