@@ -2,8 +2,9 @@
 
 * Fixtures live in the plugins of :data:`pytest_plugins` (``tests/plugins/``): the S3
   servers and store locations (:mod:`tests.plugins.s3`), tmpfs mounts
-  (:mod:`tests.plugins.mounts`) and the unload tests' saved base
-  (:mod:`tests.plugins.unload`). A test asks for a fixture by naming it; plain helpers
+  (:mod:`tests.plugins.mounts`), the unload tests' saved base
+  (:mod:`tests.plugins.unload`) and the merge tests' stores and adapter pairs
+  (:mod:`tests.plugins.merge`). A test asks for a fixture by naming it; plain helpers
   (builders, CLI runners) are in ``tests/support/`` and are imported by name.
   :func:`tests.plugins.s3.s3_servers` is session-scoped: one instance (one moto, one
   SeaweedFS, each started on first use) serves every module of a pytest process, i.e.
