@@ -3,7 +3,8 @@
 A pytest plugin (``tests/conftest.py`` lists it in ``pytest_plugins``): a test module
 asks for ``work`` or ``base`` by name. Both are module-scoped, so each module that uses
 them saves its own default base once (``--dist loadscope`` keeps a module on one worker),
-and no module depends on another having run first.
+and no module depends on another having run first. torch is imported when ``base`` is
+first used, not when pytest loads the plugin: a run of torch-free tests never pays for it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests.support.unload import make_base
 
 
 @pytest.fixture(scope="module")
@@ -24,4 +23,6 @@ def work(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
 @pytest.fixture(scope="module")
 def base(work: Path) -> Path:
     """The default tiny float32 Llama, saved once per test module."""
+    from tests.support.unload import make_base
+
     return make_base(work / "base")
