@@ -17,7 +17,7 @@ so a load change on a shared machine hits both alike. Prints trials per minute o
 the ratio (target >= 3x), where a trial's time goes (merge, swap, reload, scoring), and
 whether the two loops' objective values are identical (they must be: same weights, same
 scoring code). Models: the tiny gate world
-of ``tests/gate_fixtures.py`` (always), and SmolLM2-135M-Instruct with the demo's two
+of ``tests/support/gate.py`` (always), and SmolLM2-135M-Instruct with the demo's two
 adapters when ``make demo`` has run (``.adapters-demo/work``); otherwise that part is
 skipped with a note.
 
@@ -128,7 +128,7 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
 
 
 def tiny(count: int) -> float:
-    from tests.gate_fixtures import world, write_policy
+    from tests.support.gate import world, write_policy
 
     w = world()
     with tempfile.TemporaryDirectory() as tmp:

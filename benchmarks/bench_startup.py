@@ -49,7 +49,7 @@ def time_command(argv: list[str], runs: int, env: dict[str, str]) -> list[float]
 def prepare_store(store: Path, env: dict[str, str]) -> None:
     """Initialise ``store`` and push one tiny synthetic adapter so ``ls`` has rows."""
     sys.path.insert(0, str(ROOT))
-    from tests.cli_fixtures import write_synthetic_adapter
+    from tests.support.cli import write_synthetic_adapter
 
     adapter = write_synthetic_adapter(store.parent / "adapter")
     cli = [sys.executable, "-m", "cli.main"]

@@ -36,7 +36,7 @@ def build(store_dir: Path, names: int, per_name: int) -> None:
     from registry.ingest import prepare_adapter
     from registry.record import build_record
     from registry.storage.store import Store
-    from tests.cli_fixtures import write_synthetic_adapter
+    from tests.support.cli import write_synthetic_adapter
 
     st = Store.open(store_dir, create=True)
     if len(st.bindings()) >= names * per_name:

@@ -1,14 +1,18 @@
-"""Session-wide test plumbing: the shared S3 servers and how pytest-xdist splits the suite.
+"""Session-wide test plumbing: the fixture plugins and how pytest-xdist splits the suite.
 
-* :func:`tests.backend_fixtures.s3_servers` is session-scoped; registered here, one
-  instance (one moto, one SeaweedFS, each started on first use) serves every module
-  of a pytest process, i.e. of each xdist worker. Test modules import the
-  function-scoped fixtures they use (``store_location``...) from
-  :mod:`tests.backend_fixtures`.
+* Fixtures live in the plugins of :data:`pytest_plugins` (``tests/plugins/``): the S3
+  servers and store locations (:mod:`tests.plugins.s3`), tmpfs mounts
+  (:mod:`tests.plugins.mounts`), the unload tests' saved base
+  (:mod:`tests.plugins.unload`) and the merge tests' stores and adapter pairs
+  (:mod:`tests.plugins.merge`). A test asks for a fixture by naming it; plain helpers
+  (builders, CLI runners) are in ``tests/support/`` and are imported by name.
+  :func:`tests.plugins.s3.s3_servers` is session-scoped: one instance (one moto, one
+  SeaweedFS, each started on first use) serves every module of a pytest process, i.e.
+  of each xdist worker.
 * Under ``--dist loadscope`` (what ``make test`` runs) a whole module goes to one
   worker, so each module-scoped fixture (a trained adapter, a saved model, a Hub
   cache) is built once per run rather than once per worker; the modules in
-  :data:`SAME_WORKER`, and every module that calls ``tests.gate_fixtures.world()`` (a
+  :data:`SAME_WORKER`, and every module that calls ``tests.support.gate.world()`` (a
   process-wide world: two adapters trained for 150 steps each), go to the same
   worker as one unit, so that world is built once per run.
   Long modules without module-scoped fixtures (:data:`SPLIT_PER_TEST`: every backend
@@ -25,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.backend_fixtures import s3_servers  # noqa: F401
+pytest_plugins = ["tests.plugins.s3", "tests.plugins.mounts", "tests.plugins.unload",
+                  "tests.plugins.merge"]
 
 SAME_WORKER = {
     "tests/functional/test_gate.py": "gate-world",
@@ -54,13 +59,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     def group_of(module: str) -> str:
         """The work unit of a module: its :data:`SAME_WORKER` group, ``gate-world`` for
-        any module that calls ``tests.gate_fixtures.world()``, or the module itself."""
+        any module that calls ``tests.support.gate.world()``, or the module itself."""
         if module not in groups:
             try:
                 text = (config.rootpath / module).read_text(encoding="utf-8")
             except OSError:
                 text = ""
-            uses_world = "gate_fixtures" in text and "world()" in text
+            uses_world = "tests.support.gate" in text and "world()" in text
             groups[module] = SAME_WORKER.get(module, "gate-world" if uses_world else module)
         return groups[module]
 

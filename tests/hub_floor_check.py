@@ -11,8 +11,8 @@ the floor declared in ``pyproject.toml`` is checked by hand, per release, like t
 
 It needs neither torch nor transformers (transformers 5 refuses a huggingface_hub
 older than 1.31 at import, so ``tests/functional/test_hub.py`` can only run at 1.31+):
-a pure-Python LoRA (:func:`tests.registry_fixtures.make_adapter_dir`) is laid into a
-hand-made HF cache (:func:`tests.hub_fixtures.populate_hf_cache`), then ``adapters``
+a pure-Python LoRA (:func:`tests.support.registry.make_adapter_dir`) is laid into a
+hand-made HF cache (:func:`tests.support.hub.populate_hf_cache`), then ``adapters``
 runs in offline child processes, exactly as in ``test_hub.py``: pull by default
 branch, tag and 40-hex commit (the case huggingface_hub 1.x broke offline), a repo
 and a branch that are not cached (exit 5), and ``push-hub`` with the real ``HfApi``
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.hub_fixtures import commit_sha, hub_env, populate_hf_cache, run_cli  # noqa: E402
-from tests.registry_fixtures import make_adapter_dir  # noqa: E402
+from tests.support.hub import commit_sha, hub_env, populate_hf_cache, run_cli  # noqa: E402
+from tests.support.registry import make_adapter_dir  # noqa: E402
 
 REPO = "acme/floor-lora"
 

@@ -16,7 +16,7 @@ import pytest
 
 from registry.audit.chain import entry_hash
 from registry.digests import canonical_json
-from tests.cli_fixtures import run, run_json, write_synthetic_adapter
+from tests.support.cli import run, run_json, write_synthetic_adapter
 
 
 @pytest.fixture()

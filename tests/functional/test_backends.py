@@ -1,6 +1,6 @@
 """One store test suite, run on every backend: a local directory, moto and SeaweedFS (S3 APIs).
 
-The matrix and the servers are :mod:`tests.backend_fixtures` (``store_location``).
+The matrix and the servers are :mod:`tests.plugins.s3` (``store_location``).
 
 * push / resolve / dedup / materialize behave the same on all three;
 * alias compare-and-swap refuses stale expectations; protected aliases stay protected;
@@ -26,8 +26,8 @@ from registry.errors import BadInputError, ConflictError, GateFailedError, NotFo
 from registry.maintenance.collection import gc
 from registry.maintenance.integrity import verify
 from registry.storage.store import Store
-from tests.backend_fixtures import is_s3, store_location  # noqa: F401
-from tests.registry_fixtures import (adapter_files, make_adapter_dir, push_adapter, run_together,
+from tests.plugins.s3 import is_s3
+from tests.support.registry import (adapter_files, make_adapter_dir, push_adapter, run_together,
                                      sample_record)
 
 WORKERS = 8

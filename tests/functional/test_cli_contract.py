@@ -24,8 +24,8 @@ import pytest
 import typer
 
 import cli.main
-from tests.cli_fixtures import run
-from tests.registry_fixtures import REPO_ROOT, child_env
+from tests.support.cli import run
+from tests.support.registry import REPO_ROOT, child_env
 
 NOT_AT_IMPORT = ("torch", "transformers", "peft", "bitsandbytes", "huggingface_hub", "boto3",
                  "cryptography")

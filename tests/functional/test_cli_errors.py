@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import run, run_json, write_synthetic_adapter
-from tests.mount_fixtures import remount_read_only, tmpfs  # noqa: F401 - fixture
+from tests.support.cli import run, run_json, write_synthetic_adapter
+from tests.plugins.mounts import remount_read_only
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def _init(capsys: pytest.CaptureFixture[str], root: Path) -> Path:
 # ---- the environment: exit 6 -------------------------------------------------------
 
 
-def test_push_to_read_only_store_exits_6_and_json(tmpfs, tmp_path, capsys):  # noqa: F811
+def test_push_to_read_only_store_exits_6_and_json(tmpfs, tmp_path, capsys):
     mnt = tmpfs("ro", "5m")
     store = _init(capsys, mnt / "store")
     adapter = write_synthetic_adapter(tmp_path / "ad")
@@ -61,7 +61,7 @@ def test_push_to_read_only_store_exits_6_and_json(tmpfs, tmp_path, capsys):  # n
     assert code == 0 and listing == {"names": []}
 
 
-def test_push_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):  # noqa: F811
+def test_push_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):
     mnt = tmpfs("full", "5m")
     store = _init(capsys, mnt / "store")
     big = write_synthetic_adapter(tmp_path / "big", hidden=2048, layers=4, r=64)  # ~8 MB
@@ -117,7 +117,7 @@ def test_export_into_symlink_refused_not_followed(tmp_path, capsys, target_exist
     assert code == 6 and "symbolic link" in data["message"]
 
 
-def test_export_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):  # noqa: F811
+def test_export_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):
     store = _init(capsys, tmp_path / "store")
     big = write_synthetic_adapter(tmp_path / "big", hidden=2048, layers=4, r=64)
     assert run(capsys, "push", big, "--name", "big", "--store", store)[0] == 0

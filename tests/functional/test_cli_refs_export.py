@@ -17,8 +17,7 @@ import pytest
 from registry.errors import BadInputError, NotFoundError
 from registry.export import STALE_EXPORT_GRACE_S, remove_stale_exports
 from registry.ref_or_dir import resolve_ref_or_dir
-from tests.backend_fixtures import s3_store_location  # noqa: F401 - fixture
-from tests.cli_fixtures import run, run_json, write_synthetic_adapter, write_synthetic_base
+from tests.support.cli import run, run_json, write_synthetic_adapter, write_synthetic_base
 
 
 @pytest.fixture()
@@ -45,7 +44,7 @@ def test_init_positional_directory(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def test_init_positional_s3(s3_store_location, capsys):  # noqa: F811
+def test_init_positional_s3(s3_store_location, capsys):
     location = s3_store_location
     code, data = run_json(capsys, "init", location)
     assert code == 0 and data["root"] == location

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import (
+from tests.support.cli import (
     heavy_modules_after,
     make_writable,
     run,

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import run
-from tests.crash_fixtures import check_store_after_kills, run_driver
-from tests.registry_fixtures import child_env
+from tests.support.cli import run
+from tests.support.crash import check_store_after_kills, run_driver
+from tests.support.registry import child_env
 
 TRIALS = 60
 INPUTS = 4
@@ -59,8 +59,8 @@ DRIVER = textwrap.dedent(r"""
     from cli.main import main
     from merging.adapter import load_adapter
     from registry.storage.store import Store
-    from tests.crash_fixtures import fork_main, kill_trial, open_verified, wait
-    from tests.registry_fixtures import make_adapter_dir
+    from tests.support.crash import fork_main, kill_trial, open_verified, wait
+    from tests.support.registry import make_adapter_dir
 
     root, work = sys.argv[1], Path(sys.argv[2])
     trials, inputs, merge_names, seed = (int(a) for a in sys.argv[3:7])

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import run
-from tests.crash_fixtures import check_store_after_kills, run_driver
+from tests.support.cli import run
+from tests.support.crash import check_store_after_kills, run_driver
 
 TRIALS = 100
 
@@ -44,8 +44,8 @@ DRIVER = textwrap.dedent(r"""
     from pathlib import Path
 
     from cli.main import main
-    from tests.crash_fixtures import fork_main, kill_trial, open_verified, wait
-    from tests.registry_fixtures import make_adapter_dir
+    from tests.support.crash import fork_main, kill_trial, open_verified, wait
+    from tests.support.registry import make_adapter_dir
 
     root, work, trials, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     rng = random.Random(seed)

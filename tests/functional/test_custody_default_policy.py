@@ -19,8 +19,8 @@ import yaml
 from cli.main import main
 from gate.default_policy import default_digest, default_policy, default_policy_yaml
 from gate.policy import load_policy
-from tests.cli_fixtures import run, run_json
-from tests.gate_fixtures import build_store, world, write_policy
+from tests.support.cli import run, run_json
+from tests.support.gate import build_store, world, write_policy
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -11,7 +11,7 @@ import torch
 
 from gate.decoding import Generation, finish, greedy
 from gate.evaluate import Evaluator
-from tests.gate_fixtures import world
+from tests.support.gate import world
 
 PROMPTS = ["the", "A cat = the big", "B red : it was on the old small new", "a of",
            "the a of and is on in it to was big small old new the a of and", "owl"]

@@ -39,8 +39,8 @@ from registry.storage.failpoints import ENV_VAR, OPERATIONS, STEPS
 from registry.audit.journal import pending_intents
 from registry.maintenance.integrity import verify
 from registry.storage.store import Store
-from tests.backend_fixtures import backend_kind, environment, store_location  # noqa: F401
-from tests.registry_fixtures import PYTHON, REPO_ROOT, make_adapter_dir, push_adapter
+from tests.plugins.s3 import backend_kind, environment
+from tests.support.registry import PYTHON, REPO_ROOT, make_adapter_dir, push_adapter
 
 # the policy the store pins: stored as the blob a gate run stores (promote reads it back)
 POLICY_BYTES = canonical_json({"policy": {"version": 1, "checks": []}, "data": {}})
@@ -210,7 +210,7 @@ CASES += [("push", "push.after_blobs"), ("push", "audit.torn_line"),
 
 @pytest.mark.parametrize(("op", "point"), [(op, p if "." in p else f"{op}.{p}")
                                            for op, p in CASES])
-def test_crash_at_every_point_leaves_a_consistent_store(store_location: str, tmp_path: Path,  # noqa: F811
+def test_crash_at_every_point_leaves_a_consistent_store(store_location: str, tmp_path: Path,
                                                         op: str, point: str) -> None:
     if point == "audit.torn_line" and backend_kind(store_location) != "local":
         pytest.skip("an S3 audit entry is one atomic PUT: it cannot be torn")
@@ -234,7 +234,7 @@ def test_crash_at_every_point_leaves_a_consistent_store(store_location: str, tmp
         assert case.store.aliases("lora-a")["release"] == case.store.resolve(case.second).digest
 
 
-def test_a_recovery_killed_mid_way_rolls_back_exactly_once(store_location: str,  # noqa: F811
+def test_a_recovery_killed_mid_way_rolls_back_exactly_once(store_location: str,
                                                           tmp_path: Path) -> None:
     case = prepare(store_location, tmp_path)
     log = tmp_path / "child.log"
@@ -255,7 +255,7 @@ def test_a_recovery_killed_mid_way_rolls_back_exactly_once(store_location: str, 
 def test_merge_killed_at_every_push_point(tmp_path: Path, request: pytest.FixtureRequest,
                                           point: str) -> None:
     """`adapters merge` stores its result with a push: crash it at each point (local and S3)."""
-    from tests.cli_fixtures import write_synthetic_adapter, write_synthetic_base
+    from tests.support.cli import write_synthetic_adapter, write_synthetic_base
 
     for kind in ("local", "seaweedfs"):
         location = str(tmp_path / kind) if kind == "local" else \

@@ -1,6 +1,6 @@
 """`adapters gate` end to end on a tiny Llama: a good merge passes, broken ones fail.
 
-The world (tests/gate_fixtures.py) has two LoRA adapters trained on disjoint lookup
+The world (tests/support/gate.py) has two LoRA adapters trained on disjoint lookup
 tasks and three "linear merges" of them pushed with lineage: the exact merge, one
 with a NaN weight, one whose task-a factors are random noise. Each gate run is
 checked for its exit code, its JSON, its JUnit XML (parsed back), the stored gate
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cli.main import main
-from tests.gate_fixtures import GEN_PROMPTS, build_store, world, write_policy
+from tests.support.gate import GEN_PROMPTS, build_store, world, write_policy
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 
 from gate.bnb_state import check_quantized, read_layout
 from merging.model.quantize import quantize
-from tests.unload_fixtures import base, state_of, work  # noqa: F401
+from tests.support.unload import state_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

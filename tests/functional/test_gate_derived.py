@@ -1,7 +1,7 @@
 """Gating derived models: unloaded and quantized versions, by ref or by directory.
 
 The store holds the gate world's adapters and their exact linear merge
-(tests/gate_fixtures.py), the merge unloaded into the base (``merged-unloaded``,
+(tests/support/gate.py), the merge unloaded into the base (``merged-unloaded``,
 recorded by reference) and that model quantized to nf4 (``merged-nf4``, lineage
 source ``merged-unloaded``). ``merged-nf4-noisy`` is the nf4 checkpoint with its
 absmax scales multiplied by random factors (exp(N(0, 1))), recorded with the same
@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from cli.main import main
-from tests.gate_fixtures import build_store, world, write_policy
+from tests.support.gate import build_store, world, write_policy
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 MAX_KL = 1.2
@@ -158,7 +158,7 @@ def test_drift_matches_an_independent_reference(setup, capsys):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.unload_fixtures import exact_cpu_4bit
+    from tests.support.unload import exact_cpu_4bit
 
     w, _, _, _, root = setup
     code, out = _gate(setup, capsys, "merged-nf4")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env
+from tests.support.registry import PYTHON, REPO_ROOT, child_env
 
 torch = pytest.importorskip("torch")
 
@@ -31,10 +31,10 @@ torch.save({k: v.clone() for k, v in model.state_dict().items()}, sys.argv[3])
 def _adapter(tmp_path: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
 
-    from tests.cli_fixtures import build_tiny_llama
+    from tests.support.tiny_llama import tiny_llama
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    base = build_tiny_llama()
+    base = tiny_llama()
     base.save_pretrained(base_dir)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj|up_proj)",
                         rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.v_proj": 16},

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli_fixtures import run, write_synthetic_adapter, write_synthetic_base
-from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env
+from tests.support.cli import run, write_synthetic_adapter, write_synthetic_base
+from tests.support.registry import PYTHON, REPO_ROOT, child_env
 from tests.unit.test_policy_hostile import billion_laughs
 
 # Runs `adapters ARGS` in this child, timing main() and measuring peak RSS growth.

@@ -1,7 +1,7 @@
 """Hugging Face Hub interop, offline: ``adapters pull`` from a hand-filled HF cache, ``push-hub``.
 
 No network exists here. ``pull`` runs with ``HF_HUB_OFFLINE=1`` against a cache that
-:func:`tests.hub_fixtures.populate_hf_cache` lays out in huggingface_hub's documented
+:func:`tests.support.hub.populate_hf_cache` lays out in huggingface_hub's documented
 format, holding a real PEFT LoRA of a tiny Llama (hidden 64, non-zero B). The CLI
 runs in a child process because huggingface_hub reads its environment at import.
 ``push-hub`` is checked through the library with an injected Hub client that copies
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_fixtures import (
+from tests.support.hub import (
     BASE_MODEL_ID,
+    HUB_LLAMA,
     ROOT,
     RecordingHubApi,
     commit_sha,
@@ -33,9 +34,9 @@ from tests.hub_fixtures import (
     logits,
     populate_hf_cache,
     run_cli,
-    save_base,
     save_lora,
 )
+from tests.support.tiny_llama import save_tiny_llama
 
 REPO = "acme/tiny-lora"
 C1, C2 = commit_sha("tiny-lora-1"), commit_sha("tiny-lora-2")
@@ -83,7 +84,7 @@ def assert_one_line_error(code: int, err: str, expected_code: int) -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("hub")
-    base = save_base(root / "base")
+    base = save_tiny_llama(root / "base", HUB_LLAMA)
     a1 = save_lora(base, root / "a1", seed=1)
     a2 = save_lora(base, root / "a2", seed=2)
     env = hub_env(root)

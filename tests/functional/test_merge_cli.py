@@ -7,54 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.merge_fixtures import random_adapter, save_tiny_llama
+from tests.support.merge import CLI_SHAPES, MERGE_LLAMA, merge_cli, random_adapter
+from tests.support.tiny_llama import save_tiny_llama
 
-SHAPES = {f"model.layers.{i}.self_attn.{m}": (32, 32) for i in range(2) for m in ("q_proj", "v_proj")}
-SHAPES["model.layers.0.self_attn.v_proj"] = (16, 32)
-SHAPES["model.layers.1.self_attn.v_proj"] = (16, 32)
-
-
-def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:  # type: ignore[no-untyped-def]
-    import cli.main as cli_main
-    from cli import merge_cmds
-
-    if not any(c.name == "merge" for c in cli_main.app.registered_commands):
-        merge_cmds.register(cli_main.app)  # until cli/main.py lists cli.merge_cmds
-    capsys.readouterr()
-    code = cli_main.main(args)
-    captured = capsys.readouterr()
-    data = None
-    if "--json" in args and captured.out.strip():
-        data = json.loads(captured.out)
-    return code, data, captured.err
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("merge-cli-bases")
-    same = save_tiny_llama(root / "base", seed=0)
-    other_weights = save_tiny_llama(root / "base-other-weights", seed=1)
-    return same, other_weights
-
-
-@pytest.fixture()
-def store(tmp_path, bases, capsys):  # type: ignore[no-untyped-def]
-    base, other = bases
-    st = tmp_path / "store"
-    assert cli(["init", "--store", str(st)], capsys)[0] == 0
-    for name, seed, r, b in (("math", 1, 4, base), ("code", 2, 8, base), ("drift", 3, 4, other)):
-        adapter = random_adapter(tmp_path / name, SHAPES, r, seed=seed)
-        code, _, err = cli(["push", str(adapter), "--name", name, "--base", str(b), "--store", str(st)],
-                           capsys)
-        assert code == 0, err
-    return st
-
-
-def test_merge_pushes_a_version_with_lineage(store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_merge_pushes_a_version_with_lineage(merge_store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "merged"
     args = ["merge", "math", "code", "--method", "ties", "--weights", "0.7,0.3", "--density", "0.5",
-            "--seed", "3", "--name", "team/merged", "--out", str(out), "--store", str(store), "--json"]
-    code, data, err = cli(args, capsys)
+            "--seed", "3", "--name", "team/merged", "--out", str(out), "--store", str(merge_store), "--json"]
+    code, data, err = merge_cli(args, capsys)
     assert code == 0, err
     assert data["created"] is True and data["version"]["name"] == "team/merged"
     lineage = data["version"]["lineage"]
@@ -67,7 +27,7 @@ def test_merge_pushes_a_version_with_lineage(store: Path, tmp_path: Path, capsys
                                     "seed": 3, "rank": None, "allow_base_mismatch": False}
     assert recipe["tool"] == "adapterkit" and recipe["tool_version"]
     report = lineage["report"]
-    assert set(report["modules"]) == {f"base_model.model.{n}" for n in SHAPES}
+    assert set(report["modules"]) == {f"base_model.model.{n}" for n in CLI_SHAPES}
     assert 0 < report["error"] < 1 and report["max_error"] >= report["error"] * 0.5
     assert all(m["rank"] == 8 for m in report["modules"].values())
     record = data["version"]["record"]
@@ -80,10 +40,10 @@ def test_merge_pushes_a_version_with_lineage(store: Path, tmp_path: Path, capsys
         assert "sha256:" + hashlib.sha256((out / path).read_bytes()).hexdigest() == digest
     # the same merge again is the same version (deterministic, deduplicated)
     again = [a for a in args if a not in ("--out", str(out))]
-    code, data2, _ = cli(again, capsys)
+    code, data2, _ = merge_cli(again, capsys)
     assert code == 0 and data2["created"] is False
     assert data2["version"]["digest"] == data["version"]["digest"]
-    code, tree, _ = cli(["lineage", "team/merged", "--store", str(store), "--json"], capsys)
+    code, tree, _ = merge_cli(["lineage", "team/merged", "--store", str(merge_store), "--json"], capsys)
     assert code == 0 and "math" in json.dumps(tree) and "code" in json.dumps(tree)
 
 
@@ -92,9 +52,9 @@ def test_merge_pushes_a_version_with_lineage(store: Path, tmp_path: Path, capsys
                                           ("dare_ties", ["--density", "0.3", "--rank", "4"]),
                                           ("dare_linear", ["--density", "0.9"]),
                                           ("magnitude_prune", ["--density", "0.2", "--rank", "full"])])
-def test_every_method_runs(store: Path, capsys, method: str, extra: list[str]) -> None:  # type: ignore[no-untyped-def]
-    code, data, err = cli(["merge", "math", "code", "--method", method, *extra, "--store", str(store),
-                           "--json"], capsys)
+def test_every_method_runs(merge_store: Path, capsys, method: str, extra: list[str]) -> None:  # type: ignore[no-untyped-def]
+    code, data, err = merge_cli(["merge", "math", "code", "--method", method, *extra, "--store", str(merge_store),
+                                "--json"], capsys)
     assert code == 0, err
     assert data["version"]["name"] == f"math-{method}"
     if method in ("linear", "cat", "task_arithmetic") or "full" in extra:
@@ -110,53 +70,49 @@ def test_every_method_runs(store: Path, capsys, method: str, extra: list[str]) -
     (["--method", "slerp"], "unknown merge method"),
     (["--method", "ties", "--sign-election", "vote"], "unknown sign election"),
 ])
-def test_bad_input_is_exit_2(store: Path, capsys, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = cli(["merge", "math", "code", *args, "--store", str(store)], capsys)
+def test_bad_input_is_exit_2(merge_store: Path, capsys, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = merge_cli(["merge", "math", "code", *args, "--store", str(merge_store)], capsys)
     assert code == 2
     assert message in err
 
 
-def test_base_weights_mismatch_needs_the_flag(store: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, data, err = cli(["merge", "math", "drift", "--store", str(store), "--json"], capsys)
+def test_base_weights_mismatch_needs_the_flag(merge_store: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, data, err = merge_cli(["merge", "math", "drift", "--store", str(merge_store), "--json"], capsys)
     assert code == 2 and data["error"] == "BaseMismatchError" and "not its weights" in data["message"]
-    code, data, err = cli(["merge", "math", "drift", "--allow-base-mismatch", "--store", str(store),
-                           "--json"], capsys)
+    code, data, err = merge_cli(["merge", "math", "drift", "--allow-base-mismatch", "--store", str(merge_store),
+                                "--json"], capsys)
     assert code == 0, err
     warnings = data["version"]["lineage"]["report"]["warnings"]
     assert any("merged anyway" in w for w in warnings)
     assert data["version"]["lineage"]["recipe"]["parameters"]["allow_base_mismatch"] is True
 
 
-def test_base_structure_mismatch_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    wide = tmp_path / "wide-base"
-    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=False)).save_pretrained(str(wide))
-    adapter = random_adapter(tmp_path / "wide", SHAPES, 4, seed=9)
-    assert cli(["push", str(adapter), "--name", "wide", "--base", str(wide), "--store", str(store)],
-               capsys)[0] == 0
-    code, data, _ = cli(["merge", "math", "wide", "--allow-base-mismatch", "--store", str(store),
-                         "--json"], capsys)
+def test_base_structure_mismatch_is_refused(merge_store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    wide = save_tiny_llama(tmp_path / "wide-base", MERGE_LLAMA, vocab_size=128,
+                           max_position_embeddings=2048)  # LlamaConfig's own default
+    adapter = random_adapter(tmp_path / "wide", CLI_SHAPES, 4, seed=9)
+    assert merge_cli(["push", str(adapter), "--name", "wide", "--base", str(wide), "--store", str(merge_store)],
+                     capsys)[0] == 0
+    code, data, _ = merge_cli(["merge", "math", "wide", "--allow-base-mismatch", "--store", str(merge_store),
+                              "--json"], capsys)
     assert code == 2 and data["error"] == "BaseMismatchError"
     assert "different structure" in data["message"] and "math@" in data["message"]
 
 
-def test_dora_input_is_refused(store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_dora_input_is_refused(merge_store: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from tests.merge_fixtures import PREFIX
+    from tests.support.merge import PREFIX
 
-    adapter = random_adapter(tmp_path / "dora", SHAPES, 4, seed=4, use_dora=True)
+    adapter = random_adapter(tmp_path / "dora", CLI_SHAPES, 4, seed=4, use_dora=True)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    for name, (rows, _) in SHAPES.items():
+    for name, (rows, _) in CLI_SHAPES.items():
         tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = torch.ones(rows)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    assert cli(["push", str(adapter), "--name", "dora", "--store", str(store)], capsys)[0] == 0
-    code, data, _ = cli(["merge", "math", "dora", "--store", str(store), "--json"], capsys)
+    assert merge_cli(["push", str(adapter), "--name", "dora", "--store", str(merge_store)], capsys)[0] == 0
+    code, data, _ = merge_cli(["merge", "math", "dora", "--store", str(merge_store), "--json"], capsys)
     assert code == 2 and data["error"] == "UnsupportedAdapterError" and "DoRA" in data["message"]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.test_merge_cli import bases, cli, store  # noqa: F401  (fixtures)
+from tests.support.merge import merge_cli
 
 
 @pytest.mark.parametrize("method,extra,recorded", [
@@ -19,11 +19,11 @@ from tests.functional.test_merge_cli import bases, cli, store  # noqa: F401  (fi
     ("della_linear", ["--density", "0.3", "--epsilon", "0.2", "--rank", "full"],
      {"density": 0.3, "epsilon": 0.2, "lambda": 1.0, "normalize": False}),
 ])
-def test_new_methods_run_and_record_their_parameters(store: Path, capsys, method: str,  # noqa: F811
+def test_new_methods_run_and_record_their_parameters(merge_store: Path, capsys, method: str,
                                                      extra: list[str], recorded: dict) -> None:  # type: ignore[no-untyped-def]
     args = ["merge", "math", "code", "--method", method, *extra, "--seed", "2", "--store",
-            str(store), "--json"]
-    code, data, err = cli(args, capsys)
+            str(merge_store), "--json"]
+    code, data, err = merge_cli(args, capsys)
     assert code == 0, err
     assert data["version"]["name"] == f"math-{method}"
     parameters = data["version"]["lineage"]["recipe"]["parameters"]
@@ -31,15 +31,15 @@ def test_new_methods_run_and_record_their_parameters(store: Path, capsys, method
     assert "align" not in parameters
     if "full" in extra:
         assert data["error"] < 1e-6
-    code, again, _ = cli(args, capsys)  # deterministic for a seed: the same version
+    code, again, _ = merge_cli(args, capsys)  # deterministic for a seed: the same version
     assert code == 0 and again["created"] is False
     assert again["version"]["digest"] == data["version"]["digest"]
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
-def test_align_knots_is_recorded(store: Path, capsys, method: str) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    code, data, err = cli(["merge", "math", "code", "--method", method, "--align", "knots",
-                           "--store", str(store), "--json"], capsys)
+def test_align_knots_is_recorded(merge_store: Path, capsys, method: str) -> None:  # type: ignore[no-untyped-def]
+    code, data, err = merge_cli(["merge", "math", "code", "--method", method, "--align", "knots",
+                                "--store", str(merge_store), "--json"], capsys)
     assert code == 0, err
     assert data["version"]["name"] == f"math-{method}-knots"
     assert data["version"]["lineage"]["recipe"]["parameters"]["align"] == "knots"
@@ -59,19 +59,19 @@ def test_align_knots_is_recorded(store: Path, capsys, method: str) -> None:  # t
     (["--method", "linear", "--align", "knots"], "--align does not apply to method linear"),
     (["--method", "ties", "--align", "svd"], "unknown alignment"),
 ])
-def test_bad_parameters_exit_2_with_one_line(store: Path, capsys, args: list[str],  # noqa: F811
+def test_bad_parameters_exit_2_with_one_line(merge_store: Path, capsys, args: list[str],
                                              message: str) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = cli(["merge", "math", "code", *args, "--store", str(store)], capsys)
+    code, _, err = merge_cli(["merge", "math", "code", *args, "--store", str(merge_store)], capsys)
     assert code == 2
     assert message in err
     first = next(line for line in err.splitlines() if message in line)
     assert message in first  # the message itself is one line
-    code, data, _ = cli(["merge", "math", "code", *args, "--store", str(store), "--json"], capsys)
+    code, data, _ = merge_cli(["merge", "math", "code", *args, "--store", str(merge_store), "--json"], capsys)
     assert code == 2 and data["error"] == "BadInputError" and "\n" not in data["message"]
 
 
 def test_help_lists_the_new_options(capsys) -> None:  # type: ignore[no-untyped-def]
-    code, _, _ = cli(["merge", "--help"], capsys)
+    code, _, _ = merge_cli(["merge", "--help"], capsys)
     assert code == 0
     import cli.main as cli_main
     from typer.main import get_command

@@ -5,7 +5,7 @@ Inputs are real PEFT adapters (different ranks and targets, ``rank_pattern``,
 adapter is loaded with ``PeftModel.from_pretrained`` and its logits are compared
 with the base model whose weights are ``W + merged delta``, the merged delta being
 computed independently: the inputs' deltas read with peft's own pattern lookup
-(``tests.merge_fixtures.delta_of``) and combined with ``peft.utils.merge_utils``.
+(``tests.support.merge.delta_of``) and combined with ``peft.utils.merge_utils``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from merging.lora.peft_output import write_peft_dir
 from merging.lora.sparsify import dare_mask
 from merging.lora.methods import ModuleContext
 from registry.errors import UnsupportedAdapterError
-from tests.merge_fixtures import (
+from tests.support.merge import (
+    MERGE_LLAMA,
     PREFIX,
     delta_of,
     peft_adapter,
-    save_tiny_llama,
     write_adapter,
     lora_config,
 )
+from tests.support.tiny_llama import save_tiny_llama
 
 peft = pytest.importorskip("peft")
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
@@ -42,7 +43,7 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 64]])
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("merge-peft")
-    base = save_tiny_llama(root / "base")
+    base = save_tiny_llama(root / "base", MERGE_LLAMA)
     a = peft_adapter(base, root / "a", r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
                      seed=1, rank_pattern={"layers.0.self_attn.q_proj": 2},
                      alpha_pattern={"v_proj": 16}, modules_to_save=["lm_head"])

@@ -1,4 +1,4 @@
-"""``adapters merge-search`` on the gate world (tests/gate_fixtures.py: two trained tiny
+"""``adapters merge-search`` on the gate world (tests/support/gate.py: two trained tiny
 LoRAs): the pick passes the policy and is pushed as a merge whose lineage records the
 search; the same seed gives the same pick and version; two worker processes share one
 SQLite study; a killed worker's trial is failed by the heartbeat and the study goes on."""
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from gate.checks import num
-from tests.cli_fixtures import run_json
-from tests.gate_fixtures import build_store, world, write_policy
+from tests.support.cli import run_json
+from tests.support.gate import build_store, world, write_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = "ties,dare_ties,breadcrumbs_ties"

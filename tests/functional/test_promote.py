@@ -15,7 +15,7 @@ import yaml
 from cli.main import main
 from gate.policy import load_policy
 from gate.runner import run_gate
-from tests.gate_fixtures import build_store, world, write_policy
+from tests.support.gate import build_store, world, write_policy
 
 
 @pytest.fixture()
@@ -134,7 +134,7 @@ def test_history_answers_what_was_released_when(gated, capsys, monkeypatch):
     w, store, versions, policy = gated
     assert _promote(store, "merged", "--to", "release", "--policy", str(policy)) == 0
     # a second version of the same name, released by force
-    from tests.gate_fixtures import push_adapter
+    from tests.support.gate import push_adapter
 
     second = push_adapter(store, "merged", w.noisy_merge, w.base)
     assert _promote(store, second.ref, "--to", "release", "--force", "--reason", "rollback drill") == 0

@@ -19,10 +19,9 @@ from merging.model.quantize import quantize, quantize_with_transformers
 from merging.model.unload import unload
 from registry.errors import BadInputError
 from registry.formats.fingerprint import fingerprint_model
-from tests.cli_fixtures import run_json
-from tests.unload_fixtures import (base, exact_cpu_4bit, leftovers, load_model,  # noqa: F401
-                                   logits, make_adapter, make_base, peft_model, shard_layout,
-                                   state_of, work)
+from tests.support.cli import run_json
+from tests.support.unload import (exact_cpu_4bit, leftovers, load_model, logits, make_adapter,
+                                   make_base, peft_model, shard_layout, state_of)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tiny_llama import save_tiny_llama
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
 
 def test_probe_measures_drift_on_rows_that_are_not_whole_blocks(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from merging.model.quantize import quantize
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=160,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
-    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "base")
+    save_tiny_llama(tmp_path / "base", seed=0, hidden_size=96, intermediate_size=160,
+                    num_hidden_layers=1)
     result = quantize(tmp_path / "base", "nf4", out=tmp_path / "nf4", probe=True)
     probe = result.probe or {}
     assert "skipped" not in probe, probe

@@ -18,8 +18,8 @@ import pytest
 
 from registry.formats.fingerprint import fingerprint_model
 from registry.formats.safetensors_header import read_header
-from tests.cli_fixtures import run, run_json
-from tests.unload_fixtures import base, make_adapter, work  # noqa: F401
+from tests.support.cli import run, run_json
+from tests.support.unload import make_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -152,7 +152,7 @@ def test_rebuild_that_differs_names_the_tensor_and_writes_nothing(
 
 def test_rebuild_refuses_the_wrong_base_and_non_derived(recorded: dict, work: Path,
                                                         capsys) -> None:
-    from tests.unload_fixtures import make_base
+    from tests.support.unload import make_base
 
     other = make_base(work / "other-base", seed=7)
     code, err = run_json(capsys, "rebuild", recorded["unloaded"]["ref"], "--base", other,

@@ -22,8 +22,8 @@ import pytest
 from cli.main import main
 from registry.digests import canonical_json
 from registry.storage.store import Store
-from tests.cli_fixtures import run, run_json
-from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env, make_adapter_dir, push_adapter
+from tests.support.cli import run, run_json
+from tests.support.registry import PYTHON, REPO_ROOT, child_env, make_adapter_dir, push_adapter
 
 POLICY_YAML = "version: 1\nchecks:\n  - kind: structural\n"
 

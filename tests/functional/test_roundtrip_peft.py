@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_fixtures import build_tiny_peft, run_json
+from tests.support.cli import build_tiny_peft, run_json
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

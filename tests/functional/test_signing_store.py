@@ -19,9 +19,8 @@ from registry.storage.blobs import blob_key
 from registry.digests import canonical_json, digest_hex
 from registry.errors import BadInputError, GateFailedError
 from registry.storage.store import Store
-from tests.backend_fixtures import s3_endpoint, store_location  # noqa: F401
-from tests.cli_fixtures import run_json
-from tests.registry_fixtures import make_adapter_dir
+from tests.support.cli import run_json
+from tests.support.registry import make_adapter_dir
 
 if "cli.sign_cmds" not in cli.main.COMMAND_MODULES:  # until cli/main.py lists the module
     sign_cmds.register(cli.main.app)

@@ -25,7 +25,7 @@ from registry.errors import ConflictError, NotFoundError
 from registry.maintenance.collection import gc
 from registry.maintenance.integrity import verify
 from registry.storage.store import Store
-from tests.registry_fixtures import (PYTHON, REPO_ROOT, adapter_files, child_env,
+from tests.support.registry import (PYTHON, REPO_ROOT, adapter_files, child_env,
                                      make_adapter_dir, new_store, push_adapter, run_together,
                                      sample_record)
 
@@ -37,7 +37,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from registry.storage.store import Store
-    from tests.registry_fixtures import sample_record
+    from tests.support.registry import sample_record
 
     root, big, config = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     total, done = big.stat().st_size + config.stat().st_size, 0

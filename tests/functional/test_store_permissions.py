@@ -18,8 +18,8 @@ import pytest
 import cli.main
 from cli import sign_cmds
 from registry.storage.store import Store
-from tests.cli_fixtures import run_json
-from tests.registry_fixtures import make_adapter_dir
+from tests.support.cli import run_json
+from tests.support.registry import make_adapter_dir
 
 if "cli.sign_cmds" not in cli.main.COMMAND_MODULES:  # until cli/main.py lists the module
     sign_cmds.register(cli.main.app)

@@ -1,7 +1,7 @@
 """The web view in a real browser: Playwright for Python driving Debian's Chromium.
 
 The module starts ``adapters ui`` (a real process, real uvicorn) on a free loopback
-port against the :mod:`tests.ui_fixtures` store and, in headless Chromium: opens the
+port against the :mod:`tests.support.ui` store and, in headless Chromium: opens the
 index, clicks through to the TIES merge, follows the lineage graph (an SVG link) to a
 parent, checks the gate table's values against the gate's JSON and the record against
 ``adapters show --json``, and opens the hostile adapter, whose labels and base-model
@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from tests.cli_fixtures import run_json
-from tests.ui_fixtures import UiWorld, build_ui_store
+from tests.support.cli import run_json
+from tests.support.ui import UiWorld, build_ui_store
 
 CHROMIUM = os.environ.get("ADAPTERS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

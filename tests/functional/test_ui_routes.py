@@ -1,6 +1,6 @@
 """Route tests of the web view (``adapters ui``) with Starlette's TestClient: fast, no browser.
 
-One store per module (:mod:`tests.ui_fixtures`: two adapters, a TIES merge with a gate
+One store per module (:mod:`tests.support.ui`: two adapters, a TIES merge with a gate
 record and a promotion, an unloaded model, a hostile adapter, a signature). Checked:
 every page and API route answers; the API returns exactly the CLI's ``--json``
 documents; anything but GET/HEAD is 405; a token is required on every request when
@@ -29,8 +29,8 @@ from starlette.testclient import TestClient  # noqa: E402
 from cli.web.app import create_app  # noqa: E402
 from cli.web.guard import LOOPBACK_HOSTS, UiConfig  # noqa: E402
 from registry.storage.store import Store  # noqa: E402
-from tests.cli_fixtures import heavy_modules_after, run, run_json  # noqa: E402
-from tests.ui_fixtures import PAYLOADS, UiWorld, build_ui_store  # noqa: E402
+from tests.support.cli import heavy_modules_after, run, run_json  # noqa: E402
+from tests.support.ui import PAYLOADS, UiWorld, build_ui_store  # noqa: E402
 
 TOKEN = "correct-horse-battery-staple"
 

@@ -16,10 +16,9 @@ import torch
 from merging.model.unload import unload
 from registry.errors import BadInputError, BaseMismatchError, ConflictError
 from registry.formats.fingerprint import fingerprint_model
-from tests.cli_fixtures import run, run_json
-from tests.unload_fixtures import (EXTRA_FILES, base, leftovers, load_model,  # noqa: F401
-                                   logits, make_adapter, make_base, peft_model, shard_layout,
-                                   state_of, work)
+from tests.support.cli import run, run_json
+from tests.support.unload import (EXTRA_FILES, leftovers, load_model, logits, make_adapter,
+                                   make_base, peft_model, shard_layout, state_of)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

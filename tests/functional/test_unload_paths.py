@@ -23,9 +23,9 @@ from merging.model.unload import unload
 from registry.errors import BadInputError
 from registry.formats.fingerprint import fingerprint_model
 from registry.storage.store import Store
-from tests.cli_fixtures import run_json
-from tests.unload_fixtures import (base, leftovers, load_model, logits,  # noqa: F401
-                                   make_adapter, make_base, peft_model, state_of, work)
+from tests.support.cli import run_json
+from tests.support.unload import (leftovers, load_model, logits, make_adapter, make_base,
+                                   peft_model, state_of)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

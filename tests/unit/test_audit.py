@@ -12,7 +12,7 @@ from registry.audit.chain import entry_hash
 from registry.digests import canonical_json
 from registry.errors import IntegrityError
 from registry.maintenance.collection import gc
-from tests.registry_fixtures import make_adapter_dir, new_store, push_adapter
+from tests.support.registry import make_adapter_dir, new_store, push_adapter
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from registry.errors import BadInputError, ConflictError, IntegrityError
 from registry.export import export, model_card
 from registry.lineage import make_lineage, parent
 from registry.record import build_model_record
-from tests.registry_fixtures import (FAKE_BASE, adapter_files, make_adapter_dir, new_store,
+from tests.support.registry import (FAKE_BASE, adapter_files, make_adapter_dir, new_store,
                                      push_adapter, sample_record)
 
 

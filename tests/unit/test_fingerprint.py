@@ -18,7 +18,8 @@ from registry.formats.fingerprint import (
     model_weights,
 )
 from registry.formats.safetensors_header import read_header
-from tests.ingest_fixtures import save_base
+from tests.support.ingest import INGEST_LLAMA
+from tests.support.tiny_llama import save_tiny_llama, tiny_llama
 
 torch = pytest.importorskip("torch")
 from safetensors import safe_open  # noqa: E402
@@ -31,11 +32,11 @@ DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     return {
-        "single": save_base(root / "single", seed=0),
-        "sharded": save_base(root / "sharded", seed=0, max_shard_size="8KB"),
-        "sharded2": save_base(root / "sharded2", seed=0, max_shard_size="16KB"),
-        "other_seed": save_base(root / "other_seed", seed=1),
-        "wider": save_base(root / "wider", seed=0, intermediate_size=48),
+        "single": save_tiny_llama(root / "single", INGEST_LLAMA, seed=0),
+        "sharded": save_tiny_llama(root / "sharded", INGEST_LLAMA, seed=0, max_shard_size="8KB"),
+        "sharded2": save_tiny_llama(root / "sharded2", INGEST_LLAMA, seed=0, max_shard_size="16KB"),
+        "other_seed": save_tiny_llama(root / "other_seed", INGEST_LLAMA, seed=1),
+        "wider": save_tiny_llama(root / "wider", INGEST_LLAMA, seed=0, intermediate_size=48),
     }
 
 
@@ -163,9 +164,7 @@ def test_progress_counts_all_tensor_bytes(bases):
 
 
 def test_shapes_match_the_model(bases):
-    from tests.ingest_fixtures import tiny_llama
-
-    model = tiny_llama(0)
+    model = tiny_llama(INGEST_LLAMA)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert model_weight_shapes(bases["single"]) == expected
 

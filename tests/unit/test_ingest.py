@@ -21,7 +21,8 @@ from registry.formats.peft_keys import (
     split_keys,
 )
 from registry.record import TensorSummary, build_record
-from tests.ingest_fixtures import save_adapter, save_base
+from tests.support.ingest import INGEST_LLAMA, save_adapter
+from tests.support.tiny_llama import save_tiny_llama, tiny_llama
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -34,11 +35,11 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("ingest")
     return {
-        "base": save_base(root / "base"),
-        "base_sharded": save_base(root / "base_sharded", max_shard_size="8KB"),
-        "base_wide": save_base(root / "base_wide", intermediate_size=48),
-        "base_1layer": save_base(root / "base_1layer", num_hidden_layers=1),
-        "base_tied": save_base(root / "base_tied", tie_word_embeddings=True),
+        "base": save_tiny_llama(root / "base", INGEST_LLAMA),
+        "base_sharded": save_tiny_llama(root / "base_sharded", INGEST_LLAMA, max_shard_size="8KB"),
+        "base_wide": save_tiny_llama(root / "base_wide", INGEST_LLAMA, intermediate_size=48),
+        "base_1layer": save_tiny_llama(root / "base_1layer", INGEST_LLAMA, num_hidden_layers=1),
+        "base_tied": save_tiny_llama(root / "base_tied", INGEST_LLAMA, tie_word_embeddings=True),
         "plain": save_adapter(root / "plain"),
         "mlp": save_adapter(root / "mlp", target_modules=("up_proj", "down_proj")),
         "rank_pattern": save_adapter(
@@ -249,16 +250,14 @@ def test_bin_adapter_refused_by_default_and_converted_with_allow_pickle(built, t
         # the converted directory loads in peft and computes what the original does
         from peft import PeftModel
 
-        from tests.ingest_fixtures import tiny_llama
-
         converted_dir = tmp_path / "converted"
         converted_dir.mkdir()
         for name, path in prepared.files.items():
             shutil.copy(path, converted_dir / name)
         ids = torch.tensor([[1, 5, 9, 3]])
         with torch.no_grad():
-            want = PeftModel.from_pretrained(tiny_llama(0), built["plain"])(ids).logits
-            got = PeftModel.from_pretrained(tiny_llama(0), converted_dir)(ids).logits
+            want = PeftModel.from_pretrained(tiny_llama(INGEST_LLAMA), built["plain"])(ids).logits
+            got = PeftModel.from_pretrained(tiny_llama(INGEST_LLAMA), converted_dir)(ids).logits
         assert torch.equal(want, got)
     assert not prepared.workdir.exists()
 
@@ -420,10 +419,10 @@ def test_corrupt_safetensors_is_refused(built, tmp_path):
 
 
 def test_handmade_fixture_matches_what_peft_writes(built, tmp_path):
-    """tests/ingest_fixtures.handmade_adapter (used by the torch-free fuzz tests) stays honest."""
+    """tests.support.ingest.handmade_adapter (used by the torch-free fuzz tests) stays honest."""
     from safetensors import safe_open
 
-    from tests.ingest_fixtures import handmade_adapter
+    from tests.support.ingest import handmade_adapter
 
     real = save_adapter(tmp_path / "real", target_modules=("q_proj",))
     fake = handmade_adapter(tmp_path / "fake")

@@ -31,7 +31,8 @@ from registry.errors import BadInputError  # noqa: E402
 from registry.formats.fingerprint import hash_tensors  # noqa: E402
 from registry.formats.dtypes import DTYPE_BITS  # noqa: E402
 from registry.formats.safetensors_header import read_header  # noqa: E402
-from tests.ingest_fixtures import handmade_adapter, raw_file, small_valid_file  # noqa: E402
+from tests.support.ingest import handmade_adapter, small_valid_file  # noqa: E402
+from tests.support.safetensors_files import raw_safetensors  # noqa: E402
 
 # ADAPTERKIT_FUZZ_EXAMPLES=20000 runs a long, randomized campaign; the default is a
 # small deterministic one for CI.
@@ -99,7 +100,7 @@ def test_truncated_files(seed, data):
 @FUZZ
 @given(seed=st.sampled_from(SEEDS), length=st.one_of(st.integers(0, 4096), st.integers(0, 2**64 - 1)))
 def test_header_length_field(seed, length):
-    check_bytes(struct.pack("<Q", length) + seed[8:])
+    check_bytes(raw_safetensors(seed[8:], length=length))
 
 
 names = st.one_of(
@@ -149,7 +150,7 @@ def random_headers(draw):
 @given(layout=random_headers())
 def test_random_dtypes_shapes_and_offsets(layout):
     header, data_len = layout
-    check_bytes(raw_file(header, b"\x00" * data_len))
+    check_bytes(raw_safetensors(header, b"\x00" * data_len))
 
 
 @FUZZ
@@ -165,7 +166,7 @@ def test_non_utf8_and_escaped_names(tensor_map):
         b'"' + raw_name + b'":{"dtype":"' + dtype.encode() + b'","shape":[0],"data_offsets":[0,0]}'
         for raw_name, dtype in tensor_map.items()
     ]
-    accepted = check_bytes(raw_file(b"{" + b",".join(entries) + b"}"))
+    accepted = check_bytes(raw_safetensors(b"{" + b",".join(entries) + b"}"))
     if any(b"\xff" in name or b"\\udc80" in name for name in tensor_map):
         assert not accepted
 
@@ -215,7 +216,7 @@ LIMIT = 10_000  # max_tensors for the bomb tests: the byte-count caps scale with
 
 def _measure(payload: bytes, **kwargs):
     path = _SCRATCH / "bomb.safetensors"
-    path.write_bytes(struct.pack("<Q", len(payload)) + payload)
+    path.write_bytes(raw_safetensors(payload))
     tracemalloc.start()
     started = time.perf_counter()
     try:

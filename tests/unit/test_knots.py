@@ -15,15 +15,8 @@ import torch
 from merging.lora.align import knots_basis, knots_merge
 from merging.lora.methods import ModuleContext, ModuleInput, get_method
 from registry.errors import BadInputError
-from tests.unit.test_merge_methods_more import (  # noqa: F401  (pair: a fixture)
-    ONLY_A,
-    SHAPES,
-    _deltas,
-    _product,
-    mergekit_merge,
-    pair,
-    run,
-)
+from tests.support.merge import (PAIR_ONLY_A, PAIR_SHAPES, lora_product, mergekit_merge,
+                                 module_deltas, run)
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
@@ -119,24 +112,24 @@ def test_knots_is_invariant_to_the_deltas_scale() -> None:
     assert torch.allclose((b.B @ b.A) * 1e6, a.B @ a.A, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_knots(pair) -> None:  # type: ignore[no-untyped-def]
+def test_engine_knots(adapter_pair) -> None:  # type: ignore[no-untyped-def]
     from merging.lora.engine import merge_adapters
 
-    a, b = pair
+    a, b = adapter_pair
     res = merge_adapters([a, b], [1.0, 0.5], "dare_ties", params={"density": 0.5, "align": "knots"},
                          seed=3)
     assert res.report["parameters"]["align"] == "knots"
     assert res.report["error"] < 1e-5  # exact factors: (basis, merged coefficients)
-    da, db = _deltas(a, SHAPES), _deltas(b, SHAPES)
-    for name in SHAPES:
+    da, db = module_deltas(a, PAIR_SHAPES), module_deltas(b, PAIR_SHAPES)
+    for name in PAIR_SHAPES:
         deltas = [d[name] for d in (da, db) if name in d]
         weights = [1.0, 0.5][:len(deltas)]
         ref, _ = paper_knots(deltas, lambda c: run("dare_ties", c, weights,
                                                    name=f"base_model.model.{name}", seed=3,
                                                    density=0.5))
-        assert torch.allclose(_product(res, name), ref, atol=1e-4), name
+        assert torch.allclose(lora_product(res, name), ref, atol=1e-4), name
     modules = res.report["modules"]
-    assert modules[f"base_model.model.{ONLY_A}"]["rank"] <= 4
+    assert modules[f"base_model.model.{PAIR_ONLY_A}"]["rank"] <= 4
     assert max(m["rank"] for m in modules.values()) <= 10
     again = merge_adapters([a, b], [1.0, 0.5], "dare_ties",
                            params={"density": 0.5, "align": "knots"}, seed=3)

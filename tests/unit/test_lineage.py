@@ -11,7 +11,7 @@ from registry.errors import BadInputError
 from registry.lineage import (ancestors, descendants, lineage_tree, make_lineage, parent, to_dot,
                               to_json, to_text, validate_lineage)
 from registry.storage.store import Store
-from tests.registry_fixtures import (adapter_files, make_adapter_dir, new_store, push_adapter,
+from tests.support.registry import (adapter_files, make_adapter_dir, new_store, push_adapter,
                                      sample_record)
 
 

@@ -13,7 +13,7 @@ from registry.lineage import make_lineage, parent
 from registry.maintenance.collection import gc, reachable
 from registry.maintenance.integrity import verify
 from registry.storage.store import Store
-from tests.registry_fixtures import (adapter_files, make_adapter_dir, new_store, push_adapter,
+from tests.support.registry import (adapter_files, make_adapter_dir, new_store, push_adapter,
                                      sample_record)
 
 POLICY = "sha256:" + "f" * 64

@@ -19,7 +19,7 @@ import torch
 from merging.lora import sparsify
 from merging.lora.methods import METHODS, MergeParams, ModuleContext, ModuleInput, get_method
 from registry.errors import BadInputError
-from tests.merge_fixtures import random_deltas, run
+from tests.support.merge import random_deltas, run
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
@@ -270,7 +270,7 @@ SHAPES = {"model.layers.0.self_attn.q_proj": (40, 24), "model.layers.0.mlp.up_pr
 
 @pytest.fixture()
 def pair(tmp_path):  # type: ignore[no-untyped-def]
-    from tests.merge_fixtures import random_adapter
+    from tests.support.merge import random_adapter
 
     a = random_adapter(tmp_path / "a", SHAPES, 4, seed=1)
     b = random_adapter(tmp_path / "b", SHAPES, 6, seed=2, alpha=12)
@@ -279,7 +279,7 @@ def pair(tmp_path):  # type: ignore[no-untyped-def]
 
 def test_dare_is_bit_identical_regardless_of_module_order_and_threads(pair) -> None:  # type: ignore[no-untyped-def]
     from merging.lora.engine import merge_adapters
-    from tests.merge_fixtures import random_adapter
+    from tests.support.merge import random_adapter
 
     root, a, b = pair
     name = "model.layers.1.self_attn.q_proj"
@@ -313,7 +313,7 @@ def load_delta(path, name):  # type: ignore[no-untyped-def]
 
 def test_missing_module_contributes_zero(pair) -> None:  # type: ignore[no-untyped-def]
     from merging.lora.engine import merge_adapters
-    from tests.merge_fixtures import random_adapter
+    from tests.support.merge import random_adapter
 
     root, a, _ = pair
     name = "model.layers.0.mlp.up_proj"
@@ -351,7 +351,7 @@ def test_regex_targets_give_an_exact_regex(tmp_path) -> None:  # type: ignore[no
     import re
 
     from merging.lora.engine import merge_adapters
-    from tests.merge_fixtures import random_adapter
+    from tests.support.merge import random_adapter
 
     a = random_adapter(tmp_path / "a", SHAPES, 2, seed=1)
     b = random_adapter(tmp_path / "b", {"model.layers.1.self_attn.q_proj": (40, 24)}, 2, seed=2,
@@ -365,7 +365,7 @@ def test_regex_targets_give_an_exact_regex(tmp_path) -> None:  # type: ignore[no
 
 def test_dtypes_are_kept_or_promoted(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from merging.lora.engine import merge_adapters
-    from tests.merge_fixtures import random_adapter
+    from tests.support.merge import random_adapter
 
     a = random_adapter(tmp_path / "a", SHAPES, 2, seed=1, dtype=torch.bfloat16)
     b = random_adapter(tmp_path / "b", SHAPES, 2, seed=2, dtype=torch.bfloat16)
@@ -379,7 +379,7 @@ def test_dtypes_are_kept_or_promoted(tmp_path) -> None:  # type: ignore[no-untyp
 def test_unsupported_configs_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from merging.adapter import load_adapter
     from registry.errors import UnsupportedAdapterError
-    from tests.merge_fixtures import random_adapter
+    from tests.support.merge import random_adapter
 
     for field, value in [("use_dora", True), ("lora_bias", True), ("init_lora_weights", "pissa"),
                          ("trainable_token_indices", [1, 2])]:

@@ -17,7 +17,8 @@ import torch
 from merging.lora import sparsify
 from merging.lora.methods import METHODS, ModuleContext, get_method
 from registry.errors import BadInputError
-from tests.merge_fixtures import as_inputs, random_deltas, run
+from tests.support.merge import (PAIR_ONLY_A, PAIR_SHAPES, as_inputs, lora_product, mergekit_merge,
+                                 module_deltas, random_deltas, run)
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 mk_sparsify = pytest.importorskip("mergekit.sparsify")
@@ -26,19 +27,6 @@ mk_gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic
 
 NEW = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 ENTRY_WISE = sorted(n for n, m in METHODS.items() if m.output == "dense")
-
-
-def mergekit_merge(name, deltas, weights, **params):  # type: ignore[no-untyped-def]
-    """mergekit's registered method on a zero base (so its result is the merged delta)."""
-    from mergekit.merge_methods.base import TensorGroup
-
-    group = TensorGroup.from_tensors([torch.zeros_like(deltas[0]), *deltas], base_index=0)
-    ids = range(1, len(deltas) + 1)
-    per_input = {k: params.pop(k) for k in ("density", "gamma", "epsilon") if k in params}
-    kwargs = {"int8_mask": False, "lambda": params.pop("lam", 1.0),
-              "weight": dict(zip(ids, weights)), **{k: dict.fromkeys(ids, v) for k, v in
-                                                    per_input.items()}, **params}
-    return mk_registry.get(name).merge_group(group, **kwargs)
 
 
 def test_registry_has_the_new_methods() -> None:
@@ -253,51 +241,23 @@ def test_parameters_resolved_and_recorded() -> None:
 
 # ---- the engine on hand-made adapters: mixed ranks, a module only one input has ----
 
-SHAPES = {"model.layers.0.self_attn.q_proj": (40, 24), "model.layers.0.mlp.up_proj": (56, 24),
-          "model.layers.1.self_attn.q_proj": (40, 24)}
-ONLY_A = "model.layers.0.mlp.up_proj"
-
-
-@pytest.fixture()
-def pair(tmp_path):  # type: ignore[no-untyped-def]
-    from tests.merge_fixtures import random_adapter
-
-    a = random_adapter(tmp_path / "a", SHAPES, 4, seed=1)
-    b = random_adapter(tmp_path / "b", {k: v for k, v in SHAPES.items() if k != ONLY_A}, 6,
-                       seed=2, alpha=12)
-    return a, b
-
-
-def _product(result, name):  # type: ignore[no-untyped-def]
-    key = f"base_model.model.{name}"
-    return result.tensors[key + ".lora_B.weight"] @ result.tensors[key + ".lora_A.weight"]
-
-
-def _deltas(path, names):  # type: ignore[no-untyped-def]
-    from merging.adapter import load_adapter
-
-    adapter = load_adapter(path)
-    return {n: adapter.module(f"base_model.model.{n}").delta() for n in names
-            if f"base_model.model.{n}" in adapter.infos}
-
-
 @pytest.mark.parametrize("method", NEW)
-def test_engine_runs_the_new_methods(pair, method: str) -> None:  # type: ignore[no-untyped-def]
+def test_engine_runs_the_new_methods(adapter_pair, method: str) -> None:  # type: ignore[no-untyped-def]
     from merging.lora.engine import merge_adapters
 
-    a, b = pair
+    a, b = adapter_pair
     extra = {"epsilon": 0.1} if "della" in method else {"gamma": 0.05}
     res = merge_adapters([a, b], [0.6, 0.4], method, params={"density": 0.5, **extra},
                          rank="full", seed=1)
-    da, db = _deltas(a, SHAPES), _deltas(b, SHAPES)
+    da, db = module_deltas(a, PAIR_SHAPES), module_deltas(b, PAIR_SHAPES)
     name = "model.layers.0.self_attn.q_proj"
     expected = run(method, [da[name], db[name]], [0.6, 0.4], name=f"base_model.model.{name}",
                    seed=1, density=0.5, **extra)
-    assert torch.allclose(_product(res, name), expected, atol=1e-5)
-    alone = run(method, [da[ONLY_A]], [0.6], name=f"base_model.model.{ONLY_A}", seed=1,
+    assert torch.allclose(lora_product(res, name), expected, atol=1e-5)
+    alone = run(method, [da[PAIR_ONLY_A]], [0.6], name=f"base_model.model.{PAIR_ONLY_A}", seed=1,
                 density=0.5, **extra)  # the module only a has: b contributes nothing
-    assert torch.allclose(_product(res, ONLY_A), alone, atol=1e-5)
-    assert res.report["modules"][f"base_model.model.{ONLY_A}"]["inputs"] == [0]
+    assert torch.allclose(lora_product(res, PAIR_ONLY_A), alone, atol=1e-5)
+    assert res.report["modules"][f"base_model.model.{PAIR_ONLY_A}"]["inputs"] == [0]
     again = merge_adapters([a, b], [0.6, 0.4], method, params={"density": 0.5, **extra},
                            rank="full", seed=1)
     assert all(torch.equal(again.tensors[k], v) for k, v in res.tensors.items())

@@ -1,7 +1,7 @@
 """Parts of the merge search that need no trained model: the space and its bounds, the
 front and pick rules, the plot (and its message without matplotlib), per-trial sampler
 seeds, and the live in-place merge (bit-identical to the gate's own model for the same
-merge, base restored exactly; on the tiny Llama of tests/cli_fixtures.py)."""
+merge, base restored exactly; on the tiny Llama of tests/support/cli.py)."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_live_merge_is_bit_identical_to_the_gates_model_and_clear_restores_w0(tm
     from merging.lora.engine import merge_adapters
     from merging.lora.live import LiveLora, rank_bound
     from merging.lora.peft_output import write_peft_dir
-    from tests.cli_fixtures import build_tiny_peft
+    from tests.support.cli import build_tiny_peft
 
     base_dir, a_dir = tmp_path / "base", tmp_path / "a"
     build_tiny_peft(base_dir, a_dir, seed=1)

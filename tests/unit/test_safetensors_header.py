@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import threading
 
 import numpy as np
@@ -17,7 +16,8 @@ from registry.errors import BadInputError, NotFoundError
 from registry.formats.fingerprint import hash_tensors, iter_tensor_chunks
 from registry.formats.safetensors_header import (MAX_HEADER_BYTES, memoized_headers, parse_header_bytes,
                                          read_header)
-from tests.ingest_fixtures import raw_file, safetensors_bytes, small_valid_file, write
+from tests.support.ingest import small_valid_file
+from tests.support.safetensors_files import raw_safetensors, safetensors_bytes, write_safetensors
 
 F32_1 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 
@@ -80,7 +80,7 @@ def test_numpy_saved_file_matches_safe_open(tmp_path):
 
 
 def test_hand_built_file_matches_safe_open(tmp_path):
-    path = write(tmp_path / "x.safetensors", small_valid_file())
+    path = write_safetensors(tmp_path / "x.safetensors", small_valid_file())
     assert _ours(path) == _reference_view(path)
     header = read_header(path)
     assert header.tensors["a.weight"].nbytes == 24
@@ -88,14 +88,14 @@ def test_hand_built_file_matches_safe_open(tmp_path):
 
 
 def test_progress_reports_every_byte(tmp_path):
-    path = write(tmp_path / "x.safetensors", small_valid_file())
+    path = write_safetensors(tmp_path / "x.safetensors", small_valid_file())
     seen: list[int] = []
     hash_tensors(path, progress=seen.append, chunk_size=4)
     assert sum(seen) == 24 + 6 + 8
 
 
 def _expect_bad(tmp_path, data: bytes, fragment: str, **kwargs):
-    path = write(tmp_path / "bad.safetensors", data)
+    path = write_safetensors(tmp_path / "bad.safetensors", data)
     with pytest.raises(BadInputError) as info:
         read_header(path, **kwargs)
     message = info.value.message
@@ -109,50 +109,50 @@ def _expect_bad(tmp_path, data: bytes, fragment: str, **kwargs):
 
 BAD_CASES = {
     "short": (b"\x01\x02", "shorter than the 8-byte"),
-    "length_gt_file": (struct.pack("<Q", 1000) + b"{}", "exceeds the file size"),
-    "length_gt_cap": (struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}", "limit"),
+    "length_gt_file": (raw_safetensors(b"{}", length=1000), "exceeds the file size"),
+    "length_gt_cap": (raw_safetensors(b"{}", length=MAX_HEADER_BYTES + 1), "limit"),
     "length_u64_max": (b"\xff" * 8 + b"{}", "limit"),
-    "not_utf8": (raw_file(b'{"\xff\xfe": 1}'), "not UTF-8"),
-    "not_json": (raw_file(b"{not json"), "not JSON"),
-    "not_object": (raw_file(b"[1, 2]"), "does not start with '{'"),
-    "leading_space": (raw_file(b" {}"), "does not start with '{'"),
-    "trailing_garbage": (raw_file(b"{}x"), "not JSON"),
-    "nan": (raw_file(b'{"__metadata__": {"a": NaN}}'), "NaN"),
-    "float_shape": (raw_file({"a": {**F32_1, "shape": [1.0]}}, b"\0" * 4), "integers only"),
-    "negative_dim": (raw_file({"a": {**F32_1, "shape": [-1]}}, b"\0" * 4), "negative"),
-    "bool_dim": (raw_file({"a": {**F32_1, "shape": [True]}}, b"\0" * 4), "shape is not a list"),
-    "shape_not_list": (raw_file({"a": {**F32_1, "shape": 4}}, b"\0" * 4), "shape is not a list"),
-    "unknown_dtype": (raw_file({"a": {**F32_1, "dtype": "F31"}}, b"\0" * 4), "unknown dtype"),
-    "dtype_not_str": (raw_file({"a": {**F32_1, "dtype": 32}}, b"\0" * 4), "unknown dtype"),
-    "size_mismatch": (raw_file({"a": {**F32_1, "shape": [2]}}, b"\0" * 4), "needs 8"),
-    "out_of_range": (raw_file({"a": {**F32_1, "data_offsets": [4, 8]}}, b"\0" * 4), "out of range"),
-    "end_before_start": (raw_file({"a": {**F32_1, "data_offsets": [4, 0]}}, b"\0" * 4), "out of range"),
-    "offsets_triple": (raw_file({"a": {**F32_1, "data_offsets": [0, 4, 4]}}, b"\0" * 4), "pair"),
+    "not_utf8": (raw_safetensors(b'{"\xff\xfe": 1}'), "not UTF-8"),
+    "not_json": (raw_safetensors(b"{not json"), "not JSON"),
+    "not_object": (raw_safetensors(b"[1, 2]"), "does not start with '{'"),
+    "leading_space": (raw_safetensors(b" {}"), "does not start with '{'"),
+    "trailing_garbage": (raw_safetensors(b"{}x"), "not JSON"),
+    "nan": (raw_safetensors(b'{"__metadata__": {"a": NaN}}'), "NaN"),
+    "float_shape": (raw_safetensors({"a": {**F32_1, "shape": [1.0]}}, b"\0" * 4), "integers only"),
+    "negative_dim": (raw_safetensors({"a": {**F32_1, "shape": [-1]}}, b"\0" * 4), "negative"),
+    "bool_dim": (raw_safetensors({"a": {**F32_1, "shape": [True]}}, b"\0" * 4), "shape is not a list"),
+    "shape_not_list": (raw_safetensors({"a": {**F32_1, "shape": 4}}, b"\0" * 4), "shape is not a list"),
+    "unknown_dtype": (raw_safetensors({"a": {**F32_1, "dtype": "F31"}}, b"\0" * 4), "unknown dtype"),
+    "dtype_not_str": (raw_safetensors({"a": {**F32_1, "dtype": 32}}, b"\0" * 4), "unknown dtype"),
+    "size_mismatch": (raw_safetensors({"a": {**F32_1, "shape": [2]}}, b"\0" * 4), "needs 8"),
+    "out_of_range": (raw_safetensors({"a": {**F32_1, "data_offsets": [4, 8]}}, b"\0" * 4), "out of range"),
+    "end_before_start": (raw_safetensors({"a": {**F32_1, "data_offsets": [4, 0]}}, b"\0" * 4), "out of range"),
+    "offsets_triple": (raw_safetensors({"a": {**F32_1, "data_offsets": [0, 4, 4]}}, b"\0" * 4), "pair"),
     "overlap": (
-        raw_file({"a": F32_1, "b": {**F32_1, "data_offsets": [2, 6]}}, b"\0" * 8),
+        raw_safetensors({"a": F32_1, "b": {**F32_1, "data_offsets": [2, 6]}}, b"\0" * 8),
         "overlaps",
     ),
-    "same_bytes_twice": (raw_file({"a": F32_1, "b": F32_1}, b"\0" * 4), "overlaps"),
-    "gap": (raw_file({"a": {**F32_1, "data_offsets": [4, 8]}}, b"\0" * 8), "gap"),
-    "trailing_bytes": (raw_file({"a": F32_1}, b"\0" * 5), "trailing bytes"),
-    "truncated_data": (raw_file({"a": {**F32_1, "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "out of range"),
+    "same_bytes_twice": (raw_safetensors({"a": F32_1, "b": F32_1}, b"\0" * 4), "overlaps"),
+    "gap": (raw_safetensors({"a": {**F32_1, "data_offsets": [4, 8]}}, b"\0" * 8), "gap"),
+    "trailing_bytes": (raw_safetensors({"a": F32_1}, b"\0" * 5), "trailing bytes"),
+    "truncated_data": (raw_safetensors({"a": {**F32_1, "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "out of range"),
     "duplicate_key": (
-        raw_file(b'{"a": ' + json.dumps(F32_1).encode() + b', "a": ' + json.dumps(F32_1).encode() + b"}", b"\0" * 4),
+        raw_safetensors(b'{"a": ' + json.dumps(F32_1).encode() + b', "a": ' + json.dumps(F32_1).encode() + b"}", b"\0" * 4),
         "duplicate key",
     ),
-    "lone_surrogate_name": (raw_file(b'{"\\ud800": ' + json.dumps(F32_1).encode() + b"}", b"\0" * 4), "not valid UTF-8"),
-    "control_char_name": (raw_file({"a\nb": F32_1}, b"\0" * 4), "control characters"),
-    "empty_name": (raw_file({"": F32_1}, b"\0" * 4), "empty tensor name"),
-    "unknown_field": (raw_file({"a": {**F32_1, "extra": 1}}, b"\0" * 4), "unknown field"),
-    "missing_field": (raw_file({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "missing field"),
-    "entry_not_object": (raw_file({"a": [1, 2]}, b""), "not an object"),
-    "metadata_not_strings": (raw_file({"__metadata__": {"a": 1}}), "__metadata__"),
-    "metadata_not_object": (raw_file({"__metadata__": "x"}), "__metadata__"),
-    "huge_shape": (raw_file({"a": {**F32_1, "shape": [2**40, 2**40]}}, b"\0" * 4), "overflows"),
-    "huge_int": (raw_file({"a": {**F32_1, "shape": [10**30]}}, b"\0" * 4), "too large"),
-    "int_digits_bomb": (raw_file(b'{"a": {"shape": [' + b"9" * 5000 + b"]}}"), "too large"),
-    "sub_byte": (raw_file({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 1]}}, b"\0"), "whole number of bytes"),
-    "deep_nesting": (raw_file(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nested too deeply"),
+    "lone_surrogate_name": (raw_safetensors(b'{"\\ud800": ' + json.dumps(F32_1).encode() + b"}", b"\0" * 4), "not valid UTF-8"),
+    "control_char_name": (raw_safetensors({"a\nb": F32_1}, b"\0" * 4), "control characters"),
+    "empty_name": (raw_safetensors({"": F32_1}, b"\0" * 4), "empty tensor name"),
+    "unknown_field": (raw_safetensors({"a": {**F32_1, "extra": 1}}, b"\0" * 4), "unknown field"),
+    "missing_field": (raw_safetensors({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "missing field"),
+    "entry_not_object": (raw_safetensors({"a": [1, 2]}, b""), "not an object"),
+    "metadata_not_strings": (raw_safetensors({"__metadata__": {"a": 1}}), "__metadata__"),
+    "metadata_not_object": (raw_safetensors({"__metadata__": "x"}), "__metadata__"),
+    "huge_shape": (raw_safetensors({"a": {**F32_1, "shape": [2**40, 2**40]}}, b"\0" * 4), "overflows"),
+    "huge_int": (raw_safetensors({"a": {**F32_1, "shape": [10**30]}}, b"\0" * 4), "too large"),
+    "int_digits_bomb": (raw_safetensors(b'{"a": {"shape": [' + b"9" * 5000 + b"]}}"), "too large"),
+    "sub_byte": (raw_safetensors({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 1]}}, b"\0"), "whole number of bytes"),
+    "deep_nesting": (raw_safetensors(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nested too deeply"),
 }
 
 
@@ -165,22 +165,22 @@ def test_bad_files_are_refused_with_a_clear_message(tmp_path, case):
 def test_reference_reader_also_refuses_structural_errors(tmp_path):
     # sanity check of the fixtures themselves: safetensors refuses these too
     for case in ("overlap", "gap", "trailing_bytes", "size_mismatch", "huge_shape", "length_gt_file"):
-        path = write(tmp_path / f"{case}.safetensors", BAD_CASES[case][0])
+        path = write_safetensors(tmp_path / f"{case}.safetensors", BAD_CASES[case][0])
         with pytest.raises(Exception):
             _reference_view(path)
 
 
 def test_too_many_tensors_is_refused_before_parsing(tmp_path):
     many = {f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(50)}
-    _expect_bad(tmp_path, raw_file(many), "more than 10", max_tensors=10)
-    assert len(read_header(write(tmp_path / "ok.safetensors", raw_file(many))).tensors) == 50
+    _expect_bad(tmp_path, raw_safetensors(many), "more than 10", max_tensors=10)
+    assert len(read_header(write_safetensors(tmp_path / "ok.safetensors", raw_safetensors(many))).tensors) == 50
 
 
 def test_zero_sized_tensors_and_empty_file_are_valid(tmp_path):
-    header = read_header(write(tmp_path / "e.safetensors", raw_file(b"{}")))
+    header = read_header(write_safetensors(tmp_path / "e.safetensors", raw_safetensors(b"{}")))
     assert header.tensors == {} and header.metadata is None
-    data = raw_file({"z": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]}, "a": F32_1}, b"\0" * 4)
-    path = write(tmp_path / "z.safetensors", data)
+    data = raw_safetensors({"z": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]}, "a": F32_1}, b"\0" * 4)
+    path = write_safetensors(tmp_path / "z.safetensors", data)
     assert set(read_header(path).tensors) == {"z", "a"}
     assert _ours(path) == _reference_view(path)
 
@@ -215,7 +215,7 @@ def test_fifo_is_refused_without_blocking(tmp_path):
 
 
 def test_file_changed_after_header_is_caught(tmp_path):
-    path = write(tmp_path / "x.safetensors", small_valid_file())
+    path = write_safetensors(tmp_path / "x.safetensors", small_valid_file())
     header = read_header(path)
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(BadInputError, match="changed"):
@@ -224,7 +224,7 @@ def test_file_changed_after_header_is_caught(tmp_path):
 
 def test_padding_and_metadata_survive(tmp_path):
     data = safetensors_bytes({"a": ("F32", [1], b"\0" * 4)}, metadata={"k": "v"}, pad=True)
-    header = read_header(write(tmp_path / "p.safetensors", data))
+    header = read_header(write_safetensors(tmp_path / "p.safetensors", data))
     assert header.metadata == {"k": "v"}
     assert header.data_offset % 8 == 0
 

@@ -15,7 +15,7 @@ from registry.errors import (BadInputError, ConflictError, GateFailedError, Inte
 from registry.lineage import make_lineage, parent
 from registry.record import build_model_record
 from registry.storage.store import ANY, MODEL_ARTIFACT, Store
-from tests.registry_fixtures import (adapter_files, blob_bytes, make_adapter_dir, new_store,
+from tests.support.registry import (adapter_files, blob_bytes, make_adapter_dir, new_store,
                                      push_adapter, sample_record)
 
 

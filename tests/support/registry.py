@@ -1,8 +1,8 @@
 """Shared test helpers for the registry: tiny adapters, records and stores.
 
 Everything is pure Python (no torch): safetensors files are written by hand
-(8-byte little-endian header length, JSON header, raw bytes), so registry tests
-stay fast and do not depend on torch or the ingest module.
+(:mod:`tests.support.safetensors_files`), so registry tests stay fast and do not
+depend on torch or the ingest module.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,26 +18,10 @@ from typing import Any
 
 from registry.record import TensorSummary, build_record
 from registry.storage.store import PushResult, Store
+from tests.support.safetensors_files import RawTensor, f32, write_safetensors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_BASE = {"struct_digest": "sha256:" + "1" * 64, "weights_digest": "sha256:" + "2" * 64}
-
-
-def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], list[float]]]) -> Path:
-    """Write F32 tensors ``name -> (shape, values)`` as a safetensors file."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    blob = b""
-    for name in sorted(tensors):
-        shape, values = tensors[name]
-        data = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": shape,
-                        "data_offsets": [len(blob), len(blob) + len(data)]}
-        blob += data
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob)
-    return path
 
 
 def make_adapter_dir(directory: Path, *, r: int = 4, hidden: int = 8, layers: int = 1,
@@ -46,15 +29,16 @@ def make_adapter_dir(directory: Path, *, r: int = 4, hidden: int = 8, layers: in
     """A minimal PEFT LoRA directory (q_proj and v_proj of ``layers`` layers)."""
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors: dict[str, RawTensor] = {}
     for layer in range(layers):
         for proj in ("q_proj", "v_proj"):
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = ([r, hidden],
-                                                  [rng.uniform(-1, 1) for _ in range(r * hidden)])
-            tensors[f"{prefix}.lora_B.weight"] = ([hidden, r],
-                                                  [rng.uniform(-1, 1) for _ in range(r * hidden)])
-    write_safetensors(directory / "adapter_model.safetensors", tensors)
+            tensors[f"{prefix}.lora_A.weight"] = (
+                "F32", [r, hidden], f32([rng.uniform(-1, 1) for _ in range(r * hidden)]))
+            tensors[f"{prefix}.lora_B.weight"] = (
+                "F32", [hidden, r], f32([rng.uniform(-1, 1) for _ in range(r * hidden)]))
+    write_safetensors(directory / "adapter_model.safetensors", dict(sorted(tensors.items())),
+                      metadata={"format": "pt"})
     config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
               "target_modules": ["v_proj", "q_proj"],
               "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False,

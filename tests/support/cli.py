@@ -8,8 +8,9 @@ Two kinds of inputs:
   ``base_model.model.model.layers.{i}.self_attn.{m}.lora_A.weight`` is ``(r, in)``,
   ``lora_B.weight`` is ``(out, r)``, base weights ``model.layers.{i}.self_attn.{m}.weight``
   are ``(out, in)``;
-* a real tiny Llama (``LlamaConfig``) with a PEFT LoRA whose B is non-zero, for the
-  round trip through ``PeftModel.from_pretrained`` (torch/peft imported inside).
+* a real tiny Llama (:func:`tests.support.tiny_llama.tiny_llama`, default shape) with a
+  PEFT LoRA whose B is non-zero, for the round trip through
+  ``PeftModel.from_pretrained`` (torch/peft imported inside).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from cli.main import main
+from tests.support.tiny_llama import tiny_llama
 
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
@@ -112,20 +114,6 @@ def write_synthetic_adapter(
     return out_dir
 
 
-def build_tiny_llama(seed: int = 0) -> Any:
-    """A random 2-layer Llama (hidden 32, vocab 64) in eval mode."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def build_tiny_peft(base_dir: Path, adapter_dir: Path, *, seed: int = 1,
                     safe_serialization: bool = True) -> Any:
     """Save a tiny Llama to ``base_dir`` and a LoRA with non-zero B to ``adapter_dir``.
@@ -135,7 +123,7 @@ def build_tiny_peft(base_dir: Path, adapter_dir: Path, *, seed: int = 1,
     import torch
     from peft import LoraConfig, get_peft_model
 
-    base = build_tiny_llama()
+    base = tiny_llama()
     base.save_pretrained(base_dir, safe_serialization=True)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])

@@ -2,7 +2,8 @@
 
 Builds, deterministically and in about 10-20 s on a CPU:
 
-* a tiny Llama (``LlamaConfig``: 2 layers, hidden size 96) saved as safetensors,
+* a tiny Llama (:func:`tests.support.tiny_llama.tiny_llama`: 2 layers, hidden size 96)
+  saved as safetensors,
   with a word-level tokenizer built in code (no hub downloads);
 * two rank-4 LoRA adapters, each trained for 150 steps on its own lookup task
   ("A cat =" -> "meow" for task a, "B red :" -> "rose" for task b), so each parent
@@ -32,6 +33,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.tiny_llama import tiny_llama
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 TASK_A = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "owl": "hoot", "pig": "oink"}
@@ -83,19 +86,11 @@ def build_tokenizer(out_dir: Path):
 
 def build_base(out_dir: Path, seed: int = 0):
     """Save a tiny random Llama plus tokenizer to ``out_dir``; returns (model, tokenizer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = build_tokenizer(out_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=96, intermediate_size=192,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, initializer_range=0.15,  # wide enough for confident logits
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed=seed, vocab_size=len(SPECIALS) + len(WORDS), hidden_size=96,
+                       intermediate_size=192,
+                       initializer_range=0.15,  # wide enough for confident logits
+                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
     model.save_pretrained(out_dir, safe_serialization=True)
     return model, tok
 

@@ -1,10 +1,11 @@
 """Builders shared by the merge tests: hand-made adapter directories and tiny Llamas.
 
 ``write_adapter`` writes a PEFT-format adapter directory from explicit factors with
-safetensors alone (no peft import, milliseconds). ``tiny_llama`` /
-``peft_adapter`` build a real 2-layer Llama from ``LlamaConfig`` and adapters with
-``peft.get_peft_model`` (``init_lora_weights=False`` so B is not zero), for the
-tests that load results with ``PeftModel.from_pretrained``.
+safetensors alone (no peft import, milliseconds). :data:`MERGE_LLAMA` is the merge
+tests' tiny Llama shape (saved with :func:`tests.support.tiny_llama.save_tiny_llama`)
+and ``peft_adapter`` makes adapters for it with ``peft.get_peft_model``
+(``init_lora_weights=False`` so B is not zero), for the tests that load results with
+``PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -68,27 +69,8 @@ def random_adapter(path: Path, shapes: dict[str, tuple[int, int]], r: int, *, al
     return write_adapter(path, modules, lora_config(r, alpha, targets, **config_extra))
 
 
-def tiny_llama_config():  # type: ignore[no-untyped-def]
-    """A 2-layer Llama small enough for CPU tests in milliseconds."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=False)
-
-
-def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
-    """A randomly initialised tiny ``LlamaForCausalLM`` (eval mode, float32)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config()).eval()
-
-
-def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """Save a tiny Llama (safetensors) and return its directory."""
-    tiny_llama(seed).save_pretrained(str(path))
-    return path
+MERGE_LLAMA = {"vocab_size": 96, "intermediate_size": 48}
+"""The merge tests' shape (a :func:`tests.support.tiny_llama.tiny_llama` preset)."""
 
 
 def peft_adapter(base_dir: Path, out: Path, *, r: int, alpha: float, targets: list[str],
@@ -167,3 +149,72 @@ def random_deltas(n, shape, seed):  # type: ignore[no-untyped-def]
     """``n`` seeded random dense deltas of ``shape``."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen) for _ in range(n)]
+
+
+# ---- hand-made adapter pairs for the engine tests (mixed ranks, a module only one has) ----
+
+PAIR_SHAPES = {"model.layers.0.self_attn.q_proj": (40, 24), "model.layers.0.mlp.up_proj": (56, 24),
+               "model.layers.1.self_attn.q_proj": (40, 24)}
+PAIR_ONLY_A = "model.layers.0.mlp.up_proj"
+
+
+def adapter_pair(root: Path) -> tuple[Path, Path]:
+    """Two adapters under ``root``: rank 4 on :data:`PAIR_SHAPES`, rank 6 (alpha 12)
+    without :data:`PAIR_ONLY_A`."""
+    a = random_adapter(root / "a", PAIR_SHAPES, 4, seed=1)
+    b = random_adapter(root / "b", {k: v for k, v in PAIR_SHAPES.items() if k != PAIR_ONLY_A}, 6,
+                       seed=2, alpha=12)
+    return a, b
+
+
+def lora_product(result, name):  # type: ignore[no-untyped-def]
+    """``B @ A`` of module ``name`` (no prefix) in a merge result's tensors."""
+    key = f"{PREFIX}{name}"
+    return result.tensors[key + ".lora_B.weight"] @ result.tensors[key + ".lora_A.weight"]
+
+
+def module_deltas(path, names):  # type: ignore[no-untyped-def]
+    """``{name: delta}`` of the modules among ``names`` that the adapter at ``path`` has."""
+    from merging.adapter import load_adapter
+
+    adapter = load_adapter(path)
+    return {n: adapter.module(f"{PREFIX}{n}").delta() for n in names
+            if f"{PREFIX}{n}" in adapter.infos}
+
+
+def mergekit_merge(name, deltas, weights, **params):  # type: ignore[no-untyped-def]
+    """mergekit's registered method on a zero base (so its result is the merged delta)."""
+    from mergekit.merge_methods import registry as mk_registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    group = TensorGroup.from_tensors([torch.zeros_like(deltas[0]), *deltas], base_index=0)
+    ids = range(1, len(deltas) + 1)
+    per_input = {k: params.pop(k) for k in ("density", "gamma", "epsilon") if k in params}
+    kwargs = {"int8_mask": False, "lambda": params.pop("lam", 1.0),
+              "weight": dict(zip(ids, weights)), **{k: dict.fromkeys(ids, v) for k, v in
+                                                    per_input.items()}, **params}
+    return mk_registry.get(name).merge_group(group, **kwargs)
+
+
+# ---- the merge CLI tests' store: three adapters over two bases ----
+
+CLI_SHAPES = {f"model.layers.{i}.self_attn.{m}": (32, 32) for i in range(2)
+              for m in ("q_proj", "v_proj")}
+CLI_SHAPES["model.layers.0.self_attn.v_proj"] = (16, 32)
+CLI_SHAPES["model.layers.1.self_attn.v_proj"] = (16, 32)
+
+
+def merge_cli(args: list[str], capsys) -> tuple[int, dict | None, str]:  # type: ignore[no-untyped-def]
+    """Run ``adapters ARGS`` in-process: (exit code, parsed stdout when ``--json``, stderr)."""
+    import cli.main as cli_main
+    from cli import merge_cmds
+
+    if not any(c.name == "merge" for c in cli_main.app.registered_commands):
+        merge_cmds.register(cli_main.app)  # until cli/main.py lists cli.merge_cmds
+    capsys.readouterr()
+    code = cli_main.main(args)
+    captured = capsys.readouterr()
+    data = None
+    if "--json" in args and captured.out.strip():
+        data = json.loads(captured.out)
+    return code, data, captured.err

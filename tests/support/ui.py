@@ -2,7 +2,7 @@
 
 :func:`build_ui_store` writes, in a few seconds on a CPU:
 
-* ``lora-a`` and ``lora-b``: synthetic PEFT adapters (:mod:`tests.cli_fixtures`) pushed
+* ``lora-a`` and ``lora-b``: synthetic PEFT adapters (:mod:`tests.support.cli`) pushed
   with the CLI, with labels, metrics and a known risk;
 * ``ab-ties``: their TIES merge, made by ``adapters merge`` (real merge engine, so the
   lineage carries the recipe and the per-module error report), aliased ``candidate``;
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.cli_fixtures import write_synthetic_adapter
+from tests.support.cli import write_synthetic_adapter
 
 XSS_SCRIPT = "<script>window.__pwned = 1</script>"
 XSS_ATTR = '" onmouseover="window.__pwned = 2" autofocus onfocus="window.__pwned = 3" x="'

@@ -3,7 +3,8 @@
 Everything is built from a config with random weights (seeded), saved with
 ``save_pretrained`` exactly as a downloaded model would be, so the tests exercise
 real transformers/PEFT files without any network access. The module-scoped fixtures
-:func:`work` and :func:`base` are imported by the test modules that share them.
+that save the default base once per test module (``work``, ``base``) live in
+:mod:`tests.plugins.unload`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+from tests.support.tiny_llama import tiny_llama
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROBE = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127], [3, 3, 70, 2, 90, 11, 42, 7]])
+UNLOAD_LLAMA = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128}
+"""The unload tests' base (a :func:`tests.support.tiny_llama.tiny_llama` preset)."""
 EXTRA_FILES = {
     "tokenizer_config.json": '{"model_max_length": 64, "chat_template": "{{ messages }}"}\n',
     "chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}\n",
@@ -23,23 +27,13 @@ EXTRA_FILES = {
 }
 
 
-def tiny_config(*, tie: bool = False, layers: int = 2, hidden: int = 64, vocab: int = 128) -> Any:
-    """A small Llama config (GQA, 2 layers)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=64, tie_word_embeddings=tie)
-
-
 def make_base(path: Path, *, dtype: torch.dtype = torch.float32, tie: bool = False,
               max_shard_size: str | None = None, seed: int = 0, hidden: int = 64,
               layers: int = 2) -> Path:
-    """Save a random tiny Llama (plus tokenizer-ish files) to ``path``."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(tie=tie, hidden=hidden, layers=layers)).to(dtype)
+    """Save a random tiny Llama (:data:`UNLOAD_LLAMA`, intermediate size ``2 * hidden``),
+    its norms perturbed, plus tokenizer-ish files, to ``path``."""
+    model = tiny_llama(UNLOAD_LLAMA, seed=seed, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, tie_word_embeddings=tie).to(dtype)
     with torch.no_grad():  # norms are all ones after init: make them distinguishable
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -136,15 +130,3 @@ def shard_layout(model_dir: Path) -> dict[str, dict[str, tuple[str, tuple[int, .
 def leftovers(parent: Path, out_name: str) -> list[str]:
     """Entries of ``parent`` that look like a staging directory of ``out_name``."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{out_name}.tmp-"))
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """A scratch directory shared by one test module (``test_unload`` -> ``unload0``)."""
-    return tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2].removeprefix("test_"))
-
-
-@pytest.fixture(scope="module")
-def base(work: Path) -> Path:
-    """The default tiny float32 Llama, saved once per test module."""
-    return make_base(work / "base")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.registry_fixtures import PYTHON, REPO_ROOT, child_env
+from tests.support.registry import PYTHON, REPO_ROOT, child_env
 
 if TYPE_CHECKING:  # the driver imports this module too; it needs neither
     import pytest
@@ -102,7 +102,7 @@ def check_store_after_kills(capsys: pytest.CaptureFixture[str], store: Path,
     Asserts each succeeds, ``versions`` versions are bound before and after gc, and gc
     leaves ``tmp/`` empty (the dead processes' temp files and work directories are gone).
     """
-    from tests.cli_fixtures import run_json
+    from tests.support.cli import run_json
 
     code, data = run_json(capsys, "verify", "--all", "--store", store)
     assert code == 0 and data["ok"] and data["versions"] == versions, data

@@ -32,9 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BASE_MODEL_ID = "acme/tiny-llama"
 LFS_SUFFIXES = (".safetensors", ".bin")
-TINY_LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  tie_word_embeddings=False)
+HUB_LLAMA = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128}
+"""The Hub tests' base (a :func:`tests.support.tiny_llama.tiny_llama` preset)."""
 PROBE_IDS = [[1, 5, 9, 23, 42, 77, 3, 64]]
 
 _CHILD = """
@@ -45,16 +44,6 @@ if "cli.hub_cmds" not in m.COMMAND_MODULES:
     hub_cmds.register(m.app)
 sys.exit(m.main(sys.argv[1:]))
 """
-
-
-def save_base(out_dir: Path, seed: int = 0) -> Path:
-    """Save a random tiny Llama (hidden 64) as safetensors; return the directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval().save_pretrained(out_dir)
-    return Path(out_dir)
 
 
 def save_lora(base_dir: Path, out_dir: Path, *, seed: int = 1) -> Path:

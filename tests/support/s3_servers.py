@@ -1,11 +1,6 @@
-"""Fixtures that run the same store tests on a local directory and on two real S3 APIs.
+"""The two real S3 servers of the store tests: moto and SeaweedFS, on loopback ports.
 
-The backend matrix is :data:`BACKENDS`: ``local`` (a directory under ``tmp_path``),
-``moto`` and ``seaweedfs``. Every test that takes :func:`store_location` runs once per
-backend and gets a fresh, not yet created store: a directory, or
-``s3://<bucket>/<uuid>`` (its own prefix, so tests never see each other's objects).
-The store talks to both servers through boto3 exactly as it would to AWS or MinIO; no
-boto3 call is mocked.
+The fixtures that hand out store locations on them are in :mod:`tests.plugins.s3`.
 
 * **moto** in server mode (:class:`moto.server.ThreadedMotoServer`) on a free
   loopback port. moto checks ``If-None-Match``/``If-Match`` and then writes in two
@@ -26,18 +21,15 @@ boto3 call is mocked.
   come up fails the test with the tail of its log.
 
 Both servers are started lazily, once per session (so once per pytest-xdist worker),
-by the session fixture :func:`s3_servers`, which lives in ``tests/conftest.py`` so
-that one instance serves every test module. When the first server starts, the
+by the session fixture ``s3_servers`` of :mod:`tests.plugins.s3` through
+:class:`S3Servers`; that module is a pytest plugin (``pytest_plugins`` in
+``tests/conftest.py``), so one instance serves every test module. When the first server starts, the
 session's environment is set in ``os.environ`` (dummy credentials, a private
 ``$ADAPTERS_CACHE``, no ``$AWS_ENDPOINT_URL*``) and ``$ADAPTERS_S3_CONFIG`` names a
 JSON file with one entry per bucket, ``{"buckets": {"adapterkit-moto":
 {"endpoint_url": ...}, "adapterkit-seaweedfs": {...}}}``: the bucket in a store URL
 says which server holds it, in this process and in every child process, which
-inherits ``os.environ`` (:func:`environment`).
-
-Helpers for other test modules (e.g. crash-point tests): :func:`store_location`,
-:func:`s3_store_location` (the S3 backends only), :func:`backend_kind`, :func:`is_s3`,
-:func:`environment`.
+inherits ``os.environ`` (:func:`tests.plugins.s3.environment`).
 """
 
 from __future__ import annotations
@@ -53,16 +45,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-BACKENDS = ["local", "moto", "seaweedfs"]
-S3_BACKENDS = ["moto", "seaweedfs"]
 BUCKET_OF_BACKEND = {"moto": "adapterkit-moto", "seaweedfs": "adapterkit-seaweedfs"}
 SEAWEEDFS_READY_TIMEOUT_S = 60.0
 SEAWEEDFS_START_ATTEMPTS = 3
@@ -351,66 +340,3 @@ class S3Servers:
                 server.stop()
         self.running.clear()
         self.monkeypatch.undo()
-
-
-@pytest.fixture(scope="session")
-def s3_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Servers]:
-    """The session's lazily started S3 servers (one set per xdist worker).
-
-    Defined here, registered once in ``tests/conftest.py``: do not import it into a
-    test module (a second registration would start a second set of servers).
-    """
-    servers = S3Servers(tmp_path_factory.mktemp("s3"), pytest.MonkeyPatch())
-    try:
-        yield servers
-    finally:
-        servers.stop_all()
-
-
-def _location(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> str:
-    if kind == "local":
-        return str(tmp_path / "store")
-    server = request.getfixturevalue("s3_servers").get(kind)
-    return f"s3://{server.bucket}/{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture(params=BACKENDS)
-def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, not yet created store location on each backend of :data:`BACKENDS`.
-
-    A directory under ``tmp_path``, or ``s3://<bucket>/<uuid>`` on moto or SeaweedFS.
-    """
-    return _location(request, tmp_path, request.param)
-
-
-@pytest.fixture(params=S3_BACKENDS)
-def s3_store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Like :func:`store_location`, on the S3 backends only."""
-    return _location(request, tmp_path, request.param)
-
-
-@pytest.fixture
-def s3_endpoint(s3_servers: S3Servers) -> str:
-    """The moto server's endpoint URL (kept for modules written before the matrix)."""
-    return s3_servers.get("moto").endpoint_url
-
-
-def is_s3(location: str) -> bool:
-    """Whether a store location is on S3."""
-    return location.startswith("s3://")
-
-
-def backend_kind(location: str) -> str:
-    """``"local"``, ``"moto"`` or ``"seaweedfs"``: the backend a store location is on."""
-    if not is_s3(location):
-        return "local"
-    bucket = location[len("s3://"):].split("/", 1)[0]
-    kinds = {b: k for k, b in BUCKET_OF_BACKEND.items()}
-    if bucket not in kinds:
-        raise ValueError(f"{location}: not a bucket of the test servers")
-    return kinds[bucket]
-
-
-def environment() -> dict[str, str]:
-    """The current environment (with the S3 settings), for child processes."""
-    return dict(os.environ)
