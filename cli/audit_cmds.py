@@ -19,8 +19,8 @@ mode the error goes into the one JSON document (key ``error``) instead of a
 second one, so the output always parses.
 
 Each command is parse, one library call, render: the documents and their errors
-come from :mod:`registry.audit_report` (log, chain and checkpoint checks, signing a
-checkpoint) and :mod:`registry.verify_report` (what a failed ``verify`` says), which
+come from :mod:`registry.audit.report` (log, chain and checkpoint checks, signing a
+checkpoint) and :mod:`registry.maintenance.verify_report` (what a failed ``verify`` says), which
 the web view's ``/api/`` uses too.
 """
 
@@ -104,7 +104,7 @@ def verify(
 ) -> None:
     """Re-hash stored blobs (and check signatures); exit 3 if anything is wrong."""
     from registry.maintenance.integrity import verify as verify_blobs
-    from registry.verify_report import verify_error
+    from registry.maintenance.verify_report import verify_error
 
     if ref is not None and all_:
         raise BadInputError("give REF or --all, not both", fix="drop one of them")
@@ -187,7 +187,7 @@ def audit_log(
     store: StoreOpt = None,
 ) -> None:
     """Show the newest audit entries."""
-    from registry.audit_report import newest_entries
+    from registry.audit.report import newest_entries
 
     entries = newest_entries(open_store(store), limit)
 
@@ -219,7 +219,7 @@ def audit_verify(
     store: StoreOpt = None,
 ) -> None:
     """Check the hash chain (and signed checkpoints); exit 3 naming the first problem."""
-    from registry.audit_report import audit_document, audit_error, problem_where
+    from registry.audit.report import audit_document, audit_error, problem_where
 
     trusted = trusted_keys_for("--checkpoint", bool(checkpoint), trusted_keys) or {}
     data = audit_document(open_store(store), checkpoint or [], trusted)
@@ -244,7 +244,7 @@ def audit_checkpoint(
     store: StoreOpt = None,
 ) -> None:
     """Sign the log's newest entry: an anchor `audit verify --checkpoint` checks against."""
-    from registry.audit_report import refuse_existing, write_checkpoint
+    from registry.audit.report import refuse_existing, write_checkpoint
 
     refuse_existing(out)  # before the store is opened
     done = write_checkpoint(open_store(store), key, out)

@@ -2,8 +2,8 @@
 
 Each function returns exactly what the named command emits (``tests/functional/
 test_ui_routes.py`` compares them key for key), built by the same library calls
-(:mod:`registry.version_documents`, :mod:`registry.audit_report`,
-:mod:`registry.verify_report`, :func:`gate.promote.alias_history`): the web layer
+(:mod:`registry.version_documents`, :mod:`registry.audit.report`,
+:mod:`registry.maintenance.verify_report`, :func:`gate.promote.alias_history`): the web layer
 renders, it decides nothing, and the two cannot drift apart.
 
 Documents without a CLI counterpart: :func:`gates_doc` (every stored gate record of a
@@ -86,7 +86,7 @@ def verify_doc(store: Store, ref: str | None = None,
         NotFoundError / BadInputError: ``ref`` does not resolve.
     """
     from registry.maintenance.integrity import verify
-    from registry.verify_report import verify_error
+    from registry.maintenance.verify_report import verify_error
 
     report = verify(store, ref, trusted=trusted)
     data = report.to_json()
@@ -102,7 +102,7 @@ def audit_log_doc(store: Store, limit: int = 20) -> dict[str, Any]:
     Raises:
         IntegrityError: A line of the log does not parse.
     """
-    from registry.audit_report import newest_entries
+    from registry.audit.report import newest_entries
 
     return {"entries": newest_entries(store, limit)}
 
@@ -115,7 +115,7 @@ def audit_verify_doc(store: Store, checkpoints: list[Path] | tuple[Path, ...] = 
     Raises:
         BadInputError / IntegrityError: A checkpoint file is unreadable or malformed.
     """
-    from registry.audit_report import audit_document, audit_error
+    from registry.audit.report import audit_document, audit_error
 
     data = audit_document(store, checkpoints, trusted)
     error = audit_error(data)
