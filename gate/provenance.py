@@ -131,27 +131,14 @@ def verify_model_dir(store: StoreReader, version: Version, model_dir: Path) -> d
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory {model_dir} of {version.ref} does not exist",
                             fix="pass --model DIR with the deployed copy of this model")
-    try:
-        from registry.derived_check import check_model_dir
-    except ImportError:  # pragma: no cover - registry without per-tensor lists
-        check_model_dir = None
-    if check_model_dir is not None:
-        try:
-            checked = check_model_dir(store, version, model_dir)
-        except IntegrityError as err:
-            raise IntegrityError(f"{err.message}; nothing was evaluated", fix=err.fix) from None
-        return {"model_dir": str(model_dir), "weights_digest": checked.weights_digest,
-                "tensors": checked.tensors}
-    from registry.formats.fingerprint import fingerprint_model  # pragma: no cover
+    from registry.derived_check import check_model_dir
 
-    want = (version.record.get("weights") or {}).get("weights_digest")  # pragma: no cover
-    got = fingerprint_model(model_dir).weights_digest  # pragma: no cover
-    if got != want:  # pragma: no cover
-        raise IntegrityError(f"{model_dir} is not {version.ref}: weights digest {str(got)[:19]}.. "
-                             f"!= recorded {str(want)[:19]}..; nothing was evaluated",
-                             fix="restore the directory (adapters rebuild), or pass --model DIR "
-                                 "with the copy that was recorded")
-    return {"model_dir": str(model_dir), "weights_digest": want, "tensors": None}  # pragma: no cover
+    try:
+        checked = check_model_dir(store, version, model_dir)
+    except IntegrityError as err:
+        raise IntegrityError(f"{err.message}; nothing was evaluated", fix=err.fix) from None
+    return {"model_dir": str(model_dir), "weights_digest": checked.weights_digest,
+            "tensors": checked.tensors}
 
 
 def is_quantized(path: Path) -> bool:

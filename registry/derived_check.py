@@ -104,7 +104,7 @@ def recorded_tensor_list(store: StoreReader, weights_digest: str) -> list[Entry]
     if not is_digest(weights_digest):
         return None
     try:
-        with store.open_blob(weights_digest) as handle:
+        with store.blobs.open(weights_digest) as handle:
             data = handle.read(1 << 28)
     except (NotFoundError, FileNotFoundError, BadInputError):
         return None
