@@ -168,10 +168,10 @@ def show(
         console.print(f"[bold]{escape(data['ref'])}[/bold]  {data['kind']}, created {data['created']}")
         if data["aliases"]:
             console.print(f"aliases: {escape(', '.join(data['aliases']))}")
-        rows = [(escape(k), _text(val)) for k, val in flatten(data["record"]).items()]
-        console.print(make_table("record", ["field", "value"], rows))
-        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in data["files"]]
-        console.print(make_table("files", ["path", "digest", "bytes"], rows))
+        fields = [(escape(k), _text(val)) for k, val in flatten(data["record"]).items()]
+        console.print(make_table("record", ["field", "value"], fields))
+        files = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in data["files"]]
+        console.print(make_table("files", ["path", "digest", "bytes"], files))
         info = data["lineage"]
         if info["recipe"]:
             console.print(f"made by: {escape(str(info['recipe'].get('method')))}")
@@ -201,11 +201,11 @@ def diff(
         if data["same"]:
             console.print("identical versions")
             return
-        rows = [(escape(d["key"]), _text(d["a"]), _text(d["b"])) for d in record]
-        console.print(make_table("record", ["field", "a", "b"], rows))
-        rows = [(escape(f["path"]), f["status"], short_digest(f["a"] or ""),
-                 short_digest(f["b"] or "")) for f in files]
-        console.print(make_table("files", ["path", "status", "a", "b"], rows))
+        field_rows = [(escape(d["key"]), _text(d["a"]), _text(d["b"])) for d in record]
+        console.print(make_table("record", ["field", "a", "b"], field_rows))
+        file_rows = [(escape(f["path"]), f["status"], short_digest(f["a"] or ""),
+                      short_digest(f["b"] or "")) for f in files]
+        console.print(make_table("files", ["path", "status", "a", "b"], file_rows))
 
     Output(json_out).emit(data, render)
 

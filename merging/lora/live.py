@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import UnsupportedAdapterError
-from registry.formats.peft_keys import strip_prefix
+from registry.formats.peft_keys import LoraKeys, strip_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +168,7 @@ class LiveLora:
         Raises:
             UnsupportedAdapterError: The result carries extra tensors or does not fit.
         """
-        keys = {}
+        keys: dict[str, LoraKeys] = {}
         for adapter in adapters:
             for name, info in adapter.infos.items():
                 keys.setdefault(name, info.keys)

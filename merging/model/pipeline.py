@@ -48,7 +48,7 @@ import torch
 from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
-from merging.model.buffers import BufferPool
+from merging.model.buffers import BufferPool, byte_view
 from merging.model.layout import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
                                   torch_threads)
 from merging.model.plan import Job
@@ -268,7 +268,12 @@ class Rewrite:
         simple = not (job.quant or job.qlora or job.replacement) and self.state is None
         if not simple or job.lora is None:
             run = self._copy if simple else self._whole
-            yield "call", job, lambda: (run(job, writer, hasher), self._done(job, hasher))
+
+            def call() -> None:
+                run(job, writer, hasher)
+                self._done(job, hasher)
+
+            yield "call", job, call
             return
         a, b, scale, delta_fro = self.factors(job.lora)
         sums = {"sq": 0.0, "hasher": hasher, "delta_fro": delta_fro}
@@ -330,7 +335,7 @@ class Rewrite:
     def _read(self, job: Job, hasher: Any, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         tensor = self.reader.read(job.src, r0, r1)
         if hasher is not None:
-            hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            hasher.update(byte_view(tensor))
         if self.progress is not None and job.hash_src:
             self.progress(tensor.numel() * tensor.element_size())
         return tensor
