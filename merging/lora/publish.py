@@ -51,7 +51,7 @@ def merge_lineage(versions: Sequence[Version], result: MergeResult, *, method: s
         raise BadInputError(f"report key {clash[0]!r} is the merge's own", fix="use another key")
     body.update(extra_report or {})
     return make_lineage(
-        [parent(v, weight=w) for v, w in zip(versions, report["weights"])],
+        [parent(v, weight=w) for v, w in zip(versions, report["weights"], strict=True)],
         method=method,
         parameters={**report["parameters"], "seed": report["seed"], "rank": report["rank"],
                     "allow_base_mismatch": allow_base_mismatch},

@@ -235,7 +235,7 @@ def test_concurrent_pushes_and_alias_moves_lose_nothing(store_location: str,
     expected = Counter({digests[0]: 1, final: -1}) if final != digests[0] else Counter()
     assert +balance == +expected and -balance == -expected
     if not is_s3(store_location):  # local moves are logged under the lock, in order
-        for prev, entry in zip(entries, entries[1:]):
+        for prev, entry in zip(entries, entries[1:], strict=False):
             assert entry["old"] == prev["new"]
     per_worker = Counter(e["actor"] for e in entries[1:])
     assert per_worker == Counter({f"worker-{s}": MOVES_PER_WORKER for s in range(WORKERS)})
