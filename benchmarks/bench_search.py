@@ -81,6 +81,7 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     policy = load_policy(policy_path)
     adapters = [load_adapter(d) for d in adapter_dirs]
     trials = choices(build_space(len(adapters), methods), count)
+
     def make_ev() -> Evaluator:
         return Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length)
 
