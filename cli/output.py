@@ -45,11 +45,8 @@ from rich.progress import (
 from rich.segment import Segment
 from rich.table import Table
 
+from registry.progress import ProgressCallback
 from registry.text import escape_control
-
-ProgressCallback = Callable[[int], None]
-"""Called with the number of units (bytes, modules) just processed."""
-
 
 def escape(value: object) -> str:
     """An untrusted value for rich markup: control characters and markup escaped.

@@ -57,6 +57,7 @@ from merging.model.rowmerge import RowFactors, add_delta, merge_ranges, read_mer
 from merging.model.shard_writer import MAX_PENDING, ShardWriter
 from registry.errors import BadInputError
 from registry.formats.safetensors_header import read_header
+from registry.progress import ProgressCallback
 
 _BROKEN_ADAPTER = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
 WORKERS = 2
@@ -88,7 +89,7 @@ class Rewrite:
 
     def __init__(self, adapter: LoraAdapter | None, spec: QuantSpec | None,
                  qspec: QuantSpec | None, *, hash_base: bool, collect: bool,
-                 progress: Callable[[int], None] | None,
+                 progress: ProgressCallback | None,
                  on_tensor: Callable[[str], None] | None) -> None:
         self.adapter, self.spec, self.qspec = adapter, spec, qspec
         self.reader = TensorReader()
