@@ -49,8 +49,7 @@ from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.model.buffers import BufferPool, byte_view
-from merging.model.layout import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
-                                  torch_threads)
+from merging.model.layout import SourceTensor, TensorReader, paused_gc, row_chunks, to_float32, torch_threads
 from merging.model.plan import Job
 from merging.model.results import ModuleReport
 from merging.model.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
@@ -268,13 +267,7 @@ class Rewrite:
         hasher = hashlib.sha256() if self.base_hashes is not None and job.hash_src else None
         simple = not (job.quant or job.qlora or job.replacement) and self.state is None
         if not simple or job.lora is None:
-            run = self._copy if simple else self._whole
-
-            def call() -> None:
-                run(job, writer, hasher)
-                self._done(job, hasher)
-
-            yield "call", job, call
+            yield "call", job, (self._copy if simple else self._whole, hasher)
             return
         a, b, scale, delta_fro = self.factors(job.lora)
         sums = {"sq": 0.0, "hasher": hasher, "delta_fro": delta_fro}
@@ -293,8 +286,10 @@ class Rewrite:
 
     def _consume(self, step: tuple[str, Job, Any], writer: ShardWriter) -> int:
         kind, job, payload = step
-        if kind == "call":
-            payload()
+        if kind == "call":  # the whole job on this thread (same writer as _steps')
+            run, hasher = payload
+            run(job, writer, hasher)
+            self._done(job, hasher)
         elif kind == "begin":
             writer.begin(job.out_name, job.src.dtype, job.src.shape)
             self._sums = payload
