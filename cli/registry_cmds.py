@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
+from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
 from registry.errors import UsageError, shorten
@@ -92,6 +92,7 @@ def push(
 ) -> None:
     """Store an adapter directory as a new version of NAME (deduplicated)."""
     from registry.add import AdapterMetadata, add_adapter
+    from registry.storage.aliases import check_new_alias, point_new_alias
     from registry.storage.refs import validate_name
 
     out = Output(json_out)
@@ -112,7 +113,8 @@ def push(
     result = add_adapter(st, adapter_dir, name, metadata=metadata, base_dir=base,
                          allow_pickle=allow_pickle, progress=out.progress)
     version = result.version
-    data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
+    moved = point_new_alias(st, version, alias)
+    data = {**result.to_json(), "alias": moved.to_json() if moved else None}
 
     def render(console: Any) -> None:
         state = "pushed" if result.push.created else "already stored (no new bytes)"
