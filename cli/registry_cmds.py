@@ -116,7 +116,7 @@ def push(
     moved = point_new_alias(st, version, alias)
     data = {**result.to_json(), "alias": moved.to_json() if moved else None}
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         state = "pushed" if result.push.created else "already stored (no new bytes)"
         console.print(f"{state}: {escape(version.ref)}")
         console.print(f"new bytes: {result.push.new_bytes}")
