@@ -206,8 +206,3 @@ def split_alias(target: str) -> tuple[str, str]:
             f"expected NAME:ALIAS, got {shorten(target)}", fix="write e.g. my-adapter:candidate"
         )
     return parsed.name, parsed.alias
-
-
-def tree_size(paths: list[Path]) -> int:
-    """Total size in bytes of existing files (for progress bar totals)."""
-    return sum(p.stat().st_size for p in paths if p.is_file())

@@ -118,10 +118,6 @@ class Output:
         if not self.json_mode:
             self.err_console.print(message)
 
-    def warn(self, message: str) -> None:
-        """A warning on stderr, shown in both modes (one line: control characters escaped)."""
-        self.err_console.print(f"[yellow]warning:[/yellow] {escape_control(message)}")
-
     @contextlib.contextmanager
     def progress(
         self, description: str, total: int | None, *, unit: str = "bytes"

@@ -27,7 +27,6 @@ known whether it is named by ref or by path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,8 +193,3 @@ def model_dir_for(version: Version, model_dir: Path | None) -> Path:
         raise BadInputError(f"{version.ref} is recorded by reference and its record names no "
                             "location", fix="pass --model DIR with the model's directory")
     return location
-
-
-def names_of(entries: Sequence[dict[str, Any]]) -> list[str]:
-    """Display names (ref name part, else digest) of lineage entries."""
-    return [str(e.get("ref") or e.get("digest")).split("@", 1)[0] for e in entries]

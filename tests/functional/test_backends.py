@@ -67,9 +67,9 @@ def test_push_resolve_dedup_materialize(store_location: str, tmp_path: Path) -> 
         assert handle.read() == b"hello"
     if is_s3(store_location):
         with pytest.raises(BadInputError, match="S3 store"):
-            store.blob_path(digest)
+            store.blobs.path(digest)
     else:
-        assert store.blob_path(digest).read_bytes() == b"hello"
+        assert store.blobs.path(digest).read_bytes() == b"hello"
     with pytest.raises(NotFoundError):
         store.resolve("nope")
     assert verify(store).ok
