@@ -180,7 +180,7 @@ def test_live_merge_refuses_factors_that_do_not_fit(tmp_path):
     from merging.adapter import load_adapter
     from merging.lora.live import LiveLora, rank_bound
     from registry.errors import UnsupportedAdapterError
-    from tests.cli_fixtures import build_tiny_peft
+    from tests.support.cli import build_tiny_peft
 
     build_tiny_peft(tmp_path / "base", tmp_path / "a", seed=1)
     adapter = load_adapter(tmp_path / "a")
@@ -206,10 +206,10 @@ def test_live_merge_of_embedding_adapters_is_bit_identical(tmp_path):
     from merging.lora.engine import merge_adapters
     from merging.lora.live import LiveLora, rank_bound
     from merging.lora.peft_output import write_peft_dir
-    from tests.cli_fixtures import build_tiny_llama
+    from tests.support.tiny_llama import tiny_llama
 
     for seed in (1, 2):
-        base = build_tiny_llama()
+        base = tiny_llama()
         base.save_pretrained(tmp_path / "base")
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
                                                 target_modules=["embed_tokens", "q_proj"]))
