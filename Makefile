@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-search test test-all bench clean
+.PHONY: demo demo-search lint test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,7 +39,12 @@ SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
 WORKERS ?= 2
 
-test: $(STAMP)
+# Static checks, run first by `make test` (settings in pyproject.toml: [tool.ruff], [tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	@echo "test order: --randomly-seed=$(SEED) (replay: make test SEED=$(SEED))"
 	$(BIN)/python -m pytest -q -m "not slow" -n $(WORKERS) --dist loadscope \
 		-p randomly --randomly-seed=$(SEED)

@@ -86,7 +86,8 @@ def timed_merge(paths: list[Path], method: str, **kwargs):  # type: ignore[no-un
     result = merge_adapters(paths, WEIGHTS, method, progress=lambda _n: stamps.append(time.perf_counter()),
                             **kwargs)
     total = time.perf_counter() - start
-    per_module = [b - a for a, b in zip([start, *stamps], stamps)]
+    # consecutive pairs: the second list is one shorter
+    per_module = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
     return result, total, per_module, time.process_time() - cpu
 
 
@@ -165,7 +166,7 @@ def main() -> None:
         subset = [write_adapter(work / f"subset-{s}", s, range(1), peft_subset) for s in (1, 2)]
         res, _, per_module, _ = timed_merge(subset, "ties", params={"density": DENSITY}, rank=RANK)
         names = sorted(res.report["modules"])
-        ours_t = {n.split("layers.0.")[1]: t for n, t in zip(names, per_module)}
+        ours_t = {n.split("layers.0.")[1]: t for n, t in zip(names, per_module, strict=True)}
         print("\n[subset, layer 0] ours: " + ", ".join(f"{m} {t:.2f} s" for m, t in ours_t.items()),
               flush=True)
         peft_t, peft_cpu, ratios = {}, {}, {}

@@ -81,13 +81,15 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     policy = load_policy(policy_path)
     adapters = [load_adapter(d) for d in adapter_dirs]
     trials = choices(build_space(len(adapters), methods), count)
-    make_ev = lambda: Evaluator(base, dtype=policy.dtype, seed=policy.seed,
-                                max_length=policy.max_length)
+
+    def make_ev() -> Evaluator:
+        return Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length)
+
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         ev = make_ev()
         live = LiveLora.attach(ev.base(), rank_bound(adapters))
-        scorer = Scorer(policy, ev, live, list(zip(names, adapters)), store=None, name="bench",
+        scorer = Scorer(policy, ev, live, list(zip(names, adapters, strict=True)), store=None, name="bench",
                         base_dir=base, workdir=Path(tmp))
         setup = time.perf_counter() - start
         scorer.prepare()

@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from registry.errors import (BadInputError, EnvironmentFailure, GateFailedError,
-                             environment_error, shorten)
+from registry.errors import (BadInputError, EnvironmentFailure, environment_error, shorten)
 
 if TYPE_CHECKING:
-    from registry.storage.store import Store, Version
+    from registry.storage.store import Store
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StoreOpt = Annotated[
@@ -207,48 +206,3 @@ def split_alias(target: str) -> tuple[str, str]:
             f"expected NAME:ALIAS, got {shorten(target)}", fix="write e.g. my-adapter:candidate"
         )
     return parsed.name, parsed.alias
-
-
-def tree_size(paths: list[Path]) -> int:
-    """Total size in bytes of existing files (for progress bar totals)."""
-    return sum(p.stat().st_size for p in paths if p.is_file())
-
-
-def check_new_alias(st: Store, alias: str | None, *, command: str, name: str) -> None:
-    """Check ``--alias`` of a command that stores a new version, before any work.
-
-    Args:
-        st: The store (its protected aliases).
-        alias: The ``--alias`` value (None: nothing to check).
-        command: The command, for the fix (``push``, ``pull``).
-        name: The name to show in the fix's ``promote`` example.
-
-    Raises:
-        BadInputError: An invalid alias.
-        GateFailedError: A protected alias (only ``promote`` moves it).
-    """
-    from registry.storage.refs import validate_alias
-
-    if alias is None:
-        return
-    validate_alias(alias)
-    if alias in st.protected_aliases:
-        raise GateFailedError(
-            f"alias {alias!r} is protected; only a passing gate moves it",
-            fix=f"{command} without --alias, then `adapters promote {name}@<digest> --to {alias}`",
-        )
-
-
-def point_new_alias(st: Store, version: Version, alias: str | None) -> dict[str, Any] | None:
-    """Point ``alias`` (if any) at a just-stored version; the JSON ``alias`` entry.
-
-    Returns:
-        ``{"alias", "old", "new"}``, or None without ``alias``.
-
-    Raises:
-        GateFailedError: ``alias`` is protected (:func:`check_new_alias` refuses it first).
-    """
-    if not alias:
-        return None
-    old = st.set_alias(version.name, alias, version.digest)
-    return {"alias": alias, "old": old, "new": version.digest}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
+from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs
 from cli.output import Output, escape
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ def pull(
 ) -> None:
     """Import an adapter from the Hugging Face Hub (or, offline, from the HF cache)."""
     from registry.interop import hub
+    from registry.storage.aliases import check_new_alias, point_new_alias
     from registry.storage.refs import validate_name
 
     out = Output(json_out)
@@ -66,7 +67,8 @@ def pull(
         result = hub.pull(st, ref, name=name, base_dir=base, allow_pickle=allow_pickle,
                           token=token, labels=labels, progress=advance)
     version = result.push.version
-    data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
+    moved = point_new_alias(st, version, alias)
+    data = {**result.to_json(), "alias": moved.to_json() if moved else None}
 
     def render(console: Console) -> None:
         state = "pulled" if result.push.created else "already stored (no new bytes)"

@@ -38,7 +38,8 @@ import typer
 try:  # typer >= 0.22 vendors click as typer._click; older typer uses click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, NoArgsIsHelpError
+    # the same classes under click's own name (mypy sees two distinct types)
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
 from cli.output import escape_control
 from registry.errors import (EXIT_BAD_INPUT, AdapterkitError, BadInputError,

@@ -45,11 +45,8 @@ from rich.progress import (
 from rich.segment import Segment
 from rich.table import Table
 
+from registry.progress import ProgressCallback
 from registry.text import escape_control
-
-ProgressCallback = Callable[[int], None]
-"""Called with the number of units (bytes, modules) just processed."""
-
 
 def escape(value: object) -> str:
     """An untrusted value for rich markup: control characters and markup escaped.
@@ -120,10 +117,6 @@ class Output:
         """A status line for people; silent in JSON mode (goes to stderr)."""
         if not self.json_mode:
             self.err_console.print(message)
-
-    def warn(self, message: str) -> None:
-        """A warning on stderr, shown in both modes (one line: control characters escaped)."""
-        self.err_console.print(f"[yellow]warning:[/yellow] {escape_control(message)}")
 
     @contextlib.contextmanager
     def progress(

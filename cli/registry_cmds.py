@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, check_new_alias, open_store, parse_pairs, point_new_alias
+from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
 from registry.errors import UsageError, shorten
@@ -92,6 +92,7 @@ def push(
 ) -> None:
     """Store an adapter directory as a new version of NAME (deduplicated)."""
     from registry.add import AdapterMetadata, add_adapter
+    from registry.storage.aliases import check_new_alias, point_new_alias
     from registry.storage.refs import validate_name
 
     out = Output(json_out)
@@ -112,9 +113,10 @@ def push(
     result = add_adapter(st, adapter_dir, name, metadata=metadata, base_dir=base,
                          allow_pickle=allow_pickle, progress=out.progress)
     version = result.version
-    data = {**result.to_json(), "alias": point_new_alias(st, version, alias)}
+    moved = point_new_alias(st, version, alias)
+    data = {**result.to_json(), "alias": moved.to_json() if moved else None}
 
-    def render(console: Any) -> None:
+    def render(console: Console) -> None:
         state = "pushed" if result.push.created else "already stored (no new bytes)"
         console.print(f"{state}: {escape(version.ref)}")
         console.print(f"new bytes: {result.push.new_bytes}")
@@ -168,10 +170,10 @@ def show(
         console.print(f"[bold]{escape(data['ref'])}[/bold]  {data['kind']}, created {data['created']}")
         if data["aliases"]:
             console.print(f"aliases: {escape(', '.join(data['aliases']))}")
-        rows = [(escape(k), _text(val)) for k, val in flatten(data["record"]).items()]
-        console.print(make_table("record", ["field", "value"], rows))
-        rows = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in data["files"]]
-        console.print(make_table("files", ["path", "digest", "bytes"], rows))
+        fields = [(escape(k), _text(val)) for k, val in flatten(data["record"]).items()]
+        console.print(make_table("record", ["field", "value"], fields))
+        files = [(escape(f["path"]), short_digest(f["digest"]), f["size"]) for f in data["files"]]
+        console.print(make_table("files", ["path", "digest", "bytes"], files))
         info = data["lineage"]
         if info["recipe"]:
             console.print(f"made by: {escape(str(info['recipe'].get('method')))}")
@@ -201,11 +203,11 @@ def diff(
         if data["same"]:
             console.print("identical versions")
             return
-        rows = [(escape(d["key"]), _text(d["a"]), _text(d["b"])) for d in record]
-        console.print(make_table("record", ["field", "a", "b"], rows))
-        rows = [(escape(f["path"]), f["status"], short_digest(f["a"] or ""),
-                 short_digest(f["b"] or "")) for f in files]
-        console.print(make_table("files", ["path", "status", "a", "b"], rows))
+        field_rows = [(escape(d["key"]), _text(d["a"]), _text(d["b"])) for d in record]
+        console.print(make_table("record", ["field", "a", "b"], field_rows))
+        file_rows = [(escape(f["path"]), f["status"], short_digest(f["a"] or ""),
+                      short_digest(f["b"] or "")) for f in files]
+        console.print(make_table("files", ["path", "status", "a", "b"], file_rows))
 
     Output(json_out).emit(data, render)
 

@@ -49,7 +49,7 @@ def exact_match(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 8,
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-        for row, seq in zip(chunk, gen[:, enc["input_ids"].shape[1] :]):
+        for row, seq in zip(chunk, gen[:, enc["input_ids"].shape[1] :], strict=True):
             text = normalize(tokenizer.decode(seq, skip_special_tokens=True))
             outputs.append(text)
             correct += matches(text, row["answer"])
@@ -130,7 +130,7 @@ def main() -> None:
     model, tokenizer = load(base, adapter_dir=adapter)
     rows = read_jsonl(eval_jsonl)
     score, outs = exact_match(model, tokenizer, rows)
-    for row, out in list(zip(rows, outs))[:10]:
+    for row, out in list(zip(rows, outs, strict=True))[:10]:
         print(f"{row['prompt']!r:40} -> {out!r} (want {row['answer']!r})")
     print(f"exact match: {score:.3f} on {len(rows)}")
 

@@ -204,9 +204,9 @@ def _int8_problems(weight: str, parts: dict[str, Any]) -> tuple[list[str], Any]:
     """(problems, dequantized weight or None) of one int8 weight."""
     import torch
 
-    cb, scb, fmt = parts.get("weight"), parts.get("SCB"), parts.get("weight_format")
+    cb, scb, fmt = parts["weight"], parts["SCB"], parts.get("weight_format")
     problems = []
-    if cb is None or cb.dtype != torch.int8 or cb.dim() != 2:
+    if cb.dtype != torch.int8 or cb.dim() != 2:
         return [f"{weight}: int8 weight expected (2-D int8 with an SCB)"], None
     if scb.dim() != 1 or scb.numel() != cb.shape[0]:
         problems.append(f"{weight[:-len('weight')]}SCB has {scb.numel()} row scales, "
@@ -251,7 +251,10 @@ def check_quantized(model_dir: Path, layout: QuantLayout) -> tuple[int, list[str
                       if f"{weight}.{part}" in found.locations})
         key = f"{weight}.quant_state.bitsandbytes__{kind}"
         state, problem = _state_json(tensor(key), key)
-        found_problems = [problem] if problem else _four_bit_problems(weight, parts, state)
+        if state is None:  # then ``problem`` says why
+            problems.append(str(problem))
+            continue
+        found_problems = _four_bit_problems(weight, parts, state)
         if not found_problems:
             deq = _dequantize_4bit(parts, state, kind)
             if not bool(torch.isfinite(deq).all()):

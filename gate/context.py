@@ -214,7 +214,8 @@ class _Materializer:
     """Materializes versions under one work directory, each once."""
 
     def __init__(self, store: Store, workdir: Path) -> None:
-        self.store, self.workdir, self.dirs = store, Path(workdir), {}  # type: dict
+        self.store, self.workdir = store, Path(workdir)
+        self.dirs: dict[str, Path] = {}
 
     def __call__(self, version: Version) -> Path:
         if version.digest not in self.dirs:

@@ -29,7 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 BATCH_SIZE = 16
 """Prompts decoded together (the demo model on 2 CPU cores: ~6x faster than one by one)."""
@@ -43,7 +47,7 @@ class Generation:
     token_ids: tuple[int, ...]
 
 
-def greedy(model: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *,
+def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *,
            eos: set[int], pad_id: int, device: str = "cpu") -> list[list[int]]:
     """Greedy continuations of token-id ``prompts`` (one batch), each at most its
     ``budgets`` entry long and ending before the first EOS.
@@ -87,8 +91,8 @@ def greedy(model: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
     return rows
 
 
-def forward_many(model: Any, rows: Sequence[Sequence[int]], *, pad_id: int, device: str = "cpu",
-                 batch_size: int = BATCH_SIZE) -> list[Any]:
+def forward_many(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, pad_id: int, device: str = "cpu",
+                 batch_size: int = BATCH_SIZE) -> list[torch.Tensor]:
     """Float32 logits ``(len(row), vocab)`` of each token-id row, computed in batches of
     rows of similar length, **right**-padded: with causal attention a real token never
     sees the padding after it, so its logits are those of the row alone (up to float
@@ -102,7 +106,7 @@ def forward_many(model: Any, rows: Sequence[Sequence[int]], *, pad_id: int, devi
     if any(not row for row in rows):
         raise ValueError("empty row")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out: list[Any] = [None] * len(rows)
+    out: list[torch.Tensor | None] = [None] * len(rows)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -114,7 +118,7 @@ def forward_many(model: Any, rows: Sequence[Sequence[int]], *, pad_id: int, devi
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             for j, i in enumerate(chunk):
                 out[i] = logits[j, :len(rows[i])]
-    return out
+    return [row for row in out if row is not None]  # every row was filled
 
 
 def finish(tokens: Sequence[int], decode: Callable[[list[int]], str],

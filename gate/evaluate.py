@@ -183,10 +183,12 @@ class Evaluator:
                                 fix="pass a transformers model directory (a quantized one "
                                     "needs bitsandbytes installed)") from None
         if not quantized:
-            return model.to(self.device).eval()
+            # transformers wraps PreTrainedModel.to in a decorator whose stub drops the device
+            return model.to(self.device).eval()  # type: ignore[arg-type]
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+                # a plain bool flag; torch's stubs type Module attributes as Tensor | Module
+                module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
         return model.eval()
 
     def _cached(self, key: str, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
@@ -290,7 +292,7 @@ class Evaluator:
             raise BadInputError("held-out text is too short to score", fix="add longer documents")
         total, count = 0.0, 0
         for window, logits in zip(windows, forward_many(model, windows, pad_id=self._pad(model),
-                                                        device=self.device)):
+                                                        device=self.device), strict=True):
             target = torch.tensor(window[1:], device=logits.device)
             total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
             count += len(window) - 1
@@ -317,7 +319,7 @@ class Evaluator:
         rows = [(ctx + cont)[-self.max_length:] for ctx, cont in split]
         out = []
         for (_, cont), logits in zip(split, forward_many(model, rows, pad_id=self._pad(model),
-                                                          device=self.device)):
+                                                          device=self.device), strict=True):
             logp = torch.log_softmax(logits[-len(cont) - 1:-1], dim=-1)
             picked = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None])
             out.append((float(picked.sum()), len(cont)))
@@ -355,7 +357,7 @@ class Evaluator:
         eos = self._eos_ids(model)
         pad = self._pad(model)
         encoded = [self._encode(p)[-self.max_length:] for p in prompts]
-        for prompt, ids in zip(prompts, encoded):
+        for prompt, ids in zip(prompts, encoded, strict=True):
             if not ids:
                 raise BadInputError(f"prompt {prompt!r} encodes to no tokens",
                                     fix="give every prompt some text")
@@ -365,7 +367,7 @@ class Evaluator:
             chunk = order[start:start + batch_size]
             rows = greedy(model, [encoded[i] for i in chunk], [budgets[i] for i in chunk],
                           eos=eos, pad_id=pad, device=self.device)
-            for i, tokens in zip(chunk, rows):
+            for i, tokens in zip(chunk, rows, strict=True):
                 results[i] = finish(tokens, self._decode, stop)
         return [r for r in results if r is not None]
 

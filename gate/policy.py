@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import Any
 
 from gate.check_kinds import check_kinds, check_params
-from gate.policy_fields import (FIX, REQUIRED, bad, boolean, choice, int_at_least, optional,
-                                show, text)
+from gate.policy_fields import FIX, POLICY, REQUIRED, bad, choice, show
 from registry.digests import canonical_json
 from registry.digests import sha256_digest
+from registry.formats.fields import optional
 from registry.errors import BadInputError
 
 POLICY_VERSION = 1
@@ -174,7 +174,7 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str],
     declared = check_params(kind) if isinstance(kind, str) else None
     if declared is None or not isinstance(kind, str):
         raise bad(f"{where}.kind", f"must be one of {', '.join(check_kinds())}", kind)
-    name = text(raw.get("name", kind), f"{where}.name")
+    name = POLICY.string(raw.get("name", kind), f"{where}.name")
     if name in names:
         raise bad(f"{where}.name", "must be unique (give repeated kinds distinct names)", name)
     names.add(name)
@@ -240,11 +240,11 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
         raise bad(str(unknown[0]), f"is not a known top-level field (known: {', '.join(sorted(TOP_LEVEL))})")
     if raw.get("version") != POLICY_VERSION:
         raise bad("version", f"must be {POLICY_VERSION}", raw.get("version", None))
-    seed = int_at_least(0)(raw.get("seed", 0), "seed")
+    seed = POLICY.integer(raw.get("seed", 0), "seed", minimum=0)
     dtype = choice(*DTYPES)(raw.get("dtype", "float32"), "dtype")
-    max_length = int_at_least(8)(raw.get("max_length", 512), "max_length")
-    release = optional(text)(raw.get("release"), "release")
-    custody = boolean(raw.get("require_source_gate", False), "require_source_gate")
+    max_length = POLICY.integer(raw.get("max_length", 512), "max_length", minimum=8)
+    release = optional(POLICY.string)(raw.get("release"), "release")
+    custody = POLICY.boolean(raw.get("require_source_gate", False), "require_source_gate")
     checks_raw = raw.get("checks")
     if not isinstance(checks_raw, list) or not checks_raw:
         raise bad("checks", "must be a non-empty list of checks", checks_raw)

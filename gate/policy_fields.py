@@ -8,6 +8,11 @@ characters), never the whole structure. :mod:`gate.policy` checks the top-level
 fields with them and each check module (:mod:`gate.checks`) declares its own
 parameters with them, so adding a check touches only its own file.
 
+The rules themselves (what an integer, a finite number, a non-empty string is) are the
+ones every document of the project is checked by, :class:`registry.formats.fields.FieldChecker`;
+this module gives them the policy's wording (:func:`bad`: ``policy field WHERE ...``) and
+adds what only a policy has: a choice among names, data file paths, stop strings.
+
 Factories (:func:`int_at_least`, :func:`number`, :func:`choice`, :func:`optional`)
 return a checker; the rest are checkers themselves. :data:`REQUIRED` as a default
 means the field must be given.
@@ -15,13 +20,14 @@ means the field must be given.
 
 from __future__ import annotations
 
-import math
 import re
 import reprlib
 from collections.abc import Callable
 from typing import Any
 
 from registry.errors import BadInputError
+from registry.formats import fields
+from registry.formats.fields import FieldChecker, is_string_list
 
 FIX = "see examples/gate.yaml for a documented policy"
 MAX_SHOWN = 200
@@ -35,6 +41,7 @@ def show(value: Any) -> str:
     """A ``repr`` of an untrusted value bounded in depth, width and to 200 characters."""
     shown = _REPR.repr(value)
     return shown if len(shown) <= MAX_SHOWN else shown[: MAX_SHOWN - 3] + "..."
+
 
 Checker = Callable[[Any, str], Any]
 """``(value, where) -> cleaned value``; raises BadInputError naming ``where``."""
@@ -50,15 +57,20 @@ def bad(where: str, msg: str, got: Any = _MISSING) -> BadInputError:
     return BadInputError(f"policy field {where} {msg}{detail}", fix=FIX)
 
 
-def boolean(v: Any, where: str) -> bool:
-    """``true``/``false``.
+POLICY = FieldChecker(bad)
+"""The shared field rules (:mod:`registry.formats.fields`) with the policy's wording."""
 
-    Raises:
-        BadInputError: Anything else.
-    """
-    if not isinstance(v, bool):
-        raise bad(where, "must be true or false", v)
-    return v
+boolean = POLICY.boolean
+"""``true``/``false`` (raises BadInputError for anything else)."""
+
+text = POLICY.string
+"""A non-empty string (raises BadInputError for anything else)."""
+
+text_list = POLICY.non_empty_string_list
+"""A non-empty list of non-empty strings (raises BadInputError for anything else)."""
+
+optional = fields.optional
+"""``optional(checker)``: the checker, or None for a null value."""
 
 
 def int_at_least(lo: int | None = None) -> Callable[[Any, str], int]:
@@ -68,9 +80,7 @@ def int_at_least(lo: int | None = None) -> Callable[[Any, str], int]:
         BadInputError: (the checker) Not such an integer.
     """
     def check(v: Any, where: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-            raise bad(where, f"must be an integer{'' if lo is None else f' >= {lo}'}", v)
-        return v
+        return POLICY.integer(v, where, minimum=lo)
     return check
 
 
@@ -86,11 +96,7 @@ def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any, s
     def check(v: Any, where: str) -> float:
         if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
             v = float(v)  # PyYAML (YAML 1.1) reads 1e-3 as a string; accept it as the number
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
-            raise bad(where, f"must be a finite number{rng}", v)
-        return float(v)
+        return float(POLICY.number(v, where, minimum=lo, maximum=hi))
     return check
 
 
@@ -105,37 +111,6 @@ def choice(*choices: str) -> Callable[[Any, str], str]:
             raise bad(where, f"must be one of {', '.join(choices)}", v)
         return v
     return check
-
-
-def text(v: Any, where: str) -> str:
-    """A non-empty string.
-
-    Raises:
-        BadInputError: Anything else.
-    """
-    if not isinstance(v, str) or not v:
-        raise bad(where, "must be a non-empty string", v)
-    return v
-
-
-def text_list(v: Any, where: str) -> list[str]:
-    """A non-empty list of non-empty strings.
-
-    Raises:
-        BadInputError: Anything else.
-    """
-    if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
-        raise bad(where, "must be a non-empty list of non-empty strings", v)
-    return list(v)
-
-
-def optional(inner: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
-    """``inner``, or None for a null value.
-
-    Raises:
-        BadInputError: (the checker) As ``inner``.
-    """
-    return lambda v, where: None if v is None else inner(v, where)
 
 
 def path(v: Any, where: str) -> str:
@@ -167,7 +142,7 @@ def stop_list(v: Any, where: str) -> list[str]:
     Raises:
         BadInputError: Anything else.
     """
-    if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+    if not is_string_list(v):
         raise bad(where, "must be a list of non-empty strings", v)
     return list(v)
 

@@ -27,7 +27,6 @@ known whether it is named by ref or by path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,27 +130,14 @@ def verify_model_dir(store: StoreReader, version: Version, model_dir: Path) -> d
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory {model_dir} of {version.ref} does not exist",
                             fix="pass --model DIR with the deployed copy of this model")
-    try:
-        from registry.derived_check import check_model_dir
-    except ImportError:  # pragma: no cover - registry without per-tensor lists
-        check_model_dir = None
-    if check_model_dir is not None:
-        try:
-            checked = check_model_dir(store, version, model_dir)
-        except IntegrityError as err:
-            raise IntegrityError(f"{err.message}; nothing was evaluated", fix=err.fix) from None
-        return {"model_dir": str(model_dir), "weights_digest": checked.weights_digest,
-                "tensors": checked.tensors}
-    from registry.formats.fingerprint import fingerprint_model  # pragma: no cover
+    from registry.derived_check import check_model_dir
 
-    want = (version.record.get("weights") or {}).get("weights_digest")  # pragma: no cover
-    got = fingerprint_model(model_dir).weights_digest  # pragma: no cover
-    if got != want:  # pragma: no cover
-        raise IntegrityError(f"{model_dir} is not {version.ref}: weights digest {str(got)[:19]}.. "
-                             f"!= recorded {str(want)[:19]}..; nothing was evaluated",
-                             fix="restore the directory (adapters rebuild), or pass --model DIR "
-                                 "with the copy that was recorded")
-    return {"model_dir": str(model_dir), "weights_digest": want, "tensors": None}  # pragma: no cover
+    try:
+        checked = check_model_dir(store, version, model_dir)
+    except IntegrityError as err:
+        raise IntegrityError(f"{err.message}; nothing was evaluated", fix=err.fix) from None
+    return {"model_dir": str(model_dir), "weights_digest": checked.weights_digest,
+            "tensors": checked.tensors}
 
 
 def is_quantized(path: Path) -> bool:
@@ -207,8 +193,3 @@ def model_dir_for(version: Version, model_dir: Path | None) -> Path:
         raise BadInputError(f"{version.ref} is recorded by reference and its record names no "
                             "location", fix="pass --model DIR with the model's directory")
     return location
-
-
-def names_of(entries: Sequence[dict[str, Any]]) -> list[str]:
-    """Display names (ref name part, else digest) of lineage entries."""
-    return [str(e.get("ref") or e.get("digest")).split("@", 1)[0] for e in entries]

@@ -38,7 +38,7 @@ class _Refused(Exception):
     """The document breaks a bound; ``str(exc)`` says which."""
 
 
-class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]
+class _BoundedLoader(yaml.SafeLoader):
     """``SafeLoader`` that bounds the expanded size and height of the document.
 
     Every composed node costs 1, and an alias costs the expanded size of the node it

@@ -104,7 +104,7 @@ def pinned_policy(store: Store) -> tuple[str, str] | None:
     if pinned is not None and not is_digest(pinned):
         raise BadInputError(f"config.json {CONFIG_KEY}.digest is not a sha256 digest: {pinned!r}",
                             fix=fix)
-    if not setting.get("path"):
+    if not setting.get("path") and is_digest(pinned):  # no path: the (checked) digest alone
         return pinned, f"config.json {CONFIG_KEY}.digest"
     path = Path(setting["path"]).expanduser()
     if not path.is_absolute():

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from registry import __version__
 from registry.digests import canonical_json, is_digest, sha256_digest
 from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from registry.storage.manifest import Version
@@ -74,7 +75,7 @@ def tensor_list_bytes(entries: Sequence[Entry]) -> bytes:
     return canonical_json({"v": 1, "tensors": rows})
 
 
-def model_tensor_list(model_dir: str | Path, *, progress: Callable[[int], None] | None = None
+def model_tensor_list(model_dir: str | Path, *, progress: ProgressCallback | None = None
                       ) -> list[Entry]:
     """``[[name, dtype, shape, sha256 hex], ...]`` of a model directory, sorted by name.
 
@@ -104,7 +105,7 @@ def recorded_tensor_list(store: StoreReader, weights_digest: str) -> list[Entry]
     if not is_digest(weights_digest):
         return None
     try:
-        with store.open_blob(weights_digest) as handle:
+        with store.blobs.open(weights_digest) as handle:
             data = handle.read(1 << 28)
     except (NotFoundError, FileNotFoundError, BadInputError):
         return None
@@ -164,7 +165,7 @@ def recorded_weights(version: Version) -> str:
 
 
 def check_model_dir(store: StoreReader, version: Version, model_dir: str | Path, *,
-                    progress: Callable[[int], None] | None = None,
+                    progress: ProgressCallback | None = None,
                     actual: Sequence[Entry] | None = None) -> ModelCheck:
     """Check that ``model_dir`` holds exactly the weights ``version`` records.
 

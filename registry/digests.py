@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from registry.errors import BadInputError
 
@@ -46,7 +46,7 @@ def json_digest(obj: Any) -> str:
     return sha256_digest(canonical_json(obj))
 
 
-def is_digest(value: object) -> bool:
+def is_digest(value: object) -> TypeGuard[str]:
     """True for a full ``sha256:<64 lowercase hex>`` string."""
     return isinstance(value, str) and DIGEST_RE.match(value) is not None
 

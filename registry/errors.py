@@ -201,8 +201,10 @@ def environment_error(err: OSError, *, path: object = None,
     """
     where = path if path is not None else err.filename
     shown = "the path" if where is None else clip(os.fsdecode(str(where)))
-    reason, fix = _ERRNO_TEXT.get(err.errno or -1, (None, None))
-    if reason is None:
+    known = _ERRNO_TEXT.get(err.errno or -1)
+    if known is not None:
+        reason, fix = known
+    else:
         if isinstance(err, (ConnectionError, TimeoutError)) or err.errno in (
                 errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                 errno.ENETUNREACH):

@@ -12,8 +12,8 @@ Queries walk the graph in either direction: :func:`ancestors` follows ``parents`
 (manifests are read by digest, so history survives even if a parent's name binding
 was deleted: gc keeps manifests that are still named as parents), :func:`descendants`
 scans every bound manifest for versions naming the start as a parent. Both return a
-:class:`LineageNode` tree that :func:`to_json`, :func:`to_dot` (Graphviz) and
-:func:`to_text` render; a node reached twice (a diamond) is marked ``repeated`` and
+:class:`LineageNode` tree that :func:`to_json` and :func:`to_dot` (Graphviz)
+render; a node reached twice (a diamond) is marked ``repeated`` and
 not expanded again. The CLI only prints these strings/dicts.
 """
 
@@ -249,25 +249,6 @@ def _edge_label(node: LineageNode) -> str:
     if node.weight is not None:
         parts.append(f"w={node.weight:g}")
     return " ".join(p for p in parts if p)
-
-
-def to_text(node: LineageNode) -> str:
-    """An indented tree with box-drawing characters, one version per line."""
-    def line(n: LineageNode) -> str:
-        extra = [x for x in (n.method, _edge_label(n)) if x]
-        tags = (" [missing]" if n.missing else "") + (" (see above)" if n.repeated else "")
-        return n.label + (f"  ({'; '.join(extra)})" if extra else "") + tags
-
-    lines = [line(node)]
-
-    def walk(n: LineageNode, prefix: str) -> None:
-        for i, child in enumerate(n.children):
-            last = i == len(n.children) - 1
-            lines.append(prefix + ("└── " if last else "├── ") + line(child))
-            walk(child, prefix + ("    " if last else "│   "))
-
-    walk(node, "")
-    return "\n".join(lines) + "\n"
 
 
 def to_dot(node: LineageNode, direction: str = "up") -> str:

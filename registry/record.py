@@ -39,13 +39,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from registry.digests import canonical_json, is_digest
 from registry.errors import BadInputError
 from registry.formats.fields import FieldChecker
 from registry.formats.patterns import check_config_patterns
 from registry.stamps import default_actor, utc_now_iso
+
+if TYPE_CHECKING:
+    from registry.formats.fingerprint import BaseFingerprint
 
 KINDS = ("adapter", "model")
 BIAS_VALUES = ("none", "all", "lora_only")
@@ -315,7 +318,8 @@ def _common_args(base_model: str | None, base_revision: str | None, fingerprint:
 
 
 def build_record(peft_config: dict, tensors: TensorSummary, *, base_model: str | None = None,
-                 base_revision: str | None = None, fingerprint: Any = None, dataset: Any = None,
+                 base_revision: str | None = None, fingerprint: BaseFingerprint | dict[str, Any] | None = None,
+                 dataset: Any = None,
                  hyperparameters: dict | None = None, metrics: dict | None = None,
                  known_risks: list | None = None, license: str | None = None,
                  author: str | None = None, labels: dict | None = None,
@@ -351,10 +355,10 @@ def build_record(peft_config: dict, tensors: TensorSummary, *, base_model: str |
     return validate_record(record)
 
 
-def build_model_record(weights: Any, *, tensors: TensorSummary | None = None,
+def build_model_record(weights: BaseFingerprint | dict[str, Any] | None, *, tensors: TensorSummary | None = None,
                        location: str | None = None, quantization: dict | None = None,
                        base_model: str | None = None, base_revision: str | None = None,
-                       base_fingerprint: Any = None, dataset: Any = None,
+                       base_fingerprint: BaseFingerprint | dict[str, Any] | None = None, dataset: Any = None,
                        hyperparameters: dict | None = None, metrics: dict | None = None,
                        known_risks: list | None = None, license: str | None = None,
                        author: str | None = None, labels: dict | None = None,

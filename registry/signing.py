@@ -33,7 +33,7 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import BadInputError, GateFailedError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
     from registry.storage.manifest import Version
     from registry.storage.reader import StoreReader
 
@@ -111,12 +113,17 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     make_dirs(public_path.parent)
     # explicit modes (the umask can only make them stricter): 0600 private, 0644 public
     for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
-        with open(path, "xb", opener=lambda p, f, m=mode: os.open(p, f, m)) as handle:
+        with open(path, "xb", opener=_opener(mode)) as handle:
             handle.write(data)
     return key_id(key.public_key())
 
 
-def key_id(public_key: Any) -> str:
+def _opener(mode: int) -> Callable[[str, int], int]:
+    """An ``open(opener=)`` that creates the file with ``mode`` (before the umask)."""
+    return lambda path, flags: os.open(path, flags, mode)
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
     """``sha256:<hex>`` of the raw 32-byte ed25519 public key."""
     from cryptography.hazmat.primitives import serialization
 
@@ -124,12 +131,38 @@ def key_id(public_key: Any) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def read_pem(path: Path, private: bool) -> Any:
+def read_private_key(path: Path) -> Ed25519PrivateKey:
+    """The unencrypted PEM ed25519 private key in ``path``.
+
+    Raises:
+        NotFoundError: The file does not exist.
+        BadInputError: It is not an unencrypted PEM ed25519 private key.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = _read_pem_key(path, private=True)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BadInputError(f"{path} is not an ed25519 key", fix="only ed25519 keys are supported")
+    return key
+
+
+def read_public_key(path: Path) -> Ed25519PublicKey:
+    """The PEM ed25519 public key in ``path`` (a private key file also gives its public half).
+
+    Raises:
+        NotFoundError: The file does not exist.
+        BadInputError: It is not a PEM ed25519 key.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = _read_pem_key(path, private=False)
+    if not isinstance(key, Ed25519PublicKey):
+        raise BadInputError(f"{path} is not an ed25519 key", fix="only ed25519 keys are supported")
+    return key
+
+
+def _read_pem_key(path: Path, private: bool) -> object:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
 
     try:
         data = Path(path).read_bytes()
@@ -137,19 +170,14 @@ def read_pem(path: Path, private: bool) -> Any:
         raise NotFoundError(f"key file {path} not found", fix="pass the path of a PEM ed25519 key") from None
     try:
         if private:
-            key = serialization.load_pem_private_key(data, password=None)
-        else:
-            try:
-                key = serialization.load_pem_public_key(data)
-            except ValueError:
-                # A private key file also identifies its public half.
-                key = serialization.load_pem_private_key(data, password=None).public_key()
+            return serialization.load_pem_private_key(data, password=None)
+        try:
+            return serialization.load_pem_public_key(data)
+        except ValueError:
+            # A private key file also identifies its public half.
+            return serialization.load_pem_private_key(data, password=None).public_key()
     except (ValueError, TypeError) as err:
         raise BadInputError(f"{path} is not a PEM ed25519 key ({err})", fix="create one with `adapters keygen`") from None
-    expected = Ed25519PrivateKey if private else Ed25519PublicKey
-    if not isinstance(key, expected):
-        raise BadInputError(f"{path} is not an ed25519 key", fix="only ed25519 keys are supported")
-    return key
 
 
 def sign_version(name: str, digest: str, private_key_path: Path) -> dict[str, Any]:
@@ -159,7 +187,7 @@ def sign_version(name: str, digest: str, private_key_path: Path) -> dict[str, An
         NotFoundError: If the key file does not exist.
         BadInputError: If it is not an unencrypted PEM ed25519 private key.
     """
-    key = read_pem(private_key_path, private=True)
+    key = read_private_key(private_key_path)
     payload = version_payload(name, digest)
     signature = key.sign(pae(PAYLOAD_TYPE, payload))
     return {
@@ -169,19 +197,19 @@ def sign_version(name: str, digest: str, private_key_path: Path) -> dict[str, An
     }
 
 
-def load_trusted_keys(paths: Iterable[Path]) -> dict[str, Any]:
+def load_trusted_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
     """Map key id -> public key for every PEM file (or every ``*.pem``/``*.pub`` in a directory)."""
-    keys: dict[str, Any] = {}
+    keys: dict[str, Ed25519PublicKey] = {}
     for path in paths:
         path = Path(path)
         files = sorted(p for p in path.iterdir() if p.suffix in {".pem", ".pub"}) if path.is_dir() else [path]
         for file in files:
-            public = read_pem(file, private=False)
+            public = read_public_key(file)
             keys[key_id(public)] = public
     return keys
 
 
-def check_envelope(envelope: dict[str, Any], trusted: dict[str, Any]) -> SignatureCheck:
+def check_envelope(envelope: dict[str, Any], trusted: dict[str, Ed25519PublicKey]) -> SignatureCheck:
     """Verify every signature in ``envelope`` against ``trusted`` keys.
 
     Raises:
@@ -201,7 +229,7 @@ def check_envelope(envelope: dict[str, Any], trusted: dict[str, Any]) -> Signatu
 
 
 def check_signatures(payload_type: str, payload: bytes, signatures: list[Any],
-                     trusted: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+                     trusted: dict[str, Ed25519PublicKey]) -> tuple[tuple[str, ...], ...]:
     """``(valid, invalid, untrusted)`` key ids of DSSE ``signatures`` over ``payload``:
     verified by a trusted key, failing under a trusted key, by a key not trusted."""
     from cryptography.exceptions import InvalidSignature
@@ -257,7 +285,7 @@ def split_envelope(envelope: Any) -> tuple[str, str, dict[str, dict[str, Any]]]:
 
 
 def check_version(store: StoreReader, name: str, digest: str,
-                  trusted: dict[str, Any]) -> SignatureCheck:
+                  trusted: dict[str, Ed25519PublicKey]) -> SignatureCheck:
     """Check every envelope stored for version ``name@digest`` against ``trusted`` keys.
 
     A trusted key's signature counts as invalid when it does not verify, when its

@@ -78,7 +78,8 @@ def gate_rows(store: Store, version: Version) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             rows.append({"policy": entry["policy"], "error": entry.get("error") or "unreadable"})
             continue
-        checks = record.get("checks") if isinstance(record.get("checks"), list) else []
+        listed = record.get("checks")
+        checks: list[Any] = listed if isinstance(listed, list) else []
         rows.append({"policy": entry["policy"], "error": "", "passed": record.get("passed"),
                      "date": (record.get("meta") or {}).get("started", ""),
                      "base": record.get("base"), "counts": record.get("counts") or {},
@@ -106,7 +107,8 @@ def merge_info(version: Version) -> dict[str, Any] | None:
     recipe, report = lineage.get("recipe"), lineage.get("report") or {}
     if not recipe and not report:
         return None
-    modules = report.get("modules") if isinstance(report.get("modules"), dict) else {}
+    given = report.get("modules")
+    modules: dict[str, Any] = given if isinstance(given, dict) else {}
     table = [{"module": m, **(v if isinstance(v, dict) else {"value": v})}
              for m, v in sorted(modules.items())]
     columns = sorted({k for row in table for k in row} - {"module"})

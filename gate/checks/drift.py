@@ -72,12 +72,17 @@ def measure(ctx: GateContext, texts: list[str]) -> dict[str, Any]:
     windows = ev.windows(texts)
     if not windows:
         raise LookupError("held-out text encodes to no tokens")
-    kl_sum, agree, positions, max_diff = 0.0, 0, 0, 0.0
+    source = ctx.source_model()
+    if source is None:
+        raise LookupError(f"the source of {ctx.candidate.label} has no directory to load")
+    kl_sum, max_diff = 0.0, 0.0
+    agree: float = 0  # sums of drift_stats' whole-number counts
+    positions: float = 0
     for start in range(0, len(windows), BATCH_SIZE):
         chunk = windows[start:start + BATCH_SIZE]
-        reference = ev.logits_many(ctx.source_model(), chunk)
+        reference = ev.logits_many(source, chunk)
         got = ev.logits_many(ctx.candidate_model(), chunk)
-        for ref, cand in zip(reference, got):
+        for ref, cand in zip(reference, got, strict=True):
             stats = drift_stats(ref, cand)
             kl_sum += stats["kl_sum"]
             agree += stats["agree"]
@@ -89,7 +94,8 @@ def measure(ctx: GateContext, texts: list[str]) -> dict[str, Any]:
 
 def shown(value: float) -> float | str:
     """A measured value for metrics and messages: rounded, or ``"inf"`` (NaN/inf logits)."""
-    return num(value) if math.isfinite(value) else "inf"
+    rounded = num(value)  # None exactly when value is NaN/inf
+    return "inf" if rounded is None else rounded
 
 
 def _problems(spec: Any, found: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:

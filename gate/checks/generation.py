@@ -32,7 +32,7 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     rows, problems = [], []
     prompts = list(spec["prompts"])
     gens = ctx.evaluator.generate_many(model, prompts, [spec["max_new_tokens"]] * len(prompts))
-    for prompt, gen in zip(prompts, gens):
+    for prompt, gen in zip(prompts, gens, strict=True):
         chars = len("".join(gen.text.split()))
         frac = repeat_fraction(gen.token_ids, spec["ngram"])
         ok = chars >= spec["min_chars"] and frac <= spec["max_repeat_fraction"]

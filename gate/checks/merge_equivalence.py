@@ -70,11 +70,11 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
         prompts += read_texts(spec.path("data"), limit=spec["limit"])
     prompts = prompts[:spec["limit"]]
     ev = ctx.evaluator
-    reference = ev.with_deltas("parents-together", [(p.dir, c) for p, c in zip(cand.parents, coeffs)])
+    reference = ev.with_deltas("parents-together", [(p.dir, c) for p, c in zip(cand.parents, coeffs, strict=True)])
     ref_logits = [ev.logits(reference, t) for t in prompts]
     model = ctx.candidate_model()
     max_abs, agree, total, peak = 0.0, 0, 0, 0.0
-    for text, ref in zip(prompts, ref_logits):
+    for text, ref in zip(prompts, ref_logits, strict=True):
         got = ev.logits(model, text)
         diff = (got - ref).abs()
         max_abs = max(max_abs, float(diff.max()) if torch.isfinite(diff).all() else float("inf"))

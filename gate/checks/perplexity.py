@@ -46,10 +46,10 @@ def _baseline(spec: CheckSpec, ctx: GateContext, texts: list[str]) -> tuple[floa
         values = {p.name: ev.perplexity(ctx.parent_model(p), texts) for p in ctx.candidate.parents}
         worst = max(values, key=lambda k: values[k])
         return values[worst], f"parent {worst}"
-    model = ctx.release_model()
-    if model is None:
+    model, release = ctx.release_model(), ctx.release()
+    if model is None or release is None:
         return None, ctx.release_note
-    return ev.perplexity(model, texts), f"release {ctx.release().label}"
+    return ev.perplexity(model, texts), f"release {release.label}"
 
 
 def run(spec: CheckSpec, ctx: GateContext) -> Outcome:

@@ -56,14 +56,15 @@ def score(spec: CheckSpec, ev: Evaluator, model: PreTrainedModel, pairs: list[tu
                for prompt, answer in pairs]
     gens = ev.generate_many(model, [prompt for prompt, _ in pairs], budgets, stop=spec["stop"])
     hits = sum(answer_matches(gen.text, answer, spec["case_sensitive"])
-               for gen, (_, answer) in zip(gens, pairs))
+               for gen, (_, answer) in zip(gens, pairs, strict=True))
     return hits / len(pairs)
 
 
 def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     ev = ctx.evaluator
     by_parents = spec["baseline"] == "parents"
-    if not by_parents and ctx.release_model() is None:
+    release_model = None if by_parents else ctx.release_model()
+    if not by_parents and release_model is None:
         return skip(ctx.release_note)
     rows, problems = [], []
     for set_name, written in spec["sets"].items():
@@ -76,8 +77,8 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
                 rows.append({"set": set_name, "error": "not a parent"})
                 continue
             baseline = score(spec, ev, ctx.parent_model(parent), pairs)
-        else:
-            baseline = score(spec, ev, ctx.release_model(), pairs)
+        elif release_model is not None:  # always, past the skip above
+            baseline = score(spec, ev, release_model, pairs)
         cand = score(spec, ev, ctx.candidate_model(), pairs)
         ratio = cand / baseline if baseline > 0 else None
         ok = True

@@ -93,7 +93,7 @@ def knots_merge(method: MergeMethod, inputs: Sequence[ModuleInput], params: Merg
         return Factors(B=torch.zeros((rows, 1)), A=torch.zeros((1, cols)))
     eye = torch.eye(k)
     aligned = [ModuleInput(index=inp.index, B=eye, A=c, weight=inp.weight)
-               for inp, c in zip(inputs, coeffs)]
+               for inp, c in zip(inputs, coeffs, strict=True)]
     merged = method.fn(aligned, params, ModuleContext(name=ctx.name, shape=(k, cols), seed=ctx.seed))
     if not isinstance(merged, torch.Tensor):
         merged = merged.B @ merged.A

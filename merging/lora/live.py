@@ -39,13 +39,14 @@ tensors are refused, since they are not factor merges.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from registry.errors import UnsupportedAdapterError
-from registry.formats.peft_keys import strip_prefix
+from registry.formats.peft_keys import LoraKeys, strip_prefix
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel
 
     from merging.adapter import LoraAdapter
     from merging.lora.results import MergeResult
@@ -87,13 +88,13 @@ class LiveLora:
         rank: The largest rank a merge of the inputs can need (:func:`rank_bound`).
     """
 
-    def __init__(self, model: Any, modules: Mapping[str, Any],
+    def __init__(self, model: PreTrainedModel, modules: Mapping[str, torch.nn.Linear | torch.nn.Embedding],
                  originals: Mapping[str, torch.Tensor], rank: int) -> None:
         self.model, self.modules, self.rank = model, dict(modules), rank
         self.originals = dict(originals)
 
     @classmethod
-    def attach(cls, base_model: Any, bound: Mapping[str, int]) -> LiveLora:
+    def attach(cls, base_model: PreTrainedModel, bound: Mapping[str, int]) -> LiveLora:
         """Take ``base_model`` (modified in place from now on) for the modules of ``bound``.
 
         Args:
@@ -108,14 +109,15 @@ class LiveLora:
 
         if not bound:
             raise UnsupportedAdapterError("the inputs adapt no module", fix="pass LoRA adapters")
-        modules, originals = {}, {}
+        modules: dict[str, torch.nn.Linear | torch.nn.Embedding] = {}
+        originals: dict[str, torch.Tensor] = {}
         for name in sorted(bound):
             try:
                 module = base_model.get_submodule(strip_prefix(name))
             except AttributeError:
                 raise UnsupportedAdapterError(f"module {name} is not in the base model",
                                               fix="use adapters trained on this base model") from None
-            if type(module) not in (torch.nn.Linear, torch.nn.Embedding):
+            if type(module) is not torch.nn.Linear and type(module) is not torch.nn.Embedding:
                 raise UnsupportedAdapterError(
                     f"module {name} is a {type(module).__name__}, not a Linear or an Embedding",
                     fix="search merges of adapters for Linear/Embedding modules")
@@ -168,7 +170,7 @@ class LiveLora:
         Raises:
             UnsupportedAdapterError: The result carries extra tensors or does not fit.
         """
-        keys = {}
+        keys: dict[str, LoraKeys] = {}
         for adapter in adapters:
             for name, info in adapter.infos.items():
                 keys.setdefault(name, info.keys)

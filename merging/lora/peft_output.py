@@ -42,8 +42,9 @@ def _target_modules(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> di
     cfgs = [a.config for a in adapters]
     targets = [c.get("target_modules") for c in cfgs]
     restrictions = [tuple(json.dumps(c.get(k), sort_keys=True) for k in _RESTRICTIONS) for c in cfgs]
-    if all(isinstance(t, list) for t in targets) and len(set(restrictions)) == 1:
-        union = sorted(set().union(*targets))
+    lists = [t for t in targets if isinstance(t, list)]
+    if len(lists) == len(targets) and len(set(restrictions)) == 1:
+        union = sorted(set[str]().union(*lists))
         paths = [strip_prefix(n) for n in names]
         if all(any(p == t or p.endswith("." + t) for t in union) for p in paths):
             return {"target_modules": union, **{k: cfgs[0].get(k) for k in _RESTRICTIONS}}

@@ -2,10 +2,10 @@
 
 ``adapters merge`` (:mod:`cli.merge_cmds`) and the merge search (:mod:`gate.search`) both
 publish through :func:`push_merge`, so a searched merge is indistinguishable from a
-hand-made merge with the same recipe: the PEFT directory is written under a work directory, re-validated
-with the ingest checks of ``push`` (:func:`registry.ingest.prepare_adapter`), recorded
-with the first input's base (id, revision, fingerprint) and the label
-``merge_method``, and pushed with lineage: parents ``{digest, ref, role: input,
+hand-made merge with the same recipe: the PEFT directory is written under a work directory and
+added like any adapter (:func:`registry.add.add_adapter`: the ingest checks of ``push``, the
+record, the push), recorded with the first input's base (id, revision, fingerprint) and the
+label ``merge_method``, with lineage: parents ``{digest, ref, role: input,
 weight}``, recipe ``{method, parameters: {...method parameters, seed, rank,
 allow_base_mismatch}}`` and report ``{error, max_error, dtype, warnings, modules}``
 (6 significant digits). ``extra_report`` adds keys to the report (the search adds
@@ -51,7 +51,7 @@ def merge_lineage(versions: Sequence[Version], result: MergeResult, *, method: s
         raise BadInputError(f"report key {clash[0]!r} is the merge's own", fix="use another key")
     body.update(extra_report or {})
     return make_lineage(
-        [parent(v, weight=w) for v, w in zip(versions, report["weights"])],
+        [parent(v, weight=w) for v, w in zip(versions, report["weights"], strict=True)],
         method=method,
         parameters={**report["parameters"], "seed": report["seed"], "rank": report["rank"],
                     "allow_base_mismatch": allow_base_mismatch},
@@ -83,18 +83,13 @@ def push_merge(store: Store, versions: Sequence[Version], result: MergeResult, t
         ConflictError: ``work_dir/merged`` exists and is not empty.
     """
     from merging.lora.peft_output import write_peft_dir
-    from registry.ingest import prepare_adapter
-    from registry.record import build_record
+    from registry.add import AdapterMetadata, add_adapter
 
     merged_dir = write_peft_dir(result, Path(work_dir) / "merged")
     first_base = versions[0].record.get("base_model") or {}
     all_warnings = list(warnings) + list(result.report["warnings"])
-    with prepare_adapter(merged_dir) as prepared:
-        record = build_record(prepared.peft_config, prepared.tensors,
-                              base_model=first_base.get("id"),
-                              base_revision=first_base.get("revision"),
-                              fingerprint=first_base.get("fingerprint"),
-                              labels={"merge_method": method})
-        lineage = merge_lineage(versions, result, method=method, warnings=all_warnings,
-                                allow_base_mismatch=allow_base_mismatch, extra_report=extra_report)
-        return store.push(target, prepared.files, record, lineage=lineage)
+    lineage = merge_lineage(versions, result, method=method, warnings=all_warnings,
+                            allow_base_mismatch=allow_base_mismatch, extra_report=extra_report)
+    metadata = AdapterMetadata(base_model=first_base.get("id"), base_revision=first_base.get("revision"),
+                               fingerprint=first_base.get("fingerprint"), labels={"merge_method": method})
+    return add_adapter(store, merged_dir, target, metadata=metadata, lineage=lineage).push

@@ -71,3 +71,9 @@ def view_as(buffer: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, .
         return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     return buffer[:nbytes].view(dtype).view(shape)
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a CPU ``tensor`` as a flat memoryview (no copy when it is contiguous)."""
+    # ndarray has the buffer protocol; numpy's stubs declare it (``__buffer__``) only for Python >= 3.12
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ from typing import BinaryIO
 import torch
 
 from merging.dtypes import torch_dtype
-from merging.model.buffers import view_as
+from merging.model.buffers import byte_view, view_as
 from registry.errors import BadInputError, NotFoundError
 from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
@@ -252,8 +252,7 @@ class TensorReader:
         out = view_as(buffer, torch_dtype(src.dtype),
                       (row_end - row_start, *shape[1:]) if shape else ())
         if out.numel():
-            raw = out.reshape(-1).view(torch.uint8)
-            self.read_bytes_into(src, row_start * row_bytes, memoryview(raw.numpy()))
+            self.read_bytes_into(src, row_start * row_bytes, byte_view(out))
         return out
 
     def close(self) -> None:

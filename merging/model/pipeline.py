@@ -48,15 +48,15 @@ import torch
 from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
-from merging.model.buffers import BufferPool
-from merging.model.layout import (SourceTensor, TensorReader, paused_gc, row_chunks, to_float32,
-                                  torch_threads)
+from merging.model.buffers import BufferPool, byte_view
+from merging.model.layout import SourceTensor, TensorReader, paused_gc, row_chunks, to_float32, torch_threads
 from merging.model.plan import Job
 from merging.model.results import ModuleReport
 from merging.model.rowmerge import RowFactors, add_delta, merge_ranges, read_merge
 from merging.model.shard_writer import MAX_PENDING, ShardWriter
 from registry.errors import BadInputError
 from registry.formats.safetensors_header import read_header
+from registry.progress import ProgressCallback
 
 _BROKEN_ADAPTER = "the adapter is broken (diverged training?); retrain or pick another checkpoint"
 WORKERS = 2
@@ -88,7 +88,7 @@ class Rewrite:
 
     def __init__(self, adapter: LoraAdapter | None, spec: QuantSpec | None,
                  qspec: QuantSpec | None, *, hash_base: bool, collect: bool,
-                 progress: Callable[[int], None] | None,
+                 progress: ProgressCallback | None,
                  on_tensor: Callable[[str], None] | None) -> None:
         self.adapter, self.spec, self.qspec = adapter, spec, qspec
         self.reader = TensorReader()
@@ -267,8 +267,7 @@ class Rewrite:
         hasher = hashlib.sha256() if self.base_hashes is not None and job.hash_src else None
         simple = not (job.quant or job.qlora or job.replacement) and self.state is None
         if not simple or job.lora is None:
-            run = self._copy if simple else self._whole
-            yield "call", job, lambda: (run(job, writer, hasher), self._done(job, hasher))
+            yield "call", job, (self._copy if simple else self._whole, hasher)
             return
         a, b, scale, delta_fro = self.factors(job.lora)
         sums = {"sq": 0.0, "hasher": hasher, "delta_fro": delta_fro}
@@ -287,8 +286,10 @@ class Rewrite:
 
     def _consume(self, step: tuple[str, Job, Any], writer: ShardWriter) -> int:
         kind, job, payload = step
-        if kind == "call":
-            payload()
+        if kind == "call":  # the whole job on this thread (same writer as _steps')
+            run, hasher = payload
+            run(job, writer, hasher)
+            self._done(job, hasher)
         elif kind == "begin":
             writer.begin(job.out_name, job.src.dtype, job.src.shape)
             self._sums = payload
@@ -330,7 +331,7 @@ class Rewrite:
     def _read(self, job: Job, hasher: Any, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         tensor = self.reader.read(job.src, r0, r1)
         if hasher is not None:
-            hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            hasher.update(byte_view(tensor))
         if self.progress is not None and job.hash_src:
             self.progress(tensor.numel() * tensor.element_size())
         return tensor

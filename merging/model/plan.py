@@ -63,7 +63,8 @@ class Job:
 
 def tied_embeddings(config: dict[str, Any]) -> bool:
     """Whether ``config`` (or its ``text_config``) ties the input and output embeddings."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    given = config.get("text_config")
+    text: dict[str, Any] = given if isinstance(given, dict) else {}
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
@@ -119,7 +120,7 @@ def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter 
     if adapter is not None and adapter.config.get("ensure_weight_tying"):
         notes.append("tied embeddings kept: ensure_weight_tying changes both sides together")
         return jobs, False, notes
-    if {embed, HEAD_KEY} <= set(replacements) and torch.equal(
+    if adapter is not None and {embed, HEAD_KEY} <= set(replacements) and torch.equal(
             adapter.extra_tensor(replacements[embed]), adapter.extra_tensor(replacements[HEAD_KEY])):
         notes.append("tied embeddings kept: both sides replaced by the same tensor")
         return jobs, False, notes

@@ -55,7 +55,8 @@ def reference_logits(config: dict[str, Any], state: dict[str, torch.Tensor]) -> 
     model_cls = model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
     dtype = config_dtype(cfg_dict) or next(iter(state.values())).dtype
     with no_init_weights():
-        model = model_cls(cfg).to(dtype)
+        # transformers annotates _LazyAutoMapping.__getitem__ as a tuple; it returns the class
+        model = model_cls(cfg).to(dtype)  # type: ignore[operator]
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     if unexpected or set(missing) - tied:
@@ -76,7 +77,8 @@ def load_logits(model_dir: Path, **kwargs: Any) -> torch.Tensor:
         # bitsandbytes' AVX512-BF16 CPU path repacks absmax per row and fails when a row is
         # not a whole number of blocks (hidden 96, blocksize 64); the gate turns it off too
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            # a plain bool flag; torch's stubs type Module attributes as Tensor | Module
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     model.eval()
     vocab = model.config.get_text_config().vocab_size
     with torch.no_grad():

@@ -35,7 +35,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from registry.derived_check import (check_model_dir, environment_diff, model_tensor_list,
                                     recorded_weights)
 from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
+from registry.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from merging.model.bnb import QuantSpec
@@ -161,7 +162,7 @@ def _bf16_gemm(value: Any) -> Iterator[None]:
 
 
 def _run_step(store: Store, step: Step, src: Path, dest: Path, scratch: Path, *,
-              progress: Callable[[int], None] | None, sync: bool) -> UnloadResult:
+              progress: ProgressCallback | None, sync: bool) -> UnloadResult:
     from merging.adapter import load_adapter
     from merging.model.execute import rewrite_model
 
@@ -209,7 +210,7 @@ def _check_out(out_dir: Path) -> None:
 
 
 def rebuild(store: Store, ref: str, base_dir: str | Path, out_dir: str | Path, *,
-            progress: Callable[[int], None] | None = None, sync: bool = True) -> RebuildResult:
+            progress: ProgressCallback | None = None, sync: bool = True) -> RebuildResult:
     """Re-run the recipe of derived model ``ref`` on ``base_dir`` into ``out_dir``.
 
     Args:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from merging.dtypes import torch_dtype
-from merging.model.buffers import allocate, view_as
+from merging.model.buffers import allocate, byte_view, view_as
 from merging.model.layout import SourceTensor, TensorReader, to_float32
 from merging.model.shard_writer import ShardWriter
 
@@ -165,7 +165,7 @@ def merge_ranges(reader: TensorReader, writer: ShardWriter, offset: int, src: So
     buffer = getattr(local, "buffer", None)
     if buffer is None or buffer.numel() < buffer_bytes:
         buffer = local.buffer = allocate(buffer_bytes)
-        local.view = memoryview(buffer.numpy())
+        local.view = byte_view(buffer)
     view: memoryview = local.view
     dtype, tail = torch_dtype(src.dtype), tuple(src.shape[1:])
     sq = 0.0

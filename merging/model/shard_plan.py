@@ -73,7 +73,7 @@ def plan_shards(groups: Sequence[tuple[str, Sequence[OutTensor]]], *,
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
                                           for i in range(n)]
-    return [ShardSpec(name, tuple(ts)) for name, ts in zip(names, shards)]
+    return [ShardSpec(name, tuple(ts)) for name, ts in zip(names, shards, strict=True)]
 
 
 def write_index(out_dir: Path, shards: Sequence[WrittenShard], *,

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 import torch
 
 from merging.dtypes import TORCH_TO_ST, torch_dtype
+from merging.model.buffers import byte_view
 from merging.model.layout import CHUNK_BYTES
 from merging.model.results import WrittenShard
 from merging.model.shard_plan import OutTensor
@@ -61,7 +62,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 _sync_file_range = _load_sync_file_range()
@@ -163,7 +164,7 @@ class ShardWriter:
         keep = data
         if isinstance(data, torch.Tensor):
             keep = data.detach().contiguous().reshape(-1)
-            data = memoryview(keep.view(torch.uint8).numpy())
+            data = byte_view(keep)
         view = memoryview(data).cast("B")
         self._submit(self._put, view, 8 + self.reserved + self._pos, self._current[4], keep,
                      release)
@@ -240,8 +241,7 @@ class ShardWriter:
         """Write ``data``'s bytes at file ``offset``, inside a range from :meth:`reserve`
         (thread-safe: ``pwrite`` has no shared file position), then start their
         writeback."""
-        self.write_bytes_at(offset, memoryview(
-            data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.write_bytes_at(offset, byte_view(data.detach().contiguous()))
 
     def write_bytes_at(self, offset: int, view: memoryview) -> None:
         """:meth:`write_at` for bytes already in a buffer."""

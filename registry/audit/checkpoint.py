@@ -19,11 +19,14 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from registry.digests import canonical_json
 from registry.errors import BadInputError, IntegrityError
-from registry.signing import check_signatures, key_id, pae, read_pem
+from registry.signing import check_signatures, key_id, pae, read_private_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 PAYLOAD_TYPE = "application/vnd.adapterkit.audit-checkpoint+json"
 
@@ -38,7 +41,7 @@ def sign_checkpoint(entries: list[dict[str, Any]], private_key_path: Path) -> di
     if not entries:
         raise BadInputError("the audit log is empty: there is nothing to checkpoint",
                             fix="checkpoint after the store has recorded something")
-    key = read_pem(private_key_path, private=True)
+    key = read_private_key(private_key_path)
     payload = canonical_json({"seq": entries[-1]["seq"], "hash": entries[-1]["hash"]})
     return {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
             "signatures": [{"keyid": key_id(key.public_key()),
@@ -52,14 +55,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         BadInputError: Unreadable or not JSON.
     """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise BadInputError(f"cannot read checkpoint {path}: {err}",
                             fix="pass the file `adapters audit checkpoint --out` wrote") from None
 
 
 def check_checkpoint(envelope: Any, entries: list[dict[str, Any]],
-                     trusted: dict[str, Any]) -> tuple[int, list[str]]:
+                     trusted: dict[str, Ed25519PublicKey]) -> tuple[int, list[str]]:
     """Check ``envelope`` against the log ``entries`` (whose chain the caller verifies).
 
     Returns:

@@ -262,7 +262,8 @@ def effect_visible(store: StoreReader, entry: dict[str, Any],
 def gate_or_sign_key(store: StoreReader, entry: dict[str, Any]) -> tuple[str, str]:
     """``(pointer key, pointer value)`` a ``gate`` or ``sign`` entry writes."""
     digest = str(entry.get("subject")).rpartition("@")[2]
-    new = entry.get("new") if isinstance(entry.get("new"), dict) else {}
+    given = entry.get("new")
+    new: dict[str, Any] = given if isinstance(given, dict) else {}
     try:
         if entry["action"] == "gate":
             return store.gate_key(digest, new.get("policy", "")), new.get("record", "")

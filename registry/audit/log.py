@@ -120,7 +120,7 @@ class AuditLog:
                                  "has no entries", fix="run `adapters audit verify`")
         seq, digest = last.get("seq"), last.get("hash")
         if (seq, digest) == (head_seq, head_hash):
-            return seq, digest
+            return head_seq, head_hash
         if (isinstance(seq, int) and seq == head_seq + 1 and last.get("prev_hash") == head_hash
                 and digest == entry_hash(last)):
             return seq, digest  # adopt a line whose head write was lost

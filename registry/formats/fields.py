@@ -114,7 +114,7 @@ class FieldChecker:
             bounds = (f" in [{minimum}, {maximum}]" if maximum is not None
                       else f" >= {minimum}" if minimum is not None else "")
             raise self.fail(where, f"must be a finite number{bounds}", value)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def boolean(self, value: Any, where: str) -> bool:
         """``True`` or ``False`` (no truthy stand-ins).

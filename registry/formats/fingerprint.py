@@ -246,7 +246,7 @@ def fingerprint_model(
     config = model_config(model_dir)
     names = sorted(found.locations)
 
-    def info(name: str):  # type: ignore[no-untyped-def]
+    def info(name: str) -> TensorInfo:
         return found.files[found.locations[name]].tensors[name]
 
     struct = {

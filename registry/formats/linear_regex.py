@@ -25,6 +25,7 @@ store. Names containing control characters are refused too (safetensors names ne
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -33,12 +34,12 @@ import re2
 
 from registry.errors import BadInputError
 
-try:  # Python >= 3.11
-    from re import _constants as _c  # type: ignore[attr-defined]
-    from re import _parser  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _parser  # type: ignore[no-redef]
+if sys.version_info >= (3, 11):
+    from re import _constants as _c  # type: ignore[attr-defined]  # private, not in typeshed
+    from re import _parser  # type: ignore[attr-defined]  # private, not in typeshed
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _parser
 
 MAX_PATTERN_CHARS = 1 << 16
 """Longest pattern accepted. Matching is linear whatever the length; the bound keeps
@@ -223,7 +224,7 @@ def _compile(expression: str) -> tuple[Any, dict[str, int]]:
     with warnings.catch_warnings():  # "Possible nested set": no warning lines on the CLI
         warnings.simplefilter("ignore")
         parsed = _parser.parse(expression, 0)
-    text = _emit(parsed, parsed.state.flags)
+    text = _emit(parsed.data, parsed.state.flags)
     options = re2.Options()
     options.log_errors = False
     options.max_mem = 64 << 20

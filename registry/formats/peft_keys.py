@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from registry.errors import BadInputError, UnsupportedAdapterError
 from registry.formats.fields import is_finite_number, is_int, is_string_list
@@ -184,9 +184,11 @@ def alpha_for(module_path: str, alpha: float, alpha_pattern: dict[str, float] | 
     return _pattern_value(module_path, alpha, alpha_pattern, "alpha_pattern")
 
 
+_Value = TypeVar("_Value", int, float)
 
 
-def _pattern_value(module_path, default, patterns, field):  # type: ignore[no-untyped-def]
+def _pattern_value(module_path: str, default: _Value, patterns: dict[str, _Value] | None,
+                   field: str) -> _Value:
     if not patterns:
         return default
     name = strip_prefix(module_path)

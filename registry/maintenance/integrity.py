@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from registry.audit.index import cross_check
 from registry.errors import AdapterkitError, IntegrityError
 from registry.progress import ProgressCallback
 from registry.storage.manifest import check_manifest
 from registry.storage.store import Store
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class _Checker:
 
 def verify(store: Store, ref: str | None = None, *,
            progress: ProgressCallback | None = None,
-           trusted: dict[str, Any] | None = None) -> VerifyReport:
+           trusted: dict[str, Ed25519PublicKey] | None = None) -> VerifyReport:
     """Re-hash every blob reachable from ``ref`` (None: the whole store).
 
     Args:
@@ -182,7 +185,7 @@ def _unaudited(store: Store) -> list[BlobProblem]:
 
 
 def _check_signatures(store: Store, targets: list[tuple[str, str]],
-                      trusted: dict[str, Any]) -> tuple[int, list[BlobProblem]]:
+                      trusted: dict[str, Ed25519PublicKey]) -> tuple[int, list[BlobProblem]]:
     """``(versions validly signed, problems)`` for every target binding."""
     from registry.signing import check_version
 

@@ -10,11 +10,16 @@ Protected aliases (``config.json`` ``protected_aliases``, default ``["release"]`
 can only be moved with ``protected_ok=True``, which the gate's ``promote`` passes
 after it has checked a passing gate record. :class:`registry.storage.store.Store`
 exposes these as methods.
+
+Commands that store a version can also point an alias at it (``push --alias``, ``pull
+--alias``): :func:`check_new_alias` refuses a bad or protected alias before any work is
+done, and :func:`point_new_alias` moves it once the version exists.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from registry.audit.journal import recover, run_mutation
@@ -163,3 +168,61 @@ def delete_version(store: StoreReader, ref: str, *, actor: str | None = None) ->
         run_mutation(store, "delete", version.ref, old=version.digest, new=None,
                      apply=unbind, actor=actor)
     return version
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """An alias pointed at a just-stored version.
+
+    Attributes:
+        alias: The alias.
+        old: The digest it pointed to before (None: it is new).
+        new: The version's digest.
+    """
+
+    alias: str
+    old: str | None
+    new: str
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"alias", "old", "new"}``."""
+        return {"alias": self.alias, "old": self.old, "new": self.new}
+
+
+def check_new_alias(store: StoreReader, alias: str | None, *, command: str, name: str) -> None:
+    """Check the alias a command will point at the version it stores, before any work.
+
+    Args:
+        store: The store (its protected aliases).
+        alias: The alias (None: nothing to check).
+        command: The command, for the fix (``push``, ``pull``).
+        name: The name to show in the fix's ``promote`` example.
+
+    Raises:
+        BadInputError: An invalid alias.
+        GateFailedError: A protected alias (only ``promote`` moves it).
+    """
+    if alias is None:
+        return
+    validate_alias(alias)
+    if alias in store.protected_aliases:
+        raise GateFailedError(
+            f"alias {alias!r} is protected; only a passing gate moves it",
+            fix=f"{command} without --alias, then `adapters promote {name}@<digest> --to {alias}`",
+        )
+
+
+def point_new_alias(store: StoreReader, version: Version, alias: str | None) -> AliasMove | None:
+    """Point ``alias`` (if any) at a just-stored ``version`` (audited ``alias``).
+
+    Returns:
+        The move, or None without ``alias``.
+
+    Raises:
+        GateFailedError: ``alias`` is protected (:func:`check_new_alias` refuses it first).
+        BadInputError: An invalid alias.
+    """
+    if not alias:
+        return None
+    old = set_alias(store, version.name, alias, version.digest)
+    return AliasMove(alias, old, version.digest)

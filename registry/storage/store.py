@@ -264,15 +264,6 @@ class Store(StoreReader):
         with self.lock("gc", shared=True):
             return self.blobs.put_bytes(data)[0]
 
-    def blob_path(self, digest: str) -> Path:
-        """Local path of a blob (may not exist); local stores only.
-
-        Raises:
-            BadInputError: Malformed digest, or an S3 store (use :meth:`open_blob` or
-                :meth:`materialize` there).
-        """
-        return self.blobs.path(digest)
-
     def open_blob(self, digest: str) -> BinaryIO:
         """Open a blob for reading. Raises NotFoundError if missing."""
         return self.blobs.open(digest)

@@ -46,10 +46,10 @@ def test_batch_equals_one_prompt_at_a_time_generate(model_and_tokenizer) -> None
     free = greedy(model, encoded, [12] * len(encoded), eos=set(), pad_id=0)
     eos = free[1][2]
     rows = greedy(model, encoded, budgets, eos={eos}, pad_id=0)
-    expected = [_reference(model, ids, budget, eos) for ids, budget in zip(encoded, budgets)]
+    expected = [_reference(model, ids, budget, eos) for ids, budget in zip(encoded, budgets, strict=True)]
     assert rows == expected
     assert len(rows[1]) == 2  # stopped before its EOS
-    assert all(len(r) <= b for r, b in zip(rows, budgets))
+    assert all(len(r) <= b for r, b in zip(rows, budgets, strict=True))
 
 
 def test_evaluator_batches_agree_with_single_prompts(model_and_tokenizer) -> None:
@@ -61,7 +61,7 @@ def test_evaluator_batches_agree_with_single_prompts(model_and_tokenizer) -> Non
     one_by_one = ev.generate_many(model, prompts, budgets, batch_size=1)
     assert batched == one_by_one
     assert batched[0] == ev.generate(model, prompts[0], budgets[0])
-    assert all(isinstance(g, Generation) and len(g.token_ids) <= b for g, b in zip(batched, budgets))
+    assert all(isinstance(g, Generation) and len(g.token_ids) <= b for g, b in zip(batched, budgets, strict=True))
 
 
 def test_finish_cuts_at_the_first_stop_string() -> None:
@@ -94,8 +94,8 @@ def test_batched_forward_matches_rows_alone(model_and_tokenizer) -> None:
     batched = forward_many(model, rows, pad_id=0, batch_size=4)
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([r])).logits[0].float() for r in rows]
-    assert all(b.shape == a.shape for b, a in zip(batched, alone))
-    assert max(float((b - a).abs().max()) for b, a in zip(batched, alone)) <= 1e-5
+    assert all(b.shape == a.shape for b, a in zip(batched, alone, strict=True))
+    assert max(float((b - a).abs().max()) for b, a in zip(batched, alone, strict=True)) <= 1e-5
     with pytest.raises(ValueError):
         forward_many(model, [[]], pad_id=0)
 
@@ -116,7 +116,7 @@ def test_perplexity_and_loglik_match_transformers_losses(model_and_tokenizer) ->
                                                         rel=1e-5)
     pairs = [("A cat =", "meow"), ("B red : the", "big old"), ("the", "a of and")]
     scored = ev.answer_logprobs(model, pairs)
-    for (prompt, answer), (logp, n) in zip(pairs, scored):
+    for (prompt, answer), (logp, n) in zip(pairs, scored, strict=True):
         ctx, cont = tok(prompt)["input_ids"], tok(answer, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ctx + cont])).logits[0]

@@ -92,7 +92,7 @@ def expected_deltas(method: str, a: Path, b: Path, density: float, seed: int) ->
             ctx = ModuleContext(PREFIX + name, tuple(deltas[0].shape), seed)
             masks = [dare_mask(ctx, i, density) for i, _ in present]
             original = merge_utils.torch.bernoulli
-            merge_utils.torch.bernoulli = lambda p, *args, **kw: masks.pop(0)
+            merge_utils.torch.bernoulli = lambda p, *args, masks=masks, **kw: masks.pop(0)
             try:
                 out[name] = getattr(merge_utils, method)(deltas, weights, density)
             finally:
@@ -208,7 +208,7 @@ def test_embedding_lora_merges(setup, method: str) -> None:
     da, db = delta_of(one), delta_of(two)
     expected = {}
     for name in sorted(set(da) | set(db)):
-        present = [(w, d[name]) for w, d in zip(WEIGHTS, (da, db)) if name in d]
+        present = [(w, d[name]) for w, d in zip(WEIGHTS, (da, db), strict=True) if name in d]
         weights = torch.tensor([w for w, _ in present])
         deltas = [d for _, d in present]
         expected[name] = (merge_utils.task_arithmetic(deltas, weights) if method == "linear"

@@ -126,7 +126,7 @@ def test_two_workers_share_one_sqlite_study(setup, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     workers = [_worker(setup, storage, "shared", 8) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
-    for proc, (out, err) in zip(workers, outputs):
+    for proc, (_out, err) in zip(workers, outputs, strict=True):
         assert proc.returncode == 0, err[-2000:]
     docs = [json.loads(out) for out, _ in outputs]
     trials = _trials(storage, "shared")

@@ -128,7 +128,7 @@ def test_concurrent_cas_alias_moves_lose_no_update(tmp_path: Path) -> None:
              if e["action"] == "alias" and e["subject"] == "lora:candidate"]
     assert len(moves) == 1 + successes  # the initial set + every successful move, no more
     assert moves[0]["old"] is None and moves[0]["new"] == digests[0]
-    for prev, entry in zip(moves, moves[1:]):
+    for prev, entry in zip(moves, moves[1:], strict=False):
         assert entry["old"] == prev["new"], "an update was lost or applied twice"
         assert entry["new"] != entry["old"]
     assert store.aliases("lora")["candidate"] == moves[-1]["new"]

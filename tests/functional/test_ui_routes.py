@@ -234,7 +234,7 @@ def test_damaged_store_renders_the_damage(tmp_path: Path) -> None:
     file_digest = st.resolve(world.b).files[0]["digest"]
     manifest_digest = st.resolve(world.a).digest
     for digest in (file_digest, manifest_digest):
-        path = st.blob_path(digest)
+        path = st.blobs.path(digest)
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
         path.write_bytes(b"tampered")
     log = world.store / "audit" / "log.jsonl"

@@ -150,7 +150,7 @@ def write_concat_merge(parents: list[Path], weights: list[float], out_dir: Path,
     for key_a in keys_a:
         key_b = key_a.replace("lora_A", "lora_B")
         a_parts, b_parts = [], []
-        for i, ((cfg, tensors), w) in enumerate(zip(loaded, weights)):
+        for i, ((cfg, tensors), w) in enumerate(zip(loaded, weights, strict=True)):
             scale = cfg["lora_alpha"] / cfg["r"]
             a, b = tensors[key_a].float(), tensors[key_b].float() * (w * scale)
             if noise_parent == i:

@@ -131,7 +131,7 @@ def as_inputs(deltas, weights):  # type: ignore[no-untyped-def]
     from merging.lora.methods import ModuleInput
 
     return [ModuleInput(index=i, B=torch.eye(d.shape[0]), A=d.clone(), weight=w)
-            for i, (d, w) in enumerate(zip(deltas, weights))]
+            for i, (d, w) in enumerate(zip(deltas, weights, strict=True))]
 
 
 def run(method, deltas, weights, name="m", seed=0, **given):  # type: ignore[no-untyped-def]
@@ -191,7 +191,7 @@ def mergekit_merge(name, deltas, weights, **params):  # type: ignore[no-untyped-
     ids = range(1, len(deltas) + 1)
     per_input = {k: params.pop(k) for k in ("density", "gamma", "epsilon") if k in params}
     kwargs = {"int8_mask": False, "lambda": params.pop("lam", 1.0),
-              "weight": dict(zip(ids, weights)), **{k: dict.fromkeys(ids, v) for k, v in
+              "weight": dict(zip(ids, weights, strict=True)), **{k: dict.fromkeys(ids, v) for k, v in
                                                     per_input.items()}, **params}
     return mk_registry.get(name).merge_group(group, **kwargs)
 

@@ -40,7 +40,7 @@ def test_entries_are_chained(log: AuditLog) -> None:
     entries = log.entries()
     assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
     assert entries[0]["prev_hash"] is None
-    for prev, entry in zip(entries, entries[1:]):
+    for prev, entry in zip(entries, entries[1:], strict=False):
         assert entry["prev_hash"] == prev["hash"]
     for entry in entries:
         assert set(entry) == {"seq", "ts", "actor", "action", "subject", "old", "new",

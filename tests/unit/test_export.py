@@ -56,7 +56,7 @@ def test_export_into_empty_existing_dir_and_refusals(tmp_path: Path) -> None:
 def test_export_of_corrupt_version_leaves_nothing(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     version = push_adapter(store, "lora-a", make_adapter_dir(tmp_path / "a")).version
-    path = store.blob_path(version.files[1]["digest"])
+    path = store.blobs.path(version.files[1]["digest"])
     os.chmod(path, 0o644)
     path.write_bytes(b"garbage")
     with pytest.raises(IntegrityError):

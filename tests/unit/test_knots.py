@@ -60,7 +60,7 @@ def test_knots_ties_equals_the_paper_construction(election: str, peft_mode: str)
     assert torch.allclose(out.B @ out.A, ref, atol=1e-5)
     basis, ours = knots_basis(inputs)
     assert torch.allclose(basis.T @ basis, torch.eye(12), atol=1e-5)
-    for inp, c in zip(inputs, ours):  # ΔW_i = U C_i exactly
+    for inp, c in zip(inputs, ours, strict=True):  # ΔW_i = U C_i exactly
         assert torch.allclose(basis @ c, inp.B @ inp.A, atol=1e-4)
 
 
@@ -124,7 +124,7 @@ def test_engine_knots(adapter_pair) -> None:  # type: ignore[no-untyped-def]
     for name in PAIR_SHAPES:
         deltas = [d[name] for d in (da, db) if name in d]
         weights = [1.0, 0.5][:len(deltas)]
-        ref, _ = paper_knots(deltas, lambda c: run("dare_ties", c, weights,
+        ref, _ = paper_knots(deltas, lambda c, weights=weights, name=name: run("dare_ties", c, weights,
                                                    name=f"base_model.model.{name}", seed=3,
                                                    density=0.5))
         assert torch.allclose(lora_product(res, name), ref, atol=1e-4), name

@@ -64,7 +64,7 @@ def test_flipped_byte_in_any_blob_is_caught(populated: tuple[Store, dict], index
                                             offset: int) -> None:
     store, v = populated
     digest, user, _ = _all_blobs(store, v)[index]
-    flip_byte(store.blob_path(digest), offset)
+    flip_byte(store.blobs.path(digest), offset)
     report = verify(store)
     assert not report.ok
     assert [(p.kind, p.digest) for p in report.problems] == [("corrupt", digest)]
@@ -77,7 +77,7 @@ def test_missing_blob_is_caught_with_every_user(tmp_path: Path) -> None:
     v1 = push_adapter(store, "a", adir).version
     v2 = push_adapter(store, "a2", adir).version  # shares both file blobs
     shared = next(f["digest"] for f in v1.files if f["path"] == "adapter_model.safetensors")
-    store.blob_path(shared).unlink()
+    store.blobs.path(shared).unlink()
     report = verify(store)
     assert [(p.kind, p.digest) for p in report.problems] == [("missing", shared)]
     assert sorted(report.problems[0].used_by) == sorted(
@@ -87,7 +87,7 @@ def test_missing_blob_is_caught_with_every_user(tmp_path: Path) -> None:
 def test_missing_manifest_and_dangling_alias(populated: tuple[Store, dict]) -> None:
     store, v = populated
     store.set_alias("b", "candidate", v["b"].digest)
-    store.blob_path(v["b"].digest).unlink()
+    store.blobs.path(v["b"].digest).unlink()
     (store.root / "names/b/versions" / v["b"].digest[7:]).unlink()
     (store.root / "names/b/versions" / ("0" * 64)).write_text("2020-01-01T00:00:00Z\n")
     report = verify(store)
@@ -98,12 +98,12 @@ def test_missing_manifest_and_dangling_alias(populated: tuple[Store, dict]) -> N
 
 def test_verify_one_ref_checks_only_that_version(populated: tuple[Store, dict]) -> None:
     store, v = populated
-    flip_byte(store.blob_path(v["b"].files[0]["digest"]))
+    flip_byte(store.blobs.path(v["b"].files[0]["digest"]))
     assert verify(store, "a").ok
     assert verify(store, "a").blobs == 1 + 2 + 1  # manifest, files, its gate record
     report = verify(store, "b")
     assert not report.ok and report.versions == 1
-    flip_byte(store.blob_path(v["b"].digest))  # corrupt manifest: verify(ref) still reports
+    flip_byte(store.blobs.path(v["b"].digest))  # corrupt manifest: verify(ref) still reports
     assert [p.kind for p in verify(store, "b").problems] == ["corrupt"]
 
 
@@ -112,8 +112,8 @@ def test_gc_keeps_reachable_and_removes_old_unreachable(populated: tuple[Store, 
     orphan_old = store.put_bytes(b"old orphan")
     orphan_young = store.put_bytes(b"young orphan")
     for digest in store.blobs.all_digests():
-        age(store.blob_path(digest), 7200)
-    age(store.blob_path(orphan_young), 10)
+        age(store.blobs.path(digest), 7200)
+    age(store.blobs.path(orphan_young), 10)
     stale_tmp = store.root / "tmp" / "blob-x.partial"
     stale_tmp.write_bytes(b"half")
     age(stale_tmp, 7200)
@@ -156,7 +156,7 @@ def test_gc_after_delete_keeps_lineage_manifests(tmp_path: Path) -> None:
 def test_gc_refuses_when_a_manifest_is_damaged(populated: tuple[Store, dict]) -> None:
     store, v = populated
     orphan = store.put_bytes(b"orphan")
-    flip_byte(store.blob_path(v["a"].digest))
+    flip_byte(store.blobs.path(v["a"].digest))
     with pytest.raises(IntegrityError, match="gc refused"):
         gc(store, 0)
     assert store.blobs.exists(orphan)

@@ -166,7 +166,8 @@ def test_reference_reader_also_refuses_structural_errors(tmp_path):
     # sanity check of the fixtures themselves: safetensors refuses these too
     for case in ("overlap", "gap", "trailing_bytes", "size_mismatch", "huge_shape", "length_gt_file"):
         path = write_safetensors(tmp_path / f"{case}.safetensors", BAD_CASES[case][0])
-        with pytest.raises(Exception):
+        # safetensors' own error types differ by case (SafetensorError, OSError, ...): any will do
+        with pytest.raises(Exception):  # noqa: B017
             _reference_view(path)
 
 

@@ -70,12 +70,12 @@ def test_push_stores_read_only_blobs_and_manifest(store: Store, adapter: Path) -
     assert version.ref == f"lora-a@{version.digest}"
     assert [f["path"] for f in version.files] == ["adapter_config.json",
                                                  "adapter_model.safetensors"]
-    manifest_bytes = store.blob_path(version.digest).read_bytes()
+    manifest_bytes = store.blobs.path(version.digest).read_bytes()
     assert sha256_digest(manifest_bytes) == version.digest
     manifest = json.loads(manifest_bytes)
     assert manifest["schemaVersion"] == 2 and manifest["name"] == "lora-a"
     for entry in version.files:
-        path = store.blob_path(entry["digest"])
+        path = store.blobs.path(entry["digest"])
         assert stat.S_IMODE(path.stat().st_mode) == 0o444
         assert sha256_digest(path.read_bytes()) == entry["digest"]
     assert (store.root / "names/lora-a/versions" / version.digest[7:]).is_file()
@@ -101,7 +101,7 @@ def test_same_files_other_record_is_new_version_sharing_blobs(store: Store, adap
     second = push_adapter(store, "lora-a", adapter, metrics={"eval_loss": 0.9})
     assert second.created and second.new_bytes == 0
     assert second.version.digest != first.version.digest
-    manifest_size = store.blob_path(second.version.digest).stat().st_size
+    manifest_size = store.blobs.path(second.version.digest).stat().st_size
     assert blob_bytes(store) == before + manifest_size
     assert [v.digest for v in store.versions("lora-a")] == [second.version.digest,
                                                            first.version.digest]
@@ -203,7 +203,7 @@ def test_ambiguous_prefix_is_bad_input(store: Store, adapter: Path) -> None:
 
 def test_manifest_tampering_is_detected_on_resolve(store: Store, adapter: Path) -> None:
     version = push_adapter(store, "lora-a", adapter).version
-    path = store.blob_path(version.digest)
+    path = store.blobs.path(version.digest)
     os.chmod(path, 0o644)
     path.write_bytes(path.read_bytes().replace(b"tester", b"mallet"))
     with pytest.raises(IntegrityError):
@@ -289,7 +289,7 @@ def test_materialize_round_trips_bytes(store: Store, adapter: Path, tmp_path: Pa
 def test_materialize_refuses_corrupt_blob(store: Store, adapter: Path, tmp_path: Path) -> None:
     version = push_adapter(store, "lora-a", adapter).version
     entry = next(f for f in version.files if f["path"] == "adapter_model.safetensors")
-    path = store.blob_path(entry["digest"])
+    path = store.blobs.path(entry["digest"])
     os.chmod(path, 0o644)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -316,7 +316,7 @@ def test_record_derived_model_by_reference(store: Store, adapter: Path, tmp_path
     version = result.version
     assert version.kind == "model" and version.artifact_type == MODEL_ARTIFACT
     assert version.files == [] and version.record["weights"]["weights_digest"].endswith("b" * 64)
-    assert blob_bytes(store) == before + store.blob_path(version.digest).stat().st_size
+    assert blob_bytes(store) == before + store.blobs.path(version.digest).stat().st_size
     assert store.record_derived("lora-a-merged", record, lineage).created is False
     with pytest.raises(BadInputError):
         store.materialize(version, tmp_path / "out")
@@ -336,7 +336,7 @@ def test_gate_records(store: Store, adapter: Path) -> None:
     store.put_gate_record("lora-a", policy, {"passed": False})
     assert store.gate_record(version.digest, policy) == {"passed": False}
     assert store.audit().entries()[-1]["old"] == digest
-    path = store.blob_path(store.gate_pointers()[0][2])
+    path = store.blobs.path(store.gate_pointers()[0][2])
     os.chmod(path, 0o644)
     path.write_bytes(b'{"passed":true}')
     with pytest.raises(IntegrityError):
@@ -351,4 +351,4 @@ def test_put_bytes_and_open_blob(store: Store) -> None:
     with pytest.raises(NotFoundError):
         store.open_blob("sha256:" + "0" * 64)
     with pytest.raises(BadInputError):
-        store.blob_path("sha256:../../etc/passwd")
+        store.blobs.path("sha256:../../etc/passwd")

@@ -30,8 +30,10 @@ from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, regist
 if TYPE_CHECKING:
     import torch
 
+    from merging.lora.sparsify import BlockFn
 
-def _crumbs(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyped-def]
+
+def _crumbs(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> BlockFn:
     """The block transform keeping each input's breadcrumbs band."""
     from merging.lora import sparsify
 

@@ -20,8 +20,10 @@ from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, regist
 if TYPE_CHECKING:
     import torch
 
+    from merging.lora.sparsify import BlockFn
 
-def _dropper(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyped-def]
+
+def _dropper(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> BlockFn:
     from merging.lora import sparsify
 
     return lambda pos, inp, block, j: sparsify.dare_block(

@@ -32,8 +32,10 @@ from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, regist
 if TYPE_CHECKING:
     import torch
 
+    from merging.lora.sparsify import BlockFn
 
-def _magprune(params: MergeParams, ctx: ModuleContext):  # type: ignore[no-untyped-def]
+
+def _magprune(params: MergeParams, ctx: ModuleContext) -> BlockFn:
     """The block transform drawing each input's DELLA mask."""
     from merging.lora import sparsify
 

@@ -197,7 +197,7 @@ class S3Backend:
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         out: list[str] = []
-        token: dict[str, str] = {}
+        token: dict[str, Any] = {}  # ContinuationToken, after the first page
         while True:
             page = self._call("list_objects_v2", prefix, Prefix=full, **token)
             out += [item["Key"][strip:] for item in page.get("Contents", [])]
