@@ -46,7 +46,7 @@ def test_magnitude_prune_group_equals_per_module(normalize: bool) -> None:
         assert torch.equal(merged[m], magnitude_prune(inputs, params, ctx))
 
 
-def test_float_factors_are_close_to_todays_ties() -> None:
+def test_float_factors_are_todays_ties_bit_for_bit_on_the_cpu() -> None:
     gen = torch.Generator().manual_seed(6)
     inputs = [ModuleInput(index=i, B=torch.randn(300, 8, generator=gen),
                           A=torch.randn(8, 200, generator=gen), weight=w)
@@ -54,7 +54,7 @@ def test_float_factors_are_close_to_todays_ties() -> None:
     params = MergeParams(density=0.5)
     ours = merge_group([inputs], params, elect=True, device="cpu")[0]
     today = ties(inputs, params, ModuleContext(name="m", shape=(300, 200), seed=0))
-    torch.testing.assert_close(ours, today, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours, today)  # CPU deltas are sparsify's 64-row block products
 
 
 def test_trim_keeps_exactly_the_top_count_and_density_one_keeps_all() -> None:
