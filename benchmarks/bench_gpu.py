@@ -51,9 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_merge import ALPHA, DENSITY, PER_LAYER, RANK, SHAPES, WEIGHTS
+from bench_merge import ALPHA, DENSITY, PER_LAYER, RANK, SHAPES, WEIGHTS  # noqa: E402
 
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput  # noqa: E402
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -87,7 +87,7 @@ def module_inputs(layers: int, shapes: dict[str, tuple[int, int]]) -> dict[str, 
     for layer in range(layers):
         for module, (rows, cols) in shapes.items():
             inputs = []
-            for index, (seed, weight) in enumerate(zip((1, 2), WEIGHTS)):
+            for index, (seed, weight) in enumerate(zip((1, 2), WEIGHTS, strict=True)):
                 gen = torch.Generator().manual_seed(seed * 100_003 + layer * 101 + sorted(shapes).index(module))
                 a = torch.randn(RANK, cols, generator=gen) / cols ** 0.5
                 b = torch.randn(rows, RANK, generator=gen) / RANK ** 0.5 * (ALPHA / RANK)
@@ -164,7 +164,7 @@ def peft_ties_svd(module_in: list[ModuleInput], shape: tuple[int, int], device: 
     wrapped: Any = peft_model.base_model.model
     layer = wrapped.proj
     with torch.no_grad():
-        for name, inp in zip(("first", "second"), module_in):
+        for name, inp in zip(("first", "second"), module_in, strict=True):
             layer.lora_A[name].weight.copy_(inp.A)
             layer.lora_B[name].weight.copy_(inp.B / (ALPHA / RANK))
     seconds, _ = clock(device, lambda: peft_model.add_weighted_adapter(

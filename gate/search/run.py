@@ -143,7 +143,7 @@ def _objective(scorer: Scorer, space: SearchSpace, adapters: Sequence[Any], labe
                                 device=device)
         live.load(result, adapters)
         score = scorer.score(result)
-        values = {o.name: v for o, v in zip(scorer.objectives, score.values)}
+        values = {o.name: v for o, v in zip(scorer.objectives, score.values, strict=False)}
         trial.set_user_attr("merge", {"method": choice.method, "weights": list(result.report["weights"]),
                                       "parameters": result.report["parameters"]})
         trial.set_user_attr("values", values)
@@ -173,12 +173,12 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
     adapters = [load_adapter(store.materialize(v, work / f"input-{i}")) for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
     if study_full(study, settings.trials):  # nothing to evaluate: no model is loaded
-        return Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters)],
+        return Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
                       store=store, name=target, base_dir=base, workdir=work), 0
     evaluator = Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length,
                           device=settings.device)
     live = LiveLora.attach(evaluator.base(), rank_bound(adapters))
-    scorer = Scorer(policy, evaluator, live, [(v.name, a) for v, a in zip(versions, adapters)],
+    scorer = Scorer(policy, evaluator, live, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
                     store=store, name=target, base_dir=base, workdir=work)
     scorer.prepare()
     objective = _objective(scorer, space, adapters, labels, live, settings.seed, on_trial,

@@ -96,7 +96,7 @@ def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
 def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) -> list[str]:
     warnings: list[str] = []
     first = adapters[0].config
-    for adapter, label in zip(adapters[1:], labels[1:]):
+    for adapter, label in zip(adapters[1:], labels[1:], strict=True):
         cfg = adapter.config
         if bool(cfg.get("fan_in_fan_out", False)) != bool(first.get("fan_in_fan_out", False)):
             raise BadInputError(f"{label} and {labels[0]} disagree on fan_in_fan_out",
@@ -106,7 +106,7 @@ def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) ->
                 warnings.append(f"{field} differs: {labels[0]} has {first.get(field)!r}, "
                                 f"{label} has {cfg.get(field)!r}; the output keeps the first")
     seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
-    for adapter, label in zip(adapters, labels):
+    for adapter, label in zip(adapters, labels, strict=True):
         for name, info in adapter.infos.items():
             if name in seen and seen[name][1:] != (info.shape, info.embedding):
                 other, shape, _ = seen[name]
@@ -128,7 +128,7 @@ def _output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
 def _inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], labels: Sequence[str],
             name: str, device: torch.device) -> list[ModuleInput]:
     inputs = []
-    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         if name not in adapter.infos:
             continue
         module = adapter.module(name)
@@ -180,7 +180,7 @@ def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
             warnings: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, list[str]] = {}
-    for adapter, label in zip(adapters, labels):
+    for adapter, label in zip(adapters, labels, strict=True):
         for key in adapter.extras:
             tensor = adapter.extra_tensor(key)
             if key in out:
@@ -373,7 +373,7 @@ def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *
     """
     warnings: list[str] = []
     known: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    for base, label in zip(bases, labels):
+    for base, label in zip(bases, labels, strict=True):
         fp = (base or {}).get("fingerprint")
         if not fp or not fp.get("struct_digest"):
             warnings.append(f"{label}: no base fingerprint recorded; its base could not be verified")

@@ -319,7 +319,7 @@ def dare_mask(ctx: ModuleContext, index: int, density: float) -> torch.Tensor:
 def weighted_sum(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``Σ w_i · d_i`` (reuses the first part's memory)."""
     out = parts[0].mul_(weights[0])
-    for part, weight in zip(parts[1:], weights[1:]):
+    for part, weight in zip(parts[1:], weights[1:], strict=True):
         out.add_(part, alpha=weight)
     return out
 
@@ -340,7 +340,7 @@ def elect_and_merge(parts: Sequence[torch.Tensor], weights: Sequence[float],
             total.add_(torch.sign(part))
     elif mode == "mergekit":
         total = parts[0] * weights[0]
-        for part, weight in zip(parts[1:], weights[1:]):
+        for part, weight in zip(parts[1:], weights[1:], strict=True):
             total.add_(part, alpha=weight)
     else:
         total = parts[0].clone()
@@ -349,7 +349,7 @@ def elect_and_merge(parts: Sequence[torch.Tensor], weights: Sequence[float],
     elected = torch.ones((), device=total.device).copysign(total)
     numerator = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected)
-    for part, weight in zip(parts, weights):
+    for part, weight in zip(parts, weights, strict=True):
         if mode == "mergekit":
             aligned = part.mul_(elected).mul_(weight)
             divisor.add_(aligned > 0, alpha=weight)

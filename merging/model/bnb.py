@@ -40,8 +40,9 @@ lazily (it takes seconds), transformers inside the functions that need it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -143,8 +144,10 @@ def quantizable_weights(config: dict[str, Any], spec: QuantSpec) -> dict[str, bo
         cfg = transformers.AutoConfig.for_model(**cfg_dict)
         if model_cls is None:
             model_cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
+        # a model class; transformers' lazy mapping is typed as a tuple of optional classes
+        build = cast("Callable[[Any], Any]", model_cls)
         with torch.device("meta"):
-            model = model_cls(cfg)
+            model = build(cfg)
     except (KeyError, ValueError, TypeError) as err:
         raise BadInputError(f"cannot build the model skeleton from config.json ({err})",
                             fix="quantize with transformers directly for this architecture") from None

@@ -93,8 +93,7 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
             to interrupt).
         sync: fsync the files before publishing the directory (default). ``False``
             is for scratch output: a power cut may then leave truncated files.
-        device: Where bitsandbytes quantizes with ``quantize``/``qlora`` (``cpu``,
-            ``cuda``, ``auto``; :func:`merging.devices.resolve_device`); the merge
+        device: Where bitsandbytes quantizes (``cpu``, ``cuda``, ``auto``); the merge
             itself streams on the CPU (a row-range add is memory-bound).
 
     Returns:

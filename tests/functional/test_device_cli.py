@@ -23,15 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
 
 
-def _register_unload_commands() -> None:
-    import typer
-
-    from cli import main as cli_main, unload_cmds
-
-    if "quantize" not in typer.main.get_command(cli_main.app).commands:
-        unload_cmds.register(cli_main.app)
-
-
 def tree_digest(root: Path) -> str:
     """sha256 over every file's name and bytes (the output is one directory, no subdirs)."""
     digest = hashlib.sha256()
@@ -53,11 +44,11 @@ def test_merge_device_cpu_is_the_default(merge_store: Path, capsys) -> None:  # 
     args = ["merge", "math", "code", "--method", "ties", "--density", "0.4", "--seed", "2",
             "--store", str(merge_store), "--json"]
     code, first, err = merge_cli(args, capsys)
-    assert code == 0, err
+    assert code == 0 and first is not None, err
     assert first["device"] == "cpu"
     for device in ("cpu", "auto"):
         code, again, err = merge_cli([*args, "--device", device], capsys)
-        assert code == 0, err
+        assert code == 0 and again is not None, err
         assert again["created"] is False  # the very same bytes: deduplicated
         assert again["version"]["digest"] == first["version"]["digest"]
 
@@ -74,7 +65,6 @@ def test_merge_device_cuda_without_cuda_is_exit_2(merge_store: Path, capsys) -> 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the default is cuda there")
 def test_quantize_and_unload_device_cpu_is_the_default(work: Path, base: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    _register_unload_commands()
     digests = []
     for tag, extra in (("default", []), ("cpu", ["--device", "cpu"])):
         code, data = run_json(capsys, "quantize", base, "--to", "nf4", "--out", work / f"q-{tag}",
@@ -96,7 +86,6 @@ def test_quantize_and_unload_device_cpu_is_the_default(work: Path, base: Path, c
 @NO_CUDA
 def test_quantize_unload_gate_search_device_cuda_without_cuda_is_exit_2(
         work: Path, base: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    _register_unload_commands()
     code, _, err = run(capsys, "quantize", base, "--to", "nf4", "--out", tmp_path / "q",
                        "--device", "cuda")
     assert_no_cuda_error(code, err)
