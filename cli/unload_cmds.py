@@ -174,7 +174,8 @@ def _render(console: Any, data: dict[str, Any]) -> None:
                                  rows))
     quant = data.get("quantization")
     if quant:
-        console.print(f"quantized {quant['method']}: overall relative error "
+        where = f" on {quant['device']}" if quant.get("device") else ""  # absent: the CPU
+        console.print(f"quantized {quant['method']}{where}: overall relative error "
                       f"{quant['overall_rel_error']:.4g}")
     probe = data.get("probe")
     if probe:
