@@ -76,8 +76,6 @@ def gate(
     from gate.runner import run_gate
     from merging.devices import resolve_device
 
-    evaluate_on = str(resolve_device(device))  # an unusable device: exit 2 before any work
-
     out = Output(json_out)
     # the one ref-or-directory rule: a ref wins, a directory is written as a path
     # (./NAME), a word that is both is refused; st is None where there is no store
@@ -94,6 +92,8 @@ def gate(
         out.info(f"[{colours.get(check.status, 'white')}]{check.status:>5}[/] {escape(check.name)}"
                  f" ({check.duration_s:.1f}s)")
 
+    # after the policy (a hostile one is refused before torch is imported), before evaluating
+    evaluate_on = str(resolve_device(device))
     result = run_gate(candidate, base, pol, store=st, record=not no_record, on_check=on_check,
                       device=evaluate_on, model_dir=model, source_dir=source)
     if junit is not None:
