@@ -53,7 +53,8 @@ CPU_GROUP_ENTRIES = 1 << 24
 """Delta entries per group on the CPU (64 MiB of float32)."""
 GPU_GROUP_ENTRIES = 1 << 28
 """At most this many delta entries per group on a GPU (1 GiB of float32), and at most
-1/64 of the free device memory in bytes (deltas, masks and election temporaries)."""
+1/64 of the device's total memory in bytes (deltas, masks, radix-select and election
+temporaries come to about 20 bytes per entry)."""
 GroupLoader = Callable[[Sequence[str]], list[list[ModuleInput]]]
 """Module names -> their inputs (CPU factors, scale folded into ``B``)."""
 FactoredModule = tuple[torch.Tensor, torch.Tensor, float, float]
@@ -228,10 +229,12 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
 
 
 def _group_entries(device: torch.device) -> int:
+    """Delta entries per group: fixed per device model (its total memory, not what is
+    free now), so the groups, and with them the batched results, repeat bit for bit."""
     if device.type != "cuda":
         return CPU_GROUP_ENTRIES
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1 << 20, min(GPU_GROUP_ENTRIES, free // 64))
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(1 << 20, min(GPU_GROUP_ENTRIES, total // 64))
 
 
 def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[str, tuple[int, ...]],
