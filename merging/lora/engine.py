@@ -245,13 +245,13 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
     """
     if not adapters:
         raise BadInputError("nothing to merge", fix="pass at least two adapters")
+    target = resolve_device(device)  # an unusable device is refused before anything is opened
     loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
     labels = list(labels) if labels is not None else [f"input {i + 1}" for i in range(len(loaded))]
     weights = parse_weights(weights, len(loaded))
     spec = get_method(method)
     run = _MergeRun(loaded, labels, weights, spec, spec.resolve(params, weights),
-                    parse_rank(rank), 0 if seed is None else int(seed))
-    run.place(resolve_device(device), group_modules)
+                    parse_rank(rank), 0 if seed is None else int(seed), target, group_modules)
     try:
         warnings = _check_compatible(loaded, labels)
         extras = _extras(loaded, labels, warnings)  # clashes are refused before any work
@@ -276,20 +276,17 @@ class _MergeRun:
 
     def __init__(self, loaded: Sequence[LoraAdapter], labels: Sequence[str],
                  weights: Sequence[float], spec: MergeMethod, params: MergeParams, rank: Rank,
-                 seed: int) -> None:
+                 seed: int, device: torch.device, group_modules: bool | None) -> None:
         self.loaded, self.labels, self.weights = loaded, labels, weights
         self.spec, self.params, self.rank, self.seed = spec, params, rank, seed
         self.dtype = _output_dtype(loaded)
-
-    def place(self, device: torch.device, group_modules: bool | None) -> None:
-        """Choose where modules compute (module docstring): ``device`` for dense
-        methods, grouped for ties/magnitude_prune on a non-CPU device (or when asked)."""
+        # Where modules compute (module docstring): ``device`` for dense methods, grouped
+        # for ties/magnitude_prune on a non-CPU device (or when asked).
         self.device = device
-        dense = self.spec.output == "dense" and self.params.align != "knots"
+        dense = spec.output == "dense" and params.align != "knots"
         self.compute = device if dense else torch.device("cpu")
         wanted = device.type != "cpu" if group_modules is None else group_modules
-        self.grouped_path = (wanted and dense and self.spec.name in GROUPED_METHODS
-                        and self.rank != "full")
+        self.grouped_path = wanted and dense and spec.name in GROUPED_METHODS and rank != "full"
 
     def one(self, name: str) -> ModuleOutcome:
         """Merge module ``name``: (name, B, A, error, norm, indices of the inputs used)."""
