@@ -4,23 +4,23 @@ Every ratio is against an anchor measured in the same run on the same machine:
 
 (a) **TIES of two r=16 adapters, Llama-2-7B shapes** (q/k/v/o 4096x4096, gate/up
     11008x4096, down 4096x11008; ``--layers`` 32), back to rank 16, on the device:
-    our path (:mod:`merging.lora.device_trim` + :mod:`merging.lora.lowrank`: batched deltas,
-    radix-select trim thresholds, batched randomized SVD; factors in host memory
-    before and after, the clock includes both copies; one small warm-up group is
-    run first and not timed) vs PEFT ``add_weighted_adapter(...,
+    our path (``merge_adapters(..., device=)``: :mod:`merging.lora.device_trim` +
+    :mod:`merging.lora.lowrank`, batched deltas, radix-select trim thresholds, batched
+    randomized SVD; the clock runs from the adapter files (written beforehand, so
+    likely in the page cache) to the factors in host memory; a small warm-up merge
+    is run first and not timed) vs PEFT ``add_weighted_adapter(...,
     combination_type="ties_svd")`` on the same GPU, *timed on two modules*
     (layer 0 ``q_proj`` and ``gate_proj``) and extrapolated to 32 layers as
     ``32·(4·t(q) + 3·t(gate))``, and vs today's CPU path (``ties`` + ``lowrank_refactor``
     per module) timed on ``--cpu-layers`` layers and extrapolated. Targets: <= 5 s,
     >= 48x PEFT. The rank-16 error of our factors is compared with the exact
     truncated SVD of the same merged delta (``svdvals``) on the two modules
-    (target: ratio <= 1.01). The device path is called directly
-    (:func:`ours_ties_on_device`); once ``merge_adapters`` takes ``device=``, only
-    that function changes.
+    (target: ratio <= 1.01).
 (b) **nf4 quantization of a TinyLlama-1.1B-shaped bf16 model** (random weights,
     shapes from a ``LlamaConfig``; the weights transformers would convert, as
-    :func:`merging.model.quantize.quantizable_weights` decides): :func:`merging.model.quantize.quantize_weight`
-    on the GPU for every weight vs on the CPU (our path) for ``--cpu-layers``
+    :func:`merging.model.bnb.quantizable_weights` decides): :func:`merging.model.bnb.quantize_weight`
+    with ``QuantSpec(device=...)`` on the GPU for every weight (results copied back
+    to host memory, as the streamed quantize does) vs on the CPU for ``--cpu-layers``
     layers, extrapolated. Skipped without bitsandbytes.
 (c) **The demo's gate policy on SmolLM2-135M**, GPU vs CPU, on a linear merge of two
     random LoRA adapters (``gate.runner.run_gate``, ``record=False``). Skipped
@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,15 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_merge import ALPHA, DENSITY, PER_LAYER, RANK, SHAPES, WEIGHTS
+from bench_merge import ALPHA, DENSITY, PER_LAYER, RANK, SHAPES, WEIGHTS  # noqa: E402
 
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods import MergeParams, ModuleContext, ModuleInput  # noqa: E402
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
 
-GROUP_ENTRIES = 1 << 28
-"""Delta entries per device group (about 1 GiB of float32 deltas)."""
 SUBSET = ("self_attn.q_proj", "mlp.gate_proj")
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ def module_inputs(layers: int, shapes: dict[str, tuple[int, int]]) -> dict[str, 
     for layer in range(layers):
         for module, (rows, cols) in shapes.items():
             inputs = []
-            for index, (seed, weight) in enumerate(zip((1, 2), WEIGHTS)):
+            for index, (seed, weight) in enumerate(zip((1, 2), WEIGHTS, strict=True)):
                 gen = torch.Generator().manual_seed(seed * 100_003 + layer * 101 + sorted(shapes).index(module))
                 a = torch.randn(RANK, cols, generator=gen) / cols ** 0.5
                 b = torch.randn(rows, RANK, generator=gen) / RANK ** 0.5 * (ALPHA / RANK)
@@ -98,40 +98,37 @@ def module_inputs(layers: int, shapes: dict[str, tuple[int, int]]) -> dict[str, 
 
 # --------------------------------------------------------------------------- (a) TIES
 
-def ours_ties_on_device(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]],
-                        device: torch.device) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """TIES -> rank 16 of every module on ``device``: (host factors, overall relative error).
+def write_adapters(root: Path, inputs: dict[str, list[ModuleInput]]) -> list[Path]:
+    """The two adapters of ``inputs`` as PEFT directories (``B`` stored unscaled)."""
+    from safetensors.torch import save_file
 
-    NOT YET WIRED into the engine: calls :mod:`merging.lora.device_trim` and
-    :mod:`merging.lora.lowrank` directly. Once wired, this becomes
-    ``merge_adapters(paths, WEIGHTS, "ties", params={"density": DENSITY}, rank=RANK,
-    device=str(device))`` on adapter directories.
-    """
-    from merging.lora.device_trim import group_by_shape, merge_group
-    from merging.lora.lowrank import frobenius_errors, lowrank_factors
+    paths = []
+    for index in range(len(WEIGHTS)):
+        path = root / f"adapter-{index}"
+        path.mkdir(parents=True)
+        tensors = {}
+        for name, module_in in inputs.items():
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = module_in[index].A.contiguous()
+            tensors[f"{key}.lora_B.weight"] = (module_in[index].B / (ALPHA / RANK)).contiguous()
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA,
+                  "target_modules": sorted({n.rsplit(".", 1)[1] for n in inputs}),
+                  "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": "llama-2-7b"}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        paths.append(path)
+    return paths
 
-    params = MergeParams(density=DENSITY)
-    by_name = {name: shapes[name.split(".", 3)[3]] for name in inputs}
-    pinned = device.type == "cuda"
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    errors, norms = [], []
-    for names in group_by_shape(by_name, GROUP_ENTRIES):
-        merged = merge_group([inputs[n] for n in names], params, elect=True, device=device)
-        B, A = lowrank_factors(merged, RANK, seed=0, modules=names)
-        err, norm = frobenius_errors(merged, B, A)
-        errors.append(err)
-        norms.append(norm)
-        host_b = torch.empty(B.shape, pin_memory=pinned)
-        host_a = torch.empty(A.shape, pin_memory=pinned)
-        host_b.copy_(B, non_blocking=True)  # overlaps the next group's work
-        host_a.copy_(A, non_blocking=True)
-        for i, name in enumerate(names):
-            factors[name] = (host_b[i], host_a[i])
-        del merged
-    sync(device)
-    err2 = float(sum((e.double() ** 2).sum() for e in errors))
-    norm2 = float(sum((n.double() ** 2).sum() for n in norms))
-    return factors, math.sqrt(err2 / norm2)
+
+def ours_ties_on_device(paths: list[Path], device: torch.device) -> tuple[Any, float]:
+    """TIES -> rank 16 of every module with ``merge_adapters(..., device=)``: the wired
+    path (grouped deltas, radix-select thresholds, batched randomized SVD, factors read
+    from the adapter files and returned in host memory). Returns (result, overall error)."""
+    from merging.lora.engine import merge_adapters
+
+    result = merge_adapters(paths, WEIGHTS, "ties", params={"density": DENSITY}, rank=RANK,
+                            device=str(device))
+    return result, float(result.report["error"])
 
 
 def todays_cpu_ties(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]]) -> float:
@@ -167,7 +164,7 @@ def peft_ties_svd(module_in: list[ModuleInput], shape: tuple[int, int], device: 
     wrapped: Any = peft_model.base_model.model
     layer = wrapped.proj
     with torch.no_grad():
-        for name, inp in zip(("first", "second"), module_in):
+        for name, inp in zip(("first", "second"), module_in, strict=True):
             layer.lora_A[name].weight.copy_(inp.A)
             layer.lora_B[name].weight.copy_(inp.B / (ALPHA / RANK))
     seconds, _ = clock(device, lambda: peft_model.add_weighted_adapter(
@@ -194,11 +191,13 @@ def part_a(args: argparse.Namespace, device: torch.device) -> None:
           f"{args.layers} layers, density {DENSITY}, weights {WEIGHTS}, back to rank {RANK}", flush=True)
     warm_shapes = {m: (s[0] // 8, s[1] // 8) for m, s in shapes.items()}
     warm = module_inputs(1, warm_shapes)  # CUDA context, cuBLAS/cuSOLVER handles: not timed
-    ours_ties_on_device(warm, warm_shapes, device)
     inputs = module_inputs(args.layers, shapes)
-    ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(inputs, shapes, device))
-    print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules (target <= 5 s), "
-          f"overall rank-{RANK} error {overall:.4f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        ours_ties_on_device(write_adapters(Path(tmp) / "warm", warm), device)
+        paths = write_adapters(Path(tmp) / "full", inputs)
+        ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(paths, device))
+    print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules, adapter files to host "
+          f"factors (target <= 5 s), overall rank-{RANK} error {overall:.4f}", flush=True)
     ratios = []
     for module in SUBSET:
         name = f"model.layers.0.{module}"
@@ -243,9 +242,9 @@ def tinyllama_config(small: bool) -> LlamaConfig:
 
 def quantize_all(weights: dict[str, tuple[int, ...]], device: torch.device) -> tuple[float, dict]:
     """Seconds to nf4-quantize every weight (random bf16, drawn on ``device``, untimed)."""
-    from merging.model.quantize import QuantSpec, quantize_weight
+    from merging.model.bnb import QuantSpec, quantize_weight
 
-    spec = QuantSpec(method="nf4")
+    spec = QuantSpec(method="nf4", device=str(device))  # results come back to host memory
     total, first = 0.0, {}
     for i, (name, shape) in enumerate(sorted(weights.items())):
         gen = torch.Generator(device=device).manual_seed(i)
@@ -266,7 +265,7 @@ def part_b(args: argparse.Namespace, device: torch.device) -> None:
         return
     from transformers import LlamaForCausalLM
 
-    from merging.model.quantize import QuantSpec, quantizable_weights
+    from merging.model.bnb import QuantSpec, quantizable_weights
 
     config = tinyllama_config(args.small)
     names = quantizable_weights(config.to_dict(), QuantSpec(method="nf4"))

@@ -42,6 +42,13 @@ ExpectOpt = Annotated[
     typer.Option("--expect", metavar="OLD",
                  help="Only move if the alias points here now (digest or ref; 'none': must not exist)."),
 ]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", metavar="DEVICE",
+                 help="cpu, cuda (or cuda:N) or auto: CUDA when torch sees one, else the CPU."),
+]
+"""``--device`` of merge, quantize, unload, gate and merge-search (default ``auto``),
+resolved by :func:`merging.devices.resolve_device` inside the command."""
 AllowBaseMismatchOpt = Annotated[
     bool,
     typer.Option("--allow-base-mismatch",

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from cli.common import ExpectOpt, JsonOpt, StoreOpt, open_store, parse_expect, ref_or_dir
+from cli.common import DeviceOpt, ExpectOpt, JsonOpt, StoreOpt, open_store, parse_expect, ref_or_dir
 from cli.output import Output, escape, short_digest
 from registry.errors import GateFailedError
 
@@ -54,7 +54,7 @@ def gate(
                                                   help="Also write a JUnit XML report here.")] = None,
     no_record: Annotated[bool, typer.Option("--no-record",
                                             help="Do not store the result in the registry.")] = False,
-    device: Annotated[str, typer.Option("--device", help="Torch device for evaluation.")] = "cpu",
+    device: DeviceOpt = "auto",
     allow_outside_data: Annotated[bool, typer.Option(
         "--allow-outside-data", help="Let the policy read data files outside its own "
         "directory (refused by default: a policy is untrusted input).")] = False,
@@ -74,6 +74,7 @@ def gate(
     from gate.default_policy import gate_policy
     from gate.report import append_step_summary, rich_table, write_junit
     from gate.runner import run_gate
+    from merging.devices import resolve_device
 
     out = Output(json_out)
     # the one ref-or-directory rule: a ref wins, a directory is written as a path
@@ -91,8 +92,10 @@ def gate(
         out.info(f"[{colours.get(check.status, 'white')}]{check.status:>5}[/] {escape(check.name)}"
                  f" ({check.duration_s:.1f}s)")
 
+    # after the policy (a hostile one is refused before torch is imported), before evaluating
+    evaluate_on = str(resolve_device(device))
     result = run_gate(candidate, base, pol, store=st, record=not no_record, on_check=on_check,
-                      device=device, model_dir=model, source_dir=source)
+                      device=evaluate_on, model_dir=model, source_dir=source)
     if junit is not None:
         write_junit(result, junit)
     append_step_summary(result)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cli.common import AllowBaseMismatchOpt, JsonOpt, StoreOpt, open_store
+from cli.common import AllowBaseMismatchOpt, DeviceOpt, JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
 from merging.lora.merge_versions import MergeRequest  # imports no torch
 from merging.lora.methods import METHODS, PARAMETER_HELP  # imports no torch
@@ -63,6 +63,7 @@ def merge(
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Also write the merged PEFT adapter directory here.")] = None,
     allow_base_mismatch: AllowBaseMismatchOpt = False,
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -70,7 +71,7 @@ def merge(
     out = Output(json_out)
     request = MergeRequest.parse(
         refs, method=method, weights=weights, rank=rank, seed=seed, name=name, out_dir=out_dir,
-        allow_base_mismatch=allow_base_mismatch,
+        allow_base_mismatch=allow_base_mismatch, device=device,
         params={"density": density, "lambda": lam, "normalize": normalize or None,
                 "sign_election": sign_election, "gamma": gamma, "epsilon": epsilon,
                 "align": align})
@@ -91,7 +92,8 @@ def _emit(out: Output, report: MergeReport) -> None:
         console.print(f"{state}: {escape(pushed.version.ref)}")
         console.print(f"method {merge['method']} {merge['parameters']}, weights "
                       f"{merge['weights']}, seed {merge['seed']}, output rank "
-                      f"{'/'.join(str(r) for r in ranks)}")
+                      f"{'/'.join(str(r) for r in ranks)}"
+                      + ("" if merge["device"] == "cpu" else f", on {merge['device']}"))
         console.print(f"relative Frobenius error: overall {merge['error']:.3g}, "
                       f"worst module {merge['max_error']:.3g} ({len(modules)} modules)")
         worst = sorted(modules.items(), key=lambda kv: -kv[1]["error"])[:5]

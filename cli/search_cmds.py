@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import AllowBaseMismatchOpt, JsonOpt, StoreOpt, open_store
+from cli.common import AllowBaseMismatchOpt, DeviceOpt, JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape, make_table
 from registry.errors import BadInputError, GateFailedError
 
@@ -25,14 +25,6 @@ from registry.errors import BadInputError, GateFailedError
 def register(app: typer.Typer) -> None:
     """Add ``merge-search`` to ``app``."""
     app.command("merge-search")(merge_search)
-
-
-def _device(text: str) -> str:
-    if text != "auto":
-        return text
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def merge_search(
@@ -52,7 +44,7 @@ def merge_search(
                           "(default: in memory).")] = None,
     study: Annotated[Optional[str], typer.Option(
         "--study", help="Study name (default: derived from inputs, policy, space and seed).")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+    device: DeviceOpt = "auto",
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Name to push the pick under (default: <first input>-search).")] = None,
     space: Annotated[Optional[Path], typer.Option(
@@ -74,13 +66,14 @@ def merge_search(
 ) -> None:
     """Search merge recipes that pass the gate policy (Optuna), and push the best one."""
     from gate.search.run import SearchSettings, run_search
+    from merging.devices import resolve_device
 
     out = Output(json_out)
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     if methods is not None and not method_list:
         raise BadInputError("--methods is empty", fix="e.g. --methods ties,dare_ties")
     settings = SearchSettings(methods=method_list, trials=trials, seed=seed, storage=storage,
-                              study=study, device=_device(device), name=name, space_file=space,
+                              study=study, device=str(resolve_device(device)), name=name, space_file=space,
                               pick_rule=pick_rule, sampler=sampler, heartbeat=heartbeat, plot=plot,
                               push=not no_push, allow_base_mismatch=allow_base_mismatch)
     st = open_store(store)

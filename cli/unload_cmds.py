@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cli.common import JsonOpt, StoreOpt, open_store, ref_or_dir
+from cli.common import DeviceOpt, JsonOpt, StoreOpt, open_store, ref_or_dir
 from cli.output import Output, escape, make_table, short_digest
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def unload(
                        "<name>-unloaded).")] = None,
     probe: ProbeOpt = None,
     sync: SyncOpt = True,
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -84,7 +85,7 @@ def unload(
     _rewrite(json_out, f"unloading into {out.name}", base, lambda advance: run_unload(
         adapter, base, out, store=st, max_shard_size=max_shard_size,
         quantize=quantize, qlora=qlora, double_quant=double_quant, blocksize=blocksize,
-        name=name, probe=probe, progress=advance, sync=sync))
+        name=name, probe=probe, progress=advance, sync=sync, device=device))
 
 
 def quantize(
@@ -98,6 +99,7 @@ def quantize(
         "--name", help="Record the output in the store under this name.")] = None,
     probe: ProbeOpt = None,
     sync: SyncOpt = True,
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -108,7 +110,7 @@ def quantize(
     _rewrite(json_out, f"quantizing into {out.name}", model_dir, lambda advance: run_quantize(
         model_dir, to, out=out, double_quant=double_quant, blocksize=blocksize,
         max_shard_size=max_shard_size, probe=probe, store=st, name=name, progress=advance,
-        sync=sync))
+        sync=sync, device=device))
 
 
 def rebuild(
@@ -172,7 +174,8 @@ def _render(console: Any, data: dict[str, Any]) -> None:
                                  rows))
     quant = data.get("quantization")
     if quant:
-        console.print(f"quantized {quant['method']}: overall relative error "
+        where = f" on {quant['device']}" if quant.get("device") else ""  # absent: the CPU
+        console.print(f"quantized {quant['method']}{where}: overall relative error "
                       f"{quant['overall_rel_error']:.4g}")
     probe = data.get("probe")
     if probe:

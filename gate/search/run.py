@@ -132,17 +132,18 @@ def _row(trial: Any) -> TrialRow:
 
 
 def _objective(scorer: Scorer, space: SearchSpace, adapters: Sequence[Any], labels: Sequence[str],
-               live: Any, seed: int, on_trial: Callable[[TrialRow], None] | None
-               ) -> Callable[[Any], Sequence[float]]:
+               live: Any, seed: int, on_trial: Callable[[TrialRow], None] | None,
+               device: str = "cpu") -> Callable[[Any], Sequence[float]]:
     from merging.lora.engine import merge_adapters
 
     def objective(trial: Any) -> Sequence[float]:
         choice = space.suggest(trial)
         result = merge_adapters(adapters, list(choice.weights), choice.method,
-                                params=dict(choice.params), seed=seed, labels=labels)
+                                params=dict(choice.params), seed=seed, labels=labels,
+                                device=device)
         live.load(result, adapters)
         score = scorer.score(result)
-        values = {o.name: v for o, v in zip(scorer.objectives, score.values)}
+        values = {o.name: v for o, v in zip(scorer.objectives, score.values, strict=False)}
         trial.set_user_attr("merge", {"method": choice.method, "weights": list(result.report["weights"]),
                                       "parameters": result.report["parameters"]})
         trial.set_user_attr("values", values)
@@ -172,15 +173,16 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
     adapters = [load_adapter(store.materialize(v, work / f"input-{i}")) for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
     if study_full(study, settings.trials):  # nothing to evaluate: no model is loaded
-        return Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters)],
+        return Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
                       store=store, name=target, base_dir=base, workdir=work), 0
     evaluator = Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length,
                           device=settings.device)
     live = LiveLora.attach(evaluator.base(), rank_bound(adapters))
-    scorer = Scorer(policy, evaluator, live, [(v.name, a) for v, a in zip(versions, adapters)],
+    scorer = Scorer(policy, evaluator, live, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
                     store=store, name=target, base_dir=base, workdir=work)
     scorer.prepare()
-    objective = _objective(scorer, space, adapters, labels, live, settings.seed, on_trial)
+    objective = _objective(scorer, space, adapters, labels, live, settings.seed, on_trial,
+                           settings.device)
     evaluated = run_worker(study, objective, settings.trials)
     return scorer, evaluated
 
@@ -204,7 +206,7 @@ def _push_pick(store: Store, versions: Sequence[Version], row: TrialRow, target:
     labels = [f"{v.name}@{v.short}" for v in versions]
     inputs = [work / f"input-{i}" for i in range(len(versions))]
     result = merge_adapters(inputs, list(row.weights), row.method, params=dict(row.parameters),
-                            seed=settings.seed, labels=labels)
+                            seed=settings.seed, labels=labels, device=settings.device)
     return push_merge(store, versions, result, target, work_dir=work, method=row.method,
                       warnings=warnings, allow_base_mismatch=settings.allow_base_mismatch,
                       extra_report={"search": search})

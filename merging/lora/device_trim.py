@@ -19,33 +19,69 @@ entries dominate. So here:
   itself (element-wise, so it runs on whatever device its tensors are on), and
   magnitude_prune's sum is :func:`merging.lora.sparsify.weighted_sum`.
 
-The deltas are full products rather than 64-row blocks, so on the CPU they can
-round differently from :mod:`merging.lora.sparsify` in the last bit (exactly equal when
-the products are exact, as the tests check); on one device the result is
-deterministic: no atomics on floats, no sampling.
+On the CPU the deltas are :mod:`merging.lora.sparsify`'s 64-row block products, so
+a grouped merge equals the per-module one bit for bit (the engine's
+``group_modules=True`` on the CPU, which the tests use to run this path without a
+GPU); on another device they are one batched matmul, which rounds differently in
+the last bits. On one device the result is deterministic: no atomics on floats,
+no sampling.
+
+:func:`factor_group` then turns a group's merged deltas into stored factors and
+their errors: one batched randomized SVD per output rank on a GPU
+(:func:`merging.lora.lowrank.lowrank_factors`, float32) and batched Frobenius errors;
+on the CPU one matrix at a time with :func:`merging.lora.factorize.lowrank_refactor`
+and :func:`merging.lora.factorize.dense_error`, exactly the per-module engine's steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from merging.lora import sparsify
+from merging.lora.factorize import dense_error, lowrank_refactor
 from merging.lora.kselect import keep_mask, kth_largest_magnitudes
+from merging.lora.lowrank import frobenius_errors, lowrank_factors
 from merging.lora.methods import MergeParams, ModuleInput
+
+GROUPED_METHODS = ("ties", "magnitude_prune")
+"""The methods :func:`merge_modules_grouped` runs (``ties`` elects signs)."""
+CPU_GROUP_ENTRIES = 1 << 24
+"""Delta entries per group on the CPU (64 MiB of float32)."""
+GPU_GROUP_ENTRIES = 1 << 28
+"""At most this many delta entries per group on a GPU (1 GiB of float32), and at most
+1/64 of the device's total memory in bytes (deltas, masks, radix-select and election
+temporaries come to about 20 bytes per entry)."""
+GroupLoader = Callable[[Sequence[str]], list[list[ModuleInput]]]
+"""Module names -> their inputs (CPU factors, scale folded into ``B``)."""
+FactoredModule = tuple[torch.Tensor, torch.Tensor, float, float]
+"""``(B, A, error, norm)`` of one module: CPU factors in the output dtype, and
+``||D - B A||_F``, ``||D||_F`` measured on them as stored."""
 
 
 def _stacked(factors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     stack = torch.stack(factors)
-    if device.type == "cuda":
+    if device.type == "cuda":  # pinned: the copy runs without blocking the host
         return stack.pin_memory().to(device, non_blocking=True)
     return stack.to(device)
 
 
+def _cpu_delta(inp: ModuleInput) -> torch.Tensor:
+    """``B @ A`` with :func:`merging.lora.sparsify.block_delta`'s products, thread settings included."""
+    return torch.cat(sparsify.block_map(lambda _j, rows: sparsify.block_delta(inp, rows),
+                                        sparsify.row_blocks(inp.B.shape[0])))
+
+
 def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | str) -> torch.Tensor:
     """The true deltas ``B_i A_i`` of a group of modules: ``(modules, inputs, out, in)`` float32.
+
+    On the CPU every delta is the concatenation of the 64-row block products
+    :mod:`merging.lora.sparsify` computes (so a grouped merge is bit for bit the per-module
+    one); on another device the factors are stacked, ranks zero-padded to the largest,
+    copied once and multiplied in one batched matmul.
 
     Args:
         group: Per module, its inputs (scale folded into ``B``); every module has
@@ -62,11 +98,14 @@ def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | 
     counts = {len(inputs) for inputs in group}
     if not flat or len(counts) != 1 or len({(i.B.shape[0], i.A.shape[1]) for i in flat}) != 1:
         raise ValueError("a group holds modules with the same input count and shape")
-    rank = max(inp.A.shape[0] for inp in flat)
-    pad = torch.nn.functional.pad
-    B = _stacked([pad(inp.B.float(), (0, rank - inp.B.shape[1])) for inp in flat], device)
-    A = _stacked([pad(inp.A.float(), (0, 0, 0, rank - inp.A.shape[0])) for inp in flat], device)
-    deltas = torch.bmm(B, A)
+    if device.type == "cpu":
+        deltas = torch.stack([_cpu_delta(inp) for inp in flat])
+    else:
+        rank = max(inp.A.shape[0] for inp in flat)
+        pad = torch.nn.functional.pad
+        B = _stacked([pad(inp.B.float(), (0, rank - inp.B.shape[1])) for inp in flat], device)
+        A = _stacked([pad(inp.A.float(), (0, 0, 0, rank - inp.A.shape[0])) for inp in flat], device)
+        deltas = torch.bmm(B, A)
     return deltas.view(len(group), counts.pop(), *deltas.shape[1:])
 
 
@@ -147,3 +186,91 @@ def group_by_shape(shapes: dict[str, tuple[int, int]], max_entries: int,
         per_group = max(1, max_entries // size)
         groups.extend(names[i:i + per_group] for i in range(0, len(names), per_group))
     return sorted(groups)
+
+
+def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int], *, seed: int,
+                 dtype: torch.dtype) -> list[FactoredModule]:
+    """Rank-``ranks[m]`` factors of each merged delta, cast to ``dtype``, back on the CPU.
+
+    Args:
+        merged: ``(modules, out, in)`` float32 merged deltas (from :func:`merge_group`).
+        names: Module names (they seed the sketches, as the per-module engine's).
+        ranks: Output rank of each module.
+        seed: The run's seed.
+        dtype: The output dtype; errors are measured on the factors after the cast.
+
+    Returns:
+        One :data:`FactoredModule` per module, in order.
+
+    Raises:
+        ValueError: ``names`` or ``ranks`` do not have one entry per module.
+    """
+    if not len(names) == len(ranks) == merged.shape[0]:
+        raise ValueError("factor_group takes one name and one rank per merged delta")
+    if merged.device.type == "cpu":
+        out = []
+        for m, name in enumerate(names):
+            b, a = lowrank_refactor(merged[m], ranks[m], seed=seed, module=name)
+            b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
+            out.append((b, a, *dense_error(merged[m], b, a)))
+        return out
+    results: list[FactoredModule | None] = [None] * len(names)
+    for rank in sorted(set(ranks)):
+        picked = [m for m, r in enumerate(ranks) if r == rank]
+        deltas = merged if len(picked) == len(names) else merged[picked]
+        B, A = lowrank_factors(deltas, rank, seed=seed, modules=[names[m] for m in picked])
+        B, A = B.to(dtype), A.to(dtype)
+        errors, norms = frobenius_errors(deltas, B, A)
+        B_cpu, A_cpu = B.cpu(), A.cpu()
+        for i, (m, err, norm) in enumerate(zip(picked, errors.tolist(), norms.tolist(),
+                                               strict=True)):
+            results[m] = (B_cpu[i].clone(), A_cpu[i].clone(), err, norm)  # no shared storage
+    return [r for r in results if r is not None]
+
+
+def _group_entries(device: torch.device) -> int:
+    """Delta entries per group: fixed per device model (its total memory, not what is
+    free now), so the groups, and with them the batched results, repeat bit for bit."""
+    if device.type != "cuda":
+        return CPU_GROUP_ENTRIES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(1 << 20, min(GPU_GROUP_ENTRIES, total // 64))
+
+
+def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[str, tuple[int, ...]],
+                          load: GroupLoader, params: MergeParams, *, elect: bool,
+                          device: torch.device, rank: int | None, seed: int, dtype: torch.dtype
+                          ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]]:
+    """TIES/magnitude_prune of many modules, group by group: the engine's grouped path.
+
+    A reader thread loads the next group's factors (``load``) while this one is merged
+    on ``device``, so disk reads overlap the device's work; at most two groups' factors
+    are in host memory and one group's deltas on the device.
+
+    Args:
+        shapes: Module name -> ``(out, in)``.
+        inputs_of: Module name -> indices of the inputs that have it.
+        load: Reads a group's inputs.
+        params: Resolved parameters.
+        elect: TIES (sign election) rather than magnitude_prune.
+        device: Where to compute.
+        rank: Output rank (None: each module's largest input rank).
+        seed: The run's seed (sketches).
+        dtype: Output dtype.
+
+    Yields:
+        ``(name, B, A, error, norm, indices of the inputs used)`` per module, group by group.
+    """
+    groups = group_by_shape(shapes, _group_entries(device), inputs_of)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(load, groups[0]) if groups else None
+        for g, group in enumerate(groups):
+            inputs = ahead.result() if ahead is not None else []
+            ahead = reader.submit(load, groups[g + 1]) if g + 1 < len(groups) else None
+            merged = merge_group(inputs, params, elect=elect, device=device)
+            ranks = [rank if rank is not None else max(inp.A.shape[0] for inp in module)
+                     for module in inputs]
+            factored = factor_group(merged, group, ranks, seed=seed, dtype=dtype)
+            del merged
+            for name, module, (b, a, err, norm) in zip(group, inputs, factored, strict=True):
+                yield name, b, a, err, norm, [inp.index for inp in module]

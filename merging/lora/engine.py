@@ -21,6 +21,18 @@ For every module in the union of the inputs' modules (sorted by name):
 Memory: the inputs' factors of one module plus at most one dense ``(out, in)``
 float32 tensor; the output factors are kept (they are what gets written).
 
+**Devices** (``device``, :func:`merging.devices.resolve_device`). Dense methods run
+on the device: each module's factors are copied there and the method, the
+re-factorization and the error run there; the factors come back as CPU tensors.
+``ties`` and ``magnitude_prune`` (without ``align``, rank not ``full``) go further
+on a GPU: same-shaped modules are merged in groups (:mod:`merging.lora.device_trim`:
+batched deltas, radix-select thresholds, batched randomized SVD), while a reader
+thread loads the next group's factors. ``group_modules=True`` runs that grouped
+path on the CPU too, where it is bit for bit the per-module path (tests). Factored
+methods (linear, task_arithmetic, cat) and KnOTS-aligned merges only touch
+rank-sized matrices and stay on the CPU. A result is reproducible per device;
+across devices dense merges agree to float32 rounding (the tests' tolerances).
+
 Output config: :func:`merging.lora.peft_output.output_config` (``r`` = the most common
 output rank at scale 1, ``rank_pattern`` where a module's rank differs,
 ``target_modules`` = the union of the inputs'); :func:`merging.lora.peft_output.write_peft_dir`
@@ -41,8 +53,10 @@ from typing import Any
 import torch
 
 from merging.adapter import LoraAdapter, load_adapter
+from merging.devices import resolve_device
 from merging.dtypes import torch_dtype
 from merging.lora.align import knots_merge
+from merging.lora.device_trim import GROUPED_METHODS, merge_modules_grouped
 from merging.lora.factorize import (
     dense_error,
     exact_refactor,
@@ -58,6 +72,7 @@ from merging.lora.methods import (
     ModuleInput,
     get_method,
 )
+from merging.lora.lowrank import frobenius_errors
 from merging.lora.options import Rank, parse_rank, parse_weights
 from merging.lora.peft_output import output_config
 from merging.lora.results import MergeResult
@@ -69,6 +84,8 @@ from registry.errors import (
 )
 
 ProgressCallback = Callable[[int], None]
+ModuleOutcome = tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]
+"""``(name, B, A, error, norm, indices of the inputs used)`` of one merged module."""
 
 
 def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
@@ -79,7 +96,7 @@ def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
 def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) -> list[str]:
     warnings: list[str] = []
     first = adapters[0].config
-    for adapter, label in zip(adapters[1:], labels[1:]):
+    for adapter, label in zip(adapters[1:], labels[1:], strict=True):
         cfg = adapter.config
         if bool(cfg.get("fan_in_fan_out", False)) != bool(first.get("fan_in_fan_out", False)):
             raise BadInputError(f"{label} and {labels[0]} disagree on fan_in_fan_out",
@@ -89,7 +106,7 @@ def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) ->
                 warnings.append(f"{field} differs: {labels[0]} has {first.get(field)!r}, "
                                 f"{label} has {cfg.get(field)!r}; the output keeps the first")
     seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
-    for adapter, label in zip(adapters, labels):
+    for adapter, label in zip(adapters, labels, strict=True):
         for name, info in adapter.infos.items():
             if name in seen and seen[name][1:] != (info.shape, info.embedding):
                 other, shape, _ = seen[name]
@@ -109,9 +126,9 @@ def _output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
 
 
 def _inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], labels: Sequence[str],
-            name: str) -> list[ModuleInput]:
+            name: str, device: torch.device) -> list[ModuleInput]:
     inputs = []
-    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         if name not in adapter.infos:
             continue
         module = adapter.module(name)
@@ -120,7 +137,7 @@ def _inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], labels: S
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             raise BadInputError(f"{labels[index]}: module {name} has NaN or infinite values",
                                 fix="check the adapter's training run")
-        inputs.append(ModuleInput(index=index, B=b, A=a, weight=weight))
+        inputs.append(ModuleInput(index=index, B=b.to(device), A=a.to(device), weight=weight))
     return inputs
 
 
@@ -140,8 +157,11 @@ def _refactored(method_output: str, result: Any, inputs: Sequence[ModuleInput], 
         target = rank if isinstance(rank, int) else max(inp.A.shape[0] for inp in inputs)
         b, a = lowrank_refactor(result, target, seed=ctx.seed, module=ctx.name)
     b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
-    err, norm = dense_error(result, b, a)
-    return b, a, err, norm
+    if result.device.type == "cpu":
+        err, norm = dense_error(result, b, a)
+    else:  # one reduction, one host sync (dense_error syncs once per 64-row block)
+        err, norm = (float(x) for x in frobenius_errors(result, b, a))
+    return b.cpu(), a.cpu(), err, norm
 
 
 def _run_method(spec: MergeMethod, inputs: Sequence[ModuleInput], params: MergeParams,
@@ -160,7 +180,7 @@ def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
             warnings: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, list[str]] = {}
-    for adapter, label in zip(adapters, labels):
+    for adapter, label in zip(adapters, labels, strict=True):
         for key in adapter.extras:
             tensor = adapter.extra_tensor(key)
             if key in out:
@@ -186,7 +206,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
                    weights: Sequence[float] | str | None = None, method: str = "ties", *,
                    params: dict[str, Any] | None = None, rank: Rank = None,
                    seed: int | None = 0, progress: ProgressCallback | None = None,
-                   labels: Sequence[str] | None = None) -> MergeResult:
+                   labels: Sequence[str] | None = None, device: str | torch.device = "cpu",
+                   group_modules: bool | None = None) -> MergeResult:
     """Merge LoRA adapters module by module on their true deltas.
 
     Args:
@@ -206,25 +227,31 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         seed: Seed of DARE masks and randomized SVD sketches (None means 0).
         progress: Called with 1 after each module.
         labels: Names of the inputs for messages (default ``input 1``...).
+        device: Where dense methods compute (``cpu``, ``cuda``, ``auto``;
+            :func:`merging.devices.resolve_device`); see the module docstring.
+        group_modules: Merge same-shaped modules in groups (``ties`` and
+            ``magnitude_prune``); None: on a non-CPU device only.
 
     Returns:
-        The :class:`MergeResult`.
+        The :class:`MergeResult` (its tensors are on the CPU).
 
     Raises:
         BadInputError: Bad weights, rank, method or parameters (density outside
-            (0, 1], ...), non-finite tensors, fan_in_fan_out disagreement.
+            (0, 1], ...), non-finite tensors, fan_in_fan_out disagreement, a
+            device torch does not see.
         UnsupportedAdapterError: DoRA, lora_bias, ... inputs; clashing
             ``modules_to_save`` tensors.
         BaseMismatchError: A module has different shapes in two inputs.
     """
     if not adapters:
         raise BadInputError("nothing to merge", fix="pass at least two adapters")
+    target = resolve_device(device)  # an unusable device is refused before anything is opened
     loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
     labels = list(labels) if labels is not None else [f"input {i + 1}" for i in range(len(loaded))]
     weights = parse_weights(weights, len(loaded))
     spec = get_method(method)
     run = _MergeRun(loaded, labels, weights, spec, spec.resolve(params, weights),
-                    parse_rank(rank), 0 if seed is None else int(seed))
+                    parse_rank(rank), 0 if seed is None else int(seed), target, group_modules)
     try:
         warnings = _check_compatible(loaded, labels)
         extras = _extras(loaded, labels, warnings)  # clashes are refused before any work
@@ -238,7 +265,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         "method": spec.name, "parameters": spec.recorded(run.params), "weights": weights,
         "seed": run.seed, "rank": run.rank, "dtype": str(run.dtype).removeprefix("torch."),
         "modules": modules, "error": error, "max_error": max(errors, default=0.0),
-        "warnings": warnings,
+        "warnings": warnings, "device": str(run.device),
     }
     return MergeResult(config=output_config(loaded, ranks), tensors=tensors, report=report)
 
@@ -249,19 +276,46 @@ class _MergeRun:
 
     def __init__(self, loaded: Sequence[LoraAdapter], labels: Sequence[str],
                  weights: Sequence[float], spec: MergeMethod, params: MergeParams, rank: Rank,
-                 seed: int) -> None:
+                 seed: int, device: torch.device, group_modules: bool | None) -> None:
         self.loaded, self.labels, self.weights = loaded, labels, weights
         self.spec, self.params, self.rank, self.seed = spec, params, rank, seed
         self.dtype = _output_dtype(loaded)
+        # Where modules compute (module docstring): ``device`` for dense methods, grouped
+        # for ties/magnitude_prune on a non-CPU device (or when asked).
+        self.device = device
+        dense = spec.output == "dense" and params.align != "knots"
+        self.compute = device if dense else torch.device("cpu")
+        wanted = device.type != "cpu" if group_modules is None else group_modules
+        self.grouped_path = wanted and dense and spec.name in GROUPED_METHODS and rank != "full"
 
-    def one(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]:
+    def one(self, name: str) -> ModuleOutcome:
         """Merge module ``name``: (name, B, A, error, norm, indices of the inputs used)."""
-        inputs = _inputs(self.loaded, self.weights, self.labels, name)
+        inputs = _inputs(self.loaded, self.weights, self.labels, name, self.compute)
         info = next(a.infos[name] for a in self.loaded if name in a.infos)
         ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed)
         result, output = _run_method(self.spec, inputs, self.params, ctx)
         b, a, err, norm = _refactored(output, result, inputs, self.rank, ctx, self.dtype)
         return name, b, a, err, norm, [inp.index for inp in inputs]
+
+    def _group_inputs(self, names: Sequence[str]) -> list[list[ModuleInput]]:
+        cpu = torch.device("cpu")
+        return [_inputs(self.loaded, self.weights, self.labels, name, cpu) for name in names]
+
+    def grouped(self, names: Sequence[str], progress: ProgressCallback | None
+                ) -> Iterator[ModuleOutcome]:
+        """:meth:`one` for every module, computed by groups (:func:`merge_modules_grouped`),
+        handed out in ``names`` order (the overall error sums in that order)."""
+        shapes = {n: next(a.infos[n] for a in self.loaded if n in a.infos).shape for n in names}
+        inputs_of = {n: tuple(i for i, a in enumerate(self.loaded) if n in a.infos) for n in names}
+        done: dict[str, ModuleOutcome] = {}
+        for outcome in merge_modules_grouped(
+                shapes, inputs_of, self._group_inputs, self.params, elect=self.spec.name == "ties",
+                device=self.device, rank=self.rank if isinstance(self.rank, int) else None,
+                seed=self.seed, dtype=self.dtype):
+            done[outcome[0]] = outcome
+            if progress is not None:
+                progress(1)
+        return (done[name] for name in names)
 
     def all_modules(self, progress: ProgressCallback | None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, int], float]:
@@ -278,7 +332,9 @@ class _MergeRun:
         with intraop_threads(1) if workers > 1 else contextlib.nullcontext():
             pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
             try:
-                outcomes: Iterator[Any] = pool.map(self.one, names) if pool else map(self.one, names)
+                outcomes: Iterator[ModuleOutcome] = (
+                    self.grouped(names, progress) if self.grouped_path
+                    else pool.map(self.one, names) if pool else map(self.one, names))
                 for name, b, a, err, norm, used in outcomes:
                     keys = next(ad.infos[name] for ad in self.loaded if name in ad.infos).keys
                     tensors[keys.a], tensors[keys.b] = a, b
@@ -286,7 +342,7 @@ class _MergeRun:
                     modules[name] = {"rank": a.shape[0], "error": err / norm if norm > 0 else 0.0,
                                      "norm": norm, "inputs": used}
                     err2, norm2 = err2 + err * err, norm2 + norm * norm
-                    if progress is not None:
+                    if progress is not None and not self.grouped_path:
                         progress(1)
             finally:
                 if pool is not None:
@@ -314,7 +370,7 @@ def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *
     """
     warnings: list[str] = []
     known: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    for base, label in zip(bases, labels):
+    for base, label in zip(bases, labels, strict=True):
         fp = (base or {}).get("fingerprint")
         if not fp or not fp.get("struct_digest"):
             warnings.append(f"{label}: no base fingerprint recorded; its base could not be verified")

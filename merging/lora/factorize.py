@@ -14,13 +14,14 @@ rank`` it is the optimal rank-N truncation (Eckart-Young) of ``D`` without ever
 forming ``D``. Cost: two thin QRs and an R x R SVD (milliseconds).
 
 **Truncated randomized SVD of a dense delta** (:func:`lowrank_refactor`; TIES, DARE,
-magnitude_prune). ``torch.svd_lowrank(D, q, niter)`` with ``q = 2·rank``
+magnitude_prune). ``torch.svd_lowrank``'s algorithm with ``q = 2·rank``
 (oversampling equal to the rank) and ``niter = 2`` power iterations; on TIES
 deltas of two rank-16 Llama-2-7B-shaped adapters the rank-16 error is within 1% of
 the exact truncated SVD's (``benchmarks/bench_merge.py`` prints the ratio). The
-sketch's random matrix is drawn under ``torch.random.fork_rng`` seeded from
-``sha256(seed, module, "svd")``, so the output is reproducible and the caller's
-global RNG is untouched. Small matrices (``min(out, in) <= 2q`` or under 2^20
+sketch's random matrix is drawn from a generator seeded from
+``sha256(seed, module, "svd")`` (its own generator on the delta's device:
+:mod:`merging.lora.lowrank`, the one implementation, also batched), so the output is
+reproducible per device and the caller's global RNG is untouched. Small matrices (``min(out, in) <= 2q`` or under 2^20
 entries) use the exact ``torch.linalg.svd`` instead.
 
 **Full rank** (:func:`full_factors`; ``--rank full``): ``D = I @ D`` (or ``D @ I``),
@@ -35,15 +36,14 @@ to the output dtype): :func:`dense_error` block by block for dense deltas,
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
+from merging.lora.lowrank import NITER, lowrank_factors
+
 RANK_RTOL = 2.0 ** -23
 """Singular values below ``RANK_RTOL · S_max`` are float32 noise and are dropped."""
-NITER = 2
-"""Power iterations of the randomized SVD."""
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +51,8 @@ def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch
     return (u * root).float(), (root[:, None] * vh).float()
 
 
-def _zero_factors(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros((rows, 1)), torch.zeros((1, cols))
+def _zero_factors(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros((rows, 1), device=device), torch.zeros((1, cols), device=device)
 
 
 def exact_refactor(B: torch.Tensor, A: torch.Tensor,
@@ -73,7 +73,7 @@ def exact_refactor(B: torch.Tensor, A: torch.Tensor,
     qa, ra = torch.linalg.qr(A.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     if s.numel() == 0 or float(s[0]) == 0.0:
-        return _zero_factors(rows, cols)
+        return _zero_factors(rows, cols, B.device)
     keep = int(torch.count_nonzero(s > s[0] * RANK_RTOL))
     if rank is not None:
         keep = min(keep, rank)
@@ -82,18 +82,16 @@ def exact_refactor(B: torch.Tensor, A: torch.Tensor,
     return _balanced((u[:, :keep].T @ qb.T).T, s[:keep], vh[:keep] @ qa.T)
 
 
-def _sketch_seed(seed: int, module: str) -> int:
-    text = f"{seed}\x1f{module}\x1fsvd"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
 def lowrank_refactor(D: torch.Tensor, rank: int, *, seed: int = 0, module: str = "",
                      oversample: int | None = None,
                      niter: int = NITER) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors of a dense delta, by truncated randomized SVD.
 
+    The one implementation is :func:`merging.lora.lowrank.lowrank_factors` (any
+    device; its own seeded generator per matrix, so no global RNG is touched).
+
     Args:
-        D: ``(out, in)`` float32 delta.
+        D: ``(out, in)`` float32 delta, on any device.
         rank: Output rank (clamped to ``min(out, in)``).
         seed: Run seed; with ``module`` it seeds the sketch.
         module: Module name (part of the sketch seed).
@@ -101,28 +99,18 @@ def lowrank_refactor(D: torch.Tensor, rank: int, *, seed: int = 0, module: str =
         niter: Power iterations.
 
     Returns:
-        ``(B, A)`` float32, ``B`` ``(out, rank)``, ``A`` ``(rank, in)``.
+        ``(B, A)`` float32 on ``D``'s device, ``B`` ``(out, rank)``, ``A`` ``(rank, in)``.
     """
-    rows, cols = D.shape
-    rank = max(1, min(rank, rows, cols))
-    q = min(rank + (rank if oversample is None else oversample), rows, cols)
-    if not bool(torch.any(D)):
-        return torch.zeros((rows, rank)), torch.zeros((rank, cols))
-    if min(rows, cols) <= 2 * q or rows * cols <= (1 << 20):
-        u, s, vh = torch.linalg.svd(D, full_matrices=False)
-        return _balanced(u[:, :rank], s[:rank], vh[:rank])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_sketch_seed(seed, module))
-        u, s, v = torch.svd_lowrank(D, q=q, niter=niter)
-    return _balanced(u[:, :rank], s[:rank], v[:, :rank].T)
+    return lowrank_factors(D, rank, seed=seed, modules=module, oversample=oversample,
+                           niter=niter)
 
 
 def full_factors(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``D`` itself as factors of rank ``min(out, in)``: ``(I, D)`` or ``(D, I)``."""
     rows, cols = D.shape
     if rows <= cols:
-        return torch.eye(rows), D.clone()
-    return D.clone(), torch.eye(cols)
+        return torch.eye(rows, device=D.device), D.clone()
+    return D.clone(), torch.eye(cols, device=D.device)
 
 
 def dense_error(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:

@@ -60,6 +60,8 @@ class MergeRequest:
         name: Output name (default ``<first input name>-<method>[-<align>]``).
         out_dir: Also write the merged PEFT directory here.
         allow_base_mismatch: Accept inputs whose bases share structure but not weights.
+        device: Where to compute (``cpu``, ``cuda``, ``cuda:N``, ``auto``;
+            :func:`merging.devices.resolve_device`, checked before any work).
     """
 
     refs: tuple[str, ...]
@@ -71,13 +73,14 @@ class MergeRequest:
     name: str | None = None
     out_dir: Path | None = None
     allow_base_mismatch: bool = False
+    device: str = "cpu"
 
     @classmethod
     def parse(cls, refs: Sequence[str], *, method: str = "ties",
               weights: str | Sequence[float] | None = None,
               params: Mapping[str, Any] | None = None, rank: Rank = None, seed: int = 0,
               name: str | None = None, out_dir: Path | None = None,
-              allow_base_mismatch: bool = False) -> MergeRequest:
+              allow_base_mismatch: bool = False, device: str = "cpu") -> MergeRequest:
         """Build a request from option values as given (``weights="0.5,0.5"``,
         ``rank="16"``); None parameters are "not chosen" and dropped.
 
@@ -91,7 +94,7 @@ class MergeRequest:
         return cls(refs=tuple(refs), method=method, weights=parsed,
                    params={k: v for k, v in (params or {}).items() if v is not None},
                    rank=parse_rank(rank), seed=seed, name=name, out_dir=out_dir,
-                   allow_base_mismatch=allow_base_mismatch)
+                   allow_base_mismatch=allow_base_mismatch, device=device)
 
     def target(self, first_name: str) -> str:
         """The output name: :attr:`name`, else ``<first_name>-<method>[-<align>]``."""
@@ -127,7 +130,8 @@ class MergeReport:
                 "parameters": report["parameters"], "weights": report["weights"],
                 "seed": report["seed"], "rank": report["rank"], "output_ranks": self.output_ranks,
                 "error": report["error"], "max_error": report["max_error"],
-                "modules": report["modules"], "warnings": list(self.warnings), "out": self.out}
+                "modules": report["modules"], "warnings": list(self.warnings), "out": self.out,
+                "device": report["device"]}
 
 
 @contextlib.contextmanager
@@ -149,14 +153,15 @@ def merge_versions(store: Store, request: MergeRequest, *,
 
     Raises:
         NotFoundError: An input ref is not in the store.
-        BadInputError: Bad output name, method or parameters; the output fails the
-            ingest checks.
+        BadInputError: Bad output name, method or parameters, a device torch does not
+            see; the output fails the ingest checks.
         BaseMismatchError: Inputs of different base structure, or different base weights
             without ``allow_base_mismatch``; module shapes that disagree.
         UnsupportedAdapterError: Inputs that cannot be merged (DoRA, ...).
         ConflictError: ``out_dir`` exists and is not empty.
     """
     from merging.adapter import load_adapter
+    from merging.devices import resolve_device
     from merging.lora.engine import check_bases, merge_adapters, module_union
     from merging.lora.methods import get_method
     from merging.lora.peft_output import write_peft_dir
@@ -168,6 +173,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
     validate_name(target)
     weights = list(request.weights) if request.weights is not None else None
     get_method(request.method).resolve(dict(request.params), weights or [1.0] * len(versions))
+    device = resolve_device(request.device)
     labels = [f"{v.name}@{v.short}" for v in versions]
     base_warnings = check_bases([v.record.get("base_model") for v in versions], labels,
                                 allow_weights_mismatch=request.allow_base_mismatch)
@@ -180,7 +186,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
                                         len(module_union(adapters))) as advance:
             result = merge_adapters(adapters, weights, request.method, params=dict(request.params),
                                     rank=request.rank, seed=request.seed, progress=advance,
-                                    labels=labels)
+                                    labels=labels, device=device)
         pushed = push_merge(store, versions, result, target, work_dir=work_dir,
                             method=request.method, warnings=base_warnings,
                             allow_base_mismatch=request.allow_base_mismatch)

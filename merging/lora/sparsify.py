@@ -8,7 +8,9 @@ factors, which costs one small matmul per block. Blocks are independent, so
 :func:`block_map` runs them on a small thread pool with single-threaded torch ops
 (one worker per torch thread; the process-wide intra-op thread count is set to 1
 for the duration and restored): on a busy 2-core machine this measured 5-10x
-faster than 2-thread OpenMP ops on blocks this small.
+faster than 2-thread OpenMP ops on blocks this small. **Devices:** factors on a GPU
+keep every step there (thresholds by :mod:`merging.lora.kselect`'s exact radix select;
+DARE/DELLA masks drawn on the CPU generator and copied, so they match the CPU's).
 
 **Trim (TIES, magnitude_prune).** Keep the ``k = int(density · numel)`` entries of
 largest magnitude of each input's delta, as ``peft.utils.merge_utils.prune(...,
@@ -66,6 +68,7 @@ from typing import Iterator, TypeVar
 import numpy as np
 import torch
 
+from merging.lora.kselect import kth_largest_magnitude
 from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
 
 BLOCK_ROWS = 64
@@ -140,6 +143,8 @@ def kth_largest(inp: ModuleInput, k: int, ctx: ModuleContext) -> float:
         return 0.0
     if k <= 0:
         return math.inf
+    if inp.B.device.type != "cpu":  # exact radix select: no sort, no sampling, no host scan
+        return float(kth_largest_magnitude(inp.B @ inp.A, k))
     blocks = row_blocks(rows)
     if numel > SMALL_TENSOR:
         lo, hi = _bracket(inp, ctx, numel, k)
@@ -233,7 +238,7 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     cols = delta.shape[1]
     if cols == 1:
         return torch.full_like(delta, density)
-    rank_norm = ((row_ranks(delta) - 1) / (cols - 1)).clamp(0, 1)
+    rank_norm = ((row_ranks(delta).to(delta.device) - 1) / (cols - 1)).clamp(0, 1)
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
@@ -246,7 +251,7 @@ def row_ranks(delta: torch.Tensor) -> torch.Tensor:
     stable order, and the ranks are scattered back.
     """
     rows, cols = delta.shape
-    keys = delta.abs().contiguous().numpy().view(np.int32).astype(np.int64)
+    keys = delta.abs().cpu().contiguous().numpy().view(np.int32).astype(np.int64)
     keys <<= 32
     keys |= np.arange(cols, dtype=np.int64)
     keys.sort(axis=1)
@@ -272,7 +277,7 @@ def della_block(delta: torch.Tensor, density: float, epsilon: float,
     if density >= 1.0:
         return delta
     probs = della_probabilities(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=gen) < probs
+    keep = torch.rand(delta.shape, generator=gen).to(delta.device) < probs
     return delta.mul_(keep).div_(probs)
 
 
@@ -300,7 +305,7 @@ def dare_block(delta: torch.Tensor, density: float, gen: torch.Generator) -> tor
     """
     if density >= 1.0:
         return delta
-    keep = torch.rand(delta.shape, generator=gen) < density
+    keep = torch.rand(delta.shape, generator=gen).to(delta.device) < density
     return delta.mul_(keep).div_(density)
 
 
@@ -314,12 +319,9 @@ def dare_mask(ctx: ModuleContext, index: int, density: float) -> torch.Tensor:
 def weighted_sum(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``Σ w_i · d_i`` (reuses the first part's memory)."""
     out = parts[0].mul_(weights[0])
-    for part, weight in zip(parts[1:], weights[1:]):
+    for part, weight in zip(parts[1:], weights[1:], strict=True):
         out.add_(part, alpha=weight)
     return out
-
-
-_ONE = torch.ones(())
 
 
 def elect_and_merge(parts: Sequence[torch.Tensor], weights: Sequence[float],
@@ -338,16 +340,16 @@ def elect_and_merge(parts: Sequence[torch.Tensor], weights: Sequence[float],
             total.add_(torch.sign(part))
     elif mode == "mergekit":
         total = parts[0] * weights[0]
-        for part, weight in zip(parts[1:], weights[1:]):
+        for part, weight in zip(parts[1:], weights[1:], strict=True):
             total.add_(part, alpha=weight)
     else:
         total = parts[0].clone()
         for part in parts[1:]:
             total.add_(part)
-    elected = _ONE.copysign(total)
+    elected = torch.ones((), device=total.device).copysign(total)
     numerator = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected)
-    for part, weight in zip(parts, weights):
+    for part, weight in zip(parts, weights, strict=True):
         if mode == "mergekit":
             aligned = part.mul_(elected).mul_(weight)
             divisor.add_(aligned > 0, alpha=weight)
@@ -381,7 +383,7 @@ def dense_merge(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleC
         normalize: Divide by ``params.weight_sum``.
     """
     rows, cols = ctx.shape
-    out = torch.empty((rows, cols), dtype=torch.float32)
+    out = torch.empty((rows, cols), dtype=torch.float32, device=inputs[0].B.device)
     weights = [inp.weight for inp in inputs]
     factor = params.lam / (params.weight_sum if normalize else 1.0)
 

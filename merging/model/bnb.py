@@ -20,6 +20,14 @@ weight is transposed first) is converted unless ``get_keys_to_not_convert`` (out
 embedding, tied weights, last module), ``_keep_in_fp32_modules`` or
 ``llm_int8_skip_modules`` exclude it.
 
+**Devices.** ``QuantSpec.device`` names where the conversion runs: on ``cuda`` each
+weight is copied to the GPU, quantized there by bitsandbytes' CUDA kernels (what
+``from_pretrained(..., device_map="cuda")`` runs when it loads the weight) and the
+results come back to host memory before the next weight, so the GPU holds one weight
+and its outputs at a time. The bytes are then those transformers writes on that
+device; a CPU spec (the default) is unchanged, and is not mentioned in
+:meth:`QuantSpec.to_json`, so CPU lineage records are what they were.
+
 This module holds the primitives only, for one weight at a time: which weights are
 converted (:func:`quantizable_weights`), what they become (:func:`planned_outputs`,
 planned before writing), the conversion itself (:func:`quantize_weight`,
@@ -32,8 +40,9 @@ lazily (it takes seconds), transformers inside the functions that need it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -62,6 +71,8 @@ class QuantSpec:
         blocksize: 4-bit block size (elements per absmax).
         compute_dtype: ``bnb_4bit_compute_dtype`` (default: the model's dtype).
         skip_modules: Extra ``llm_int8_skip_modules`` patterns.
+        device: Where to quantize (a resolved torch device string: ``cpu``, ``cuda``,
+            ``cuda:N``; :func:`merging.devices.resolve_device`).
     """
 
     method: str
@@ -69,6 +80,7 @@ class QuantSpec:
     blocksize: int = 64
     compute_dtype: str | None = None
     skip_modules: tuple[str, ...] = ()
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,10 +114,13 @@ class QuantSpec:
         return cfg.to_dict()
 
     def to_json(self) -> dict[str, Any]:
-        """JSON form (reports, lineage)."""
-        return {"method": self.method, "double_quant": self.double_quant,
-                "blocksize": self.blocksize if self.four_bit else None,
-                "compute_dtype": self.compute_dtype, "skip_modules": list(self.skip_modules)}
+        """JSON form (reports, lineage); ``device`` only when it is not the CPU."""
+        out = {"method": self.method, "double_quant": self.double_quant,
+               "blocksize": self.blocksize if self.four_bit else None,
+               "compute_dtype": self.compute_dtype, "skip_modules": list(self.skip_modules)}
+        if self.device != "cpu":
+            out["device"] = self.device
+        return out
 
 
 # --------------------------------------------------------------------------- which weights
@@ -129,8 +144,10 @@ def quantizable_weights(config: dict[str, Any], spec: QuantSpec) -> dict[str, bo
         cfg = transformers.AutoConfig.for_model(**cfg_dict)
         if model_cls is None:
             model_cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
+        # a model class; transformers' lazy mapping is typed as a tuple of optional classes
+        build = cast("Callable[[Any], Any]", model_cls)
         with torch.device("meta"):
-            model = model_cls(cfg)
+            model = build(cfg)
     except (KeyError, ValueError, TypeError) as err:
         raise BadInputError(f"cannot build the model skeleton from config.json ({err})",
                             fix="quantize with transformers directly for this architecture") from None
@@ -176,28 +193,30 @@ def quantize_weight(name: str, weight: torch.Tensor, spec: QuantSpec, *, transpo
 
     ``weight`` is in the model's dtype (what transformers quantizes); the tensors are
     ordered float32 first, the dequantized weight is float32 in the weight's shape.
+    The conversion runs on ``spec.device``; everything returned is on the CPU.
     """
     functional = _bnb().functional
-    w = (weight.T if transposed else weight).contiguous()
+    w = (weight.T if transposed else weight).contiguous().to(spec.device)
     module = name[: -len(".weight")]
     if not spec.four_bit:
         cb, scb, _ = functional.int8_vectorwise_quant(w.to(torch.float16))
         deq = functional.int8_vectorwise_dequant(cb, scb).float()
-        tensors = {f"{module}.SCB": scb.float().contiguous(), name: cb.contiguous(),
+        tensors = {f"{module}.SCB": scb.float().cpu().contiguous(), name: cb.cpu().contiguous(),
                    f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
     else:
         packed, state = functional.quantize_4bit(w, blocksize=spec.blocksize,
                                                  compress_statistics=spec.double_quant,
                                                  quant_type=spec.method, quant_storage=torch.uint8)
         deq = functional.dequantize_4bit(packed, state).float()
-        parts = {f"{name}.{k}": v.detach().clone().contiguous()
+        parts = {f"{name}.{k}": v.detach().cpu().clone().contiguous()
                  for k, v in state.as_dict(packed=True).items()}
         tensors = {k: parts[k] for k in sorted(parts, key=lambda k: parts[k].dtype != torch.float32)}
-        tensors[name] = packed.contiguous()
+        tensors[name] = packed.cpu().contiguous()
         qs_key = f"{name}.quant_state.bitsandbytes__{spec.method}"
         tensors[qs_key] = tensors.pop(qs_key)
         if tensors[qs_key].numel() > _QS_JSON_MAX:  # pragma: no cover - bnb format change
             raise RuntimeError(f"{qs_key}: quant state larger than {_QS_JSON_MAX} bytes")
+    deq = deq.cpu()
     return tensors, (deq.T if transposed else deq)
 
 

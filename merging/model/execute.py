@@ -68,11 +68,11 @@ def check_source(base_dir: Path, config: dict[str, Any], expected: dict[str, Any
         raise BadInputError(f"{base_dir} is already quantized",
                             fix="start from the unquantized (float) model")
     base_fp = fingerprint_model(base_dir, weights=False).to_json()
-    if expected and expected.get("struct_digest") and \
-            expected["struct_digest"] != base_fp["struct_digest"]:
+    found = str(base_fp["struct_digest"])  # always set; only weights_digest may be None
+    if expected and expected.get("struct_digest") and expected["struct_digest"] != found:
         raise BaseMismatchError(
             f"{base_dir} is not the base this adapter was trained on (structure digest "
-            f"{base_fp['struct_digest'][:19]} != recorded {expected['struct_digest'][:19]})",
+            f"{found[:19]} != recorded {expected['struct_digest'][:19]})",
             fix="pass the base model the adapter's record names")
     return base_fp
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from merging.devices import resolve_device
 from merging.model.bnb import QuantSpec
 from merging.model.execute import TensorCallback, rewrite_model
 from merging.model.probe import config_dtype
@@ -31,7 +32,8 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
              skip_modules: Iterable[str] = (), max_shard_size: int | str | None = None,
              probe: bool | None = None, store: Store | None = None, name: str | None = None,
              progress: Callable[[int], None] | None = None,
-             on_tensor: TensorCallback | None = None, sync: bool = True) -> UnloadResult:
+             on_tensor: TensorCallback | None = None, sync: bool = True,
+             device: str | torch.device = "cpu") -> UnloadResult:
     """Write a bitsandbytes-quantized copy of a model, streamed one tensor at a time.
 
     Args:
@@ -46,16 +48,21 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
         progress: Called with the source bytes processed.
         on_tensor: Called with each output tensor's name after it is written.
         sync: fsync before publishing (see :func:`merging.model.unload.unload`).
+        device: Where bitsandbytes quantizes (``cpu``, ``cuda``, ``auto``;
+            :func:`merging.devices.resolve_device`): the output bytes are those
+            transformers writes on that device.
 
     Returns:
         The :class:`merging.model.results.UnloadResult` (``quantization`` holds the errors).
 
     Raises:
-        BadInputError: bad settings, an already-quantized or unsupported model.
+        BadInputError: bad settings, an already-quantized or unsupported model, a
+            device torch does not see.
         ConflictError: ``out`` exists and is not empty.
         NotFoundError: ``model_dir`` is missing.
     """
-    spec = QuantSpec(to, double_quant, blocksize, compute_dtype, tuple(skip_modules))
+    spec = QuantSpec(to, double_quant, blocksize, compute_dtype, tuple(skip_modules),
+                     device=str(resolve_device(device)))
     return rewrite_model(model_dir, out, adapter=None, quant=spec, max_shard_size=max_shard_size,
                          probe=probe, store=store, name=name, progress=progress,
                          on_tensor=on_tensor, sync=sync)
@@ -64,7 +71,8 @@ def quantize(model_dir: str | Path, to: str, *, out: str | Path, double_quant: b
 def quantize_with_transformers(model_dir: str | Path, spec: QuantSpec, out: str | Path) -> None:
     """Reference route: ``from_pretrained(quantization_config=...)`` + ``save_pretrained``.
 
-    Loads the whole model; used by the tests to check the streamed output.
+    Loads the whole model on ``spec.device`` (where bitsandbytes quantizes it); used
+    by the tests to check the streamed output.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -72,7 +80,7 @@ def quantize_with_transformers(model_dir: str | Path, spec: QuantSpec, out: str 
     dtype = config_dtype(config) or torch.float32
     qcfg = BitsAndBytesConfig.from_dict(spec.bnb_config(dtype))
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qcfg,
-                                                 device_map="cpu", dtype=dtype)
+                                                 device_map=spec.device, dtype=dtype)
     model.save_pretrained(out)
 
 

@@ -47,12 +47,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merging.adapter import LoraAdapter, load_adapter
+from merging.devices import resolve_device
 from merging.model.bnb import QuantSpec
 from merging.model.execute import TensorCallback, rewrite_model
 from registry.errors import BadInputError, NotFoundError
 from registry.formats.safetensors_header import memoized_headers
 
 if TYPE_CHECKING:
+    import torch
+
     from merging.model.results import UnloadResult
     from registry.storage.manifest import Version
     from registry.storage.store import Store
@@ -65,7 +68,8 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
            blocksize: int = 64, name: str | None = None,
            expected_fingerprint: dict[str, Any] | None = None, probe: bool | None = None,
            progress: Callable[[int], None] | None = None,
-           on_tensor: TensorCallback | None = None, sync: bool = True) -> UnloadResult:
+           on_tensor: TensorCallback | None = None, sync: bool = True,
+           device: str | torch.device = "cpu") -> UnloadResult:
     """Merge a LoRA adapter into its base and write a standalone model directory.
 
     Args:
@@ -89,6 +93,8 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
             to interrupt).
         sync: fsync the files before publishing the directory (default). ``False``
             is for scratch output: a power cut may then leave truncated files.
+        device: Where bitsandbytes quantizes (``cpu``, ``cuda``, ``auto``); the merge
+            itself streams on the CPU (a row-range add is memory-bound).
 
     Returns:
         The :class:`UnloadResult`.
@@ -96,14 +102,17 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
     Raises:
         NotFoundError: adapter, ref or base missing.
         BaseMismatchError: shapes or fingerprint do not match the base.
-        BadInputError: NaN/Inf in the adapter or merged weights, bad settings.
+        BadInputError: NaN/Inf in the adapter or merged weights, bad settings, a
+            device torch does not see.
         UnsupportedAdapterError: DoRA and other adapters that cannot be merged.
         ConflictError: ``out_dir`` exists and is not empty.
     """
-    spec = QuantSpec(quantize, double_quant, blocksize) if quantize else None
+    where = str(resolve_device(device))  # checked even when unused: one rule for --device
+    spec = QuantSpec(quantize, double_quant, blocksize, device=where) if quantize else None
     qspec = None
     if qlora:
-        qspec = spec if spec is not None else QuantSpec("nf4", double_quant, blocksize)
+        qspec = spec if spec is not None else QuantSpec("nf4", double_quant, blocksize,
+                                                        device=where)
     version: Version | None = None
     tmp: Path | None = None
     try:

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from merging.lora.device_trim import group_by_shape, group_deltas, merge_group, trim_group
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods import Factors, MergeParams, ModuleContext, ModuleInput
 from merging.lora.methods.magnitude_prune import magnitude_prune
 from merging.lora.methods.ties import ties
+
+
+def dense(result: Factors | torch.Tensor) -> torch.Tensor:
+    """A dense method's result (ties and magnitude_prune return the merged delta)."""
+    assert isinstance(result, torch.Tensor)
+    return result
 
 
 def integer_inputs(rows: int, cols: int, seed: int, weights: list[float]) -> list[ModuleInput]:
@@ -33,7 +39,7 @@ def test_ties_group_equals_ties_per_module(mode: str, rows: int, cols: int) -> N
     assert merged.shape == (3, rows, cols)
     for m, inputs in enumerate(group):
         ctx = ModuleContext(name=f"layers.{m}.q_proj", shape=(rows, cols), seed=0)
-        assert torch.equal(merged[m], ties(inputs, params, ctx))
+        assert torch.equal(merged[m], dense(ties(inputs, params, ctx)))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -43,18 +49,18 @@ def test_magnitude_prune_group_equals_per_module(normalize: bool) -> None:
     merged = merge_group(group, params, elect=False, device="cpu")
     for m, inputs in enumerate(group):
         ctx = ModuleContext(name=f"m{m}", shape=(60, 40), seed=0)
-        assert torch.equal(merged[m], magnitude_prune(inputs, params, ctx))
+        assert torch.equal(merged[m], dense(magnitude_prune(inputs, params, ctx)))
 
 
-def test_float_factors_are_close_to_todays_ties() -> None:
+def test_float_factors_are_todays_ties_bit_for_bit_on_the_cpu() -> None:
     gen = torch.Generator().manual_seed(6)
     inputs = [ModuleInput(index=i, B=torch.randn(300, 8, generator=gen),
                           A=torch.randn(8, 200, generator=gen), weight=w)
               for i, w in enumerate([0.6, 0.4])]
     params = MergeParams(density=0.5)
     ours = merge_group([inputs], params, elect=True, device="cpu")[0]
-    today = ties(inputs, params, ModuleContext(name="m", shape=(300, 200), seed=0))
-    torch.testing.assert_close(ours, today, rtol=1e-5, atol=1e-5)
+    today = dense(ties(inputs, params, ModuleContext(name="m", shape=(300, 200), seed=0)))
+    assert torch.equal(ours, today)  # CPU deltas are sparsify's 64-row block products
 
 
 def test_trim_keeps_exactly_the_top_count_and_density_one_keeps_all() -> None:

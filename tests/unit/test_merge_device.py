@@ -1,0 +1,106 @@
+"""merge_adapters(device=...): the device code paths, run on the CPU.
+
+The grouped path (same-shaped modules merged together, radix-select thresholds,
+factors per group) must equal the per-module path bit for bit on the CPU, so a CPU
+merge's digest does not depend on which path ran; ``device="cpu"`` must equal the
+default; an unusable device is a BadInputError (exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from merging.devices import resolve_device
+from merging.lora import device_trim
+from merging.lora.engine import merge_adapters
+from registry.errors import BadInputError
+from tests.support.merge import random_adapter
+
+# Two layers of three shapes (some above the 2^20-entry randomized-SVD threshold),
+# plus a module only the first adapter has, so groups differ in their inputs.
+SHAPES = {f"model.layers.{i}.{name}": shape for i in range(2)
+          for name, shape in [("self_attn.q_proj", (96, 96)), ("mlp.up_proj", (1100, 1000)),
+                              ("mlp.down_proj", (64, 160))]}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("device-merge")
+    first = random_adapter(root / "a", {**SHAPES, "model.layers.0.self_attn.v_proj": (96, 96)},
+                           r=8, seed=1)
+    second = random_adapter(root / "b", SHAPES, r=4, seed=2)
+    third = random_adapter(root / "c", SHAPES, r=8, seed=3, dtype=torch.bfloat16)
+    return [first, second, third]
+
+
+def assert_same_result(left, right) -> None:  # type: ignore[no-untyped-def]
+    assert list(left.tensors) == list(right.tensors)
+    for key, tensor in left.tensors.items():
+        assert tensor.device.type == "cpu"
+        assert tensor.dtype == right.tensors[key].dtype
+        assert torch.equal(tensor, right.tensors[key]), key
+    assert left.report["modules"] == right.report["modules"]
+    assert left.report["error"] == right.report["error"]
+    assert left.config == right.config
+
+
+@pytest.mark.parametrize(("method", "params", "rank"), [
+    ("ties", {"density": 0.3}, None),
+    ("ties", {"density": 0.5, "sign_election": "mergekit", "lambda": 1.3}, 6),
+    ("ties", {"density": 0.4, "sign_election": "frequency"}, None),
+    ("magnitude_prune", {"density": 0.35, "normalize": True}, None),
+    ("magnitude_prune", {"density": 1.0}, 3),
+])
+def test_grouped_path_is_bit_for_bit_the_per_module_path(
+        adapters: list[Path], method: str, params: dict, rank: int | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = [0.6, 0.3, 0.4]
+    per_module = merge_adapters(adapters, weights, method, params=params, rank=rank, seed=5)
+    groups: list[int] = []
+    real = device_trim.merge_group
+
+    def spy(group, *args, **kwargs):  # type: ignore[no-untyped-def]
+        groups.append(len(group))
+        return real(group, *args, **kwargs)
+
+    monkeypatch.setattr(device_trim, "merge_group", spy)
+    calls: list[int] = []
+    grouped = merge_adapters(adapters, weights, method, params=params, rank=rank, seed=5,
+                             device="cpu", group_modules=True, progress=calls.append)
+    assert_same_result(grouped, per_module)
+    assert sum(calls) == len(per_module.report["modules"]) == len(SHAPES) + 1
+    assert sum(groups) == len(SHAPES) + 1 and len(groups) == 4  # 3 shapes, v_proj apart
+    assert grouped.report["device"] == "cpu"
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "linear"])
+def test_device_cpu_is_the_default(adapters: list[Path], method: str) -> None:
+    default = merge_adapters(adapters[:2], [0.5, 0.5], method, seed=2)
+    explicit = merge_adapters(adapters[:2], [0.5, 0.5], method, seed=2, device="cpu")
+    assert_same_result(explicit, default)
+
+
+def test_auto_resolves_to_what_torch_sees() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+
+
+def test_unknown_device_is_bad_input() -> None:
+    with pytest.raises(BadInputError, match="unknown device") as err:
+        resolve_device("gpu0")
+    assert "cpu, cuda or auto" in (err.value.fix or "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's refusal")
+def test_cuda_without_cuda_is_bad_input_before_any_work(adapters: list[Path]) -> None:
+    for text in ("cuda", "cuda:1"):
+        with pytest.raises(BadInputError, match="no CUDA device") as err:
+            resolve_device(text)
+        assert "--device cpu" in (err.value.fix or "")
+    with pytest.raises(BadInputError, match="no CUDA device"):
+        merge_adapters(adapters[:2], None, "ties", device="cuda")
