@@ -113,15 +113,18 @@ def pick(rows: Sequence[TrialRow], rule: str = "min_retention") -> TrialRow | No
     """
     feasible = [r for r in rows if r.feasible]
     if rule == "min_retention":
-        key = lambda r: (-worst_retention(r), perplexity(r), r.number)
+        def key(r: TrialRow) -> tuple[float, ...]:
+            return (-worst_retention(r), perplexity(r), r.number)
     elif rule == "perplexity":
-        key = lambda r: (perplexity(r), -worst_retention(r), r.number)
+        def key(r: TrialRow) -> tuple[float, ...]:
+            return (perplexity(r), -worst_retention(r), r.number)
     elif rule.startswith("retention:"):
         name = rule
         if rows and name not in rows[0].values:
             known = ", ".join(k for k in rows[0].values if k.startswith("retention:"))
             raise BadInputError(f"--pick {shorten(rule)}: no such objective", fix=f"use one of {known}")
-        key = lambda r: (-r.values.get(name, float("-inf")), -worst_retention(r), r.number)
+        def key(r: TrialRow) -> tuple[float, ...]:
+            return (-r.values.get(name, float("-inf")), -worst_retention(r), r.number)
     elif rule.startswith("trial:") and rule[6:].isdigit():
         number = int(rule[6:])
         found = [r for r in rows if r.number == number]

@@ -41,12 +41,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from registry.errors import BadInputError, NotFoundError
+from registry.errors import BadInputError, InternalError, NotFoundError
 
 if TYPE_CHECKING:
     from gate.evaluate import Evaluator
+    from gate.context import GateContext
     from gate.policy import CheckSpec, Policy
     from merging.adapter import LoraAdapter
     from merging.lora.results import MergeResult
@@ -167,6 +168,20 @@ class Scorer:
             return None
         return load_adapter(self.store.materialize(version, self.workdir / "release"))
 
+    @property
+    def _ev(self) -> Evaluator:
+        """The evaluator; a scorer built only to name objectives has none."""
+        if self.ev is None:
+            raise InternalError("this scorer was built without an evaluator (naming only)")
+        return self.ev
+
+    @property
+    def _lora(self) -> LiveLora:
+        """The live model; a scorer built only to name objectives has none."""
+        if self.live is None:
+            raise InternalError("this scorer was built without a live model (naming only)")
+        return self.live
+
     def prepare(self) -> dict[str, float | None]:
         """Score every baseline once (leaves the live model cleared).
 
@@ -186,27 +201,27 @@ class Scorer:
                     source = self.parents[set_name] if spec["baseline"] == "parents" else release
                     value = None
                     if source is not None:
-                        self.live.load_adapter(source)
-                        value = score(spec, self.ev, self.live.model, self._pairs(spec, set_name))
+                        self._lora.load_adapter(source)
+                        value = score(spec, self._ev, self._lora.model, self._pairs(spec, set_name))
                     self.baselines[f"{spec.name}:{set_name}"] = value
             elif spec.kind == "perplexity":
                 texts = self._texts(spec)
                 if spec["baseline"] == "base":
-                    self.live.clear()
-                    value = self.ev.perplexity(self.live.model, texts)
+                    self._lora.clear()
+                    value = self._ev.perplexity(self._lora.model, texts)
                 elif spec["baseline"] == "parents":
                     values = []
                     for adapter in self.parents.values():
-                        self.live.load_adapter(adapter)
-                        values.append(self.ev.perplexity(self.live.model, texts))
+                        self._lora.load_adapter(adapter)
+                        values.append(self._ev.perplexity(self._lora.model, texts))
                     value = max(values)
                 elif release is not None:
-                    self.live.load_adapter(release)
-                    value = self.ev.perplexity(self.live.model, texts)
+                    self._lora.load_adapter(release)
+                    value = self._ev.perplexity(self._lora.model, texts)
                 else:
                     value = None
                 self.baselines[f"{spec.name}:baseline"] = value
-        self.live.clear()
+        self._lora.clear()
         return dict(self.baselines)
 
     # --- one trial ---------------------------------------------------------------------
@@ -215,7 +230,7 @@ class Scorer:
 
         worst, rows = -math.inf, {}
         for set_name in spec["sets"]:
-            cand = score(spec, self.ev, self.live.model, self._pairs(spec, set_name))
+            cand = score(spec, self._ev, self._lora.model, self._pairs(spec, set_name))
             base = self.baselines.get(f"{spec.name}:{set_name}")
             ratio = cand / base if base else None
             values[f"retention:{set_name}"] = ratio if ratio is not None else cand
@@ -227,7 +242,7 @@ class Scorer:
         return (worst if worst > -math.inf else 0.0), rows
 
     def _perplexity(self, spec: CheckSpec, values: dict[str, float]) -> tuple[float, dict]:
-        ppl = self.ev.perplexity(self.live.model, self._texts(spec))
+        ppl = self._ev.perplexity(self._lora.model, self._texts(spec))
         base = self.baselines.get(f"{spec.name}:baseline")
         if not math.isfinite(ppl):
             values[f"perplexity:{spec.name}"] = BAD
@@ -254,8 +269,10 @@ class Scorer:
         from gate.checks import get_check
 
         try:
-            outcome = get_check(spec.kind)(spec, _LiveContext(self.policy, self.ev, self.live.model,
-                                                              self.base_dir))
+            # the live context offers what generic checks read from a GateContext
+            # (policy, evaluator, base_dir, candidate_model): duck-typed, hence the cast
+            outcome = get_check(spec.kind)(spec, cast("GateContext", _LiveContext(self.policy, self._ev, self._lora.model,
+                                                              self.base_dir)))
             status, message = outcome.status, outcome.message
         except Exception as err:  # noqa: BLE001 - a check that cannot run is a failed constraint
             status, message = "error", f"{type(err).__name__}: {err}"

@@ -49,8 +49,10 @@ DEFAULT_METHODS = ("ties", "dare_ties", "breadcrumbs_ties", "della", "task_arith
 RANGES = {"weights": (0.25, 1.5), "density": (0.1, 1.0), "lambda": (0.5, 1.5),
           "gamma": (0.0, 0.1), "epsilon": (0.0, 0.2)}
 CHOICES = {"sign_election": tuple(SIGN_ELECTIONS), "align": ("none", *ALIGNMENTS)}
-DEFAULTS = {"weights": 1.0, "density": DEFAULT_DENSITY, "lambda": 1.0, "gamma": DEFAULT_GAMMA,
-            "epsilon": DEFAULT_EPSILON, "sign_election": "sum", "align": "none"}
+NUMERIC_DEFAULTS: dict[str, float] = {"weights": 1.0, "density": DEFAULT_DENSITY, "lambda": 1.0,
+                                      "gamma": DEFAULT_GAMMA, "epsilon": DEFAULT_EPSILON}
+CHOICE_DEFAULTS: dict[str, str] = {"sign_election": "sum", "align": "none"}
+DEFAULTS: dict[str, float | str] = {**NUMERIC_DEFAULTS, **CHOICE_DEFAULTS}
 NUMERIC = ("density", "lambda", "gamma", "epsilon")
 EPSILON_MARGIN = 0.95
 
@@ -129,10 +131,10 @@ class SearchSpace:
                 params["method"] = method
             for i in range(self.inputs):
                 if self.ranges["weights"][0] < self.ranges["weights"][1]:
-                    params[f"w{i}"] = _clamp(DEFAULTS["weights"], self.ranges["weights"])
+                    params[f"w{i}"] = _clamp(NUMERIC_DEFAULTS["weights"], self.ranges["weights"])
             for key in NUMERIC:
                 if key in accepted and self.ranges[key][0] < self.ranges[key][1]:
-                    params[key] = _clamp(DEFAULTS[key], self.ranges[key])
+                    params[key] = _clamp(NUMERIC_DEFAULTS[key], self.ranges[key])
             for key in ("sign_election", "align"):
                 if key in accepted and len(self.choices[key]) > 1:
                     value = DEFAULTS[key]

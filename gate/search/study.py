@@ -63,14 +63,14 @@ def record_constraints(trial: Any, names: Sequence[str], values: Sequence[float]
     """
     trial.set_user_attr(FEASIBLE_KEY, [float(v) for v in values])
     if _native_constraints():
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             trial.set_constraint(name, float(value))
 
 
 def _factory(kind: str, trials: int) -> Callable[[int], Any]:
     import optuna
 
-    extra = {} if _native_constraints() else {"constraints_func": constraints_of}
+    extra: dict[str, Any] = {} if _native_constraints() else {"constraints_func": constraints_of}
 
     if kind == "tpe":
         startup = max(2, min(10, trials // 3))
@@ -165,7 +165,7 @@ def open_study(storage: Any, name: str, directions: Sequence[str], sampler: Any
 
     try:
         study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
-                                    directions=list(directions))
+                                    directions=[str(d) for d in directions])  # type: ignore[misc]  # optuna types a Literal; ours are validated names
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)

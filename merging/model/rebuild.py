@@ -143,8 +143,15 @@ def _spec(data: dict[str, Any] | None) -> QuantSpec | None:
 
     if not data:
         return None
+    # bitsandbytes' bytes depend on where it ran: replay on the recorded device (a model
+    # quantized on CUDA needs CUDA to rebuild; resolve_device says so with exit 2)
+    device = str(data.get("device") or "cpu")
+    if device != "cpu":
+        from merging.devices import resolve_device
+
+        device = str(resolve_device(device))
     return QuantSpec(data["method"], bool(data.get("double_quant")), data.get("blocksize") or 64,
-                     data.get("compute_dtype"), tuple(data.get("skip_modules") or ()))
+                     data.get("compute_dtype"), tuple(data.get("skip_modules") or ()), device=device)
 
 
 @contextlib.contextmanager

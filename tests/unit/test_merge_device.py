@@ -104,3 +104,24 @@ def test_cuda_without_cuda_is_bad_input_before_any_work(adapters: list[Path]) ->
         assert "--device cpu" in (err.value.fix or "")
     with pytest.raises(BadInputError, match="no CUDA device"):
         merge_adapters(adapters[:2], None, "ties", device="cuda")
+
+
+def test_rebuild_replays_quantization_on_the_recorded_device() -> None:
+    """A rebuild re-quantizes where the model was quantized (bitsandbytes' bytes depend on
+    it): CPU records give a CPU spec; a CUDA record on a machine without CUDA is refused
+    with exit 2 instead of silently rebuilding on the CPU and failing the byte check."""
+
+    from merging.model.rebuild import _spec
+
+    recorded = {"method": "nf4", "double_quant": True, "blocksize": 64,
+                "compute_dtype": "float32", "skip_modules": []}
+    spec = _spec(recorded)
+    assert spec is not None and spec.device == "cpu"
+    assert spec.to_json() == {**recorded, "skip_modules": []}
+    if torch.cuda.is_available():
+        gpu = _spec({**recorded, "device": "cuda"})
+        assert gpu is not None and gpu.device.startswith("cuda")
+    else:
+        with pytest.raises(BadInputError) as caught:
+            _spec({**recorded, "device": "cuda"})
+        assert caught.value.exit_code == 2 and caught.value.fix
