@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE_MODEL_ID = "acme/tiny-llama"
 LFS_SUFFIXES = (".safetensors", ".bin")
 HUB_LLAMA = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128}

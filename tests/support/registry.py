@@ -20,7 +20,7 @@ from registry.record import TensorSummary, build_record
 from registry.storage.store import PushResult, Store
 from tests.support.safetensors_files import RawTensor, f32, write_safetensors
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_BASE = {"struct_digest": "sha256:" + "1" * 64, "weights_digest": "sha256:" + "2" * 64}
 
 
