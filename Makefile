@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # The merge search on the demo's adapters (examples/search_demo.py): runs `make demo`
-# first when its store is missing. TRIALS=N sets the search's budget (default 20: ~10 min on 2 shared cores).
+# first when its store is missing. TRIALS=N sets the search's budget (default 20: ~3 min on 2 idle cores).
 TRIALS ?= 20
 demo-search: $(STAMP)
 	@test -d .adapters-demo/store/names/smollm2-arith || $(MAKE) demo

@@ -92,6 +92,9 @@ class SearchResult:
                 "notes": list(self.notes)}
 
 
+BASELINES_KEY = "adapterkit.baselines"
+"""Study user attribute holding the baseline scores (every worker computes the same)."""
+
 @dataclass(frozen=True)
 class SearchSettings:
     """Options of a search (the CLI flags)."""
@@ -173,14 +176,21 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
     adapters = [load_adapter(store.materialize(v, work / f"input-{i}")) for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
     if study_full(study, settings.trials):  # nothing to evaluate: no model is loaded
-        return Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
-                      store=store, name=target, base_dir=base, workdir=work), 0
+        idle = Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
+                      store=store, name=target, base_dir=base, workdir=work)
+        # the baselines the evaluating workers scored, so the trials blob (and with it the
+        # pick's version digest) is the same whichever worker pushes
+        idle.baselines.update(study.user_attrs.get(BASELINES_KEY) or {})
+        return idle, 0
     evaluator = Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length,
                           device=settings.device)
     live = LiveLora.attach(evaluator.base(), rank_bound(adapters))
     scorer = Scorer(policy, evaluator, live, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
                     store=store, name=target, base_dir=base, workdir=work)
     scorer.prepare()
+    # deterministic (same base, policy and data for every worker): a later worker joining a
+    # full study reads them back instead of loading a model to score them again
+    study.set_user_attr(BASELINES_KEY, dict(scorer.baselines))
     objective = _objective(scorer, space, adapters, labels, live, settings.seed, on_trial,
                            settings.device)
     evaluated = run_worker(study, objective, settings.trials)

@@ -106,6 +106,25 @@ def test_same_seed_same_pick_and_version(setup):
     assert second.pushed.created is False
 
 
+
+def test_a_worker_joining_a_full_study_pushes_the_same_version(setup, tmp_path):
+    """A worker that finds the study's budget spent loads no model and scores nothing,
+    yet pushes the same pick as the worker that ran the trials: same baselines in the
+    trials blob, so the same version digest (deduplicated, not a second version)."""
+    from gate.search.run import SearchSettings, run_search
+
+    w, store, policy, _ = setup
+    settings = SearchSettings(methods=METHODS.split(","), trials=3, seed=5, name="joined",
+                              storage=f"sqlite:///{tmp_path / 'study.db'}", study="full")
+    first = run_search(store, ["adapter-a", "adapter-b"], w.base, policy, settings)
+    second = run_search(store, ["adapter-a", "adapter-b"], w.base, policy, settings)
+    assert first.evaluated == 3 and second.evaluated == 0
+    with store.open_blob(first.pushed.version.lineage["report"]["search"]["trials_digest"]) as blob:
+        baselines = json.load(blob)["baselines"]
+    assert baselines and all(v is not None for v in baselines.values())
+    assert second.pushed.version.digest == first.pushed.version.digest
+    assert second.pushed.created is False
+
 def _worker(setup, storage: str, study: str, trials: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ADAPTERS_ACTOR": "test"}
     code = "import sys; from cli.main import main; sys.exit(main(sys.argv[1:]))"
