@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # The merge search on the demo's adapters (examples/search_demo.py): runs `make demo`
-# first when its store is missing. TRIALS=N sets the search's budget (default 20: ~3 min on 2 idle cores).
-TRIALS ?= 20
+# first when its store is missing. TRIALS=N sets the search's budget (default 40: ~6 min on 2 idle cores).
+TRIALS ?= 40
 demo-search: $(STAMP)
 	@test -d .adapters-demo/store/names/smollm2-arith || $(MAKE) demo
 	@$(BIN)/python -c "import optuna" 2>/dev/null || $(BIN)/pip install -q optuna

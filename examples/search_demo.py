@@ -43,7 +43,7 @@ HAND_PICKED = [m for m, _ in demo.MERGES]
 def main() -> int:
     parser = argparse.ArgumentParser(description="merge search on the demo's SmolLM2 adapters")
     parser.add_argument("--demo-dir", type=Path, default=demo.ROOT / ".adapters-demo")
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     demo_dir = args.demo_dir.resolve()
