@@ -12,16 +12,14 @@ faster than 2-thread OpenMP ops on blocks this small. **Devices:** factors on a 
 keep every step there (thresholds by :mod:`merging.lora.kselect`'s exact radix select;
 DARE/DELLA masks drawn on the CPU generator and copied, so they match the CPU's).
 
-**Trim (TIES, magnitude_prune).** Keep the ``k = int(density · numel)`` entries of
-largest magnitude of each input's delta, as ``peft.utils.merge_utils.prune(...,
-"magnitude")`` does with ``torch.topk``. We find the exact k-th largest magnitude
-``t`` and keep ``|D| >= t`` (entries tied with ``t`` are all kept; with real-valued
-deltas ties do not occur), in one fused pass (``hardshrink`` at the float32 just
-below ``t``). ``t`` is found without sorting: a 65,536-entry sample
-brackets it, one pass counts the entries above the bracket and collects the ones
-inside it, and ``kthvalue`` on those few gives ``t`` exactly (the bracket only
-affects speed; a missed bracket falls back to ``kthvalue`` on everything).
-``density >= 1`` keeps everything.
+**Trim (TIES, magnitude_prune).** Keep the ``k = int(density · numel)`` entries of largest
+magnitude of each input's delta, as ``peft.utils.merge_utils.prune(..., "magnitude")`` does
+with ``torch.topk``. We find the exact k-th largest magnitude ``t`` and keep ``|D| >= t``
+(entries tied with ``t`` are all kept; with real-valued deltas ties do not occur), in one
+fused pass (``hardshrink`` at the float32 just below ``t``). ``t`` is found without sorting:
+a 65,536-entry sample brackets it, one pass counts the entries above the bracket and
+collects the ones inside it, and ``kthvalue`` on those few gives ``t`` exactly (a missed
+bracket falls back to ``kthvalue``). ``density >= 1`` keeps everything.
 
 **DARE.** Keep each entry with probability ``density`` and rescale kept entries by
 ``1/density`` (``merge_utils.random_pruning(..., rescale=True)``). The mask of
@@ -43,8 +41,8 @@ ties arbitrarily).
 ``della_magprune``), and rescale kept entries by ``1/p`` (the DELLA paper's
 MAGPRUNE). Masks are drawn like DARE's, from ``sha256(seed, M, "della", i, j)``.
 
-**Sign election** (TIES, dare_ties, breadcrumbs_ties, della), per entry over the trimmed deltas ``d_i``
-with weights ``w_i``:
+**Sign election** (TIES, dare_ties, breadcrumbs_ties, della; :func:`sign_elected`), per entry
+over the trimmed deltas ``d_i`` with weights ``w_i``:
 
 * ``sum`` (default; PEFT ``majority_sign_method="total"``, the TIES paper):
   ``e = +1 if Σ_i d_i >= 0 else -1`` (unweighted), ``agree_i = sign(d_i) == e``,
@@ -369,6 +367,11 @@ BlockFn = Callable[[int, ModuleInput, torch.Tensor, int], torch.Tensor]
 CombineFn = Callable[[list[torch.Tensor], list[float]], torch.Tensor]
 
 
+def sign_elected(sign_election: str) -> CombineFn:
+    """TIES's combine step for :func:`dense_merge`: sign election, then disjoint mean."""
+    return lambda parts, weights: elect_and_merge(parts, weights, sign_election)
+
+
 def dense_merge(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext,
                 transform: BlockFn, combine: CombineFn, *, normalize: bool = False) -> torch.Tensor:
     """Merge a module block by block; returns the dense float32 merged delta.
@@ -377,8 +380,7 @@ def dense_merge(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleC
         inputs: The inputs that have this module.
         params: Resolved parameters (``lam``; ``weight_sum`` when ``normalize``).
         ctx: The module.
-        transform: ``transform(position, input, block_delta, block_index) -> block``
-            (trim or drop).
+        transform: ``transform(position, input, block_delta, block_index) -> block`` (trim, drop).
         combine: ``combine(blocks, weights) -> merged block``.
         normalize: Divide by ``params.weight_sum``.
     """

@@ -63,5 +63,4 @@ def breadcrumbs_ties(inputs: Sequence[ModuleInput], params: MergeParams,
 
     return sparsify.dense_merge(
         inputs, params, ctx, transform=_crumbs(inputs, params, ctx),
-        combine=lambda parts, weights: sparsify.elect_and_merge(parts, weights,
-                                                                params.sign_election))
+        combine=sparsify.sign_elected(params.sign_election))

@@ -51,8 +51,7 @@ def della(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext
 
     return sparsify.dense_merge(
         inputs, params, ctx, transform=_magprune(params, ctx),
-        combine=lambda parts, weights: sparsify.elect_and_merge(parts, weights,
-                                                                params.sign_election))
+        combine=sparsify.sign_elected(params.sign_election))
 
 
 @register_method("della_linear", output="dense",

@@ -29,5 +29,4 @@ def ties(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext)
     return sparsify.dense_merge(
         inputs, params, ctx,
         transform=lambda pos, inp, block, j: sparsify.trim_block(block, thresholds[pos]),
-        combine=lambda parts, weights: sparsify.elect_and_merge(parts, weights,
-                                                                params.sign_election))
+        combine=sparsify.sign_elected(params.sign_election))
