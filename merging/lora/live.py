@@ -157,7 +157,8 @@ class LiveLora:
                     continue
                 weight = module.weight
                 b, a, scale = factors[name]
-                delta = b.to(torch.float32) @ a.to(torch.float32)
+                # on the weight's device, as PEFT's merge there does (factors live on the host)
+                delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
                 if isinstance(module, torch.nn.Embedding):  # PEFT: (B @ A).T * s, cast, added
                     weight += (delta.T * scale).to(weight.dtype)
                 else:  # PEFT: W += (B @ A) * s (the add promotes to float32, then rounds)
