@@ -224,8 +224,19 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
         B_cpu, A_cpu = B.cpu(), A.cpu()
         for i, (m, err, norm) in enumerate(zip(picked, errors.tolist(), norms.tolist(),
                                                strict=True)):
-            results[m] = (B_cpu[i].clone(), A_cpu[i].clone(), err, norm)  # no shared storage
+            results[m] = (host_copy(B_cpu[i]), host_copy(A_cpu[i]), err, norm)
     return [r for r in results if r is not None]
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A row-major CPU copy of ``tensor`` with storage of its own.
+
+    cuSOLVER returns ``U`` column-major and element-wise ops keep that layout, so a
+    factor sliced from a batched result is a strided view: safetensors refuses to write
+    it (``merge --device cuda`` failed on SmolLM2's wide ``down_proj``), and a view would
+    keep the whole batch's storage alive. ``clone()`` alone keeps the strides.
+    """
+    return tensor.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def _group_entries(device: torch.device) -> int:

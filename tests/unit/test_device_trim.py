@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.lora.device_trim import group_by_shape, group_deltas, merge_group, trim_group
+from merging.lora.device_trim import group_by_shape, group_deltas, host_copy, merge_group, trim_group
 from merging.lora.methods import Factors, MergeParams, ModuleContext, ModuleInput
 from merging.lora.methods.magnitude_prune import magnitude_prune
 from merging.lora.methods.ties import ties
@@ -85,3 +85,21 @@ def test_group_by_shape_bounds_groups_and_separates_kinds() -> None:
     inputs_of = {"a.q": (0, 1), "b.q": (0,), "c.q": (0, 1), "a.up": (0, 1), "b.up": (0, 1)}
     assert group_by_shape(shapes, 10_000, inputs_of) == [["a.q", "c.q"], ["a.up", "b.up"], ["b.q"]]
     assert group_by_shape(shapes, 1) == [["a.q"], ["a.up"], ["b.q"], ["b.up"], ["c.q"]]
+
+
+def test_host_copy_of_a_column_major_factor_is_row_major_with_its_own_storage(tmp_path) -> None:
+    """A batched SVD's U is column-major (LAPACK, cuSOLVER): a slice of it is a strided
+    view that safetensors refuses; the copy the device path returns writes and reads back."""
+    from safetensors.torch import load_file, save_file
+
+    u = torch.linalg.svd(torch.randn(3, 40, 90, generator=torch.Generator().manual_seed(0)),
+                         full_matrices=False)[0] * 2.0  # element-wise ops keep the layout
+    view = u[1]
+    assert not view.is_contiguous()
+    with pytest.raises(ValueError, match="non contiguous"):
+        save_file({"b": view}, str(tmp_path / "refused.safetensors"))
+    copy = host_copy(view)
+    assert copy.is_contiguous() and copy.device.type == "cpu" and torch.equal(copy, view)
+    assert copy.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()
+    save_file({"b": copy}, str(tmp_path / "ok.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "ok.safetensors"))["b"], view)

@@ -163,3 +163,54 @@ def test_quantize_on_the_device_equals_transformers_there(tmp_path: Path, dtype:
     config.pop("transformers_version", None), reference.pop("transformers_version", None)
     assert config == reference
     assert (mine.quantization or {}).get("device", "cpu").startswith(OTHER)
+
+
+def test_device_merges_of_wide_modules_write_as_peft_directories(tmp_path: Path) -> None:
+    """A wide module's factors come back from the batched device SVD as strided views;
+    the merge must still write (safetensors takes contiguous tensors only) and read back."""
+    from safetensors.torch import load_file
+
+    from merging.lora.peft_output import write_peft_dir
+
+    wide = {f"model.layers.{i}.mlp.down_proj": (300, 1100) for i in range(2)}
+    paths = [random_adapter(tmp_path / f"in{i}", wide, r=8, seed=i + 5) for i in range(2)]
+    for method in ("ties", "magnitude_prune", "dare_ties"):
+        result = merge_adapters(paths, [0.6, 0.4], method, seed=2, device=OTHER)
+        out = write_peft_dir(result, tmp_path / f"out-{method}")
+        stored = load_file(str(out / "adapter_model.safetensors"))
+        assert stored.keys() == result.tensors.keys()
+        assert all(torch.equal(stored[k], t) for k, t in result.tensors.items())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_live_swap_on_the_device_is_the_gates_model_there(tmp_path: Path, dtype: str) -> None:
+    """``merge-search --device``: the live model on the device gets host factors (a
+    parent's, a merge's) and must hold exactly what the gate loads there (base + PEFT
+    dir, ``merge_and_unload`` on the device)."""
+    from gate.evaluate import Evaluator
+    from merging.adapter import load_adapter
+    from merging.lora.live import LiveLora, rank_bound
+    from merging.lora.peft_output import write_peft_dir
+    from tests.support.cli import build_tiny_peft
+
+    base_dir = tmp_path / "base"
+    build_tiny_peft(base_dir, tmp_path / "a", seed=1)
+    build_tiny_peft(tmp_path / "base2", tmp_path / "b", seed=2)  # same base weights (seeded)
+    adapters = [load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")]
+
+    def evaluator() -> Evaluator:
+        return Evaluator(base_dir, dtype=dtype, device=OTHER)
+
+    live = LiveLora.attach(evaluator().base(), rank_bound(adapters))
+
+    def same_weights(expected: dict[str, torch.Tensor]) -> bool:
+        got = live.model.state_dict()
+        return set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    live.load_adapter(adapters[0])
+    assert same_weights(evaluator().with_adapter("p", tmp_path / "a").state_dict())
+    result = merge_adapters(adapters, [0.7, 1.2], "ties", device=OTHER)
+    live.load(result, adapters)
+    merged = evaluator().with_adapter("c", write_peft_dir(result, tmp_path / "m")).state_dict()
+    assert next(iter(merged.values())).device.type == OTHER
+    assert same_weights(merged)
