@@ -126,6 +126,11 @@ def test_plot_writes_a_png(tmp_path):
     out = tmp_path / "sub" / "front.png"
     assert plot_front(rows, rows[:2], rows[0], out) is None
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    pixels = imread(out)  # read back: a real picture, not an empty canvas
+    assert pixels.ndim == 3 and pixels.shape[0] >= 200 and pixels.shape[1] >= 200
+    assert float(pixels[..., :3].std()) > 0.01
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
