@@ -188,6 +188,23 @@ def error_ratio(module_in: list[ModuleInput], name: str, device: torch.device) -
     return float(err[0] / norm[0]), exact
 
 
+def profile_run(out: Path, device: torch.device, fn: Callable[[], object]) -> None:
+    """Run ``fn`` under ``torch.profiler`` and write its top operators to ``out``: by
+    self device time (on CUDA) and by self host time, 40 rows each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if device.type == "cuda":
+        tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=40))
+    out.write_text("\n\n".join(tables) + "\n")
+    print(f"  profile of a second run written to {out}", flush=True)
+
+
 def part_a(args: argparse.Namespace, device: torch.device) -> None:
     shapes = shapes_for(args.small)
     print(f"\n(a) TIES of two r={RANK} adapters, {'1/16 of ' if args.small else ''}Llama-2-7B shapes, "
@@ -201,6 +218,8 @@ def part_a(args: argparse.Namespace, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(paths, device))
+        if args.profile is not None:  # a second, profiled run: where the time goes
+            profile_run(args.profile, device, lambda: ours_ties_on_device(paths, device))
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
             if device.type == "cuda" else "")
     print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules, adapter files to host "
@@ -312,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-layers", type=int, default=1, help="layers timed on the CPU anchors")
     parser.add_argument("--parts", default="a,b,c", help="which parts to run: a,b,c")
     parser.add_argument("--no-peft", action="store_true", help="(a) without the PEFT anchor")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="(a) profile a second run of our merge and write the top operators "
+                             "to FILE")
     parser.add_argument("--gate-base", type=Path, default=None,
                         help="(c) gate this model dir instead of the demo's SmolLM2; a dir with only "
                              "config.json + tokenizer gets seeded random weights (timings only)")
