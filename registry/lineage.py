@@ -20,7 +20,7 @@ not expanded again. The CLI only prints these strings/dicts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -187,17 +187,36 @@ def ancestors(store: StoreReader, ref: str, *, max_depth: int | None = None) -> 
     return walk(start.digest, None, 0)
 
 
-def descendants(store: StoreReader, ref: str, *, max_depth: int | None = None) -> LineageNode:
+ChildEdges = Mapping[str, Sequence[tuple["Version", dict]]]
+"""Parent digest -> every ``(child version, its lineage entry naming that parent)``."""
+
+
+def child_edges(store: StoreReader) -> dict[str, list[tuple[Version, dict]]]:
+    """The :data:`ChildEdges` of every bound version: one read of every manifest (a
+    manifest names its parents, not its children).
+
+    Raises:
+        IntegrityError: A bound manifest is missing or corrupt.
+    """
+    index: dict[str, list[tuple[Version, dict]]] = {}
+    for version in store.versions():
+        for entry in (version.lineage or {}).get("parents", []):
+            index.setdefault(entry["digest"], []).append((version, entry))
+    return index
+
+
+def descendants(store: StoreReader, ref: str, *, max_depth: int | None = None,
+                edges: ChildEdges | None = None) -> LineageNode:
     """The tree of versions derived from ``ref`` (children = versions naming it a parent).
+
+    ``edges``: the store's :func:`child_edges` when the caller keeps them (the web view,
+    :mod:`registry.lineage_cache`); read afresh otherwise.
 
     Raises:
         NotFoundError / BadInputError: Unknown or malformed ref.
     """
     start = store.resolve(ref)
-    index: dict[str, list[tuple[Version, dict]]] = {}
-    for version in store.versions():
-        for entry in (version.lineage or {}).get("parents", []):
-            index.setdefault(entry["digest"], []).append((version, entry))
+    index = child_edges(store) if edges is None else edges
     seen: set[str] = set()
 
     def walk(version: Version, entry: dict | None, depth: int) -> LineageNode:
@@ -219,8 +238,8 @@ def descendants(store: StoreReader, ref: str, *, max_depth: int | None = None) -
 
 
 def lineage_tree(store: StoreReader, ref: str, direction: str = "up", *,
-                 max_depth: int | None = None) -> LineageNode:
-    """:func:`ancestors` for ``direction="up"``, :func:`descendants` for ``"down"``.
+                 max_depth: int | None = None, edges: ChildEdges | None = None) -> LineageNode:
+    """:func:`ancestors` for ``direction="up"``, :func:`descendants` (with ``edges``) for ``"down"``.
 
     Raises:
         BadInputError: Unknown direction or malformed ref.
@@ -229,7 +248,7 @@ def lineage_tree(store: StoreReader, ref: str, direction: str = "up", *,
     if direction == "up":
         return ancestors(store, ref, max_depth=max_depth)
     if direction == "down":
-        return descendants(store, ref, max_depth=max_depth)
+        return descendants(store, ref, max_depth=max_depth, edges=edges)
     raise BadInputError(f"direction must be 'up' or 'down', got {direction!r}",
                         fix="use --up or --down")
 

@@ -21,6 +21,7 @@ from registry.errors import BadInputError, shorten
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from registry.lineage_cache import LineageCache
     from registry.storage.store import Store
 
 
@@ -65,8 +66,9 @@ def diff_doc(store: Store, ref_a: str, ref_b: str) -> dict[str, Any]:
     return diff_versions(store, ref_a, ref_b)
 
 
-def lineage_doc(store: Store, ref: str, direction: str = "up") -> dict[str, Any]:
-    """``adapters lineage REF [--down] --json``.
+def lineage_doc(store: Store, ref: str, direction: str = "up", *,
+                lineage: LineageCache | None = None) -> dict[str, Any]:
+    """``adapters lineage REF [--down] --json`` (``lineage``: the server's kept child edges).
 
     Raises:
         BadInputError: ``direction`` is not ``up``/``down``; a malformed ref.
@@ -74,7 +76,8 @@ def lineage_doc(store: Store, ref: str, direction: str = "up") -> dict[str, Any]
     """
     from registry import lineage as lin
 
-    return lin.to_json(lin.lineage_tree(store, ref, direction))
+    edges = lineage.edges(store) if lineage is not None and direction == "down" else None
+    return lin.to_json(lin.lineage_tree(store, ref, direction, edges=edges))
 
 
 def verify_doc(store: Store, ref: str | None = None,

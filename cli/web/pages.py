@@ -20,6 +20,7 @@ from registry.errors import AdapterkitError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from registry.lineage_cache import LineageCache
     from registry.storage.manifest import Version
     from registry.storage.store import Store
 
@@ -118,8 +119,9 @@ def merge_info(version: Version) -> dict[str, Any] | None:
             "modules": table, "columns": columns, "report": rest}
 
 
-def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey] | None) -> dict[str, Any]:
-    """The version page.
+def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey] | None,
+                 lineage: LineageCache | None = None) -> dict[str, Any]:
+    """The version page (``lineage``: the server's kept child edges, for the descendants).
 
     Raises:
         NotFoundError / BadInputError: ``ref`` does not resolve.
@@ -133,7 +135,9 @@ def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey]
     aliases = store.aliases(v.name)
     history, history_error = alias_rows(store, v.name)
     up = ancestors(store, v.ref)  # a parent it cannot read is drawn as missing
-    down, lineage_error = _safely(descendants, store, v.ref)  # reads every manifest
+    # descendants read every manifest, unless the server keeps the edges
+    down, lineage_error = _safely(lambda: descendants(
+        store, v.ref, edges=lineage.edges(store) if lineage is not None else None))
     if down is None:
         down = LineageNode(v.digest, v.name)
     gates, gates_error = _safely(gate_rows, store, v)

@@ -76,7 +76,10 @@ def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[B
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from registry.lineage_cache import LineageCache
+
     trusted = config.trusted or None
+    lineage = LineageCache()  # child edges, kept while the store does not change
 
     def page(name: str, request: Request, context: dict[str, Any]) -> Response:
         return tpl.TemplateResponse(request, name, context)
@@ -88,7 +91,8 @@ def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[B
         return page("index.html", request, ctx)
 
     def version(request: Request) -> Response:
-        ctx = pages.version_page(store, request.path_params["ref"], trusted=trusted)
+        ctx = pages.version_page(store, request.path_params["ref"], trusted=trusted,
+                                 lineage=lineage)
         return page("version.html", request, ctx)
 
     def diff(request: Request) -> Response:
@@ -113,7 +117,7 @@ def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[B
         "/api/diff": lambda r: documents.diff_doc(store, _text(r, "a"), _text(r, "b")),
         "/api/lineage/{ref:path}": lambda r: documents.lineage_doc(
             store, r.path_params["ref"], documents.check_direction(
-                _text(r, "direction") or "up")),
+                _text(r, "direction") or "up"), lineage=lineage),
         "/api/verify": lambda r: documents.verify_doc(store, _text(r, "ref") or None, trusted),
         "/api/audit/log": lambda r: documents.audit_log_doc(store, _int(r, "limit", 20)),
         "/api/audit/verify": lambda r: documents.audit_verify_doc(store, config.checkpoints,

@@ -263,3 +263,26 @@ def test_web_view_imports_no_torch(world: UiWorld) -> None:
             f"for u in ['/', '/v/{world.merge}', '/audit', '/verify', '/api/ls']:\n"
             f"    assert c.get(u).status_code == 200, u\n")
     assert heavy_modules_after(code, Path.cwd(), env={"PYTHONPATH": os.getcwd()}) == []
+
+
+def test_version_page_shows_a_child_pushed_while_the_server_runs(tmp_path: Path) -> None:
+    """The server keeps the child edges between requests (registry.lineage_cache): a
+    version pushed after the first view must still appear at once, on the page and in
+    the lineage API, and disappear once deleted."""
+    from registry.lineage import make_lineage, parent
+    from tests.support.registry import (adapter_files, make_adapter_dir, new_store, push_adapter,
+                                         sample_record)
+
+    store = new_store(tmp_path)
+    root = push_adapter(store, "root", make_adapter_dir(tmp_path / "root", seed=1)).version
+    web = TestClient(create_app(Store.open(store.root), UiConfig(allowed_hosts=LOOPBACK_HOSTS)),
+                     base_url="http://127.0.0.1:8765", raise_server_exceptions=True)
+    assert "late-child" not in web.get(f"/v/{root.ref}").text
+    directory = make_adapter_dir(tmp_path / "child", seed=2)
+    child = store.push("late-child", adapter_files(directory), sample_record(directory),
+                       lineage=make_lineage([parent(root)], method="linear")).version
+    assert "late-child" in web.get(f"/v/{root.ref}").text
+    down = web.get(f"/api/lineage/{root.ref}", params={"direction": "down"}).json()
+    assert [c["digest"] for c in down["children"]] == [child.digest]
+    store.delete_version(child.ref)
+    assert "late-child" not in web.get(f"/v/{root.ref}").text
