@@ -96,6 +96,13 @@ def gate_timings(device: torch.device, *, small: bool, base_dir: Path | None = N
         result = merge_adapters([p.dir for p in parents], [0.5, 0.5], "linear")
         candidate = write_peft_dir(result, work / "candidate")
         runs = {}
+        # untimed: the first gate run in a process pays the one-time imports (transformers'
+        # generation, PEFT's merge: about 6 s on the CI box) and the CUDA context. The
+        # first H200 run timed the device first without this, so the device paid them
+        warm = smoke_policy(policy) if not small else policy
+        for where in dict.fromkeys([str(device), "cpu"]):
+            run_gate(candidate, base, warm, parents=parents, method="linear", parameters={},
+                     record=False, device=where)
         for where in dict.fromkeys([str(device), "cpu"]):
             start = time.perf_counter()
             res = run_gate(candidate, base, policy, parents=parents, method="linear",
