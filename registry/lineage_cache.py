@@ -15,7 +15,10 @@ marker, then the audit entry, then the change, then the marker is removed. Hence
   marker pending, the log may already hold an entry whose change (a new binding) is not
   visible yet. Edges kept under that seq would miss the change until the next mutation.
   The seq is read before the markers, so a mutation that completes in between moves
-  the seq past the one the edges are kept under, and they are not reused.
+  the seq past the one the edges are kept under, and they are not reused. Any marker
+  counts, even one that cannot be parsed. A marker left by a killed writer stays until the
+  next write settles it; until then nothing is kept, and every view reads the edges
+  afresh, as it did before this cache existed.
 * Kept edges expire after ``max_age_s`` in any case. A change made behind the log's back
   (a binding added by hand, which ``verify`` reports as unaudited) shows within that time.
 """
@@ -27,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from registry.audit.journal import pending_intents
+from registry.audit.journal import PENDING
 from registry.lineage import ChildEdges, child_edges
 
 if TYPE_CHECKING:
@@ -65,7 +68,9 @@ class LineageCache:
             if (self._edges is not None and self._seq == seq
                     and now - self._built_at < self.max_age_s):
                 return self._edges
-        settled = not pending_intents(store)  # after the seq: see the module docstring
+        # after the seq (see the module docstring); any marker counts, even one that
+        # cannot be parsed: it still means a write may be half-way
+        settled = not store.backend.list(PENDING)
         edges = child_edges(store)
         with self._lock:
             self.builds += 1

@@ -81,3 +81,13 @@ def test_kept_edges_expire(store_and_root: tuple[Store, Version]) -> None:
     child_names(store, root, cache)
     child_names(store, root, cache)
     assert cache.builds == 2
+
+
+def test_an_unreadable_intent_marker_still_keeps_edges_from_being_kept(
+        store_and_root: tuple[Store, Version]) -> None:
+    store, root = store_and_root
+    store.backend.put_if_absent(journal.PENDING + "garbage", b"not json")
+    cache = LineageCache()
+    child_names(store, root, cache)
+    child_names(store, root, cache)
+    assert cache.builds == 2
