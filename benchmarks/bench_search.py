@@ -204,6 +204,12 @@ def main() -> int:
                              "seeded random weights)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: skipped (run with --device cpu)")
+            return 0
     ratios = {"tiny": None if args.only == "smollm2" else tiny(args.trials, args.device),
               "smollm2": None if args.only == "tiny" else smollm2(args.demo_dir, args.real_trials,
                                                                   args.device, args.base)}
