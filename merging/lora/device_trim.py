@@ -75,7 +75,8 @@ def _cpu_delta(inp: ModuleInput) -> torch.Tensor:
                                         sparsify.row_blocks(inp.B.shape[0])))
 
 
-def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | str) -> torch.Tensor:
+def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | str, *,
+                 batched: bool | None = None) -> torch.Tensor:
     """The true deltas ``B_i A_i`` of a group of modules: ``(modules, inputs, out, in)`` float32.
 
     On the CPU every delta is the concatenation of the 64-row block products
@@ -89,6 +90,8 @@ def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | 
             zero-padded to the largest (finite inputs: adding ``0·x`` changes no sum,
             though the summation order of the matmul may).
         device: Where to compute.
+        batched: The one-bmm path (default: on any device but the CPU). ``True`` on the
+            CPU runs the device algorithm there (tests: CI has no GPU).
 
     Raises:
         ValueError: An empty group, or modules with different input counts or shapes.
@@ -98,7 +101,7 @@ def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | 
     counts = {len(inputs) for inputs in group}
     if not flat or len(counts) != 1 or len({(i.B.shape[0], i.A.shape[1]) for i in flat}) != 1:
         raise ValueError("a group holds modules with the same input count and shape")
-    if device.type == "cpu":
+    if not (device.type != "cpu" if batched is None else batched):
         deltas = torch.stack([_cpu_delta(inp) for inp in flat])
     else:
         rank = max(inp.A.shape[0] for inp in flat)
@@ -129,7 +132,7 @@ def trim_group(deltas: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def merge_group(group: Sequence[Sequence[ModuleInput]], params: MergeParams, *,
-                elect: bool, device: torch.device | str) -> torch.Tensor:
+                elect: bool, device: torch.device | str, batched: bool | None = None) -> torch.Tensor:
     """TIES (``elect=True``) or magnitude_prune of a group of modules on ``device``.
 
     Args:
@@ -139,6 +142,7 @@ def merge_group(group: Sequence[Sequence[ModuleInput]], params: MergeParams, *,
             ``normalize`` and ``weight_sum`` for magnitude_prune).
         elect: Sign election and disjoint mean (TIES) instead of a weighted sum.
         device: Where to compute.
+        batched: See :func:`group_deltas`.
 
     Returns:
         ``(modules, out, in)`` float32 merged deltas on ``device``; module ``m``
@@ -147,7 +151,7 @@ def merge_group(group: Sequence[Sequence[ModuleInput]], params: MergeParams, *,
     Raises:
         ValueError: See :func:`group_deltas`.
     """
-    deltas = trim_group(group_deltas(group, device), params.density)
+    deltas = trim_group(group_deltas(group, device, batched=batched), params.density)
     normalize = params.normalize and not elect
     factor = params.lam / (params.weight_sum if normalize else 1.0)
     merged = []
@@ -189,7 +193,7 @@ def group_by_shape(shapes: dict[str, tuple[int, int]], max_entries: int,
 
 
 def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int], *, seed: int,
-                 dtype: torch.dtype) -> list[FactoredModule]:
+                 dtype: torch.dtype, batched: bool | None = None) -> list[FactoredModule]:
     """Rank-``ranks[m]`` factors of each merged delta, cast to ``dtype``, back on the CPU.
 
     Args:
@@ -198,6 +202,8 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
         ranks: Output rank of each module.
         seed: The run's seed.
         dtype: The output dtype; errors are measured on the factors after the cast.
+        batched: One batched randomized SVD per rank (default: on any device but the
+            CPU, where each module is re-factored as the per-module engine does).
 
     Returns:
         One :data:`FactoredModule` per module, in order.
@@ -207,7 +213,7 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
     """
     if not len(names) == len(ranks) == merged.shape[0]:
         raise ValueError("factor_group takes one name and one rank per merged delta")
-    if merged.device.type == "cpu":
+    if not (merged.device.type != "cpu" if batched is None else batched):
         out = []
         for m, name in enumerate(names):
             b, a = lowrank_refactor(merged[m], ranks[m], seed=seed, module=name)
@@ -250,7 +256,8 @@ def _group_entries(device: torch.device) -> int:
 
 def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[str, tuple[int, ...]],
                           load: GroupLoader, params: MergeParams, *, elect: bool,
-                          device: torch.device, rank: int | None, seed: int, dtype: torch.dtype
+                          device: torch.device, rank: int | None, seed: int, dtype: torch.dtype,
+                          batched: bool | None = None
                           ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]]:
     """TIES/magnitude_prune of many modules, group by group: the engine's grouped path.
 
@@ -268,6 +275,8 @@ def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[st
         rank: Output rank (None: each module's largest input rank).
         seed: The run's seed (sketches).
         dtype: Output dtype.
+        batched: The device algorithms (batched deltas and SVD); default: on any device
+            but the CPU. See :func:`group_deltas`.
 
     Yields:
         ``(name, B, A, error, norm, indices of the inputs used)`` per module, group by group.
@@ -278,10 +287,10 @@ def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[st
         for g, group in enumerate(groups):
             inputs = ahead.result() if ahead is not None else []
             ahead = reader.submit(load, groups[g + 1]) if g + 1 < len(groups) else None
-            merged = merge_group(inputs, params, elect=elect, device=device)
+            merged = merge_group(inputs, params, elect=elect, device=device, batched=batched)
             ranks = [rank if rank is not None else max(inp.A.shape[0] for inp in module)
                      for module in inputs]
-            factored = factor_group(merged, group, ranks, seed=seed, dtype=dtype)
+            factored = factor_group(merged, group, ranks, seed=seed, dtype=dtype, batched=batched)
             del merged
             for name, module, (b, a, err, norm) in zip(group, inputs, factored, strict=True):
                 yield name, b, a, err, norm, [inp.index for inp in module]
