@@ -10,7 +10,8 @@ Every mutation runs through the journal (:mod:`registry.audit.journal`): an inte
 marker, then the audit entry, then the change, then the marker is removed. Hence:
 
 * Kept edges are reused only while the audit log's last seq is the one they were built
-  under. Any audited change (push, delete, gc, a recovery) moves it.
+  under. Any audited change (push, delete, gc, a recovery) moves it. On S3 the head
+  object can lag its entries, so the entries after it are counted too (:func:`log_tail`).
 * Edges are kept only if no intent marker was pending when the build began. With a
   marker pending, the log may already hold an entry whose change (a new binding) is not
   visible yet. Edges kept under that seq would miss the change until the next mutation.
@@ -40,6 +41,24 @@ DEFAULT_MAX_AGE_S = 60.0
 """How long kept edges may serve while the audit log does not move."""
 
 
+def log_tail(store: StoreReader) -> int:
+    """The seq of the audit log's last entry.
+
+    A local log's head is written under the store's lock before the change is applied.
+    On S3 the head is a hint that a writer may fail to advance
+    (:mod:`registry.audit.objects`): the entries after it are counted too (one GET when
+    there are none).
+
+    Raises:
+        IntegrityError: The head is unreadable.
+    """
+    log = store.audit()
+    seq = log.last_seq()
+    if not store.backend.supports_locks:
+        seq += len(log.entries_after(seq))
+    return seq
+
+
 @dataclass
 class LineageCache:
     """One store's :func:`registry.lineage.child_edges`, reused while the store is unchanged.
@@ -62,7 +81,7 @@ class LineageCache:
         Raises:
             IntegrityError: The audit head or a bound manifest is unreadable.
         """
-        seq = store.audit().last_seq()
+        seq = log_tail(store)
         now = time.monotonic()
         with self._lock:
             if (self._edges is not None and self._seq == seq
