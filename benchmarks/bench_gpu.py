@@ -28,6 +28,10 @@ Every ratio is against an anchor measured in the same run on the same machine:
     names the model: a directory with only the config and tokenizer (what fits on a
     GPU machine that receives a few MiB) is given seeded random weights
     (:mod:`random_base`), so the timings hold and the verdicts mean nothing.
+(d) **The demo's gate policy on a 7B-shaped bfloat16 model** on the device alone
+    (:mod:`bench_gpu_gate7b`: random weights drawn there, the tokenizer of
+    ``--gate-base``; target: minutes). Not in the default ``--parts``: it writes
+    about 14 GB.
 
 Run: ``python benchmarks/bench_gpu.py`` (about 8 minutes on an H100);
 ``--device cpu --small`` is a CPU smoke run with shapes divided by 16. Without a
@@ -323,13 +327,22 @@ def part_c(args: argparse.Namespace, device: torch.device) -> None:
     gate_timings(device, small=args.small, base_dir=args.gate_base)
 
 
+def part_d(args: argparse.Namespace, device: torch.device) -> None:
+    from bench_gpu_gate7b import gate_7b_timings
+
+    print(f"\n(d) the demo's gate policy on a {'1/16 of a ' if args.small else ''}7B-shaped bf16 model",
+          flush=True)
+    gate_7b_timings(device, small=args.small, base_dir=args.gate_base)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --small)")
     parser.add_argument("--small", action="store_true", help="shapes / 16, 2 layers: a smoke run")
     parser.add_argument("--layers", type=int, default=None, help="layers for (a) (default 32, small 2)")
     parser.add_argument("--cpu-layers", type=int, default=1, help="layers timed on the CPU anchors")
-    parser.add_argument("--parts", default="a,b,c", help="which parts to run: a,b,c")
+    parser.add_argument("--parts", default="a,b,c", help="which parts to run: a,b,c,d (d: "
+                        "a 7B-shaped gate, not run by default)")
     parser.add_argument("--no-peft", action="store_true", help="(a) without the PEFT anchor")
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="(a) profile a second run of our merge and write the top operators "
@@ -349,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} CPU threads",
           flush=True)
-    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c)):
+    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("d", part_d)):
         if part in args.parts.split(","):
             fn(args, device)
     return 0

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every GPU check of issue 16 in one run, for a machine with a CUDA device:
-# the CUDA tests, bench_gpu.py parts a (with a profile), b and c, and merge-search throughput.
+# the CUDA tests, bench_gpu.py parts a (with a profile), b and c, merge-search throughput,
+# and last (it writes ~14 GB) part d, the demo's gate on a 7B-shaped bf16 model.
 # Output goes to stdout and to $LOG (default gpu-checks.log); each step has its own time limit,
 # so one that hangs does not cost the others.
 #
@@ -36,5 +37,7 @@ timeout 200 $PY benchmarks/bench_gpu.py --parts c --gate-base "$MODEL_DIR"
 step "merge-search throughput on cuda"
 timeout 150 $PY benchmarks/bench_search.py --only smollm2 --device cuda --base "$MODEL_DIR" \
     --demo-dir "$DEMO_DIR" --real-trials 4
+step "bench_gpu (d): the demo's gate on a 7B-shaped model"
+timeout 300 $PY benchmarks/bench_gpu.py --parts d --gate-base "$MODEL_DIR"
 step done
 } 2>&1 | tee "$LOG"
