@@ -2,7 +2,7 @@
 
 One call is one *worker*:
 
-1. resolve the inputs, check their bases (:func:`merging.lora.engine.check_bases`), load
+1. resolve the inputs, check their bases (:func:`merging.lora.inputs.check_bases`), load
    the policy and build the space (:mod:`gate.search.space`);
 2. materialize the inputs under the store's ``tmp/``, load the base **once**
    (:class:`gate.evaluate.Evaluator`) and hand it to a :class:`merging.lora.live.LiveLora`;
@@ -237,7 +237,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     import optuna
 
     from gate.policy import load_policy
-    from merging.lora.engine import check_bases
+    from merging.lora.inputs import check_bases
     from registry.storage.refs import validate_name
 
     if len(refs) < 2:

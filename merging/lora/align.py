@@ -39,6 +39,7 @@ import torch
 
 from merging.lora.factorize import RANK_RTOL
 from merging.lora.methods import Factors, MergeMethod, MergeParams, ModuleContext, ModuleInput
+from merging.lora.threads import intraop_threads
 
 
 def knots_basis(inputs: Sequence[ModuleInput]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -51,20 +52,21 @@ def knots_basis(inputs: Sequence[ModuleInput]) -> tuple[torch.Tensor, list[torch
         ``U`` (``out x k``, orthonormal columns, float32) and the ``k x in`` float32
         coefficient matrices, in input order; ``k == 0`` when every delta is zero.
     """
-    q, r = torch.linalg.qr(torch.cat([inp.B for inp in inputs], dim=1).double())
-    blocks, start = [], 0
-    for inp in inputs:
-        rank = inp.A.shape[0]
-        blocks.append(r[:, start:start + rank] @ inp.A.double())
-        start += rank
-    u, s, vh = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
-    keep = int(torch.count_nonzero(s > s[0] * RANK_RTOL)) if s.numel() and float(s[0]) > 0 else 0
-    basis = q @ u[:, :keep]
-    # one sign per component: the largest-magnitude entry of each basis vector is positive
-    signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
-    u = u[:, :keep] * signs
-    coeffs = [(u.T @ block).float() for block in blocks]
-    return (basis * signs).float(), coeffs
+    with intraop_threads(1):  # LAPACK's bits depend on the thread count (merging.lora.threads)
+        q, r = torch.linalg.qr(torch.cat([inp.B for inp in inputs], dim=1).double())
+        blocks, start = [], 0
+        for inp in inputs:
+            rank = inp.A.shape[0]
+            blocks.append(r[:, start:start + rank] @ inp.A.double())
+            start += rank
+        u, s, vh = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
+        keep = int(torch.count_nonzero(s > s[0] * RANK_RTOL)) if s.numel() and float(s[0]) > 0 else 0
+        basis = q @ u[:, :keep]
+        # one sign per component: the largest-magnitude entry of each basis vector is positive
+        signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
+        u = u[:, :keep] * signs
+        coeffs = [(u.T @ block).float() for block in blocks]
+        return (basis * signs).float(), coeffs
 
 
 def knots_merge(method: MergeMethod, inputs: Sequence[ModuleInput], params: MergeParams,

@@ -45,6 +45,7 @@ from merging.lora import sparsify
 from merging.lora.factorize import dense_error, lowrank_refactor
 from merging.lora.kselect import keep_mask, kth_largest_magnitudes
 from merging.lora.lowrank import frobenius_errors, lowrank_factors
+from merging.lora.threads import block_map
 from merging.lora.methods import MergeParams, ModuleInput
 
 GROUPED_METHODS = ("ties", "magnitude_prune")
@@ -71,7 +72,7 @@ def _stacked(factors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 def _cpu_delta(inp: ModuleInput) -> torch.Tensor:
     """``B @ A`` with :func:`merging.lora.sparsify.block_delta`'s products, thread settings included."""
-    return torch.cat(sparsify.block_map(lambda _j, rows: sparsify.block_delta(inp, rows),
+    return torch.cat(block_map(lambda _j, rows: sparsify.block_delta(inp, rows),
                                         sparsify.row_blocks(inp.B.shape[0])))
 
 

@@ -18,8 +18,15 @@ For every module in the union of the inputs' modules (sorted by name):
    measure the relative Frobenius error of the stored factors against the exact
    merged delta.
 
-Memory: the inputs' factors of one module plus at most one dense ``(out, in)``
-float32 tensor; the output factors are kept (they are what gets written).
+**Threads.** On the CPU every kernel runs single-threaded and the parallelism comes
+from independent pieces run side by side (:mod:`merging.lora.threads`), so a merge's
+bytes do not depend on the thread count: small modules (at most
+:data:`SIDE_BY_SIDE_ENTRIES` delta entries) and factored methods' modules are merged one
+per worker; larger dense modules one at a time, their row blocks side by side.
+
+Memory: the inputs' factors of a module plus at most one dense ``(out, in)`` float32
+tensor per worker for modules of at most 4 MiB, or one larger one; the output factors are
+kept (they are what gets written).
 
 **Devices** (``device``, :func:`merging.devices.resolve_device`). Dense methods run
 on the device: each module's factors are copied there and the method, the
@@ -46,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,6 @@ import torch
 
 from merging.adapter import LoraAdapter, load_adapter
 from merging.devices import resolve_device
-from merging.dtypes import torch_dtype
 from merging.lora.align import knots_merge
 from merging.lora.device_trim import GROUPED_METHODS, merge_modules_grouped
 from merging.lora.factorize import (
@@ -72,73 +77,28 @@ from merging.lora.methods import (
     ModuleInput,
     get_method,
 )
+from merging.lora.inputs import (
+    check_compatible,
+    copied_extras,
+    module_inputs,
+    module_union,
+    output_dtype,
+)
 from merging.lora.lowrank import frobenius_errors
 from merging.lora.options import Rank, parse_rank, parse_weights
 from merging.lora.peft_output import output_config
 from merging.lora.results import MergeResult
-from merging.lora.sparsify import intraop_threads
+from merging.lora.threads import intraop_threads, worker_pool
 from registry.errors import (
     BadInputError,
-    BaseMismatchError,
-    UnsupportedAdapterError,
 )
 
 ProgressCallback = Callable[[int], None]
 ModuleOutcome = tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]
 """``(name, B, A, error, norm, indices of the inputs used)`` of one merged module."""
-
-
-def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
-    """Sorted union of the inputs' module paths."""
-    return sorted(set().union(*(a.infos for a in adapters)))
-
-
-def _check_compatible(adapters: Sequence[LoraAdapter], labels: Sequence[str]) -> list[str]:
-    warnings: list[str] = []
-    first = adapters[0].config
-    for adapter, label in zip(adapters[1:], labels[1:], strict=True):
-        cfg = adapter.config
-        if bool(cfg.get("fan_in_fan_out", False)) != bool(first.get("fan_in_fan_out", False)):
-            raise BadInputError(f"{label} and {labels[0]} disagree on fan_in_fan_out",
-                                fix="merge adapters trained on the same model class")
-        for field in ("base_model_name_or_path", "task_type"):
-            if cfg.get(field) != first.get(field):
-                warnings.append(f"{field} differs: {labels[0]} has {first.get(field)!r}, "
-                                f"{label} has {cfg.get(field)!r}; the output keeps the first")
-    seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
-    for adapter, label in zip(adapters, labels, strict=True):
-        for name, info in adapter.infos.items():
-            if name in seen and seen[name][1:] != (info.shape, info.embedding):
-                other, shape, _ = seen[name]
-                raise BaseMismatchError(
-                    f"module {name}: {other} has delta shape {shape} but {label} has {info.shape}",
-                    fix="merge adapters trained on the same base model")
-            seen.setdefault(name, (label, info.shape, info.embedding))
-    return warnings
-
-
-def _output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
-    dtypes = {info.dtype for a in adapters for info in a.infos.values()}
-    out = torch_dtype(dtypes.pop())
-    for name in dtypes:
-        out = torch.promote_types(out, torch_dtype(name))
-    return out
-
-
-def _inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], labels: Sequence[str],
-            name: str, device: torch.device) -> list[ModuleInput]:
-    inputs = []
-    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
-        if name not in adapter.infos:
-            continue
-        module = adapter.module(name)
-        b = module.B.float() * module.scale
-        a = module.A.float()
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            raise BadInputError(f"{labels[index]}: module {name} has NaN or infinite values",
-                                fix="check the adapter's training run")
-        inputs.append(ModuleInput(index=index, B=b.to(device), A=a.to(device), weight=weight))
-    return inputs
+SIDE_BY_SIDE_ENTRIES = 1 << 20
+"""Dense modules of at most this many entries (4 MiB of float32) are merged side by side on
+the CPU, one per single-threaded worker; larger ones one at a time (module docstring)."""
 
 
 def _refactored(method_output: str, result: Any, inputs: Sequence[ModuleInput], rank: Any,
@@ -174,32 +134,6 @@ def _run_method(spec: MergeMethod, inputs: Sequence[ModuleInput], params: MergeP
     if params.align == "knots":
         return knots_merge(spec, inputs, params, ctx), "exact"
     return spec.fn(inputs, params, ctx), spec.output
-
-
-def _extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
-            warnings: list[str]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    owner: dict[str, list[str]] = {}
-    for adapter, label in zip(adapters, labels, strict=True):
-        for key in adapter.extras:
-            tensor = adapter.extra_tensor(key)
-            if key in out:
-                if out[key].dtype != tensor.dtype or out[key].shape != tensor.shape \
-                        or not torch.equal(out[key], tensor):
-                    raise UnsupportedAdapterError(
-                        f"{owner[key][0]} and {label} both carry {key} (modules_to_save) with "
-                        "different values; full weights cannot be merged",
-                        fix="retrain one adapter without modules_to_save for that module, or "
-                            "drop it from one input")
-                owner[key].append(label)
-            else:
-                out[key] = tensor.contiguous()
-                owner[key] = [label]
-    for key, who in sorted(owner.items()):
-        if len(who) < len(adapters):
-            warnings.append(f"{key} is copied from {', '.join(who)} only; the other inputs "
-                            "used the base model's tensor there")
-    return out
 
 
 def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
@@ -253,8 +187,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
     run = _MergeRun(loaded, labels, weights, spec, spec.resolve(params, weights),
                     parse_rank(rank), 0 if seed is None else int(seed), target, group_modules)
     try:
-        warnings = _check_compatible(loaded, labels)
-        extras = _extras(loaded, labels, warnings)  # clashes are refused before any work
+        warnings = check_compatible(loaded, labels)
+        extras = copied_extras(loaded, labels, warnings)  # clashes are refused before any work
         tensors, modules, ranks, error = run.all_modules(progress)
         tensors.update(extras)
     finally:
@@ -279,7 +213,7 @@ class _MergeRun:
                  seed: int, device: torch.device, group_modules: bool | None) -> None:
         self.loaded, self.labels, self.weights = loaded, labels, weights
         self.spec, self.params, self.rank, self.seed = spec, params, rank, seed
-        self.dtype = _output_dtype(loaded)
+        self.dtype = output_dtype(loaded)
         # Where modules compute (module docstring): ``device`` for dense methods, grouped
         # for ties/magnitude_prune on a non-CPU device (or when asked).
         self.device = device
@@ -290,7 +224,7 @@ class _MergeRun:
 
     def one(self, name: str) -> ModuleOutcome:
         """Merge module ``name``: (name, B, A, error, norm, indices of the inputs used)."""
-        inputs = _inputs(self.loaded, self.weights, self.labels, name, self.compute)
+        inputs = module_inputs(self.loaded, self.weights, self.labels, name, self.compute)
         info = next(a.infos[name] for a in self.loaded if name in a.infos)
         ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed)
         result, output = _run_method(self.spec, inputs, self.params, ctx)
@@ -299,7 +233,7 @@ class _MergeRun:
 
     def _group_inputs(self, names: Sequence[str]) -> list[list[ModuleInput]]:
         cpu = torch.device("cpu")
-        return [_inputs(self.loaded, self.weights, self.labels, name, cpu) for name in names]
+        return [module_inputs(self.loaded, self.weights, self.labels, name, cpu) for name in names]
 
     def grouped(self, names: Sequence[str], progress: ProgressCallback | None
                 ) -> Iterator[ModuleOutcome]:
@@ -317,6 +251,39 @@ class _MergeRun:
                 progress(1)
         return (done[name] for name in names)
 
+    def _side_by_side(self, name: str) -> bool:
+        """Whether ``name`` is merged on a worker of its own (small or factored, on the CPU)."""
+        if self.compute.type != "cpu":
+            return False
+        if self.spec.output != "dense" or self.params.align == "knots":
+            return True  # rank-sized matrices only
+        rows, cols = next(a.infos[name] for a in self.loaded if name in a.infos).shape
+        return rows * cols <= SIDE_BY_SIDE_ENTRIES
+
+    def _ungrouped(self, names: Sequence[str], progress: ProgressCallback | None
+                   ) -> dict[str, ModuleOutcome]:
+        """:meth:`one` for every module: small ones side by side on single-threaded workers,
+        then the large ones one at a time, each parallel inside (its row blocks)."""
+        side = [name for name in names if self._side_by_side(name)]
+        done: dict[str, ModuleOutcome] = {}
+        workers = min(torch.get_num_threads(), len(side))
+        pool = worker_pool(workers) if workers > 1 else None
+        try:
+            with intraop_threads(1) if pool is None else contextlib.nullcontext():
+                for outcome in pool.map(self.one, side) if pool else map(self.one, side):
+                    done[outcome[0]] = outcome
+                    if progress is not None:
+                        progress(1)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        for name in names:
+            if name not in done:
+                done[name] = self.one(name)
+                if progress is not None:
+                    progress(1)
+        return done
+
     def all_modules(self, progress: ProgressCallback | None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, int], float]:
         """Every module: (tensors, per-module report, ranks, overall relative error)."""
@@ -325,70 +292,16 @@ class _MergeRun:
         ranks: dict[str, int] = {}
         err2 = norm2 = 0.0
         names = module_union(self.loaded)
-        # Factored methods hold no dense tensor, so small modules run side by side, each
-        # with single-threaded ops; dense methods go one module at a time and parallelise
-        # inside the module (merging.lora.sparsify.block_map). Results come back in name order.
-        workers = 1 if self.spec.output == "dense" else min(torch.get_num_threads(), len(names))
-        with intraop_threads(1) if workers > 1 else contextlib.nullcontext():
-            pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-            try:
-                outcomes: Iterator[ModuleOutcome] = (
-                    self.grouped(names, progress) if self.grouped_path
-                    else pool.map(self.one, names) if pool else map(self.one, names))
-                for name, b, a, err, norm, used in outcomes:
-                    keys = next(ad.infos[name] for ad in self.loaded if name in ad.infos).keys
-                    tensors[keys.a], tensors[keys.b] = a, b
-                    ranks[name] = a.shape[0]
-                    modules[name] = {"rank": a.shape[0], "error": err / norm if norm > 0 else 0.0,
-                                     "norm": norm, "inputs": used}
-                    err2, norm2 = err2 + err * err, norm2 + norm * norm
-                    if progress is not None and not self.grouped_path:
-                        progress(1)
-            finally:
-                if pool is not None:
-                    pool.shutdown(cancel_futures=True)
+        if self.grouped_path:
+            outcomes: Iterator[ModuleOutcome] | list[ModuleOutcome] = self.grouped(names, progress)
+        else:
+            done = self._ungrouped(names, progress)
+            outcomes = [done[name] for name in names]  # name order: the overall error sums in it
+        for name, b, a, err, norm, used in outcomes:
+            keys = next(ad.infos[name] for ad in self.loaded if name in ad.infos).keys
+            tensors[keys.a], tensors[keys.b] = a, b
+            ranks[name] = a.shape[0]
+            modules[name] = {"rank": a.shape[0], "error": err / norm if norm > 0 else 0.0,
+                             "norm": norm, "inputs": used}
+            err2, norm2 = err2 + err * err, norm2 + norm * norm
         return tensors, modules, ranks, math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
-
-
-def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *,
-                allow_weights_mismatch: bool = False) -> list[str]:
-    """Check that the inputs were trained on the same base model.
-
-    Args:
-        bases: Each input's record ``base_model`` object (``{"id", "revision",
-            "fingerprint": {"struct_digest", "weights_digest"} | None}``) or None.
-        labels: Names of the inputs for messages.
-        allow_weights_mismatch: Accept the same structure with different weights
-            (e.g. a base and its fine-tune), as a warning.
-
-    Returns:
-        Warnings (unverifiable inputs, accepted weights mismatch) for the lineage.
-
-    Raises:
-        BaseMismatchError: Different ``struct_digest`` (never allowed), or different
-            ``weights_digest`` without ``allow_weights_mismatch``.
-    """
-    warnings: list[str] = []
-    known: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    for base, label in zip(bases, labels, strict=True):
-        fp = (base or {}).get("fingerprint")
-        if not fp or not fp.get("struct_digest"):
-            warnings.append(f"{label}: no base fingerprint recorded; its base could not be verified")
-            continue
-        known.append((label, base or {}, fp))
-    for label, base, fp in known[1:]:
-        ref_label, ref_base, ref_fp = known[0]
-        names = f"{ref_label} (base {ref_base.get('id')!r}) and {label} (base {base.get('id')!r})"
-        if fp["struct_digest"] != ref_fp["struct_digest"]:
-            raise BaseMismatchError(
-                f"{names} were trained on bases of different structure "
-                f"({ref_fp['struct_digest'][:19]} vs {fp['struct_digest'][:19]})",
-                fix="merge adapters of the same base model")
-        wa, wb = ref_fp.get("weights_digest"), fp.get("weights_digest")
-        if wa and wb and wa != wb:
-            message = (f"{names} share the base structure but not its weights "
-                       f"({wa[:19]} vs {wb[:19]})")
-            if not allow_weights_mismatch:
-                raise BaseMismatchError(message, fix="pass --allow-base-mismatch to merge anyway")
-            warnings.append(message + "; merged anyway (--allow-base-mismatch)")
-    return warnings

@@ -41,6 +41,7 @@ import math
 import torch
 
 from merging.lora.lowrank import NITER, lowrank_factors
+from merging.lora.threads import intraop_threads
 
 RANK_RTOL = 2.0 ** -23
 """Singular values below ``RANK_RTOL · S_max`` are float32 noise and are dropped."""
@@ -69,9 +70,10 @@ def exact_refactor(B: torch.Tensor, A: torch.Tensor,
         column).
     """
     rows, cols = B.shape[0], A.shape[1]
-    qb, rb = torch.linalg.qr(B.double())
-    qa, ra = torch.linalg.qr(A.double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    with intraop_threads(1):  # LAPACK's bits depend on the thread count (merging.lora.threads)
+        qb, rb = torch.linalg.qr(B.double())
+        qa, ra = torch.linalg.qr(A.double().T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return _zero_factors(rows, cols, B.device)
     keep = int(torch.count_nonzero(s > s[0] * RANK_RTOL))
@@ -79,7 +81,8 @@ def exact_refactor(B: torch.Tensor, A: torch.Tensor,
         keep = min(keep, rank)
     keep = max(keep, 1)
     # Q from torch.linalg.qr is column-major: (U^T Q^T)^T is ~8x faster than Q @ U
-    return _balanced((u[:, :keep].T @ qb.T).T, s[:keep], vh[:keep] @ qa.T)
+    with intraop_threads(1):
+        return _balanced((u[:, :keep].T @ qb.T).T, s[:keep], vh[:keep] @ qa.T)
 
 
 def lowrank_refactor(D: torch.Tensor, rank: int, *, seed: int = 0, module: str = "",
@@ -115,7 +118,8 @@ def full_factors(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dense_error(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
     """``(||D - B A||_F, ||D||_F)``, block by block (float64 accumulation)."""
-    from merging.lora.sparsify import block_map, row_blocks
+    from merging.lora.sparsify import row_blocks
+    from merging.lora.threads import block_map
 
     B32, A32 = B.float(), A.float()
 
@@ -140,7 +144,8 @@ def factored_error(B_ref: torch.Tensor, A_ref: torch.Tensor, B: torch.Tensor,
     k = B_ref.shape[1]
     x = torch.cat([B_ref.double(), -B.double()], dim=1)
     y = torch.cat([A_ref.double(), A.double()], dim=0)
-    product = (x.T @ x) * (y @ y.T)
+    with intraop_threads(1):  # reductions over ``out`` and ``in``: not thread-count dependent
+        product = (x.T @ x) * (y @ y.T)
     err2 = float(product.sum())
     norm2 = float(product[:k, :k].sum())
     return math.sqrt(max(err2, 0.0)), math.sqrt(max(norm2, 0.0))

@@ -19,10 +19,12 @@ QR after every product, SVD of the small ``Q^T A``) with three changes:
 * a ``(batch, out, in)`` stack runs as batched matmuls, QRs and SVDs;
 * every tensor is created on the input's device.
 
-For one 2-D float32 matrix on the CPU the operations are exactly those of
-``lowrank_refactor`` (same draw, same products in the same order), so the factors
-are bit for bit the same: wiring this in changes no CPU digest. A batch may round
-differently from one-by-one (batched BLAS kernels), still deterministically.
+For one 2-D matrix on the CPU (the per-module merge) every step is single-threaded,
+so the factors do not depend on the thread count (:mod:`merging.lora.threads`): the
+products run as :func:`merging.lora.threads.row_product` (row blocks of ``A``, or of
+``A^T`` for the transposed products, side by side) and the QRs and the small SVD with
+one thread. A batch (the GPU's path) uses batched kernels; it may round differently
+from one-by-one, still deterministically on one device.
 The selection rules are ``lowrank_refactor``'s: ``q = rank + oversample``
 (default ``2·rank``), an exact ``torch.linalg.svd`` for small matrices
 (``min(out, in) <= 2q`` or at most 2^20 entries), zero factors for a zero delta,
@@ -31,10 +33,13 @@ and balanced factors (``S^½`` on each side).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 
 import torch
+
+from merging.lora.threads import intraop_threads, row_product
 
 NITER = 2
 """Power iterations (as :data:`merging.lora.factorize.NITER`)."""
@@ -79,19 +84,40 @@ def randomized_svd(D: torch.Tensor, q: int, seeds: Sequence[int],
     wide = D.shape[-2] < D.shape[-1]
     A = D.mH if wide else D  # the algorithm assumes a tall matrix
     sketch = _sketch(A.shape[-1], q, seeds, A)
-    if D.shape[0] == 1:  # 2-D products: exactly torch.svd_lowrank's kernels
-        A, sketch = A[0], sketch[0]
-    Q = torch.linalg.qr(A @ sketch).Q
-    for _ in range(niter):
-        Q = torch.linalg.qr(A.mH @ Q).Q
-        Q = torch.linalg.qr(A @ Q).Q
-    U, S, Vh = torch.linalg.svd(Q.mH @ A, full_matrices=False)
-    U, V = Q @ U, Vh.mH
+    if D.shape[0] == 1 and D.device.type == "cpu":
+        U, S, V = _cpu_randomized_svd(A[0], sketch[0], niter)
+        U, S, V = U[None], S[None], V[None]
+    else:
+        if D.shape[0] == 1:  # 2-D products: torch.svd_lowrank's kernels
+            A, sketch = A[0], sketch[0]
+        Q = torch.linalg.qr(A @ sketch).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(A.mH @ Q).Q
+            Q = torch.linalg.qr(A @ Q).Q
+        U, S, Vh = torch.linalg.svd(Q.mH @ A, full_matrices=False)
+        U, V = Q @ U, Vh.mH
+        if D.shape[0] == 1:
+            U, S, V = U[None], S[None], V[None]
     if wide:
         U, V = V, U
-    if D.shape[0] == 1:
-        U, S, V = U[None], S[None], V[None]
     return U, S, V
+
+
+def _cpu_randomized_svd(A: torch.Tensor, sketch: torch.Tensor,
+                        niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`randomized_svd`'s steps on one tall CPU matrix, none of them multi-threaded."""
+    def orthonormal(Y: torch.Tensor) -> torch.Tensor:
+        with intraop_threads(1):
+            return torch.linalg.qr(Y).Q
+
+    Q = orthonormal(row_product(A, sketch))
+    for _ in range(niter):
+        Q = orthonormal(row_product(A.mH, Q))
+        Q = orthonormal(row_product(A, Q))
+    with intraop_threads(1):
+        # (A^T Q)^T = Q^T A: the small matrix whose SVD gives the factors
+        U, S, Vh = torch.linalg.svd(row_product(A.mH, Q).mH, full_matrices=False)
+        return Q @ U, S, Vh.mH
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +158,8 @@ def lowrank_factors(D: torch.Tensor, rank: int, *, seed: int = 0,
     rank = max(1, min(rank, rows, cols))
     q = min(rank + (rank if oversample is None else oversample), rows, cols)
     if min(rows, cols) <= 2 * q or rows * cols <= SMALL_MATRIX:
-        u, s, vh = torch.linalg.svd(D, full_matrices=False)
+        with intraop_threads(1) if D.device.type == "cpu" else contextlib.nullcontext():
+            u, s, vh = torch.linalg.svd(D, full_matrices=False)
         B, A = _balanced(u[..., :rank], s[..., :rank], vh[..., :rank, :])
     else:
         u, s, v = randomized_svd(D, q, [sketch_seed(seed, name) for name in modules], niter)

@@ -7,7 +7,7 @@ One call does the whole flow, so the command only parses its options
 1. resolve every input ref; the output name (default ``<first input>-<method>``, plus
    ``-<align>`` when aligned) is validated before any work;
 2. check the method's parameters (:meth:`merging.lora.methods.MergeMethod.resolve`) and
-   the inputs' recorded base fingerprints (:func:`merging.lora.engine.check_bases`;
+   the inputs' recorded base fingerprints (:func:`merging.lora.inputs.check_bases`;
    ``allow_base_mismatch`` accepts the same structure with other weights, as a warning);
 3. materialize the inputs into a scratch directory under the store's ``tmp/`` (removed
    afterwards, also on error) and merge them (:func:`merging.lora.engine.merge_adapters`)
@@ -162,7 +162,8 @@ def merge_versions(store: Store, request: MergeRequest, *,
     """
     from merging.adapter import load_adapter
     from merging.devices import resolve_device
-    from merging.lora.engine import check_bases, merge_adapters, module_union
+    from merging.lora.engine import merge_adapters
+    from merging.lora.inputs import check_bases, module_union
     from merging.lora.methods import get_method
     from merging.lora.peft_output import write_peft_dir
     from merging.lora.publish import push_merge

@@ -5,10 +5,10 @@ never holds more than one dense ``(out, in)`` float32 tensor (the merged result)
 the inputs' deltas are recomputed block by block (:data:`BLOCK_ROWS` rows at a
 time, so the chain of element-wise operations stays in cache) from their rank-r
 factors, which costs one small matmul per block. Blocks are independent, so
-:func:`block_map` runs them on a small thread pool with single-threaded torch ops
-(one worker per torch thread; the process-wide intra-op thread count is set to 1
-for the duration and restored): on a busy 2-core machine this measured 5-10x
-faster than 2-thread OpenMP ops on blocks this small. **Devices:** factors on a GPU
+:func:`merging.lora.threads.block_map` runs them on a small thread pool with
+single-threaded torch ops (one worker per torch thread): on a busy 2-core machine
+this measured 5-10x faster than 2-thread OpenMP ops on blocks this small, and the
+result does not depend on the thread count. **Devices:** factors on a GPU
 keep every step there (thresholds by :mod:`merging.lora.kselect`'s exact radix select;
 DARE/DELLA masks drawn on the CPU generator and copied, so they match the CPU's).
 
@@ -59,15 +59,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from merging.lora.kselect import kth_largest_magnitude
 from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
+from merging.lora.threads import block_map, slices
 
 BLOCK_ROWS = 64
 """Rows per block. Part of the DARE mask definition: changing it changes masks."""
@@ -76,38 +74,9 @@ SAMPLE_SIZE = 1 << 16
 SMALL_TENSOR = 1 << 20
 """Below this many entries the threshold is found with one ``kthvalue`` on everything."""
 
-T = TypeVar("T")
-
-
 def row_blocks(rows: int) -> list[slice]:
     """Consecutive :data:`BLOCK_ROWS`-row slices covering ``rows``."""
-    return [slice(start, min(start + BLOCK_ROWS, rows)) for start in range(0, rows, BLOCK_ROWS)]
-
-
-@contextmanager
-def intraop_threads(n: int) -> Iterator[None]:
-    """Set torch's (process-wide) intra-op thread count to ``n`` inside the block."""
-    old = torch.get_num_threads()
-    if old != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if old != n:
-            torch.set_num_threads(old)
-
-
-def block_map(fn: Callable[[int, slice], T], blocks: Sequence[slice]) -> list[T]:
-    """``[fn(j, block) for j, block in enumerate(blocks)]`` on a thread pool.
-
-    One worker per torch intra-op thread, each running single-threaded ops; results
-    come back in block order. ``fn`` must only touch its own block.
-    """
-    workers = min(torch.get_num_threads(), len(blocks))
-    if workers <= 1:
-        return [fn(j, b) for j, b in enumerate(blocks)]
-    with intraop_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, range(len(blocks)), blocks))
+    return slices(rows, BLOCK_ROWS)
 
 
 def block_delta(inp: ModuleInput, rows: slice) -> torch.Tensor:

@@ -424,7 +424,7 @@ def test_write_peft_dir_modes_ignore_the_umask(pair) -> None:  # type: ignore[no
 
 
 def test_check_bases() -> None:
-    from merging.lora.engine import check_bases
+    from merging.lora.inputs import check_bases
     from registry.errors import BaseMismatchError
 
     def base(struct, weights):  # type: ignore[no-untyped-def]
