@@ -56,7 +56,7 @@ AllowBaseMismatchOpt = Annotated[
 ]
 
 
-_DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}$")
+_DIGEST_OR_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{6,64}\Z")
 
 
 def parse_expect(st: Store, expect: str | None) -> str | None | object:
@@ -181,7 +181,7 @@ def parse_pairs(items: list[str] | None, option: str, *, typed: bool = True) -> 
     return out
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*\Z")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -42,7 +42,7 @@ from typing import Any
 FOUR_BIT = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-STATE_KEY = re.compile(r"^(?P<weight>.+\.weight)\.quant_state\.bitsandbytes__(?P<kind>nf4|fp4)$")
+STATE_KEY = re.compile(r"^(?P<weight>.+\.weight)\.quant_state\.bitsandbytes__(?P<kind>nf4|fp4)\Z")
 FOUR_BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 INT8_PARTS = ("SCB", "weight_format")
 MAX_SHOWN = 3

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
+from gate.policy import DataFile
 from gate.provenance import is_quantized
 from registry.errors import BadInputError
 from registry.formats.patterns import explicit_peft_config
@@ -53,17 +54,27 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def read_texts(path: Path, *, field: str = "text", limit: int | None = None) -> list[str]:
+def _source(path: Path | DataFile) -> Path | DataFile:
+    return path if isinstance(path, DataFile) else Path(path)
+
+
+def read_texts(path: Path | DataFile, *, field: str = "text", limit: int | None = None) -> list[str]:
     """Documents of a held-out file: JSONL ``{field: str}`` lines, or blank-line separated text.
+
+    Args:
+        path: A file, or a policy's :class:`gate.policy.DataFile` (its hashed bytes).
+        field: The JSONL field holding the text.
+        limit: Keep the first ``limit`` documents.
 
     Raises:
         BadInputError: Unreadable file, a bad JSONL line, or no documents.
     """
+    source = _source(path)
     try:
-        raw = Path(path).read_text(encoding="utf-8")
+        raw = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 text or JSONL file") from None
-    if Path(path).suffix == ".jsonl":
+    if source.suffix == ".jsonl":
         texts = [_jsonl_row(line, n, path, (field,))[field]
                  for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
     else:
@@ -73,14 +84,14 @@ def read_texts(path: Path, *, field: str = "text", limit: int | None = None) -> 
     return texts[:limit] if limit else texts
 
 
-def read_pairs(path: Path, *, limit: int | None = None) -> list[tuple[str, str]]:
-    """``(prompt, answer)`` pairs of a JSONL eval set.
+def read_pairs(path: Path | DataFile, *, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs of a JSONL eval set (a file or a policy's :class:`DataFile`).
 
     Raises:
         BadInputError: Unreadable file, a line without string prompt/answer, or no rows.
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = _source(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 JSONL file") from None
     rows = [_jsonl_row(line, n, path, ("prompt", "answer"))
@@ -91,7 +102,7 @@ def read_pairs(path: Path, *, limit: int | None = None) -> list[tuple[str, str]]
     return pairs[:limit] if limit else pairs
 
 
-def _jsonl_row(line: str, number: int, path: Path, keys: Sequence[str]) -> dict[str, Any]:
+def _jsonl_row(line: str, number: int, path: Path | DataFile, keys: Sequence[str]) -> dict[str, Any]:
     try:
         row = json.loads(line)
     except ValueError:

@@ -57,7 +57,6 @@ walk over the checks, data-file resolution and the digest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -78,6 +77,31 @@ MAX_POLICY_BYTES = 1 << 20
 MAX_DEPTH = 32
 """Deepest nesting of YAML collections accepted."""
 @dataclass(frozen=True)
+class DataFile:
+    """A data file of a policy as it was hashed: where it was read, and its bytes.
+
+    The policy digest covers these bytes, and the checks evaluate these bytes; the file
+    is never read again by path, so a file swapped while a gate runs (after the policy
+    was loaded, before a check reads its data) cannot be evaluated under the digest of
+    the original.
+    """
+
+    path: Path
+    data: bytes = field(repr=False)
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        """The bytes decoded (``UnicodeDecodeError`` as ``Path.read_text`` raises it)."""
+        return self.data.decode(encoding)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
 class CheckSpec:
     """One validated check: its ``kind``, unique ``name`` and parameters (defaults filled)."""
 
@@ -88,9 +112,10 @@ class CheckSpec:
     def __getitem__(self, key: str) -> Any:
         return self.params[key]
 
-    def path(self, key: str) -> Path:
-        """An absolute path parameter (resolved against the policy directory)."""
-        return Path(self.params["_paths"][key])
+    def data_file(self, key: str) -> DataFile:
+        """A data file parameter, as hashed into the policy digest (:class:`DataFile`)."""
+        file: DataFile = self.params["_files"][key]
+        return file
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name,
@@ -159,7 +184,7 @@ def _data_file(where: str, written: str, base_dir: Path, allow_outside: bool) ->
     return Path(real)
 
 
-def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str],
+def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str], snapshots: dict[Path, DataFile],
            names: set[str], allow_outside: bool) -> CheckSpec:
     """Validate ``checks[i]`` against its kind's declared :class:`gate.checks.CheckParams`.
 
@@ -195,24 +220,31 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str],
         first, *others = declared.one_of
         raise bad(f"{where}.{first}", f"or {' or '.join('.' + k for k in others)} is required "
                   f"({declared.one_of_why})")
-    paths: dict[str, str] = {}
+    found: dict[str, DataFile] = {}
     files = [(key, params[key]) for key in declared.files if params.get(key)]
     files += [(f"{key}.{label}", written) for key in declared.file_maps
               for label, written in params[key].items()]
     for key, written in files:
         resolved = _data_file(f"{where}.{key}", written, base_dir, allow_outside)
-        paths[key] = str(resolved)
-        data[written] = _file_digest(resolved)
-    params["_paths"] = paths
+        if resolved not in snapshots:  # read once: every check sees the bytes hashed
+            snapshots[resolved] = _snapshot(f"{where}.{key}", resolved)
+        found[key] = snapshots[resolved]
+        data[written] = sha256_digest(found[key].data)
+    params["_files"] = found
     return CheckSpec(kind=kind, name=name, params=params)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+def _snapshot(where: str, path: Path) -> DataFile:
+    """The file's bytes, read once.
+
+    Raises:
+        BadInputError: It cannot be read.
+    """
+    try:
+        return DataFile(path=path, data=path.read_bytes())
+    except OSError as err:
+        raise BadInputError(f"policy field {where}: cannot read {show(str(path))}: "
+                            f"{err.strerror or err}", fix="make the data file readable") from None
 
 
 def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
@@ -249,8 +281,9 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
     if not isinstance(checks_raw, list) or not checks_raw:
         raise bad("checks", "must be a non-empty list of checks", checks_raw)
     data: dict[str, str] = {}
+    snapshots: dict[Path, DataFile] = {}
     names: set[str] = set()
-    checks = tuple(_check(c, i, base_dir, data, names, allow_outside_data)
+    checks = tuple(_check(c, i, base_dir, data, snapshots, names, allow_outside_data)
                    for i, c in enumerate(checks_raw))
     policy = Policy(version=POLICY_VERSION, seed=seed, dtype=dtype, max_length=max_length,
                     release=release, checks=checks, digest="", source=source,

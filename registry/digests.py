@@ -16,8 +16,8 @@ from typing import Any, TypeGuard
 from registry.errors import BadInputError
 
 DIGEST_PREFIX = "sha256:"
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+HEX_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def canonical_json(obj: Any) -> bytes:

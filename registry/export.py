@@ -41,7 +41,7 @@ from registry.storage.reader import StoreReader
 STALE_EXPORT_GRACE_S = 3600.0
 """Age (seconds since the last write) after which a left-over export temp dir is removed."""
 
-_TEMP_NAME = re.compile(r"^\..+\.export-[A-Za-z0-9_]+$")
+_TEMP_NAME = re.compile(r"^\..+\.export-[A-Za-z0-9_]+\Z")
 
 
 def _newest_mtime(path: Path) -> float:

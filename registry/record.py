@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 KINDS = ("adapter", "model")
 BIAS_VALUES = ("none", "all", "lora_only")
-_CREATED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)$")
+_CREATED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)\Z")
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     if cand.source is None:
         return skip(f"{cand.label} has no source model (an adapter or merge is not derived "
                     "from a model); drift applies to unloaded and quantized models")
-    texts = read_texts(spec.path("data"), field=spec["field"], limit=spec["limit"])
+    texts = read_texts(spec.data_file("data"), field=spec["field"], limit=spec["limit"])
     try:
         found = measure(ctx, texts)
     except LookupError as err:

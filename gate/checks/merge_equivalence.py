@@ -67,7 +67,7 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     coeffs = coefficients(method, cand.parameters, [p.weight for p in cand.parents])
     prompts = list(spec["prompts"] or [])
     if spec["data"]:
-        prompts += read_texts(spec.path("data"), limit=spec["limit"])
+        prompts += read_texts(spec.data_file("data"), limit=spec["limit"])
     prompts = prompts[:spec["limit"]]
     ev = ctx.evaluator
     reference = ev.with_deltas("parents-together", [(p.dir, c) for p, c in zip(cand.parents, coeffs, strict=True)])

@@ -53,7 +53,7 @@ def _baseline(spec: CheckSpec, ctx: GateContext, texts: list[str]) -> tuple[floa
 
 
 def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
-    texts = read_texts(spec.path("data"), field=spec["field"], limit=spec["limit"])
+    texts = read_texts(spec.data_file("data"), field=spec["field"], limit=spec["limit"])
     cand = ctx.evaluator.perplexity(ctx.candidate_model(), texts)
     try:
         base, label = _baseline(spec, ctx, texts)

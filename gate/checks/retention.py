@@ -68,7 +68,7 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
         return skip(ctx.release_note)
     rows, problems = [], []
     for set_name, written in spec["sets"].items():
-        pairs = read_pairs(spec.path(f"sets.{set_name}"), limit=spec["limit"])
+        pairs = read_pairs(spec.data_file(f"sets.{set_name}"), limit=spec["limit"])
         if by_parents:
             parent = ctx.parent_named(set_name)
             if parent is None:

@@ -143,7 +143,7 @@ class Scorer:
 
         key = (spec.name, set_name)
         if key not in self._data:
-            self._data[key] = read_pairs(spec.path(f"sets.{set_name}"), limit=spec["limit"])
+            self._data[key] = read_pairs(spec.data_file(f"sets.{set_name}"), limit=spec["limit"])
         return self._data[key]
 
     def _texts(self, spec: CheckSpec) -> list[str]:
@@ -151,7 +151,7 @@ class Scorer:
 
         key = (spec.name, "")
         if key not in self._data:
-            self._data[key] = read_texts(spec.path("data"), field=spec["field"], limit=spec["limit"])
+            self._data[key] = read_texts(spec.data_file("data"), field=spec["field"], limit=spec["limit"])
         return self._data[key]
 
     def _release(self) -> LoraAdapter | None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents
+from registry.audit.report import AUDIT_FIX
+from registry.errors import IntegrityError
 
 if TYPE_CHECKING:
     from registry.storage.reader import StoreReader
@@ -58,12 +60,25 @@ class AuditIndex:
 
     @classmethod
     def build(cls, store: StoreReader) -> AuditIndex:
-        """Read the whole log (and the pending markers) of ``store``.
+        """Read the whole log (and the pending markers) of ``store``, once its chain verifies.
+
+        An entry vouches for something only inside an intact chain: a line inserted or
+        edited mid-log (with any hash) must not vouch for a gate record, so a log that
+        ``adapters audit verify`` rejects vouches for nothing.
 
         Raises:
-            IntegrityError: The log cannot be parsed (``adapters audit verify`` says where).
+            IntegrityError: The log fails its hash-chain check or cannot be parsed
+                (``adapters audit verify`` lists every problem).
         """
-        entries = [e for e in store.audit().entries() if isinstance(e, dict)]
+        trail = store.audit()
+        report = trail.verify()
+        if not report.ok:
+            first = report.problems[0]
+            where = f"log line {first.line}" if first.line else "head.json"
+            raise IntegrityError(f"the audit log fails its hash-chain check ({where}: "
+                                 f"{first.message}), so no entry of it is trusted",
+                                 fix="run `adapters audit verify`; " + AUDIT_FIX)
+        entries = [e for e in trail.entries() if isinstance(e, dict)]
         rolled_back = {(e.get("old") or {}).get("seq") for e in entries
                        if e.get("action") == RECOVER and isinstance(e.get("old"), dict)
                        and (e.get("new") or {}).get("outcome") == "rolled_back"}

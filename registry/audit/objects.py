@@ -37,7 +37,7 @@ from registry.storage.failpoints import failpoint
 
 ENTRIES = "audit/entries/"
 HEAD = "audit/head.json"
-_KEY_RE = re.compile(r"^audit/entries/(\d{12})$")
+_KEY_RE = re.compile(r"^audit/entries/(\d{12})\Z")
 
 
 def entry_key(seq: int) -> str:

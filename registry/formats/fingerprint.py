@@ -64,7 +64,7 @@ ARCH_FIELDS: tuple[str, ...] = (
 )
 """config.json fields that enter ``struct_digest``."""
 
-_SHARD_NAME = re.compile(r"^[^/\\\x00]+$")
+_SHARD_NAME = re.compile(r"^[^/\\\x00]+\Z")
 
 
 @dataclass(frozen=True)

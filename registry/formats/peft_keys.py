@@ -45,12 +45,12 @@ PEFT_PREFIX = "base_model.model."
 BIAS_VALUES = ("none", "all", "lora_only")
 
 _LORA_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^(?P<m>.+)\.lora_A\.weight$"), "a"),
-    (re.compile(r"^(?P<m>.+)\.lora_B\.weight$"), "b"),
-    (re.compile(r"^(?P<m>.+)\.lora_B\.bias$"), "bias"),
-    (re.compile(r"^(?P<m>.+)\.lora_embedding_A$"), "ea"),
-    (re.compile(r"^(?P<m>.+)\.lora_embedding_B$"), "eb"),
-    (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.weight)?$"), "magnitude"),
+    (re.compile(r"^(?P<m>.+)\.lora_A\.weight\Z"), "a"),
+    (re.compile(r"^(?P<m>.+)\.lora_B\.weight\Z"), "b"),
+    (re.compile(r"^(?P<m>.+)\.lora_B\.bias\Z"), "bias"),
+    (re.compile(r"^(?P<m>.+)\.lora_embedding_A\Z"), "ea"),
+    (re.compile(r"^(?P<m>.+)\.lora_embedding_B\Z"), "eb"),
+    (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.weight)?\Z"), "magnitude"),
 )
 _LORA_MARK = re.compile(r"(^|\.)lora_[A-Za-z_]*")
 _WRAPPER_SEGMENT = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 ALLOW_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                   "README.md")
 DEFAULT_REVISION = "main"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}\Z")
 @dataclass(frozen=True)
 class HubSnapshot:
     """A downloaded (or cached) snapshot of a Hub repo.

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from registry.errors import AdapterkitError, BadInputError, NotFoundError
 
 SCHEME = "hf://"
-_SEGMENT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
-_REVISION = re.compile(r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?\Z")
+_REVISION = re.compile(r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*\Z")
 _REF_FIX = "write hf://org/name or hf://org/name@revision (a branch, tag or commit)"
 _AUTH_FIX = "run `hf auth login` or pass --token (a token with write access for push-hub)"
 

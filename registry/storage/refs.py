@@ -23,8 +23,8 @@ from pathlib import PurePosixPath
 
 from registry.errors import BadInputError
 
-SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}$")
+SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}\Z")
 RESERVED_SEGMENTS = frozenset({"versions", "aliases"})
 RESERVED_NAMES = frozenset({"sha256"})
 MIN_PREFIX = 6

@@ -143,7 +143,7 @@ def test_print_default_policy_is_a_loadable_copy(tmp_path, capsys) -> None:
     assert kinds[:3] == ["structural", "generation", "perplexity"]
     perplexity = default_policy().checks[2]
     assert perplexity["baseline"] == "base" and perplexity["max_increase"] == 0.10
-    assert len(Path(perplexity.path("data")).read_text()) > 3000
+    assert len(perplexity.data_file("data").read_text()) > 3000
 
 
 def test_gate_uses_the_default_and_promote_refuses_it_until_pinned(tmp_path, capsys) -> None:
@@ -160,7 +160,7 @@ def test_gate_uses_the_default_and_promote_refuses_it_until_pinned(tmp_path, cap
     _record(store, store.resolve("merged"), default_policy())  # passing, to test the rule
     copy = tmp_path / "mine.yaml"
     copy.write_text(default_policy_yaml())
-    (tmp_path / "heldout_en.txt").write_text(Path(default_policy().checks[2].path("data")).read_text())
+    (tmp_path / "heldout_en.txt").write_text(default_policy().checks[2].data_file("data").read_text())
     # a copy of the default has the default's digest: not accepted unless pinned
     code, err = run_json(capsys, "promote", "merged", "--to", "release", "--policy", copy,
                          "--store", store.root)

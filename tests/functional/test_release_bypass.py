@@ -190,3 +190,56 @@ def test_a_failed_head_write_after_a_committed_line_is_rolled_back(world, monkey
     assert moved[1]["new"]["outcome"] == "rolled_back" and moved[1]["old"]["seq"] == moved[0]["seq"]
     assert store.audit().verify().ok and verify(store).ok
     assert not list((Path(store.location) / "audit").glob("pending/*"))
+
+
+def test_a_gate_entry_forged_mid_log_vouches_for_nothing(world, capsys) -> None:
+    # found by a QA pass: promote read the log's entries without checking the chain, so a
+    # "gate" line inserted mid-log (any hash) vouched for a record written beside it
+    store, refs, pinned, _ = world
+    b = refs["b"].rpartition("@")[2]
+    forged = store.put_bytes(canonical_json({"passed": True, "checks": [], "candidate_digest": b,
+                                             "policy_digest": pinned}))
+    store.backend.put(store.gate_key(b, pinned), (forged + "\n").encode())
+    log = Path(store.location) / "audit" / "log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    entry = {"seq": 2, "ts": "2026-01-01T00:00:00Z", "actor": "ci", "action": "gate",
+             "subject": f"lora@{b}", "old": None,
+             "new": {"passed": True, "policy": pinned, "record": forged},
+             "prev_hash": None, "hash": "sha256:" + "0" * 64}
+    lines.insert(1, json.dumps(entry) + "\n")  # the tail and head.json stay as they were
+    log.write_text("".join(lines))
+    code, _, err = run(capsys, "promote", refs["b"], "--to", "release", "--store", store.location)
+    assert code == 3 and "fails its hash-chain check (log line 2" in err
+    assert err.startswith("error: ") and "\nfix: " in err and "Traceback" not in err
+    assert "release" not in store.aliases("lora")
+    code, out = run_json(capsys, "verify", "--store", store.location, "--json")
+    assert code == 3 and any("hash-chain" in p["detail"] for p in out["problems"])
+
+
+def test_a_policy_data_file_swapped_during_the_gate_is_not_evaluated(tmp_path) -> None:
+    # found by a QA pass: the policy digest hashed the data file, and the checks re-read it
+    # by path later; a file swapped in between was evaluated under the original's digest
+    from gate.evaluate import read_texts
+    from gate.policy import load_policy
+
+    (tmp_path / "heldout.txt").write_text("the real held-out text\n\nsecond document\n")
+    (tmp_path / "gate.yaml").write_text("version: 1\nchecks:\n  - kind: perplexity\n"
+                                        "    data: heldout.txt\n    max: 100\n")
+    policy = load_policy(tmp_path / "gate.yaml")
+    (tmp_path / "heldout.txt").write_text("an easy text the attacker chose\n")
+    data = policy.checks[0].data_file("data")
+    assert read_texts(data) == ["the real held-out text", "second document"]
+    assert policy.data_digests["heldout.txt"] == "sha256:" + __import__("hashlib").sha256(
+        b"the real held-out text\n\nsecond document\n").hexdigest()
+
+
+def test_a_release_alias_with_a_trailing_newline_is_refused(world, capsys, tmp_path) -> None:
+    # found by a QA pass: "$" matches before a final newline, so "release\n" passed the alias
+    # check and became an unprotected alias that line-stripping readers see as "release"
+    store, _, _, _ = world
+    for argv in (["push", str(make_adapter_dir(tmp_path / "c", r=3)), "--name", "lora",
+                  "--alias", "release\n"],
+                 ["push", str(make_adapter_dir(tmp_path / "d", r=3)), "--name", "evil\n"]):
+        code, _, err = run(capsys, *argv, "--store", store.location)
+        assert code == 2 and err.startswith("error: invalid ")
+    assert sorted(store.aliases("lora")) == [] and "evil\n" not in store.names()

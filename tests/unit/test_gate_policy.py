@@ -47,7 +47,8 @@ def test_defaults_are_filled_and_paths_resolved(tmp_path):
     assert policy.seed == 0 and policy.dtype == "float32"
     ppl = policy.checks[2]
     assert ppl["baseline"] == "base" and ppl["max"] is None
-    assert ppl.path("data") == (tmp_path / "data" / "heldout.jsonl").resolve()
+    assert ppl.data_file("data").path == (tmp_path / "data" / "heldout.jsonl").resolve()
+    assert ppl.data_file("data").data == (tmp_path / "data" / "heldout.jsonl").read_bytes()
     assert policy.checks[3]["metric"] == "exact_match"
     assert policy.digest.startswith("sha256:") and len(policy.digest) == 71
     assert set(policy.data_digests) == {"data/heldout.jsonl", "data/a.jsonl"}

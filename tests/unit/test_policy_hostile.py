@@ -150,7 +150,7 @@ def test_outside_data_is_read_with_allow_outside_data(tmp_path):
     for written in ("../../secret.txt", str(tmp_path / "secret.txt"), "data/link-out"):
         (inside / "gate.yaml").write_text(_ppl(written))
         policy = load_policy(inside / "gate.yaml", allow_outside_data=True)
-        assert policy.checks[0].path("data") == (tmp_path / "secret.txt").resolve()
+        assert policy.checks[0].data_file("data").path == (tmp_path / "secret.txt").resolve()
         assert list(policy.data_digests) == [written]
 
 
@@ -160,7 +160,7 @@ def test_paths_inside_the_directory_keep_working(tmp_path):
     for written in ("data/ok.jsonl", "./data/../data/ok.jsonl", "data/link-in",
                     str(inside / "data" / "ok.jsonl")):
         (inside / "gate.yaml").write_text(_ppl(written))
-        assert load_policy(inside / "gate.yaml").checks[0].path("data").name == "ok.jsonl"
+        assert load_policy(inside / "gate.yaml").checks[0].data_file("data").path.name == "ok.jsonl"
 
 
 def test_ordinary_policy_digest_is_unchanged(tmp_path):

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from registry.digests import sha256_digest
+from registry.digests import check_digest, sha256_digest
 from registry.errors import (BadInputError, ConflictError, GateFailedError, IntegrityError,
                              NotFoundError)
 from registry.lineage import make_lineage, parent
 from registry.record import build_model_record
+from registry.storage.refs import validate_alias
 from registry.storage.store import ANY, MODEL_ARTIFACT, Store
 from tests.support.registry import (adapter_files, blob_bytes, make_adapter_dir, new_store,
                                      push_adapter, sample_record)
@@ -127,12 +128,22 @@ def test_push_validates_record_and_artifact_type(store: Store, adapter: Path) ->
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "/etc/passwd", "a\\b", "a/../b", "..", ".",
                                   "a/b/c", "", "a//b", "-lead", "x/versions", "x/aliases",
-                                  "sha256", "a b", "a\x00b"])
+                                  "sha256", "a b", "a\x00b", "evil\n", "org/x\n", "x\r"])
 def test_bad_names_are_refused(store: Store, adapter: Path, name: str) -> None:
     with pytest.raises(BadInputError):
         push_adapter(store, name, adapter)
     assert not list((store.root / "names").rglob("*"))
     assert not (store.root.parent / "x").exists()
+
+
+@pytest.mark.parametrize("alias", ["release\n", "candidate\n", "x\r\n", " release", "release "])
+def test_aliases_with_line_breaks_or_spaces_are_refused(alias: str) -> None:
+    # Python's "$" matches before a final newline: "release\n" once passed validation and
+    # became an unprotected alias that lists as "release" to line-stripping readers
+    with pytest.raises(BadInputError):
+        validate_alias(alias)
+    with pytest.raises(BadInputError):
+        check_digest("sha256:" + "a" * 64 + "\n")
 
 
 @pytest.mark.parametrize("path", ["../evil", "/abs", "a/../../b", "a\\b", "./x", ""])
