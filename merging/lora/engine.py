@@ -214,6 +214,7 @@ class _MergeRun:
         self.loaded, self.labels, self.weights = loaded, labels, weights
         self.spec, self.params, self.rank, self.seed = spec, params, rank, seed
         self.dtype = output_dtype(loaded)
+        self.fan_in_fan_out = bool(loaded[0].config.get("fan_in_fan_out", False))
         # Where modules compute (module docstring): ``device`` for dense methods, grouped
         # for ties/magnitude_prune on a non-CPU device (or when asked).
         self.device = device
@@ -226,7 +227,8 @@ class _MergeRun:
         """Merge module ``name``: (name, B, A, error, norm, indices of the inputs used)."""
         inputs = module_inputs(self.loaded, self.weights, self.labels, name, self.compute)
         info = next(a.infos[name] for a in self.loaded if name in a.infos)
-        ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed)
+        ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed,
+                            transposed=info.embedding or self.fan_in_fan_out)
         result, output = _run_method(self.spec, inputs, self.params, ctx)
         b, a, err, norm = _refactored(output, result, inputs, self.rank, ctx, self.dtype)
         return name, b, a, err, norm, [inp.index for inp in inputs]

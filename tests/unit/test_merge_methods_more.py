@@ -126,6 +126,29 @@ def test_della_masks_equal_mergekit_della_magprune(monkeypatch, density: float,
     assert abs(float(mask.mean()) - density) < 0.05
 
 
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_ranks_rows_of_the_stored_weight_for_transposed_modules(monkeypatch, method: str) -> None:
+    # embeddings and fan_in_fan_out layers store (B A)^T, and mergekit ranks the rows of the
+    # stored tensor: found by a QA pass, DELLA ranked the rows of B A (columns of the weight)
+    deltas = random_deltas(2, (37, 150), seed=8)  # B A; the stored weights are (150, 37)
+    spec = get_method(method)
+    params = spec.resolve({"density": 0.5, "epsilon": 0.3}, [1.0, 0.7])
+    ctx = ModuleContext("model.embed_tokens", (37, 150), 3, transposed=True)
+    ours = spec.fn(as_inputs(deltas, [1.0, 0.7]), params, ctx)
+    stored = run(method, [d.T.contiguous() for d in deltas], [1.0, 0.7], name="model.embed_tokens",
+                 seed=3, density=0.5, epsilon=0.3)
+    assert torch.equal(ours, stored.T)
+    # one input, weight 1: a kept entry is d / p, and p is mergekit's for the stored weight's rows
+    single = get_method("della_linear").fn(as_inputs(deltas[:1], [1.0]), params, ctx)
+    mask, probs = sparsify.della_mask(as_inputs([deltas[0].T.contiguous()], [1.0])[0],
+                                      ModuleContext("model.embed_tokens", (150, 37), 3), 0.5, 0.3)
+    seen: list[torch.Tensor] = []
+    _inject(monkeypatch, [mask], seen)
+    mk_sparsify.della_magprune(deltas[0].T.contiguous(), 0.5, 0.3, rescale_norm=None)
+    kept = single != 0
+    assert torch.allclose((deltas[0] / single)[kept], seen[0].T[kept], atol=1e-5)
+
+
 @pytest.mark.parametrize("method,params", [("della", {"sign_election": "mergekit"}),
                                            ("della_linear", {}),
                                            ("della_linear", {"normalize": True})])

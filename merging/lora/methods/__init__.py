@@ -122,11 +122,15 @@ class ModuleContext:
         name: Module path as saved.
         shape: ``(out, in)`` of the module's delta.
         seed: The run's seed (DARE masks, randomized SVD).
+        transposed: The model stores this module's weight as the transpose of ``B @ A``
+            (embeddings, ``fan_in_fan_out`` layers): a method that works on the rows of
+            the weight (DELLA) works on the columns of the delta.
     """
 
     name: str
     shape: tuple[int, int]
     seed: int
+    transposed: bool = False
 
     def generator(self, *parts: object) -> torch.Generator:
         """A CPU generator seeded from ``sha256(seed, module name, *parts)``.

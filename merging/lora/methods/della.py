@@ -1,8 +1,9 @@
 """``della`` and ``della_linear``: DELLA-Merging (Deep et al., 2024) on the true deltas.
 
-MAGPRUNE, per module and input: in each row of ``ΔW_i = s_i B_i A_i`` (``c``
-columns) the entries are ranked by magnitude, ``rank = 1..c`` from the smallest,
-and entry ``x`` is kept with probability
+MAGPRUNE, per module and input: in each row of the weight's delta as the model stores
+it (``c`` columns: a row of ``ΔW_i = s_i B_i A_i``; a column of it for embeddings and
+``fan_in_fan_out`` layers, which store the transpose) the entries are ranked by
+magnitude, ``rank = 1..c`` from the smallest, and entry ``x`` is kept with probability
 
     p(x) = (density - ε) + 2ε · (rank(x) - 1) / (c - 1)      ∈ [density - ε, density + ε]
 
@@ -18,13 +19,14 @@ row's ranking follow column order (mergekit: arbitrary).
 (``--sign-election mergekit`` is mergekit's ``della``, whose default is
 ``normalize: true``); ``della_linear`` takes ``Σ_i w_i`` of them (``--normalize``
 divides by ``Σ_i w_i``). Both multiply by ``--lambda``. Masks are reproducible
-like DARE's: input ``i``, rows ``[64j, 64j+64)`` of module ``M`` draw
+like DARE's: input ``i``, rows ``[64j, 64j+64)`` of module ``M``'s stored weight draw
 ``torch.rand`` from a generator seeded by ``sha256(seed, M, "della", i, j)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
@@ -33,6 +35,17 @@ if TYPE_CHECKING:
     import torch
 
     from merging.lora.sparsify import BlockFn
+
+
+def _on_stored_rows(merge: Callable[[Sequence[ModuleInput], ModuleContext], torch.Tensor],
+                    inputs: Sequence[ModuleInput], ctx: ModuleContext) -> torch.Tensor:
+    """``merge`` on the rows of the weight as stored: for a transposed module, on the
+    inputs' transposes (factors swapped), and the result transposed back."""
+    if not ctx.transposed:
+        return merge(inputs, ctx)
+    flipped = [replace(inp, B=inp.A.T.contiguous(), A=inp.B.T.contiguous()) for inp in inputs]
+    rows, cols = ctx.shape
+    return merge(flipped, replace(ctx, shape=(cols, rows))).T.contiguous()
 
 
 def _magprune(params: MergeParams, ctx: ModuleContext) -> BlockFn:
@@ -49,9 +62,9 @@ def della(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext
     """MAGPRUNE then sign election and disjoint mean; dense float32 result."""
     from merging.lora import sparsify
 
-    return sparsify.dense_merge(
-        inputs, params, ctx, transform=_magprune(params, ctx),
-        combine=sparsify.sign_elected(params.sign_election))
+    return _on_stored_rows(lambda inp, c: sparsify.dense_merge(
+        inp, params, c, transform=_magprune(params, c),
+        combine=sparsify.sign_elected(params.sign_election)), inputs, ctx)
 
 
 @register_method("della_linear", output="dense",
@@ -62,5 +75,6 @@ def della_linear(inputs: Sequence[ModuleInput], params: MergeParams,
     """MAGPRUNE then weighted sum; dense float32 result."""
     from merging.lora import sparsify
 
-    return sparsify.dense_merge(inputs, params, ctx, transform=_magprune(params, ctx),
-                                combine=sparsify.weighted_sum, normalize=params.normalize)
+    return _on_stored_rows(lambda inp, c: sparsify.dense_merge(
+        inp, params, c, transform=_magprune(params, c), combine=sparsify.weighted_sum,
+        normalize=params.normalize), inputs, ctx)
