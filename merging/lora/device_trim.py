@@ -43,6 +43,7 @@ import torch
 
 from merging.lora import sparsify
 from merging.lora.factorize import dense_error, lowrank_refactor
+from merging.lora.inputs import overflow_error
 from merging.lora.kselect import keep_mask, kth_largest_magnitudes
 from merging.lora.lowrank import frobenius_errors, lowrank_factors
 from merging.lora.threads import block_map
@@ -289,6 +290,8 @@ def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[st
             inputs = ahead.result() if ahead is not None else []
             ahead = reader.submit(load, groups[g + 1]) if g + 1 < len(groups) else None
             merged = merge_group(inputs, params, elect=elect, device=device, batched=batched)
+            if not bool(torch.isfinite(merged).all()):  # one host sync per group
+                raise overflow_error(group)
             ranks = [rank if rank is not None else max(inp.A.shape[0] for inp in module)
                      for module in inputs]
             factored = factor_group(merged, group, ranks, seed=seed, dtype=dtype, batched=batched)

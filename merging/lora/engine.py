@@ -78,6 +78,8 @@ from merging.lora.methods import (
     get_method,
 )
 from merging.lora.inputs import (
+    finite_factors,
+    overflow_error,
     check_compatible,
     copied_extras,
     module_inputs,
@@ -108,15 +110,17 @@ def _refactored(method_output: str, result: Any, inputs: Sequence[ModuleInput], 
             b, a = result.B, result.A
         else:
             b, a = exact_refactor(result.B, result.A, rank if isinstance(rank, int) else None)
-        b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
+        b, a = finite_factors(ctx.name, b.to(dtype).contiguous(), a.to(dtype).contiguous())
         err, norm = factored_error(result.B, result.A, b, a)
         return b, a, err, norm
+    if not bool(torch.isfinite(result).all()):
+        raise overflow_error([ctx.name])
     if rank == "full":
         b, a = full_factors(result)
     else:
         target = rank if isinstance(rank, int) else max(inp.A.shape[0] for inp in inputs)
         b, a = lowrank_refactor(result, target, seed=ctx.seed, module=ctx.name)
-    b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
+    b, a = finite_factors(ctx.name, b.to(dtype).contiguous(), a.to(dtype).contiguous())
     if result.device.type == "cpu":
         err, norm = dense_error(result, b, a)
     else:  # one reduction, one host sync (dense_error syncs once per 64-row block)

@@ -56,19 +56,54 @@ def output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
     return out
 
 def module_inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], labels: Sequence[str],
-            name: str, device: torch.device) -> list[ModuleInput]:
+                  name: str, device: torch.device) -> list[ModuleInput]:
+    """Module ``name``'s factors in each input that has it (float32, scale folded into ``B``).
+
+    Raises:
+        BadInputError: NaN or infinite factors, or finite ones whose delta ``s·B·A``
+            does not fit float32 (every merge computes the deltas in float32).
+    """
     inputs = []
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         if name not in adapter.infos:
             continue
         module = adapter.module(name)
-        b = module.B.float() * module.scale
         a = module.A.float()
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(module.B).all())):
             raise BadInputError(f"{labels[index]}: module {name} has NaN or infinite values",
                                 fix="check the adapter's training run")
+        b = module.B.float() * module.scale
+        peak = delta_bound(b, a)
+        if not peak <= FLOAT32_SAFE:
+            raise BadInputError(f"{labels[index]}: module {name}: its delta s·B·A overflows "
+                                f"float32 (entries up to {peak:.3g} with scale {module.scale:.3g})",
+                                fix="check the adapter's lora_alpha and factors")
         inputs.append(ModuleInput(index=index, B=b.to(device), A=a.to(device), weight=weight))
     return inputs
+
+
+FLOAT32_SAFE = torch.finfo(torch.float32).max / 2
+"""Largest ``Σ_k |b_ik a_kj|`` accepted: any float32 summation of the delta stays finite."""
+
+
+def delta_bound(b: torch.Tensor, a: torch.Tensor) -> float:
+    """An upper bound of every partial sum of ``b @ a``'s entries (float64; ``inf`` if unbounded).
+
+    ``Σ_k |b_ik a_kj| <= ||b_i|| ||a_j||`` (Cauchy-Schwarz): the cheap bound, enough for
+    real adapters; only when it is too large are the sums of absolute products formed
+    (by row blocks) to decide.
+    """
+    rows = torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
+    cols = torch.linalg.vector_norm(a, dim=0, dtype=torch.float64)
+    if rows.numel() == 0 or cols.numel() == 0:
+        return 0.0
+    cheap = float(rows.max()) * float(cols.max())
+    if cheap <= FLOAT32_SAFE:
+        return cheap
+    abs_a = a.double().abs()
+    return max(float((b[r].double().abs() @ abs_a).max()) for r in
+               (slice(i, i + 256) for i in range(0, b.shape[0], 256)))
+
 
 def copied_extras(adapters: Sequence[LoraAdapter], labels: Sequence[str],
             warnings: list[str]) -> dict[str, torch.Tensor]:
@@ -137,3 +172,24 @@ def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *
                 raise BaseMismatchError(message, fix="pass --allow-base-mismatch to merge anyway")
             warnings.append(message + "; merged anyway (--allow-base-mismatch)")
     return warnings
+
+
+def overflow_error(modules: Sequence[str]) -> BadInputError:
+    """The error for merged deltas that left float32's range (weights or lambda too large)."""
+    shown = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
+    return BadInputError(f"the merged delta of {shown} overflows float32",
+                         fix="use smaller --weights or --lambda for these adapters")
+
+
+def finite_factors(module: str, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, a)`` as cast to the output dtype, if every entry is finite.
+
+    Raises:
+        BadInputError: An entry overflowed the output dtype (float16 inputs whose merge
+            has singular values above ~4e9).
+    """
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+        raise BadInputError(f"module {module}: the merged factors do not fit {str(b.dtype).removeprefix('torch.')}, "
+                            "the inputs' dtype", fix="merge adapters saved in float32 or bfloat16")
+    return b, a
+

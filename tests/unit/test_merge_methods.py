@@ -441,3 +441,46 @@ def test_check_bases() -> None:
     warnings = check_bases([base("a", "1"), base("a", "2")], ["x", "y"], allow_weights_mismatch=True)
     assert len(warnings) == 1 and "merged anyway" in warnings[0]
     assert "could not be verified" in check_bases([base("a", "1"), None], ["x", "y"])[0]
+
+
+OVERFLOW_SHAPES = {"model.layers.0.self_attn.q_proj": (64, 64)}
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "della_linear", "linear"])
+def test_finite_factors_whose_delta_overflows_float32_are_refused(tmp_path, method) -> None:
+    # found by a QA pass: fp16 factors of 60000 with lora_alpha 1e30 are finite, but s·B·A is
+    # 3.6e39; ties silently dropped that input (trim threshold inf), dare_linear crashed in SVD
+    from merging.lora.engine import merge_adapters
+    from tests.support.merge import lora_config, random_adapter, write_adapter
+
+    good = random_adapter(tmp_path / "a", OVERFLOW_SHAPES, 4, seed=1)
+    huge = write_adapter(tmp_path / "huge", {k: (torch.full((1, s[1]), 6e4).half(),
+                                                 torch.full((s[0], 1), 6e4).half())
+                                             for k, s in OVERFLOW_SHAPES.items()},
+                         lora_config(1, 1e30, ["q_proj"]))
+    with pytest.raises(BadInputError, match=r"input 2: module .*q_proj: its delta s·B·A overflows "
+                                            r"float32 \(entries up to 3.6e\+39"):
+        merge_adapters([good, huge], [1.0, 1.0], method)
+
+
+@pytest.mark.parametrize("group_modules", [False, True])
+def test_weights_that_overflow_the_merged_delta_are_refused(tmp_path, group_modules) -> None:
+    from merging.lora.engine import merge_adapters
+    from tests.support.merge import random_adapter
+
+    a = random_adapter(tmp_path / "a", OVERFLOW_SHAPES, 4, seed=1)
+    b = random_adapter(tmp_path / "b", OVERFLOW_SHAPES, 4, seed=2)
+    with pytest.raises(BadInputError, match="merged delta of .*q_proj overflows float32"):
+        merge_adapters([a, b], [3e38, 3e38], "ties", params={"density": 1.0},
+                       group_modules=group_modules)
+
+
+def test_a_merge_that_does_not_fit_float16_is_refused(tmp_path) -> None:
+    from merging.lora.engine import merge_adapters
+    from tests.support.merge import lora_config, write_adapter
+
+    big = {k: (torch.full((1, s[1]), 3e4).half(), torch.full((s[0], 1), 3e4).half())
+           for k, s in OVERFLOW_SHAPES.items()}  # one singular value of 64 * 9e8 * 16: sqrt > 65504
+    a = write_adapter(tmp_path / "a", big, lora_config(1, 16.0, ["q_proj"]))
+    with pytest.raises(BadInputError, match="merged factors do not fit float16"):
+        merge_adapters([a, a], [1.0, 1.0], "linear")
