@@ -62,6 +62,11 @@ def audit_document(store: Store, checkpoints: Sequence[Path] = (),
     """
     report = store.audit().verify()
     data = report.to_json()
+    if report.entries == 0 and next(iter(store.bindings()), None) is not None:
+        # every push is logged first, so versions without a log mean the log was removed
+        data["problems"].append({"line": 0, "kind": "missing",
+                                 "message": "the log is empty but the store holds versions "
+                                            "(log.jsonl and head.json removed?)"})
     if checkpoints:
         from registry.audit.checkpoint import check_checkpoint, read_checkpoint
 
@@ -72,6 +77,7 @@ def audit_document(store: Store, checkpoints: Sequence[Path] = (),
             data["checkpoints"].append({"file": str(path), "seq": seq, "ok": not problems})
             data["problems"] += [{"line": 0, "kind": "checkpoint", "message": f"{path}: {m}"}
                                  for m in problems]
+    data["ok"] = not data["problems"]
     return data
 
 

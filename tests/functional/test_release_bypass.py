@@ -243,3 +243,18 @@ def test_a_release_alias_with_a_trailing_newline_is_refused(world, capsys, tmp_p
         code, _, err = run(capsys, *argv, "--store", store.location)
         assert code == 2 and err.startswith("error: invalid ")
     assert sorted(store.aliases("lora")) == [] and "evil\n" not in store.names()
+
+
+def test_a_removed_audit_log_is_reported(world, capsys) -> None:
+    # found by a QA pass: with log.jsonl and head.json both deleted, `audit verify` said
+    # "0 entries" and exited 0 although the store holds versions (each push is logged first)
+    store, refs, _, _ = world
+    for name in ("log.jsonl", "head.json"):
+        (Path(store.location) / "audit" / name).unlink()
+    code, out = run_json(capsys, "audit", "verify", "--store", store.location)
+    assert code == 3 and out["ok"] is False
+    assert out["problems"][0]["kind"] == "missing"
+    code, _, err = run(capsys, "audit", "verify", "--store", store.location)
+    assert code == 3 and "the log is empty but the store holds versions" in err
+    code, _, err = run(capsys, "promote", refs["a"], "--to", "release", "--store", store.location)
+    assert code == 1 and "release" not in store.aliases("lora")
