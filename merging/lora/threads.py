@@ -52,9 +52,10 @@ def _single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
-def worker_pool(workers: int) -> ThreadPoolExecutor:
+def worker_pool(workers: int, name: str = "") -> ThreadPoolExecutor:
     """A thread pool of ``workers`` workers, each running single-threaded torch ops."""
-    return ThreadPoolExecutor(max_workers=workers, initializer=_single_threaded_worker)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                              initializer=_single_threaded_worker)
 
 
 def slices(total: int, size: int) -> list[slice]:

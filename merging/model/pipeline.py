@@ -7,8 +7,8 @@ into its :class:`merging.model.shard_writer.ShardWriter`:
   written in ~16 MB pieces when its bytes must be hashed;
 * a LoRA target (no quantization) is merged in row ranges (the arithmetic, float32
   or bfloat16, is :mod:`merging.model.rowmerge`) by a small pool of threads (torch ops
-  release the GIL; each runs torch single-threaded, see
-  :data:`merging.model.execute.COMPUTE_THREADS`);
+  release the GIL; each worker sets torch single-threaded for itself, as the setting is
+  per thread: :mod:`merging.lora.threads`);
 * everything else (replacement, QLoRA round trip, quantization, or keeping the
   unquantized tensors for the logits probe) is done on the whole tensor, on the
   calling thread with :data:`WORKERS` intra-op threads.
@@ -40,13 +40,14 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
+from merging.lora.threads import worker_pool
 from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.model.buffers import BufferPool, byte_view
 from merging.model.layout import SourceTensor, TensorReader, paused_gc, row_chunks, to_float32, torch_threads
@@ -98,7 +99,7 @@ class Rewrite:
         self.quant_sq = [0.0, 0.0]
         self.state: dict[str, torch.Tensor] | None = {} if collect else None
         self.progress, self.on_tensor = progress, on_tensor
-        self._pool = ThreadPoolExecutor(WORKERS, "merge")
+        self._pool = worker_pool(WORKERS, "merge")
         self._buffers = BufferPool(BUFFERS, MERGE_CHUNK_BYTES)
         self._local = threading.local()  # each fast-path worker's own read buffer
 
@@ -359,9 +360,8 @@ class Rewrite:
         return norm * norm
 
     def _whole(self, job: Job, writer: ShardWriter, hasher: Any) -> None:
-        """Replacement, QLoRA round trip, merge and/or quantization of a whole tensor,
-        on this thread with ``WORKERS`` intra-op threads (bitsandbytes' CPU
-        quantization is torch ops: 1.7x faster on two)."""
+        """Replacement, QLoRA round trip, merge and/or quantization of a whole tensor, on this
+        thread with ``WORKERS`` intra-op threads (bnb's CPU quantization: 1.7x faster on two)."""
         with torch_threads(WORKERS):
             self._whole_tensor(job, writer, hasher)
 
