@@ -50,7 +50,6 @@ refused (``UnsupportedAdapterError``), since no merge of full weights is defined
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -273,16 +272,11 @@ class _MergeRun:
         side = [name for name in names if self._side_by_side(name)]
         done: dict[str, ModuleOutcome] = {}
         workers = min(torch.get_num_threads(), len(side))
-        pool = worker_pool(workers) if workers > 1 else None
-        try:
-            with intraop_threads(1) if pool is None else contextlib.nullcontext():
-                for outcome in pool.map(self.one, side) if pool else map(self.one, side):
-                    done[outcome[0]] = outcome
-                    if progress is not None:
-                        progress(1)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        with worker_pool(workers) if workers > 1 else intraop_threads(1) as pool:
+            for outcome in pool.map(self.one, side) if pool else map(self.one, side):
+                done[outcome[0]] = outcome
+                if progress is not None:
+                    progress(1)
         for name in names:
             if name not in done:
                 done[name] = self.one(name)

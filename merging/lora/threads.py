@@ -52,10 +52,25 @@ def _single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
-def worker_pool(workers: int, name: str = "") -> ThreadPoolExecutor:
+def single_threaded_pool(workers: int, name: str = "") -> ThreadPoolExecutor:
     """A thread pool of ``workers`` workers, each running single-threaded torch ops."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                               initializer=_single_threaded_worker)
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """:func:`single_threaded_pool` for a block: pending work is cancelled on the way out,
+    and the caller's thread count is what it was (OpenMP runtimes differ in how far a
+    worker's setting reaches, so it is restored rather than assumed)."""
+    old = torch.get_num_threads()
+    pool = single_threaded_pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
 
 
 def slices(total: int, size: int) -> list[slice]:

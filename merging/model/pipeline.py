@@ -47,7 +47,7 @@ import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
-from merging.lora.threads import worker_pool
+from merging.lora.threads import single_threaded_pool
 from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.model.buffers import BufferPool, byte_view
 from merging.model.layout import SourceTensor, TensorReader, paused_gc, row_chunks, to_float32, torch_threads
@@ -99,7 +99,7 @@ class Rewrite:
         self.quant_sq = [0.0, 0.0]
         self.state: dict[str, torch.Tensor] | None = {} if collect else None
         self.progress, self.on_tensor = progress, on_tensor
-        self._pool = worker_pool(WORKERS, "merge")
+        self._pool = single_threaded_pool(WORKERS, "merge")
         self._buffers = BufferPool(BUFFERS, MERGE_CHUNK_BYTES)
         self._local = threading.local()  # each fast-path worker's own read buffer
 

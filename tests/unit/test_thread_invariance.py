@@ -43,6 +43,7 @@ def test_merge_bytes_and_report_are_the_same_on_1_2_and_3_threads(
     for threads in (1, 2, 3):
         with intraop_threads(threads):
             runs.append(merge_adapters(adapters, [0.7, 0.5], method, params=params, seed=4))
+            assert torch.get_num_threads() == threads  # the caller's setting is left alone
     first = runs[0]
     for other in runs[1:]:
         assert first.tensors.keys() == other.tensors.keys()
