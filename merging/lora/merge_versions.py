@@ -24,6 +24,7 @@ its behaviour). torch is imported by the engine, which this module imports insid
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -165,13 +166,15 @@ def merge_versions(store: Store, request: MergeRequest, *,
     from merging.lora.engine import merge_adapters
     from merging.lora.inputs import check_bases, module_union
     from merging.lora.methods import get_method
-    from merging.lora.peft_output import write_peft_dir
+    from merging.lora.peft_output import check_out_dir, write_peft_dir
     from merging.lora.publish import push_merge
     from registry.storage.refs import validate_name
 
     versions = [store.resolve(ref) for ref in request.refs]
     target = request.target(versions[0].name)
     validate_name(target)
+    if request.out_dir is not None:
+        check_out_dir(request.out_dir)  # before the work, not after it
     weights = list(request.weights) if request.weights is not None else None
     get_method(request.method).resolve(dict(request.params), weights or [1.0] * len(versions))
     device = resolve_device(request.device)
@@ -188,10 +191,20 @@ def merge_versions(store: Store, request: MergeRequest, *,
             result = merge_adapters(adapters, weights, request.method, params=dict(request.params),
                                     rank=request.rank, seed=request.seed, progress=advance,
                                     labels=labels, device=device)
-        pushed = push_merge(store, versions, result, target, work_dir=work_dir,
-                            method=request.method, warnings=base_warnings,
-                            allow_base_mismatch=request.allow_base_mismatch)
+        # --out first: a failed write must not leave a pushed version behind, and a
+        # failed push removes what was written (the directory was absent or empty)
+        existed = request.out_dir is not None and Path(request.out_dir).is_dir()
         written = (str(write_peft_dir(result, request.out_dir))
                    if request.out_dir is not None else None)
+        try:
+            pushed = push_merge(store, versions, result, target, work_dir=work_dir,
+                                method=request.method, warnings=base_warnings,
+                                allow_base_mismatch=request.allow_base_mismatch)
+        except BaseException:
+            if written is not None:
+                shutil.rmtree(written, ignore_errors=True)
+                if existed:
+                    Path(written).mkdir(exist_ok=True)
+            raise
     return MergeReport(pushed=pushed, merge=result.report,
                        warnings=tuple(base_warnings + result.report["warnings"]), out=written)

@@ -78,6 +78,19 @@ def output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int]) -> dic
     return config
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` if it is absent or an empty directory (checked before any work).
+
+    Raises:
+        ConflictError: It exists and is not an empty directory.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConflictError(f"{out} already exists and is not empty",
+                            fix="choose another --out directory or remove it")
+    return out
+
+
 def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
 
@@ -91,10 +104,7 @@ def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConflictError(f"{out} already exists and is not empty",
-                            fix="choose another --out directory or remove it")
+    out = check_out_dir(out_dir)
     make_dirs(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

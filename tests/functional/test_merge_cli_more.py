@@ -79,3 +79,39 @@ def test_help_lists_the_new_options(capsys) -> None:  # type: ignore[no-untyped-
     command = get_command(cli_main.app).commands["merge"]  # type: ignore[attr-defined]
     options = {opt for p in command.params for opt in getattr(p, "opts", ())}
     assert {"--gamma", "--epsilon", "--align"} <= options
+
+
+@pytest.mark.parametrize("kind", ["non-empty dir", "file", "under a file"])
+def test_an_unusable_out_pushes_nothing(merge_store: Path, capsys, tmp_path: Path,
+                                        kind: str) -> None:  # type: ignore[no-untyped-def]
+    # found by a QA pass: the merge was pushed before --out was written, so a bad --out
+    # failed the command (exit 4/6) with the version already in the store and the audit log
+    from registry.storage.store import Store
+
+    out = tmp_path / "out"
+    if kind == "non-empty dir":
+        out.mkdir()
+        (out / "keep").write_text("x")
+    elif kind == "file":
+        out.write_text("x")
+    else:
+        out.write_text("x")
+        out = out / "sub"
+    store = Store.open(merge_store)
+    before = len(store.audit().entries())
+    code, data, err = merge_cli(["merge", "math", "code", "--method", "ties", "--name", "skills",
+                                 "--out", str(out), "--store", str(merge_store), "--json"], capsys)
+    assert code in (4, 6) and data is not None and data["exit_code"] == code
+    assert "skills" not in store.names()
+    assert len(store.audit().entries()) == before
+    assert not list(tmp_path.glob(".out.*"))  # no staging directory left beside it
+
+
+def test_out_is_written_with_the_version(merge_store: Path, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "empty").mkdir()
+    code, data, err = merge_cli(["merge", "math", "code", "--method", "ties", "--name", "skills",
+                                 "--out", str(tmp_path / "empty"), "--store", str(merge_store),
+                                 "--json"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
