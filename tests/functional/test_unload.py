@@ -234,6 +234,13 @@ def test_registry_ref_records_lineage(work: Path, base: Path, adapter: Path, cap
     code, text, _ = run(capsys, "unload", "demo", "--base", base, "--out", work / "again",
                         "--store", store)
     assert code == 0 and "demo-unloaded@sha256:" in text
+    # an invalid --name is refused before the model is written (found by a QA pass: the
+    # whole model was published at --out, then the name check failed at recording time)
+    for argv in (["unload", "demo", "--base", base], ["quantize", out, "--to", "int8"]):
+        code, err = run_json(capsys, *argv, "--out", work / "named", "--name", "../x",
+                             "--store", store)
+        assert code == 2 and "invalid name" in err["message"]
+        assert not (work / "named").exists() and leftovers(work, "named") == []
 
 
 def test_shard_writer_streams_a_valid_file(tmp_path: Path) -> None:
