@@ -68,13 +68,23 @@ def _run_check(spec: Any, ctx: GateContext) -> CheckResult:
                        duration_s=time.perf_counter() - start)
 
 
-def _base_fingerprint(base_dir: Path) -> str | None:
+def _base_fingerprint(base_dir: Path) -> str:
+    """The base's ``struct_digest``, read before anything is evaluated.
+
+    Raises:
+        BadInputError: ``base_dir`` is not a model directory (no ``config.json`` or no
+            readable safetensors weights): a typo in ``--base`` must not store a failing
+            record over a passing one.
+    """
     from registry.formats.fingerprint import fingerprint_model
 
+    fix = "pass --base with a local transformers model directory (config.json + safetensors)"
+    if not (base_dir / "config.json").is_file():
+        raise BadInputError(f"base model directory {base_dir} has no config.json", fix=fix)
     try:
         return fingerprint_model(base_dir, weights=False).struct_digest
-    except AdapterkitError:
-        return None
+    except AdapterkitError as err:
+        raise BadInputError(f"base model directory {base_dir}: {err.message}", fix=fix) from None
 
 
 def _resolve(candidate: str | Path | Candidate, store: Store | None, workdir: Path, *,
@@ -166,6 +176,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
     if not base.is_dir():
         raise BadInputError(f"base model directory {base} not found",
                             fix="pass --base with a local transformers model directory")
+    base_struct = _base_fingerprint(base)
     started, clock = utc_now_iso(), time.perf_counter()
     tmp_root = None
     if store is not None:
@@ -182,7 +193,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
     result = GateResult(candidate=cand.label, candidate_digest=cand.digest,
                         policy_digest=pol.digest, passed=all(r.passed for r in results),
                         checks=tuple(results), base=str(base),
-                        base_fingerprint=_base_fingerprint(base), meta=meta)
+                        base_fingerprint=base_struct, meta=meta)
     if record and store is not None and cand.stored:
         result = replace(result, stored=True)
         store.put_bytes(pol.canonical_bytes())

@@ -147,3 +147,20 @@ def test_missing_base_exits_2(setup, tmp_path, capsys):
     code = main(["gate", "merged", "--base", str(tmp_path / "nope"), "--policy", str(policy),
                  "--store", str(store.root)])
     assert code == 2 and "base model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["empty", "config only"])
+def test_a_base_that_is_not_a_model_exits_2_and_stores_nothing(setup, tmp_path, capsys, content):
+    # found by a QA pass: an empty --base errored every check (exit 1) and stored that failing
+    # record under the policy, replacing a passing one: a typo un-gated a good candidate
+    _, store, _, policy, _ = setup
+    base = tmp_path / "not-a-model"
+    base.mkdir()
+    if content == "config only":
+        (base / "config.json").write_text('{"model_type": "llama"}')
+    before = list(store.gate_pointers())
+    code = main(["gate", "merged", "--base", str(base), "--policy", str(policy),
+                 "--store", str(store.root)])
+    err = capsys.readouterr().err
+    assert code == 2 and "base model directory" in err and "Traceback" not in err
+    assert list(store.gate_pointers()) == before
