@@ -118,13 +118,18 @@ def gate(
                               fix="see the messages above; promotion needs a passing gate record")
 
 
-def _print_default_policy(value: bool) -> None:
-    """``--print-default-policy``: print the built-in default policy's YAML, exit 0."""
+def _print_default_policy(ctx: typer.Context, value: bool) -> None:
+    """``--print-default-policy``: print the built-in default policy's YAML (with ``--json``,
+    ``{"digest", "yaml", "heldout"}``), exit 0."""
     if not value:
         return
-    from gate.default_policy import default_policy_yaml
+    from gate.default_policy import HELDOUT_FILE, POLICY_FILE, default_digest, default_policy_yaml
 
-    typer.echo(default_policy_yaml(), nl=False)
+    if (ctx.find_root().obj or {}).get("json"):
+        Output(True).emit({"digest": default_digest(), "heldout": str(HELDOUT_FILE),
+                           "yaml": POLICY_FILE.read_text(encoding="utf-8")})
+    else:
+        typer.echo(default_policy_yaml(), nl=False)
     raise typer.Exit(0)
 
 

@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     json_mode = "--json" in args
     try:
         command = typer.main.get_command(app)
-        result = command.main(args=args, prog_name="adapters", standalone_mode=False)
+        # ctx.obj: eager options (which run before --json is parsed) can honour it too
+        result = command.main(args=args, prog_name="adapters", standalone_mode=False,
+                              obj={"json": json_mode})
     except AdapterkitError as err:
         return _report(err, json_mode)
     except typer.Exit as done:

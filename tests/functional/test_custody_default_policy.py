@@ -144,6 +144,11 @@ def test_print_default_policy_is_a_loadable_copy(tmp_path, capsys) -> None:
     perplexity = default_policy().checks[2]
     assert perplexity["baseline"] == "base" and perplexity["max_increase"] == 0.10
     assert len(perplexity.data_file("data").read_text()) > 3000
+    # --json (found by a QA pass: it printed YAML): one JSON document holding the same text
+    code, text, _ = run(capsys, "gate", "--print-default-policy", "--json")
+    data = json.loads(text)
+    assert code == 0 and data["digest"] == default_digest()
+    assert default_policy_yaml().endswith(data["yaml"])
 
 
 def test_gate_uses_the_default_and_promote_refuses_it_until_pinned(tmp_path, capsys) -> None:
