@@ -27,13 +27,12 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, ConflictError, EnvironmentFailure, environment_error
-from registry.fsutil import make_dirs
+from registry.fsutil import make_dirs, remove_stale_dirs
 from registry.progress import ProgressCallback
 from registry.storage.manifest import Version
 from registry.storage.reader import StoreReader
@@ -44,54 +43,11 @@ STALE_EXPORT_GRACE_S = 3600.0
 _TEMP_NAME = re.compile(r"^\..+\.export-[A-Za-z0-9_]+\Z")
 
 
-def _newest_mtime(path: Path) -> float:
-    """The newest mtime of ``path`` and its direct entries (symlinks not followed)."""
-    newest = path.lstat().st_mtime
-    with os.scandir(path) as entries:
-        for entry in entries:
-            try:
-                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-            except OSError:
-                continue
-    return newest
-
-
 def remove_stale_exports(parent: Path, *, grace_s: float = STALE_EXPORT_GRACE_S,
                          now: float | None = None) -> list[Path]:
-    """Remove export temp dirs (``.<name>.export-*``) in ``parent`` idle for ``grace_s``.
-
-    Only real directories whose name has the temp pattern are touched (symbolic links
-    are never followed or removed); errors on one entry are skipped, so a cleanup
-    problem never fails the export itself.
-
-    Args:
-        parent: The directory an export writes into.
-        grace_s: Minimum age in seconds of the newest write inside a temp dir.
-        now: The current time (default: ``time.time()``).
-
-    Returns:
-        The directories removed.
-    """
-    now = time.time() if now is None else now
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not _TEMP_NAME.match(entry.name):
-            continue
-        try:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            path = Path(entry.path)
-            if now - _newest_mtime(path) < grace_s:
-                continue
-            shutil.rmtree(path)
-            removed.append(path)
-        except OSError:
-            continue
-    return removed
+    """Remove export temp dirs (``.<name>.export-*``) in ``parent`` idle for ``grace_s``
+    (:func:`remove_stale_dirs`)."""
+    return remove_stale_dirs(parent, _TEMP_NAME, grace_s=grace_s, now=now)
 
 
 @dataclass(frozen=True)

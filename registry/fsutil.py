@@ -13,7 +13,10 @@ stricter), so even ``umask 000`` never yields a world-writable store.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -92,3 +95,59 @@ def unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+STALE_TEMP_GRACE_S = 3600.0
+"""Default age (seconds since the last write) after which a killed writer's temp dir goes."""
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest mtime of ``path`` and its direct entries (symlinks not followed)."""
+    newest = path.lstat().st_mtime
+    with os.scandir(path) as entries:
+        for entry in entries:
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+def remove_stale_dirs(parent: Path, pattern: re.Pattern[str], *,
+                      grace_s: float = STALE_TEMP_GRACE_S, now: float | None = None) -> list[Path]:
+    """Remove the temp dirs a killed writer left in ``parent``: names matching ``pattern``,
+    nothing written inside for ``grace_s`` (a live writer keeps writing).
+
+    Only real directories whose name has the temp pattern are touched (symbolic links
+    are never followed or removed); errors on one entry are skipped, so a cleanup
+    problem never fails the command that asked for it.
+
+    Args:
+        parent: The directory the writer writes into.
+        pattern: The temp dirs' names (anchored, with the random part's exact form).
+        grace_s: Minimum age in seconds of the newest write inside a temp dir.
+        now: The current time (default: ``time.time()``).
+
+    Returns:
+        The directories removed.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.match(entry.name):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            if now - _newest_mtime(path) < grace_s:
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed

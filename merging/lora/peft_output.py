@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.fsutil import make_dirs
 from registry.errors import ConflictError
+from registry.fsutil import remove_stale_dirs
 from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
 from registry.formats.peft_keys import strip_prefix
 
@@ -106,6 +107,8 @@ def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
 
     out = check_out_dir(out_dir)
     make_dirs(out.parent)
+    # what a killed run into the same OUT left (mkdtemp's 8 random characters), once idle
+    remove_stale_dirs(out.parent, re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}\.tmp\Z"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)

@@ -115,3 +115,21 @@ def test_out_is_written_with_the_version(merge_store: Path, capsys, tmp_path: Pa
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_killed_merges_staging_dir_is_removed_by_the_next_one(merge_store: Path, capsys,
+                                                                  tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import time
+
+    stale, live = tmp_path / ".out.abcd1234.tmp", tmp_path / ".out.live0000.tmp"
+    for path in (stale, live):
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"partial")
+    old = time.time() - 7200
+    for path in (stale, stale / "adapter_model.safetensors"):
+        os.utime(path, (old, old))
+    code, _, err = merge_cli(["merge", "math", "code", "--method", "linear", "--out",
+                              str(tmp_path / "out"), "--store", str(merge_store)], capsys)
+    assert code == 0, err
+    assert not stale.exists() and live.exists()

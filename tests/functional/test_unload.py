@@ -293,3 +293,23 @@ def test_subfolders_copied_without_weights(work: Path, base: Path, adapter: Path
     assert (out / "original" / "params.json").read_text() == "{}"
     assert not (out / "original" / "consolidated.00.pth").exists()
     assert not (out / "pytorch_model.bin").exists()
+
+
+def test_a_killed_runs_staging_dir_is_removed_by_the_next_run(work: Path, base: Path,
+                                                                adapter: Path) -> None:
+    # found by a QA pass: a SIGKILLed unload left `.OUT.tmp-XXXXXXXX` (47 MB) beside OUT for ever
+    import os
+    import time
+
+    stale, live, other = (work / ".out.tmp-abcd1234", work / ".out.tmp-live0000",
+                          work / ".elsewhere.tmp-abcd1234")
+    for path in (stale, live, other):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - 7200  # idle for two hours: its writer is gone
+    for path in (stale, stale / "model.safetensors", other, other / "model.safetensors"):
+        os.utime(path, (old, old))
+    unload(adapter, base, work / "out")
+    assert not stale.exists()
+    assert live.exists() and other.exists()  # still being written; another OUT's
+    assert (work / "out" / "config.json").is_file()
