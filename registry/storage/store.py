@@ -58,7 +58,7 @@ from registry.progress import ProgressCallback
 from registry.storage import aliases, attachments
 from registry.storage.backends.base import Backend, PreconditionFailed
 from registry.storage.backends.local import LocalBackend
-from registry.storage.backends.select import open_backend, s3_location
+from registry.storage.backends.select import check_not_url, open_backend, s3_location
 from registry.storage.blobs import BlobStore
 from registry.storage.manifest import ADAPTER_ARTIFACT, MODEL_ARTIFACT, PushResult, Version
 from registry.storage.publish import push_version
@@ -120,6 +120,7 @@ class Store(StoreReader):
         if root is not None and s3_location(root) is not None:
             return cls._open_objects(cls(backend=open_backend(root)), create)
         path = Path(root).expanduser() if root is not None else default_root()
+        check_not_url(path)
         if (path / "oci-layout").is_file():
             return cls(path)
         if not create:

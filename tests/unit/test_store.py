@@ -363,3 +363,15 @@ def test_put_bytes_and_open_blob(store: Store) -> None:
         store.open_blob("sha256:" + "0" * 64)
     with pytest.raises(BadInputError):
         store.blobs.path("sha256:../../etc/passwd")
+
+
+@pytest.mark.parametrize("location", ["S3://bucket/prefix", "gs://bucket/p", "file:///tmp/x",
+                                      "https://example.com/store"])
+def test_unsupported_store_url_schemes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  location: str) -> None:
+    # found by a QA pass: `adapters init S3://bucket/prefix` created a local ./S3:/bucket/prefix
+    monkeypatch.chdir(tmp_path)
+    for create in (True, False):
+        with pytest.raises(BadInputError, match="unsupported store location scheme"):
+            Store.open(location, create=create)
+    assert list(tmp_path.iterdir()) == []

@@ -10,8 +10,10 @@ no cycle. ``s3://bucket/prefix`` (also ``s3:/bucket/prefix``, which is what
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from registry.errors import BadInputError
 from registry.storage.backends.base import Backend
 
 
@@ -39,5 +41,25 @@ def open_backend(root: str | Path) -> Backend:
     if where is not None:
         from registry.storage.backends.s3 import S3Backend  # boto3 only when S3 is used
         return S3Backend(*where)
+    check_not_url(root)
     from registry.storage.backends.local import LocalBackend
     return LocalBackend(Path(root).expanduser())
+
+
+def check_not_url(root: object) -> None:
+    """Refuse a URL-like location other than ``s3://`` (``S3://``, ``gs://``, ``file://``...),
+    which would otherwise silently become a local directory named ``S3:``.
+
+    Raises:
+        BadInputError: ``root`` looks like ``scheme://...``.
+    """
+    scheme = OTHER_URL.match(str(root))
+    if scheme:
+        raise BadInputError(f"unsupported store location scheme {scheme.group(1)!r} in "
+                            f"{str(root)!r}", fix="use a local directory or s3://bucket/prefix "
+                                                  "(lower-case s3)")
+
+
+OTHER_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+"""A URL-like location (``scheme:/...``, two letters or more: not a drive letter) that is
+not ``s3``; ``Path`` folds ``//`` to ``/``."""
