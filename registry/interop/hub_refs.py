@@ -6,8 +6,9 @@ a store or touching the network. Repo ids are exactly ``org/name`` model repos
 (datasets and spaces hold no adapters); a revision is a branch, tag or commit.
 huggingface_hub's exceptions are translated by :func:`hub_error` into
 :mod:`registry.errors` classes with a fix: a repo, revision or offline cache miss ->
-:class:`~registry.errors.NotFoundError` (5); authentication, offline mode and an
-unreachable Hub -> :class:`~registry.errors.BadInputError` (2). huggingface_hub is
+:class:`~registry.errors.NotFoundError` (5); authentication and offline mode ->
+:class:`~registry.errors.BadInputError` (2); an unreachable Hub or an HTTP 5xx ->
+:class:`~registry.errors.EnvironmentFailure` (6, as an unreachable S3 endpoint). huggingface_hub is
 imported inside :func:`hub_error` only.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from registry.errors import AdapterkitError, BadInputError, NotFoundError
+from registry.errors import AdapterkitError, BadInputError, EnvironmentFailure, NotFoundError
 
 SCHEME = "hf://"
 _SEGMENT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?\Z")
@@ -135,11 +136,14 @@ def hub_error(err: BaseException, what: str) -> AdapterkitError:
         if status == 404:
             return NotFoundError(f"{what}: not found on the Hub ({detail})",
                                  fix="check the repo id and revision")
+        if status is not None and status >= 500:  # the service, not the request
+            return EnvironmentFailure(f"{what}: the Hub answered HTTP {status}: {detail}",
+                                      fix="retry later; see https://status.huggingface.co")
         return BadInputError(f"{what}: the Hub answered HTTP {status}: {detail}",
-                             fix="retry later; see https://status.huggingface.co")
+                             fix="check the repo id, revision and files, then retry")
     if type(err).__module__.split(".")[0].startswith("httpx") or isinstance(err, ConnectionError):
-        return BadInputError(f"{what}: cannot reach the Hub ({type(err).__name__}: {detail})",
-                             fix="check the network, proxy and HF_ENDPOINT, then retry")
+        return EnvironmentFailure(f"{what}: cannot reach the Hub ({type(err).__name__}: {detail})",
+                                  fix="check the network, proxy and HF_ENDPOINT, then retry")
     if isinstance(err, ValueError):  # huggingface_hub's own argument validation
         return BadInputError(f"{what}: {detail}", fix="check the repo id and revision")
     return BadInputError(f"{what}: {type(err).__name__}: {detail}",
