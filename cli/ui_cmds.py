@@ -82,7 +82,7 @@ def ui(
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Serve a read-only web view of the store (pip install 'adapterkit[ui]')."""
+    """Serve a read-only web view of the store (pip install 'adapterkit\\[ui]')."""
     from cli.web.app import create_app, missing_extra
     from cli.web.guard import LOOPBACK_HOSTS, UiConfig
     from gate.store_config import load_configured_trusted_keys

@@ -79,6 +79,17 @@ def test_every_command_help_exits_0(path: tuple[str, ...],
     assert "Usage:" in out and f"adapters {' '.join(path)}" in out, out
 
 
+@pytest.mark.parametrize("path", [p for p, _ in ALL], ids=[" ".join(p) for p, _ in ALL])
+def test_install_hints_in_help_keep_their_extras(path: tuple[str, ...],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # found by a QA pass: rich markup ate "[ui]" in "pip install 'adapterkit[ui]'"
+    code, out, _ = run(capsys, *path, "--help")
+    flat = " ".join(out.split())
+    assert code == 0 and "'adapterkit'" not in flat and "adapterkit)" not in flat
+    if path == ("ui",):
+        assert "pip install 'adapterkit[ui]'" in flat
+
+
 def test_top_level_help_exits_0_in_a_fresh_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-m", "cli.main", "--help"], cwd=REPO_ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=120)
