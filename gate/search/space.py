@@ -21,7 +21,8 @@ parameter           default range           hard bounds (from :mod:`merging.lora
 ``normalize`` is not searched (weights already scale the result) and the merge seed
 is ``--seed``. ``--space space.yaml`` (read with :func:`gate.safe_yaml.load_yaml`)
 overrides any row: ``[low, high]`` for a range, a single value to fix it (not
-searched), a list of choices for the categorical ones; ``methods: [...]`` gives the
+searched), a list of choices for the categorical ones; ``weights`` sets every input's
+range and ``w0``, ``w1``, .. one input's; ``methods: [...]`` (not empty) gives the
 methods when ``--methods`` is not passed. Every range is checked against the
 methods' own validation (:meth:`merging.lora.methods.MergeMethod.resolve` on both ends), so
 a space can never propose a merge the engine would refuse.
@@ -90,9 +91,12 @@ class SearchSpace:
                 "ranges": {k: list(v) for k, v in sorted(self.ranges.items())},
                 "choices": {k: list(v) for k, v in sorted(self.choices.items())}}
 
+    def weight_range(self, i: int) -> tuple[float, float]:
+        """Input ``i``'s weight range: its own ``w<i>`` row, else the ``weights`` row."""
+        return self.ranges.get(f"w{i}", self.ranges["weights"])
+
     def _float(self, trial: Any, name: str, key: str) -> float:
-        low, high = self.ranges[key]
-        return float(low) if low == high else float(trial.suggest_float(name, low, high))
+        return _between(trial, name, self.ranges[key])
 
     def _pick(self, trial: Any, key: str) -> str:
         options = self.choices[key]
@@ -103,7 +107,7 @@ class SearchSpace:
         method = self.methods[0] if len(self.methods) == 1 else str(
             trial.suggest_categorical("method", list(self.methods)))
         accepted = get_method(method).accepted
-        weights = tuple(self._float(trial, f"w{i}", "weights") for i in range(self.inputs))
+        weights = tuple(_between(trial, f"w{i}", self.weight_range(i)) for i in range(self.inputs))
         params: dict[str, Any] = {}
         for key in NUMERIC:
             if key in accepted:
@@ -130,8 +134,9 @@ class SearchSpace:
             if len(self.methods) > 1:
                 params["method"] = method
             for i in range(self.inputs):
-                if self.ranges["weights"][0] < self.ranges["weights"][1]:
-                    params[f"w{i}"] = _clamp(NUMERIC_DEFAULTS["weights"], self.ranges["weights"])
+                low, high = self.weight_range(i)
+                if low < high:
+                    params[f"w{i}"] = _clamp(NUMERIC_DEFAULTS["weights"], (low, high))
             for key in NUMERIC:
                 if key in accepted and self.ranges[key][0] < self.ranges[key][1]:
                     params[key] = _clamp(NUMERIC_DEFAULTS[key], self.ranges[key])
@@ -141,6 +146,11 @@ class SearchSpace:
                     params[key] = value if value in self.choices[key] else self.choices[key][0]
             out.append(params)
         return out
+
+
+def _between(trial: Any, name: str, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    return float(low) if low == high else float(trial.suggest_float(name, low, high))
 
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
@@ -157,7 +167,8 @@ def _range(key: str, value: Any) -> tuple[float, float]:
     if not 1 <= len(items) <= 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                        or not math.isfinite(v) for v in items):
         raise BadInputError(f"space field {key} must be [low, high] or one number, got "
-                            f"{shorten(repr(value))}", fix=f"write e.g. {key}: {list(RANGES[key])}")
+                            f"{shorten(repr(value))}",
+                            fix=f"write e.g. {key}: {list(RANGES.get(key, RANGES['weights']))}")
     low, high = float(items[0]), float(items[-1])
     if low > high:
         raise BadInputError(f"space field {key}: low {low:g} > high {high:g}",
@@ -223,11 +234,15 @@ def build_space(inputs: int, methods: Sequence[str] | None = None,
             raise BadInputError(f"search space {space_file} must be a mapping",
                                 fix="write e.g. density: [0.2, 0.9]")
         doc = dict(loaded or {})
-    known = {"methods", *RANGES, *CHOICES}
-    unknown = sorted(set(doc) - known)
+    per_input = [f"w{i}" for i in range(inputs)]
+    known = {"methods", *RANGES, *CHOICES, *per_input}
+    unknown = sorted(set(doc) - known, key=str)
     if unknown:
         raise BadInputError(f"space field {shorten(str(unknown[0]))} is not a known field",
                             fix=f"use {', '.join(sorted(known))}")
+    if "methods" in doc and not (isinstance(doc["methods"], list) and doc["methods"]):
+        raise BadInputError("space field methods must be a non-empty list of method names",
+                            fix="write e.g. methods: [ties, dare_ties], or leave it out")
     chosen = list(methods or doc.get("methods") or DEFAULT_METHODS)
     if not all(isinstance(m, str) for m in chosen):
         raise BadInputError("space field methods must be a list of method names",
@@ -235,6 +250,7 @@ def build_space(inputs: int, methods: Sequence[str] | None = None,
     for method in chosen:
         get_method(method)
     ranges = {key: _range(key, doc[key]) if key in doc else RANGES[key] for key in RANGES}
+    ranges.update({key: _range(key, doc[key]) for key in per_input if key in doc})
     choices = {key: _choices(key, doc[key]) if key in doc else CHOICES[key] for key in CHOICES}
     _check_bounds(chosen, ranges, inputs)
     return SearchSpace(methods=tuple(dict.fromkeys(chosen)), inputs=inputs, ranges=ranges,

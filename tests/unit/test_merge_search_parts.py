@@ -63,6 +63,21 @@ def test_space_file_overrides_fixes_and_is_bounded_by_the_methods(tmp_path):
         build_space(2, ["no_such_method"])
 
 
+def test_per_input_weight_rows_w0_w1(tmp_path):
+    # found by a QA pass: the README documents w0, w1 rows, and the space refused them
+    path = tmp_path / "space.yaml"
+    path.write_text("weights: [0.5, 1.0]\nw1: 0.8\n")
+    space = build_space(2, ["ties"], path)
+    trial = _Trial({})
+    choice = space.suggest(trial)
+    assert choice.weights == (0.5, 0.8) and "w0" in trial.asked and "w1" not in trial.asked
+    assert space.defaults()[0]["w0"] == 1.0 and "w1" not in space.defaults()[0]
+    for text in ("w2: [0.1, 0.2]\n", "w0: [1.0, 0.5]\n", "methods: []\n"):
+        path.write_text(text)
+        with pytest.raises(BadInputError, match="w2|w0|methods"):
+            build_space(2, None, path)
+
+
 def test_defaults_are_each_methods_hand_merge():
     space = build_space(2, ["ties", "dare_ties"])
     assert space.defaults()[0] == {"method": "ties", "w0": 1.0, "w1": 1.0, "density": 0.5,
