@@ -84,6 +84,8 @@ def alias_ls(
     """List NAME's aliases."""
     st = open_store(store)
     aliases = st.aliases(name)
+    if not aliases and not st.bound_hexes(name):
+        raise NotFoundError(f"no versions named {name!r}", fix="list names with `adapters ls`")
     data = {"name": name, "aliases": aliases}
     rows = [(escape(a), d) for a, d in sorted(aliases.items())]
     Output(json_out).emit(data, lambda c: c.print(make_table(name, ["alias", "digest"], rows)))
@@ -99,7 +101,11 @@ def alias_history(
     from gate.promote import alias_history as history_of
 
     name, alias = split_alias(target)
-    rows = history_of(open_store(store), name, alias)
+    st = open_store(store)
+    rows = history_of(st, name, alias)
+    if not rows and not st.bound_hexes(name):  # a deleted name keeps its logged history
+        raise NotFoundError(f"no versions named {name!r} and no history of {target!r}",
+                            fix="list names with `adapters ls`")
 
     def render(console: Console) -> None:
         if not rows:

@@ -219,6 +219,10 @@ def test_alias_compare_and_swap(tmp_path, store, capsys):
     assert code == 0 and removed["old"] == b["digest"]
     assert run_json(capsys, "alias", "ls", "demo", *s)[1]["aliases"] == {}
     assert run(capsys, "alias", "set", "demo", a["ref"], *s)[0] == 2  # no :ALIAS
+    # an unknown name is not an empty listing (found by a QA pass: `ls` said 5, `alias ls` 0)
+    assert run_json(capsys, "alias", "ls", "nope", *s)[0] == 5
+    assert run_json(capsys, "alias", "history", "nope:x", *s)[0] == 5
+    assert run_json(capsys, "alias", "history", "demo:never", *s)[1]["history"] == []
     # "release" is protected: only a passing gate (promote) moves it, and push checks first
     assert run_json(capsys, "alias", "set", "demo:release", a["ref"], *s)[0] == 1
     adapter_c = write_synthetic_adapter(tmp_path / "c", seed=2)
