@@ -91,16 +91,20 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     umask); neither is ever overwritten.
 
     Raises:
+        BadInputError: Both paths name the same file.
         ConflictError: If either file already exists.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from registry.errors import ConflictError
+    from registry.errors import BadInputError, ConflictError
     from registry.fsutil import make_dirs
 
+    if os.path.abspath(private_path) == os.path.abspath(public_path):
+        raise BadInputError(f"the private and public key paths are the same file ({private_path})",
+                            fix="give two paths, e.g. signing.pem signing.pub")
     for path in (private_path, public_path):
-        if path.exists():
+        if path.exists() or path.is_symlink():
             raise ConflictError(f"{path} already exists", fix="choose another path; keys are never overwritten")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
@@ -112,9 +116,16 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     make_dirs(private_path.parent)
     make_dirs(public_path.parent)
     # explicit modes (the umask can only make them stricter): 0600 private, 0644 public
-    for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
-        with open(path, "xb", opener=_opener(mode)) as handle:
-            handle.write(data)
+    written: list[Path] = []
+    try:
+        for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+            with open(path, "xb", opener=_opener(mode)) as handle:
+                written.append(path)
+                handle.write(data)
+    except BaseException:  # a pair or nothing: never a private key without its public key
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return key_id(key.public_key())
 
 

@@ -62,3 +62,17 @@ def test_bad_keys_and_envelopes_are_clear_errors(keypair: tuple[Path, Path, str]
         signing.sign_version("demo", DIGEST, junk)
     with pytest.raises(IntegrityError, match="malformed"):
         signing.check_envelope({"payloadType": signing.PAYLOAD_TYPE, "payload": "!!", "signatures": []}, {})
+
+
+def test_keygen_writes_a_pair_or_nothing(tmp_path: Path) -> None:
+    # found by a QA pass: `keygen k.pem k.pem` wrote the private key, then failed on the public
+    same = tmp_path / "k.pem"
+    with pytest.raises(BadInputError, match="same file"):
+        signing.generate_key(same, tmp_path / "." / "k.pem")
+    assert not same.exists()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConflictError):
+        signing.generate_key(tmp_path / "new.pem", tmp_path / "taken")
+    assert not (tmp_path / "new.pem").exists()
+    keyid = signing.generate_key(tmp_path / "ok.pem", tmp_path / "ok.pub")
+    assert keyid and (tmp_path / "ok.pem").stat().st_mode & 0o777 == 0o600
