@@ -182,7 +182,7 @@ def gc(
 
 @audit_app.command("log")
 def audit_log(
-    limit: Annotated[int, typer.Option("--limit", help="Newest N entries (0: all).")] = 20,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Newest N entries (0: all).")] = 20,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:

@@ -86,12 +86,15 @@ def ui(
     from cli.web.app import create_app, missing_extra
     from cli.web.guard import LOOPBACK_HOSTS, UiConfig
     from gate.store_config import load_configured_trusted_keys
+    from registry.audit.checkpoint import read_checkpoint
 
     check_binding(host, token)
     try:
         import uvicorn
     except ImportError as err:
         raise missing_extra(err) from None
+    for path in checkpoint or ():
+        read_checkpoint(path)  # a missing or unreadable file is refused now, not on the audit page
     st = open_store(store)
     config = UiConfig(token=token, allowed_hosts=None if token else LOOPBACK_HOSTS,
                       trusted=load_configured_trusted_keys(st, trusted_keys or []),

@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,3 +107,15 @@ def test_importing_the_cli_imports_nothing_heavy() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_negative_limits_and_missing_checkpoints_are_refused(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # found by a QA pass: `audit log --limit -5` listed everything; `ui --checkpoint missing`
+    # started the server and failed only on the audit page
+    store = tmp_path / "store"
+    assert run(capsys, "init", store)[0] == 0
+    code, _, err = run(capsys, "audit", "log", "--limit", "-5", "--store", store)
+    assert code == 2 and "--limit" in err
+    code, _, err = run(capsys, "ui", "--checkpoint", tmp_path / "missing.json", "--store", store)
+    assert code == 2 and "cannot read checkpoint" in err
