@@ -34,7 +34,7 @@ from gate.source_check import check_source
 from gate.results import CheckResult, GateResult
 from registry import __version__
 from registry.stamps import utc_now_iso
-from registry.errors import AdapterkitError, BadInputError
+from registry.errors import AdapterkitError, BadInputError, NotFoundError
 
 if TYPE_CHECKING:
     from gate.policy import Policy
@@ -160,10 +160,10 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
         The frozen :class:`GateResult`; ``passed`` is False if any check failed or errored.
 
     Raises:
-        BadInputError: Bad policy, missing base directory, a ref without a store,
+        BadInputError: Bad policy, a base directory that is not a model, a ref without a store,
             ``--model`` with a version that has stored files or a directory candidate,
             or a drift check whose source model is not at hand.
-        NotFoundError: Unknown ref, a lineage parent missing from the store, or a
+        NotFoundError: A missing base directory, an unknown ref, a lineage parent missing from the store, or a
             missing model directory.
         IntegrityError: A stored blob is corrupt, or the model (or source) directory
             does not hold the weights its record names.
@@ -174,7 +174,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
     pol = policy if isinstance(policy, PolicyType) else load_policy(policy)
     base = Path(base_dir).expanduser()
     if not base.is_dir():
-        raise BadInputError(f"base model directory {base} not found",
+        raise NotFoundError(f"base model directory {base} not found",
                             fix="pass --base with a local transformers model directory")
     base_struct = _base_fingerprint(base)
     started, clock = utc_now_iso(), time.perf_counter()

@@ -43,7 +43,7 @@ from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_st
                                record_constraints, run_worker, study_full)
 from registry.digests import canonical_json
 from registry.digests import json_digest
-from registry.errors import BadInputError
+from registry.errors import BadInputError, NotFoundError
 
 if TYPE_CHECKING:
     from registry.storage.manifest import PushResult, Version
@@ -248,7 +248,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     check_rule(settings.pick_rule)
     base = Path(base_dir).expanduser()
     if not base.is_dir():
-        raise BadInputError(f"base model directory {base} not found",
+        raise NotFoundError(f"base model directory {base} not found",
                             fix="pass --base with a local transformers model directory")
     versions = [store.resolve(ref) for ref in refs]
     labels = [f"{v.name}@{v.short}" for v in versions]

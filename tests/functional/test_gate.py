@@ -142,11 +142,12 @@ def test_bad_policy_exits_2_naming_the_field(setup, tmp_path, capsys, change, fi
     assert field in capsys.readouterr().err
 
 
-def test_missing_base_exits_2(setup, tmp_path, capsys):
+def test_missing_base_exits_5(setup, tmp_path, capsys):
+    # not found (5), as in unload, quantize and fingerprint (it was 2 here alone)
     _, store, _, policy, _ = setup
     code = main(["gate", "merged", "--base", str(tmp_path / "nope"), "--policy", str(policy),
                  "--store", str(store.root)])
-    assert code == 2 and "base model directory" in capsys.readouterr().err
+    assert code == 5 and "base model directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", ["empty", "config only"])
