@@ -39,7 +39,7 @@ import torch
 
 from merging.lora.factorize import RANK_RTOL
 from merging.lora.methods import Factors, MergeMethod, MergeParams, ModuleContext, ModuleInput
-from merging.lora.threads import intraop_threads
+from merging.threads import intraop_threads
 
 
 def knots_basis(inputs: Sequence[ModuleInput]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -52,7 +52,7 @@ def knots_basis(inputs: Sequence[ModuleInput]) -> tuple[torch.Tensor, list[torch
         ``U`` (``out x k``, orthonormal columns, float32) and the ``k x in`` float32
         coefficient matrices, in input order; ``k == 0`` when every delta is zero.
     """
-    with intraop_threads(1):  # LAPACK's bits depend on the thread count (merging.lora.threads)
+    with intraop_threads(1):  # LAPACK's bits depend on the thread count (merging.threads)
         q, r = torch.linalg.qr(torch.cat([inp.B for inp in inputs], dim=1).double())
         blocks, start = [], 0
         for inp in inputs:

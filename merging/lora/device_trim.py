@@ -46,7 +46,7 @@ from merging.lora.factorize import dense_error, lowrank_refactor
 from merging.lora.inputs import overflow_error
 from merging.lora.kselect import keep_mask, kth_largest_magnitudes
 from merging.lora.lowrank import frobenius_errors, lowrank_factors
-from merging.lora.threads import block_map
+from merging.threads import block_map
 from merging.lora.methods import MergeParams, ModuleInput
 
 GROUPED_METHODS = ("ties", "magnitude_prune")

@@ -19,7 +19,7 @@ For every module in the union of the inputs' modules (sorted by name):
    merged delta.
 
 **Threads.** On the CPU every kernel runs single-threaded and the parallelism comes
-from independent pieces run side by side (:mod:`merging.lora.threads`), so a merge's
+from independent pieces run side by side (:mod:`merging.threads`), so a merge's
 bytes do not depend on the thread count: small modules (at most
 :data:`SIDE_BY_SIDE_ENTRIES` delta entries) and factored methods' modules are merged one
 per worker; larger dense modules one at a time, their row blocks side by side.
@@ -89,7 +89,7 @@ from merging.lora.lowrank import frobenius_errors
 from merging.lora.options import Rank, parse_rank, parse_weights
 from merging.lora.peft_output import output_config
 from merging.lora.results import MergeResult
-from merging.lora.threads import intraop_threads, worker_pool
+from merging.threads import intraop_threads, worker_pool
 from registry.errors import (
     BadInputError,
 )

@@ -41,7 +41,7 @@ import math
 import torch
 
 from merging.lora.lowrank import NITER, lowrank_factors
-from merging.lora.threads import intraop_threads
+from merging.threads import intraop_threads
 
 RANK_RTOL = 2.0 ** -23
 """Singular values below ``RANK_RTOL · S_max`` are float32 noise and are dropped."""
@@ -70,7 +70,7 @@ def exact_refactor(B: torch.Tensor, A: torch.Tensor,
         column).
     """
     rows, cols = B.shape[0], A.shape[1]
-    with intraop_threads(1):  # LAPACK's bits depend on the thread count (merging.lora.threads)
+    with intraop_threads(1):  # LAPACK's bits depend on the thread count (merging.threads)
         qb, rb = torch.linalg.qr(B.double())
         qa, ra = torch.linalg.qr(A.double().T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -119,7 +119,7 @@ def full_factors(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dense_error(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
     """``(||D - B A||_F, ||D||_F)``, block by block (float64 accumulation)."""
     from merging.lora.sparsify import row_blocks
-    from merging.lora.threads import block_map
+    from merging.threads import block_map
 
     B32, A32 = B.float(), A.float()
 

@@ -20,8 +20,8 @@ QR after every product, SVD of the small ``Q^T A``) with three changes:
 * every tensor is created on the input's device.
 
 For one 2-D matrix on the CPU (the per-module merge) every step is single-threaded,
-so the factors do not depend on the thread count (:mod:`merging.lora.threads`): the
-products run as :func:`merging.lora.threads.row_product` (row blocks of ``A``, or of
+so the factors do not depend on the thread count (:mod:`merging.threads`): the
+products run as :func:`merging.threads.row_product` (row blocks of ``A``, or of
 ``A^T`` for the transposed products, side by side) and the QRs and the small SVD with
 one thread. A batch (the GPU's path) uses batched kernels; it may round differently
 from one-by-one, still deterministically on one device.
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.lora.threads import intraop_threads, row_product
+from merging.threads import intraop_threads, row_product
 
 NITER = 2
 """Power iterations (as :data:`merging.lora.factorize.NITER`)."""

@@ -5,7 +5,7 @@ never holds more than one dense ``(out, in)`` float32 tensor (the merged result)
 the inputs' deltas are recomputed block by block (:data:`BLOCK_ROWS` rows at a
 time, so the chain of element-wise operations stays in cache) from their rank-r
 factors, which costs one small matmul per block. Blocks are independent, so
-:func:`merging.lora.threads.block_map` runs them on a small thread pool with
+:func:`merging.threads.block_map` runs them on a small thread pool with
 single-threaded torch ops (one worker per torch thread): on a busy 2-core machine
 this measured 5-10x faster than 2-thread OpenMP ops on blocks this small, and the
 result does not depend on the thread count. **Devices:** factors on a GPU
@@ -65,7 +65,7 @@ import torch
 
 from merging.lora.kselect import kth_largest_magnitude
 from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
-from merging.lora.threads import block_map, slices
+from merging.threads import block_map, slices
 
 BLOCK_ROWS = 64
 """Rows per block. Part of the DARE mask definition: changing it changes masks."""

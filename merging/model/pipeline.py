@@ -8,7 +8,7 @@ into its :class:`merging.model.shard_writer.ShardWriter`:
 * a LoRA target (no quantization) is merged in row ranges (the arithmetic, float32
   or bfloat16, is :mod:`merging.model.rowmerge`) by a small pool of threads (torch ops
   release the GIL; each worker sets torch single-threaded for itself, as the setting is
-  per thread: :mod:`merging.lora.threads`);
+  per thread: :mod:`merging.threads`);
 * everything else (replacement, QLoRA round trip, quantization, or keeping the
   unquantized tensors for the logits probe) is done on the whole tensor, on the
   calling thread with :data:`WORKERS` intra-op threads.
@@ -47,7 +47,7 @@ import torch
 
 from merging.adapter import LoraAdapter, ModuleInfo
 from merging.dtypes import torch_dtype
-from merging.lora.threads import single_threaded_pool
+from merging.threads import single_threaded_pool
 from merging.model.bnb import QuantSpec, quantize_weight, relative_error, roundtrip
 from merging.model.buffers import BufferPool, byte_view
 from merging.model.layout import SourceTensor, TensorReader, paused_gc, row_chunks, to_float32, torch_threads

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from merging.lora import factorize as refactor
-from merging.lora.threads import intraop_threads
+from merging.threads import intraop_threads
 from merging.lora.lowrank import (
     frobenius_errors,
     lowrank_factors,

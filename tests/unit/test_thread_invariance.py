@@ -1,4 +1,4 @@
-"""A merge's bytes do not depend on torch's thread count (merging.lora.threads).
+"""A merge's bytes do not depend on torch's thread count (merging.threads).
 
 MKL's SVD and QR give other last bits on 1 and 2 threads, so before this a TIES merge of
 SmolLM2's adapters differed in every tensor between a 1-thread and a 2-thread run: the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from merging.lora.engine import merge_adapters
-from merging.lora.threads import block_map, intraop_threads, row_product, slices
+from merging.threads import block_map, intraop_threads, row_product, slices
 from tests.support.merge import random_adapter
 
 SHAPES = {
