@@ -198,9 +198,8 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
                   progress=progress, on_tensor=on_tensor)
     written: list[WrittenShard] = []
     probe_report = out_fp = None
-    # a stored adapter's digest is its version's; a directory's (a sha256 of its files)
-    # is computed, while the model streams, only when the lineage records it: an
-    # unrecorded unload hashes nothing, like the base and the output (~7% of its time)
+    # a stored adapter's digest is its version's; a directory's is hashed while the model streams,
+    # only when the lineage records it (an unrecorded unload hashes nothing: ~7% of its time)
     side = ThreadPoolExecutor(1, "adapter-digest")
     digest = side.submit(adapter_digest, adapter if store is not None else None,
                          adapter_version)

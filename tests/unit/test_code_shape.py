@@ -149,6 +149,17 @@ def test_package_layers() -> None:
     assert crossings == []
 
 
+# Subpackages that must not import each other (DESIGN.md: merging.lora and merging.model
+# share merging.adapter, dtypes, devices and threads, never each other).
+APART = (("merging.lora", "merging.model"), ("merging.model", "merging.lora"))
+
+
+def test_subpackages_kept_apart() -> None:
+    crossings = sorted(f"{src} -> {dst}" for src, dsts in GRAPH.items() for dst in dsts
+                       for a, b in APART if src.startswith(a + ".") and dst.startswith(b + "."))
+    assert crossings == []
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_size(name: str) -> None:
     path = MODULES[name]
