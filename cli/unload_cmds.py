@@ -69,7 +69,7 @@ def unload(
     blocksize: BlocksizeOpt = 64,
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Record the output under this name (default for a stored adapter: "
-                       "<name>-unloaded).")] = None,
+                       "<name>-unloaded, or <name>-unloaded-<method> with --quantize).")] = None,
     probe: ProbeOpt = None,
     sync: SyncOpt = True,
     device: DeviceOpt = "auto",
