@@ -19,7 +19,7 @@ from pathlib import Path
 
 from registry.audit.journal import recover, run_mutation
 from registry.digests import canonical_json, digest_hex
-from registry.errors import AdapterkitError, BadInputError, NotFoundError
+from registry.errors import AdapterkitError, BadInputError, ConflictError, NotFoundError
 from registry.lineage import validate_lineage
 from registry.progress import ProgressCallback
 from registry.record import validate_record
@@ -76,6 +76,7 @@ def push_version(store: StoreReader, name: str, files: Mapping[str, Path], recor
     if lineage is not None:
         for parent in lineage["parents"]:
             store.version_by_digest(parent["digest"])
+    check_name_kind(store, name, record["kind"])
     sources = {validate_file_path(path): Path(src) for path, src in files.items()}
     for path, src in sources.items():
         if not src.is_file():
@@ -122,3 +123,20 @@ def _same_content(store: StoreReader, name: str, key: str) -> Version | None:
         if content_key(version.manifest) == key:
             return version
     return None
+
+
+def check_name_kind(store: StoreReader, name: str, kind: str) -> None:
+    """One kind per name: a model pushed under an adapter's name would make ``NAME`` (its
+    newest version) a model, and merge, export and push-hub of ``NAME`` would then fail.
+
+    Raises:
+        ConflictError: ``name`` already holds versions of another kind.
+    """
+    held = next(iter(store.bound_hexes(name)), None)
+    if held is None:
+        return
+    other = store.version_at(name, held).kind
+    if other != kind:
+        raise ConflictError(f"{name} holds {other} versions; a {kind} needs a name of its own",
+                            fix=f"pass another --name, e.g. {name}-{kind}")
+

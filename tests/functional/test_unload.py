@@ -241,6 +241,12 @@ def test_registry_ref_records_lineage(work: Path, base: Path, adapter: Path, cap
                              "--store", store)
         assert code == 2 and "invalid name" in err["message"]
         assert not (work / "named").exists() and leftovers(work, "named") == []
+    # one kind per name (found by a QA pass: a model under an adapter's name made `demo`
+    # resolve to the model, and merge/export of `demo` failed); refused before writing
+    code, err = run_json(capsys, "unload", "demo", "--base", base, "--out", work / "named",
+                         "--name", "demo", "--store", store)
+    assert code == 4 and "demo holds adapter versions" in err["message"]
+    assert not (work / "named").exists() and leftovers(work, "named") == []
 
 
 def test_shard_writer_streams_a_valid_file(tmp_path: Path) -> None:
