@@ -25,10 +25,7 @@ answer after a prompt), :meth:`Evaluator.generate` / :meth:`Evaluator.generate_m
 ``torch.manual_seed`` before every model load and generation; decoding is greedy,
 so every number is reproducible on the same software stack.
 
-Data files: :func:`read_texts` takes JSONL (``{"text": ...}`` per line) or plain
-text (documents separated by blank lines); :func:`read_pairs` takes JSONL
-``{"prompt": ..., "answer": ...}``. Malformed lines raise BadInputError naming the
-line.
+Data files are read by :mod:`gate.eval_data` (the policy's hashed bytes).
 """
 
 from __future__ import annotations
@@ -39,10 +36,9 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
-from gate.policy import DataFile
 from gate.provenance import is_quantized
 from registry.errors import BadInputError
 from registry.formats.patterns import explicit_peft_config
@@ -52,65 +48,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def _source(path: Path | DataFile) -> Path | DataFile:
-    return path if isinstance(path, DataFile) else Path(path)
-
-
-def read_texts(path: Path | DataFile, *, field: str = "text", limit: int | None = None) -> list[str]:
-    """Documents of a held-out file: JSONL ``{field: str}`` lines, or blank-line separated text.
-
-    Args:
-        path: A file, or a policy's :class:`gate.policy.DataFile` (its hashed bytes).
-        field: The JSONL field holding the text.
-        limit: Keep the first ``limit`` documents.
-
-    Raises:
-        BadInputError: Unreadable file, a bad JSONL line, or no documents.
-    """
-    source = _source(path)
-    try:
-        raw = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 text or JSONL file") from None
-    if source.suffix == ".jsonl":
-        texts = [_jsonl_row(line, n, path, (field,))[field]
-                 for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
-    else:
-        texts = [block.strip() for block in raw.split("\n\n") if block.strip()]
-    if not texts:
-        raise BadInputError(f"{path} holds no text", fix="add at least one document")
-    return texts[:limit] if limit else texts
-
-
-def read_pairs(path: Path | DataFile, *, limit: int | None = None) -> list[tuple[str, str]]:
-    """``(prompt, answer)`` pairs of a JSONL eval set (a file or a policy's :class:`DataFile`).
-
-    Raises:
-        BadInputError: Unreadable file, a line without string prompt/answer, or no rows.
-    """
-    try:
-        lines = _source(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 JSONL file") from None
-    rows = [_jsonl_row(line, n, path, ("prompt", "answer"))
-            for n, line in enumerate(lines, 1) if line.strip()]
-    if not rows:
-        raise BadInputError(f"{path} holds no prompt/answer pairs", fix="add JSONL rows")
-    pairs = [(r["prompt"], r["answer"]) for r in rows]
-    return pairs[:limit] if limit else pairs
-
-
-def _jsonl_row(line: str, number: int, path: Path | DataFile, keys: Sequence[str]) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        raise BadInputError(f"{path}:{number}: not valid JSON", fix="one JSON object per line") from None
-    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in keys):
-        raise BadInputError(f"{path}:{number}: needs string field(s) {', '.join(keys)}",
-                            fix="one JSON object per line, e.g. " + json.dumps({k: "..." for k in keys}))
-    return row
 
 
 def repeat_fraction(token_ids: Sequence[int], n: int) -> float:

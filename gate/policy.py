@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from gate.check_kinds import check_kinds, check_params
+from gate.eval_data import DataFile, read_pairs, read_texts
 from gate.policy_fields import FIX, POLICY, REQUIRED, bad, choice, show
 from registry.digests import canonical_json
 from registry.digests import sha256_digest
@@ -76,31 +77,6 @@ MAX_POLICY_BYTES = 1 << 20
 """Largest policy file read (a real policy is a few hundred bytes)."""
 MAX_DEPTH = 32
 """Deepest nesting of YAML collections accepted."""
-@dataclass(frozen=True)
-class DataFile:
-    """A data file of a policy as it was hashed: where it was read, and its bytes.
-
-    The policy digest covers these bytes, and the checks evaluate these bytes; the file
-    is never read again by path, so a file swapped while a gate runs (after the policy
-    was loaded, before a check reads its data) cannot be evaluated under the digest of
-    the original.
-    """
-
-    path: Path
-    data: bytes = field(repr=False)
-
-    @property
-    def suffix(self) -> str:
-        return self.path.suffix
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        """The bytes decoded (``UnicodeDecodeError`` as ``Path.read_text`` raises it)."""
-        return self.data.decode(encoding)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
 @dataclass(frozen=True)
 class CheckSpec:
     """One validated check: its ``kind``, unique ``name`` and parameters (defaults filled)."""
@@ -230,8 +206,22 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str], snapshots: di
             snapshots[resolved] = _snapshot(f"{where}.{key}", resolved)
         found[key] = snapshots[resolved]
         data[written] = sha256_digest(found[key].data)
+        _parse(f"{where}.{key}", found[key], key in declared.files, params.get("field") or "text")
     params["_files"] = found
     return CheckSpec(kind=kind, name=name, params=params)
+
+
+def _parse(where: str, file: DataFile, texts: bool, text_field: str) -> None:
+    """Parse a data file as its check will (texts for ``files`` fields, prompt/answer pairs
+    for ``file_maps``), so a malformed one is bad input now, not a check error later.
+
+    Raises:
+        BadInputError: A bad line, no rows, not UTF-8 (the message names the field).
+    """
+    try:
+        read_texts(file, field=text_field) if texts else read_pairs(file)
+    except BadInputError as err:
+        raise BadInputError(f"policy field {where}: {err.message}", fix=err.fix) from None
 
 
 def _snapshot(where: str, path: Path) -> DataFile:

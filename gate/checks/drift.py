@@ -33,7 +33,7 @@ from gate import policy_fields as f
 from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
 from gate.decoding import BATCH_SIZE
-from gate.evaluate import read_texts
+from gate.eval_data import read_texts
 
 if TYPE_CHECKING:
     import torch

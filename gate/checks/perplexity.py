@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gate import policy_fields as f
 from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
-from gate.evaluate import read_texts
+from gate.eval_data import read_texts
 
 if TYPE_CHECKING:
     from gate.context import GateContext

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from gate import policy_fields as f
 from gate.check_kinds import CheckParams
 from gate.checks import Outcome, num, passed, skip
-from gate.evaluate import answer_matches, read_pairs
+from gate.eval_data import read_pairs
+from gate.evaluate import answer_matches
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -139,7 +139,7 @@ class Scorer:
 
     # --- data and baselines ------------------------------------------------------------
     def _pairs(self, spec: CheckSpec, set_name: str) -> list[tuple[str, str]]:
-        from gate.evaluate import read_pairs
+        from gate.eval_data import read_pairs
 
         key = (spec.name, set_name)
         if key not in self._data:
@@ -147,7 +147,7 @@ class Scorer:
         return self._data[key]
 
     def _texts(self, spec: CheckSpec) -> list[str]:
-        from gate.evaluate import read_texts
+        from gate.eval_data import read_texts
 
         key = (spec.name, "")
         if key not in self._data:

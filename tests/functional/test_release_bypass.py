@@ -219,7 +219,7 @@ def test_a_gate_entry_forged_mid_log_vouches_for_nothing(world, capsys) -> None:
 def test_a_policy_data_file_swapped_during_the_gate_is_not_evaluated(tmp_path) -> None:
     # found by a QA pass: the policy digest hashed the data file, and the checks re-read it
     # by path later; a file swapped in between was evaluated under the original's digest
-    from gate.evaluate import read_texts
+    from gate.eval_data import read_texts
     from gate.policy import load_policy
 
     (tmp_path / "heldout.txt").write_text("the real held-out text\n\nsecond document\n")

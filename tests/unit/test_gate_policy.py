@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from gate.checks.merge_equivalence import coefficients
-from gate.evaluate import answer_matches, read_pairs, read_texts, repeat_fraction
+from gate.eval_data import read_pairs, read_texts
+from gate.evaluate import answer_matches, repeat_fraction
 from gate.policy import load_policy, parse_policy
 from gate.records import failed_summary
 from gate.report import append_step_summary, to_junit, to_markdown

@@ -180,3 +180,23 @@ def test_ordinary_policy_digest_is_unchanged(tmp_path):
     expected = "sha256:fc43528dd1ddec75dbf46e42fa2cf1c269f83199dd58fbe8041171d815c25233"
     assert load_policy(tmp_path / "gate.yaml").digest == expected
     assert load_policy(tmp_path / "gate.yaml", allow_outside_data=True).digest == expected
+
+
+@pytest.mark.parametrize(("field", "name", "content", "words"), [
+    ("data", "heldout.jsonl", '{"text": "ok"}\n{not json\n', "heldout.jsonl:2: not valid JSON"),
+    ("data", "heldout.jsonl", '{"other": "x"}\n', "needs string field(s) text"),
+    ("data", "heldout.txt", "\n\n", "holds no text"),
+    ("data", "heldout.txt", b"\xff\xfe not utf-8", "cannot read"),
+    ("sets", "a.jsonl", '{"prompt": "1+1", "answer": 2}\n', "needs string field(s) prompt, answer"),
+])
+def test_malformed_eval_data_is_bad_input_at_load(tmp_path, field, name, content, words):
+    # found by a QA pass: a malformed data file made its check "error" (gate exit 1) instead
+    # of exit 2; the policy loader now parses each file as its check will
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    check = (f"  - kind: perplexity\n    data: {name}\n    max: 100\n" if field == "data" else
+             f"  - kind: retention\n    sets:\n      a: {name}\n    min_score: 0.5\n")
+    (tmp_path / "gate.yaml").write_text("version: 1\nchecks:\n" + check)
+    with pytest.raises(BadInputError) as err:
+        load_policy(tmp_path / "gate.yaml")
+    assert words in err.value.message and f"checks[0].{field}" in err.value.message
