@@ -77,22 +77,20 @@ from merging.lora.methods import (
     get_method,
 )
 from merging.lora.inputs import (
-    finite_factors,
-    overflow_error,
     check_compatible,
     copied_extras,
+    finite_factors,
     module_inputs,
     module_union,
     output_dtype,
+    overflow_error,
 )
 from merging.lora.lowrank import frobenius_errors
 from merging.lora.options import Rank, parse_rank, parse_weights
 from merging.lora.peft_output import output_config
 from merging.lora.results import MergeResult
 from merging.threads import intraop_threads, worker_pool
-from registry.errors import (
-    BadInputError,
-)
+from registry.errors import BadInputError
 
 ProgressCallback = Callable[[int], None]
 ModuleOutcome = tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]
