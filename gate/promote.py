@@ -12,7 +12,7 @@ Rules (:func:`promote`):
 2. Without ``force``: a gate record must exist for *exactly* this version digest
    under that policy digest, be bound to them (its own ``candidate_digest`` and
    ``policy_digest``), be the record the newest effective ``gate`` audit entry names
-   (:func:`registry.audit.index.vouched_gate`), and say ``passed: true``. Otherwise
+   (:func:`registry.audit.index.gate_record_problem`), and say ``passed: true``. Otherwise
    :class:`~registry.errors.GateFailedError` (exit 1) names what is missing, or which
    checks failed and why.
 3. ``expect`` makes the move a compare-and-swap (``ConflictError``, exit 4, when the

@@ -55,17 +55,17 @@ def require_passing_gate(store: Store, digest: str, ref: str, policy_digest: str
 
 def _check_binding(store: Store, record: dict[str, Any], digest: str, ref: str, policy_digest: str) -> None:
     """Raise unless ``record`` is bound to (digest, policy) and vouched for by the log."""
-    from registry.audit.index import vouched_gate
+    from registry.audit.index import AuditIndex, gate_record_problem
 
     fix = f"gate it: `adapters gate {ref} --base MODEL_DIR --policy gate.yaml`"
-    if record.get("candidate_digest") != digest or record.get("policy_digest") != policy_digest:
+    pointer = store.read_pointer(store.gate_key(digest, policy_digest))
+    problem = gate_record_problem(AuditIndex.build(store), digest, policy_digest, record, pointer)
+    if problem == "copied":
         raise GateFailedError(f"the gate record stored for {ref} was made for "
                               f"{str(record.get('candidate_digest'))[:19]}.. under policy "
                               f"{str(record.get('policy_digest'))[:19]}.., not for this version "
                               "and policy (copied?)", fix=fix)
-    entry = vouched_gate(store, digest, policy_digest)
-    pointer = store.read_pointer(store.gate_key(digest, policy_digest))
-    if entry is None or (entry.get("new") or {}).get("record") != pointer:
+    if problem is not None:
         raise GateFailedError(f"no audit entry vouches for the gate record of {ref} "
                               "(written outside adapterkit?)",
                               fix=f"run `adapters verify --all`; then {fix}")

@@ -1,10 +1,12 @@
-"""The child edges of a store, kept by a long-running reader between requests.
+"""The child edges and the audit index of a store, kept by a long-running reader between requests.
 
 :func:`registry.lineage.descendants` has to read every bound manifest, since a manifest
 names its parents and not its children. That takes about 0.85 s at 10,000 versions, and
 grows with the store. The web view serves many requests from one process, so it keeps
 the edges in a :class:`LineageCache` and reads them again only when the store may have
-changed.
+changed. The same holds for the :class:`registry.audit.index.AuditIndex` (the whole log,
+hash-checked) that its gate verdicts and per-version checks consult: it is kept by the
+same rules.
 
 Every mutation runs through the journal (:mod:`registry.audit.journal`): an intent
 marker, then the audit entry, then the change, then the marker is removed. Hence:
@@ -29,12 +31,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from registry.audit.journal import PENDING
 from registry.lineage import ChildEdges, child_edges
 
 if TYPE_CHECKING:
+    from registry.audit.index import AuditIndex
     from registry.storage.reader import StoreReader
 
 DEFAULT_MAX_AGE_S = 60.0
@@ -60,8 +64,18 @@ def log_tail(store: StoreReader) -> int:
 
 
 @dataclass
+class _Kept:
+    """One derived view of the store and the seq it was built under."""
+
+    seq: int | None = None
+    built_at: float = 0.0
+    value: Any = None
+
+
+@dataclass
 class LineageCache:
-    """One store's :func:`registry.lineage.child_edges`, reused while the store is unchanged.
+    """One store's :func:`registry.lineage.child_edges` and :class:`AuditIndex`, each reused
+    while the store is unchanged (the rules of the module docstring).
 
     Safe to share between threads: a build runs outside the lock (two concurrent
     misses may both read the store), and only the newest build is kept.
@@ -70,9 +84,9 @@ class LineageCache:
     max_age_s: float = DEFAULT_MAX_AGE_S
     builds: int = 0
     """How many times the edges were read from the store (tests, diagnostics)."""
-    _seq: int | None = None
-    _built_at: float = 0.0
-    _edges: ChildEdges | None = None
+    audit_builds: int = 0
+    """How many times the audit index was read from the store."""
+    _kept: dict[str, _Kept] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def edges(self, store: StoreReader) -> ChildEdges:
@@ -81,18 +95,38 @@ class LineageCache:
         Raises:
             IntegrityError: The audit head or a bound manifest is unreadable.
         """
+        edges: ChildEdges = self._get(store, "edges", child_edges)
+        return edges
+
+    def audit_index(self, store: StoreReader) -> AuditIndex:
+        """The store's :class:`registry.audit.index.AuditIndex`, kept like the edges (a log
+        edited behind the writers' backs, which moves no seq, shows within ``max_age_s``).
+
+        Raises:
+            IntegrityError: The log fails its chain check (never kept) or is unreadable.
+        """
+        from registry.audit.index import AuditIndex
+
+        index: AuditIndex = self._get(store, "audit", AuditIndex.build)
+        return index
+
+    def _get(self, store: StoreReader, key: str, build: Callable[[StoreReader], Any]) -> Any:
         seq = log_tail(store)
         now = time.monotonic()
         with self._lock:
-            if (self._edges is not None and self._seq == seq
-                    and now - self._built_at < self.max_age_s):
-                return self._edges
+            kept = self._kept.get(key)
+            if (kept is not None and kept.value is not None and kept.seq == seq
+                    and now - kept.built_at < self.max_age_s):
+                return kept.value
         # after the seq (see the module docstring); any marker counts, even one that
         # cannot be parsed: it still means a write may be half-way
         settled = not store.backend.list(PENDING)
-        edges = child_edges(store)
+        value = build(store)
         with self._lock:
-            self.builds += 1
+            if key == "edges":
+                self.builds += 1
+            else:
+                self.audit_builds += 1
             if settled:
-                self._seq, self._built_at, self._edges = seq, now, edges
-        return edges
+                self._kept[key] = _Kept(seq, now, value)
+        return value

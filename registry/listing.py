@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from registry.digests import DIGEST_PREFIX, HEX_RE
@@ -33,6 +34,7 @@ from registry.storage.refs import SEGMENT_RE, is_valid_name
 
 if TYPE_CHECKING:
     from registry.storage.reader import StoreReader
+    from registry.audit.index import AuditIndex
 
 MAX_PAGE = 500
 """Largest page size :func:`list_names` accepts."""
@@ -157,31 +159,61 @@ def _newest(store: StoreReader, name: str, hexes: list[str]) -> tuple[str, str]:
     return best
 
 
-def _gate_summary(store: StoreReader, hexes: list[str],
-                  gates: dict[str, list[str]]) -> GateSummary | None:
-    """The newest readable gate record of any of ``hexes``.
+class _Vouching:
+    """The audit log's word on gate records, read once per listing (only if a record is)."""
+
+    def __init__(self, store: StoreReader, audit: Callable[[], AuditIndex] | None) -> None:
+        self.store, self.audit = store, audit
+        self.index: AuditIndex | None = None
+        self.broken = ""
+
+    def problem(self, candidate: str, policy: str, record: object, pointer: str) -> str | None:
+        """Why the record is not to be trusted (None: it is): copied, not vouched for by
+        the log, or the log itself fails its chain check."""
+        from registry.audit.index import GATE_PROBLEMS, AuditIndex, gate_record_problem
+
+        if self.index is None and not self.broken:
+            try:
+                self.index = self.audit() if self.audit else AuditIndex.build(self.store)
+            except AdapterkitError as err:
+                self.broken = err.message
+        if self.index is None:
+            return self.broken
+        kind = gate_record_problem(self.index, candidate, policy, record, pointer)
+        return GATE_PROBLEMS[kind] if kind else None
+
+
+def _gate_summary(store: StoreReader, hexes: list[str], gates: dict[str, list[str]],
+                  vouching: _Vouching) -> tuple[GateSummary | None, list[str]]:
+    """The newest trusted gate record of any of ``hexes``, and a note for each record left
+    out because ``promote`` would not trust it either.
 
     Raises:
         IntegrityError: A gate record blob is missing or corrupt.
     """
     best: GateSummary | None = None
+    notes: list[str] = []
     for hexdigest in hexes:
         for key in gates.get(hexdigest, []):
             record_digest = store.read_pointer(key)
             if record_digest is None:
                 continue
             record = json.loads(store.blobs.read_verified(record_digest))
-            meta = record.get("meta") if isinstance(record, dict) else None
-            date = str((meta or {}).get("started") or "")
-            found = GateSummary(DIGEST_PREFIX + hexdigest, DIGEST_PREFIX + key.split("/")[2],
-                                record.get("passed") is True, date, record_digest)
+            candidate, policy = DIGEST_PREFIX + hexdigest, DIGEST_PREFIX + key.split("/")[2]
+            problem = vouching.problem(candidate, policy, record, record_digest)
+            if problem:
+                notes.append(f"gate record of {hexdigest[:12]} under {policy[7:19]} ignored: {problem}")
+                continue
+            meta = record.get("meta")
+            date = str(meta.get("started") or "") if isinstance(meta, dict) else ""
+            found = GateSummary(candidate, policy, record.get("passed") is True, date, record_digest)
             if best is None or (found.date, found.record) > (best.date, best.record):
                 best = found
-    return best
+    return best, notes
 
 
 def _summary(store: StoreReader, name: str, hexes: list[str], alias_keys: list[str],
-             gates: dict[str, list[str]] | None) -> NameSummary:
+             gates: dict[str, list[str]] | None, vouching: _Vouching) -> NameSummary:
     """One row (gate records only when ``gates`` is given); a read failure goes into
     ``error`` instead of raising."""
     hexdigest, created = _newest(store, name, hexes)
@@ -204,7 +236,8 @@ def _summary(store: StoreReader, name: str, hexes: list[str], alias_keys: list[s
         errors.append(err.message)
     if gates is not None:
         try:
-            row["gate"] = _gate_summary(store, hexes, gates)
+            row["gate"], notes = _gate_summary(store, hexes, gates, vouching)
+            errors += notes
         except (AdapterkitError, ValueError) as err:
             errors.append(getattr(err, "message", str(err)))
     return NameSummary(**row, error="; ".join(errors))
@@ -225,7 +258,8 @@ def _record_match(row: NameSummary, label: str | None, base_model: str | None) -
 
 
 def list_names(store: StoreReader, *, query: str | None = None, label: str | None = None,
-               base_model: str | None = None, offset: int = 0, limit: int = 50) -> NamePage:
+               base_model: str | None = None, offset: int = 0, limit: int = 50,
+               audit: Callable[[], AuditIndex] | None = None) -> NamePage:
     """One page of names with their newest version, aliases and newest gate verdict.
 
     Args:
@@ -236,6 +270,8 @@ def list_names(store: StoreReader, *, query: str | None = None, label: str | Non
             (case-insensitive).
         offset: Matching names to skip.
         limit: Page size (1 to :data:`MAX_PAGE`).
+        audit: Gives the store's audit index, if a long-running reader keeps one (gate
+            verdicts count only for records it vouches for).
 
     Returns:
         A :class:`NamePage` (names sorted).
@@ -251,10 +287,11 @@ def list_names(store: StoreReader, *, query: str | None = None, label: str | Non
     if query:
         names = [n for n in names if query.lower() in n.lower()]
     gates = _gate_index(store)
+    vouching = _Vouching(store, audit)
 
     def row(name: str, with_gate: bool = True) -> NameSummary:
         return _summary(store, name, scanned[name][0], scanned[name][1],
-                        gates if with_gate else None)
+                        gates if with_gate else None, vouching)
 
     if not label and not base_model:
         items = [row(n) for n in names[offset:offset + limit]]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import AdapterkitError
 
 if TYPE_CHECKING:
+    from registry.audit.index import AuditIndex
     from registry.storage.store import Store
 
 
@@ -54,16 +55,25 @@ def show_document(store: Store, ref: str) -> dict[str, Any]:
                         "children": [f"{c.name}@{c.digest}" for c in children]}}
 
 
-def gates_document(store: Store, ref: str) -> dict[str, Any]:
+def gates_document(store: Store, ref: str, index: AuditIndex | None = None) -> dict[str, Any]:
     """Every gate record stored for a version: ``{"candidate", "digest", "records":
-    [{"policy", "record"} | {"policy", "error"}]}`` (``record`` is the gate's JSON; a
-    record that cannot be read is listed with its error, not fatal).
+    [{"policy", "record", "problem"} | {"policy", "error"}]}`` (``record`` is the gate's
+    JSON; a record that cannot be read is listed with its error, not fatal). ``problem``
+    is None for a record ``promote`` would trust, else why not: it names another version
+    or policy, no audit entry vouches for it, or the audit log fails its chain check
+    (:func:`registry.audit.index.gate_record_problem`).
+
+    ``index``: the store's audit index, if a long-running reader keeps one (else it is read
+    here, once, when the version has a record).
 
     Raises:
         NotFoundError / BadInputError: ``ref`` does not resolve.
     """
+    from registry.audit.index import GATE_PROBLEMS, AuditIndex, gate_record_problem
+
     name, digest = store.resolve_digest(ref)
     records = []
+    broken = ""
     for key in store.backend.list(f"gates/{digest.split(':', 1)[1]}/"):
         policy = "sha256:" + key.rsplit("/", 1)[1]
         try:
@@ -71,6 +81,15 @@ def gates_document(store: Store, ref: str) -> dict[str, Any]:
         except (AdapterkitError, ValueError) as err:
             records.append({"policy": policy, "error": getattr(err, "message", str(err))})
             continue
-        if record is not None:
-            records.append({"policy": policy, "record": record})
+        if record is None:
+            continue
+        if index is None and not broken:
+            try:
+                index = AuditIndex.build(store)
+            except AdapterkitError as err:
+                broken = err.message
+        kind = gate_record_problem(index, digest, policy, record, store.read_pointer(key)) \
+            if index is not None else None
+        records.append({"policy": policy, "record": record,
+                        "problem": broken or (GATE_PROBLEMS[kind] if kind else None)})
     return {"candidate": f"{name}@{digest}", "digest": digest, "records": records}

@@ -21,6 +21,7 @@ from registry.errors import BadInputError, shorten
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from registry.audit.index import AuditIndex
     from registry.lineage_cache import LineageCache
     from registry.storage.store import Store
 
@@ -141,7 +142,7 @@ def alias_history_doc(store: Store, target: str) -> dict[str, Any]:
     return {"alias": target, "history": alias_history(store, name, alias)}
 
 
-def gates_doc(store: Store, ref: str) -> dict[str, Any]:
+def gates_doc(store: Store, ref: str, index: AuditIndex | None = None) -> dict[str, Any]:
     """Every gate record stored for a version (:func:`registry.version_documents.gates_document`).
 
     Raises:
@@ -149,7 +150,7 @@ def gates_doc(store: Store, ref: str) -> dict[str, Any]:
     """
     from registry.version_documents import gates_document
 
-    return gates_document(store, ref)
+    return gates_document(store, ref, index)
 
 
 def check_direction(direction: str) -> str:

@@ -109,7 +109,8 @@ class Guard:
         given = [v for k, v in pairs if k == "token"]
         if given and hmac.compare_digest(given[-1].encode(), self.config.token.encode()):
             rest = urlencode([(k, v) for k, v in pairs if k != "token"])
-            target = quote(scope.get("path", "/")) + (f"?{rest}" if rest else "")
+            # one leading slash: "//host/..." would send the browser to another site
+            target = "/" + quote(scope.get("path", "/")).lstrip("/") + (f"?{rest}" if rest else "")
             cookie = (f"{COOKIE}={self.config.token}; HttpOnly; SameSite=Strict; Path=/")
             return plain_response(303, "token accepted", [(b"location", target.encode()),
                                                   (b"set-cookie", cookie.encode())])

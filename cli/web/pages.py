@@ -20,6 +20,7 @@ from registry.errors import AdapterkitError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from registry.audit.index import AuditIndex
     from registry.lineage_cache import LineageCache
     from registry.storage.manifest import Version
     from registry.storage.store import Store
@@ -37,8 +38,9 @@ def _safely(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, str]:
 
 
 def index_page(store: Store, *, query: str, label: str, base_model: str, page: int,
-               per_page: int) -> dict[str, Any]:
-    """The index: one page of names (see :func:`registry.listing.list_names`).
+               per_page: int, kept: LineageCache | None = None) -> dict[str, Any]:
+    """The index: one page of names (see :func:`registry.listing.list_names`; ``kept``:
+    the server's kept views, for the audit index its gate verdicts consult).
 
     Raises:
         BadInputError: A bad page number.
@@ -47,7 +49,8 @@ def index_page(store: Store, *, query: str, label: str, base_model: str, page: i
 
     listing = list_names(store, query=query or None, label=label or None,
                          base_model=base_model or None, offset=(page - 1) * per_page,
-                         limit=per_page)
+                         limit=per_page,
+                         audit=(lambda: kept.audit_index(store)) if kept is not None else None)
     return {"listing": listing, "query": query, "label": label, "base_model": base_model,
             "page": page, "protected": store.protected_aliases}
 
@@ -71,21 +74,36 @@ def signature_rows(store: Store, version: Version,
     return rows
 
 
-def gate_rows(store: Store, version: Version) -> list[dict[str, Any]]:
-    """Every gate record of the version: policy, verdict, date and each check."""
+def gate_rows(store: Store, version: Version, index: AuditIndex | None = None) -> list[dict[str, Any]]:
+    """Every gate record of the version: policy, verdict (or why it is untrusted), date and
+    each check."""
     rows = []
-    for entry in documents.gates_doc(store, version.ref)["records"]:
+    for entry in documents.gates_doc(store, version.ref, index)["records"]:
         record = entry.get("record")
         if not isinstance(record, dict):
             rows.append({"policy": entry["policy"], "error": entry.get("error") or "unreadable"})
             continue
         listed = record.get("checks")
-        checks: list[Any] = listed if isinstance(listed, list) else []
-        rows.append({"policy": entry["policy"], "error": "", "passed": record.get("passed"),
-                     "date": (record.get("meta") or {}).get("started", ""),
-                     "base": record.get("base"), "counts": record.get("counts") or {},
-                     "checks": [c for c in checks if isinstance(c, dict)]})
+        meta = record.get("meta")
+        rows.append({"policy": entry["policy"], "error": "", "problem": entry.get("problem"),
+                     "passed": record.get("passed") is True,
+                     "date": str(meta.get("started", "")) if isinstance(meta, dict) else "",
+                     "base": record.get("base"), "counts": _mapping(record.get("counts")),
+                     "checks": [_check_row(c) for c in (listed if isinstance(listed, list) else [])
+                                if isinstance(c, dict)]})
     return sorted(rows, key=lambda r: str(r.get("date", "")), reverse=True)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _check_row(check: dict[str, Any]) -> dict[str, Any]:
+    """One check of a gate record, every field the page shows present and of its type
+    (a record is the store's data: one of another shape must not fail the page)."""
+    return {"name": str(check.get("name", "?")), "kind": str(check.get("kind", "?")),
+            "status": str(check.get("status", "?")), "message": str(check.get("message", "")),
+            "metrics": _mapping(check.get("metrics"))}
 
 
 def alias_rows(store: Store, name: str) -> tuple[dict[str, list[dict[str, Any]]], str]:
@@ -131,7 +149,9 @@ def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey]
     from registry.maintenance.integrity import verify
 
     v = store.resolve(ref)
-    report, verify_error = _safely(verify, store, v.ref)
+    # the audit index, kept by the server like the edges; a broken log is reported below
+    index, _ = _safely(lineage.audit_index, store) if lineage is not None else (None, "")
+    report, verify_error = _safely(lambda: verify(store, v.ref, audit_index=index))
     aliases = store.aliases(v.name)
     history, history_error = alias_rows(store, v.name)
     up = ancestors(store, v.ref)  # a parent it cannot read is drawn as missing
@@ -140,7 +160,7 @@ def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey]
         store, v.ref, edges=lineage.edges(store) if lineage is not None else None))
     if down is None:
         down = LineageNode(v.digest, v.name)
-    gates, gates_error = _safely(gate_rows, store, v)
+    gates, gates_error = _safely(gate_rows, store, v, index)
     signatures, signatures_error = _safely(signature_rows, store, v, trusted)
     return {
         "v": v, "record_rows": documents.flatten(v.record), "aliases": aliases,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from cli.web import documents, pages
 from cli.web.errors import guarded
-from registry.errors import BadInputError, shorten
+from registry.errors import AdapterkitError, BadInputError, shorten
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from starlette.templating import Jinja2Templates
 
     from cli.web.guard import UiConfig
+    from registry.audit.index import AuditIndex
+    from registry.lineage_cache import LineageCache
     from registry.storage.store import Store
 
 PER_PAGE = 50
@@ -71,6 +73,15 @@ def _text(request: Request, key: str) -> str:
     return request.query_params.get(key, "").strip()
 
 
+def _safely_kept(kept: LineageCache, store: Store) -> AuditIndex | None:
+    """The kept audit index, or None when the log fails its check (the document then reads
+    the log itself and reports why)."""
+    try:
+        return kept.audit_index(store)
+    except AdapterkitError:
+        return None
+
+
 def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[BaseRoute]:
     """Every route of the view, bound to ``store`` and ``config``."""
     from starlette.responses import JSONResponse
@@ -79,7 +90,7 @@ def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[B
     from registry.lineage_cache import LineageCache
 
     trusted = config.trusted or None
-    lineage = LineageCache()  # child edges, kept while the store does not change
+    lineage = LineageCache()  # child edges and audit index, kept while the store does not change
 
     def page(name: str, request: Request, context: dict[str, Any]) -> Response:
         return tpl.TemplateResponse(request, name, context)
@@ -87,7 +98,8 @@ def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[B
     def index(request: Request) -> Response:
         ctx = pages.index_page(store, query=_text(request, "q"), label=_text(request, "label"),
                                base_model=_text(request, "base"),
-                               page=_int(request, "page", 1, low=1), per_page=PER_PAGE)
+                               page=_int(request, "page", 1, low=1), per_page=PER_PAGE,
+                               kept=lineage)
         return page("index.html", request, ctx)
 
     def version(request: Request) -> Response:
@@ -124,10 +136,11 @@ def build_routes(store: Store, config: UiConfig, tpl: Jinja2Templates) -> list[B
                                                                   trusted),
         "/api/alias/history/{target:path}": lambda r: documents.alias_history_doc(
             store, r.path_params["target"]),
-        "/api/gates/{ref:path}": lambda r: documents.gates_doc(store, r.path_params["ref"]),
+        "/api/gates/{ref:path}": lambda r: documents.gates_doc(
+            store, r.path_params["ref"], _safely_kept(lineage, store)),
         "/api/names": lambda r: pages.index_page(
             store, query=_text(r, "q"), label=_text(r, "label"), base_model=_text(r, "base"),
-            page=_int(r, "page", 1, low=1), per_page=PER_PAGE)["listing"].to_json(),
+            page=_int(r, "page", 1, low=1), per_page=PER_PAGE, kept=lineage)["listing"].to_json(),
     }
     routes: list[BaseRoute] = [
         Route("/", guarded(tpl, index), methods=["GET"]),

@@ -13,8 +13,8 @@ that no ``recover`` entry rolled back):
 
 :func:`cross_check` lists whatever is not explained (``adapters verify --all`` reports
 each as ``unaudited``, exit 3): a binding added by hand, an alias file edited, a gate
-record copied from another version. :func:`vouched_gate` is what ``promote`` asks:
-the record digest the log says is current for (candidate, policy), if it passed.
+record copied from another version. :func:`gate_record_problem` is what ``promote`` and the web view ask of a
+stored gate record: is it bound to its candidate and policy, and vouched for by the log?
 """
 
 from __future__ import annotations
@@ -122,47 +122,74 @@ class AuditIndex:
         return entry.get("seq") in self.pending and old == value
 
 
-def cross_check(store: StoreReader, index: AuditIndex | None = None) -> list[Unexplained]:
+def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
+                version: tuple[str, str] | None = None) -> list[Unexplained]:
     """Everything in ``store`` that its audit log does not explain (see module docstring).
 
+    Args:
+        store: The store.
+        index: Its :class:`AuditIndex`, if already built.
+        version: ``(name, digest)``: only what concerns that version (its binding, the
+            aliases of its name that point at it, its gate records and signatures).
+
     Raises:
-        IntegrityError: The log cannot be parsed.
+        IntegrityError: The log cannot be parsed or fails its chain check.
     """
     index = index or AuditIndex.build(store)
+    name_of, digest_of = version or (None, None)
     out = []
-    for name, digest in store.bindings():
+    for name, digest in [version] if version else store.bindings():
         if f"{name}@{digest}" not in index.pushes:
             out.append(Unexplained("version", f"names/{name}/versions/{digest[7:]}", digest,
                                    "no audit entry records the push of this version"))
-    for name in store.names():
+    for name in [name_of] if name_of else store.names():
         for alias, digest in store.aliases(name).items():
+            if digest_of and digest != digest_of:
+                continue
             if not index.explains(index.aliases.get(f"{name}:{alias}"), digest, ""):
                 out.append(Unexplained("alias", f"{name}:{alias}", digest,
                                        "the audit log does not record a move of the alias "
                                        "to this version"))
     for cand, policy, record in store.gate_pointers():
+        if digest_of and cand != digest_of:
+            continue
         if not index.explains(index.gates.get((cand, policy)), record, "record"):
             out.append(Unexplained("gate", f"gates/{cand[7:19]}../{policy[7:19]}..", record,
                                    "no audit entry vouches for this gate record"))
-    for version, keyid, envelope in store.signature_pointers():
-        if not index.explains(index.signatures.get((version, keyid)), envelope, "envelope"):
-            out.append(Unexplained("signature", f"signatures/{version[7:19]}../{keyid[7:19]}..",
+    for signed, keyid, envelope in store.signature_pointers(digest_of):
+        if not index.explains(index.signatures.get((signed, keyid)), envelope, "envelope"):
+            out.append(Unexplained("signature", f"signatures/{signed[7:19]}../{keyid[7:19]}..",
                                    envelope, "no audit entry records this signature"))
     return out
 
 
-def vouched_gate(store: StoreReader, candidate: str, policy: str,
-                 index: AuditIndex | None = None) -> dict[str, Any] | None:
-    """The newest effective, applied ``gate`` entry for (candidate, policy), or None.
+def gate_record_problem(index: AuditIndex, candidate: str, policy: str, record: object,
+                        pointer: str | None) -> str | None:
+    """Why the gate record stored under ``gates/<candidate>/<policy>`` is not to be trusted
+    (None: it is). ``record`` is the parsed blob, ``pointer`` its digest.
 
-    Raises:
-        IntegrityError: The log cannot be parsed.
+    Returns:
+        ``"unreadable"`` (not a JSON object), ``"copied"`` (it names another candidate or
+        policy), ``"unvouched"`` (no effective, applied audit entry names this record), or
+        None.
     """
-    index = index or AuditIndex.build(store)
+    if not isinstance(record, dict):
+        return "unreadable"
+    if record.get("candidate_digest") != candidate or record.get("policy_digest") != policy:
+        return "copied"
     entry = index.gates.get((candidate, policy))
-    if entry is None or entry.get("seq") in index.pending:
-        return None
-    return entry
+    if entry is None or entry.get("seq") in index.pending or \
+            (entry.get("new") or {}).get("record") != pointer:
+        return "unvouched"
+    return None
 
 
-__all__ = ["AuditIndex", "Unexplained", "cross_check", "vouched_gate"]
+GATE_PROBLEMS = {
+    "unreadable": "the gate record is not a JSON object",
+    "copied": "the gate record names another version or policy (copied?)",
+    "unvouched": "no audit entry vouches for this gate record (written outside adapterkit?)",
+}
+"""A sentence for each :func:`gate_record_problem` answer."""
+
+
+__all__ = ["GATE_PROBLEMS", "AuditIndex", "Unexplained", "cross_check", "gate_record_problem"]

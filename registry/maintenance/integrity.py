@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from registry.audit.index import cross_check
+from registry.audit.index import AuditIndex, cross_check
 from registry.errors import AdapterkitError, IntegrityError
 from registry.progress import ProgressCallback
 from registry.storage.manifest import check_manifest
@@ -119,16 +119,19 @@ class _Checker:
 
 def verify(store: Store, ref: str | None = None, *,
            progress: ProgressCallback | None = None,
-           trusted: dict[str, Ed25519PublicKey] | None = None) -> VerifyReport:
-    """Re-hash every blob reachable from ``ref`` (None: the whole store).
+           trusted: dict[str, Ed25519PublicKey] | None = None,
+           audit_index: AuditIndex | None = None) -> VerifyReport:
+    """Re-hash every blob reachable from ``ref`` (None: the whole store), and report what
+    the audit log does not explain (``unaudited``; for ``ref``, only what concerns it).
 
     Args:
         store: The store.
-        ref: One version (plus its gate records and signatures), or None for every
-            name, alias, gate record and signature.
+        ref: One version (plus its gate records and signatures, and the aliases that
+            point at it), or None for every name, alias, gate record and signature.
         progress: Called with bytes hashed.
         trusted: Key id -> public key (:func:`registry.signing.load_trusted_keys`):
             also require a valid trusted signature on every selected version.
+        audit_index: The store's audit index, if a long-running reader keeps one.
 
     Returns:
         A :class:`VerifyReport` listing each missing or corrupt blob and its users.
@@ -164,8 +167,7 @@ def verify(store: Store, ref: str | None = None, *,
         elif actual != digest:
             problems.append(BlobProblem("corrupt", digest, tuple(users),
                                         f"content hashes to {actual}"))
-    if ref is None:
-        problems += _unaudited(store)
+    problems += _unaudited(store, targets[0] if ref is not None else None, audit_index)
     signed = None
     if trusted is not None:
         signed, found = _check_signatures(store, targets, trusted)
@@ -175,10 +177,12 @@ def verify(store: Store, ref: str | None = None, *,
                         problems=problems, signed=signed)
 
 
-def _unaudited(store: Store) -> list[BlobProblem]:
-    """Bindings, aliases, gate records and signatures the audit log does not explain."""
+def _unaudited(store: Store, version: tuple[str, str] | None,
+               index: AuditIndex | None) -> list[BlobProblem]:
+    """Bindings, aliases, gate records and signatures the audit log does not explain
+    (``version``: only that version's)."""
     try:
-        found = cross_check(store)
+        found = cross_check(store, index, version=version)
     except IntegrityError as err:
         return [BlobProblem("unaudited", "", ("audit log",), err.message)]
     return [BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found]

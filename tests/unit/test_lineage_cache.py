@@ -91,3 +91,21 @@ def test_an_unreadable_intent_marker_still_keeps_edges_from_being_kept(
     child_names(store, root, cache)
     child_names(store, root, cache)
     assert cache.builds == 2
+
+
+def test_the_audit_index_is_kept_by_the_same_rules(store_and_root: tuple[Store, Version],
+                                                   tmp_path: Path) -> None:
+    from registry.audit.index import AuditIndex
+
+    store, root = store_and_root
+    cache = LineageCache()
+    kept = cache.audit_index(store)
+    assert cache.audit_index(store) is kept and cache.audit_builds == 1 and cache.builds == 0
+    assert kept.pushes == AuditIndex.build(store).pushes
+    second = push_child(store, tmp_path, root, "second", 3)  # an audited change: read afresh
+    assert f"second@{second.digest}" in cache.audit_index(store).pushes
+    assert cache.audit_builds == 2
+    expired = LineageCache(max_age_s=0.0)
+    expired.audit_index(store)
+    expired.audit_index(store)
+    assert expired.audit_builds == 2
