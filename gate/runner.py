@@ -35,6 +35,7 @@ from gate.results import CheckResult, GateResult
 from registry import __version__
 from registry.stamps import utc_now_iso
 from registry.errors import AdapterkitError, BadInputError, NotFoundError
+from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
     from gate.policy import Policy
@@ -178,11 +179,9 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
                             fix="pass --base with a local transformers model directory")
     base_struct = _base_fingerprint(base)
     started, clock = utc_now_iso(), time.perf_counter()
-    tmp_root = None
-    if store is not None:
-        tmp_root = store.root / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gate-", dir=tmp_root) as work:
+    workspace = (leased_temp_dir(store.root / "tmp", "gate-") if store is not None  # gc skips it
+                 else tempfile.TemporaryDirectory(prefix="gate-"))
+    with workspace as work:
         cand = _resolve(candidate, store, Path(work), parents=parents, method=method,
                         parameters=parameters, model_dir=model_dir, source_dir=source_dir)
         results = _evaluate(pol, base, cand, store=store, workdir=Path(work), device=device,

@@ -12,11 +12,14 @@ stricter), so even ``umask 000`` never yields a world-writable store.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -151,3 +154,40 @@ def remove_stale_dirs(parent: Path, pattern: re.Pattern[str], *,
         except OSError:
             continue
     return removed
+
+
+@contextlib.contextmanager
+def leased_temp_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A temp directory under ``parent`` (a store's ``tmp/``) that ``gc`` leaves alone while
+    this process lives: an ``flock`` on the directory is held until the block ends, then
+    the directory is removed. A killed process releases the lock with its death, so
+    ``gc`` removes what it left once it is older than the grace period
+    (:func:`is_leased`).
+    """
+    make_dirs(parent)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def is_leased(path: Path) -> bool:
+    """Whether a live process holds ``path`` (a :func:`leased_temp_dir`); False for a
+    directory that vanished meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock just taken
+    return False

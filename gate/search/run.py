@@ -30,7 +30,6 @@ trial count with one worker: the same trials, pick and version).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_st
 from registry.digests import canonical_json
 from registry.digests import json_digest
 from registry.errors import BadInputError, NotFoundError
+from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
     from registry.storage.manifest import PushResult, Version
@@ -261,9 +261,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     name = settings.study or study_name(versions, policy.digest, space, settings)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(settings.storage, settings.heartbeat)
-    (store.root / "tmp").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="search-", dir=store.root / "tmp") as tmp:
-        work = Path(tmp)
+    with leased_temp_dir(store.root / "tmp", "search-") as work:  # gc leaves it alone
         scorer_directions = _directions(policy, versions)
         sampler = make_sampler(settings.sampler, settings.seed, settings.trials)
         study, created = open_study(storage, name, scorer_directions, sampler)

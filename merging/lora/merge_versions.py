@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -166,8 +165,10 @@ def merge_versions(store: Store, request: MergeRequest, *,
     from merging.lora.engine import merge_adapters
     from merging.lora.inputs import check_bases, module_union
     from merging.lora.methods import get_method
-    from merging.lora.peft_output import check_out_dir, write_peft_dir
+    from merging.lora.peft_output import check_out_dir, publish_staged, stage_peft_dir
     from merging.lora.publish import push_merge
+    from registry.fsutil import leased_temp_dir
+    from registry.storage.failpoints import failpoint
     from registry.storage.refs import validate_name
 
     versions = [store.resolve(ref) for ref in request.refs]
@@ -181,9 +182,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
     labels = [f"{v.name}@{v.short}" for v in versions]
     base_warnings = check_bases([v.record.get("base_model") for v in versions], labels,
                                 allow_weights_mismatch=request.allow_base_mismatch)
-    (store.root / "tmp").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="merge-", dir=store.root / "tmp") as work:
-        work_dir = Path(work)
+    with leased_temp_dir(store.root / "tmp", "merge-") as work_dir:  # gc leaves it alone
         adapters = [load_adapter(store.materialize(v, work_dir / f"input-{i}"))
                     for i, v in enumerate(versions)]
         with (progress or _no_progress)(f"merging ({request.method})",
@@ -191,20 +190,20 @@ def merge_versions(store: Store, request: MergeRequest, *,
             result = merge_adapters(adapters, weights, request.method, params=dict(request.params),
                                     rank=request.rank, seed=request.seed, progress=advance,
                                     labels=labels, device=device)
-        # --out first: a failed write must not leave a pushed version behind, and a
-        # failed push removes what was written (the directory was absent or empty)
-        existed = request.out_dir is not None and Path(request.out_dir).is_dir()
-        written = (str(write_peft_dir(result, request.out_dir))
-                   if request.out_dir is not None else None)
+        # --out is staged first (a bad --out fails before anything is pushed), published
+        # last: a kill in between leaves the version without its --out, and the same command
+        # run again pushes nothing new and publishes the same bytes
+        staged = stage_peft_dir(result, request.out_dir) if request.out_dir is not None else None
         try:
             pushed = push_merge(store, versions, result, target, work_dir=work_dir,
                                 method=request.method, warnings=base_warnings,
                                 allow_base_mismatch=request.allow_base_mismatch)
+            failpoint("out.before_publish")
+            written = (str(publish_staged(staged, request.out_dir))
+                       if staged is not None and request.out_dir is not None else None)
         except BaseException:
-            if written is not None:
-                shutil.rmtree(written, ignore_errors=True)
-                if existed:
-                    Path(written).mkdir(exist_ok=True)
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
             raise
     return MergeReport(pushed=pushed, merge=result.report,
                        warnings=tuple(base_warnings + result.report["warnings"]), out=written)

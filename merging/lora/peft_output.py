@@ -95,9 +95,26 @@ def check_out_dir(out_dir: str | Path) -> Path:
 def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
 
-    Files go to a temporary directory beside ``out_dir`` that is renamed into place,
-    so ``out_dir`` is either absent/empty or complete. Files are 0644 and created
-    directories 0755 whatever the umask (safetensors and ``open`` follow it).
+    Files go to a temporary directory beside ``out_dir`` (:func:`stage_peft_dir`) that is
+    renamed into place (:func:`publish_staged`), so ``out_dir`` is either absent/empty or
+    complete. Files are 0644 and created directories 0755 whatever the umask
+    (safetensors and ``open`` follow it).
+
+    Raises:
+        ConflictError: ``out_dir`` exists and is not an empty directory.
+        OSError: The parent directory cannot be written.
+    """
+    staged = stage_peft_dir(result, out_dir)
+    try:
+        return publish_staged(staged, out_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def stage_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
+    """The PEFT directory written complete into a hidden temp directory beside ``out_dir``
+    (``.OUT.XXXXXXXX.tmp``; one a killed run left is removed once idle an hour).
 
     Raises:
         ConflictError: ``out_dir`` exists and is not an empty directory.
@@ -117,10 +134,20 @@ def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
                                        encoding="utf-8")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.chmod(tmp / name, 0o644)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return tmp
+
+
+def publish_staged(staged: Path, out_dir: str | Path) -> Path:
+    """Rename a :func:`stage_peft_dir` directory onto ``out_dir`` (an empty one is replaced).
+
+    Raises:
+        ConflictError: ``out_dir`` was filled meanwhile.
+    """
+    out = check_out_dir(out_dir)
+    if out.exists():
+        out.rmdir()
+    os.rename(staged, out)
     return out

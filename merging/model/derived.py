@@ -135,13 +135,17 @@ def store_tensor_list(store: Store, written: list[WrittenShard], weights: str | 
 def record_derived(store: Store, name: str, result: UnloadResult, adapter: LoraAdapter | None,
                    version: Version | None, base_dir: Path, qlora: QuantSpec | None, *,
                    written: list[WrittenShard] | None = None,
-                   max_shard_size: int | None = None) -> dict[str, Any]:
+                   max_shard_size: int | None = None,
+                   files_at: Path | None = None) -> dict[str, Any]:
     """Record the output in the store by reference (kind ``model``) with its lineage.
 
     Parents: see the module docstring (``adapter`` + ``base`` for an unload,
     ``source`` for a quantization). The report is the result minus paths:
     fingerprints, adapter digest, per-module norms and quantization errors, notes,
     the logits probe and the environment.
+
+    ``files_at``: where the output files are now (the staging directory, when the record
+    is written before the output is renamed to ``result.out_dir``, its recorded location).
 
     Raises:
         BadInputError: the name or record is invalid.
@@ -151,7 +155,7 @@ def record_derived(store: Store, name: str, result: UnloadResult, adapter: LoraA
 
     dtypes: dict[str, int] = {}
     params = 0
-    for shard in (read_header(result.out_dir / f) for f in result.files):
+    for shard in (read_header((files_at or result.out_dir) / f) for f in result.files):
         for info in shard.tensors.values():
             dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
             params += info.numel

@@ -41,6 +41,7 @@ from merging.model.shard_writer import ShardWriter
 from registry.errors import BadInputError, BaseMismatchError
 from registry.formats.fingerprint import fingerprint_model, model_config
 from registry.formats.safetensors_header import memoized_headers
+from registry.storage.failpoints import failpoint
 from registry.storage.publish import check_name_kind
 from registry.storage.refs import validate_name
 
@@ -218,20 +219,30 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
                 probe_report = probe_written(stage, out_config, run.state or {})
             if hash_all:
                 out_fp = output_fingerprint(out_config if config else None, written)
+            result = _result(run, out_dir, written, notes, untied, base_fp, out_fp,
+                             digest.result(), quant, qlora, probe_report)
+            if store is not None and name:
+                # recorded before the output appears (the block's end renames it): a kill in
+                # between leaves a version and no output, and a rerun publishes the same bytes
+                result = replace(result, version=record_derived(
+                    store, name, result, adapter, adapter_version, base_dir, qlora,
+                    written=written, max_shard_size=max_bytes, files_at=stage))
+                failpoint("out.before_publish")
     finally:
         run.close()
         side.shutdown(wait=True)
+    return result
+
+
+def _result(run: Rewrite, out_dir: Path, written: list[WrittenShard], notes: list[str],
+            untied: Any, base_fp: Any, out_fp: Any, adapter_digest: str | None,
+            quant: QuantSpec | None, qlora: QuantSpec | None, probe: Any) -> UnloadResult:
     if qlora is not None:
         notes.append(f"qlora: merged into dequantize(quantize(W)) with {qlora.method}, "
                      f"blocksize {qlora.blocksize}, double_quant {qlora.double_quant}")
-    result = UnloadResult(
+    return UnloadResult(
         out_dir=out_dir, files=tuple(s.filename for s in written),
         tensors=sum(len(s.tensors) for s in written), total_bytes=sum(s.nbytes for s in written),
         modules=tuple(run.reports), notes=tuple(notes), untied=untied, base_fingerprint=base_fp,
-        output_fingerprint=out_fp, adapter_digest=digest.result(),
-        quantization=_quant_report(run, quant), probe=probe_report)
-    if store is not None and name:
-        result = replace(result, version=record_derived(
-            store, name, result, adapter, adapter_version, base_dir, qlora, written=written,
-            max_shard_size=max_bytes))
-    return result
+        output_fingerprint=out_fp, adapter_digest=adapter_digest,
+        quantization=_quant_report(run, quant), probe=probe)

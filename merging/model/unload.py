@@ -40,8 +40,7 @@ from PEFT's by one bf16 rounding (float32 results are bitwise equal in the tests
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ from merging.devices import resolve_device
 from merging.model.bnb import QuantSpec
 from merging.model.execute import TensorCallback, rewrite_model
 from registry.errors import BadInputError, NotFoundError
+from registry.fsutil import leased_temp_dir
 from registry.formats.safetensors_header import memoized_headers
 
 if TYPE_CHECKING:
@@ -114,8 +114,7 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
         qspec = spec if spec is not None else QuantSpec("nf4", double_quant, blocksize,
                                                         device=where)
     version: Version | None = None
-    tmp: Path | None = None
-    try:
+    with contextlib.ExitStack() as stack:
         if isinstance(adapter, LoraAdapter):
             loaded = adapter
         elif Path(adapter).is_dir():
@@ -128,7 +127,7 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
             if version.kind != "adapter":
                 raise BadInputError(f"{version.ref} is a {version.kind}, not an adapter",
                                     fix="unload an adapter version")
-            tmp = Path(tempfile.mkdtemp(prefix="unload-", dir=store.root / "tmp"))
+            tmp = stack.enter_context(leased_temp_dir(store.root / "tmp", "unload-"))  # gc skips it
             loaded = load_adapter(store.materialize(version, tmp))
             recorded = (version.record.get("base_model") or {}).get("fingerprint")
             expected_fingerprint = expected_fingerprint or recorded
@@ -139,8 +138,5 @@ def unload(adapter: str | Path | LoraAdapter, base_dir: str | Path, out_dir: str
                              probe=probe, store=store if name else None, name=name,
                              adapter_version=version, progress=progress, on_tensor=on_tensor,
                              sync=sync)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import AdapterkitError, BadInputError
+from registry.fsutil import leased_temp_dir
 from registry.interop.hub_refs import HubRef, check_branch, hub_error, parse_hub_ref, parse_repo_id
 from registry.progress import ProgressCallback, single_callback
 from registry.storage.manifest import PushResult, Version
@@ -173,16 +174,16 @@ def pull(store: Store, ref: HubRef | str, *, name: str | None = None,
     validate_name(target)
     snapshot = download_snapshot(parsed, cache_dir=cache_dir, token=token)
     tmp = store.root / "tmp"
-    staging = Path(tempfile.mkdtemp(prefix="hub-pull-", dir=tmp if tmp.is_dir() else None))
-    try:
+    workspace = (leased_temp_dir(tmp, "hub-pull-") if tmp.is_dir()  # gc leaves it alone
+                 else tempfile.TemporaryDirectory(prefix="hub-pull-"))
+    with workspace as staged:
+        staging = Path(staged)
         stage_snapshot(snapshot.path, staging)
         metadata = AdapterMetadata(base_revision_from_config=True,
                                    labels={**(labels or {}), **snapshot.labels()})
         added = add_adapter(store, staging, target, metadata=metadata, base_dir=base_dir,
                             allow_pickle=allow_pickle, actor=actor, workdir_parent=staging,
                             progress=single_callback(progress))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return PullResult(added.push, snapshot)
 
 

@@ -21,6 +21,7 @@ and the delete could be lost -- keep the grace period well above push durations.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 from registry.audit.journal import recover, run_mutation
 from registry.digests import is_digest
 from registry.errors import IntegrityError
+from registry.fsutil import is_leased
 from registry.storage.blobs import blob_key
 from registry.storage.store import Store
 
@@ -103,32 +105,51 @@ def reachable(store: Store) -> set[str]:
     return keep
 
 
-def _newest_mtime(path: Path) -> float:
-    newest = path.stat().st_mtime
-    for child in path.rglob("*"):
-        try:
-            newest = max(newest, child.stat().st_mtime)
-        except FileNotFoundError:
-            pass
+def _newest_mtime(path: Path) -> float | None:
+    """The newest mtime in ``path``'s tree; None if ``path`` vanished. Entries that vanish
+    while it is walked (a command finishing) are skipped, not errors."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return None
+    for root, dirs, files in os.walk(path):  # os.walk ignores directories that vanish
+        for entry in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
+            except FileNotFoundError:
+                continue
     return newest
 
 
 def _stale_temp_files(store: Store, cutoff: float) -> list[Path]:
-    """Temp files (and temp directories whose newest entry is stale) older than cutoff."""
+    """Temp files, and temp directories no live command holds (:func:`registry.fsutil.is_leased`)
+    whose newest entry is older than cutoff."""
     out = []
     tmp = store.root / "tmp"
     if tmp.is_dir():
         for path in tmp.iterdir():
             if path.is_dir() and not path.is_symlink():
-                if _newest_mtime(path) < cutoff:
+                if is_leased(path):
+                    continue  # a running merge, unload, gate or search works in it
+                newest = _newest_mtime(path)
+                if newest is not None and newest < cutoff:
                     out.append(path)
-            elif path.lstat().st_mtime < cutoff:
+                continue
+            if _older(path, cutoff):
                 out.append(path)
     for sub in ("names", "gates", "signatures", "audit"):
         base = store.root / sub
         if base.is_dir():
-            out += [p for p in base.rglob(".*.tmp") if p.is_file() and p.stat().st_mtime < cutoff]
+            out += [p for p in base.rglob(".*.tmp") if p.is_file() and _older(p, cutoff)]
     return out
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    """``path`` was last modified before ``cutoff`` (False if it vanished meanwhile)."""
+    try:
+        return path.lstat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
 
 
 def _remove(path: Path) -> None:

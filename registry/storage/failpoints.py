@@ -40,6 +40,8 @@ POINTS: dict[str, str] = {
     "audit.torn_line": "half of an audit line is written (a torn append; local log only)",
     "audit.before_head": "an audit entry is durable, audit/head.json not yet moved",
     "recover.after_entry": "recovery appended its rollback entry, marker not yet removed",
+    "out.before_publish": "merge/unload/quantize: the version is recorded, its --out is "
+                          "complete in a staging directory, not yet renamed into place",
 }
 """Every failpoint name and what is durable when it fires."""
 

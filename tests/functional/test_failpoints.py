@@ -275,3 +275,37 @@ def test_merge_killed_at_every_push_point(tmp_path: Path, request: pytest.Fixtur
         check_consistent(store)
         assert len(store.versions("merged")) == 1
         assert backend_kind(location) == kind
+
+
+def test_killed_before_out_is_published_the_same_command_finishes_the_job(tmp_path: Path) -> None:
+    # found by a QA pass: merge --out / unload wrote OUT, then pushed; killed in between, OUT
+    # was complete with no version, and the same command then failed for ever (exit 4).
+    # Now OUT is staged, the version recorded, then OUT renamed into place; a kill there
+    # leaves the version, and the same command publishes the same bytes.
+    from tests.support.cli import write_synthetic_adapter, write_synthetic_base
+
+    location = str(tmp_path / "store")
+    store = Store.open(location, create=True)
+    base = write_synthetic_base(tmp_path / "base")
+    for name, seed in (("ma", 1), ("mb", 2)):
+        adapter = write_synthetic_adapter(tmp_path / name, seed=seed)
+        assert main(["push", str(adapter), "--name", name, "--base", str(base),
+                     "--store", location]) == 0
+    commands = {
+        "merged": [PYTHON, "-m", "cli.main", "merge", "ma", "mb", "--method", "ties",
+                   "--name", "merged", "--out", str(tmp_path / "merge-out"), "--store", location],
+        "ma-unloaded": [PYTHON, "-m", "cli.main", "unload", "ma", "--base", str(base), "--out",
+                        str(tmp_path / "unload-out"), "--store", location],
+    }
+    for name, command in commands.items():
+        out = Path(command[command.index("--out") + 1])
+        assert run_child(command, "out.before_publish").returncode == -signal.SIGKILL
+        assert len(store.versions(name)) == 1 and not out.exists()
+        check_consistent(store)
+        again = run_child(command, None)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert len(store.versions(name)) == 1 and sorted(p.name for p in out.iterdir())
+        check_consistent(store)
+    assert (tmp_path / "merge-out" / "adapter_model.safetensors").is_file()
+    assert main(["verify", "ma-unloaded", "--model", str(tmp_path / "unload-out"),
+                 "--store", location]) == 0

@@ -191,6 +191,46 @@ def test_gc_removes_stale_temp_directories_only(populated: tuple[Store, dict]) -
     assert not stale.exists() and (busy / "fresh.bin").exists()
 
 
+def test_gc_leaves_a_live_commands_temp_dir_alone_even_with_no_grace(
+        populated: tuple[Store, dict]) -> None:
+    # found by a QA pass: `gc --grace 0s` removed a running merge's tmp/merge-* (judged by
+    # mtime alone) and the merge failed; a live command now holds a lease (an flock)
+    from registry.fsutil import leased_temp_dir
+
+    store, _ = populated
+    with leased_temp_dir(store.root / "tmp", "merge-") as live:
+        (live / "input-0").mkdir()
+        for path in (live / "input-0", live):
+            age(path, 7200)
+        dead = store.root / "tmp" / "merge-killed"  # what a killed merge left: no lease
+        dead.mkdir()
+        age(dead, 7200)
+        report = gc(store, 0)
+        assert live.exists() and not dead.exists()
+        assert report.temp_removed == ["tmp/merge-killed"]
+    assert not live.exists()  # removed by its owner on the way out
+
+
+def test_gc_does_not_fail_when_a_temp_dir_vanishes_during_its_scan(
+        populated: tuple[Store, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a QA pass: a merge finishing during gc's scan made gc exit 6
+    import shutil
+
+    from registry.maintenance import collection
+
+    store, _ = populated
+    going = store.root / "tmp" / "merge-finishing"
+    (going / "input-0").mkdir(parents=True)
+
+    def finishing(path: Path) -> bool:
+        shutil.rmtree(path, ignore_errors=True)  # the merge ends right after the listing
+        return False
+
+    monkeypatch.setattr(collection, "is_leased", finishing)
+    report = gc(store, 0)
+    assert "tmp/merge-finishing" not in report.temp_removed and not going.exists()
+
+
 def test_gc_keeps_applied_policies_and_tensor_lists(tmp_path: Path) -> None:
     """The policy a gate record was made under, a derived model's per-tensor list (the
     blob its weights digest names) and a searched merge's trials blob are read back."""
