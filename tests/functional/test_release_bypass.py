@@ -93,12 +93,18 @@ def test_a_copied_gate_record_neither_promotes_nor_verifies(world, capsys) -> No
     assert "gate record" in out["problems"][0]["detail"]
 
 
+def forge_record_beside_the_log(store: Store, candidate: str, policy: str) -> str:
+    """A passing record for ``candidate`` written by hand (no audit entry): its digest."""
+    forged = store.put_bytes(canonical_json({"passed": True, "checks": [],
+                                             "candidate_digest": candidate,
+                                             "policy_digest": policy}))
+    store.backend.put(store.gate_key(candidate, policy), (forged + "\n").encode())
+    return forged
+
+
 def test_a_forged_record_beside_the_log_cannot_promote(world, capsys) -> None:
     store, refs, pinned, _ = world
-    b = refs["b"].rpartition("@")[2]
-    forged = store.put_bytes(canonical_json({"passed": True, "checks": [], "candidate_digest": b,
-                                             "policy_digest": pinned}))
-    store.backend.put(store.gate_key(b, pinned), (forged + "\n").encode())
+    forge_record_beside_the_log(store, refs["b"].rpartition("@")[2], pinned)
     code, _, err = run(capsys, "promote", refs["b"], "--to", "release", "--store", store.location)
     assert code == 1 and "no audit entry vouches" in err
     assert main(["verify", "--store", store.location]) == 3
@@ -197,9 +203,7 @@ def test_a_gate_entry_forged_mid_log_vouches_for_nothing(world, capsys) -> None:
     # "gate" line inserted mid-log (any hash) vouched for a record written beside it
     store, refs, pinned, _ = world
     b = refs["b"].rpartition("@")[2]
-    forged = store.put_bytes(canonical_json({"passed": True, "checks": [], "candidate_digest": b,
-                                             "policy_digest": pinned}))
-    store.backend.put(store.gate_key(b, pinned), (forged + "\n").encode())
+    forged = forge_record_beside_the_log(store, b, pinned)
     log = Path(store.location) / "audit" / "log.jsonl"
     lines = log.read_text().splitlines(keepends=True)
     entry = {"seq": 2, "ts": "2026-01-01T00:00:00Z", "actor": "ci", "action": "gate",
