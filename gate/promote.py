@@ -60,7 +60,7 @@ from gate.default_policy import refuse_unpinned_default
 from gate.records import require_passing_gate
 from gate.store_config import (configured_policy, configured_trusted_keys, pinned_policy,
                                pinned_policy_file)
-from registry.errors import BadInputError, GateFailedError
+from registry.errors import BadInputError, ConflictError, GateFailedError
 from registry.storage.store import ANY
 
 if TYPE_CHECKING:
@@ -158,6 +158,11 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
     version = store.resolve(ref)
     record = None
     custody: tuple[str, ...] = ()
+    # the record pointer as it was before the check: the move below repeats the comparison
+    # under the refs lock (gate records change under it too), so a gate re-run in between
+    # is a conflict, not a promotion on a record that is no longer the stored one
+    gate_key = store.gate_key(version.digest, policy_digest) if policy_digest and not force else None
+    checked = store.read_pointer(gate_key) if gate_key else None
     if not force:
         refuse_unpinned_default(store, policy_digest)
         record = require_passing_gate(store, version.digest, version.ref, policy_digest)  # type: ignore[arg-type]
@@ -174,9 +179,14 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
     gate_passed = None if record is None else record.get("passed") is True
     notes = [(REASON_ACTION, {"digest": version.digest, "reason": (reason or "").strip(),
                               "policy": policy_digest, "gate_passed": gate_passed})] if force else []
+    def still_valid() -> None:
+        if gate_key is not None and store.read_pointer(gate_key) != checked:
+            raise ConflictError(f"the gate record of {version.ref} changed while promoting "
+                                "(a gate ran meanwhile)", fix="run promote again")
+
     old = store.set_alias(version.name, alias, version.digest,
                           expect=expect, actor=actor, action=action,
-                          protected_ok=True, notes=notes)
+                          protected_ok=True, notes=notes, still_valid=still_valid)
     return PromoteResult(name=version.name, alias=alias, digest=version.digest, ref=version.ref,
                          old=old, forced=force, reason=reason.strip() if force and reason else None,
                          policy_digest=policy_digest, gate_passed=gate_passed, signed_by=signed_by,

@@ -43,7 +43,8 @@ def _expect_digest(store: StoreReader, name: str, expect: Any) -> Any:
 def set_alias(store: StoreReader, name: str, alias: str, digest: str, *, expect: Any = ANY,
               actor: str | None = None, action: str = "alias",
               protected_ok: bool = False,
-              notes: Sequence[tuple[str, Any]] = ()) -> str | None:
+              notes: Sequence[tuple[str, Any]] = (),
+              still_valid: Callable[[], None] | None = None) -> str | None:
     """Point ``name:alias`` at a version of ``name`` by compare-and-swap.
 
     Args:
@@ -57,6 +58,9 @@ def set_alias(store: StoreReader, name: str, alias: str, digest: str, *, expect:
         protected_ok: Allow moving a protected alias (only the gate's promote does).
         notes: Extra ``(action, value)`` audit entries logged with the move (a forced
             promotion's reason), before the alias is written.
+        still_valid: Called under the refs lock just before the move; raises if what the
+            caller checked beforehand no longer holds (promote: the gate record it read
+            is still the stored one, since gate records change under the same lock).
 
     Returns:
         The previous digest, or None if the alias did not exist. Moving an alias to
@@ -93,6 +97,8 @@ def set_alias(store: StoreReader, name: str, alias: str, digest: str, *, expect:
         if not store.is_bound(name, target):
             raise NotFoundError(f"{target} is not a version of {name}",
                                 fix=f"list versions with `adapters ls {name}`")
+        if still_valid is not None:
+            still_valid()
         current, _ = cas_ref(store.backend, key, expect, target, conflict, around=audited)
     return current
 

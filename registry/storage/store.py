@@ -44,7 +44,7 @@ S3 they are no-ops and the audit log is one object per entry
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -196,7 +196,8 @@ class Store(StoreReader):
     def set_alias(self, name: str, alias: str, digest: str, *, expect: Any = ANY,
                   actor: str | None = None, action: str = "alias",
                   protected_ok: bool = False,
-                  notes: Sequence[tuple[str, Any]] = ()) -> str | None:
+                  notes: Sequence[tuple[str, Any]] = (),
+                  still_valid: Callable[[], None] | None = None) -> str | None:
         """Point ``name:alias`` at a version of ``name`` by compare-and-swap.
 
         See :func:`registry.storage.aliases.set_alias` (arguments and result).
@@ -208,7 +209,8 @@ class Store(StoreReader):
             BadInputError: Bad name, alias or digest.
         """
         return aliases.set_alias(self, name, alias, digest, expect=expect, actor=actor,
-                                 action=action, protected_ok=protected_ok, notes=notes)
+                                 action=action, protected_ok=protected_ok, notes=notes,
+                                 still_valid=still_valid)
 
     def delete_alias(self, name: str, alias: str, *, expect: Any = ANY,
                      actor: str | None = None, protected_ok: bool = False) -> str | None:

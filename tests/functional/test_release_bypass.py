@@ -262,3 +262,25 @@ def test_a_removed_audit_log_is_reported(world, capsys) -> None:
     assert code == 3 and "the log is empty but the store holds versions" in err
     code, _, err = run(capsys, "promote", refs["a"], "--to", "release", "--store", store.location)
     assert code == 1 and "release" not in store.aliases("lora")
+
+
+def test_a_gate_rerun_between_promotes_check_and_move_is_a_conflict(world, capsys,
+                                                                     monkeypatch) -> None:
+    # seen in the code by a QA pass: promote checked the record, then moved the alias; a
+    # failing gate recorded in between was not noticed. The check is repeated under the
+    # refs lock, which gate records are written under too.
+    from gate import promote as promote_module
+
+    store, refs, pinned, _ = world
+    a = refs["a"].rpartition("@")[2]
+    checked = promote_module.require_passing_gate
+
+    def then_regated(*args, **kwargs):  # type: ignore[no-untyped-def]
+        record = checked(*args, **kwargs)
+        gate_record(store, a, pinned, passed=False)  # a failing gate lands now (audited)
+        return record
+
+    monkeypatch.setattr(promote_module, "require_passing_gate", then_regated)
+    code, _, err = run(capsys, "promote", refs["a"], "--to", "release", "--store", store.location)
+    assert code == 4 and "changed while promoting" in err
+    assert "release" not in store.aliases("lora")
