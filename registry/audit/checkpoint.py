@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.digests import canonical_json
-from registry.errors import BadInputError, IntegrityError
+from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.signing import check_signatures, key_id, pae, read_private_key
 
 if TYPE_CHECKING:
@@ -52,10 +52,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file written by ``adapters audit checkpoint``.
 
     Raises:
+        NotFoundError: No such file (exit 5, as a missing key file).
         BadInputError: Unreadable or not JSON.
     """
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"no checkpoint file {path}",
+                            fix="pass the file `adapters audit checkpoint --out` wrote") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise BadInputError(f"cannot read checkpoint {path}: {err}",
                             fix="pass the file `adapters audit checkpoint --out` wrote") from None
