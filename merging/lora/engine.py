@@ -195,6 +195,10 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
     finally:
         for adapter in loaded:
             adapter.close()
+    zero = sum(1 for m in modules.values() if m["norm"] == 0.0)
+    if zero:  # e.g. a density so small that int(density * numel) keeps nothing
+        warnings.append(f"{zero} of {len(modules)} merged modules are zero (nothing survived "
+                        "the merge there; is the density too small?)")
     errors = [m["error"] for m in modules.values()]
     report = {
         "method": spec.name, "parameters": spec.recorded(run.params), "weights": weights,
