@@ -108,9 +108,9 @@ def _emit(out: Output, result: Any) -> None:
     def render(console: Any) -> None:
         objectives = list(result.objectives)
         header = ["trial", "method", "weights", "parameters",
-                  *[f"{o.name} ({'max' if o.direction == 'maximize' else 'min'})" for o in objectives],
+                  *[f"{escape(o.name)} ({'max' if o.direction == 'maximize' else 'min'})" for o in objectives],
                   "policy"]
-        console.print(make_table(f"Pareto front of {result.study} ({len(result.rows)} trials, "
+        console.print(make_table(f"Pareto front of {escape(result.study)} ({len(result.rows)} trials, "
                                  f"{result.sampler} seed {result.seed})", header,
                                  [_cells(r, objectives, result.picked) for r in result.front]))
         if result.picked is not None:

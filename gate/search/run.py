@@ -115,12 +115,19 @@ class SearchSettings:
     allow_base_mismatch: bool = False
 
 
+def search_identity(versions: Sequence[Version], policy_digest: str, space: SearchSpace,
+                    settings: SearchSettings) -> str:
+    """What the search is, as a digest: inputs, policy, space, sampler and seed (a study is
+    joined only by the same search: :func:`gate.search.study.open_study`)."""
+    return json_digest({"inputs": [v.digest for v in versions], "policy": policy_digest,
+                        "space": space.to_json(), "sampler": settings.sampler,
+                        "seed": settings.seed})
+
+
 def study_name(versions: Sequence[Version], policy_digest: str, space: SearchSpace,
                settings: SearchSettings) -> str:
     """The default study name (see module docstring)."""
-    digest = json_digest({"inputs": [v.digest for v in versions], "policy": policy_digest,
-                          "space": space.to_json(), "sampler": settings.sampler,
-                          "seed": settings.seed})
+    digest = search_identity(versions, policy_digest, space, settings)
     return "merge-search-" + digest.split(":", 1)[1][:12]
 
 
@@ -264,7 +271,8 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     with leased_temp_dir(store.root / "tmp", "search-") as work:  # gc leaves it alone
         scorer_directions = _directions(policy, versions)
         sampler = make_sampler(settings.sampler, settings.seed, settings.trials)
-        study, created = open_study(storage, name, scorer_directions, sampler)
+        study, created = open_study(storage, name, scorer_directions, sampler,
+                                    search_identity(versions, policy.digest, space, settings))
         if created:
             for params in space.defaults():
                 study.enqueue_trial(params, skip_if_exists=True)

@@ -30,7 +30,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from registry.errors import BadInputError
+from registry.errors import BadInputError, ConflictError, EnvironmentFailure
 
 SAMPLERS = ("tpe", "nsga2")
 OPEN_ATTEMPTS = 5
@@ -148,32 +148,80 @@ def open_storage(url: str | None, heartbeat: int) -> Any:
                     else None)
         except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds
             error = err
+            if any(word in str(err) for word in ENVIRONMENT_WORDS):
+                break  # a retry cannot help
             time.sleep(0.5 * (attempt + 1))
-    raise BadInputError(f"cannot open storage {url!r}: {type(error).__name__}: {error}",
+    detail = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+    if any(word in str(error) for word in ENVIRONMENT_WORDS):
+        raise EnvironmentFailure(f"cannot open storage {_shown(url)}: {detail}",
+                                 fix="use a storage this process can write (the directory must "
+                                     "exist and be writable)")
+    raise BadInputError(f"cannot open storage {_shown(url)}: {detail}",
                         fix="pass e.g. --storage sqlite:///study.db (a driver for other "
                             "databases must be installed)")
 
 
-def open_study(storage: Any, name: str, directions: Sequence[str], sampler: Any
-               ) -> tuple[Any, bool]:
+ENVIRONMENT_WORDS = ("readonly", "read-only", "unable to open database file",
+                     "Permission denied", "disk I/O error", "Connection refused")
+"""Storage errors that are the environment's (exit 6), not a bad URL (exit 2)."""
+
+
+def _shown(url: str) -> str:
+    """The URL for a message, its password masked."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - unparsable: show no credentials at all
+        return repr(url.split("://", 1)[0] + "://...")
+
+
+IDENTITY_KEY = "adapterkit_search"
+"""Study user attribute: the digest of what the search is (inputs, policy, space, sampler,
+seed); a worker joins only a study made for the same search."""
+
+
+def open_study(storage: Any, name: str, directions: Sequence[str], sampler: Any,
+               identity: str) -> tuple[Any, bool]:
     """Create the study, or join it if it exists; returns ``(study, created)``.
 
+    Args:
+        identity: The search's digest (:data:`IDENTITY_KEY`): a study made for other
+            inputs, another policy or space holds trials scored for those, so joining it
+            would push a pick scored for something else.
+
     Raises:
-        BadInputError: The existing study has other objectives (another search).
+        ConflictError: The existing study was made for another search.
+        BadInputError: The existing study has other objectives.
+        EnvironmentFailure: The storage cannot be written (read-only database, ...).
     """
     import optuna
 
     try:
-        study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
-                                    directions=[str(d) for d in directions])  # type: ignore[misc]  # optuna types a Literal; ours are validated names
-        return study, True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        try:
+            study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
+                                        directions=[str(d) for d in directions])  # type: ignore[misc]  # optuna types a Literal; ours are validated names
+            study.set_user_attr(IDENTITY_KEY, identity)
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except optuna.exceptions.StorageInternalError as err:
+        cause = str(err.__cause__ or err).strip().splitlines()[0][:200]
+        raise EnvironmentFailure(f"cannot write the study storage: {cause}",
+                                 fix="use a storage this process can write (--storage)") from None
     want = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
             else optuna.study.StudyDirection.MINIMIZE for d in directions]
     if list(study.directions) != want:
         raise BadInputError(f"study {name!r} exists with other objectives",
                             fix="pick another --study name for a different search")
+    made_for = study.user_attrs.get(IDENTITY_KEY)
+    if made_for is None:  # its creator has not labelled it yet: label it the same way
+        study.set_user_attr(IDENTITY_KEY, identity)
+        made_for = study.user_attrs.get(IDENTITY_KEY, identity)
+    if made_for != identity:
+        raise ConflictError(f"study {name!r} was made for another search (other inputs, "
+                            "policy, space, sampler or seed); its trials were scored for that",
+                            fix="pick another --study name, or run the same search to join it")
     return study, False
 
 
@@ -219,6 +267,14 @@ def run_worker(study: Any, objective: Callable[[Any], Sequence[float]], trials: 
         if _counts(st) >= trials:
             st.stop()
 
-    if _counts(study) < trials:
-        study.optimize(wrapped, n_trials=trials, callbacks=[stop_when_full])
+    while _counts(study) < trials:
+        try:
+            study.optimize(wrapped, n_trials=trials, callbacks=[stop_when_full])
+            break
+        except ValueError as err:
+            # SQLite cannot lock a waiting (enqueued) trial, so two workers starting together
+            # may both run one (optuna#4002); the first to tell wins, the other goes on
+            if "Cannot tell a COMPLETE trial" not in str(err):
+                raise
+            done["n"] -= 1  # that evaluation was not counted in the study
     return done["n"]

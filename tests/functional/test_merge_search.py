@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from gate.checks import num
 from tests.support.cli import run_json
 from tests.support.gate import build_store, world, write_policy
@@ -211,3 +212,42 @@ def test_no_passing_trial_exits_1_and_pushes_nothing(setup, tmp_path, capsys):
     assert code == 1 and data["picked"] is None and data["pushed"] is None
     assert not any(t["feasible"] for t in data["trials"]) and data["front"]
     assert "never" not in store.names()
+
+
+def test_a_study_made_for_another_search_is_not_joined(setup, tmp_path, capsys):
+    # found by a QA pass: joining --study with another policy or other inputs reused trials
+    # scored for the first search and pushed a pick that failed the real gate
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(_args(setup, "--trials", "2", "--storage", storage, "--study", "one",
+                      "--no-push", "--json")) in (0, 1)
+    capsys.readouterr()
+    before = len(_trials(storage, "one"))
+    code = main(_args(setup, "--trials", "2", "--storage", storage, "--study", "one", "--seed", "7",
+                      "--no-push", "--json"))
+    out = json.loads(capsys.readouterr().out)
+    assert code == 4 and "made for another search" in out["message"]
+    assert len(_trials(storage, "one")) == before  # nothing was added to it
+
+
+def test_a_study_name_with_markup_is_shown_as_text(setup, tmp_path, capsys):
+    # found by a QA pass: --study '[/x]' crashed the table (exit 70) after the push
+    code = main(_args(setup, "--trials", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}",
+                      "--study", "[/x]", "--no-push"))
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "Pareto front of [/x]" in " ".join(out.split())
+
+
+def test_a_read_only_study_storage_exits_6(setup, tmp_path, capsys):
+    import sqlite3
+
+    db = tmp_path / "ro.db"
+    sqlite3.connect(db).close()  # an empty database: no schema, and read-only below
+    for study in (None, "x"):  # the schema cannot be created
+        extra = ["--study", study] if study else []
+        code = main(_args(setup, "--trials", "1", "--storage", f"sqlite:///file:{db}?mode=ro&uri=true",
+                          *extra, "--no-push", "--json"))
+        out = json.loads(capsys.readouterr().out)
+        assert code == 6 and out["error"] == "EnvironmentFailure", out
+    code = main(_args(setup, "--trials", "1", "--storage", f"sqlite:///{tmp_path}/no-such-dir/s.db",
+                      "--no-push", "--json"))
+    assert code == 6 and json.loads(capsys.readouterr().out)["error"] == "EnvironmentFailure"
