@@ -97,7 +97,10 @@ def cas_ref(backend: Backend, key: str, expect: Any, new: str | None,
 
         def write(etag: str | None = etag) -> None:
             if new is None:
-                backend.delete(key, etag)
+                # gone since it was read: another remover won, and this one must not count
+                # (found by a QA pass on S3, where every racing `alias rm` "won")
+                if not backend.delete(key, etag):
+                    raise PreconditionFailed(f"{key} was deleted", fix="re-read it and retry")
             elif etag is None:
                 backend.put_if_absent(key, (new + "\n").encode())
             else:

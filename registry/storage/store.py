@@ -117,6 +117,9 @@ class Store(StoreReader):
             NotFoundError: No store there and ``create`` is False.
             BadInputError: ``create`` on a non-empty directory that is not a store.
         """
+        home = os.environ.get("ADAPTERS_HOME", "")
+        if root is None and s3_location(home) is not None:
+            root = home  # $ADAPTERS_HOME=s3://bucket/prefix, as --store takes it
         if root is not None and s3_location(root) is not None:
             return cls._open_objects(cls(backend=open_backend(root)), create)
         path = Path(root).expanduser() if root is not None else default_root()

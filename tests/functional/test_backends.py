@@ -118,6 +118,30 @@ def test_alias_compare_and_swap(store_location: str, tmp_path: Path) -> None:
                      ("alias", v2, None)]
 
 
+def test_a_removal_that_lost_its_race_does_not_count(store_location: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a QA pass on SeaweedFS: S3's delete returned False for an object another
+    # remover had just deleted, and every racing `alias rm` (even with --expect) "won"
+    store = Store.open(store_location, create=True)
+    v1 = push_adapter(store, "lora", make_adapter_dir(tmp_path / "a", seed=1)).version.digest
+    store.set_alias("lora", "dev", v1)
+    real = store.backend.delete
+
+    def beaten(key: str, etag: str | None = None) -> bool:
+        real(key)  # another remover's delete lands first
+        return real(key, etag)
+
+    monkeypatch.setattr(store.backend, "delete", beaten)
+    with pytest.raises(ConflictError):
+        store.delete_alias("lora", "dev", expect=v1)
+    monkeypatch.undo()
+    removals = [e for e in store.audit().entries()
+                if e["subject"] == "lora:dev" and e["action"] == "alias" and e["new"] is None]
+    rolled = {e["old"]["seq"] for e in store.audit().entries() if e["action"] == "recover"}
+    assert all(e["seq"] in rolled for e in removals)  # the lost removal is rolled back
+    assert verify(store).problems == [] and store.audit().verify().ok
+
+
 def test_audit_chain_verifies_and_detects_tampering(store_location: str,
                                                     tmp_path: Path) -> None:
     store = Store.open(store_location, create=True)
@@ -261,3 +285,13 @@ def test_audit_checkpoint_on_every_backend(store_location: str, tmp_path: Path) 
               for e in store.audit().entries()]
     seq, problems = check_checkpoint(envelope, forged, trusted)
     assert seq == 2 and "history rewritten" in problems[0]
+
+
+def test_adapters_home_may_name_an_s3_store(store_location: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a QA pass: $ADAPTERS_HOME=s3://bucket/prefix was read as a local path
+    # ("s3:/bucket/prefix") and refused, while --store took the same URL
+    monkeypatch.setenv("ADAPTERS_HOME", store_location)
+    created = Store.open(None, create=True)
+    assert created.location == Store.open(store_location).location
+    assert is_s3(store_location) == (created.location.startswith("s3://"))

@@ -184,8 +184,15 @@ class S3Backend:
                           IfMatch=etag)["ETag"]
 
     def delete(self, key: str, etag: str | None = None) -> bool:
-        """``DeleteObject`` (with ``If-Match`` when ``etag`` is given)."""
+        """``DeleteObject`` (with ``If-Match`` when ``etag`` is given); False if it was absent.
+
+        Raises:
+            PreconditionFailed: ``etag`` is given and no longer matches (the object changed
+                or was deleted by someone else).
+        """
         if self.stat(key) is None:
+            if etag is not None:
+                raise PreconditionFailed(f"{key} was deleted", fix="re-read it and retry")
             return False
         extra = {"IfMatch": etag} if etag is not None else {}
         self._call("delete_object", key, conditional=etag is not None, Key=self._key(key),
