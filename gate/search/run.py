@@ -42,7 +42,7 @@ from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_st
                                record_constraints, run_worker, study_full)
 from registry.digests import canonical_json
 from registry.digests import json_digest
-from registry.errors import BadInputError, NotFoundError
+from registry.errors import BadInputError, NotFoundError, shorten
 from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
@@ -262,6 +262,11 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     warnings = check_bases([v.record.get("base_model") for v in versions], labels,
                            allow_weights_mismatch=settings.allow_base_mismatch)
     policy = load_policy(policy_path)
+    sets = [label for spec in policy.checks if spec.kind == "retention" for label in spec["sets"]]
+    if settings.pick_rule.startswith("retention:") and settings.pick_rule[10:] not in sets:
+        raise BadInputError(f"--pick {shorten(settings.pick_rule)}: the policy has no retention set "
+                            f"{shorten(settings.pick_rule[10:])}",  # refused before the search, not after
+                            fix="use one of " + ", ".join(f"retention:{label}" for label in sets))
     space = build_space(len(versions), settings.methods, settings.space_file)
     target = settings.name or f"{versions[0].name}-search"
     validate_name(target)

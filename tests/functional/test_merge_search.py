@@ -251,3 +251,11 @@ def test_a_read_only_study_storage_exits_6(setup, tmp_path, capsys):
     code = main(_args(setup, "--trials", "1", "--storage", f"sqlite:///{tmp_path}/no-such-dir/s.db",
                       "--no-push", "--json"))
     assert code == 6 and json.loads(capsys.readouterr().out)["error"] == "EnvironmentFailure"
+
+
+def test_a_pick_rule_naming_no_set_is_refused_before_the_search(setup, capsys):
+    # found by a QA pass: `--pick retention:nosuchset` failed only after every trial had run
+    code = main(_args(setup, "--trials", "50", "--pick", "retention:nosuchset", "--no-push", "--json"))
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and "no retention set 'nosuchset'" in out["message"]
+    assert "retention:adapter-a" in out["fix"]
