@@ -147,6 +147,35 @@ def test_unreachable_s3_endpoint_exits_6(tmp_path, capsys, monkeypatch):
     assert "cannot reach S3" in error and "network" in fix
 
 
+def test_a_hung_s3_endpoint_gives_up_within_its_timeouts(tmp_path, capsys, monkeypatch):
+    # found by a QA pass: an endpoint that accepts connections and never answers held a
+    # command for six minutes (boto3's 60 s read timeout x 5 attempts) before exit 6
+    pytest.importorskip("boto3")
+    import json
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts (the kernel's backlog), never answers
+    config = tmp_path / "s3.json"
+    config.write_text(json.dumps({"read_timeout": 1, "connect_timeout": 1, "max_attempts": 2}))
+    for var, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}",
+                       "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                       "AWS_DEFAULT_REGION": "us-east-1", "ADAPTERS_CACHE": str(tmp_path),
+                       "ADAPTERS_S3_CONFIG": str(config)}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    start = time.monotonic()
+    try:
+        code, _, err = run(capsys, "ls", "--store", "s3://hung-bucket/x")
+    finally:
+        listener.close()
+    assert code == 6 and time.monotonic() - start < 30
+    assert _two_lines(err)[0].startswith("error: ")
+
+
 def test_real_entry_point_prints_no_traceback(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -19,7 +19,13 @@ Connection settings, most specific first: ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDP
 then the JSON file ``$ADAPTERS_S3_CONFIG`` (default ``~/.config/adapterkit/s3.json``)::
 
     {"endpoint_url": "http://minio:9000", "region_name": "us-east-1",
-     "addressing_style": "path", "buckets": {"<bucket>": {...same keys, per bucket...}}}
+     "addressing_style": "path", "connect_timeout": 10, "read_timeout": 20,
+     "max_attempts": 5, "buckets": {"<bucket>": {...same keys, per bucket...}}}
+
+The timeouts (seconds; a read timeout bounds each wait for bytes, not a whole transfer)
+and attempts bound how long an endpoint that accepts connections but never answers
+holds a command before exit 6: about ``max_attempts x read_timeout`` (boto3's defaults,
+60 s and 5 attempts, made that six minutes).
 
 then boto3's own defaults (``~/.aws/config``, ``$AWS_REGION``...). Credentials come
 from boto3's usual chain (``$AWS_ACCESS_KEY_ID``..., profiles, instance roles).
@@ -102,7 +108,10 @@ class S3Backend:
                                 fix="pip install 'adapterkit[s3]'") from None
         settings = s3_settings(bucket)
         config = Config(s3={"addressing_style": settings.get("addressing_style", "auto")},
-                        retries={"max_attempts": 5, "mode": "standard"})
+                        connect_timeout=float(settings.get("connect_timeout", 10)),
+                        read_timeout=float(settings.get("read_timeout", 20)),
+                        retries={"max_attempts": int(settings.get("max_attempts", 5)),
+                                 "mode": "standard"})
         self.client = boto3.client("s3", endpoint_url=settings.get("endpoint_url"),
                                    region_name=settings.get("region_name"), config=config)
         self.bucket, self.prefix = bucket, prefix.strip("/")
