@@ -179,6 +179,7 @@ def promote(store: Store, ref: str, alias: str = "release", *, policy_digest: st
     gate_passed = None if record is None else record.get("passed") is True
     notes = [(REASON_ACTION, {"digest": version.digest, "reason": (reason or "").strip(),
                               "policy": policy_digest, "gate_passed": gate_passed})] if force else []
+
     def still_valid() -> None:
         if gate_key is not None and store.read_pointer(gate_key) != checked:
             raise ConflictError(f"the gate record of {version.ref} changed while promoting "

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, ConflictError, EnvironmentFailure, environment_error
-from registry.fsutil import make_dirs, remove_stale_dirs
+from registry.fsutil import STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
 from registry.progress import ProgressCallback
 from registry.storage.manifest import Version
 from registry.storage.reader import StoreReader
 
-STALE_EXPORT_GRACE_S = 3600.0
+STALE_EXPORT_GRACE_S = STALE_TEMP_GRACE_S
 """Age (seconds since the last write) after which a left-over export temp dir is removed."""
 
 _TEMP_NAME = re.compile(r"^\..+\.export-[A-Za-z0-9_]+\Z")

@@ -104,14 +104,18 @@ STALE_TEMP_GRACE_S = 3600.0
 """Default age (seconds since the last write) after which a killed writer's temp dir goes."""
 
 
-def _newest_mtime(path: Path) -> float:
-    """The newest mtime of ``path`` and its direct entries (symlinks not followed)."""
-    newest = path.lstat().st_mtime
-    with os.scandir(path) as entries:
-        for entry in entries:
+def newest_mtime(path: Path) -> float | None:
+    """The newest mtime in ``path``'s tree (symlinks not followed); None if ``path``
+    vanished. Entries that vanish while it is walked (a writer finishing) are skipped."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return None
+    for root, dirs, files in os.walk(path):  # os.walk ignores directories that vanish
+        for entry in dirs + files:
             try:
-                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-            except OSError:
+                newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
+            except FileNotFoundError:
                 continue
     return newest
 
@@ -147,7 +151,8 @@ def remove_stale_dirs(parent: Path, pattern: re.Pattern[str], *,
             if not entry.is_dir(follow_symlinks=False):
                 continue
             path = Path(entry.path)
-            if now - _newest_mtime(path) < grace_s:
+            newest = newest_mtime(path)
+            if newest is None or now - newest < grace_s:
                 continue
             shutil.rmtree(path)
             removed.append(path)

@@ -34,7 +34,7 @@ from registry.storage.refs import SEGMENT_RE, is_valid_name
 
 if TYPE_CHECKING:
     from registry.storage.reader import StoreReader
-    from registry.audit.index import AuditIndex
+    from registry.audit.index import AuditIndex, GateVouching
 
 MAX_PAGE = 500
 """Largest page size :func:`list_names` accepts."""
@@ -159,32 +159,8 @@ def _newest(store: StoreReader, name: str, hexes: list[str]) -> tuple[str, str]:
     return best
 
 
-class _Vouching:
-    """The audit log's word on gate records, read once per listing (only if a record is)."""
-
-    def __init__(self, store: StoreReader, audit: Callable[[], AuditIndex] | None) -> None:
-        self.store, self.audit = store, audit
-        self.index: AuditIndex | None = None
-        self.broken = ""
-
-    def problem(self, candidate: str, policy: str, record: object, pointer: str) -> str | None:
-        """Why the record is not to be trusted (None: it is): copied, not vouched for by
-        the log, or the log itself fails its chain check."""
-        from registry.audit.index import GATE_PROBLEMS, AuditIndex, gate_record_problem
-
-        if self.index is None and not self.broken:
-            try:
-                self.index = self.audit() if self.audit else AuditIndex.build(self.store)
-            except AdapterkitError as err:
-                self.broken = err.message
-        if self.index is None:
-            return self.broken
-        kind = gate_record_problem(self.index, candidate, policy, record, pointer)
-        return GATE_PROBLEMS[kind] if kind else None
-
-
 def _gate_summary(store: StoreReader, hexes: list[str], gates: dict[str, list[str]],
-                  vouching: _Vouching) -> tuple[GateSummary | None, list[str]]:
+                  vouching: GateVouching) -> tuple[GateSummary | None, list[str]]:
     """The newest trusted gate record of any of ``hexes``, and a note for each record left
     out because ``promote`` would not trust it either.
 
@@ -213,7 +189,7 @@ def _gate_summary(store: StoreReader, hexes: list[str], gates: dict[str, list[st
 
 
 def _summary(store: StoreReader, name: str, hexes: list[str], alias_keys: list[str],
-             gates: dict[str, list[str]] | None, vouching: _Vouching) -> NameSummary:
+             gates: dict[str, list[str]] | None, vouching: GateVouching) -> NameSummary:
     """One row (gate records only when ``gates`` is given); a read failure goes into
     ``error`` instead of raising."""
     hexdigest, created = _newest(store, name, hexes)
@@ -257,6 +233,12 @@ def _record_match(row: NameSummary, label: str | None, base_model: str | None) -
     return True
 
 
+def _vouching(store: StoreReader, audit: Callable[[], AuditIndex] | None) -> GateVouching:
+    from registry.audit.index import GateVouching  # the audit package only when listing
+
+    return GateVouching(store, audit)
+
+
 def list_names(store: StoreReader, *, query: str | None = None, label: str | None = None,
                base_model: str | None = None, offset: int = 0, limit: int = 50,
                audit: Callable[[], AuditIndex] | None = None) -> NamePage:
@@ -287,7 +269,7 @@ def list_names(store: StoreReader, *, query: str | None = None, label: str | Non
     if query:
         names = [n for n in names if query.lower() in n.lower()]
     gates = _gate_index(store)
-    vouching = _Vouching(store, audit)
+    vouching = _vouching(store, audit)
 
     def row(name: str, with_gate: bool = True) -> NameSummary:
         return _summary(store, name, scanned[name][0], scanned[name][1],

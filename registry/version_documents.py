@@ -69,11 +69,11 @@ def gates_document(store: Store, ref: str, index: AuditIndex | None = None) -> d
     Raises:
         NotFoundError / BadInputError: ``ref`` does not resolve.
     """
-    from registry.audit.index import GATE_PROBLEMS, AuditIndex, gate_record_problem
+    from registry.audit.index import GateVouching
 
     name, digest = store.resolve_digest(ref)
     records = []
-    broken = ""
+    vouching = GateVouching(store, (lambda: index) if index is not None else None)
     for key in store.backend.list(f"gates/{digest.split(':', 1)[1]}/"):
         policy = "sha256:" + key.rsplit("/", 1)[1]
         try:
@@ -83,13 +83,6 @@ def gates_document(store: Store, ref: str, index: AuditIndex | None = None) -> d
             continue
         if record is None:
             continue
-        if index is None and not broken:
-            try:
-                index = AuditIndex.build(store)
-            except AdapterkitError as err:
-                broken = err.message
-        kind = gate_record_problem(index, digest, policy, record, store.read_pointer(key)) \
-            if index is not None else None
-        records.append({"policy": policy, "record": record,
-                        "problem": broken or (GATE_PROBLEMS[kind] if kind else None)})
+        records.append({"policy": policy, "record": record, "problem": vouching.problem(
+            digest, policy, record, store.read_pointer(key))})
     return {"candidate": f"{name}@{digest}", "digest": digest, "records": records}

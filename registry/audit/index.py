@@ -19,12 +19,13 @@ stored gate record: is it bound to its candidate and policy, and vouched for by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents
 from registry.audit.report import AUDIT_FIX
-from registry.errors import IntegrityError
+from registry.errors import AdapterkitError, IntegrityError
 
 if TYPE_CHECKING:
     from registry.storage.reader import StoreReader
@@ -184,6 +185,37 @@ def gate_record_problem(index: AuditIndex, candidate: str, policy: str, record: 
     return None
 
 
+class GateVouching:
+    """The audit log's word on gate records for one reader: the index is read once, and
+    only when a record is asked about (a store without gate records reads no log).
+
+    Args:
+        store: The store.
+        provide: Gives an already kept index (a long-running reader's), else the log is
+            read here.
+    """
+
+    def __init__(self, store: StoreReader,
+                 provide: Callable[[], AuditIndex] | None = None) -> None:
+        self.store, self.provide = store, provide
+        self.index: AuditIndex | None = None
+        self.broken = ""
+
+    def problem(self, candidate: str, policy: str, record: object,
+                pointer: str | None) -> str | None:
+        """Why the record is not to be trusted, as a sentence (None: it is): it is
+        unreadable, copied, not vouched for, or the log fails its chain check."""
+        if self.index is None and not self.broken:
+            try:
+                self.index = self.provide() if self.provide else AuditIndex.build(self.store)
+            except AdapterkitError as err:
+                self.broken = err.message
+        if self.index is None:
+            return self.broken
+        kind = gate_record_problem(self.index, candidate, policy, record, pointer)
+        return GATE_PROBLEMS[kind] if kind else None
+
+
 GATE_PROBLEMS = {
     "unreadable": "the gate record is not a JSON object",
     "copied": "the gate record names another version or policy (copied?)",
@@ -192,4 +224,5 @@ GATE_PROBLEMS = {
 """A sentence for each :func:`gate_record_problem` answer."""
 
 
-__all__ = ["GATE_PROBLEMS", "AuditIndex", "Unexplained", "cross_check", "gate_record_problem"]
+__all__ = ["GATE_PROBLEMS", "AuditIndex", "GateVouching", "Unexplained", "cross_check",
+           "gate_record_problem"]

@@ -21,7 +21,6 @@ and the delete could be lost -- keep the grace period well above push durations.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 from registry.audit.journal import recover, run_mutation
 from registry.digests import is_digest
 from registry.errors import IntegrityError
-from registry.fsutil import is_leased
+from registry.fsutil import is_leased, newest_mtime
 from registry.storage.blobs import blob_key
 from registry.storage.store import Store
 
@@ -105,22 +104,6 @@ def reachable(store: Store) -> set[str]:
     return keep
 
 
-def _newest_mtime(path: Path) -> float | None:
-    """The newest mtime in ``path``'s tree; None if ``path`` vanished. Entries that vanish
-    while it is walked (a command finishing) are skipped, not errors."""
-    try:
-        newest = path.lstat().st_mtime
-    except FileNotFoundError:
-        return None
-    for root, dirs, files in os.walk(path):  # os.walk ignores directories that vanish
-        for entry in dirs + files:
-            try:
-                newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
-            except FileNotFoundError:
-                continue
-    return newest
-
-
 def _stale_temp_files(store: Store, cutoff: float) -> list[Path]:
     """Temp files, and temp directories no live command holds (:func:`registry.fsutil.is_leased`)
     whose newest entry is older than cutoff."""
@@ -131,7 +114,7 @@ def _stale_temp_files(store: Store, cutoff: float) -> list[Path]:
             if path.is_dir() and not path.is_symlink():
                 if is_leased(path):
                     continue  # a running merge, unload, gate or search works in it
-                newest = _newest_mtime(path)
+                newest = newest_mtime(path)
                 if newest is not None and newest < cutoff:
                     out.append(path)
                 continue
