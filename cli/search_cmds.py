@@ -80,6 +80,9 @@ def merge_search(
 
     def on_trial(row: Any) -> None:
         values = "  ".join(f"{k} {v:.4g}" for k, v in row.values.items())
+        if row.refused:
+            out.info(f"trial {row.number:>3} {escape(row.label):<22} [red]refused[/]  {escape(row.refused)}")
+            return
         state = "[green]pass[/]" if row.feasible else "[red]fail[/]"
         out.info(f"trial {row.number:>3} {escape(row.label):<22} {state}  {escape(values)}")
 
@@ -100,7 +103,7 @@ def _cells(row: Any, objectives: list[Any], picked: Any) -> list[str]:
     cells = [f"{row.number}" + (" *" if picked is not None and row.number == picked.number else ""),
              escape(row.label), ", ".join(f"{w:.2f}" for w in row.weights), escape(shown)]
     cells += [f"{row.values[o.name]:.4g}" for o in objectives]
-    cells.append("pass" if row.feasible else "fail")
+    cells.append("pass" if row.feasible else "refused" if row.refused else "fail")
     return cells
 
 

@@ -115,6 +115,11 @@ class BaseMismatchError(BadInputError):
     """An adapter does not fit the base model it is combined with."""
 
 
+class MergeRangeError(BadInputError):
+    """A merge's values leave the range of float32 or the output dtype (weights, lambda or
+    factors too large): the recipe, not the adapters, is refused."""
+
+
 class GateFailedError(AdapterkitError):
     """A gate check failed or a promotion lacks a passing gate record (exit 1)."""
 

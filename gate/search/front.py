@@ -43,10 +43,12 @@ class TrialRow:
     values: dict[str, float]
     constraints: tuple[float, ...]
     checks: dict[str, Any]
+    refused: str | None = None
+    """Why the engine refused this trial's merge (its values overflow), if it did."""
 
     @property
     def feasible(self) -> bool:
-        return all(c <= 0 for c in self.constraints)
+        return self.refused is None and all(c <= 0 for c in self.constraints)
 
     @property
     def label(self) -> str:
@@ -58,7 +60,7 @@ class TrialRow:
         return {"number": self.number, "method": self.method, "weights": list(self.weights),
                 "parameters": self.parameters, "values": self.values,
                 "constraints": list(self.constraints), "feasible": self.feasible,
-                "checks": self.checks}
+                "checks": self.checks, "refused": self.refused}
 
 
 def worst_retention(row: TrialRow) -> float:

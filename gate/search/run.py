@@ -42,7 +42,7 @@ from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_st
                                record_constraints, run_worker, study_full)
 from registry.digests import canonical_json
 from registry.digests import json_digest
-from registry.errors import BadInputError, NotFoundError, shorten
+from registry.errors import BadInputError, MergeRangeError, NotFoundError, shorten
 from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ def _row(trial: Any) -> TrialRow:
                     parameters=dict(merge.get("parameters") or {}),
                     values=dict(trial.user_attrs.get("values") or {}),
                     constraints=tuple(trial.user_attrs.get(FEASIBLE_KEY) or (1.0,)),
-                    checks=dict(trial.user_attrs.get("checks") or {}))
+                    checks=dict(trial.user_attrs.get("checks") or {}),
+                    refused=trial.user_attrs.get("refused"))
 
 
 def _objective(scorer: Scorer, space: SearchSpace, adapters: Sequence[Any], labels: Sequence[str],
@@ -148,14 +149,22 @@ def _objective(scorer: Scorer, space: SearchSpace, adapters: Sequence[Any], labe
 
     def objective(trial: Any) -> Sequence[float]:
         choice = space.suggest(trial)
-        result = merge_adapters(adapters, list(choice.weights), choice.method,
-                                params=dict(choice.params), seed=seed, labels=labels,
-                                device=device)
-        live.load(result, adapters)
-        score = scorer.score(result)
+        try:
+            result = merge_adapters(adapters, list(choice.weights), choice.method,
+                                    params=dict(choice.params), seed=seed, labels=labels,
+                                    device=device)
+        except MergeRangeError as err:  # the recipe's values (a huge lambda, ...), not the inputs
+            score = scorer.refused(err.message)
+            merge = {"method": choice.method, "weights": [float(w) for w in choice.weights],
+                     "parameters": dict(choice.params)}
+            trial.set_user_attr("refused", err.message)
+        else:
+            live.load(result, adapters)
+            score = scorer.score(result)
+            merge = {"method": choice.method, "weights": list(result.report["weights"]),
+                     "parameters": result.report["parameters"]}
         values = {o.name: v for o, v in zip(scorer.objectives, score.values, strict=False)}
-        trial.set_user_attr("merge", {"method": choice.method, "weights": list(result.report["weights"]),
-                                      "parameters": result.report["parameters"]})
+        trial.set_user_attr("merge", merge)
         trial.set_user_attr("values", values)
         record_constraints(trial, scorer.constraint_names, score.constraints)
         trial.set_user_attr("checks", score.checks)

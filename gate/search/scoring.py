@@ -279,6 +279,15 @@ class Scorer:
         return (0.0 if status in ("pass", "skip") else 1.0), {"status": status,
                                                                 "message": message[:200]}
 
+    def refused(self, reason: str) -> TrialScore:
+        """The score of a trial whose merge the engine refused (:class:`registry.errors.MergeRangeError`):
+        the worst value of every objective (retention 0, perplexity :data:`BAD`) and every
+        constraint violated, so the trial counts, is never picked, and steers the sampler away."""
+        values = tuple(0.0 if o.direction == "maximize" else BAD for o in self.objectives)
+        checks = {spec.name: {"kind": spec.kind, "ok": False, "status": "not run", "detail": reason}
+                  for spec in self.policy.checks}
+        return TrialScore(values=values, constraints=(1.0,) * len(self.constraint_names), checks=checks)
+
     def score(self, result: MergeResult) -> TrialScore:
         """Score the merge currently loaded in the live model."""
         values: dict[str, float] = {}

@@ -25,7 +25,11 @@ searched), a list of choices for the categorical ones; ``weights`` sets every in
 range and ``w0``, ``w1``, .. one input's; ``methods: [...]`` (not empty) gives the
 methods when ``--methods`` is not passed. Every range is checked against the
 methods' own validation (:meth:`merging.lora.methods.MergeMethod.resolve` on both ends), so
-a space can never propose a merge the engine would refuse.
+a space never proposes parameters the engine would refuse. What only the inputs' values
+decide (weights or a lambda so large that the merged delta overflows float32) is left to
+the trial: its merge is refused (:class:`registry.errors.MergeRangeError`) and the trial
+is scored as refused (every objective at its worst, every constraint failed, the reason
+shown), so it counts and steers the sampler away.
 
 Optuna parameter names are the table's names and ``method``; a parameter a method
 does not take is simply not suggested in that trial (a conditional space, which

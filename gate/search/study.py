@@ -12,7 +12,9 @@
   (``--study NAME``). RDB storages run with a heartbeat (``--heartbeat`` seconds, grace
   2x): a worker that dies mid-trial leaves a RUNNING trial whose heartbeat stops; the
   next trial any worker starts marks it FAIL (Optuna's ``fail_stale_trials``) and the
-  study goes on.
+  study goes on; Optuna's ``RetryFailedTrialCallback`` then enqueues the failed trial's
+  parameters once more (with the enqueued defaults it held), so a kill does not drop a
+  method's default merge from the study.
 * **Defaults first**: the process that *creates* the study (creation is atomic in the
   storage) enqueues each method's default merge (``enqueue_trial``); joining workers
   do not, so nothing is enqueued twice.
@@ -144,6 +146,7 @@ def open_storage(url: str | None, heartbeat: int) -> Any:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
                     engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
                     else None)
         except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds

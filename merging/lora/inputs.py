@@ -18,7 +18,7 @@ import torch
 from merging.adapter import LoraAdapter
 from merging.dtypes import torch_dtype
 from merging.lora.methods import ModuleInput
-from registry.errors import BadInputError, BaseMismatchError, UnsupportedAdapterError
+from registry.errors import BadInputError, BaseMismatchError, MergeRangeError, UnsupportedAdapterError
 
 
 def module_union(adapters: Sequence[LoraAdapter]) -> list[str]:
@@ -174,22 +174,24 @@ def check_bases(bases: Sequence[dict[str, Any] | None], labels: Sequence[str], *
     return warnings
 
 
-def overflow_error(modules: Sequence[str]) -> BadInputError:
+def overflow_error(modules: Sequence[str]) -> MergeRangeError:
     """The error for merged deltas that left float32's range (weights or lambda too large)."""
     shown = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
-    return BadInputError(f"the merged delta of {shown} overflows float32",
-                         fix="use smaller --weights or --lambda for these adapters")
+    return MergeRangeError(f"the merged delta of {shown} overflows float32 (weights or lambda too "
+                           "large?)", fix="use smaller --weights or --lambda for these adapters")
 
 
 def finite_factors(module: str, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(b, a)`` as cast to the output dtype, if every entry is finite.
 
     Raises:
-        BadInputError: An entry overflowed the output dtype (float16 inputs whose merge
+        MergeRangeError: An entry overflowed the output dtype (float16 inputs whose merge
             has singular values above ~4e9).
     """
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
-        raise BadInputError(f"module {module}: the merged factors do not fit {str(b.dtype).removeprefix('torch.')}, "
-                            "the inputs' dtype", fix="merge adapters saved in float32 or bfloat16")
+        raise MergeRangeError(f"module {module}: the merged factors do not fit {str(b.dtype).removeprefix('torch.')}, "
+                              "the inputs' dtype (weights or lambda too large?)",
+                              fix="use smaller --weights or --lambda, or merge adapters saved in "
+                                  "float32 or bfloat16")
     return b, a
 

@@ -198,6 +198,13 @@ def test_killed_worker_trial_is_failed_and_the_study_continues(setup, tmp_path):
     trials = {t.number: t for t in _trials(storage, "killed")}
     assert trials[running].state == TrialState.FAIL
     assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 6
+    # the killed trial ran again with its parameters (the first trial: a method's default)
+    killed = trials[running]
+    expected = {**killed.system_attrs.get("fixed_params", {}), **killed.params}
+    assert expected, "the killed trial had no parameters yet"
+    retried = [t for t in trials.values() if t.system_attrs.get("failed_trial") == running]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert {k: retried[0].params[k] for k in expected} == expected
     doc = json.loads(out)
     assert doc["complete"] and doc["pushed"] is not None
 
@@ -212,6 +219,30 @@ def test_no_passing_trial_exits_1_and_pushes_nothing(setup, tmp_path, capsys):
     assert code == 1 and data["picked"] is None and data["pushed"] is None
     assert not any(t["feasible"] for t in data["trials"]) and data["front"]
     assert "never" not in store.names()
+
+
+def test_a_merge_refused_for_its_values_is_a_refused_trial_not_a_crash(setup, tmp_path, capsys):
+    """A lambda in range for the space's checks but so large that the merged delta overflows
+    float32: the engine refuses that merge; the search scores the trial as refused and goes on."""
+    w, store, policy, _ = setup
+    space = tmp_path / "space.yaml"
+    space.write_text("lambda: [1.0e+38, 3.0e+38]\n")
+    code, data = run_json(capsys, "merge-search", "adapter-a", "adapter-b", "--base", str(w.base),
+                          "--policy", str(policy), "--methods", "ties", "--space", str(space),
+                          "--trials", "2", "--name", "overflowing", "--store", str(store.root))
+    assert code == 1 and data["picked"] is None and data["pushed"] is None
+    assert len(data["trials"]) == 2 and data["complete"]
+    refused = [t for t in data["trials"] if t["refused"]]
+    assert refused and not any(t["feasible"] for t in data["trials"])
+    for trial in refused:
+        assert "float32" in trial["refused"] and "lambda" in trial["refused"]
+        assert all(v == 0.0 for k, v in trial["values"].items() if k.startswith("retention:"))
+    assert "overflowing" not in store.names()
+    code = main(["merge-search", "adapter-a", "adapter-b", "--base", str(w.base), "--policy", str(policy),
+                 "--methods", "ties", "--space", str(space), "--trials", "1", "--no-push",
+                 "--store", str(store.root)])
+    err = capsys.readouterr().err
+    assert code == 1 and "refused" in err and "float32" in err
 
 
 def test_a_study_made_for_another_search_is_not_joined(setup, tmp_path, capsys):
