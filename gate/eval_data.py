@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from registry.errors import BadInputError
@@ -32,10 +32,14 @@ class DataFile:
 
     path: Path
     data: bytes = field(repr=False)
+    written: str = ""
+    """The path as the policy writes it (hashed into the policy digest)."""
 
     @property
     def suffix(self) -> str:
-        return self.path.suffix
+        """The format's suffix (``.jsonl`` or not), from the path **as written**: the digest
+        binds that path, not where a symlink happens to point."""
+        return PurePath(self.written).suffix if self.written else self.path.suffix
 
     def read_text(self, encoding: str = "utf-8") -> str:
         """The bytes decoded (``UnicodeDecodeError`` as ``Path.read_text`` raises it)."""

@@ -260,17 +260,26 @@ class Evaluator:
 
     def answer_logprobs(self, model: PreTrainedModel, pairs: Sequence[tuple[str, str]]
                         ) -> list[tuple[float, int]]:
-        """:meth:`answer_logprob` of many ``(prompt, answer)`` pairs, scored in batches."""
+        """:meth:`answer_logprob` of many ``(prompt, answer)`` pairs, scored in batches.
+
+        A row is the last ``max_length`` tokens of prompt + answer (as perplexity windows
+        are cut); an answer of ``max_length`` tokens or more is scored on its last
+        ``max_length - 1``, the ones the window holds with a token before them.
+        """
         import torch
 
         split = [self._continuation(prompt, answer) for prompt, answer in pairs]
         rows = [(ctx + cont)[-self.max_length:] for ctx, cont in split]
         out = []
-        for (_, cont), logits in zip(split, forward_many(model, rows, pad_id=self._pad(model),
-                                                          device=self.device), strict=True):
-            logp = torch.log_softmax(logits[-len(cont) - 1:-1], dim=-1)
-            picked = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None])
-            out.append((float(picked.sum()), len(cont)))
+        for (_, cont), row, logits in zip(split, rows, forward_many(model, rows, pad_id=self._pad(model),
+                                                                     device=self.device), strict=True):
+            scored = min(len(cont), len(row) - 1)
+            if scored <= 0:
+                out.append((0.0, 0))
+                continue
+            logp = torch.log_softmax(logits[-scored - 1:-1], dim=-1)
+            picked = logp.gather(1, torch.tensor(cont[-scored:], device=logp.device)[:, None])
+            out.append((float(picked.sum()), scored))
         return out
 
     def answer_tokens(self, prompt: str, answer: str) -> int:

@@ -65,7 +65,7 @@ from typing import Any
 
 from gate.check_kinds import check_kinds, check_params
 from gate.eval_data import DataFile, read_pairs, read_texts
-from gate.policy_fields import FIX, POLICY, REQUIRED, bad, choice, show
+from gate.policy_fields import FIX, MAX_INT, POLICY, REQUIRED, bad, choice, label, show
 from registry.digests import canonical_json
 from registry.digests import sha256_digest
 from registry.formats.fields import optional
@@ -75,6 +75,8 @@ POLICY_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_POLICY_BYTES = 1 << 20
 """Largest policy file read (a real policy is a few hundred bytes)."""
+MAX_SEED = 2**32 - 1
+"""Largest ``seed`` (every RNG the gate seeds takes 32 bits)."""
 MAX_DEPTH = 32
 """Deepest nesting of YAML collections accepted."""
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str], snapshots: di
     declared = check_params(kind) if isinstance(kind, str) else None
     if declared is None or not isinstance(kind, str):
         raise bad(f"{where}.kind", f"must be one of {', '.join(check_kinds())}", kind)
-    name = POLICY.string(raw.get("name", kind), f"{where}.name")
+    name = label(raw.get("name", kind), f"{where}.name")
     if name in names:
         raise bad(f"{where}.name", "must be unique (give repeated kinds distinct names)", name)
     names.add(name)
@@ -204,7 +206,7 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str], snapshots: di
         resolved = _data_file(f"{where}.{key}", written, base_dir, allow_outside)
         if resolved not in snapshots:  # read once: every check sees the bytes hashed
             snapshots[resolved] = _snapshot(f"{where}.{key}", resolved)
-        found[key] = snapshots[resolved]
+        found[key] = replace(snapshots[resolved], written=written)
         data[written] = sha256_digest(found[key].data)
         _parse(f"{where}.{key}", found[key], key in declared.files, params.get("field") or "text")
     params["_files"] = found
@@ -262,9 +264,9 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
         raise bad(str(unknown[0]), f"is not a known top-level field (known: {', '.join(sorted(TOP_LEVEL))})")
     if raw.get("version") != POLICY_VERSION:
         raise bad("version", f"must be {POLICY_VERSION}", raw.get("version", None))
-    seed = POLICY.integer(raw.get("seed", 0), "seed", minimum=0)
+    seed = POLICY.integer(raw.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED)
     dtype = choice(*DTYPES)(raw.get("dtype", "float32"), "dtype")
-    max_length = POLICY.integer(raw.get("max_length", 512), "max_length", minimum=8)
+    max_length = POLICY.integer(raw.get("max_length", 512), "max_length", minimum=8, maximum=MAX_INT)
     release = optional(POLICY.string)(raw.get("release"), "release")
     custody = POLICY.boolean(raw.get("require_source_gate", False), "require_source_gate")
     checks_raw = raw.get("checks")

@@ -73,14 +73,21 @@ optional = fields.optional
 """``optional(checker)``: the checker, or None for a null value."""
 
 
-def int_at_least(lo: int | None = None) -> Callable[[Any, str], int]:
-    """A checker of integers (not booleans), ``>= lo`` when given.
+MAX_INT = 1_000_000
+"""Largest integer any policy field takes (counts, ranks, lengths): a typo of 10^20 is an
+error, not a gate that runs for ever."""
+MAX_NEW_TOKENS = 4096
+"""Largest ``max_new_tokens``: a gate decodes short answers, not essays."""
+
+
+def int_at_least(lo: int | None = None, hi: int = MAX_INT) -> Callable[[Any, str], int]:
+    """A checker of integers (not booleans) in ``[lo, hi]`` (``lo`` optional).
 
     Raises:
         BadInputError: (the checker) Not such an integer.
     """
     def check(v: Any, where: str) -> int:
-        return POLICY.integer(v, where, minimum=lo)
+        return POLICY.integer(v, where, minimum=lo, maximum=hi)
     return check
 
 
@@ -113,6 +120,24 @@ def choice(*choices: str) -> Callable[[Any, str], str]:
     return check
 
 
+MAX_LABEL = 200
+"""Longest check name or set label."""
+
+
+def label(v: Any, where: str) -> str:
+    """A check name or set label: a non-empty string of printable characters (it ends up
+    in reports, JUnit XML and terminal tables), at most :data:`MAX_LABEL` long.
+
+    Raises:
+        BadInputError: (the checker) Not such a string.
+    """
+    value = text(v, where)
+    if len(value) > MAX_LABEL or any(not c.isprintable() for c in value):
+        raise bad(where, f"must be printable text of at most {MAX_LABEL} characters "
+                  "(no control characters or line breaks)", v)
+    return value
+
+
 def path(v: Any, where: str) -> str:
     """A data file path as written (resolved and hashed by :mod:`gate.policy`).
 
@@ -131,7 +156,7 @@ def path_map(v: Any, where: str) -> dict[str, str]:
     if not isinstance(v, dict) or not v:
         raise bad(where, "must be a non-empty mapping of parent name -> eval file", v)
     for key, value in v.items():
-        text(key, f"{where} key")
+        label(key, f"{where} key")
         text(value, f"{where}.{key}")
     return dict(v)
 

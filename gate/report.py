@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,8 +80,21 @@ def to_junit(result: GateResult) -> ET.ElementTree:
         else:
             out = ET.SubElement(case, "system-out")
             out.text = check.message
+    for element in suites.iter():  # model output and data text may hold any character
+        element.attrib = {k: xml_safe(v) for k, v in element.attrib.items()}
+        if element.text:
+            element.text = xml_safe(element.text)
     ET.indent(suites)
     return ET.ElementTree(suites)
+
+
+_NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` with the characters XML 1.0 cannot hold (control characters, lone
+    surrogates) written as ``\\xNN`` / ``\\uNNNN`` escapes, so every JUnit consumer parses it."""
+    return _NOT_XML.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def _details_text(details: Any) -> str:

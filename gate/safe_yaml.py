@@ -17,6 +17,9 @@ grow:
   PyYAML's recursive composer and constructor cannot overflow the stack), and so is a
   tree that gets deeper than that through aliases.
 
+A mapping that gives one key twice is refused too (PyYAML keeps the last silently, so
+the value a reviewer reads first would not be the one used).
+
 Every failure is a one-line :class:`~registry.errors.BadInputError` (exit 2) whose text
 is cut to 200 characters; nothing of the document is ``repr``-ed unbounded.
 """
@@ -89,6 +92,26 @@ class _BoundedLoader(yaml.SafeLoader):
         self._size[id(node)] = self._nodes - before
         self._height[id(node)] = height
         return node
+
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # PyYAML keeps the last of two equal keys: a reviewer reading `max: 2` at the top
+        # of a check would not see the `max: 1e9` below it
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` then an explicit key is YAML's own override
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: the base constructor refuses it
+                    continue
+                if duplicate:
+                    raise _Refused(f"has the key {_cut(repr(key))} twice in one mapping "
+                                   f"(line {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
 
 
 def _cut(text: str) -> str:

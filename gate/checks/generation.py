@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gate.policy import CheckSpec
 
 PARAMS = CheckParams(listed=4, fields={
-    "prompts": (f.text_list, f.REQUIRED), "max_new_tokens": (f.int_at_least(1), 32),
+    "prompts": (f.text_list, f.REQUIRED), "max_new_tokens": (f.int_at_least(1, f.MAX_NEW_TOKENS), 32),
     "min_chars": (f.int_at_least(0), 1), "ngram": (f.int_at_least(1), 3),
     "max_repeat_fraction": (f.number(0, 1), 0.5),
 })

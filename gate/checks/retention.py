@@ -42,7 +42,7 @@ PARAMS = CheckParams(listed=3, fields={
     "metric": (f.choice("exact_match", "loglik"), "exact_match"),
     "baseline": (f.choice("parents", "release"), "parents"),
     "min_ratio": (f.optional(f.number(0)), None), "min_score": (f.optional(f.number(0, 1)), None),
-    "max_new_tokens": (f.optional(f.int_at_least(1)), None), "stop": (f.stop_list, ["\n"]),
+    "max_new_tokens": (f.optional(f.int_at_least(1, f.MAX_NEW_TOKENS)), None), "stop": (f.stop_list, ["\n"]),
     "case_sensitive": (f.boolean, True), "limit": (f.int_at_least(1), 256),
 }, file_maps=("sets",), one_of=("min_ratio", "min_score"))
 

@@ -91,15 +91,19 @@ class FieldChecker:
             raise self.fail(where, "must be a non-empty string or null", value)
         return value
 
-    def integer(self, value: Any, where: str, *, minimum: int | None = None) -> int:
-        """An integer (not a bool), at least ``minimum`` when one is given.
+    def integer(self, value: Any, where: str, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        """An integer (not a bool) within the optional bounds.
 
         Raises:
             BadInputError: Anything else.
         """
-        if not is_int(value) or (minimum is not None and value < minimum):
-            floor = "" if minimum is None else f" >= {minimum}"
-            raise self.fail(where, f"must be an integer{floor}", value)
+        if (not is_int(value) or (minimum is not None and value < minimum)
+                or (maximum is not None and value > maximum)):
+            bounds = (f" in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                      else f" <= {maximum}" if maximum is not None
+                      else f" >= {minimum}" if minimum is not None else "")
+            raise self.fail(where, f"must be an integer{bounds}", value)
         return int(value)
 
     def number(self, value: Any, where: str, *, minimum: float | None = None,

@@ -123,3 +123,18 @@ def test_perplexity_and_loglik_match_transformers_losses(model_and_tokenizer) ->
         expected = torch.log_softmax(logits[len(ctx) - 1:-1], -1).gather(
             1, torch.tensor(cont)[:, None]).sum()
         assert n == len(cont) and logp == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_an_answer_longer_than_the_window_is_scored_on_its_tail(model_and_tokenizer) -> None:
+    # found by a QA pass: with max_length 8 a 10-token answer crashed the loglik check
+    model, tok = model_and_tokenizer
+    ev = Evaluator(world().base, max_length=8)
+    prompt, answer = "A cat =", "meow the a of and is on in it"
+    ctx, cont = tok(prompt)["input_ids"], tok(answer, add_special_tokens=False)["input_ids"]
+    assert len(cont) >= 8
+    (logp, n), = ev.answer_logprobs(model, [(prompt, answer)])
+    row = (ctx + cont)[-8:]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row])).logits[0]
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(row[1:])[:, None]).sum()
+    assert n == 7 and logp == pytest.approx(float(expected), abs=1e-4)

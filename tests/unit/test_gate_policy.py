@@ -241,3 +241,21 @@ def test_exponent_numbers_in_yaml(tmp_path):
     path.write_text(path.read_text().replace("- kind: merge_equivalence",
                                              "- kind: merge_equivalence\n  max_abs_diff: 1e-3"))
     assert load_policy(path).checks[1]["max_abs_diff"] == 0.001
+
+
+def test_junit_stays_parseable_with_control_characters_in_messages(tmp_path):
+    # found by a QA pass: a model's generation (or a data label) holding \x01 or \x0b made
+    # the JUnit file unreadable for every CI consumer
+    result = GateResult(
+        candidate="m\x01", candidate_digest="sha256:" + "a" * 64, policy_digest="sha256:" + "b" * 64,
+        passed=False, base="/b", meta={"started": "2026-01-01T00:00:00Z"},
+        checks=(CheckResult("generation", "generation", "fail", "degenerate: 'ab\x0bc\x00'",
+                            {"sample\x02": "x\x1b[31m"}, [{"text": "\ud800 lone"}]),))
+    path = tmp_path / "r.xml"
+    to_junit(result).write(path, encoding="utf-8", xml_declaration=True)
+    root = ET.parse(path).getroot()
+    failure = next(root.iter("failure"))
+    assert failure.get("message") == "degenerate: 'ab\\x0bc\\x00'"
+    props = {p.get("name"): p.get("value") for p in next(root.iter("testcase")).iter("property")}
+    assert props == {"sample\\x02": "x\\x1b[31m"}
+    assert "\\ud800 lone" in failure.text

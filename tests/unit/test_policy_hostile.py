@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -200,3 +201,77 @@ def test_malformed_eval_data_is_bad_input_at_load(tmp_path, field, name, content
     with pytest.raises(BadInputError) as err:
         load_policy(tmp_path / "gate.yaml")
     assert words in err.value.message and f"checks[0].{field}" in err.value.message
+
+
+# --- found by the gate QA pass of stop 21 ---
+
+def test_a_key_given_twice_is_refused_not_the_last_one_kept(tmp_path):
+    (tmp_path / "h.txt").write_text("some text\n")
+    text = ("version: 1\nchecks:\n  - kind: perplexity\n    data: h.txt\n    max: 2\n"
+            "    baseline: base\n    max: 1000000000\n")
+    err = _refused(tmp_path, text, "has the key 'max' twice")
+    assert "line 7" in err.message
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    (tmp_path / "h.txt").write_text("some text\n")
+    text = ("x: &common {kind: perplexity, data: h.txt, max: 2}\nversion: 1\nchecks:\n"
+            "  - <<: *common\n    max: 3\n")
+    with pytest.raises(BadInputError, match="not a known top-level field|x"):
+        _load(tmp_path, text)  # `x` is not a policy field, but the merge itself parsed
+    text = "version: 1\nchecks:\n  - &c {kind: perplexity, data: h.txt, max: 2}\n  - <<: *c\n    name: p2\n    max: 3\n"
+    policy = _load(tmp_path, text)
+    assert [c["max"] for c in policy.checks] == [2, 3]
+
+
+@pytest.mark.parametrize(("fragment", "where"), [
+    ("seed: 18446744073709551616\n", "seed must be an integer in [0, 4294967295]"),
+    ("max_length: 100000000000\n", "max_length must be an integer in [8, 1000000]"),
+])
+def test_top_level_integers_are_bounded(tmp_path, fragment, where):
+    (tmp_path / "h.txt").write_text("some text\n")
+    _refused(tmp_path, "version: 1\n" + fragment + "checks:\n  - {kind: perplexity, data: h.txt, max: 9}\n",
+             re.escape(where))
+
+
+@pytest.mark.parametrize(("check", "where"), [
+    ("{kind: generation, prompts: [hi], max_new_tokens: 99999999999999999999999}",
+     "checks[0].max_new_tokens must be an integer in [1, 4096]"),
+    ("{kind: retention, sets: {a: p.jsonl}, min_score: 0.5, max_new_tokens: 5000}",
+     "checks[0].max_new_tokens must be an integer in [1, 4096]"),
+    ("{kind: retention, sets: {a: p.jsonl}, min_score: 0.5, limit: 10000000}",
+     "checks[0].limit must be an integer in [1, 1000000]"),
+])
+def test_check_integers_are_bounded(tmp_path, check, where):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    _refused(tmp_path, f"version: 1\nchecks:\n  - {check}\n", re.escape(where))
+
+
+@pytest.mark.parametrize("check", [
+    '{kind: structural, name: "struct\\x01ural"}',
+    '{kind: structural, name: "two\\nlines"}',
+    '{kind: retention, sets: {"nope\\x0b": p.jsonl}, min_score: 0.5}',
+])
+def test_names_and_set_labels_with_control_characters_are_refused(tmp_path, check):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    _refused(tmp_path, f"version: 1\nchecks:\n  - {check}\n", "must be printable text")
+
+
+def test_the_data_format_follows_the_path_as_written_not_a_symlink_target(tmp_path):
+    # the digest binds the path as written; a symlink re-pointed at a file with the same
+    # bytes but another suffix must not change how the data is parsed under that digest
+    text = '{"text": "one"}\n\n{"text": "two"}\n'
+    (tmp_path / "held.jsonl").write_text(text)
+    (tmp_path / "copy.txt").write_text(text)
+    os.symlink("held.jsonl", tmp_path / "eval")
+    doc = "version: 1\nchecks:\n  - {kind: perplexity, data: eval, max: 9}\n"
+    first = _load(tmp_path, doc)
+    (tmp_path / "eval").unlink()
+    os.symlink("copy.txt", tmp_path / "eval")
+    second = _load(tmp_path, doc)
+    assert first.digest == second.digest
+    from gate.eval_data import read_texts
+
+    read = [read_texts(p.checks[0].data_file("data")) for p in (first, second)]
+    # as written: no .jsonl suffix, so blank-line separated text both times
+    assert read[0] == read[1] == ['{"text": "one"}', '{"text": "two"}']
