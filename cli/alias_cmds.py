@@ -126,6 +126,8 @@ def lineage(
     up: Annotated[bool, typer.Option("--up", help="Parents (default).")] = False,
     down: Annotated[bool, typer.Option("--down", help="Children instead of parents.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="tree, json or dot.")] = "tree",
+    depth: Annotated[int, typer.Option("--depth", min=1, max=100,
+                                       help="Generations to show (1-100).")] = 100,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -137,7 +139,7 @@ def lineage(
     if fmt not in ("tree", "json", "dot"):
         raise BadInputError(f"unknown --format {shorten(fmt)}", fix="use tree, json or dot")
     direction = "down" if down else "up"
-    node = lin.lineage_tree(open_store(store), ref, direction)
+    node = lin.lineage_tree(open_store(store), ref, direction, max_depth=depth)
     data = lin.to_json(node)
     out = Output(json_out or fmt == "json")
     if fmt == "dot":
@@ -161,6 +163,8 @@ def _rich_tree(root: LineageNode) -> Tree:
             text += " [red]missing[/red]"
         if node.repeated:
             text += " [dim](see above)[/dim]"
+        if node.truncated:
+            text += " [dim](more generations: raise --depth)[/dim]"
         return text
 
     tree = Tree(label(root))

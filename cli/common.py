@@ -19,7 +19,6 @@ store itself is imported inside :func:`open_store`, when a command runs.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from registry.errors import (BadInputError, EnvironmentFailure, environment_error, shorten)
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.store import Store
@@ -153,7 +153,7 @@ def ref_or_dir(text: str, root: Path | None) -> tuple[Store | None, str | Path]:
 def parse_value(text: str) -> Any:
     """JSON when it parses (``3``, ``1e-4``, ``true``, ``[1,2]``), else the string itself."""
     try:
-        return json.loads(text)
+        return loads_json(text)
     except ValueError:
         return text
 

@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from registry.formats.strict_json import loads_json
 
 FOUR_BIT = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -82,7 +83,7 @@ def _short(value: Any, width: int = 20) -> str:
 def _state_json(raw: Any, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """Parse and validate a packed quant-state tensor: (state, problem)."""
     try:
-        state = json.loads(bytes(raw.flatten().tolist()).decode("utf-8"))
+        state = loads_json(bytes(raw.flatten().tolist()).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         return None, f"{key}: quant state is not JSON"
     if not isinstance(state, dict):

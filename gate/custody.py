@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from gate.records import require_passing_gate
 from registry.digests import sha256_digest
 from registry.errors import AdapterkitError, GateFailedError, IntegrityError
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.manifest import Version
@@ -63,7 +64,7 @@ def policy_document(store: Store, policy_digest: str, policy_file: str | Path | 
             raise IntegrityError(f"the stored policy blob {policy_digest[:19]}.. is corrupt",
                                  fix="run `adapters verify --all`")
         try:
-            return json.loads(data)
+            return loads_json(data)
         except ValueError:
             raise IntegrityError(f"the stored policy blob {policy_digest[:19]}.. does not parse",
                                  fix="run `adapters verify --all`") from None

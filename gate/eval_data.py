@@ -18,6 +18,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from registry.errors import BadInputError
+from registry.formats.strict_json import loads_json
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def read_pairs(path: Path | DataFile, *, limit: int | None = None) -> list[tuple
 
 def _jsonl_row(line: str, number: int, path: Path | DataFile, keys: Sequence[str]) -> dict[str, Any]:
     try:
-        row = json.loads(line)
+        row = loads_json(line)
     except ValueError:
         raise BadInputError(f"{path}:{number}: not valid JSON", fix="one JSON object per line") from None
     if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in keys):

@@ -42,6 +42,7 @@ from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from gate.provenance import is_quantized
 from registry.errors import BadInputError
 from registry.formats.patterns import explicit_peft_config
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +166,7 @@ class Evaluator:
             with tempfile.TemporaryDirectory(prefix="adapters-explicit-") as explicit:
                 # PEFT matches config patterns with Python's re: give it literal names only
                 source = Path(adapter_dir)
-                config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+                config = loads_json((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
                 names = [n for n, _ in model.named_modules()]
                 (Path(explicit) / ADAPTER_CONFIG).write_text(
                     json.dumps(explicit_peft_config(config, names)), encoding="utf-8")

@@ -10,12 +10,12 @@ biases, ``modules_to_save`` copies) is refused rather than approximated.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import UnsupportedAdapterError
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
     from registry.formats.peft_keys import base_weight_key, split_keys
 
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = loads_json((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     modules, extras = split_keys(tensors)
     if extras or config.get("use_dora") or config.get("lora_bias"):

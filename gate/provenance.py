@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.manifest import Version
@@ -142,10 +143,9 @@ def verify_model_dir(store: StoreReader, version: Version, model_dir: Path) -> d
 
 def is_quantized(path: Path) -> bool:
     """Whether ``path/config.json`` carries a ``quantization_config`` (bitsandbytes)."""
-    import json
 
     try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        config = loads_json((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and bool(config.get("quantization_config"))

@@ -24,7 +24,6 @@ metadata, so nothing heavy is imported. No torch here.
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from registry import __version__
 from registry.digests import canonical_json, is_digest, sha256_digest
 from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.progress import ProgressCallback
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.manifest import Version
@@ -113,7 +113,7 @@ def recorded_tensor_list(store: StoreReader, weights_digest: str) -> list[Entry]
         raise IntegrityError(f"the tensor list blob {weights_digest[:19]}.. is corrupt",
                              fix="run `adapters verify --all`; restore the blob from a copy")
     try:
-        rows = json.loads(data)["tensors"]
+        rows = loads_json(data)["tensors"]
     except (ValueError, KeyError, TypeError):
         raise IntegrityError(f"the tensor list blob {weights_digest[:19]}.. does not parse",
                              fix="run `adapters verify --all`") from None

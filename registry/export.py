@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.errors import BadInputError, ConflictError, EnvironmentFailure, environment_error
+from registry.errors import (BadInputError, ConflictError, EnvironmentFailure, IntegrityError,
+                             environment_error)
 from registry.fsutil import STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
 from registry.progress import ProgressCallback
 from registry.storage.manifest import Version
@@ -139,6 +140,22 @@ def model_card(version: Version) -> str:
     return "\n".join(front + body) + "\n"
 
 
+def _check_record(version: Version) -> None:
+    """The record must be one this store writes: the model card reads its fields.
+
+    Raises:
+        IntegrityError: It is not (a manifest written by hand).
+    """
+    from registry.record import validate_record
+
+    try:
+        validate_record(version.record)
+    except BadInputError as err:
+        raise IntegrityError(f"{version.ref}: its record is not one adapterkit writes "
+                             f"({err.message})", fix="treat it as tampering: run `adapters "
+                             "verify --all` and restore the store from a backup") from None
+
+
 def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
            progress: ProgressCallback | None = None,
            stale_grace_s: float = STALE_EXPORT_GRACE_S) -> ExportResult:
@@ -161,6 +178,7 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
         NotFoundError: Unknown ref.
     """
     version = ref if isinstance(ref, Version) else store.resolve(ref)
+    _check_record(version)
     if not version.files:
         raise BadInputError(f"{version.ref} has no stored files to export",
                             fix="derived models are recorded by reference; see record.location")

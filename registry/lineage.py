@@ -19,89 +19,17 @@ not expanded again. The CLI only prints these strings/dicts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from registry import __version__
-from registry.digests import canonical_json, is_digest
 from registry.errors import AdapterkitError, BadInputError
+from registry.lineage_schema import validate_lineage
 
 if TYPE_CHECKING:
     from registry.storage.manifest import Version
     from registry.storage.reader import StoreReader
-
-
-def _bad(field_name: str, msg: str, got: Any = ...) -> BadInputError:
-    detail = "" if got is ... else f", got {got!r}"
-    return BadInputError(f"lineage.{field_name} {msg}{detail}",
-                         fix="see DESIGN.md (manifest lineage) for the expected shape")
-
-
-def _parent(entry: Any, i: int) -> dict[str, Any]:
-    where = f"parents[{i}]"
-    if not isinstance(entry, dict):
-        raise _bad(where, "must be an object", entry)
-    unknown = set(entry) - {"digest", "ref", "role", "weight"}
-    if unknown:
-        raise _bad(f"{where}.{sorted(unknown)[0]}", "is not a known field")
-    if not is_digest(entry.get("digest")):
-        raise _bad(f"{where}.digest", "must be 'sha256:' + 64 hex digits", entry.get("digest"))
-    ref, role, weight = entry.get("ref"), entry.get("role", "input"), entry.get("weight")
-    if ref is not None and (not isinstance(ref, str) or not ref):
-        raise _bad(f"{where}.ref", "must be a non-empty string or null", ref)
-    if not isinstance(role, str) or not role:
-        raise _bad(f"{where}.role", "must be a non-empty string", role)
-    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
-                               or not math.isfinite(weight)):
-        raise _bad(f"{where}.weight", "must be a finite number or null", weight)
-    return {"digest": entry["digest"], "ref": ref, "role": role, "weight": weight}
-
-
-def validate_lineage(lineage: dict | None) -> dict | None:
-    """Check and normalise a lineage object (None passes through).
-
-    Raises:
-        BadInputError: A field is missing or malformed (the message names it).
-    """
-    if lineage is None:
-        return None
-    if not isinstance(lineage, dict):
-        raise _bad("(root)", "must be an object or null", lineage)
-    unknown = set(lineage) - {"parents", "recipe", "report"}
-    if unknown:
-        raise _bad(sorted(unknown)[0], "is not a known field")
-    parents = lineage.get("parents")
-    parents = [] if parents is None else parents
-    if not isinstance(parents, list):
-        raise _bad("parents", "must be a list", parents)
-    recipe = lineage.get("recipe")
-    if recipe is not None:
-        if not isinstance(recipe, dict):
-            raise _bad("recipe", "must be an object or null", recipe)
-        unknown = set(recipe) - {"method", "parameters", "tool", "tool_version"}
-        if unknown:
-            raise _bad(f"recipe.{sorted(unknown)[0]}", "is not a known field")
-        if not isinstance(recipe.get("method"), str) or not recipe["method"]:
-            raise _bad("recipe.method", "must be a non-empty string", recipe.get("method"))
-        params = recipe.get("parameters")
-        params = {} if params is None else params
-        if not isinstance(params, dict):
-            raise _bad("recipe.parameters", "must be an object", params)
-        recipe = {"method": recipe["method"], "parameters": params,
-                  "tool": str(recipe.get("tool") or "adapterkit"),
-                  "tool_version": str(recipe.get("tool_version") or __version__)}
-    report = lineage.get("report")
-    if report is not None and not isinstance(report, dict):
-        raise _bad("report", "must be an object or null", report)
-    out = {"parents": [_parent(p, i) for i, p in enumerate(parents)], "recipe": recipe,
-           "report": report}
-    try:
-        canonical_json(out)
-    except BadInputError as err:
-        raise _bad("(root)", f"must be JSON: {err.message}") from None
-    return out
 
 
 def parent(version: Version, *, role: str = "input", weight: float | None = None) -> dict:
@@ -135,6 +63,7 @@ class LineageNode:
         missing: Its manifest could not be read.
         repeated: Already shown elsewhere in the tree (not expanded again).
         children: Next level (parents when going up, derived versions going down).
+        truncated: Its next level was cut by the depth limit.
     """
 
     digest: str
@@ -145,6 +74,8 @@ class LineageNode:
     missing: bool = False
     repeated: bool = False
     children: tuple["LineageNode", ...] = field(default_factory=tuple)
+    truncated: bool = False
+    """It has parents (or children) the depth limit left out."""
 
     @property
     def label(self) -> str:
@@ -157,14 +88,21 @@ def _method(manifest: dict) -> str | None:
     return (lineage.get("recipe") or {}).get("method")
 
 
+MAX_DEPTH = 100
+"""Most generations a lineage tree shows (deeper ones are marked ``truncated``): the tree,
+its JSON and DOT are built recursively, and an audited chain can be thousands deep."""
+
+
 def ancestors(store: StoreReader, ref: str, *, max_depth: int | None = None) -> LineageNode:
-    """The tree of versions ``ref`` was derived from (children = parents).
+    """The tree of versions ``ref`` was derived from (children = parents), at most
+    ``max_depth`` (default and cap :data:`MAX_DEPTH`) generations deep.
 
     Raises:
         NotFoundError / BadInputError: Unknown or malformed ref.
     """
     start = store.resolve(ref)
     seen: set[str] = set()
+    limit = _depth(max_depth)
 
     def walk(digest: str, entry: dict | None, depth: int) -> LineageNode:
         role = entry.get("role") if entry else None
@@ -177,12 +115,12 @@ def ancestors(store: StoreReader, ref: str, *, max_depth: int | None = None) -> 
             return LineageNode(digest, manifest.get("name"), _method(manifest), role, weight,
                                repeated=True)
         seen.add(digest)
+        parents = (manifest.get("lineage") or {}).get("parents", [])
         kids: tuple[LineageNode, ...] = ()
-        if max_depth is None or depth < max_depth:
-            kids = tuple(walk(p["digest"], p, depth + 1)
-                         for p in (manifest.get("lineage") or {}).get("parents", []))
+        if depth < limit:
+            kids = tuple(walk(p["digest"], p, depth + 1) for p in parents)
         return LineageNode(digest, manifest.get("name"), _method(manifest), role, weight,
-                           children=kids)
+                           children=kids, truncated=depth >= limit and bool(parents))
 
     return walk(start.digest, None, 0)
 
@@ -218,6 +156,7 @@ def descendants(store: StoreReader, ref: str, *, max_depth: int | None = None,
     start = store.resolve(ref)
     index = child_edges(store) if edges is None else edges
     seen: set[str] = set()
+    limit = _depth(max_depth)
 
     def walk(version: Version, entry: dict | None, depth: int) -> LineageNode:
         role = entry.get("role") if entry else None
@@ -226,15 +165,19 @@ def descendants(store: StoreReader, ref: str, *, max_depth: int | None = None,
             return LineageNode(version.digest, version.name, _method(version.manifest), role,
                                weight, repeated=True)
         seen.add(version.digest)
+        below = index.get(version.digest, [])
         kids: tuple[LineageNode, ...] = ()
-        if max_depth is None or depth < max_depth:
+        if depth < limit:
             kids = tuple(walk(child, e, depth + 1)
-                         for child, e in sorted(index.get(version.digest, []),
-                                                key=lambda ce: (ce[0].created, ce[0].digest)))
+                         for child, e in sorted(below, key=lambda ce: (ce[0].created, ce[0].digest)))
         return LineageNode(version.digest, version.name, _method(version.manifest), role, weight,
-                           children=kids)
+                           children=kids, truncated=depth >= limit and bool(below))
 
     return walk(start, None, 0)
+
+
+def _depth(max_depth: int | None) -> int:
+    return MAX_DEPTH if max_depth is None else min(max_depth, MAX_DEPTH)
 
 
 def lineage_tree(store: StoreReader, ref: str, direction: str = "up", *,
@@ -256,11 +199,13 @@ def lineage_tree(store: StoreReader, ref: str, direction: str = "up", *,
 def to_json(node: LineageNode) -> dict[str, Any]:
     """Nested JSON form.
 
-    Each node is ``{digest, name, label, method, role, weight, missing, repeated, children}``.
+    Each node is ``{digest, name, label, method, role, weight, missing, repeated, truncated,
+    children}``.
     """
     return {"digest": node.digest, "name": node.name, "label": node.label, "method": node.method,
             "role": node.role, "weight": node.weight, "missing": node.missing,
-            "repeated": node.repeated, "children": [to_json(c) for c in node.children]}
+            "repeated": node.repeated, "truncated": node.truncated,
+            "children": [to_json(c) for c in node.children]}
 
 
 def _edge_label(node: LineageNode) -> str:

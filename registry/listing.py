@@ -23,7 +23,6 @@ Every read goes through the backend, so local and S3 stores list the same way.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from registry.digests import DIGEST_PREFIX, HEX_RE
 from registry.errors import AdapterkitError, BadInputError
 from registry.storage.refs import SEGMENT_RE, is_valid_name
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.reader import StoreReader
@@ -174,7 +174,7 @@ def _gate_summary(store: StoreReader, hexes: list[str], gates: dict[str, list[st
             record_digest = store.read_pointer(key)
             if record_digest is None:
                 continue
-            record = json.loads(store.blobs.read_verified(record_digest))
+            record = loads_json(store.blobs.read_verified(record_digest))
             candidate, policy = DIGEST_PREFIX + hexdigest, DIGEST_PREFIX + key.split("/")[2]
             problem = vouching.problem(candidate, policy, record, record_digest)
             if problem:

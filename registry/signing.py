@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import BadInputError, GateFailedError, IntegrityError, NotFoundError
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -230,7 +231,7 @@ def check_envelope(envelope: dict[str, Any], trusted: dict[str, Ed25519PublicKey
         if envelope["payloadType"] != PAYLOAD_TYPE:
             raise IntegrityError(f"signature envelope has payload type {envelope['payloadType']!r}")
         payload = base64.b64decode(envelope["payload"], validate=True)
-        bound = json.loads(payload)
+        bound = loads_json(payload)
         name, digest = str(bound["name"]), str(bound["digest"])
         signatures = list(envelope["signatures"])
     except (KeyError, TypeError, ValueError) as err:
@@ -275,7 +276,7 @@ def split_envelope(envelope: Any) -> tuple[str, str, dict[str, dict[str, Any]]]:
         if envelope["payloadType"] != PAYLOAD_TYPE:
             raise BadInputError(f"envelope payload type is {envelope['payloadType']!r}, "
                                 f"expected {PAYLOAD_TYPE}", fix=fix)
-        bound = json.loads(base64.b64decode(envelope["payload"], validate=True))
+        bound = loads_json(base64.b64decode(envelope["payload"], validate=True))
         name, digest = bound["name"], bound["digest"]
         signatures = list(envelope["signatures"])
     except (KeyError, TypeError, ValueError) as err:
@@ -316,7 +317,7 @@ def check_version(store: StoreReader, name: str, digest: str,
     untrusted: list[str] = []
     for _, pointer_keyid, blob in store.signature_pointers(digest):
         try:
-            envelope = json.loads(store.blobs.read_verified(blob))
+            envelope = loads_json(store.blobs.read_verified(blob))
             check = check_envelope(envelope, trusted)
         except (IntegrityError, NotFoundError, ValueError):
             (invalid if pointer_keyid in trusted else untrusted).append(pointer_keyid)

@@ -30,7 +30,6 @@ just the first):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from gate import policy_fields as f
 from gate.check_kinds import CheckParams
 from gate.checks import Outcome, passed
 from registry.errors import AdapterkitError
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from gate.bnb_state import QuantLayout
@@ -191,7 +191,7 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
     tensor_rank = 0
     if is_adapter:
         try:
-            config = json.loads((cand_dir / CONFIG).read_text(encoding="utf-8"))
+            config = loads_json((cand_dir / CONFIG).read_text(encoding="utf-8"))
             from registry.formats.peft_keys import validate_lora_config
 
             validate_lora_config(config, cand_dir / CONFIG)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from merging.dtypes import torch_dtype
 from merging.model.buffers import byte_view, view_as
 from registry.errors import BadInputError, NotFoundError
 from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from registry.formats.strict_json import loads_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -163,7 +163,7 @@ def read_layout(model_dir: str | Path) -> ModelLayout:
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
+            index = loads_json(index_path.read_text())
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")

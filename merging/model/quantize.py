@@ -10,7 +10,6 @@ the whole-model route, kept as the reference the tests compare against.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from merging.devices import resolve_device
 from merging.model.bnb import QuantSpec
 from merging.model.execute import TensorCallback, rewrite_model
 from merging.model.probe import config_dtype
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from merging.model.results import UnloadResult
@@ -76,7 +76,7 @@ def quantize_with_transformers(model_dir: str | Path, spec: QuantSpec, out: str 
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = loads_json((Path(model_dir) / "config.json").read_text())
     dtype = config_dtype(config) or torch.float32
     qcfg = BitsAndBytesConfig.from_dict(spec.bnb_config(dtype))
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qcfg,

@@ -10,7 +10,6 @@ building and checking them lives here once and both report the same problems.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from registry.digests import json_digest
 from registry.errors import IntegrityError
 from registry.stamps import default_actor, utc_now_iso
+from registry.formats.strict_json import loads_json
 
 ENTRY_KEYS = ("seq", "ts", "actor", "action", "subject", "old", "new", "prev_hash", "hash")
 
@@ -84,7 +84,7 @@ def check_chain(rows: list[tuple[int, bytes]]) -> tuple[list[AuditProblem], int,
     prev_seq, prev_hash = 0, None
     for number, raw in rows:
         try:
-            entry = json.loads(raw)
+            entry = loads_json(raw)
         except ValueError:
             problems.append(AuditProblem(number, "unparsable", "line is not valid JSON"))
             continue
@@ -133,13 +133,24 @@ def parse_entries(rows: Iterable[tuple[int, bytes]], what: str) -> list[dict]:
         what: What a row is called in the error (``audit log line``, ``audit entry``).
 
     Raises:
-        IntegrityError: A row is not valid JSON (run ``adapters audit verify`` for details).
+        IntegrityError: A row is not valid JSON, or not an entry (an object with an
+            integer ``seq`` and string ``ts``, ``action`` and ``subject``): run
+            ``adapters audit verify`` for details.
     """
     out = []
     for number, raw in rows:
         try:
-            out.append(json.loads(raw))
+            entry = loads_json(raw)
         except ValueError:
             raise IntegrityError(f"{what} {number} is not valid JSON",
                                  fix="run `adapters audit verify`") from None
+        if not _entry_shaped(entry):  # every reader indexes these fields
+            raise IntegrityError(f"{what} {number} is not an audit entry",
+                                 fix="run `adapters audit verify`")
+        out.append(entry)
     return out
+
+
+def _entry_shaped(entry: object) -> bool:
+    return (isinstance(entry, dict) and type(entry.get("seq")) is int
+            and all(isinstance(entry.get(key), str) for key in ("ts", "action", "subject")))

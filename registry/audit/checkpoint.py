@@ -17,13 +17,13 @@ signature can never pass for a version signature or the other way round.
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.digests import canonical_json
-from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.errors import BadInputError, IntegrityError, NotFoundError, shorten
 from registry.signing import check_signatures, key_id, pae, read_private_key
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -56,7 +56,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         BadInputError: Unreadable or not JSON.
     """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return loads_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFoundError(f"no checkpoint file {path}",
                             fix="pass the file `adapters audit checkpoint --out` wrote") from None
@@ -81,11 +81,13 @@ def check_checkpoint(envelope: Any, entries: list[dict[str, Any]],
             raise IntegrityError(f"checkpoint has payload type {envelope['payloadType']!r}",
                                  fix="pass a file written by `adapters audit checkpoint`")
         payload = base64.b64decode(envelope["payload"], validate=True)
-        bound = json.loads(payload)
-        seq, digest = int(bound["seq"]), str(bound["hash"])
+        bound = loads_json(payload)
+        seq, digest = bound["seq"], str(bound["hash"])
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ValueError(f"seq {shorten(seq)} is not a non-negative integer")
         signatures = list(envelope["signatures"])
     except (KeyError, TypeError, ValueError) as err:
-        raise IntegrityError(f"malformed audit checkpoint ({err})",
+        raise IntegrityError(f"malformed audit checkpoint ({str(err)[:200]})",
                              fix="pass a file written by `adapters audit checkpoint`") from None
     problems: list[str] = []
     valid, invalid, untrusted = check_signatures(PAYLOAD_TYPE, payload, signatures, trusted)

@@ -31,7 +31,6 @@ Failpoints (:mod:`registry.storage.failpoints`) sit between the steps: ``<op>.be
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -45,6 +44,7 @@ from registry.errors import AdapterkitError
 from registry.stamps import default_actor, utc_now_iso
 from registry.storage.backends.base import ObjectMissing
 from registry.storage.failpoints import failpoint
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.reader import StoreReader
@@ -105,7 +105,7 @@ def pending_intents(store: StoreReader) -> list[Intent]:
     out = []
     for key in store.backend.list(PENDING):
         try:
-            data = json.loads(store.backend.get(key)[0])
+            data = loads_json(store.backend.get(key)[0])
             out.append(Intent(**{k: data[k] for k in Intent.__dataclass_fields__}))
         except (ObjectMissing, ValueError, KeyError, TypeError):
             continue

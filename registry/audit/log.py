@@ -25,7 +25,6 @@ and a head that disagrees with the last line (truncated or edited tail).
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from registry.errors import IntegrityError
 from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs
 from registry.storage.failpoints import armed, failpoint
 from registry.storage.locking import file_lock
+from registry.formats.strict_json import loads_json
 
 
 def _append_line(fd: int, line: bytes) -> None:
@@ -69,7 +69,7 @@ def _append_line(fd: int, line: bytes) -> None:
 
 def _prev_hash(raw: bytes) -> str | None:
     try:
-        entry = json.loads(raw)
+        entry = loads_json(raw)
     except ValueError:
         return None
     return entry.get("prev_hash") if isinstance(entry, dict) else None
@@ -90,7 +90,7 @@ class AuditLog:
 
     def _head(self) -> tuple[int, str | None]:
         try:
-            head = json.loads(self.head_path.read_text(encoding="utf-8"))
+            head = loads_json(self.head_path.read_text(encoding="utf-8"))
             return int(head["seq"]), head["hash"]
         except FileNotFoundError:
             return 0, None
@@ -153,7 +153,7 @@ class AuditLog:
         if not lines[-1]:
             return None
         try:
-            last = json.loads(lines[-1])
+            last = loads_json(lines[-1])
         except ValueError:
             last = None
         if not isinstance(last, dict):
@@ -213,7 +213,7 @@ class AuditLog:
         out = []
         for _, raw in self._lines():
             try:
-                entry = json.loads(raw)
+                entry = loads_json(raw)
             except ValueError:
                 continue
             if isinstance(entry, dict) and isinstance(entry.get("seq"), int) \

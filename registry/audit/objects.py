@@ -25,7 +25,6 @@ order, but each entry's ``old``/``new`` is exactly what its compare-and-swap rep
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -34,6 +33,7 @@ from registry.digests import canonical_json
 from registry.errors import IntegrityError
 from registry.storage.backends.base import Backend, ObjectMissing, PreconditionFailed
 from registry.storage.failpoints import failpoint
+from registry.formats.strict_json import loads_json
 
 ENTRIES = "audit/entries/"
 HEAD = "audit/head.json"
@@ -59,7 +59,7 @@ class ObjectAuditLog:
     def _entry_at(self, seq: int) -> dict[str, Any]:
         data, _ = self.backend.get(entry_key(seq))
         try:
-            entry = json.loads(data)
+            entry = loads_json(data)
         except ValueError:
             entry = None
         if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str):
@@ -73,7 +73,7 @@ class ObjectAuditLog:
         except ObjectMissing:
             return None, None
         try:
-            head = json.loads(data)
+            head = loads_json(data)
             return (int(head["seq"]), head["hash"]), etag
         except (ValueError, KeyError, TypeError) as err:
             raise IntegrityError(f"audit head {HEAD} is unreadable: {err}",
@@ -190,7 +190,7 @@ class ObjectAuditLog:
         by_seq = dict(rows)
         raw = by_seq.get(head[0])
         try:
-            found = json.loads(raw).get("hash") if raw is not None else None
+            found = loads_json(raw).get("hash") if raw is not None else None
         except (ValueError, AttributeError):
             found = None
         if head[0] > last_seq or found != head[1]:

@@ -18,13 +18,13 @@ prints:
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import ConflictError, IntegrityError
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.storage.store import Store
@@ -139,7 +139,7 @@ def write_checkpoint(store: Store, key: Path, out: Path) -> Checkpoint:
         raise IntegrityError("the audit log does not verify; not signing it",
                              fix="run `adapters audit verify` and restore the log first")
     envelope = sign_checkpoint(store.audit().entries(), key)
-    payload = json.loads(base64.b64decode(envelope["payload"]))
+    payload = loads_json(base64.b64decode(envelope["payload"]))
     keyid = envelope["signatures"][0]["keyid"]
     atomic_write_bytes(out, canonical_json(envelope) + b"\n")
     store.audit().append("checkpoint", "audit", new={**payload, "keyid": keyid})

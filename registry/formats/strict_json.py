@@ -53,6 +53,25 @@ def _no_constant(text: str) -> Any:
     raise StrictJSONError(f"unexpected constant {text}")
 
 
+class JSONNestingError(ValueError):
+    """A document nested deeper than Python's parser can follow (a ``RecursionError`` there)."""
+
+
+def loads_json(data: str | bytes) -> Any:
+    """``json.loads`` for untrusted bytes, with a document nested too deeply for the parser
+    (``[[[[...`` 100 000 levels: a ``RecursionError`` inside ``json``) raised as
+    :class:`JSONNestingError`, a ``ValueError`` like every other malformed document, so
+    callers that report bad JSON as tampering (exit 3) or bad input (exit 2) report it too.
+
+    Raises:
+        ValueError: Not JSON (``json.JSONDecodeError``) or nested too deeply.
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise JSONNestingError("JSON nested too deeply") from None
+
+
 def loads_strict(text: str, *, parse_int: Callable[[str], Any] | None = None,
                  parse_float: Callable[[str], Any] | None = None) -> Any:
     """``json.loads`` refusing duplicate keys and ``NaN``/``Infinity``/``-Infinity``.
@@ -65,10 +84,13 @@ def loads_strict(text: str, *, parse_int: Callable[[str], Any] | None = None,
     Raises:
         StrictJSONError: A duplicate key or a non-finite constant.
         ValueError: Not JSON at all (``json.JSONDecodeError``), or what a hook raises.
-        RecursionError: Nested too deeply.
+        JSONNestingError: Nested too deeply.
     """
-    return json.loads(text, object_pairs_hook=_unique_pairs, parse_int=parse_int,
-                      parse_float=parse_float, parse_constant=_no_constant)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_int=parse_int,
+                          parse_float=parse_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise JSONNestingError("JSON nested too deeply") from None
 
 
 def load_json_file(path: Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:

@@ -202,7 +202,9 @@ def stage_snapshot(snapshot: Path, dest: Path) -> list[str]:
     Raises:
         BadInputError: A link is broken or resolves outside the repo's cache folder.
     """
-    repo_folder = snapshot.resolve().parent.parent
+    # the repo folder as the cache names it: a snapshot folder that is itself a link
+    # elsewhere must not widen what counts as "inside"
+    repo_folder = snapshot.parent.parent.resolve()
     staged = []
     for name in ALLOW_PATTERNS:
         src = snapshot / name

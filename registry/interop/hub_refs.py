@@ -68,7 +68,7 @@ def parse_hub_ref(text: str) -> HubRef:
     repo_id, sep, revision = body.partition("@")
     _check_repo_id(repo_id, text[:200])
     if sep and (not revision or len(revision) > 255 or not _REVISION.match(revision)
-                or ".." in revision):
+                or ".." in revision or "." in revision.split("/")):
         raise BadInputError(f"{text[:200]!r}: bad revision after '@'", fix=_REF_FIX)
     return HubRef(repo_id, revision or None)
 

@@ -11,15 +11,17 @@ reports.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from registry.audit.index import AuditIndex, cross_check
-from registry.errors import AdapterkitError, IntegrityError
+from registry.digests import is_digest
+from registry.errors import AdapterkitError, IntegrityError, shorten
 from registry.progress import ProgressCallback
 from registry.storage.manifest import check_manifest
 from registry.storage.store import Store
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -106,7 +108,7 @@ class _Checker:
         if self.hash(digest) != digest:
             return
         try:
-            manifest = check_manifest(json.loads(self.store.blobs.read(digest)), digest)
+            manifest = check_manifest(loads_json(self.store.blobs.read(digest)), digest)
         except (ValueError, AdapterkitError) as err:
             self.extra.append(BlobProblem("bad_manifest", digest, (label,), str(err)))
             return
@@ -200,9 +202,9 @@ def _check_signatures(store: Store, targets: list[tuple[str, str]],
         if check.invalid_keyids:
             problems.append(BlobProblem("bad_signature", digest, label,
                                         "signature by trusted key "
-                                        f"{', '.join(check.invalid_keyids)} does not verify"))
+                                        f"{_keyids(check.invalid_keyids)} does not verify"))
         elif not check.valid_keyids:
-            others = (f"; signed only by untrusted {', '.join(check.untrusted_keyids)}"
+            others = (f"; signed only by untrusted {_keyids(check.untrusted_keyids)}"
                       if check.untrusted_keyids else "")
             problems.append(BlobProblem("unsigned", digest, label,
                                         f"no valid signature by a trusted key{others}"))
@@ -211,3 +213,12 @@ def _check_signatures(store: Store, targets: list[tuple[str, str]],
     return signed, problems
 
 __all__ = ["BlobProblem", "VerifyReport", "verify"]
+
+
+def _keyids(keyids: Sequence[str], shown: int = 3) -> str:
+    """Key ids for a message: the store's envelopes are untrusted, so a well-formed id
+    (``sha256:`` + 64 hex digits) is shown whole, anything else cut to 19 characters, and
+    at most ``shown`` are listed."""
+    cut = [k if is_digest(k) else shorten(k, 22) for k in keyids[:shown]]
+    more = len(keyids) - shown
+    return ", ".join(cut) + (f" and {more} more" if more > 0 else "")

@@ -66,8 +66,14 @@ def check_manifest(manifest: Any, digest: str) -> dict[str, Any]:
                 or not isinstance(entry.get("size"), int):
             raise bad(f"bad file entry {entry!r}")
         validate_file_path(entry.get("path"))
-    if manifest.get("lineage") is not None and not isinstance(manifest["lineage"], dict):
-        raise bad("lineage must be an object or null")
+    if manifest.get("lineage") is not None:
+        from registry.errors import BadInputError
+        from registry.lineage_schema import lineage_shape
+
+        try:  # every lineage reader indexes parents, digests and weights
+            lineage_shape(manifest["lineage"])
+        except BadInputError as err:
+            raise bad(err.message) from None
     return manifest
 
 

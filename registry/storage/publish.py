@@ -20,7 +20,7 @@ from pathlib import Path
 from registry.audit.journal import recover, run_mutation
 from registry.digests import canonical_json, digest_hex
 from registry.errors import AdapterkitError, BadInputError, ConflictError, NotFoundError
-from registry.lineage import validate_lineage
+from registry.lineage_schema import validate_lineage
 from registry.progress import ProgressCallback
 from registry.record import validate_record
 from registry.stamps import utc_now_iso

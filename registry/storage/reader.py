@@ -14,7 +14,6 @@ trusted silently. File blobs are checked when they are materialised or verified.
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from registry.storage.refs import (
     validate_name,
 )
 from registry.storage.refwrite import read_ref
+from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
     from registry.audit.trail import AuditTrail
@@ -82,7 +82,7 @@ class StoreReader:
             BadInputError: config.json is not valid JSON.
         """
         try:
-            data = json.loads(self.backend.get("config.json")[0])
+            data = loads_json(self.backend.get("config.json")[0])
         except ObjectMissing:
             data = {}
         except ValueError as err:
@@ -170,7 +170,7 @@ class StoreReader:
         """
         data = self.blobs.read_verified(check_digest(digest))
         try:
-            manifest = json.loads(data)
+            manifest = loads_json(data)
         except ValueError:
             raise IntegrityError(f"blob {digest} is not JSON", fix="run `adapters verify`") \
                 from None
@@ -319,7 +319,7 @@ class StoreReader:
         record_digest = self._read_alias(pointer)
         if record_digest is None:
             return None
-        return json.loads(self.blobs.read_verified(record_digest))
+        return loads_json(self.blobs.read_verified(record_digest))
 
     def gate_pointers(self) -> list[tuple[str, str, str]]:
         """Every ``(candidate digest, policy digest, record digest)`` in ``gates/``."""
@@ -369,7 +369,7 @@ class StoreReader:
         out = []
         for _, _, blob in self.signature_pointers(check_digest(digest)):
             try:
-                envelope = json.loads(self.blobs.read_verified(blob))
+                envelope = loads_json(self.blobs.read_verified(blob))
             except ValueError:
                 raise IntegrityError(f"signature envelope {blob} is not JSON",
                                      fix="run `adapters verify --all`; re-sign the version") \

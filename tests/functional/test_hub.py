@@ -149,7 +149,8 @@ def test_pull_not_cached_offline_exits_5(world: World, source: str) -> None:
 def test_bad_hf_refs_exit_2(world: World) -> None:
     bad = ["acme/tiny-lora", "hf://tiny-lora", "hf://acme/tiny/lora", f"hf://{REPO}@",
            "hf://acme/a--b", "hf://-acme/x", "hf://datasets/acme/x", f"hf://{REPO}@a..b",
-           "hf://acme/x@a b", "https://huggingface.co/acme/x"]
+           "hf://acme/x@a b", "https://huggingface.co/acme/x", f"hf://{REPO}@.",
+           f"hf://{REPO}@./main", f"hf://{REPO}@main/."]
     for source in bad:
         code, _out, err = run_cli(world.env, "pull", source, "--store", world.store)
         assert_one_line_error(code, err, 2)
@@ -229,3 +230,25 @@ def test_hub_modules_import_nothing_heavy() -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_snapshot_folder_linked_outside_the_cache_is_refused(world: World, tmp_path: Path) -> None:
+    # found by a QA pass: a snapshot folder that is itself a link to a folder outside
+    # models--org--name made the "inside the repo's cache folder" check compare against
+    # the link's target, so files from anywhere were ingested
+    from registry.errors import BadInputError
+    from registry.interop.hub import stage_snapshot
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (outside / name).write_bytes((world.a1 / name).read_bytes())
+    repo = tmp_path / "cache" / "models--org--evil"
+    (repo / "snapshots").mkdir(parents=True)
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.symlink_to(outside, target_is_directory=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(BadInputError, match="outside the cache folder"):
+        stage_snapshot(snapshot, dest)
+    assert not any(dest.iterdir())

@@ -38,7 +38,6 @@ the uploaded bytes are exactly the hashed ones) live in a per-store cache direct
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any, BinaryIO
 from registry.errors import AdapterkitError, BadInputError, EnvironmentFailure, NotFoundError
 from registry.fsutil import unlink_quietly
 from registry.storage.backends.base import ObjectInfo, ObjectMissing, PreconditionFailed
+from registry.formats.strict_json import loads_json
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -63,7 +63,7 @@ def s3_settings(bucket: str) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = loads_json(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise BadInputError(f"{path} is not valid JSON: {err}",
                                 fix="fix or remove the S3 config file") from err
