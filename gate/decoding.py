@@ -67,6 +67,7 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_kw = _cache_keyword(model)
     rows: list[list[int]] = [[] for _ in prompts]
     done = [budget <= 0 for budget in budgets]
     with torch.no_grad():
@@ -85,10 +86,21 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
                 break
             mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
             positions = positions[:, -1:] + 1
+            past = out.get("cache")
             out = model(input_ids=torch.tensor(chosen, device=device)[:, None],
-                        attention_mask=mask, position_ids=positions,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{cache_kw: out.get("past_key_values") if past is None else past})
     return rows
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """The name the model's ``forward`` takes the KV cache under: ``cache`` from transformers
+    5.24 (``past_key_values`` is deprecated there, with a warning per call), else
+    ``past_key_values``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def forward_many(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, pad_id: int, device: str = "cpu",

@@ -280,7 +280,9 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     target = settings.name or f"{versions[0].name}-search"
     validate_name(target)
     name = settings.study or study_name(versions, policy.digest, space, settings)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a trial that raises is logged by Optuna as a WARNING with its traceback; the
+    # error reaches the user once, as the CLI's one-line message
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(settings.storage, settings.heartbeat)
     with leased_temp_dir(store.root / "tmp", "search-") as work:  # gc leaves it alone
         scorer_directions = _directions(policy, versions)

@@ -103,6 +103,8 @@ the CPU, one per single-threaded worker; larger ones one at a time (module docst
 def _refactored(method_output: str, result: Any, inputs: Sequence[ModuleInput], rank: Any,
                 ctx: ModuleContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     if isinstance(result, Factors):
+        if not (bool(torch.isfinite(result.B).all()) and bool(torch.isfinite(result.A).all())):
+            raise overflow_error([ctx.name])  # weights or lambda scaled a factor past float32
         if method_output == "concat" and not isinstance(rank, int):
             b, a = result.B, result.A
         else:

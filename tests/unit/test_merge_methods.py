@@ -475,6 +475,23 @@ def test_weights_that_overflow_the_merged_delta_are_refused(tmp_path, group_modu
                        group_modules=group_modules)
 
 
+@pytest.mark.parametrize(("method", "weights", "params"), [
+    ("linear", [1e39, 1.0], {}), ("task_arithmetic", [1.0, 1.0], {"lambda": 1e39}),
+    ("cat", [3e38, 3e38], {}),
+])
+def test_exact_methods_whose_factors_overflow_are_refused(tmp_path, method, weights, params) -> None:
+    # found by a QA pass: the exact (stacked-factor) methods skipped the overflow check and
+    # crashed in the SVD (exit 70); they are refused like the dense ones
+    from merging.lora.engine import merge_adapters
+    from registry.errors import MergeRangeError
+    from tests.support.merge import random_adapter
+
+    a = random_adapter(tmp_path / "a", OVERFLOW_SHAPES, 4, seed=1)
+    b = random_adapter(tmp_path / "b", OVERFLOW_SHAPES, 4, seed=2)
+    with pytest.raises(MergeRangeError, match="overflows float32|do not fit float32"):
+        merge_adapters([a, b], weights, method, params=params)
+
+
 def test_a_merge_that_does_not_fit_float16_is_refused(tmp_path) -> None:
     from merging.lora.engine import merge_adapters
     from tests.support.merge import lora_config, write_adapter
