@@ -99,7 +99,8 @@ def _cache_keyword(model: PreTrainedModel) -> str:
     ``past_key_values``."""
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps
+    unwrap = getattr(model, "get_base_model", None)  # a PEFT model wraps the transformers one
+    inner = unwrap() if callable(unwrap) else model
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
