@@ -196,3 +196,24 @@ def is_leased(path: Path) -> bool:
     finally:
         os.close(fd)  # closing releases a lock just taken
     return False
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` if it is absent or an empty directory, checked before any work (and
+    again before an output is renamed onto it).
+
+    Raises:
+        ConflictError: It exists and is a file or holds something, or it is a symbolic
+            link: the output is renamed into place, and a rename replaces the link, not
+            the directory it points at.
+    """
+    from registry.errors import ConflictError
+
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise ConflictError(f"{out} is a symbolic link; it is not followed",
+                            fix="choose a real new or empty directory for --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConflictError(f"{out} already exists and is not empty",
+                            fix="choose another --out directory or remove it first")
+    return out

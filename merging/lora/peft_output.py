@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.fsutil import make_dirs
-from registry.errors import ConflictError
-from registry.fsutil import remove_stale_dirs
+from registry.fsutil import check_out_dir, remove_stale_dirs
 from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
 from registry.formats.peft_keys import strip_prefix
 
@@ -77,19 +76,6 @@ def output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int]) -> dic
         if config.get(key) is None:
             config.pop(key, None)
     return config
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """``out_dir`` if it is absent or an empty directory (checked before any work).
-
-    Raises:
-        ConflictError: It exists and is not an empty directory.
-    """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConflictError(f"{out} already exists and is not empty",
-                            fix="choose another --out directory or remove it")
-    return out
 
 
 def write_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:

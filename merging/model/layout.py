@@ -33,7 +33,7 @@ import torch
 
 from merging.dtypes import torch_dtype
 from merging.model.buffers import byte_view, view_as
-from registry.errors import BadInputError, NotFoundError
+from registry.errors import BadInputError, NotFoundError, shorten
 from registry.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 from registry.formats.strict_json import loads_json
 
@@ -167,6 +167,9 @@ def read_layout(model_dir: str | Path) -> ModelLayout:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
+            odd = [v for v in weight_map.values() if not isinstance(v, str)]
+            if odd:
+                raise TypeError(f"weight_map maps a tensor to {shorten(odd[0])}, not a shard file name")
         except (ValueError, KeyError, TypeError) as err:
             raise BadInputError(f"{index_path}: malformed index ({err})",
                                 fix="re-save the model with save_pretrained") from None
@@ -181,7 +184,7 @@ def read_layout(model_dir: str | Path) -> ModelLayout:
     headers: dict[str, SafetensorsHeader] = {}
     for fname in files:
         if "/" in fname or "\\" in fname or fname in ("", ".", ".."):
-            raise BadInputError(f"{index_path}: bad shard file name {fname!r}",
+            raise BadInputError(f"{index_path}: bad shard file name {shorten(fname)}",
                                 fix="re-save the model with save_pretrained")
         header = read_header(model_dir / fname)
         headers[fname] = header

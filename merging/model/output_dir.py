@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from merging.model.layout import INDEX_NAME, WEIGHT_EXTENSIONS
-from registry.errors import ConflictError
-from registry.fsutil import remove_stale_dirs
+from registry.fsutil import check_out_dir, remove_stale_dirs
 
 
 def copy_non_weight_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> list[str]:
@@ -46,18 +45,6 @@ def copy_non_weight_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> list[
             continue
         copied.append(name)
     return copied
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an ``OUT_DIR`` that exists and is not an empty directory.
-
-    Raises:
-        ConflictError: it exists and is a file or holds something.
-    """
-    if out_dir.exists() or out_dir.is_symlink():
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise ConflictError(f"{out_dir} already exists and is not empty",
-                                fix="choose another --out or remove it first")
 
 
 @contextlib.contextmanager

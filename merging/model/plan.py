@@ -120,7 +120,10 @@ def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter 
     if adapter is not None and adapter.config.get("ensure_weight_tying"):
         notes.append("tied embeddings kept: ensure_weight_tying changes both sides together")
         return jobs, False, notes
-    if adapter is not None and {embed, HEAD_KEY} <= set(replacements) and torch.equal(
+    # (a LoRA'd side's "replacement" is PEFT's saved base_layer copy, equal to the base on
+    # both sides: the LoRA deltas still differ, so that tie must be undone)
+    if adapter is not None and {embed, HEAD_KEY} <= set(replacements) and not (
+            {embed, HEAD_KEY} & set(loras)) and torch.equal(
             adapter.extra_tensor(replacements[embed]), adapter.extra_tensor(replacements[HEAD_KEY])):
         notes.append("tied embeddings kept: both sides replaced by the same tensor")
         return jobs, False, notes

@@ -95,6 +95,27 @@ def test_rebuild_is_bit_identical(recorded: dict, work: Path, base: Path, capsys
     assert code == 0 and text.startswith("OK: ") and len(text.strip().splitlines()) == 1
 
 
+def test_a_killed_rebuilds_scratch_is_removed_once_idle(recorded: dict, work: Path, base: Path,
+                                                       capsys) -> None:
+    # found by a QA pass: a rebuild killed mid-way left .OUT.rebuild-* (partial model
+    # copies) for good; the next rebuild into the same OUT removes it once idle an hour
+    import os
+    import time
+
+    stale = work / ".rebuilt-stale.rebuild-abcd1234"
+    (stale / "step-0").mkdir(parents=True)
+    (stale / "step-0" / "model.safetensors").write_bytes(b"partial")
+    fresh = work / ".rebuilt-stale.rebuild-wxyz5678"
+    fresh.mkdir()
+    old = time.time() - 2 * 3600
+    for path in (stale / "step-0" / "model.safetensors", stale / "step-0", stale):
+        os.utime(path, (old, old))
+    code, data = run_json(capsys, "rebuild", recorded["unloaded"]["ref"], "--base", base,
+                          "--out", work / "rebuilt-stale", "--store", recorded["store"])
+    assert code == 0, data
+    assert not stale.exists() and fresh.exists()  # a recent one may belong to a running rebuild
+
+
 def test_flipped_byte_in_deployed_dir_is_named(recorded: dict, work: Path, capsys) -> None:
     deployed = work / "deployed"
     shutil.copytree(work / "nf4", deployed)

@@ -16,6 +16,7 @@ import torch
 from merging.model.unload import unload
 from registry.errors import BadInputError, BaseMismatchError, ConflictError
 from registry.formats.fingerprint import fingerprint_model
+from registry.storage.store import Store
 from tests.support.cli import run, run_json
 from tests.support.unload import (EXTRA_FILES, leftovers, load_model, logits, make_adapter,
                                    make_base, peft_model, shard_layout, state_of)
@@ -189,6 +190,23 @@ def test_embedding_lora_on_tied_base_unties(work: Path) -> None:
     assert (logits(load_model(result.out_dir)) - expected).abs().max().item() <= 1e-5
 
 
+def test_lora_on_both_sides_of_a_tie_unties(work: Path) -> None:
+    # found by a QA pass: PEFT saves base_layer copies of both targeted embeddings, equal to
+    # the base, and the "both sides replaced by the same tensor" rule kept the tie, so the
+    # lm_head LoRA was dropped
+    base = make_base(work / "tied-base-3", tie=True, seed=11)
+    adapter = make_adapter(base, work / "both-adapter", targets=("embed_tokens", "lm_head", "q_proj"),
+                           seed=12)
+    expected = logits(peft_model(base, adapter))
+    result = unload(adapter, base, work / "both-out")
+    assert result.untied
+    mine, original = state_of(result.out_dir), state_of(base)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(mine[key], original["model.embed_tokens.weight"]), key
+    assert not torch.equal(mine["lm_head.weight"], mine["model.embed_tokens.weight"])
+    assert (logits(load_model(result.out_dir)) - expected).abs().max().item() <= 1e-5
+
+
 def test_modules_to_save_on_untied_base(work: Path, base: Path) -> None:
     adapter = make_adapter(base, work / "mts-adapter", targets=("o_proj",),
                            modules_to_save=["lm_head", "embed_tokens"], seed=10)
@@ -241,6 +259,17 @@ def test_registry_ref_records_lineage(work: Path, base: Path, adapter: Path, cap
                              "--store", store)
         assert code == 2 and "invalid name" in err["message"]
         assert not (work / "named").exists() and leftovers(work, "named") == []
+    # an --out that is a symlink to an empty directory (found by a QA pass: the model was
+    # written and recorded, then the rename failed on the link with exit 6, every time)
+    (work / "link-target").mkdir()
+    (work / "out-link").symlink_to(work / "link-target", target_is_directory=True)
+    versions = len(Store.open(store).versions())
+    for argv in (["unload", "demo", "--base", base], ["quantize", out, "--to", "int8"],
+                 ["merge", "demo", "demo", "--method", "linear"]):
+        code, err = run_json(capsys, *argv, "--out", work / "out-link", "--store", store)
+        assert code == 4 and "symbolic link" in err["message"], err
+    assert len(Store.open(store).versions()) == versions
+    assert not any((work / "link-target").iterdir())
     # one kind per name (found by a QA pass: a model under an adapter's name made `demo`
     # resolve to the model, and merge/export of `demo` failed); refused before writing
     code, err = run_json(capsys, "unload", "demo", "--base", base, "--out", work / "named",

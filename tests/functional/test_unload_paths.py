@@ -335,3 +335,23 @@ def test_rows_longer_than_a_range_buffer(work: Path, base: Path,
     for key, tensor in reference.items():
         assert tiny[key].dtype == tensor.dtype
         torch.testing.assert_close(tiny[key], tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [["a"], 5, None, {"x": 1}])
+def test_an_index_mapping_a_tensor_to_a_non_name_is_bad_input(work: Path, base: Path, value) -> None:
+    # found by a QA pass: a list or number in weight_map crashed unload, quantize and
+    # rebuild with a TypeError (exit 70) before any shard was read
+    import json
+    import shutil
+
+    from merging.model.layout import read_layout
+
+    model = work / f"odd-index-{type(value).__name__}"
+    shutil.copytree(base, model)
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    names = list(state_of(base))
+    weight_map = {name: "model-00001-of-00001.safetensors" for name in names}
+    weight_map[names[0]] = value
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(BadInputError, match="malformed index .*not a shard file name"):
+        read_layout(model)
