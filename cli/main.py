@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err, json_mode)
     except typer.Exit as done:
         return done.exit_code
-    except NoArgsIsHelpError as err:  # `adapters` / `adapters alias` alone: the help
-        err.show()
-        return EXIT_BAD_INPUT
+    except NoArgsIsHelpError as err:  # `adapters` / `adapters alias` alone: the help, then
+        if not json_mode:             # the one error line every usage error ends with
+            err.ctx.get_help()  # typer's rich formatter prints it to stdout (click's show()
+                                # also wrote a stray line to stderr)
+        group = " ".join(["adapters", *[a for a in args if not a.startswith("-")]])
+        return _report(UsageError(f"missing command after `{group}`",
+                                  fix=f"run `{group} --help`"), json_mode)
     except ClickException as err:  # usage errors: unknown option, missing argument...
         return _report(_usage_error(err), json_mode)
     except typer.Abort:

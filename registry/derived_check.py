@@ -159,8 +159,8 @@ def recorded_weights(version: Version) -> str:
     weights = (version.record.get("weights") or {}).get("weights_digest")
     if version.kind != "model" or not is_digest(weights):
         raise BadInputError(f"{version.ref} is an {version.kind}, not a derived model recorded "
-                            "by reference", fix="--model checks unload/quantize outputs; "
-                            "`adapters verify REF` checks stored files")
+                            "by reference", fix="--model and `rebuild` take unload/quantize "
+                            "outputs; `adapters verify REF` checks an adapter's stored files")
     return weights
 
 

@@ -8,7 +8,8 @@ of the version digest). Two kinds exist, told apart by ``record["kind"]``:
     {"kind": "adapter",
      "peft": {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
               "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias",
-              "task_type", ["layers_to_transform", "layers_pattern", "exclude_modules"]},
+              "task_type", ["layers_to_transform", "layers_pattern", "exclude_modules",
+              "lora_bias" (only when true)]},
      "tensors": {"count": int, "dtypes": {"F16": 12, ...}, "parameters": int},
      "base_model": {"id": str|null, "revision": str|null,
                     "fingerprint": {"struct_digest": digest, "weights_digest": digest|null}|null},
@@ -169,6 +170,9 @@ PEFT_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
                "alpha_pattern", "use_rslora", "use_dora", "modules_to_save", "bias", "task_type")
 PEFT_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 """Optional ``peft`` fields, recorded only when set (module docstring)."""
+PEFT_FLAGS = ("lora_bias",)
+"""Optional ``peft`` booleans, recorded only when true (so records without them keep their
+digests): ``lora_bias`` adapters are stored like any other, and merges refuse them."""
 
 
 def _str_or_list(value: Any, path: str) -> str | list[str]:
@@ -197,7 +201,7 @@ def _restrictions(obj: dict[str, Any], path: str) -> dict[str, Any]:
 
 def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
     obj = _obj(value, path)
-    _exact_keys(obj, path, set(PEFT_FIELDS) | set(PEFT_RESTRICTIONS))
+    _exact_keys(obj, path, set(PEFT_FIELDS) | set(PEFT_RESTRICTIONS) | set(PEFT_FLAGS))
     targets = obj.get("target_modules")
     if targets is not None and not isinstance(targets, str):
         targets = sorted(_FIELDS.string_list(targets, f"{path}.target_modules"))
@@ -221,6 +225,7 @@ def _peft(value: Any, path: str = "peft") -> dict[str, Any]:
         "bias": bias,
         "task_type": _FIELDS.optional_string(obj.get("task_type"), f"{path}.task_type"),
         **_restrictions(obj, path),
+        **{flag: True for flag in PEFT_FLAGS if _FIELDS.boolean(obj.get(flag, False), f"{path}.{flag}")},
     }
     # the patterns PEFT will match must be RE2-matchable (registry/formats/patterns.py)
     check_config_patterns(out, source=f"record field {path}.")
@@ -347,7 +352,7 @@ def build_record(peft_config: dict, tensors: TensorSummary, *, base_model: str |
         BadInputError: Any field is invalid (the message names it).
     """
     cfg = _obj(peft_config, "peft")
-    peft = {key: cfg[key] for key in PEFT_FIELDS + PEFT_RESTRICTIONS if key in cfg}
+    peft = {key: cfg[key] for key in PEFT_FIELDS + PEFT_RESTRICTIONS + PEFT_FLAGS if key in cfg}
     record: dict[str, Any] = {"kind": "adapter", "peft": peft, "tensors": tensors.to_json()}
     record.update(_common_args(base_model or cfg.get("base_model_name_or_path"), base_revision,
                                fingerprint, dataset, hyperparameters, metrics, known_risks,

@@ -38,7 +38,8 @@ def ls_document(store: Store, name: str | None = None) -> dict[str, Any]:
 
 def show_document(store: Store, ref: str) -> dict[str, Any]:
     """A version's JSON plus ``aliases`` (pointing at it) and ``lineage`` (``parents``,
-    ``recipe``, ``children`` one level down as ``name@digest``).
+    ``recipe``, ``report``: what the run measured and its environment, ``children`` one
+    level down as ``name@digest``).
 
     Raises:
         NotFoundError / BadInputError / IntegrityError: As :meth:`Store.resolve`.
@@ -52,6 +53,7 @@ def show_document(store: Store, ref: str) -> dict[str, Any]:
             "aliases": sorted(a for a, d in store.aliases(version.name).items()
                               if d == version.digest),
             "lineage": {"parents": lineage.get("parents", []), "recipe": lineage.get("recipe"),
+                        "report": lineage.get("report"),
                         "children": [f"{c.name}@{c.digest}" for c in children]}}
 
 

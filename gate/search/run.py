@@ -186,10 +186,10 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
               on_trial: Callable[[TrialRow], None] | None) -> tuple[Scorer, int]:
     """Load everything once, score the baselines, run this worker's trials."""
     from gate.evaluate import Evaluator
-    from merging.adapter import load_adapter
     from merging.lora.live import LiveLora, rank_bound
+    from merging.lora.merge_versions import load_stored
 
-    adapters = [load_adapter(store.materialize(v, work / f"input-{i}")) for i, v in enumerate(versions)]
+    adapters = [load_stored(store, v, work / f"input-{i}") for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
     if study_full(study, settings.trials):  # nothing to evaluate: no model is loaded
         idle = Scorer(policy, None, None, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],

@@ -35,7 +35,8 @@ from merging.lora.options import Rank, parse_rank, parse_weights
 from registry.errors import BadInputError
 
 if TYPE_CHECKING:
-    from registry.storage.manifest import PushResult
+    from merging.adapter import LoraAdapter
+    from registry.storage.manifest import PushResult, Version
     from registry.storage.store import Store
 
 Advance = Callable[[int], None]
@@ -160,7 +161,6 @@ def merge_versions(store: Store, request: MergeRequest, *,
         UnsupportedAdapterError: Inputs that cannot be merged (DoRA, ...).
         ConflictError: ``out_dir`` exists and is not empty.
     """
-    from merging.adapter import load_adapter
     from merging.devices import resolve_device
     from merging.lora.engine import merge_adapters
     from merging.lora.inputs import check_bases, module_union
@@ -183,8 +183,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
     base_warnings = check_bases([v.record.get("base_model") for v in versions], labels,
                                 allow_weights_mismatch=request.allow_base_mismatch)
     with leased_temp_dir(store.root / "tmp", "merge-") as work_dir:  # gc leaves it alone
-        adapters = [load_adapter(store.materialize(v, work_dir / f"input-{i}"))
-                    for i, v in enumerate(versions)]
+        adapters = [load_stored(store, v, work_dir / f"input-{i}") for i, v in enumerate(versions)]
         with (progress or _no_progress)(f"merging ({request.method})",
                                         len(module_union(adapters))) as advance:
             result = merge_adapters(adapters, weights, request.method, params=dict(request.params),
@@ -207,3 +206,19 @@ def merge_versions(store: Store, request: MergeRequest, *,
             raise
     return MergeReport(pushed=pushed, merge=result.report,
                        warnings=tuple(base_warnings + result.report["warnings"]), out=written)
+
+
+def load_stored(store: Store, version: Version, dest: Path) -> LoraAdapter:
+    """A stored version materialized at ``dest`` and opened for merging; a refusal names
+    the version (``name@digest``), not the scratch directory it was copied to.
+
+    Raises:
+        BadInputError / UnsupportedAdapterError: As :func:`merging.adapter.load_adapter`.
+    """
+    from merging.adapter import load_adapter
+
+    path = store.materialize(version, dest)
+    try:
+        return load_adapter(path)
+    except BadInputError as err:
+        raise type(err)(err.message.replace(str(path), version.ref), fix=err.fix) from None

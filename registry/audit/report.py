@@ -94,7 +94,11 @@ def audit_error(document: Mapping[str, Any]) -> IntegrityError | None:
     if not document["problems"]:
         return None
     first = document["problems"][0]
-    return IntegrityError(f"audit {problem_where(first)}: {first['message']}", fix=AUDIT_FIX)
+    fix = AUDIT_FIX
+    if "not signed by a trusted key" in str(first.get("message")):  # the log may be fine
+        fix = ("pass the public key that signed the checkpoint (--trusted-keys); if it is the "
+               "right one, the checkpoint file was replaced")
+    return IntegrityError(f"audit {problem_where(first)}: {first['message']}", fix=fix)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def set_alias(store: StoreReader, name: str, alias: str, digest: str, *, expect:
         return ConflictError(
             f"alias {name}:{alias} points to {current or 'nothing'}, "
             f"expected {expect or 'nothing (new alias)'}",
-            fix=f"re-read the alias and retry with expect={current or 'none'}")
+            fix=f"re-read the alias and retry with --expect {current or 'none'}")
 
     def audited(old: str | None, write: Callable[[], None]) -> None:
         run_mutation(store, action, f"{name}:{alias}", old=old, new=target, apply=write,
@@ -135,7 +135,7 @@ def delete_alias(store: StoreReader, name: str, alias: str, *, expect: Any = ANY
     def conflict(current: str | None) -> ConflictError:
         return ConflictError(f"alias {name}:{alias} points to {current or 'nothing'}, "
                              f"expected {expect or 'nothing'}",
-                             fix=f"re-read the alias and retry with expect={current}")
+                             fix=f"re-read the alias and retry with --expect {current}")
 
     def audited(old: str | None, write: Callable[[], None]) -> None:
         run_mutation(store, "alias", f"{name}:{alias}", old=old, new=None, apply=write,

@@ -240,6 +240,15 @@ def test_usage_errors_are_error_fix_exit_2(capsys, argv, command, needle):
     assert needle in data["message"] and data["fix"] == f"run `{command} --help`"
 
 
+@pytest.mark.parametrize("argv", [[], ["alias"], ["audit"]])
+def test_a_group_without_its_command_shows_help_then_the_error_line(capsys, argv):
+    # found by a QA pass: the help alone, exit 2 and nothing on stderr
+    code, out, err = run(capsys, *argv)
+    group = " ".join(["adapters", *argv])
+    assert code == 2 and "Usage:" in out
+    assert _two_lines(err) == (f"error: missing command after `{group}`", f"fix: run `{group} --help`")
+
+
 # ---- control characters and bounded messages ---------------------------------------
 
 FORGED = "x\nfix: run rm -rf /"

@@ -114,6 +114,8 @@ def test_dora_input_is_refused(merge_store: Path, tmp_path: Path, capsys) -> Non
     assert merge_cli(["push", str(adapter), "--name", "dora", "--store", str(merge_store)], capsys)[0] == 0
     code, data, _ = merge_cli(["merge", "math", "dora", "--store", str(merge_store), "--json"], capsys)
     assert code == 2 and data["error"] == "UnsupportedAdapterError" and "DoRA" in data["message"]
+    # the refusal names the version, not the scratch copy under the store's tmp/
+    assert data["message"].startswith("dora@sha256:") and "/tmp/" not in data["message"]
 
 
 def test_cli_lists_every_registered_method() -> None:

@@ -172,3 +172,17 @@ def test_bad_layer_restrictions_name_the_field(field: str, value: Any, needle: s
     with pytest.raises(BadInputError) as err:
         build_record({**CONFIG, field: value}, TENSORS, author="a")
     assert f"record.{needle}" in err.value.message
+
+
+def test_lora_bias_is_recorded_only_when_true() -> None:
+    # found by a QA pass: push stored a lora_bias adapter and dropped the flag from its record
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    tensors = TensorSummary(2, {"F32": 2}, 10)
+    plain = build_record(config, tensors, created="2026-01-01T00:00:00Z")
+    assert "lora_bias" not in plain["peft"]  # older records (and their digests) unchanged
+    assert build_record({**config, "lora_bias": False}, tensors,
+                        created="2026-01-01T00:00:00Z") == plain
+    flagged = build_record({**config, "lora_bias": True}, tensors, created="2026-01-01T00:00:00Z")
+    assert flagged["peft"]["lora_bias"] is True and validate_record(flagged) == flagged
+    with pytest.raises(BadInputError, match="peft.lora_bias"):
+        validate_record({**flagged, "peft": {**flagged["peft"], "lora_bias": "yes"}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import re
 from pathlib import Path
 
 import pytest
@@ -374,4 +375,20 @@ def test_unsupported_store_url_schemes_are_refused(tmp_path: Path, monkeypatch: 
     for create in (True, False):
         with pytest.raises(BadInputError, match="unsupported store location scheme"):
             Store.open(location, create=create)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("location", "words"), [
+    ("s3://", "no bucket"), ("s3:", "no bucket"),
+    ("s3://Bad_Bucket!/x", "'Bad_Bucket!' is not a valid S3 bucket name"),
+])
+def test_malformed_s3_locations_are_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             location: str, words: str) -> None:
+    # found by a QA pass: a bad bucket name reached botocore (exit 6 and a 400-character regex
+    # dump), and `s3://` became a local directory `s3:` (exit 5)
+    monkeypatch.chdir(tmp_path)
+    for create in (True, False):
+        with pytest.raises(BadInputError, match=re.escape(words)) as err:
+            Store.open(location, create=create)
+        assert len(err.value.message) < 120
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from registry.errors import BadInputError
+from registry.errors import BadInputError, shorten
 from registry.storage.backends.base import Backend
 
 
@@ -23,6 +23,8 @@ def s3_location(root: object) -> tuple[str, str] | None:
     Accepts ``s3://bucket/prefix`` and the ``s3:/bucket/prefix`` that ``Path`` makes of it.
     """
     text = str(root)
+    if text.rstrip("/") == "s3:":  # `s3://` alone (Path folds it to `s3:`): no bucket
+        return "", ""
     for scheme in ("s3://", "s3:/"):
         if text.startswith(scheme):
             rest = text[len(scheme):].strip("/")
@@ -39,6 +41,10 @@ def open_backend(root: str | Path) -> Backend:
     """
     where = s3_location(root)
     if where is not None:
+        if not BUCKET.match(where[0]):  # botocore's own rule; its error is a long regex dump
+            what = f"{shorten(where[0])} is not a valid S3 bucket name" if where[0] else "no bucket"
+            raise BadInputError(f"S3 store location {shorten(str(root))}: {what}",
+                                fix="use s3://bucket/prefix")
         from registry.storage.backends.s3 import S3Backend  # boto3 only when S3 is used
         return S3Backend(*where)
     check_not_url(root)
@@ -60,6 +66,8 @@ def check_not_url(root: object) -> None:
                                                   "(lower-case s3)")
 
 
+BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}\Z")
+"""The bucket names botocore accepts (it checks the same before any request)."""
 OTHER_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 """A URL-like location (``scheme:/...``, two letters or more: not a drive letter) that is
 not ``s3``; ``Path`` folds ``//`` to ``/``."""
