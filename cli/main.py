@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
 from cli.output import escape_control
-from registry.errors import (EXIT_BAD_INPUT, AdapterkitError, BadInputError,
+from registry.errors import (AdapterkitError, BadInputError,
                              EnvironmentFailure, UsageError, environment_error, internal_error)
 
 DEBUG_ENV = "ADAPTERS_DEBUG"
