@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from gate.provenance import (is_model_dir, is_quantized, match_model_dir, model_dir_for, recorded_location,
                              verify_model_dir, walk)
+from registry.derived_check import check_model_config
 from registry.digests import canonical_json
 from registry.errors import BadInputError, NotFoundError
 
@@ -177,6 +178,7 @@ def candidate_from_dir(path: Path, *, parents: Sequence[Parent] = (), method: st
     if store is not None and kind == "model" and is_model_dir(path) and not parents:
         version, digest = match_model_dir(store, path)
         if version is not None:
+            check_model_config(version, path)  # the weights matched; the architecture must too
             return candidate_from_store(store, version.ref, Path(workdir or tempfile.gettempdir()),
                                         source_dir=source_dir, version=version, model_dir=path,
                                         checked={"model_dir": str(path), "weights_digest": digest,

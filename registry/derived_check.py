@@ -96,6 +96,54 @@ def model_tensor_list(model_dir: str | Path, *, progress: ProgressCallback | Non
     return sorted(rows)
 
 
+CONFIG_NAME = "config.json"
+VOLATILE_CONFIG_KEYS = ("transformers_version",)
+"""Keys of ``config.json`` left out of its digest: what wrote it, not what it says."""
+
+
+def config_digest(model_dir: str | Path) -> str | None:
+    """The digest of a model directory's ``config.json`` as parsed (canonical JSON, less
+    :data:`VOLATILE_CONFIG_KEYS`), None when there is none.
+
+    The weights digest says nothing about the architecture, so a record binds this too:
+    an edited ``rms_norm_eps`` or ``hidden_act`` beside the recorded weights is another
+    model, and :func:`check_model_dir` says so.
+
+    Raises:
+        BadInputError: ``config.json`` is not a JSON object.
+    """
+    from registry.formats.strict_json import load_json_file
+
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    config = load_json_file(path, CONFIG_NAME, max_bytes=1 << 20)
+    if not isinstance(config, dict):
+        raise BadInputError(f"{path} is not a JSON object", fix="re-save the model with save_pretrained")
+    return sha256_digest(canonical_json({k: v for k, v in config.items()
+                                         if k not in VOLATILE_CONFIG_KEYS}))
+
+
+def check_model_config(version: Version, model_dir: str | Path) -> None:
+    """``model_dir``'s ``config.json`` is the one ``version`` records (records made before
+    this check existed name none, and pass).
+
+    Raises:
+        IntegrityError: It differs, or is missing while the record names one.
+        BadInputError: It is not a JSON object.
+    """
+    want = version.record.get("config")
+    if want is None:
+        return
+    got = config_digest(model_dir)
+    if got != want:
+        what = "is missing" if got is None else f"differs (digest {got[:19]}.. != recorded {want[:19]}..)"
+        raise IntegrityError(f"{Path(model_dir) / CONFIG_NAME} of {version.ref} {what}: the "
+                             "architecture is not the recorded one",
+                             fix=f"redeploy it from a verified copy, or rebuild it: `adapters "
+                                 f"rebuild {version.ref} --base BASE_DIR --out NEW_DIR`")
+
+
 def recorded_tensor_list(store: StoreReader, weights_digest: str) -> list[Entry] | None:
     """The tensor list stored under ``weights_digest``, or None when the store lacks it.
 
@@ -167,7 +215,8 @@ def recorded_weights(version: Version) -> str:
 def check_model_dir(store: StoreReader, version: Version, model_dir: str | Path, *,
                     progress: ProgressCallback | None = None,
                     actual: Sequence[Entry] | None = None) -> ModelCheck:
-    """Check that ``model_dir`` holds exactly the weights ``version`` records.
+    """Check that ``model_dir`` holds exactly the weights ``version`` records, and its
+    ``config.json`` (:func:`check_model_config`).
 
     Args:
         store: The registry (for the recorded tensor list).
@@ -181,7 +230,7 @@ def check_model_dir(store: StoreReader, version: Version, model_dir: str | Path,
 
     Raises:
         IntegrityError: A tensor is missing, extra or differs (named when the store has
-            the recorded tensor list).
+            the recorded tensor list), or ``config.json`` is not the recorded one.
         BadInputError: ``version`` is not a derived model, or the directory holds no
             readable safetensors weights.
         NotFoundError: The directory does not exist.
@@ -190,6 +239,7 @@ def check_model_dir(store: StoreReader, version: Version, model_dir: str | Path,
     rows = list(actual) if actual is not None else model_tensor_list(model_dir, progress=progress)
     got = sha256_digest(tensor_list_bytes(rows))
     if got == want:
+        check_model_config(version, model_dir)
         return ModelCheck(ref=version.ref, model_dir=str(model_dir), weights_digest=want,
                           tensors=len(rows))
     recorded = recorded_tensor_list(store, want)

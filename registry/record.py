@@ -22,7 +22,8 @@ of the version digest). Two kinds exist, told apart by ``record["kind"]``:
 merge-and-unload output that is recorded by reference, without its weights):
 the same common fields, ``"weights": {"struct_digest", "weights_digest"}`` (the
 fingerprint of the derived model) instead of ``peft``, and optional ``tensors``,
-``location`` (where it was written) and ``quantization`` (free-form object).
+``location`` (where it was written), ``quantization`` (free-form object) and ``config``
+(the digest of its ``config.json``, written only when known).
 
 The bracketed ``peft`` fields restrict which modules the adapter touches
 (``layers_to_transform``: layer indices, ``layers_pattern``: the layer container
@@ -288,7 +289,8 @@ def validate_record(record: dict) -> dict:
         out = {"kind": kind, "peft": _peft(obj.get("peft")),
                "tensors": _tensors(obj.get("tensors"), "tensors")}
     else:
-        _exact_keys(obj, "", _COMMON_KEYS | {"weights", "tensors", "location", "quantization"})
+        _exact_keys(obj, "", _COMMON_KEYS | {"weights", "tensors", "location", "quantization",
+                                             "config"})
         tensors = obj.get("tensors")
         quant = obj.get("quantization")
         out = {"kind": kind,
@@ -297,6 +299,8 @@ def validate_record(record: dict) -> dict:
                "location": _FIELDS.optional_string(obj.get("location"), "location"),
                "quantization": None if quant is None else _json_value(_obj(quant, "quantization"),
                                                                      "quantization")}
+        if obj.get("config") is not None:  # written only when known: older records keep digests
+            out["config"] = _digest(obj["config"], "config", optional=False)
     out.update(_common(obj))
     return out
 
@@ -362,6 +366,7 @@ def build_record(peft_config: dict, tensors: TensorSummary, *, base_model: str |
 
 def build_model_record(weights: BaseFingerprint | dict[str, Any] | None, *, tensors: TensorSummary | None = None,
                        location: str | None = None, quantization: dict | None = None,
+                       config: str | None = None,
                        base_model: str | None = None, base_revision: str | None = None,
                        base_fingerprint: BaseFingerprint | dict[str, Any] | None = None, dataset: Any = None,
                        hyperparameters: dict | None = None, metrics: dict | None = None,
@@ -376,6 +381,8 @@ def build_model_record(weights: BaseFingerprint | dict[str, Any] | None, *, tens
         tensors: Optional tensor summary of the model.
         location: Where the model was written (informational; not stored).
         quantization: Free-form description (method, bits, group size...).
+        config: Digest of the model's ``config.json``
+            (:func:`registry.derived_check.config_digest`), bound like the weights.
         base_model, base_revision, base_fingerprint: The base it was derived from.
         Others: as in :func:`build_record`.
 
@@ -386,6 +393,8 @@ def build_model_record(weights: BaseFingerprint | dict[str, Any] | None, *, tens
                               "weights": _fingerprint(weights, "weights", optional=False),
                               "tensors": None if tensors is None else tensors.to_json(),
                               "location": location, "quantization": quantization}
+    if config is not None:
+        record["config"] = config
     record.update(_common_args(base_model, base_revision, base_fingerprint, dataset,
                                hyperparameters, metrics, known_risks, license, author, labels,
                                created))

@@ -150,6 +150,7 @@ def record_derived(store: Store, name: str, result: UnloadResult, adapter: LoraA
     Raises:
         BadInputError: the name or record is invalid.
     """
+    from registry.derived_check import config_digest
     from registry.lineage import make_lineage, parent
     from registry.record import TensorSummary, build_model_record
 
@@ -163,6 +164,7 @@ def record_derived(store: Store, name: str, result: UnloadResult, adapter: LoraA
     record = build_model_record(
         result.output_fingerprint, tensors=TensorSummary(result.tensors, dtypes, params),
         location=str(result.out_dir), quantization=result.quantization,
+        config=config_digest(files_at or result.out_dir),
         base_model=base_rec.get("id") or str(Path(base_dir).absolute()),
         base_revision=base_rec.get("revision"), base_fingerprint=result.base_fingerprint)
     parents = [parent(version, role="adapter")] if version is not None else []

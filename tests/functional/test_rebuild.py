@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from registry.digests import is_digest
 from registry.formats.fingerprint import fingerprint_model
 from registry.formats.safetensors_header import read_header
 from tests.support.cli import run, run_json
@@ -114,6 +115,35 @@ def test_a_killed_rebuilds_scratch_is_removed_once_idle(recorded: dict, work: Pa
                           "--out", work / "rebuilt-stale", "--store", recorded["store"])
     assert code == 0, data
     assert not stale.exists() and fresh.exists()  # a recent one may belong to a running rebuild
+
+
+def test_an_edited_config_beside_the_recorded_weights_is_another_model(recorded: dict, work: Path,
+                                                                       base: Path, capsys) -> None:
+    # found by a QA pass: the record bound the weights only, so a deployed copy whose
+    # config.json said relu / another rms_norm_eps verified, and gated (by ref or by path)
+    # as that version
+    for which in ("unloaded", "nf4"):
+        assert is_digest(_store(recorded).resolve(recorded[which]["ref"]).record["config"])
+    deployed = work / "deployed-config"
+    shutil.copytree(work / "unloaded", deployed)
+    ref = recorded["unloaded"]["ref"]
+    config = json.loads((deployed / "config.json").read_text())
+    (deployed / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}))
+    code, _, _ = run(capsys, "verify", ref, "--model", deployed, "--store", recorded["store"])
+    assert code == 0  # which transformers wrote it is not what it says
+    (deployed / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5,
+                                                      "hidden_act": "relu"}))
+    code, err = run_json(capsys, "verify", ref, "--model", deployed, "--store", recorded["store"])
+    assert code == 3 and "config.json" in err["message"] and "architecture" in err["message"]
+    policy = work / "config-gate.yaml"
+    policy.write_text("version: 1\nchecks:\n  - kind: structural\n")
+    for target in (["gate", ref, "--model", deployed], ["gate", deployed]):
+        code, err = run_json(capsys, *target, "--base", base, "--policy", policy,
+                             "--store", recorded["store"])
+        assert code == 3 and "config.json" in err["message"], err
+    (deployed / "config.json").unlink()
+    code, err = run_json(capsys, "verify", ref, "--model", deployed, "--store", recorded["store"])
+    assert code == 3 and "is missing" in err["message"]
 
 
 def test_flipped_byte_in_deployed_dir_is_named(recorded: dict, work: Path, capsys) -> None:
