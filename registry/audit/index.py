@@ -13,7 +13,9 @@ that no ``recover`` entry rolled back):
 
 :func:`cross_check` lists whatever is not explained (``adapters verify --all`` reports
 each as ``unaudited``, exit 3): a binding added by hand, an alias file edited, a gate
-record copied from another version. :func:`gate_record_problem` is what ``promote`` and the web view ask of a
+record copied from another version. :func:`missing_from_store` is the reverse: what the
+log records and the store no longer holds (``removed``: a binding, alias, gate record or
+signature deleted by hand). :func:`gate_record_problem` is what ``promote`` and the web view ask of a
 stored gate record: is it bound to its candidate and policy, and vouched for by the log?
 """
 
@@ -47,17 +49,21 @@ class AuditIndex:
 
     Attributes:
         pushes: ``name@digest`` subjects with an effective push.
+        push_seqs: Each of those subjects -> the seq of its newest push entry.
         aliases: ``name:alias`` -> its newest effective move entry.
         gates: ``(candidate, policy)`` -> newest effective gate entry.
         signatures: ``(version, keyid)`` -> newest effective sign entry.
         pending: Seqs of entries whose intent marker is still present.
+        pending_deletes: ``name@digest`` subjects of such entries that delete (maybe applied).
     """
 
     pushes: set[str] = field(default_factory=set)
+    push_seqs: dict[str, int] = field(default_factory=dict)
     aliases: dict[str, dict[str, Any]] = field(default_factory=dict)
     gates: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     signatures: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)
+    pending_deletes: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, store: StoreReader) -> AuditIndex:
@@ -91,6 +97,7 @@ class AuditIndex:
             if any(i.matches(entry) for i in intents):
                 index.pending.add(entry["seq"])
                 if entry.get("action") == "delete":
+                    index.pending_deletes.add(str(entry.get("subject")))
                     continue  # logged, maybe not applied: the push still explains the binding
             index._add(entry)
         return index
@@ -99,6 +106,7 @@ class AuditIndex:
         action, subject, new = entry.get("action"), str(entry.get("subject")), entry.get("new")
         if action == "push":
             self.pushes.add(subject)
+            self.push_seqs[subject] = entry.get("seq", -1)
         elif action == "delete":
             self.pushes.discard(subject)
         elif action in ALIAS_ACTIONS:
@@ -161,6 +169,56 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
         if not index.explains(index.signatures.get((signed, keyid)), envelope, "envelope"):
             out.append(Unexplained("signature", f"signatures/{signed[7:19]}../{keyid[7:19]}..",
                                    envelope, "no audit entry records this signature"))
+    return out
+
+
+def missing_from_store(store: StoreReader, index: AuditIndex | None = None) -> list[Unexplained]:
+    """What the audit log says the store holds and it does not: the reverse of
+    :func:`cross_check`. A file removed by hand is as much a change behind the log's back
+    as one added by hand.
+
+    * a version whose push is effective and never deleted must be bound;
+    * an alias whose newest effective move set a target must exist (``alias rm`` logs a
+      move to nothing);
+    * a gate record or signature pointer whose newest effective entry set it must exist,
+      while its version is bound (gc keeps pointers; a deleted version's may go).
+
+    Entries whose intent marker is still pending are skipped (logged, maybe not applied).
+
+    Raises:
+        IntegrityError: The log cannot be parsed or fails its chain check.
+    """
+    index = index or AuditIndex.build(store)
+    out = []
+    bound = set(store.bindings())
+    for subject in sorted(index.pushes):
+        name, _, digest = subject.rpartition("@")
+        if (name, digest) not in bound and index.push_seqs.get(subject) not in index.pending \
+                and subject not in index.pending_deletes:
+            out.append(Unexplained("version", f"names/{name}/versions/{digest[7:]}", digest,
+                                   "the audit log records the push of this version, but it is "
+                                   "not bound (removed behind the log's back?)"))
+    for subject, entry in sorted(index.aliases.items()):
+        new, name, _, alias = entry.get("new"), *subject.rpartition(":")
+        if entry.get("seq") in index.pending or not isinstance(new, str):
+            continue
+        if name not in store.names() or alias not in store.aliases(name):
+            out.append(Unexplained("alias", subject, new, "the audit log records this alias's "
+                                   "move here, but the alias is gone (removed behind the log's "
+                                   "back?)"))
+    live = {digest for _, digest in bound}
+    held = {(c, p) for c, p, _ in store.gate_pointers()} | {
+        (v, k) for v, k, _ in store.signature_pointers()}
+    for kind, entries, field_name in (("gate", index.gates, "record"),
+                                      ("signature", index.signatures, "envelope")):
+        for (digest, other), entry in sorted(entries.items()):
+            value = (entry.get("new") or {}).get(field_name)
+            if entry.get("seq") in index.pending or digest not in live or not value:
+                continue
+            if (digest, other) not in held:
+                out.append(Unexplained(kind, f"{kind}s/{digest[7:19]}../{other[7:19]}..", value,
+                                       f"the audit log records this {kind}, but it is gone "
+                                       "(removed behind the log's back?)"))
     return out
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from registry.audit.index import AuditIndex, cross_check
+from registry.audit.index import AuditIndex, cross_check, missing_from_store
 from registry.digests import is_digest
 from registry.errors import AdapterkitError, IntegrityError, shorten
 from registry.progress import ProgressCallback
@@ -35,7 +35,8 @@ class BlobProblem:
         kind: ``missing``, ``corrupt``, ``bad_manifest`` (hashes fine but unreadable
             or bound under another name), ``dangling_alias``, ``unaudited`` (a binding,
             alias target, gate record or signature that no effective audit entry
-            explains, see :mod:`registry.audit.index`), and with trusted keys
+            explains, see :mod:`registry.audit.index`), ``removed`` (one the log records
+            that the store no longer holds), and with trusted keys
             ``unsigned`` (no valid signature by a trusted key) or ``bad_signature``
             (a trusted key's signature does not verify: forged, edited or replayed).
         digest: The blob (or alias target) concerned.
@@ -184,10 +185,13 @@ def _unaudited(store: Store, version: tuple[str, str] | None,
     """Bindings, aliases, gate records and signatures the audit log does not explain
     (``version``: only that version's)."""
     try:
+        index = index or AuditIndex.build(store)
         found = cross_check(store, index, version=version)
+        gone = missing_from_store(store, index) if version is None else []
     except IntegrityError as err:
         return [BlobProblem("unaudited", "", ("audit log",), err.message)]
-    return [BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found]
+    return ([BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found]
+            + [BlobProblem("removed", u.digest, (u.key,), u.detail) for u in gone])
 
 
 def _check_signatures(store: Store, targets: list[tuple[str, str]],

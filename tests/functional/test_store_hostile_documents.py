@@ -125,3 +125,24 @@ def test_a_lineage_deeper_than_the_cap_is_cut_and_marked(store, capsys, tmp_path
     assert code == 0 and "raise --depth" in out
     code, down = run_json(capsys, "lineage", "alpha", "--down", "--store", store.root)
     assert code == 0 and down["children"][0]["name"] == "chain"
+
+
+def test_what_the_log_records_and_the_store_lost_is_reported(store, capsys, tmp_path):
+    # found by a QA pass: an alias file, a binding or a signature removed by hand went
+    # unnoticed by `verify --all` and `audit verify` (exit 0)
+    beta = push_adapter(store, "beta", make_adapter_dir(tmp_path / "b", seed=3)).version
+    store.set_alias("alpha", "candidate", store.resolve("alpha").digest)
+    code, _, err = run(capsys, "verify", "--all", "--store", store.root)
+    assert code == 0, err
+    (store.root / "names" / "alpha" / "aliases" / "candidate").unlink()
+    (store.root / "names" / "beta" / "versions" / beta.digest.split(":", 1)[1]).unlink()
+    code, report = run_json(capsys, "verify", "--all", "--store", store.root)
+    assert code == 3
+    removed = {tuple(p["used_by"]) for p in report["problems"] if p["kind"] == "removed"}
+    assert removed == {("alpha:candidate",), (f"names/beta/versions/{beta.digest[7:]}",)}
+    # an audited removal is not reported
+    store.set_alias("alpha", "candidate", store.resolve("alpha").digest)
+    store.delete_alias("alpha", "candidate")
+    code, report = run_json(capsys, "verify", "--all", "--store", store.root)
+    assert {tuple(p["used_by"]) for p in report["problems"]} == {
+        (f"names/beta/versions/{beta.digest[7:]}",)}
