@@ -98,7 +98,7 @@ def verify(
     ] = None,
     model: Annotated[Optional[Path], typer.Option(
         "--model", metavar="DIR", help="Check a deployed model directory against REF's record "
-        "(derived models; weights only, bit for bit).")] = None,
+        "(derived models: weights bit for bit, and config.json).")] = None,
     json_out: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:

@@ -22,7 +22,7 @@ import typer
 from cli.common import JsonOpt, StoreOpt, open_store, parse_pairs
 from cli.output import Output, escape, make_table, short_digest
 from registry.diff import flatten
-from registry.errors import UsageError, shorten
+from registry.errors import BadInputError, UsageError, shorten
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
     app.command("diff")(diff)
     app.command("fingerprint")(fingerprint)
     app.command("export")(export)
+    app.command("delete")(delete)
 
 
 def init(
@@ -252,3 +253,20 @@ def export(
     out.emit(result.to_json(), lambda c: c.print(
         f"exported {escape(result.version.ref)} to {escape(str(result.path))}"
     ))
+
+
+def delete(
+    ref: Annotated[str, typer.Argument(
+        metavar="NAME@DIGEST", help="The version to unbind, by digest (a name or alias could pick "
+        "another one).")],
+    json_out: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Unbind a version from its name (audited); `adapters gc` then frees its blobs."""
+    if "@" not in ref:
+        raise BadInputError(f"delete takes NAME@sha256:..., got {shorten(ref)}",
+                            fix="find the digest with `adapters ls` or `adapters show NAME`")
+    version = open_store(store).delete_version(ref)
+    data = {"deleted": version.ref, "name": version.name, "digest": version.digest}
+    Output(json_out).emit(data, lambda c: c.print(
+        f"deleted {escape(version.ref)} (`adapters gc` frees its blobs; lineage keeps its manifest)"))

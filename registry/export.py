@@ -187,8 +187,8 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
         raise EnvironmentFailure(f"export target {out_dir} is a symbolic link; it is not followed",
                                  fix="export into a real new or empty directory")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConflictError(f"{out_dir} already exists and is not empty",
-                            fix="export into a new or empty directory")
+        what = "is a file, not a directory" if not out_dir.is_dir() else "already exists and is not empty"
+        raise ConflictError(f"{out_dir} {what}", fix="export into a new or empty directory")
     try:
         make_dirs(out_dir.parent)
         remove_stale_exports(out_dir.parent, grace_s=stale_grace_s)

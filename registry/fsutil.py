@@ -214,6 +214,6 @@ def check_out_dir(out_dir: str | Path) -> Path:
         raise ConflictError(f"{out} is a symbolic link; it is not followed",
                             fix="choose a real new or empty directory for --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConflictError(f"{out} already exists and is not empty",
-                            fix="choose another --out directory or remove it first")
+        what = "is a file, not a directory" if not out.is_dir() else "already exists and is not empty"
+        raise ConflictError(f"{out} {what}", fix="choose another --out directory or remove it first")
     return out

@@ -403,3 +403,26 @@ def test_layer_restrictions_are_record_fields(tmp_path, store, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     code, err = run_json(capsys, "push", adapter, "--name", "bad", "--store", store)
     assert code == 2 and "record.peft.layers_to_transform[0]" in err["message"]
+
+
+def test_delete_unbinds_a_version_by_digest_audited(tmp_path, capsys) -> None:
+    from registry.storage.store import Store
+    from tests.support.registry import make_adapter_dir, push_adapter
+
+    store = Store.open(tmp_path / "store", create=True)
+    v1 = push_adapter(store, "lora", make_adapter_dir(tmp_path / "a", seed=1)).version
+    v2 = push_adapter(store, "lora", make_adapter_dir(tmp_path / "b", seed=2)).version
+    store.set_alias("lora", "candidate", v2.digest)
+    root = ["--store", str(store.root)]
+    code, data = run_json(capsys, "delete", "lora", *root)
+    assert code == 2 and "NAME@sha256" in data["message"]
+    code, data = run_json(capsys, "delete", v2.ref, *root)
+    assert code == 4 and "candidate" in data["message"]          # an alias still points at it
+    code, data = run_json(capsys, "delete", v1.ref, *root)
+    assert code == 0 and data["deleted"] == v1.ref
+    assert [v.digest for v in store.versions("lora")] == [v2.digest]
+    assert store.audit().entries()[-1]["action"] == "delete"
+    code, report = run_json(capsys, "verify", "--all", *root)
+    assert code == 0, report                                      # the log explains it
+    code, data = run_json(capsys, "delete", v1.ref, *root)
+    assert code == 5

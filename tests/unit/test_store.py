@@ -392,3 +392,22 @@ def test_malformed_s3_locations_are_bad_input(tmp_path: Path, monkeypatch: pytes
             Store.open(location, create=create)
         assert len(err.value.message) < 120
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_out_dir_says_what_is_in_the_way(tmp_path: Path) -> None:
+    from registry.errors import ConflictError
+    from registry.fsutil import check_out_dir
+
+    assert check_out_dir(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert check_out_dir(tmp_path / "empty") == tmp_path / "empty"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConflictError, match="is a file, not a directory"):
+        check_out_dir(tmp_path / "file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConflictError, match="already exists and is not empty"):
+        check_out_dir(tmp_path / "full")
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    with pytest.raises(ConflictError, match="symbolic link"):
+        check_out_dir(tmp_path / "link")
