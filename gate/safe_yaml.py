@@ -17,7 +17,8 @@ grow:
   PyYAML's recursive composer and constructor cannot overflow the stack), and so is a
   tree that gets deeper than that through aliases.
 
-A mapping that gives one key twice is refused too (PyYAML keeps the last silently, so
+Numbers in scientific notation without a dot (``1e-3``) are numbers, as in YAML 1.2
+(PyYAML would make them strings). A mapping that gives one key twice is refused too (PyYAML keeps the last silently, so
 the value a reviewer reads first would not be the one used).
 
 Every failure is a one-line :class:`~registry.errors.BadInputError` (exit 2) whose text
@@ -27,6 +28,7 @@ is cut to 200 characters; nothing of the document is ``repr``-ed unbounded.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,13 @@ class _BoundedLoader(yaml.SafeLoader):
                     raise _Refused(f"has the key {_cut(repr(key))} twice in one mapping "
                                    f"(line {key_node.start_mark.line + 1})")
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 reads `1e-3` as a number; PyYAML (YAML 1.1) as the string "1e-3" unless it has a
+# dot and a signed exponent. Policies and search spaces are written by people: take both.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _cut(text: str) -> str:

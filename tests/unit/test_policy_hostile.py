@@ -275,3 +275,16 @@ def test_the_data_format_follows_the_path_as_written_not_a_symlink_target(tmp_pa
     read = [read_texts(p.checks[0].data_file("data")) for p in (first, second)]
     # as written: no .jsonl suffix, so blank-line separated text both times
     assert read[0] == read[1] == ['{"text": "one"}', '{"text": "two"}']
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.2 reads 1e-3 as a number, PyYAML as a string: a search space's `lambda: [1e37,
+    # 1e38]` was refused as "not a number"; quoted it stays a string
+    from gate.safe_yaml import load_yaml
+
+    path = tmp_path / "x.yaml"
+    path.write_text('a: 1e-3\nb: [1e+38, 3e38]\nc: 123\nd: "1e3"\ne: -2E2\n')
+    assert load_yaml(path) == {"a": 0.001, "b": [1e38, 3e38], "c": 123, "d": "1e3", "e": -200.0}
+    import yaml
+
+    assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}  # PyYAML's own loader is untouched
