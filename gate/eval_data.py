@@ -106,4 +106,11 @@ def _jsonl_row(line: str, number: int, path: Path | DataFile, keys: Sequence[str
     if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in keys):
         raise BadInputError(f"{path}:{number}: needs string field(s) {', '.join(keys)}",
                             fix="one JSON object per line, e.g. " + json.dumps({k: "..." for k in keys}))
+    for key in keys:  # JSON's "\ud800" escape makes a string no tokenizer can encode
+        try:
+            row[key].encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadInputError(f"{path}:{number}: field {key} holds a lone UTF-16 surrogate "
+                                "(a \\ud800-\\udfff escape without its pair)",
+                                fix="write the character itself, or its full surrogate pair") from None
     return row

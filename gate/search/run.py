@@ -296,11 +296,16 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
                                       study, work, on_trial)
         rows = tuple(sorted((_row(t) for t in study.get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))), key=lambda r: r.number))
+        beyond = len(rows) - settings.trials
+        rows = rows[:settings.trials]  # a study saved with a larger budget: its first N
         directions = {o.name: o.direction for o in scorer.objectives}
         front = tuple(pareto_front(rows, directions))
         picked = pick(rows, settings.pick_rule)
         digest, pushed, notes = _publish(store, versions, rows, picked, target, work, settings,
                                          warnings, scorer, space, name, policy.digest)
+        if beyond > 0:
+            notes.append(f"the study holds {beyond} more complete trials than --trials "
+                         f"{settings.trials}; only its first {settings.trials} were considered")
     plot = None
     if settings.plot is not None:
         note = plot_front(rows, front, picked, Path(settings.plot))

@@ -11,10 +11,12 @@
   takes, e.g. PostgreSQL) the study is shared by every process that names it
   (``--study NAME``). RDB storages run with a heartbeat (``--heartbeat`` seconds, grace
   2x): a worker that dies mid-trial leaves a RUNNING trial whose heartbeat stops; the
-  next trial any worker starts marks it FAIL (Optuna's ``fail_stale_trials``) and the
-  study goes on; Optuna's ``RetryFailedTrialCallback`` then enqueues the failed trial's
-  parameters once more (with the enqueued defaults it held), so a kill does not drop a
-  method's default merge from the study.
+  next trial any worker starts marks it FAIL (Optuna's ``fail_stale_trials``; a trial
+  killed before its first heartbeat counts too, :func:`_storage_class`) and the study goes
+  on; Optuna's retry callback then enqueues the failed trial's parameters once more (with
+  the enqueued defaults it held), so a kill does not drop a method's default merge from
+  the study. A retried trial gets a new number, and proposals are seeded by trial number,
+  so a search that lost a worker may pick differently from an uninterrupted one.
 * **Defaults first**: the process that *creates* the study (creation is atomic in the
   storage) enqueues each method's default merge (``enqueue_trial``); joining workers
   do not, so nothing is enqueued twice.
@@ -144,11 +146,10 @@ def open_storage(url: str | None, heartbeat: int) -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                return _storage_class()(
                     url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
                     engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
-                    else None)
+                    else None, **_retry_once())
         except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds
             error = err
             if any(word in str(err) for word in ENVIRONMENT_WORDS):
@@ -162,6 +163,56 @@ def open_storage(url: str | None, heartbeat: int) -> Any:
     raise BadInputError(f"cannot open storage {_shown(url)}: {detail}",
                         fix="pass e.g. --storage sqlite:///study.db (a driver for other "
                             "databases must be installed)")
+
+
+def _retry_once() -> dict[str, Any]:
+    """The storage argument that re-enqueues a stale (killed) trial's parameters once:
+    ``RetryHeartbeatStaleTrialCallback`` (Optuna >= 4.9), else the older
+    ``RetryFailedTrialCallback`` (deprecated there, removed in 6)."""
+    import optuna
+
+    storages = optuna.storages
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        return {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+    return {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
+
+
+def _storage_class() -> type:
+    """``RDBStorage`` that also takes for stale a RUNNING trial that never recorded a
+    heartbeat and started more than the grace period ago.
+
+    Optuna marks a trial RUNNING, then starts its heartbeat: a worker killed in between
+    (a few milliseconds, while the sampler proposes) leaves a trial Optuna never fails, so
+    the study stays one trial short for good (found by a QA pass). A live trial records
+    its first heartbeat within milliseconds, so one without any after the grace period is
+    a dead worker's.
+    """
+    import datetime
+
+    import optuna
+    import sqlalchemy
+
+    class OrphanAwareStorage(optuna.storages.RDBStorage):
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            stale = list(super()._get_stale_trial_ids(study_id))
+            grace = datetime.timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 1))
+            now = datetime.datetime.now()
+            old = [t._trial_id for t in self.get_all_trials(
+                       study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                   if t.datetime_start is not None and now - t.datetime_start > grace
+                   and t._trial_id not in stale]
+            if not old:
+                return stale
+            try:
+                with self.engine.connect() as conn:
+                    beating = {row[0] for row in conn.execute(sqlalchemy.text(
+                        "SELECT trial_id FROM trial_heartbeats WHERE trial_id IN "
+                        f"({', '.join(str(int(i)) for i in old)})"))}
+            except sqlalchemy.exc.SQLAlchemyError:  # another schema: Optuna's own rule only
+                return stale
+            return stale + [i for i in old if i not in beating]
+
+    return OrphanAwareStorage
 
 
 ENVIRONMENT_WORDS = ("readonly", "read-only", "unable to open database file",

@@ -209,6 +209,44 @@ def test_killed_worker_trial_is_failed_and_the_study_continues(setup, tmp_path):
     assert doc["complete"] and doc["pushed"] is not None
 
 
+def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_retried(setup, tmp_path):
+    # found by a QA pass: a worker killed between Optuna marking a trial RUNNING and its first
+    # heartbeat left a trial nothing ever failed; every rerun then said "19 of 20 trials"
+    import optuna
+    from optuna.trial import TrialState
+
+    from gate.search.study import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = _worker(setup, storage, "orphan", 2, "--heartbeat", "1", "--no-push")
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    study = optuna.load_study(study_name="orphan", storage=open_storage(storage, 1))
+    orphan = study.ask()  # RUNNING; no heartbeat is ever recorded for it
+    time.sleep(2.5)  # past the grace period (2 x heartbeat), with no heartbeat ever
+    survivor = _worker(setup, storage, "orphan", 3, "--heartbeat", "1")
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err[-2000:]
+    trials = {t.number: t for t in _trials(storage, "orphan")}
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 3
+    assert json.loads(out)["pushed"] is not None
+    assert "FutureWarning" not in err and "deprecated" not in err
+
+
+def test_a_smaller_budget_on_a_saved_study_uses_its_first_trials(setup, tmp_path, capsys):
+    # found by a QA pass: rejoining a 4-trial study with --trials 2 picked among all 4
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ("--storage", storage, "--study", "budget", "--no-push")
+    code, big = run_json(capsys, *_args(setup, "--trials", "4", *common))
+    assert code == 0 and len(big["trials"]) == 4
+    code, small = run_json(capsys, *_args(setup, "--trials", "2", *common))
+    assert code == 0 and [t["number"] for t in small["trials"]] == [0, 1]
+    assert small["picked"]["number"] in (0, 1)
+    assert any("2 more complete trials than --trials 2" in n for n in small["notes"])
+    code, fresh = run_json(capsys, *_args(setup, "--trials", "2", "--no-push"))
+    assert code == 0 and fresh["picked"]["parameters"] == small["picked"]["parameters"]
+
+
 def test_no_passing_trial_exits_1_and_pushes_nothing(setup, tmp_path, capsys):
     w, store, _, _ = setup
     policy = write_policy(tmp_path / "gate.yaml", w, merge_equivalence=None, perplexity={

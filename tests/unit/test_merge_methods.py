@@ -477,7 +477,7 @@ def test_weights_that_overflow_the_merged_delta_are_refused(tmp_path, group_modu
 
 @pytest.mark.parametrize(("method", "weights", "params"), [
     ("linear", [1e39, 1.0], {}), ("task_arithmetic", [1.0, 1.0], {"lambda": 1e39}),
-    ("cat", [3e38, 3e38], {}),
+    ("cat", [3e38, 3e38], {}), ("ties", [1e39, 1e39], {}), ("della", [1.0, 1.0], {"lambda": 1e39}),
 ])
 def test_exact_methods_whose_factors_overflow_are_refused(tmp_path, method, weights, params) -> None:
     # found by a QA pass: the exact (stacked-factor) methods skipped the overflow check and
@@ -488,7 +488,7 @@ def test_exact_methods_whose_factors_overflow_are_refused(tmp_path, method, weig
 
     a = random_adapter(tmp_path / "a", OVERFLOW_SHAPES, 4, seed=1)
     b = random_adapter(tmp_path / "b", OVERFLOW_SHAPES, 4, seed=2)
-    with pytest.raises(MergeRangeError, match="overflows float32|do not fit float32"):
+    with pytest.raises(MergeRangeError, match="overflows float32|do not fit float32|does not fit float32"):
         merge_adapters([a, b], weights, method, params=params)
 
 

@@ -288,3 +288,14 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     import yaml
 
     assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}  # PyYAML's own loader is untouched
+
+
+def test_eval_data_with_a_lone_surrogate_is_bad_input_at_load(tmp_path):
+    # found by a QA pass: "\ud800" in a retention set made the check error (gate exit 1)
+    # with a tokenizer TypeError instead of naming the file and line
+    (tmp_path / "a.jsonl").write_text('{"prompt": "ok", "answer": "1"}\n'
+                                      '{"prompt": "A dog \\ud800 =", "answer": "x"}\n')
+    (tmp_path / "gate.yaml").write_text("version: 1\nchecks:\n  - kind: retention\n    sets:\n"
+                                        "      a: a.jsonl\n    min_score: 0.5\n")
+    with pytest.raises(BadInputError, match=r"a.jsonl:2: field prompt holds a lone UTF-16 surrogate"):
+        load_policy(tmp_path / "gate.yaml")

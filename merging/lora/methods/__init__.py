@@ -38,11 +38,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from registry.errors import BadInputError
+from registry.errors import BadInputError, MergeRangeError
 
 if TYPE_CHECKING:
     import torch
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest finite float32: weights and lambda beyond it cannot scale a float32 delta."""
 PARAMETERS = ("density", "lambda", "normalize", "sign_election", "gamma", "epsilon", "align")
 OUTPUTS = ("exact", "concat", "dense")
 SIGN_ELECTIONS = ("sum", "frequency", "mergekit")
@@ -217,6 +219,11 @@ class MergeMethod:
         align = given.get("align")
         if align is not None and align not in ALIGNMENTS:
             raise BadInputError(f"unknown alignment {align!r}", fix=f"use one of {', '.join(ALIGNMENTS)}")
+        too_big = [v for v in (lam, *weights) if abs(float(v)) > FLOAT32_MAX]
+        if too_big:  # every delta is computed in float32: such a factor cannot even be applied
+            raise MergeRangeError(f"weight or lambda {too_big[0]:g} does not fit float32 "
+                                  f"(at most {FLOAT32_MAX:.3g})",
+                                  fix="use smaller --weights or --lambda")
         weight_sum = float(sum(weights))
         normalize = bool(given.get("normalize", False))
         if normalize and abs(weight_sum) < 1e-12:
