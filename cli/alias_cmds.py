@@ -114,7 +114,7 @@ def alias_history(
         console.print(make_table(f"history of {escape(target)}",
                                  ["seq", "time", "action", "from", "to", "actor", "reason"],
                                  [(r["seq"], r["ts"], r["action"],
-                                   short_digest(r["old"]) if r["old"] else "-",
+                                   short_digest(r["old"]) if isinstance(r["old"], str) else "-",
                                    short_digest(r["new"]) if isinstance(r["new"], str) else "-",
                                    escape(str(r["actor"])), escape(r["reason"] or "")) for r in rows]))
 

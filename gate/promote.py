@@ -257,7 +257,10 @@ def alias_history(store: Store, name: str, alias: str) -> list[dict[str, Any]]:
                     row["reason"] = detail.get("reason")
                     break
             continue
+        old, new = entry.get("old"), entry.get("new")
+        reason = None
+        if entry.get("action") == "recover" and isinstance(old, dict) and isinstance(new, dict):
+            reason = f"{new.get('outcome')}: seq {old.get('seq')} ({new.get('reason')})"
         rows.append({"seq": entry.get("seq"), "ts": entry.get("ts"), "actor": entry.get("actor"),
-                     "action": entry.get("action"), "old": entry.get("old"),
-                     "new": entry.get("new"), "reason": None})
+                     "action": entry.get("action"), "old": old, "new": new, "reason": reason})
     return rows

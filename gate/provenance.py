@@ -162,12 +162,15 @@ def match_model_dir(store: StoreReader, path: Path) -> tuple[Version | None, str
     """The recorded model whose weights digest equals ``path``'s, and that digest.
 
     Several versions may record the same weights (re-recorded under another name or
-    location): the one whose ``location`` is ``path`` wins, else the newest.
+    location, or unloaded onto a base that differs only in ``config.json``): those whose
+    recorded config digest is the directory's come first (a record without one matches any
+    config), then the one whose ``location`` is ``path``, else the newest.
 
     Raises:
-        BadInputError: No readable safetensors weights.
+        BadInputError: No readable safetensors weights, or a malformed ``config.json``.
         NotFoundError: A listed shard is missing.
     """
+    from registry.derived_check import config_digest
     from registry.formats.fingerprint import fingerprint_model
 
     digest = str(fingerprint_model(path).weights_digest)
@@ -175,6 +178,10 @@ def match_model_dir(store: StoreReader, path: Path) -> tuple[Version | None, str
              and (v.record.get("weights") or {}).get("weights_digest") == digest]
     if not found:
         return None, digest
+    config = config_digest(path)
+    exact = [v for v in found if config is not None and v.record.get("config") == config]
+    unbound = [v for v in found if v.record.get("config") is None]  # records older than the check
+    found = exact or unbound or found  # none: the caller's config check names the difference
     here = [v for v in found if recorded_location(v) is not None
             and recorded_location(v).resolve() == path.resolve()]  # type: ignore[union-attr]
     return (here or found)[0], digest

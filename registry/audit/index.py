@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents
+from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents, written_after
 from registry.audit.report import AUDIT_FIX
 from registry.errors import AdapterkitError, IntegrityError
 
@@ -55,6 +55,8 @@ class AuditIndex:
         signatures: ``(version, keyid)`` -> newest effective sign entry.
         pending: Seqs of entries whose intent marker is still present.
         pending_deletes: ``name@digest`` subjects of such entries that delete (maybe applied).
+        forged_markers: Keys of markers no dead writer can have left (local stores: their
+            entry is followed by later writes); they excuse nothing.
     """
 
     pushes: set[str] = field(default_factory=set)
@@ -64,6 +66,7 @@ class AuditIndex:
     signatures: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)
     pending_deletes: set[str] = field(default_factory=set)
+    forged_markers: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, store: StoreReader) -> AuditIndex:
@@ -91,10 +94,14 @@ class AuditIndex:
                        and (e.get("new") or {}).get("outcome") == "rolled_back"}
         index = cls()
         intents = pending_intents(store)
-        for entry in entries:
+        for at, entry in enumerate(entries):
             if entry.get("seq") in rolled_back:
                 continue
-            if any(i.matches(entry) for i in intents):
+            marker = next((i for i in intents if i.matches(entry)), None)
+            if marker is not None and written_after(store, entries[at + 1:]):
+                index.forged_markers.append(marker.key)  # excuses nothing (journal.written_after)
+                marker = None
+            if marker is not None:
                 index.pending.add(entry["seq"])
                 if entry.get("action") == "delete":
                     index.pending_deletes.add(str(entry.get("subject")))
@@ -169,6 +176,9 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
         if not index.explains(index.signatures.get((signed, keyid)), envelope, "envelope"):
             out.append(Unexplained("signature", f"signatures/{signed[7:19]}../{keyid[7:19]}..",
                                    envelope, "no audit entry records this signature"))
+    if version is None:
+        out += [Unexplained("marker", key, "", "this intent marker names an audit entry that later "
+                            "writes followed: no dead writer leaves that") for key in index.forged_markers]
     return out
 
 

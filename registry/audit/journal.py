@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from registry.digests import canonical_json
-from registry.errors import AdapterkitError
+from registry.errors import AdapterkitError, IntegrityError
 from registry.stamps import default_actor, utc_now_iso
 from registry.storage.backends.base import ObjectMissing
 from registry.storage.failpoints import failpoint
@@ -210,6 +210,19 @@ def recover(store: StoreReader, *, actor: str | None = None) -> list[Settled]:
     return done
 
 
+def written_after(store: StoreReader, after: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``after`` (the entries that follow a pending intent's entry) proves the
+    marker was not left by a dead writer.
+
+    On a local store every mutation holds ``refs.lock`` and settles the markers it finds
+    before writing its own entry, so a dead writer's entry is always the last one but for
+    ``recover`` entries about it; a marker whose entry other writes followed was written by
+    hand (it would excuse a binding removed or an alias reverted behind the log's back). On
+    S3 markers are settled by age, and later writes are normal.
+    """
+    return store.backend.supports_locks and any(e.get("action") != RECOVER for e in after)
+
+
 def _settle(store: StoreReader, intent: Intent, actor: str | None) -> Settled:
     log = store.audit()
     later = log.entries_after(intent.after_seq)
@@ -218,6 +231,12 @@ def _settle(store: StoreReader, intent: Intent, actor: str | None) -> Settled:
         store.backend.delete(intent.key)
         return Settled(intent, "vanished", None)
     after = [e for e in later if e["seq"] > found["seq"]]
+    if written_after(store, after):
+        raise IntegrityError(f"intent marker {intent.key} names audit entry {found['seq']}, which "
+                             f"{len(after)} later entries follow: no dead writer leaves that, "
+                             "it was written by hand",
+                             fix="check the store with `adapters verify --all`, then remove the "
+                                 "marker file")
     settled = any(e.get("action") == RECOVER and (e.get("old") or {}).get("seq") == found["seq"]
                   for e in after)
     outcome = "completed"
@@ -273,4 +292,5 @@ def gate_or_sign_key(store: StoreReader, entry: dict[str, Any]) -> tuple[str, st
 
 
 __all__ = ["ALIAS_ACTIONS", "Intent", "PENDING", "RECOVER", "Settled", "effect_visible",
-           "gate_or_sign_key", "pending_intents", "recover", "recover_after", "run_mutation"]
+           "gate_or_sign_key", "pending_intents", "recover", "recover_after", "run_mutation",
+           "written_after"]

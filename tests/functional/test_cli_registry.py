@@ -426,3 +426,22 @@ def test_delete_unbinds_a_version_by_digest_audited(tmp_path, capsys) -> None:
     assert code == 0, report                                      # the log explains it
     code, data = run_json(capsys, "delete", v1.ref, *root)
     assert code == 5
+
+
+def test_alias_history_shows_a_rolled_back_move(tmp_path, capsys) -> None:
+    # found by a QA pass: a `recover` entry (a move whose writer died) has dict-valued old/new,
+    # and the history table crashed on it (exit 70)
+    from registry.storage.store import Store
+    from tests.support.registry import make_adapter_dir, push_adapter
+
+    store = Store.open(tmp_path / "store", create=True)
+    version = push_adapter(store, "a", make_adapter_dir(tmp_path / "a")).version
+    store.set_alias("a", "dev", version.digest)
+    moved = store.audit().entries()[-1]
+    store.audit().append("recover", "a:dev", old={"seq": moved["seq"], "hash": moved["hash"]},
+                         new={"outcome": "rolled_back", "reason": "the writer died"})
+    code, out, err = run(capsys, "alias", "history", "a:dev", "--store", str(store.root))
+    assert code == 0 and "recover" in out, err
+    code, data = run_json(capsys, "alias", "history", "a:dev", "--store", str(store.root))
+    assert code == 0
+    assert data["history"][-1]["reason"] == f"rolled_back: seq {moved['seq']} (the writer died)"

@@ -146,6 +146,30 @@ def test_an_edited_config_beside_the_recorded_weights_is_another_model(recorded:
     assert code == 3 and "is missing" in err["message"]
 
 
+def test_a_directory_is_matched_by_weights_and_config(recorded: dict, work: Path, base: Path,
+                                                      capsys) -> None:
+    # found by a QA pass: two records with the same weights (the same adapter unloaded onto
+    # bases that differ only in config.json); gating an untouched copy of the first matched
+    # the newest record by weights alone, then failed its config check (exit 3)
+    other_base = work / "base-other-config"
+    shutil.copytree(base, other_base)
+    config = json.loads((other_base / "config.json").read_text())
+    config["max_position_embeddings"] = 2 * config.get("max_position_embeddings", 64)
+    (other_base / "config.json").write_text(json.dumps(config))
+    code, other = run_json(capsys, "unload", "demo", "--base", other_base, "--out",
+                           work / "unloaded-other-config", "--name", "demo-ctx",
+                           "--store", recorded["store"])
+    assert code == 0, other
+    copy = work / "unloaded-copy"
+    shutil.copytree(work / "unloaded", copy)
+    policy = work / "match-gate.yaml"
+    policy.write_text("version: 1\nchecks:\n  - kind: structural\n")
+    code, data = run_json(capsys, "gate", copy, "--base", base, "--policy", policy,
+                          "--store", recorded["store"])
+    assert code == 0, data
+    assert data["candidate_digest"] == recorded["unloaded"]["digest"]
+
+
 def test_flipped_byte_in_deployed_dir_is_named(recorded: dict, work: Path, capsys) -> None:
     deployed = work / "deployed"
     shutil.copytree(work / "nf4", deployed)

@@ -146,3 +146,24 @@ def test_what_the_log_records_and_the_store_lost_is_reported(store, capsys, tmp_
     code, report = run_json(capsys, "verify", "--all", "--store", store.root)
     assert {tuple(p["used_by"]) for p in report["problems"]} == {
         (f"names/beta/versions/{beta.digest[7:]}",)}
+
+
+def test_a_hand_written_intent_marker_excuses_nothing_on_a_local_store(store, capsys, tmp_path):
+    # found by a QA pass: a marker forged from an old push entry made `verify --all` take a
+    # hand-removed binding for a push in flight, and the next writer then logged a plausible
+    # "rolled back" for a version that had existed all along
+    beta = push_adapter(store, "beta", make_adapter_dir(tmp_path / "b", seed=3)).version
+    push_adapter(store, "gamma", make_adapter_dir(tmp_path / "c", seed=4))  # a later write
+    entry = next(e for e in store.audit().entries() if e["subject"] == beta.ref)
+    (store.root / "names" / "beta" / "versions" / beta.digest.split(":", 1)[1]).unlink()
+    marker = {"id": "0001-forged", "after_seq": entry["seq"] - 1,
+              **{k: entry[k] for k in ("ts", "actor", "action", "subject", "old", "new")}}
+    (store.root / "audit" / "pending" / "0001-forged").write_text(json.dumps(marker))
+    code, report = run_json(capsys, "verify", "--all", "--store", store.root)
+    assert code == 3
+    kinds = {(p["kind"], tuple(p["used_by"])) for p in report["problems"]}
+    assert ("removed", (f"names/beta/versions/{beta.digest[7:]}",)) in kinds
+    assert ("unaudited", ("audit/pending/0001-forged",)) in kinds
+    entries = len(store.audit().entries())
+    err = _refused(capsys, store, "tag", "gamma:tmp", "gamma")  # the next writer stops
+    assert "written by hand" in err and len(store.audit().entries()) == entries
