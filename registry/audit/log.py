@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs
 from registry.storage.failpoints import armed, failpoint
 from registry.storage.locking import file_lock
 from registry.formats.strict_json import loads_json
+
+HEAD_READS = 3
+"""Reads of the log and its head before a head that disagrees is reported (a concurrent
+append can land between the two reads)."""
 
 
 def _append_line(fd: int, line: bytes) -> None:
@@ -247,11 +252,17 @@ class AuditLog:
             An :class:`AuditReport`; ``report.ok`` is False if any line was edited,
             removed, reordered or the tail truncated.
         """
-        lines = self._lines()
-        problems, prev_seq, prev_hash = check_chain(lines)
-        problems.extend(self._check_head(prev_seq, prev_hash, bool(lines),
-                                         _prev_hash(lines[-1][1]) if lines else None))
-        return AuditReport(entries=len(lines), problems=problems)
+        for attempt in range(HEAD_READS):
+            lines = self._lines()
+            problems, prev_seq, prev_hash = check_chain(lines)
+            head = self._check_head(prev_seq, prev_hash, bool(lines),
+                                    _prev_hash(lines[-1][1]) if lines else None)
+            # a writer appending between reading the lines and the head moves the head past
+            # them: that passes on a second look, an edited head or truncated tail does not
+            if problems or not head or attempt == HEAD_READS - 1:
+                return AuditReport(entries=len(lines), problems=problems + head)
+            time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # the loop always returns
 
     def _check_head(self, last_seq: int, last_hash: str | None, any_lines: bool,
                     before_last: str | None) -> list:

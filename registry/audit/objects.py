@@ -175,16 +175,21 @@ class ObjectAuditLog:
 
         Problems report the entry's key number as ``line`` (0 for the head).
         """
+        # the head first: a writer puts its entry before moving the head, so a head read
+        # before the entries never runs ahead of them, however many writers append meanwhile
+        try:
+            head: Any = self._read_head()[0]
+        except IntegrityError as err:
+            head = err
         rows = self._rows()
         problems, last_seq, _ = check_chain(rows)
-        problems.extend(self._check_head(rows, last_seq))
+        problems.extend(self._check_head(rows, last_seq, head))
         return AuditReport(entries=len(rows), problems=problems)
 
-    def _check_head(self, rows: list[tuple[int, bytes]], last_seq: int) -> list[AuditProblem]:
-        try:
-            head, _ = self._read_head()
-        except IntegrityError as err:
-            return [AuditProblem(0, "head_mismatch", err.message)]
+    def _check_head(self, rows: list[tuple[int, bytes]], last_seq: int,
+                    head: Any) -> list[AuditProblem]:
+        if isinstance(head, IntegrityError):
+            return [AuditProblem(0, "head_mismatch", head.message)]
         if head is None:
             return [AuditProblem(0, "head_mismatch", f"{HEAD} is missing")] if rows else []
         by_seq = dict(rows)

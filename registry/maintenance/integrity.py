@@ -12,6 +12,7 @@ reports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -180,18 +181,36 @@ def verify(store: Store, ref: str | None = None, *,
                         problems=problems, signed=signed)
 
 
+CROSS_CHECKS = 3
+"""Looks at the log and the store before a disagreement is reported (see :func:`_unaudited`)."""
+
+
 def _unaudited(store: Store, version: tuple[str, str] | None,
                index: AuditIndex | None) -> list[BlobProblem]:
-    """Bindings, aliases, gate records and signatures the audit log does not explain
-    (``version``: only that version's)."""
-    try:
-        index = index or AuditIndex.build(store)
-        found = cross_check(store, index, version=version)
-        gone = missing_from_store(store, index) if version is None else []
-    except IntegrityError as err:
-        return [BlobProblem("unaudited", "", ("audit log",), err.message)]
-    return ([BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found]
-            + [BlobProblem("removed", u.digest, (u.key,), u.detail) for u in gone])
+    """Bindings, aliases, gate records and signatures the audit log does not explain, and
+    (whole store) what it records that the store lost (``version``: only that version's).
+
+    The log and the store are read at different moments, so a writer working meanwhile
+    (a push or delete landing between the two reads, the log's head moving) looks like a
+    disagreement. A disagreement is reported only when it is there on every one of
+    :data:`CROSS_CHECKS` looks; tampering stays, a race does not.
+    """
+    persistent: set[BlobProblem] | None = None
+    for attempt in range(CROSS_CHECKS):
+        try:
+            current = index if attempt == 0 and index is not None else AuditIndex.build(store)
+            found = cross_check(store, current, version=version)
+            gone = missing_from_store(store, current) if version is None else []
+            seen = {BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found} | {
+                BlobProblem("removed", u.digest, (u.key,), u.detail) for u in gone}
+        except IntegrityError as err:
+            seen = {BlobProblem("unaudited", "", ("audit log",), err.message)}
+        persistent = seen if persistent is None else persistent & seen
+        if not persistent:
+            return []
+        if attempt < CROSS_CHECKS - 1:
+            time.sleep(0.1 * (attempt + 1))
+    return sorted(persistent or (), key=lambda p: (p.kind, p.digest, p.used_by))
 
 
 def _check_signatures(store: Store, targets: list[tuple[str, str]],

@@ -299,3 +299,37 @@ def test_adapters_home_may_name_an_s3_store(store_location: str,
     created = Store.open(None, create=True)
     assert created.location == Store.open(store_location).location
     assert is_s3(store_location) == (created.location.startswith("s3://"))
+
+
+def test_a_writer_between_the_reads_is_not_tampering(store_location: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a QA pass: `audit verify` read the log then its head, and `verify --all` the
+    # audit index then the store; a push or delete landing in between (a concurrent writer,
+    # frequent on S3) was reported as tampering (exit 3)
+    store = Store.open(store_location, create=True)
+    push_adapter(store, "lora", make_adapter_dir(tmp_path / "a", seed=1))
+    log = store.audit()
+    reader = "_rows" if hasattr(log, "_rows") else "_lines"
+    real = getattr(type(log), reader)
+    writes = iter(range(2))
+
+    def racing(self):  # a writer appends (and moves the head) just after the entries are read
+        entries = real(self)
+        for i in writes:
+            push_adapter(store, f"race{i}", make_adapter_dir(tmp_path / f"r{i}", seed=10 + i))
+            break
+        return entries
+
+    monkeypatch.setattr(type(log), reader, racing)
+    assert store.audit().verify().ok
+    monkeypatch.undo()
+    real_bindings = type(store).bindings
+    deletes = iter(["race0"])
+
+    def bindings_after_a_delete(self):  # the index is read, then a delete lands, then the listing
+        for name in deletes:
+            store.delete_version(store.resolve(name).ref)
+        return real_bindings(self)
+
+    monkeypatch.setattr(type(store), "bindings", bindings_after_a_delete)
+    assert verify(store).problems == []
