@@ -24,8 +24,8 @@ SIGNATURE_KINDS = ("unsigned", "bad_signature")
 
 def problem_line(problem: BlobProblem) -> str:
     """``unaudited names/x/versions/ab..: no audit entry records ...`` / ``corrupt blob ..``."""
-    if problem.kind == "unaudited":
-        return f"unaudited {', '.join(problem.used_by)}: {problem.detail}"
+    if problem.kind in ("unaudited", "removed"):
+        return f"{problem.kind} {', '.join(problem.used_by)}: {problem.detail}"
     what = "version" if problem.kind in SIGNATURE_KINDS else "blob"
     return f"{problem.kind} {what} {problem.digest}"
 
@@ -37,6 +37,9 @@ def problem_fix(kind: str) -> str:
                 "treat a bad signature as tampering")
     if kind == "unaudited":
         return ("treat it as tampering: it was written outside adapterkit; restore the "
+                "store from a backup and check `adapters audit log`")
+    if kind == "removed":
+        return ("treat it as tampering: it was deleted outside adapterkit; restore the "
                 "store from a backup and check `adapters audit log`")
     return "restore the blobs from a copy of the store, or re-push the affected adapters"
 
