@@ -182,7 +182,8 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
     return out
 
 
-def missing_from_store(store: StoreReader, index: AuditIndex | None = None) -> list[Unexplained]:
+def missing_from_store(store: StoreReader, index: AuditIndex | None = None, *,
+                       version: tuple[str, str] | None = None) -> list[Unexplained]:
     """What the audit log says the store holds and it does not: the reverse of
     :func:`cross_check`. A file removed by hand is as much a change behind the log's back
     as one added by hand.
@@ -194,15 +195,19 @@ def missing_from_store(store: StoreReader, index: AuditIndex | None = None) -> l
       while its version is bound (gc keeps pointers; a deleted version's may go).
 
     Entries whose intent marker is still pending are skipped (logged, maybe not applied).
+    ``version``: ``(name, digest)``, only what concerns that version.
 
     Raises:
         IntegrityError: The log cannot be parsed or fails its chain check.
     """
     index = index or AuditIndex.build(store)
+    name_of, digest_of = version or (None, None)
     out = []
     bound = set(store.bindings())
     for subject in sorted(index.pushes):
         name, _, digest = subject.rpartition("@")
+        if digest_of and digest != digest_of:
+            continue
         if (name, digest) not in bound and index.push_seqs.get(subject) not in index.pending \
                 and subject not in index.pending_deletes:
             out.append(Unexplained("version", f"names/{name}/versions/{digest[7:]}", digest,
@@ -210,7 +215,8 @@ def missing_from_store(store: StoreReader, index: AuditIndex | None = None) -> l
                                    "not bound (removed behind the log's back?)"))
     for subject, entry in sorted(index.aliases.items()):
         new, name, _, alias = entry.get("new"), *subject.rpartition(":")
-        if entry.get("seq") in index.pending or not isinstance(new, str):
+        if entry.get("seq") in index.pending or not isinstance(new, str) or (
+                digest_of and (name != name_of or new != digest_of)):
             continue
         if name not in store.names() or alias not in store.aliases(name):
             out.append(Unexplained("alias", subject, new, "the audit log records this alias's "
@@ -223,7 +229,8 @@ def missing_from_store(store: StoreReader, index: AuditIndex | None = None) -> l
                                       ("signature", index.signatures, "envelope")):
         for (digest, other), entry in sorted(entries.items()):
             value = (entry.get("new") or {}).get(field_name)
-            if entry.get("seq") in index.pending or digest not in live or not value:
+            if entry.get("seq") in index.pending or digest not in live or not value or (
+                    digest_of and digest != digest_of):
                 continue
             if (digest, other) not in held:
                 out.append(Unexplained(kind, f"{kind}s/{digest[7:19]}../{other[7:19]}..", value,

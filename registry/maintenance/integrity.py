@@ -200,7 +200,7 @@ def _unaudited(store: Store, version: tuple[str, str] | None,
         try:
             current = index if attempt == 0 and index is not None else AuditIndex.build(store)
             found = cross_check(store, current, version=version)
-            gone = missing_from_store(store, current) if version is None else []
+            gone = missing_from_store(store, current, version=version)
             seen = {BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found} | {
                 BlobProblem("removed", u.digest, (u.key,), u.detail) for u in gone}
         except IntegrityError as err:

@@ -140,6 +140,9 @@ def test_what_the_log_records_and_the_store_lost_is_reported(store, capsys, tmp_
     assert code == 3
     removed = {tuple(p["used_by"]) for p in report["problems"] if p["kind"] == "removed"}
     assert removed == {("alpha:candidate",), (f"names/beta/versions/{beta.digest[7:]}",)}
+    # `verify REF` reports what concerns that version
+    code, one = run_json(capsys, "verify", "alpha", "--store", store.root)
+    assert code == 3 and [tuple(p["used_by"]) for p in one["problems"]] == [("alpha:candidate",)]
     # an audited removal is not reported
     store.set_alias("alpha", "candidate", store.resolve("alpha").digest)
     store.delete_alias("alpha", "candidate")
