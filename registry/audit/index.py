@@ -98,7 +98,7 @@ class AuditIndex:
             if entry.get("seq") in rolled_back:
                 continue
             marker = next((i for i in intents if i.matches(entry)), None)
-            if marker is not None and written_after(store, entries[at + 1:]):
+            if marker is not None and written_after(store, entry, entries[at + 1:]):
                 index.forged_markers.append(marker.key)  # excuses nothing (journal.written_after)
                 marker = None
             if marker is not None:

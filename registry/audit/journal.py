@@ -210,17 +210,22 @@ def recover(store: StoreReader, *, actor: str | None = None) -> list[Settled]:
     return done
 
 
-def written_after(store: StoreReader, after: Sequence[dict[str, Any]]) -> bool:
-    """Whether ``after`` (the entries that follow a pending intent's entry) proves the
+def written_after(store: StoreReader, entry: dict[str, Any], after: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``after`` (the entries that follow ``entry``, a pending intent's) proves the
     marker was not left by a dead writer.
 
     On a local store every mutation holds ``refs.lock`` and settles the markers it finds
     before writing its own entry, so a dead writer's entry is always the last one but for
-    ``recover`` entries about it; a marker whose entry other writes followed was written by
-    hand (it would excuse a binding removed or an alias reverted behind the log's back). On
-    S3 markers are settled by age, and later writes are normal.
+    its own notes (same subject, actor and ``old``: a forced promotion's reason) and
+    ``recover`` entries; a marker whose entry other writes followed was written by hand (it
+    would excuse a binding removed or an alias reverted behind the log's back). On S3
+    markers are settled by age, and later writes are normal.
     """
-    return store.backend.supports_locks and any(e.get("action") != RECOVER for e in after)
+    def same_mutation(e: dict[str, Any]) -> bool:
+        return e.get("action") == RECOVER or all(
+            e.get(k) == entry.get(k) for k in ("subject", "actor", "old"))
+
+    return store.backend.supports_locks and not all(same_mutation(e) for e in after)
 
 
 def _settle(store: StoreReader, intent: Intent, actor: str | None) -> Settled:
@@ -231,7 +236,7 @@ def _settle(store: StoreReader, intent: Intent, actor: str | None) -> Settled:
         store.backend.delete(intent.key)
         return Settled(intent, "vanished", None)
     after = [e for e in later if e["seq"] > found["seq"]]
-    if written_after(store, after):
+    if written_after(store, found, after):
         raise IntegrityError(f"intent marker {intent.key} names audit entry {found['seq']}, which "
                              f"{len(after)} later entries follow: no dead writer leaves that, "
                              "it was written by hand",

@@ -309,3 +309,19 @@ def test_killed_before_out_is_published_the_same_command_finishes_the_job(tmp_pa
     assert (tmp_path / "merge-out" / "adapter_model.safetensors").is_file()
     assert main(["verify", "ma-unloaded", "--model", str(tmp_path / "unload-out"),
                  "--store", location]) == 0
+
+
+def test_a_forced_promotion_killed_after_its_reason_is_settled_not_taken_for_forged(
+        tmp_path: Path) -> None:
+    # a forced promotion logs its entry, then its reason (same subject, actor and old): a
+    # kill after both must be settled like any other, not taken for a hand-written marker
+    case = prepare(str(tmp_path / "store"), tmp_path)
+    log = tmp_path / "child.log"
+    forced = ["promote", case.first, "--to", "release", "--force", "--reason", "hotfix",
+              "--store", case.location]
+    assert fork_child(lambda: main(forced), "promote.after_entry", log) == -signal.SIGKILL
+    check_consistent(case.store)
+    assert fork_child(lambda: main(forced), None, log) == 0, log.read_text()[-2000:]
+    check_consistent(case.store)
+    assert pending_intents(case.store) == []
+    assert case.store.aliases("lora-a")["release"] == case.store.resolve(case.first).digest
