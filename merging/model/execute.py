@@ -33,7 +33,7 @@ from merging.model.derived import (adapter_digest, check_base_weights, output_fi
 from merging.model.layout import ModelLayout, parse_size, read_layout, torch_threads
 from merging.model.output_dir import copy_non_weight_files, staged_output
 from merging.model.pipeline import Rewrite
-from merging.model.plan import Job, model_dtype, plan_jobs, planned_tensors
+from merging.model.plan import Job, check_one_float_dtype, model_dtype, plan_jobs, planned_tensors
 from merging.model.probe import PROBE_MAX_BYTES, probe_written
 from merging.model.results import UnloadResult, WrittenShard
 from merging.model.shard_plan import ShardSpec, plan_shards, write_index
@@ -189,6 +189,7 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
     layout = read_layout(base_dir)
     config = model_config(base_dir) or {}
     base_fp = check_source(base_dir, config, expected)
+    check_one_float_dtype(layout, config)
     jobs, untied, notes = plan_jobs(layout, config, adapter)
     out_config = output_config(config, layout, jobs, untied, quant, qlora)
     want_probe = quant is not None and (probe if probe is not None

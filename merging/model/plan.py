@@ -151,6 +151,29 @@ def model_dtype(config: dict[str, Any], layout: ModelLayout) -> torch.dtype:
     return torch_dtype(max(set(floats), key=floats.count)) if floats else torch.float32
 
 
+def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose floating-point tensors are not all of one dtype.
+
+    ``from_pretrained`` casts every tensor to the model's dtype, so what PEFT's
+    ``merge_and_unload`` and transformers' quantization write is in that dtype; this
+    streaming rewrite keeps each tensor's own, so for a mixed checkpoint (a bfloat16 shard
+    in a float32 model) neither the unload nor the byte-identical quantization would hold.
+
+    Raises:
+        BadInputError: Two floating-point dtypes (the message names a tensor of each).
+    """
+    first: dict[str, str] = {}
+    for name, tensor in layout.tensors.items():
+        if tensor.dtype in ("F64", "F32", "F16", "BF16") and tensor.dtype not in first:
+            first[tensor.dtype] = name
+    if len(first) > 1:
+        declared = config.get("dtype") or config.get("torch_dtype") or "not set"
+        shown = ", ".join(f"{dtype} ({name})" for dtype, name in first.items())
+        raise BadInputError(f"{layout.model_dir}: tensors of several dtypes: {shown}; config "
+                            f"dtype {declared}", fix="re-save the base in one dtype, e.g. "
+                            "from_pretrained(DIR, dtype=...).save_pretrained(NEW_DIR)")
+
+
 def planned_tensors(job: Job, spec: QuantSpec | None) -> list[OutTensor]:
     """The output tensors ``job`` writes (several for a quantized weight)."""
     if job.quant and spec is not None:

@@ -355,3 +355,22 @@ def test_an_index_mapping_a_tensor_to_a_non_name_is_bad_input(work: Path, base: 
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(BadInputError, match="malformed index .*not a shard file name"):
         read_layout(model)
+
+
+def test_a_checkpoint_of_several_float_dtypes_is_refused(work: Path, base: Path) -> None:
+    # found by a QA pass: a bfloat16 shard in a float32 model was rewritten tensor by tensor
+    # in its own dtype, where transformers (and so PEFT and the quantizer) casts to one
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = work / "mixed-dtypes"
+    shutil.copytree(base, model)
+    tensors = load_file(model / "model.safetensors")
+    norm = next(k for k in tensors if k.endswith("norm.weight"))
+    tensors[norm] = tensors[norm].to(torch.bfloat16)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    adapter = make_adapter(base, work / "mixed-adapter", seed=21)
+    with pytest.raises(BadInputError, match=r"tensors of several dtypes: .*BF16"):
+        unload(adapter, model, work / "mixed-out")
+    assert not (work / "mixed-out").exists() and leftovers(work, "mixed-out") == []
