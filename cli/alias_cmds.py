@@ -161,6 +161,8 @@ def _rich_tree(root: LineageNode) -> Tree:
             text += f" [dim]({escape('; '.join(extra))})[/dim]"
         if node.missing:
             text += " [red]missing[/red]"
+        if node.deleted:
+            text += " [dim](deleted)[/dim]"
         if node.repeated:
             text += " [dim](see above)[/dim]"
         if node.truncated:

@@ -181,8 +181,10 @@ def show(
         for p in info["parents"]:
             console.print(f"  parent {escape(p.get('ref') or p['digest'])} "
                           f"role={escape(str(p.get('role')))} weight={p.get('weight')}")
-        for child in info["children"]:
+        for child in info["children"] or ():
             console.print(f"  child {escape(child)}")
+        if info.get("children_problem"):
+            console.print(f"  [red]children not listed[/red]: {escape(info['children_problem'])}")
 
     Output(json_out).emit(data, render)
 

@@ -76,6 +76,9 @@ class LineageNode:
     children: tuple["LineageNode", ...] = field(default_factory=tuple)
     truncated: bool = False
     """It has parents (or children) the depth limit left out."""
+    deleted: bool = False
+    """Its manifest is kept (a later version names it as a parent) but its name no longer
+    binds it (``adapters delete``)."""
 
     @property
     def label(self) -> str:
@@ -119,8 +122,10 @@ def ancestors(store: StoreReader, ref: str, *, max_depth: int | None = None) -> 
         kids: tuple[LineageNode, ...] = ()
         if depth < limit:
             kids = tuple(walk(p["digest"], p, depth + 1) for p in parents)
-        return LineageNode(digest, manifest.get("name"), _method(manifest), role, weight,
-                           children=kids, truncated=depth >= limit and bool(parents))
+        name = manifest.get("name")
+        return LineageNode(digest, name, _method(manifest), role, weight,
+                           children=kids, truncated=depth >= limit and bool(parents),
+                           deleted=not (isinstance(name, str) and store.is_bound(name, digest)))
 
     return walk(start.digest, None, 0)
 
@@ -200,11 +205,11 @@ def to_json(node: LineageNode) -> dict[str, Any]:
     """Nested JSON form.
 
     Each node is ``{digest, name, label, method, role, weight, missing, repeated, truncated,
-    children}``.
+    deleted, children}``.
     """
     return {"digest": node.digest, "name": node.name, "label": node.label, "method": node.method,
             "role": node.role, "weight": node.weight, "missing": node.missing,
-            "repeated": node.repeated, "truncated": node.truncated,
+            "repeated": node.repeated, "truncated": node.truncated, "deleted": node.deleted,
             "children": [to_json(c) for c in node.children]}
 
 

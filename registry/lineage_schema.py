@@ -33,8 +33,10 @@ def _parent(entry: Any, i: int) -> dict[str, Any]:
     if not is_digest(entry.get("digest")):
         raise _bad(f"{where}.digest", "must be 'sha256:' + 64 hex digits", entry.get("digest"))
     ref, role, weight = entry.get("ref"), entry.get("role", "input"), entry.get("weight")
-    if ref is not None and (not isinstance(ref, str) or not ref):
-        raise _bad(f"{where}.ref", "must be a non-empty string or null", ref)
+    if ref is not None and (not isinstance(ref, str) or not ref.endswith("@" + entry["digest"])
+                            or len(ref) == len(entry["digest"]) + 1):
+        # readers show and link the ref: it must name the digest the entry binds
+        raise _bad(f"{where}.ref", "must be null or NAME@ its digest", ref)
     if not isinstance(role, str) or not role:
         raise _bad(f"{where}.role", "must be a non-empty string", role)
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))

@@ -172,8 +172,7 @@ PEFT_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
 PEFT_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 """Optional ``peft`` fields, recorded only when set (module docstring)."""
 PEFT_FLAGS = ("lora_bias",)
-"""Optional ``peft`` booleans, recorded only when true (so records without them keep their
-digests): ``lora_bias`` adapters are stored like any other, and merges refuse them."""
+"""Optional ``peft`` booleans, recorded only when true (older records keep their digests)."""
 
 
 def _str_or_list(value: Any, path: str) -> str | list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import AdapterkitError
+from registry.errors import AdapterkitError, IntegrityError
 
 if TYPE_CHECKING:
     from registry.audit.index import AuditIndex
@@ -39,7 +39,8 @@ def ls_document(store: Store, name: str | None = None) -> dict[str, Any]:
 def show_document(store: Store, ref: str) -> dict[str, Any]:
     """A version's JSON plus ``aliases`` (pointing at it) and ``lineage`` (``parents``,
     ``recipe``, ``report``: what the run measured and its environment, ``children`` one
-    level down as ``name@digest``).
+    level down as ``name@digest``; None, with ``children_problem``, when another version's
+    damaged manifest keeps them from being listed).
 
     Raises:
         NotFoundError / BadInputError / IntegrityError: As :meth:`Store.resolve`.
@@ -48,13 +49,18 @@ def show_document(store: Store, ref: str) -> dict[str, Any]:
 
     version = store.resolve(ref)
     lineage = version.lineage or {}
-    children = descendants(store, version.ref, max_depth=1).children
+    try:  # children are found by reading every manifest: another version's damage is not this one's
+        children: list[str] | None = [f"{c.name}@{c.digest}"
+                                      for c in descendants(store, version.ref, max_depth=1).children]
+        problem = None
+    except IntegrityError as err:
+        children, problem = None, err.message
     return {**version.to_json(),
             "aliases": sorted(a for a, d in store.aliases(version.name).items()
                               if d == version.digest),
             "lineage": {"parents": lineage.get("parents", []), "recipe": lineage.get("recipe"),
-                        "report": lineage.get("report"),
-                        "children": [f"{c.name}@{c.digest}" for c in children]}}
+                        "report": lineage.get("report"), "children": children,
+                        **({"children_problem": problem} if problem else {})}}
 
 
 def gates_document(store: Store, ref: str, index: AuditIndex | None = None) -> dict[str, Any]:

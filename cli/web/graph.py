@@ -40,6 +40,7 @@ class Box:
     y: int
     current: bool
     missing: bool
+    """Not a link: its manifest is unreadable, or its version was deleted."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,12 @@ def layout(up: LineageNode, down: LineageNode) -> Graph:
     for col, members in sorted(by_col.items()):
         top = PAD + (rows - len(members)) * step_y // 2
         for i, (digest, node) in enumerate(members):
-            sub = " · ".join(x for x in (node.method, "missing" if node.missing else "") if x)
+            flags = ("missing" if node.missing else "", "deleted" if node.deleted else "",
+                     "more beyond" if node.truncated else "")
+            sub = " · ".join(x for x in (node.method, *flags) if x)
             boxes[digest] = Box(digest, node.name, node.label, _clip(node.label), sub,
                                 PAD + (col - first) * (NODE_W + GAP_X), top + i * step_y,
-                                digest == up.digest, node.missing)
+                                digest == up.digest, node.missing or node.deleted)
     edges = []
     for (src, dst), label in sorted(edge_labels.items()):
         a, b = boxes[src], boxes[dst]

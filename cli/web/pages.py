@@ -137,6 +137,22 @@ def merge_info(version: Version) -> dict[str, Any] | None:
             "modules": table, "columns": columns, "report": rest}
 
 
+def _bound(store: Store, parent: dict[str, Any]) -> bool:
+    """Whether a lineage parent's version is still bound (a deleted one is shown, not linked)."""
+    name = str(parent.get("ref") or "").rpartition("@")[0]
+    return bool(name) and store.is_bound(name, parent["digest"])
+
+
+def _any_truncated(node: Any) -> bool:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.truncated:
+            return True
+        stack.extend(current.children)
+    return False
+
+
 def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey] | None,
                  lineage: LineageCache | None = None) -> dict[str, Any]:
     """The version page (``lineage``: the server's kept child edges, for the descendants).
@@ -167,7 +183,9 @@ def version_page(store: Store, ref: str, *, trusted: dict[str, Ed25519PublicKey]
         "here": sorted(a for a, d in aliases.items() if d == v.digest),
         "protected": store.protected_aliases, "verify": report, "verify_error": verify_error,
         "history": history, "history_error": history_error,
-        "graph": layout(up, down), "lineage_error": lineage_error, "parents": (v.lineage or {}).get("parents", []),
+        "graph": layout(up, down), "lineage_error": lineage_error,
+        "parents": [dict(p, deleted=not _bound(store, p)) for p in (v.lineage or {}).get("parents", [])],
+        "truncated": _any_truncated(up) or _any_truncated(down),
         "children": [c for c in down.children],
         "gates": gates or [], "gates_error": gates_error,
         "signatures": signatures or [], "signatures_error": signatures_error,

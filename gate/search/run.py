@@ -294,10 +294,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
                 study.enqueue_trial(params, skip_if_exists=True)
         scorer, evaluated = _evaluate(store, versions, policy, space, settings, base, target,
                                       study, work, on_trial)
-        rows = tuple(sorted((_row(t) for t in study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))), key=lambda r: r.number))
-        beyond = len(rows) - settings.trials
-        rows = rows[:settings.trials]  # a study saved with a larger budget: its first N
+        rows, beyond = _complete_rows(study, settings.trials)
         directions = {o.name: o.direction for o in scorer.objectives}
         front = tuple(pareto_front(rows, directions))
         picked = pick(rows, settings.pick_rule)
@@ -319,6 +316,16 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
                         baselines=dict(scorer.baselines), space=space.to_json(),
                         optuna_version=optuna.__version__, pushed=pushed, trials_digest=digest,
                         plot=plot, notes=tuple(notes))
+
+
+def _complete_rows(study: Any, budget: int) -> tuple[tuple[TrialRow, ...], int]:
+    """The study's first ``budget`` COMPLETE trials by number (a study saved with a larger
+    budget holds more), and how many were left out."""
+    import optuna
+
+    rows = sorted((_row(t) for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))), key=lambda r: r.number)
+    return tuple(rows[:budget]), max(0, len(rows) - budget)
 
 
 def _publish(store: Store, versions: Sequence[Version], rows: Sequence[TrialRow],

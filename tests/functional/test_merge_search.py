@@ -283,14 +283,15 @@ def test_a_merge_refused_for_its_values_is_a_refused_trial_not_a_crash(setup, tm
     assert code == 1 and "refused" in err and "float32" in err
 
 
-def test_an_exact_method_refused_for_its_values_is_refused_without_a_traceback(setup, tmp_path, capsys):
+def test_a_space_beyond_float32_is_refused_without_a_traceback(setup, tmp_path, capsys):
     w, store, policy, _ = setup
     space = tmp_path / "space.yaml"
     space.write_text("methods: [task_arithmetic]\nlambda: 1.0e+39\n")
     code = main(["merge-search", "adapter-a", "adapter-b", "--base", str(w.base), "--policy", str(policy),
                  "--space", str(space), "--trials", "2", "--no-push", "--store", str(store.root)])
     err = capsys.readouterr().err
-    assert code == 1 and err.count("refused") == 2 and "overflows float32" in err
+    # a lambda beyond float32 cannot scale anything: the space itself is refused, up front
+    assert code == 2 and "does not fit float32" in err and err.count("error:") == 1
     assert "Traceback" not in err and "past_key_values" not in err
 
 

@@ -286,3 +286,37 @@ def test_version_page_shows_a_child_pushed_while_the_server_runs(tmp_path: Path)
     assert [c["digest"] for c in down["children"]] == [child.digest]
     store.delete_version(child.ref)
     assert "late-child" not in web.get(f"/v/{root.ref}").text
+
+
+def test_a_deleted_parent_is_marked_not_linked_and_a_cut_graph_says_so(tmp_path) -> None:
+    # found by a QA pass: a deleted parent was a normal link to a 404, and a graph cut at 100
+    # generations said nothing
+    from cli.web.pages import version_page
+    from registry.lineage import make_lineage, parent
+    from registry.storage.store import Store
+    from tests.support.registry import adapter_files, make_adapter_dir, push_adapter, sample_record
+
+    store = Store.open(tmp_path / "store", create=True)
+    root = push_adapter(store, "root", make_adapter_dir(tmp_path / "r")).version
+    source = make_adapter_dir(tmp_path / "c", seed=2)
+    version = root
+    for i in range(102):
+        version = store.push("chain", adapter_files(source), sample_record(source),
+                             lineage=make_lineage([parent(version, weight=1.0)], method="linear",
+                                                  parameters={"i": i})).version
+    first_child = next(v for v in store.versions("chain")
+                       if v.lineage["parents"][0]["digest"] == root.digest)
+    store.delete_version(root.ref)
+    page = version_page(store, first_child.ref, trusted=None)
+    assert page["parents"][0]["deleted"] and page["truncated"]
+    box = next(b for b in page["graph"].boxes if b.digest == root.digest)
+    assert box.missing and "deleted" in box.sub  # drawn, not a link
+    top = version_page(store, version.ref, trusted=None)
+    assert top["truncated"] and not top["parents"][0]["deleted"]
+    app = create_app(store, UiConfig(allowed_hosts=LOOPBACK_HOSTS))
+    html = TestClient(app, base_url="http://127.0.0.1:8765").get(f"/v/{first_child.ref}").text
+    assert f"{root.ref} (deleted)" in html and "more exist" in html
+    assert f'data-digest="{root.digest}" href=' not in html  # its box is drawn, not linked
+    grandchild = next(v for v in store.versions("chain")
+                      if v.lineage["parents"][0]["digest"] == first_child.digest)
+    assert f'data-digest="{grandchild.digest}" href=' in html  # a bound one stays a link
