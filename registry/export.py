@@ -33,7 +33,7 @@ from typing import Any
 
 from registry.errors import (BadInputError, ConflictError, EnvironmentFailure, IntegrityError,
                              environment_error)
-from registry.fsutil import STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
+from registry.fsutil import check_out_dir, STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
 from registry.progress import ProgressCallback
 from registry.storage.manifest import Version
 from registry.storage.reader import StoreReader
@@ -186,9 +186,7 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
     if out_dir.is_symlink():
         raise EnvironmentFailure(f"export target {out_dir} is a symbolic link; it is not followed",
                                  fix="export into a real new or empty directory")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        what = "is a file, not a directory" if not out_dir.is_dir() else "already exists and is not empty"
-        raise ConflictError(f"{out_dir} {what}", fix="export into a new or empty directory")
+    check_out_dir(out_dir, fix="export into a new or empty directory")
     try:
         make_dirs(out_dir.parent)
         remove_stale_exports(out_dir.parent, grace_s=stale_grace_s)

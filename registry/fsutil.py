@@ -198,7 +198,8 @@ def is_leased(path: Path) -> bool:
     return False
 
 
-def check_out_dir(out_dir: str | Path) -> Path:
+def check_out_dir(out_dir: str | Path, *,
+                  fix: str = "choose another --out directory or remove it first") -> Path:
     """``out_dir`` if it is absent or an empty directory, checked before any work (and
     again before an output is renamed onto it).
 
@@ -215,5 +216,5 @@ def check_out_dir(out_dir: str | Path) -> Path:
                             fix="choose a real new or empty directory for --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is a file, not a directory" if not out.is_dir() else "already exists and is not empty"
-        raise ConflictError(f"{out} {what}", fix="choose another --out directory or remove it first")
+        raise ConflictError(f"{out} {what}", fix=fix)
     return out
