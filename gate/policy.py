@@ -75,8 +75,8 @@ POLICY_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_POLICY_BYTES = 1 << 20
 """Largest policy file read (a real policy is a few hundred bytes)."""
-MAX_SEED = 2**32 - 1
-"""Largest ``seed`` (every RNG the gate seeds takes 32 bits)."""
+MAX_SEED = 2**64 - 1
+"""Largest ``seed``: what ``torch.manual_seed`` (the gate's one RNG) takes."""
 MAX_DEPTH = 32
 """Deepest nesting of YAML collections accepted."""
 @dataclass(frozen=True)

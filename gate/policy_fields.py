@@ -73,11 +73,11 @@ optional = fields.optional
 """``optional(checker)``: the checker, or None for a null value."""
 
 
-MAX_INT = 1_000_000
-"""Largest integer any policy field takes (counts, ranks, lengths): a typo of 10^20 is an
-error, not a gate that runs for ever."""
-MAX_NEW_TOKENS = 4096
-"""Largest ``max_new_tokens``: a gate decodes short answers, not essays."""
+MAX_INT = 2**31 - 1
+"""Largest integer any policy field takes (counts, ranks, lengths): generous, so no policy
+written before the bound existed is refused, while a typo of 10^20 is an error."""
+MAX_NEW_TOKENS = 65_536
+"""Largest ``max_new_tokens`` (10^23 decoded until EOS, for ever on a model that never emits it)."""
 
 
 def int_at_least(lo: int | None = None, hi: int = MAX_INT) -> Callable[[Any, str], int]:

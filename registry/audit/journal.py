@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 PENDING = "audit/pending/"
 RECOVER = "recover"
+CHECKPOINT = "checkpoint"
+"""The action of an ``audit checkpoint`` entry (it records a signed checkpoint, changes nothing)."""
 RECOVER_AFTER_S3 = 300.0
 ALIAS_ACTIONS = frozenset({"alias", "promote", "promote-forced"})
 
@@ -216,13 +218,15 @@ def written_after(store: StoreReader, entry: dict[str, Any], after: Sequence[dic
 
     On a local store every mutation holds ``refs.lock`` and settles the markers it finds
     before writing its own entry, so a dead writer's entry is always the last one but for
-    its own notes (same subject, actor and ``old``: a forced promotion's reason) and
-    ``recover`` entries; a marker whose entry other writes followed was written by hand (it
+    its own notes (same subject, actor and ``old``: a forced promotion's reason),
+    ``recover`` entries and ``checkpoint`` entries (which change nothing); a marker whose entry other writes followed was written by hand (it
     would excuse a binding removed or an alias reverted behind the log's back). On S3
     markers are settled by age, and later writes are normal.
     """
     def same_mutation(e: dict[str, Any]) -> bool:
-        return e.get("action") == RECOVER or all(
+        # a checkpoint entry changes nothing in the store (older versions wrote it without
+        # settling markers first), so it does not count as a later write either
+        return e.get("action") in (RECOVER, CHECKPOINT) or all(
             e.get(k) == entry.get(k) for k in ("subject", "actor", "old"))
 
     return store.backend.supports_locks and not all(same_mutation(e) for e in after)

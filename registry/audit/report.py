@@ -135,16 +135,19 @@ def write_checkpoint(store: Store, key: Path, out: Path) -> Checkpoint:
         BadInputError: The key is unreadable or not an ed25519 private key.
     """
     from registry.audit.checkpoint import sign_checkpoint
+    from registry.audit.journal import CHECKPOINT, recover
     from registry.fsutil import atomic_write_bytes
     from registry.digests import canonical_json
 
     refuse_existing(out)
-    if not store.audit().verify().ok:
-        raise IntegrityError("the audit log does not verify; not signing it",
-                             fix="run `adapters audit verify` and restore the log first")
-    envelope = sign_checkpoint(store.audit().entries(), key)
-    payload = loads_json(base64.b64decode(envelope["payload"]))
-    keyid = envelope["signatures"][0]["keyid"]
-    atomic_write_bytes(out, canonical_json(envelope) + b"\n")
-    store.audit().append("checkpoint", "audit", new={**payload, "keyid": keyid})
+    with store.lock("refs"):  # a writer like the others: dead writers' intents settled first
+        recover(store)
+        if not store.audit().verify().ok:
+            raise IntegrityError("the audit log does not verify; not signing it",
+                                 fix="run `adapters audit verify` and restore the log first")
+        envelope = sign_checkpoint(store.audit().entries(), key)
+        payload = loads_json(base64.b64decode(envelope["payload"]))
+        keyid = envelope["signatures"][0]["keyid"]
+        atomic_write_bytes(out, canonical_json(envelope) + b"\n")
+        store.audit().append(CHECKPOINT, "audit", new={**payload, "keyid": keyid})
     return Checkpoint(file=str(out), seq=payload["seq"], hash=payload["hash"], keyid=keyid)

@@ -176,3 +176,21 @@ def test_a_hand_written_intent_marker_excuses_nothing_on_a_local_store(store, ca
     entries = len(store.audit().entries())
     err = _refused(capsys, store, "tag", "gamma:tmp", "gamma")  # the next writer stops
     assert "written by hand" in err and len(store.audit().entries()) == entries
+
+
+def test_a_checkpoint_after_a_dead_writers_entry_is_not_a_later_write(store, capsys, tmp_path):
+    # found by an upgrade QA pass: older `audit checkpoint` appended its entry without settling
+    # a dead writer's marker first, and the forged-marker rule then took that marker for a
+    # hand-written one (verify exit 3, every writer stopped)
+    alpha = store.resolve("alpha")
+    entry = store.audit().append("alias", "alpha:dev", old=None, new=alpha.digest, actor="dead")
+    marker = {"id": "0001-dead", "after_seq": entry["seq"] - 1,
+              **{k: entry[k] for k in ("ts", "actor", "action", "subject", "old", "new")}}
+    (store.root / "audit" / "pending" / "0001-dead").write_text(json.dumps(marker))
+    store.audit().append("checkpoint", "audit", new={"seq": entry["seq"], "hash": entry["hash"]})
+    code, report = run_json(capsys, "verify", "--all", "--store", store.root)
+    assert code == 0, report
+    code, _, err = run(capsys, "tag", "alpha:tmp", "alpha", "--store", store.root)
+    assert code == 0, err                      # the next writer settles it: rolled back
+    assert store.audit().entries()[-2]["action"] == "recover"
+    assert "dev" not in store.aliases("alpha")

@@ -225,8 +225,8 @@ def test_yaml_merge_keys_still_override(tmp_path):
 
 
 @pytest.mark.parametrize(("fragment", "where"), [
-    ("seed: 18446744073709551616\n", "seed must be an integer in [0, 4294967295]"),
-    ("max_length: 100000000000\n", "max_length must be an integer in [8, 1000000]"),
+    ("seed: 18446744073709551616\n", "seed must be an integer in [0, 18446744073709551615]"),
+    ("max_length: 100000000000\n", "max_length must be an integer in [8, 2147483647]"),
 ])
 def test_top_level_integers_are_bounded(tmp_path, fragment, where):
     (tmp_path / "h.txt").write_text("some text\n")
@@ -236,11 +236,11 @@ def test_top_level_integers_are_bounded(tmp_path, fragment, where):
 
 @pytest.mark.parametrize(("check", "where"), [
     ("{kind: generation, prompts: [hi], max_new_tokens: 99999999999999999999999}",
-     "checks[0].max_new_tokens must be an integer in [1, 4096]"),
-    ("{kind: retention, sets: {a: p.jsonl}, min_score: 0.5, max_new_tokens: 5000}",
-     "checks[0].max_new_tokens must be an integer in [1, 4096]"),
-    ("{kind: retention, sets: {a: p.jsonl}, min_score: 0.5, limit: 10000000}",
-     "checks[0].limit must be an integer in [1, 1000000]"),
+     "checks[0].max_new_tokens must be an integer in [1, 65536]"),
+    ("{kind: retention, sets: {a: p.jsonl}, min_score: 0.5, max_new_tokens: 70000}",
+     "checks[0].max_new_tokens must be an integer in [1, 65536]"),
+    ("{kind: retention, sets: {a: p.jsonl}, min_score: 0.5, limit: 10000000000}",
+     "checks[0].limit must be an integer in [1, 2147483647]"),
 ])
 def test_check_integers_are_bounded(tmp_path, check, where):
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
