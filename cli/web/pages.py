@@ -138,9 +138,10 @@ def merge_info(version: Version) -> dict[str, Any] | None:
 
 
 def _bound(store: Store, parent: dict[str, Any]) -> bool:
-    """Whether a lineage parent's version is still bound (a deleted one is shown, not linked)."""
+    """Whether a lineage parent's version is still bound (a deleted one is shown, not linked);
+    a parent recorded without a ref is linked by its digest, as before."""
     name = str(parent.get("ref") or "").rpartition("@")[0]
-    return bool(name) and store.is_bound(name, parent["digest"])
+    return not name or store.is_bound(name, parent["digest"])
 
 
 def _any_truncated(node: Any) -> bool:
