@@ -33,7 +33,7 @@ from typing import Any
 
 from registry.errors import (BadInputError, ConflictError, EnvironmentFailure, IntegrityError,
                              environment_error)
-from registry.fsutil import check_out_dir, STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
+from registry.fsutil import check_out_dir, check_outside, STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
 from registry.progress import ProgressCallback
 from registry.storage.manifest import Version
 from registry.storage.reader import StoreReader
@@ -187,6 +187,7 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
         raise EnvironmentFailure(f"export target {out_dir} is a symbolic link; it is not followed",
                                  fix="export into a real new or empty directory")
     check_out_dir(out_dir, fix="export into a new or empty directory")
+    check_outside(out_dir, store.root)
     try:
         make_dirs(out_dir.parent)
         remove_stale_exports(out_dir.parent, grace_s=stale_grace_s)

@@ -218,3 +218,20 @@ def check_out_dir(out_dir: str | Path, *,
         what = "is a file, not a directory" if not out.is_dir() else "already exists and is not empty"
         raise ConflictError(f"{out} {what}", fix=fix)
     return out
+
+
+def check_outside(out_dir: str | Path, root: str | Path | None, what: str = "the store") -> None:
+    """Refuse an output directory inside ``root`` (a local store: its files are its own, and
+    a model written under ``names/`` would look like part of it).
+
+    Raises:
+        BadInputError: ``out_dir`` resolves to ``root`` or below it.
+    """
+    from registry.errors import BadInputError
+
+    if root is None:
+        return
+    base, out = Path(root).resolve(), Path(out_dir).resolve()
+    if out == base or base in out.parents:
+        raise BadInputError(f"{out_dir} is inside {what} ({base})",
+                            fix="write the output outside the store directory")

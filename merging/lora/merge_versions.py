@@ -167,7 +167,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
     from merging.lora.methods import get_method
     from merging.lora.peft_output import check_out_dir, publish_staged, stage_peft_dir
     from merging.lora.publish import push_merge
-    from registry.fsutil import leased_temp_dir
+    from registry.fsutil import check_outside, leased_temp_dir
     from registry.storage.failpoints import failpoint
     from registry.storage.refs import validate_name
 
@@ -176,6 +176,7 @@ def merge_versions(store: Store, request: MergeRequest, *,
     validate_name(target)
     if request.out_dir is not None:
         check_out_dir(request.out_dir)  # before the work, not after it
+        check_outside(request.out_dir, store.root)
     weights = list(request.weights) if request.weights is not None else None
     get_method(request.method).resolve(dict(request.params), weights or [1.0] * len(versions))
     device = resolve_device(request.device)

@@ -41,6 +41,7 @@ from merging.model.shard_writer import ShardWriter
 from registry.errors import BadInputError, BaseMismatchError
 from registry.formats.fingerprint import fingerprint_model, model_config
 from registry.formats.safetensors_header import memoized_headers
+from registry.fsutil import check_outside
 from registry.storage.failpoints import failpoint
 from registry.storage.publish import check_name_kind
 from registry.storage.refs import validate_name
@@ -183,6 +184,8 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
         As :func:`merging.model.unload.unload`.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir).absolute()
+    if store is not None:
+        check_outside(out_dir, store.root)
     if store is not None and name:  # before the model is written, not when it is recorded
         check_name_kind(store, validate_name(name), "model")
     max_bytes = parse_size(max_shard_size)

@@ -270,6 +270,15 @@ def test_registry_ref_records_lineage(work: Path, base: Path, adapter: Path, cap
         assert code == 4 and "symbolic link" in err["message"], err
     assert len(Store.open(store).versions()) == versions
     assert not any((work / "link-target").iterdir())
+    # an --out inside the store (found by a QA pass: a model under names/ looked like the store's)
+    inside = store / "names" / "evil"
+    for argv in (["unload", "demo", "--base", base],
+                 ["quantize", out, "--to", "int8", "--name", "q-inside"],  # recorded: store known
+                 ["merge", "demo", "demo", "--method", "linear"], ["export", "demo"]):
+        code, err = run_json(capsys, *argv, *(["--out"] if argv[0] != "export" else []), inside,
+                             "--store", store)
+        assert code == 2 and "is inside the store" in err["message"], err
+    assert not inside.exists() and len(Store.open(store).versions()) == versions
     # one kind per name (found by a QA pass: a model under an adapter's name made `demo`
     # resolve to the model, and merge/export of `demo` failed); refused before writing
     code, err = run_json(capsys, "unload", "demo", "--base", base, "--out", work / "named",
