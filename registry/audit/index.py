@@ -213,12 +213,16 @@ def missing_from_store(store: StoreReader, index: AuditIndex | None = None, *,
             out.append(Unexplained("version", f"names/{name}/versions/{digest[7:]}", digest,
                                    "the audit log records the push of this version, but it is "
                                    "not bound (removed behind the log's back?)"))
+    named = {name for name, _ in bound}
+    held_aliases: dict[str, dict[str, str]] = {}  # one listing per name, not per entry
     for subject, entry in sorted(index.aliases.items()):
         new, name, _, alias = entry.get("new"), *subject.rpartition(":")
         if entry.get("seq") in index.pending or not isinstance(new, str) or (
                 digest_of and (name != name_of or new != digest_of)):
             continue
-        if name not in store.names() or alias not in store.aliases(name):
+        if name not in held_aliases:
+            held_aliases[name] = store.aliases(name) if name in named else {}
+        if alias not in held_aliases[name]:
             out.append(Unexplained("alias", subject, new, "the audit log records this alias's "
                                    "move here, but the alias is gone (removed behind the log's "
                                    "back?)"))
