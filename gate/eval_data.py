@@ -38,8 +38,8 @@ class DataFile:
 
     @property
     def suffix(self) -> str:
-        """The format's suffix (``.jsonl`` or not), from the path **as written**: the digest
-        binds that path, not where a symlink happens to point."""
+        """The format's suffix (``.jsonl``, ``.ndjson`` or not), from the path **as written**:
+        the digest binds that path, not where a symlink happens to point."""
         return PurePath(self.written).suffix if self.written else self.path.suffix
 
     def read_text(self, encoding: str = "utf-8") -> str:
@@ -50,12 +50,41 @@ class DataFile:
         return str(self.path)
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+"""Suffixes (any case) of JSONL files; any other file of held-out text is plain text."""
+
+
 def _source(path: Path | DataFile) -> Path | DataFile:
     return path if isinstance(path, DataFile) else Path(path)
 
 
+def is_jsonl(path: Path | DataFile) -> bool:
+    """Whether ``path`` is read as JSONL (its suffix as written, any case: ``.jsonl``, ``.ndjson``)."""
+    return _source(path).suffix.lower() in JSONL_SUFFIXES
+
+
+def _lines(path: Path | DataFile, fix: str) -> list[str]:
+    r"""The file's text split into lines on ``\n``, ``\r\n`` or ``\r`` only, a leading BOM dropped.
+
+    ``str.splitlines`` would also split inside a JSON string at U+2028, U+0085 or a form
+    feed (valid unescaped in JSON), and a CRLF file's blank line is ``\r\n\r\n``, which
+    a split on ``\n\n`` does not see (one document instead of many).
+
+    Raises:
+        BadInputError: Unreadable or not UTF-8.
+    """
+    try:
+        raw = _source(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"cannot read {path}: {err}", fix=fix) from None
+    return raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_texts(path: Path | DataFile, *, field: str = "text", limit: int | None = None) -> list[str]:
-    """Documents of a held-out file: JSONL ``{field: str}`` lines, or blank-line separated text.
+    """Documents of a held-out file: JSONL ``{field: str}`` lines (``.jsonl``/``.ndjson``),
+    or plain text whose documents are separated by blank lines.
+
+    Blank documents (and JSONL rows whose text is blank) are skipped, in both formats.
 
     Args:
         path: A file, or a policy's :class:`gate.policy.DataFile` (its hashed bytes).
@@ -63,18 +92,19 @@ def read_texts(path: Path | DataFile, *, field: str = "text", limit: int | None 
         limit: Keep the first ``limit`` documents.
 
     Raises:
-        BadInputError: Unreadable file, a bad JSONL line, or no documents.
+        BadInputError: Unreadable file, a ``.json`` file (one JSON document is neither
+            format), a bad JSONL line, or no documents.
     """
-    source = _source(path)
-    try:
-        raw = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 text or JSONL file") from None
-    if source.suffix == ".jsonl":
+    if _source(path).suffix.lower() == ".json":
+        raise BadInputError(f"{path} is a .json file: held-out text is JSONL (one object per "
+                            "line, .jsonl) or plain text", fix="rename it .jsonl if it is JSONL")
+    lines = _lines(path, "pass a UTF-8 text or JSONL file")
+    if is_jsonl(path):
         texts = [_jsonl_row(line, n, path, (field,))[field]
-                 for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
-    else:
-        texts = [block.strip() for block in raw.split("\n\n") if block.strip()]
+                 for n, line in enumerate(lines, 1) if line.strip()]
+        texts = [text for text in texts if text.strip()]
+    else:  # documents are separated by an empty line, as before CRLF was normalised
+        texts = [block.strip() for block in "\n".join(lines).split("\n\n") if block.strip()]
     if not texts:
         raise BadInputError(f"{path} holds no text", fix="add at least one document")
     return texts[:limit] if limit else texts
@@ -86,10 +116,7 @@ def read_pairs(path: Path | DataFile, *, limit: int | None = None) -> list[tuple
     Raises:
         BadInputError: Unreadable file, a line without string prompt/answer, or no rows.
     """
-    try:
-        lines = _source(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"cannot read {path}: {err}", fix="pass a UTF-8 JSONL file") from None
+    lines = _lines(path, "pass a UTF-8 JSONL file")
     rows = [_jsonl_row(line, n, path, ("prompt", "answer"))
             for n, line in enumerate(lines, 1) if line.strip()]
     if not rows:

@@ -64,12 +64,13 @@ from pathlib import Path
 from typing import Any
 
 from gate.check_kinds import check_kinds, check_params
-from gate.eval_data import DataFile, read_pairs, read_texts
+from gate.eval_data import DataFile, is_jsonl, read_pairs, read_texts
 from gate.policy_fields import FIX, MAX_INT, POLICY, REQUIRED, bad, choice, label, show
 from registry.digests import canonical_json
 from registry.digests import sha256_digest
-from registry.formats.fields import optional
+from registry.formats.fields import is_int, optional
 from registry.errors import BadInputError
+from registry.storage.refs import parse_ref
 
 POLICY_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -209,6 +210,10 @@ def _check(raw: Any, i: int, base_dir: Path, data: dict[str, str], snapshots: di
         found[key] = replace(snapshots[resolved], written=written)
         data[written] = sha256_digest(found[key].data)
         _parse(f"{where}.{key}", found[key], key in declared.files, params.get("field") or "text")
+    # a field other than the default names a JSONL key: on plain text it would be ignored
+    if params.get("field", "text") != "text" and "data" in found and not is_jsonl(found["data"]):
+        raise bad(f"{where}.field", "applies to JSONL data (.jsonl, .ndjson) only; "
+                  f"{show(found['data'].written)} is read as plain text", raw["field"])
     params["_files"] = found
     return CheckSpec(kind=kind, name=name, params=params)
 
@@ -239,6 +244,18 @@ def _snapshot(where: str, path: Path) -> DataFile:
                             f"{err.strerror or err}", fix="make the data file readable") from None
 
 
+def _release_ref(value: Any, where: str) -> str:
+    """The ``release`` field: a ref the registry can resolve (checked now, not when a
+    check compares with it and would fail the gate instead of refusing the policy)."""
+    ref = POLICY.string(value, where)
+    try:
+        parse_ref(ref)
+    except BadInputError as err:
+        raise bad(where, f"must be a registry ref (name, name:alias, name@sha256:...): {err}",
+                  value) from None
+    return ref
+
+
 def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
                  allow_outside_data: bool = False) -> Policy:
     """Validate a policy object (already parsed from YAML/JSON).
@@ -262,12 +279,12 @@ def parse_policy(raw: Any, *, base_dir: Path, source: str | None = None,
     unknown = sorted(set(raw) - TOP_LEVEL, key=str)
     if unknown:
         raise bad(str(unknown[0]), f"is not a known top-level field (known: {', '.join(sorted(TOP_LEVEL))})")
-    if raw.get("version") != POLICY_VERSION:
-        raise bad("version", f"must be {POLICY_VERSION}", raw.get("version", None))
+    if not (is_int(raw.get("version")) and raw["version"] == POLICY_VERSION):  # not true, not 1.0
+        raise bad("version", f"must be the integer {POLICY_VERSION}", raw.get("version", None))
     seed = POLICY.integer(raw.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED)
     dtype = choice(*DTYPES)(raw.get("dtype", "float32"), "dtype")
     max_length = POLICY.integer(raw.get("max_length", 512), "max_length", minimum=8, maximum=MAX_INT)
-    release = optional(POLICY.string)(raw.get("release"), "release")
+    release = optional(_release_ref)(raw.get("release"), "release")
     custody = POLICY.boolean(raw.get("require_source_gate", False), "require_source_gate")
     checks_raw = raw.get("checks")
     if not isinstance(checks_raw, list) or not checks_raw:

@@ -20,7 +20,6 @@ means the field must be given.
 
 from __future__ import annotations
 
-import re
 import reprlib
 from collections.abc import Callable
 from typing import Any
@@ -91,9 +90,6 @@ def int_at_least(lo: int | None = None, hi: int = MAX_INT) -> Callable[[Any, str
     return check
 
 
-_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
 def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any, str], float]:
     """A checker of finite numbers in ``[lo, hi]`` (either bound optional), as float.
 
@@ -101,8 +97,8 @@ def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any, s
         BadInputError: (the checker) Not a finite number in range.
     """
     def check(v: Any, where: str) -> float:
-        if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
-            v = float(v)  # PyYAML (YAML 1.1) reads 1e-3 as a string; accept it as the number
+        # a plain 1e-3 is already a number (gate.safe_yaml reads YAML 1.2 floats); a quoted
+        # "1e-3" is a string, refused like "0.001"
         return float(POLICY.number(v, where, minimum=lo, maximum=hi))
     return check
 
@@ -124,6 +120,21 @@ MAX_LABEL = 200
 """Longest check name or set label."""
 
 
+def choice_list(*choices: str) -> Callable[[Any, str], list[str]]:
+    """A checker of non-empty lists whose items are each one of ``choices`` (a typo
+    would otherwise match nothing and silently turn a check off).
+
+    Raises:
+        BadInputError: (the checker) Anything else.
+    """
+    def check(v: Any, where: str) -> list[str]:
+        items = text_list(v, where)
+        for i, item in enumerate(items):
+            choice(*choices)(item, f"{where}[{i}]")
+        return items
+    return check
+
+
 def label(v: Any, where: str) -> str:
     """A check name or set label: a non-empty string of printable characters (it ends up
     in reports, JUnit XML and terminal tables), at most :data:`MAX_LABEL` long.
@@ -142,9 +153,12 @@ def path(v: Any, where: str) -> str:
     """A data file path as written (resolved and hashed by :mod:`gate.policy`).
 
     Raises:
-        BadInputError: Not a non-empty string.
+        BadInputError: Not a non-empty string, or it holds a NUL (no file system takes one).
     """
-    return text(v, where)
+    value = text(v, where)
+    if "\x00" in value:
+        raise bad(where, "must not contain a NUL character", v)
+    return value
 
 
 def path_map(v: Any, where: str) -> dict[str, str]:
@@ -157,7 +171,7 @@ def path_map(v: Any, where: str) -> dict[str, str]:
         raise bad(where, "must be a non-empty mapping of parent name -> eval file", v)
     for key, value in v.items():
         label(key, f"{where} key")
-        text(value, f"{where}.{key}")
+        path(value, f"{where}.{key}")
     return dict(v)
 
 

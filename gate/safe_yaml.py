@@ -40,7 +40,11 @@ _SHOWN = 200
 
 
 class _Refused(Exception):
-    """The document breaks a bound; ``str(exc)`` says which."""
+    """The document breaks a bound; ``str(exc)`` says which, ``fix`` (if set) how to mend it."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -123,6 +127,33 @@ _BoundedLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
+def _encodable(document: Any) -> Any:
+    """``document``, after checking every string in it (keys too) encodes as UTF-8.
+
+    YAML's ``"\\ud800"`` escape makes a lone UTF-16 surrogate: no tokenizer, file name or
+    digest can take it, so it is refused here, once for every field.
+
+    Raises:
+        _Refused: A string holds a lone surrogate.
+    """
+    todo = [document]
+    while todo:  # iterative: depth is bounded already, but no recursion is simpler still
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Refused("holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                               f"without its pair) in {_cut(repr(item))}",
+                               fix="write the character itself, or its full surrogate pair") from None
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return document
+
+
 def _cut(text: str) -> str:
     line = text.splitlines()[0] if text else ""
     return line if len(line) <= _SHOWN else line[: _SHOWN - 3] + "..."
@@ -161,19 +192,23 @@ def load_yaml(path: str | os.PathLike[str], *, what: str = "policy", max_bytes: 
 
     Raises:
         BadInputError: missing or not a regular file, too large, not UTF-8, not valid
-            YAML, expands to too many nodes, or nests too deeply.
+            YAML (a control character included), expands to too many nodes, nests too
+            deeply, or holds a string with a lone UTF-16 surrogate.
     """
     path = Path(path)
     text = _read(path, what, max_bytes)
-    loader = _BoundedLoader(text, max_depth, max_nodes)
+    loader = None
     try:
-        return loader.get_single_data()
+        # the reader refuses control characters as it is built: inside the try
+        loader = _BoundedLoader(text, max_depth, max_nodes)
+        return _encodable(loader.get_single_data())
     except _Refused as err:
         raise BadInputError(_cut(f"{what} {path} {err}"),
-                            fix=f"a {what} has at most {max_nodes} nodes and {max_depth} "
+                            fix=err.fix or f"a {what} has at most {max_nodes} nodes and {max_depth} "
                                 f"levels of nesting, aliases (*name) expanded") from None
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
         raise BadInputError(_cut(f"{what} {path} is not valid YAML: {_cut(str(err))}"),
                             fix=fix) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

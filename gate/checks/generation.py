@@ -39,7 +39,9 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
         rows.append({"prompt": prompt[:200], "output": gen.text[:200], "tokens": len(gen.token_ids),
                      "repeat_fraction": num(frac), "ok": ok})
         if chars < spec["min_chars"]:
-            problems.append(f"empty output for {prompt[:40]!r}")
+            problems.append(f"empty output for {prompt[:40]!r}" if chars == 0 else
+                            f"output of {chars} non-space characters (< min_chars "
+                            f"{spec['min_chars']}) for {prompt[:40]!r}")
         elif frac > spec["max_repeat_fraction"]:
             problems.append(f"degenerate repetition ({frac:.2f}) for {prompt[:40]!r}: {gen.text[:60]!r}")
     metrics = {"prompts": len(rows), "failed_prompts": sum(not r["ok"] for r in rows),

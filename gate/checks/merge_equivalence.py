@@ -35,7 +35,7 @@ LINEAR_METHODS = ("linear", "cat", "task_arithmetic")
 PARAMS = CheckParams(listed=1, fields={
     "prompts": (f.optional(f.text_list), None), "data": (f.optional(f.path), None),
     "max_abs_diff": (f.number(0), 1e-3), "min_top1_agreement": (f.optional(f.number(0, 1)), None),
-    "methods": (f.text_list, list(LINEAR_METHODS)), "limit": (f.int_at_least(1), 16),
+    "methods": (f.choice_list(*LINEAR_METHODS), list(LINEAR_METHODS)), "limit": (f.int_at_least(1), 16),
 }, files=("data",), one_of=("prompts", "data"), one_of_why="text to compare logits on")
 
 

@@ -165,3 +165,19 @@ def test_a_base_that_is_not_a_model_exits_2_and_stores_nothing(setup, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "base model directory" in err and "Traceback" not in err
     assert list(store.gate_pointers()) == before
+
+
+def test_a_short_generation_is_reported_with_its_length_not_as_empty(setup, tmp_path, capsys):
+    # found by a QA pass: with min_chars 1000, "A owl =" -> "hoot" was reported "empty output"
+    w, store, _, _, _ = setup
+    policy = write_policy(tmp_path / "p.yaml", w, perplexity=None, retention=None, structural=None,
+                          merge_equivalence=None,
+                          generation={"kind": "generation", "prompts": GEN_PROMPTS[:1],
+                                      "max_new_tokens": 4, "min_chars": 1000})
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--json"])
+    check = json.loads(capsys.readouterr().out)["checks"][0]
+    chars = len("".join(check["details"][0]["output"].split()))
+    assert code == 1 and check["status"] == "fail" and chars > 0
+    assert check["message"] == (f"output of {chars} non-space characters (< min_chars 1000) "
+                                "for 'A cat ='")
