@@ -90,6 +90,7 @@ from merging.lora.options import Rank, parse_rank, parse_weights
 from merging.lora.peft_output import output_config
 from merging.lora.results import MergeResult
 from merging.threads import intraop_threads, worker_pool
+from merging.tied import head_factors, mirror_pair, output_ties
 from registry.errors import BadInputError
 
 ProgressCallback = Callable[[int], None]
@@ -208,7 +209,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         "modules": modules, "error": error, "max_error": max(errors, default=0.0),
         "warnings": warnings, "device": str(run.device),
     }
-    return MergeResult(config=output_config(loaded, ranks), tensors=tensors, report=report)
+    return MergeResult(config=output_config(loaded, ranks, ties=output_ties(loaded, run.mirrored)),
+                       tensors=tensors, report=report)
 
 
 class _MergeRun:
@@ -221,6 +223,8 @@ class _MergeRun:
         self.loaded, self.labels, self.weights = loaded, labels, weights
         self.spec, self.params, self.rank, self.seed = spec, params, rank, seed
         self.dtype = output_dtype(loaded)
+        # tied embeddings (ensure_weight_tying): the embedding is merged, lm_head mirrors it
+        self.mirrored = mirror_pair(loaded)
         self.fan_in_fan_out = bool(loaded[0].config.get("fan_in_fan_out", False))
         # Where modules compute (module docstring): ``device`` for dense methods, grouped
         # for ties/magnitude_prune on a non-CPU device (or when asked).
@@ -295,7 +299,8 @@ class _MergeRun:
         modules: dict[str, dict[str, Any]] = {}
         ranks: dict[str, int] = {}
         err2 = norm2 = 0.0
-        names = module_union(self.loaded)
+        mirrored = self.mirrored
+        names = [n for n in module_union(self.loaded) if mirrored is None or n != mirrored.head]
         if self.grouped_path:
             outcomes: Iterator[ModuleOutcome] | list[ModuleOutcome] = self.grouped(names, progress)
         else:
@@ -308,4 +313,10 @@ class _MergeRun:
             modules[name] = {"rank": a.shape[0], "error": err / norm if norm > 0 else 0.0,
                              "norm": norm, "inputs": used}
             err2, norm2 = err2 + err * err, norm2 + norm * norm
+            if mirrored is not None and name == mirrored.embed:
+                head = next(ad.infos[mirrored.head] for ad in self.loaded if mirrored.head in ad.infos)
+                tensors[head.keys.b], tensors[head.keys.a] = head_factors(b, a)
+                ranks[mirrored.head] = a.shape[0]
+                modules[mirrored.head] = {**modules[name], "mirrors": name}
+                err2, norm2 = err2 + err * err, norm2 + norm * norm
         return tensors, modules, ranks, math.sqrt(err2 / norm2) if norm2 > 0 else 0.0

@@ -6,7 +6,9 @@ input's config with ``r`` = the most common output rank, ``lora_alpha = r`` and
 folded into the factors), per-module ``rank_pattern``/``alpha_pattern`` (keys are
 full module paths, alpha = rank) where a module's rank differs, ``target_modules`` =
 the union of the inputs' lists (or, when an input uses a regex or layer restrictions,
-a regex matching exactly the merged modules) and ``modules_to_save`` = the union.
+a regex matching exactly the merged modules), ``modules_to_save`` = the union, and
+``ensure_weight_tying`` true only where the tied embedding pair was merged as one LoRA
+(:mod:`merging.tied`).
 
 :func:`write_peft_dir` writes ``adapter_config.json`` + ``adapter_model.safetensors``
 into a temporary directory beside the target and renames it into place, so the target
@@ -52,12 +54,15 @@ def _target_modules(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> di
     return {"target_modules": regex, **{k: None for k in _RESTRICTIONS}}
 
 
-def output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int]) -> dict[str, Any]:
+def output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int],
+                  ties: bool | None = None) -> dict[str, Any]:
     """The merged adapter's ``adapter_config.json`` (see the module docstring).
 
     Args:
         adapters: The merge inputs, in order (the first one's config is the template).
         ranks: Output rank of every merged module (full module path -> rank).
+        ties: ``ensure_weight_tying`` of the output (:func:`merging.tied.output_ties`);
+            None leaves the template's.
 
     Raises:
         Nothing of its own; the inputs' configs were validated when they were loaded.
@@ -72,6 +77,8 @@ def output_config(adapters: Sequence[LoraAdapter], ranks: dict[str, int]) -> dic
         use_rslora=False, use_dora=False, lora_bias=False, inference_mode=True,
         modules_to_save=saved or None, **_target_modules(adapters, sorted(ranks)),
     )
+    if ties is not None:
+        config["ensure_weight_tying"] = ties
     for key in _RESTRICTIONS:
         if config.get(key) is None:
             config.pop(key, None)
