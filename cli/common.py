@@ -31,7 +31,42 @@ from registry.formats.strict_json import loads_json
 if TYPE_CHECKING:
     from registry.storage.store import Store
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+def check_utf8(args: list[str]) -> None:
+    """Refuse arguments and ``ADAPTERS_*`` variables that are not UTF-8 text.
+
+    Python hands undecodable bytes over as lone surrogates; every name, path and value is
+    eventually written into UTF-8 JSON (a manifest, the audit log, the store's config), so
+    such a value would fail half way through a command (``init`` left a directory that was
+    no store, ``push`` orphan blobs). Refused before anything runs instead.
+
+    Raises:
+        BadInputError: A value holds bytes that are not UTF-8 (exit 2).
+    """
+    import os
+
+    named = [(f"argument {shorten(a)}", a) for a in args]
+    named += [(f"${key}", value) for key, value in os.environ.items() if key.startswith("ADAPTERS_")]
+    for where, value in named:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadInputError(f"{where} is not valid UTF-8 text",
+                                fix="pass names, paths and values as UTF-8 (rename a file "
+                                    "whose name is not)") from None
+
+
+def _json_parsed(ctx: typer.Context, value: bool) -> bool:
+    """Record the parsed ``--json`` on the root context, so ``cli/main.py`` reports an error in
+    the mode the command was given: a value that happens to read ``--json`` (``--license
+    --json``) does not switch errors to JSON."""
+    root = ctx.find_root()
+    if isinstance(root.obj, dict):
+        root.obj["json"] = bool(value)
+    return value
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.",
+                                       callback=_json_parsed)]
 StoreOpt = Annotated[
     Optional[Path],
     typer.Option("--store", help="Store directory (default: $ADAPTERS_HOME or ~/.adapters).",

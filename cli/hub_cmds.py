@@ -102,8 +102,9 @@ def push_hub(
     target = hub.parse_repo_id(repo_id)  # fail on bad input before opening anything
     hub.check_branch(revision)
     st = open_store(store)
-    out.info(f"uploading {escape(ref)} to hf://{escape(target)}")
-    result = hub.push_to_hub(st, ref, target, private=private, revision=revision,
+    version = st.resolve(ref)  # a bad or unknown ref fails before anything is announced
+    out.info(f"uploading {escape(version.ref)} to hf://{escape(target)}")
+    result = hub.push_to_hub(st, version, target, private=private, revision=revision,
                              commit_message=commit_message, token=token)
 
     def render(console: Console) -> None:

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover
     # the same classes under click's own name (mypy sees two distinct types)
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
+from cli.common import check_utf8
 from cli.output import escape_control
 from registry.errors import (AdapterkitError, BadInputError,
                              EnvironmentFailure, UsageError, environment_error, internal_error)
@@ -115,36 +116,37 @@ def main(argv: list[str] | None = None) -> int:
     Never raises (except with ``$ADAPTERS_DEBUG`` set, for an internal error).
     """
     args = sys.argv[1:] if argv is None else argv
-    json_mode = "--json" in args
+    # a guess until the command's --json option is parsed (cli.common records the parsed
+    # value here): options after `--` are values; eager options honour the guess
+    state = {"json": "--json" in args[:args.index("--")] if "--" in args else "--json" in args}
     try:
+        check_utf8(args)
         command = typer.main.get_command(app)
-        # ctx.obj: eager options (which run before --json is parsed) can honour it too
-        result = command.main(args=args, prog_name="adapters", standalone_mode=False,
-                              obj={"json": json_mode})
+        result = command.main(args=args, prog_name="adapters", standalone_mode=False, obj=state)
     except AdapterkitError as err:
-        return _report(err, json_mode)
+        return _report(err, state["json"])
     except typer.Exit as done:
         return done.exit_code
     except NoArgsIsHelpError as err:  # `adapters` / `adapters alias` alone: the help, then
-        if not json_mode:             # the one error line every usage error ends with
+        if not state["json"]:             # the one error line every usage error ends with
             err.ctx.get_help()  # typer's rich formatter prints it to stdout (click's show()
                                 # also wrote a stray line to stderr)
         group = " ".join(["adapters", *[a for a in args if not a.startswith("-")]])
         return _report(UsageError(f"missing command after `{group}`",
-                                  fix=f"run `{group} --help`"), json_mode)
+                                  fix=f"run `{group} --help`"), state["json"])
     except ClickException as err:  # usage errors: unknown option, missing argument...
-        return _report(_usage_error(err), json_mode)
+        return _report(_usage_error(err), state["json"])
     except typer.Abort:
-        return _report(BadInputError("aborted", fix="run the command again"), json_mode)
+        return _report(BadInputError("aborted", fix="run the command again"), state["json"])
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted; nothing half-written is visible\n")
         return 130
     except OSError as err:
-        return _report(environment_error(err), json_mode)
+        return _report(environment_error(err), state["json"])
     except Exception as err:  # noqa: BLE001 - the last resort: a bug, reported as one
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        return _report(_storage_service_error(err) or internal_error(err), json_mode)
+        return _report(_storage_service_error(err) or internal_error(err), state["json"])
     return result if isinstance(result, int) else 0
 
 

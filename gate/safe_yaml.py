@@ -161,7 +161,8 @@ def _cut(text: str) -> str:
 
 def _read(path: Path, what: str, max_bytes: int) -> str:
     if not path.is_file():
-        raise BadInputError(f"{what} file {_cut(str(path))} not found",
+        state = "is not a regular file" if path.exists() else "not found"
+        raise BadInputError(f"{what} file {_cut(str(path))} {state}",
                             fix=f"pass --{what} FILE naming a regular file")
     with open(path, "rb") as handle:
         data = handle.read(max_bytes + 1)

@@ -24,7 +24,8 @@ def canonical_json(obj: Any) -> bytes:
     """The canonical byte form of a JSON-able object (what digests are taken over).
 
     Raises:
-        BadInputError: The object is not JSON-able or holds NaN/Infinity.
+        BadInputError: The object is not JSON-able, holds NaN/Infinity, or a string that
+            is not UTF-8 (a lone surrogate).
     """
     try:
         text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -33,7 +34,11 @@ def canonical_json(obj: Any) -> bytes:
         raise BadInputError(f"value is not canonical JSON: {err}",
                             fix="use only strings, finite numbers, booleans, null, lists and "
                                 "objects with string keys") from err
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: undecodable bytes from a path or argv
+        raise BadInputError(f"value is not UTF-8 text (a lone surrogate at offset {err.start})",
+                            fix="use UTF-8 names, paths and values") from None
 
 
 def sha256_digest(data: bytes) -> str:

@@ -235,3 +235,50 @@ def check_outside(out_dir: str | Path, root: str | Path | None, what: str = "the
     if out == base or base in out.parents:
         raise BadInputError(f"{out_dir} is inside {what} ({base})",
                             fix="write the output outside the store directory")
+
+
+MAX_SMALL_FILE = 1 << 20
+"""Largest key, checkpoint or similar small input file read (1 MiB; a PEM key is ~120 bytes)."""
+
+
+def read_small_file(path: str | Path, what: str, *, fix: str, max_bytes: int = MAX_SMALL_FILE) -> bytes:
+    """The bytes of a small input file named by the user (a key, a checkpoint).
+
+    Opened without blocking and checked to be a regular file before anything is read, so a
+    FIFO cannot hang the command and ``/dev/zero`` cannot fill the memory; at most
+    ``max_bytes + 1`` bytes are read.
+
+    Args:
+        path: The file.
+        what: What it is, for messages (``key file``).
+        fix: The fix line of a refusal.
+        max_bytes: Largest size accepted.
+
+    Raises:
+        NotFoundError: No such file (exit 5).
+        BadInputError: Not a regular file, or larger than ``max_bytes`` (exit 2).
+        EnvironmentFailure: Permission denied or an I/O error (exit 6).
+    """
+    import stat
+
+    from registry.errors import BadInputError, NotFoundError, environment_error, shorten
+
+    shown = shorten(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} {shown} not found", fix=fix) from None
+    except OSError as err:
+        raise environment_error(err, path=path, action=f"read {what}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, device or directory
+            raise BadInputError(f"{what} {shown} is not a regular file", fix=fix)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as err:
+        raise environment_error(err, path=path, action=f"read {what}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise BadInputError(f"{what} {shown} is larger than {max_bytes} bytes", fix=fix)
+    return data

@@ -176,10 +176,9 @@ def read_public_key(path: Path) -> Ed25519PublicKey:
 def _read_pem_key(path: Path, private: bool) -> object:
     from cryptography.hazmat.primitives import serialization
 
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"key file {path} not found", fix="pass the path of a PEM ed25519 key") from None
+    from registry.fsutil import read_small_file
+
+    data = read_small_file(path, "key file", fix="pass the path of a PEM ed25519 key")
     try:
         if private:
             return serialization.load_pem_private_key(data, password=None)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.digests import canonical_json
-from registry.errors import BadInputError, IntegrityError, NotFoundError, shorten
+from registry.errors import BadInputError, IntegrityError, shorten
+from registry.fsutil import read_small_file
 from registry.signing import check_signatures, key_id, pae, read_private_key
 from registry.formats.strict_json import loads_json
 
@@ -53,16 +54,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
     Raises:
         NotFoundError: No such file (exit 5, as a missing key file).
-        BadInputError: Unreadable or not JSON.
+        BadInputError: Not a regular file, too large, or not JSON.
+        EnvironmentFailure: Permission denied or an I/O error.
     """
+    fix = "pass the file `adapters audit checkpoint --out` wrote"
+    data = read_small_file(path, "checkpoint file", fix=fix)
     try:
-        return loads_json(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFoundError(f"no checkpoint file {path}",
-                            fix="pass the file `adapters audit checkpoint --out` wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise BadInputError(f"cannot read checkpoint {path}: {err}",
-                            fix="pass the file `adapters audit checkpoint --out` wrote") from None
+        return loads_json(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadInputError(f"cannot read checkpoint {shorten(str(path))}: {err}", fix=fix) from None
 
 
 def check_checkpoint(envelope: Any, entries: list[dict[str, Any]],

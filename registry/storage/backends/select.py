@@ -23,8 +23,8 @@ def s3_location(root: object) -> tuple[str, str] | None:
     Accepts ``s3://bucket/prefix`` and the ``s3:/bucket/prefix`` that ``Path`` makes of it.
     """
     text = str(root)
-    if text.rstrip("/") == "s3:":  # `s3://` alone (Path folds it to `s3:`): no bucket
-        return "", ""
+    if text.rstrip("/") == "s3:" or text.startswith("s3:///"):  # `s3://` alone (Path folds
+        return "", ""  # it to `s3:`) or an empty bucket before the prefix: no bucket
     for scheme in ("s3://", "s3:/"):
         if text.startswith(scheme):
             rest = text[len(scheme):].strip("/")
@@ -68,6 +68,6 @@ def check_not_url(root: object) -> None:
 
 BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}\Z")
 """The bucket names botocore accepts (it checks the same before any request)."""
-OTHER_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+OTHER_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?:/|\Z)")
 """A URL-like location (``scheme:/...``, two letters or more: not a drive letter) that is
-not ``s3``; ``Path`` folds ``//`` to ``/``."""
+not ``s3``; ``Path`` folds ``//`` to ``/`` and drops a trailing one (``gs://`` is ``gs:``)."""
