@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import BinaryIO
 from pathlib import Path
 
 
@@ -282,3 +283,41 @@ def read_small_file(path: str | Path, what: str, *, fix: str, max_bytes: int = M
     if len(data) > max_bytes:
         raise BadInputError(f"{what} {shown} is larger than {max_bytes} bytes", fix=fix)
     return data
+
+
+def open_store_file(path: str | Path) -> BinaryIO:
+    """Open a file inside a store for reading, refusing anything but a regular file.
+
+    A FIFO put in place of a binding, a ref or ``audit/head.json`` hung every reader and
+    writer; a symlink to ``/dev/zero`` read without end. The file is opened without
+    blocking and checked with ``fstat`` before a byte is read.
+
+    Raises:
+        FileNotFoundError: No such file (also a dangling symlink), as ``open`` raises it.
+        IntegrityError: It is a FIFO, a device, a socket or a directory (exit 3).
+    """
+    import stat
+
+    from registry.errors import IntegrityError, shorten
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{shorten(str(path))} in the store is not a regular file "
+                                 "(a FIFO, device or directory put there by hand?)",
+                                 fix="run `adapters verify --all`, then remove or restore it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_regular_file(path: str | Path) -> bool:
+    """Whether ``path`` is (or links to) a regular file: what a store listing may name."""
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -17,7 +17,8 @@ from typing import Any
 from registry.digests import json_digest
 from registry.errors import IntegrityError
 from registry.stamps import default_actor, utc_now_iso
-from registry.formats.strict_json import loads_json
+from registry.formats.strict_json import StrictJSONError
+from registry.formats.strict_json import loads_strict as loads_json
 
 ENTRY_KEYS = ("seq", "ts", "actor", "action", "subject", "old", "new", "prev_hash", "hash")
 
@@ -84,9 +85,10 @@ def check_chain(rows: list[tuple[int, bytes]]) -> tuple[list[AuditProblem], int,
     prev_seq, prev_hash = 0, None
     for number, raw in rows:
         try:
-            entry = loads_json(raw)
-        except ValueError:
-            problems.append(AuditProblem(number, "unparsable", "line is not valid JSON"))
+            entry = loads_json(raw)  # strict: a duplicate key shows one value, hashes another
+        except ValueError as err:
+            why = f" ({err})" if isinstance(err, StrictJSONError) else ""
+            problems.append(AuditProblem(number, "unparsable", f"line is not valid JSON{why}"))
             continue
         if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS) \
                 or not isinstance(entry.get("seq"), int):

@@ -13,7 +13,8 @@ that no ``recover`` entry rolled back):
 
 :func:`cross_check` lists whatever is not explained (``adapters verify --all`` reports
 each as ``unaudited``, exit 3): a binding added by hand, an alias file edited, a gate
-record copied from another version. :func:`missing_from_store` is the reverse: what the
+record copied from another version, a binding whose time contradicts the log
+(:mod:`registry.audit.binding_times`). :func:`missing_from_store` is the reverse: what the
 log records and the store no longer holds (``removed``: a binding, alias, gate record or
 signature deleted by hand). :func:`gate_record_problem` is what ``promote`` and the web view ask of a
 stored gate record: is it bound to its candidate and policy, and vouched for by the log?
@@ -25,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from registry.audit.journal import ALIAS_ACTIONS, RECOVER, pending_intents, written_after
+from registry.audit.binding_times import binding_time_problems
+from registry.audit.journal import ALIAS_ACTIONS, RECOVER, read_markers, written_after
 from registry.audit.report import AUDIT_FIX
 from registry.errors import AdapterkitError, IntegrityError
 
@@ -50,6 +52,7 @@ class AuditIndex:
     Attributes:
         pushes: ``name@digest`` subjects with an effective push.
         push_seqs: Each of those subjects -> the seq of its newest push entry.
+        push_entries: Each of those subjects -> its newest push entry.
         aliases: ``name:alias`` -> its newest effective move entry.
         gates: ``(candidate, policy)`` -> newest effective gate entry.
         signatures: ``(version, keyid)`` -> newest effective sign entry.
@@ -57,16 +60,20 @@ class AuditIndex:
         pending_deletes: ``name@digest`` subjects of such entries that delete (maybe applied).
         forged_markers: Keys of markers no dead writer can have left (local stores: their
             entry is followed by later writes); they excuse nothing.
+        malformed_markers: Keys of markers that are not well-formed intents (written by
+            hand); skipped by every writer.
     """
 
     pushes: set[str] = field(default_factory=set)
     push_seqs: dict[str, int] = field(default_factory=dict)
+    push_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     aliases: dict[str, dict[str, Any]] = field(default_factory=dict)
     gates: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     signatures: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)
     pending_deletes: set[str] = field(default_factory=set)
     forged_markers: list[str] = field(default_factory=list)
+    malformed_markers: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, store: StoreReader) -> AuditIndex:
@@ -93,7 +100,7 @@ class AuditIndex:
                        if e.get("action") == RECOVER and isinstance(e.get("old"), dict)
                        and (e.get("new") or {}).get("outcome") == "rolled_back"}
         index = cls()
-        intents = pending_intents(store)
+        intents, index.malformed_markers = read_markers(store)
         for at, entry in enumerate(entries):
             if entry.get("seq") in rolled_back:
                 continue
@@ -114,6 +121,7 @@ class AuditIndex:
         if action == "push":
             self.pushes.add(subject)
             self.push_seqs[subject] = entry.get("seq", -1)
+            self.push_entries[subject] = entry
         elif action == "delete":
             self.pushes.discard(subject)
         elif action in ALIAS_ACTIONS:
@@ -176,9 +184,13 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
         if not index.explains(index.signatures.get((signed, keyid)), envelope, "envelope"):
             out.append(Unexplained("signature", f"signatures/{signed[7:19]}../{keyid[7:19]}..",
                                    envelope, "no audit entry records this signature"))
+    out += binding_time_problems(store, index.push_entries, [name_of] if name_of else store.names())
     if version is None:
         out += [Unexplained("marker", key, "", "this intent marker names an audit entry that later "
                             "writes followed: no dead writer leaves that") for key in index.forged_markers]
+        out += [Unexplained("marker", key, "", "this intent marker is not a well-formed intent "
+                            "(writers write them whole): written by hand?")
+                for key in index.malformed_markers]
     return out
 
 

@@ -102,16 +102,38 @@ def recover_after(store: StoreReader) -> float:
     return float(os.environ.get("ADAPTERS_RECOVER_AFTER", RECOVER_AFTER_S3))
 
 
-def pending_intents(store: StoreReader) -> list[Intent]:
-    """Every intent marker now in the store (unreadable ones are skipped)."""
-    out = []
+_TEXT_FIELDS = ("id", "ts", "actor", "action", "subject")
+
+
+def read_markers(store: StoreReader) -> tuple[list[Intent], list[str]]:
+    """Every intent marker now in the store, and the keys of malformed ones.
+
+    Markers are written whole (one atomic rename or PUT), so a marker that is not JSON or
+    whose fields have the wrong types was written by hand: it is skipped (a writer
+    stopped with exit 70 on ``"after_seq": "abc"``) and ``verify --all`` reports it.
+    A marker that disappears while being read (settled meanwhile) is just gone.
+    """
+    out, malformed = [], []
     for key in store.backend.list(PENDING):
         try:
             data = loads_json(store.backend.get(key)[0])
-            out.append(Intent(**{k: data[k] for k in Intent.__dataclass_fields__}))
-        except (ObjectMissing, ValueError, KeyError, TypeError):
+            intent = Intent(**{k: data[k] for k in Intent.__dataclass_fields__})
+        except ObjectMissing:
             continue
-    return out
+        except (ValueError, KeyError, TypeError):
+            malformed.append(key)
+            continue
+        if type(intent.after_seq) is not int or not all(
+                isinstance(getattr(intent, k), str) for k in _TEXT_FIELDS):
+            malformed.append(key)
+            continue
+        out.append(intent)
+    return out, malformed
+
+
+def pending_intents(store: StoreReader) -> list[Intent]:
+    """Every well-formed intent marker now in the store (:func:`read_markers`)."""
+    return read_markers(store)[0]
 
 
 def _age_seconds(ts: str) -> float:
@@ -301,5 +323,5 @@ def gate_or_sign_key(store: StoreReader, entry: dict[str, Any]) -> tuple[str, st
 
 
 __all__ = ["ALIAS_ACTIONS", "Intent", "PENDING", "RECOVER", "Settled", "effect_visible",
-           "gate_or_sign_key", "pending_intents", "recover", "recover_after", "run_mutation",
+           "gate_or_sign_key", "pending_intents", "read_markers", "recover", "recover_after", "run_mutation",
            "written_after"]

@@ -40,10 +40,10 @@ from registry.audit.chain import (
 )
 from registry.digests import canonical_json
 from registry.errors import IntegrityError
-from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs
+from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs, open_store_file
 from registry.storage.failpoints import armed, failpoint
 from registry.storage.locking import file_lock
-from registry.formats.strict_json import loads_json
+from registry.formats.strict_json import loads_strict as loads_json
 
 HEAD_READS = 3
 """Reads of the log and its head before a head that disagrees is reported (a concurrent
@@ -95,11 +95,12 @@ class AuditLog:
 
     def _head(self) -> tuple[int, str | None]:
         try:
-            head = loads_json(self.head_path.read_text(encoding="utf-8"))
+            with open_store_file(self.head_path) as handle:
+                head = loads_json(handle.read().decode("utf-8"))
             return int(head["seq"]), head["hash"]
         except FileNotFoundError:
             return 0, None
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError is a ValueError
             raise IntegrityError(f"audit head {self.head_path} is unreadable: {err}",
                                  fix="run `adapters audit verify`") from err
 
@@ -140,6 +141,7 @@ class AuditLog:
             IntegrityError: The last complete line is not a JSON object.
         """
         try:
+            open_store_file(self.path).close()  # a FIFO there would block the open below
             handle = open(self.path, "r+b")
         except FileNotFoundError:
             return None
@@ -236,7 +238,8 @@ class AuditLog:
 
     def _lines(self) -> list[tuple[int, bytes]]:
         try:
-            data = self.path.read_bytes()
+            with open_store_file(self.path) as handle:
+                data = handle.read()
         except FileNotFoundError:
             return []
         # bytes after the last newline are a torn append that was never committed (the

@@ -33,7 +33,7 @@ from registry.digests import canonical_json
 from registry.errors import IntegrityError
 from registry.storage.backends.base import Backend, ObjectMissing, PreconditionFailed
 from registry.storage.failpoints import failpoint
-from registry.formats.strict_json import loads_json
+from registry.formats.strict_json import loads_strict as loads_json
 
 ENTRIES = "audit/entries/"
 HEAD = "audit/head.json"

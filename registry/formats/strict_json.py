@@ -72,7 +72,7 @@ def loads_json(data: str | bytes) -> Any:
         raise JSONNestingError("JSON nested too deeply") from None
 
 
-def loads_strict(text: str, *, parse_int: Callable[[str], Any] | None = None,
+def loads_strict(text: str | bytes, *, parse_int: Callable[[str], Any] | None = None,
                  parse_float: Callable[[str], Any] | None = None) -> Any:
     """``json.loads`` refusing duplicate keys and ``NaN``/``Infinity``/``-Infinity``.
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from registry.audit.index import AuditIndex, cross_check, missing_from_store
 from registry.audit.journal import recover, run_mutation
 from registry.digests import is_digest
 from registry.errors import IntegrityError
@@ -104,6 +105,28 @@ def reachable(store: Store) -> set[str]:
     return keep
 
 
+def check_refs_audited(store: Store) -> None:
+    """Refuse to collect while the store's refs disagree with its audit log.
+
+    gc keeps what the refs reach (bindings, gate and signature pointers). A ref removed or
+    edited behind the log's back (a deleted 64-byte binding file, a flipped gate pointer)
+    would make a live release's blobs unreachable, and gc would delete them for good; with
+    the refs repaired first (``verify --all`` names them), nothing is lost.
+
+    Raises:
+        IntegrityError: The log fails its chain check, or ``verify --all`` would report
+            ``unaudited`` or ``removed`` refs.
+    """
+    index = AuditIndex.build(store)
+    problems = cross_check(store, index) + missing_from_store(store, index)
+    if problems:
+        first = problems[0]
+        raise IntegrityError(f"gc refused: the store's refs and its audit log disagree "
+                             f"({len(problems)} problem(s); first: {first.key}: {first.detail})",
+                             fix="run `adapters verify --all` and repair what it reports "
+                                 "before collecting garbage (gc could delete live data)")
+
+
 def _stale_temp_files(store: Store, cutoff: float) -> list[Path]:
     """Temp files, and temp directories no live command holds (:func:`registry.fsutil.is_leased`)
     whose newest entry is older than cutoff."""
@@ -160,13 +183,15 @@ def gc(store: Store, grace_seconds: float = 3600.0, *, dry_run: bool = False,
         A :class:`GcReport`.
 
     Raises:
-        IntegrityError: A bound manifest is unreadable (gc cannot know its files).
+        IntegrityError: A bound manifest is unreadable (gc cannot know its files), or the
+            refs disagree with the audit log (:func:`check_refs_audited`).
     """
     cutoff = (time.time() if now is None else now) - grace_seconds
     # refs.lock too: gc is a mutation under the intent protocol (registry.audit.journal), and
     # no other writer may settle its marker while it runs
     with store.backend.lock("gc"), store.backend.lock("refs"):
         recover(store, actor=actor)
+        check_refs_audited(store)
         keep = reachable(store)
         present = store.blobs.all_digests()
         planned: list[tuple[str, int]] = []

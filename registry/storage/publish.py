@@ -98,7 +98,7 @@ def push_version(store: StoreReader, name: str, files: Mapping[str, Path], recor
                 return PushResult(existing, False, new_bytes)
             digest, _ = store.blobs.put_bytes(canonical_json(manifest))
             winner = claim_content(store.backend, name, key, digest,
-                                   lambda d: store.is_bound(name, d),
+                                   lambda d: _holds_content(store, name, d, key),
                                    wait=0 if store.backend.supports_locks else None)
             if winner is not None:  # a concurrent identical push got there first
                 return PushResult(store.version_at(name, digest_hex(winner)), False, new_bytes)
@@ -112,6 +112,22 @@ def push_version(store: StoreReader, name: str, files: Mapping[str, Path], recor
             except PreconditionFailed:  # a concurrent identical push bound it first
                 return PushResult(store.version_at(name, digest_hex(digest)), False, new_bytes)
     return PushResult(version, True, new_bytes)
+
+
+def _holds_content(store: StoreReader, name: str, digest: str, key: str) -> bool:
+    """Whether ``name`` binds ``digest`` and that version's content key is ``key``.
+
+    A content claim is a plain file: one edited by hand to name another bound version
+    made ``push`` return that version ("already stored") and move ``--alias`` onto it.
+    A claim is honoured only for a version whose manifest really has that content;
+    any other is stale and is taken over.
+    """
+    if not store.is_bound(name, digest):
+        return False
+    try:
+        return content_key(store.version_at(name, digest_hex(digest)).manifest) == key
+    except AdapterkitError:  # a damaged version holds no content: the claim is stale
+        return False
 
 
 def _same_content(store: StoreReader, name: str, key: str) -> Version | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.digests import DIGEST_PREFIX, HEX_RE, check_digest, digest_hex
-from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.errors import BadInputError, IntegrityError, NotFoundError, shorten
 from registry.storage.backends.base import Backend, ObjectMissing
 from registry.storage.blobs import BlobStore
 from registry.storage.manifest import Version, check_manifest
@@ -92,8 +92,17 @@ class StoreReader:
 
     @property
     def protected_aliases(self) -> list[str]:
-        """Aliases that only ``promote`` (``protected_ok=True``) may move."""
-        return list(self.config.get("protected_aliases") or [])
+        """Aliases only ``promote`` may move: config ``protected_aliases``, a list or one string.
+
+        Raises:
+            BadInputError: The setting is neither (a number made alias moves exit 70).
+        """
+        setting = self.config.get("protected_aliases")
+        listed = [setting] if isinstance(setting, str) else [] if setting is None else setting
+        if not isinstance(listed, list) or not all(isinstance(a, str) and a for a in listed):
+            raise BadInputError(f"{self.location}/config.json protected_aliases must be a list "
+                                f"of aliases, got {shorten(setting)}", fix='e.g. ["release"]')
+        return list(listed)
 
     # ---- keys --------------------------------------------------------------------
 
@@ -269,7 +278,7 @@ class StoreReader:
             assert parsed.name is not None
             latest = None
             for hexdigest in self.bound_hexes(parsed.name):
-                created = self._binding_time(parsed.name, hexdigest)
+                created = self.binding_time(parsed.name, hexdigest)
                 if latest is None or (created, hexdigest) > latest:
                     latest = (created, hexdigest)
             if latest is None:
@@ -288,7 +297,9 @@ class StoreReader:
                                 fix=f"give more hex digits (at least {MIN_PREFIX}, up to 64)")
         return matches[0][0], DIGEST_PREFIX + matches[0][1]
 
-    def _binding_time(self, name: str, hexdigest: str) -> str:
+    def binding_time(self, name: str, hexdigest: str) -> str:
+        """A binding's push time ('' if none): what ``NAME`` resolves by (checked by
+        :mod:`registry.audit.binding_times`)."""
         try:
             return self.backend.get(self.binding_key(name, hexdigest))[0].decode(
                 "utf-8", errors="replace").strip()

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.errors import BadInputError
-from registry.fsutil import atomic_write_bytes, fsync_dir, make_dirs, unlink_quietly
+from registry.fsutil import (atomic_write_bytes, fsync_dir, is_regular_file, make_dirs,
+                             open_store_file, unlink_quietly)
 from registry.storage.backends.base import ObjectInfo, ObjectMissing, PreconditionFailed
 from registry.storage.locking import file_lock
 
@@ -63,7 +64,8 @@ class LocalBackend:
     def get(self, key: str) -> tuple[bytes, str]:
         """``(data, etag)``. Raises ObjectMissing."""
         try:
-            data = self._path(key).read_bytes()
+            with open_store_file(self._path(key)) as handle:
+                data = handle.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectMissing(f"{key} is missing", fix="run `adapters verify --all`") from None
         return data, _etag(data)
@@ -71,7 +73,7 @@ class LocalBackend:
     def open(self, key: str) -> BinaryIO:
         """Open ``key`` for binary reading. Raises ObjectMissing."""
         try:
-            return open(self._path(key), "rb")
+            return open_store_file(self._path(key))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectMissing(f"{key} is missing", fix="run `adapters verify --all`") from None
 
@@ -162,7 +164,10 @@ class LocalBackend:
                 if name.startswith("."):
                     continue
                 key = name if rel == "." else f"{rel}/{name}"
-                if key.startswith(prefix):
+                # only regular files are objects: a dangling symlink or a FIFO put in
+                # place of a binding is absent (verify reports it `removed`), rather
+                # than breaking every listing
+                if key.startswith(prefix) and is_regular_file(os.path.join(dirpath, name)):
                     out.append(key)
         return sorted(out)
 
