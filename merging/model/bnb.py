@@ -61,6 +61,10 @@ def _bnb():  # noqa: ANN202 - imported lazily: bitsandbytes takes ~6 s to import
     return bitsandbytes
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""``bnb_4bit_compute_dtype`` values accepted."""
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize.
@@ -91,6 +95,22 @@ class QuantSpec:
                                 fix=f"use one of {', '.join(map(str, BLOCKSIZES))}")
         if self.method == "int8" and self.double_quant:
             raise BadInputError("--double-quant applies to nf4/fp4 only", fix="drop --double-quant")
+        if self.method == "int8" and self.blocksize != 64:  # was accepted and then dropped
+            raise BadInputError("--blocksize applies to nf4/fp4 only", fix="drop --blocksize")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise BadInputError(f"compute dtype {self.compute_dtype!r} is not one bitsandbytes "
+                                "computes in", fix=f"use one of {', '.join(COMPUTE_DTYPES)}")
+
+    def check_source_dtype(self, st_dtype: str | None) -> None:
+        """Refuse a source dtype bitsandbytes cannot quantize: 4-bit takes 16/32-bit floats
+        (a float64 model crashed inside bitsandbytes, exit 70).
+
+        Raises:
+            BadInputError: A float64 model with nf4/fp4.
+        """
+        if self.four_bit and st_dtype == "F64":
+            raise BadInputError(f"{self.method} quantizes float32, float16 or bfloat16 weights, "
+                                "not float64", fix="re-save the model in float32 first, or use int8")
 
     @property
     def four_bit(self) -> bool:
@@ -151,7 +171,10 @@ def quantizable_weights(config: dict[str, Any], spec: QuantSpec) -> dict[str, bo
     except (KeyError, ValueError, TypeError) as err:
         raise BadInputError(f"cannot build the model skeleton from config.json ({err})",
                             fix="quantize with transformers directly for this architecture") from None
-    skip = get_keys_to_not_convert(model) + list(spec.skip_modules)
+    # transformers' get_modules_to_not_convert: the given skip list *replaces* the default
+    # one (output embedding, tied weights); adding to it left lm_head in float while the
+    # config said to quantize it, and the model could not run a forward pass
+    skip = list(spec.skip_modules) or get_keys_to_not_convert(model)
     skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     out: dict[str, bool] = {}
     for name, module in model.named_modules():
@@ -226,13 +249,25 @@ def roundtrip(weight: torch.Tensor, spec: QuantSpec, *, transposed: bool = False
     return deq.to(weight.dtype)
 
 
-def relative_error(weight: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
+def relative_error(weight: torch.Tensor, deq: torch.Tensor, *, name: str = "weight",
+                   method: str = "") -> tuple[float, float]:
     """``(||W - deq||_F^2, ||W||_F^2)`` (sum over modules for the overall error).
 
     Squares are summed in float32 with torch's cascade summation (``(x * x).sum()``):
     within ~1e-8 of float64 and 4x faster; ``vector_norm`` in float32 is faster still
     but ~1e-3 off on a 10M-element weight (measured).
+
+    Raises:
+        BadInputError: Either is not finite: a NaN or infinite weight, or one int8's
+            float16 step makes infinite. The model would give NaN logits; the run used
+            to succeed (and print a bare NaN in ``--json``).
     """
     w = weight.float()
     diff = w - deq.float()
-    return float((diff * diff).sum()), float((w * w).sum())
+    err_sq, w_sq = float((diff * diff).sum()), float((w * w).sum())
+    if not (math.isfinite(err_sq) and math.isfinite(w_sq)):
+        raise BadInputError(f"{name}: quantizing to {method or 'this format'} gives non-finite "
+                            "weights (a NaN or infinite value, or one beyond float16's range "
+                            "for int8)", fix="check the source weights (`adapters verify "
+                            "--model`, or the merge that made them)")
+    return err_sq, w_sq

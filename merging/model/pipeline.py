@@ -385,7 +385,7 @@ class Rewrite:
         if job.quant and self.spec is not None:
             tensors, deq = quantize_weight(job.out_name, weight, self.spec,
                                            transposed=job.transposed_q)
-            err_sq, w_sq = relative_error(weight, deq)
+            err_sq, w_sq = relative_error(weight, deq, name=job.out_name, method=self.spec.method)
             self.quant_sq = [self.quant_sq[0] + err_sq, self.quant_sq[1] + w_sq]
             quant_err = math.sqrt(err_sq / w_sq) if w_sq > 0 else 0.0
             weight_fro = math.sqrt(w_sq) if weight_fro is None else weight_fro

@@ -57,12 +57,18 @@ def reference_logits(config: dict[str, Any], state: dict[str, torch.Tensor]) -> 
     with no_init_weights():
         # transformers annotates _LazyAutoMapping.__getitem__ as a tuple; it returns the class
         model = model_cls(cfg).to(dtype)  # type: ignore[operator]
-    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if tied & set(state) and head is not None and embed is not None and head.weight is embed.weight:
+        # both sides are in the checkpoint: from_pretrained then keeps them apart (it warns
+        # if they differ), so untie before loading, or the last one loaded would win
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"reference model: missing {sorted(set(missing) - tied)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]}")
-    model.tie_weights()
+    if set(missing) & tied:  # tie only what the checkpoint lacks: transformers does not tie
+        model.tie_weights()   # (it warns) when both tensors are there and differ
     model.eval()
     with torch.no_grad():
         return model(probe_ids(cfg.get_text_config().vocab_size)).logits.float()
