@@ -19,8 +19,8 @@ the magnitude vector makes the delta depend on the base weight), ``lora_bias``,
 adapters whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA,
 LoftQ: their delta is not ``s·B·A`` relative to the original base),
 ``trainable_token_indices``, ``target_parameters``, ``layer_replication``,
-aLoRA invocation tokens, and an ``ensure_weight_tying`` pair whose sides differ
-(:mod:`merging.tied`).
+aLoRA invocation tokens. (An ``ensure_weight_tying`` pair whose sides differ is
+refused where the base is known to tie them: :mod:`merging.tied`.)
 
 Only headers are read by :func:`load_adapter`; a module's tensors are read from
 ``adapter_model.safetensors`` when :meth:`LoraAdapter.module` is called, so the
@@ -47,7 +47,6 @@ from registry.ingest import (
 )
 from registry.formats.peft_keys import LoraKeys, alpha_for, rank_for, validate_lora_config
 from registry.formats.safetensors_header import read_header
-from merging.tied import check_tied_factors
 
 if TYPE_CHECKING:
     import torch
@@ -254,8 +253,7 @@ def load_adapter(adapter_dir: str | Path) -> LoraAdapter:
         BadInputError: Missing/malformed config or weights, a pickle-only adapter,
             inconsistent shapes or ranks (ingest's checks).
         UnsupportedAdapterError: Not LoRA, DoRA, lora_bias, convolution LoRA,
-            base-rewriting initialisations, token adapters, an ``ensure_weight_tying``
-            pair whose two sides differ (:mod:`merging.tied`).
+            base-rewriting initialisations, token adapters.
     """
     root = Path(adapter_dir)
     if not root.is_dir():
@@ -292,10 +290,5 @@ def load_adapter(adapter_dir: str | Path) -> LoraAdapter:
                                  in_features=a.shape[1], rank=rank, alpha=alpha,
                                  scale=module_scale(rank, alpha, use_rslora), dtype=dtype)
     extra_info = {e: (header.tensors[e].dtype, header.tensors[e].shape) for e in extras}
-    adapter = LoraAdapter(root, config, infos, list(extras), extra_info)
-    try:
-        check_tied_factors(adapter)  # reads the tied pair's two modules, nothing else
-    finally:
-        adapter.close()
-    return adapter
+    return LoraAdapter(root, config, infos, list(extras), extra_info)
 

@@ -16,10 +16,13 @@ sides: the embedding's ``lora_embedding_A`` (``r × vocab``) and ``lora_embeddin
 * **A saved pair whose sides differ is not one LoRA.** peft 0.21 breaks the sharing when
   it casts the adapter to float32 on a bfloat16/float16 base, so after training the file
   holds two different LoRAs; PEFT applies them separately in 16-bit but ties them (one
-  side for both) in float32. No single meaning exists, so :func:`check_tied_factors`
-  refuses such an adapter (``UnsupportedAdapterError``, exit 2) for merge, unload and
-  search, naming the fix: ``ensure_weight_tying: false`` with ``lm_head`` added to
-  ``target_modules`` makes PEFT (and these tools) use the two LoRAs as saved.
+  side for both) in float32. No single meaning exists on a base that ties its
+  embeddings, so there ``unload`` refuses such an adapter (:func:`check_tied_factors`,
+  ``UnsupportedAdapterError``, exit 2), naming the fix: ``ensure_weight_tying: false``
+  with ``lm_head`` added to ``target_modules`` makes PEFT (and these tools) use the two
+  LoRAs as saved. A merge (which knows no base) merges such an input's sides as two
+  LoRAs and says ``ensure_weight_tying: false``; on an untied base PEFT applies the two
+  as saved anyway.
 """
 
 from __future__ import annotations
@@ -89,22 +92,26 @@ def tied_pair(config: Mapping[str, Any], infos: Mapping[str, ModuleShape]) -> Ti
     return TiedPair(embed=embeds[0], head=heads[0])
 
 
+def is_one_lora(adapter: LoraAdapter, pair: TiedPair) -> bool:
+    """Whether the pair's two sides are one LoRA: ``lm_head``'s factors the embedding's
+    transposed, at the same scale (reads the two modules)."""
+    import torch
+
+    embed, head = adapter.module(pair.embed), adapter.module(pair.head)
+    return (embed.scale == head.scale and torch.equal(head.A, embed.B.T)
+            and torch.equal(head.B, embed.A.T))
+
+
 def check_tied_factors(adapter: LoraAdapter) -> None:
-    """Refuse an ``ensure_weight_tying`` adapter whose two sides are not one LoRA.
+    """Refuse an ``ensure_weight_tying`` adapter whose two sides are not one LoRA, for a
+    base that ties its embeddings (on an untied base PEFT applies the two as saved).
 
     Raises:
         UnsupportedAdapterError: ``lm_head``'s factors are not the embedding's transposed,
             or the two sides have different scales (module docstring).
     """
     pair = tied_pair(adapter.config, adapter.infos)
-    if pair is None:
-        return
-    import torch
-
-    embed, head = adapter.module(pair.embed), adapter.module(pair.head)
-    same = (embed.scale == head.scale and torch.equal(head.A, embed.B.T)
-            and torch.equal(head.B, embed.A.T))
-    if not same:
+    if pair is not None and not is_one_lora(adapter, pair):
         raise UnsupportedAdapterError(
             f"{adapter.path}: ensure_weight_tying is set but its {strip_prefix(pair.head)} and "
             f"{strip_prefix(pair.embed)} LoRAs differ (peft unties them when training on a "
@@ -117,10 +124,10 @@ def check_tied_factors(adapter: LoraAdapter) -> None:
 def mirror_pair(adapters: Sequence[LoraAdapter]) -> TiedPair | None:
     """The pair to merge as one LoRA (the embedding merged, ``lm_head`` mirrored), or None.
 
-    Every input that has either module must carry them as a tied pair (checked by
-    :func:`check_tied_factors` when it was loaded); an input with neither does not matter.
-    If some input carries one side untied, the sides are merged as two LoRAs and the
-    output must not say ``ensure_weight_tying`` (:func:`output_ties`).
+    Every input that has either module must carry them as a tied pair whose sides are one
+    LoRA (:func:`is_one_lora`); an input with neither does not matter. If some input
+    carries one side untied, or two different LoRAs, the sides are merged as two LoRAs and
+    the output must not say ``ensure_weight_tying`` (:func:`output_ties`).
     """
     pairs = [tied_pair(a.config, a.infos) for a in adapters]
     found = {p for p in pairs if p is not None}
@@ -129,6 +136,8 @@ def mirror_pair(adapters: Sequence[LoraAdapter]) -> TiedPair | None:
     pair = found.pop()
     for adapter, own in zip(adapters, pairs, strict=True):
         if own is None and ({pair.embed, pair.head} & set(adapter.infos)):
+            return None
+        if own is not None and not is_one_lora(adapter, own):  # two LoRAs already
             return None
     return pair
 

@@ -198,6 +198,10 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
     finally:
         for adapter in loaded:
             adapter.close()
+    if output_ties(loaded, run.mirrored) is False:
+        warnings.append("an input's tied embeddings (ensure_weight_tying) were merged as two "
+                        "LoRAs (another input changes one side alone, or its sides differ): "
+                        "the output says ensure_weight_tying false")
     zero = sum(1 for m in modules.values() if m["norm"] == 0.0)
     if zero:  # e.g. a density so small that int(density * numel) keeps nothing
         warnings.append(f"{zero} of {len(modules)} merged modules are zero (nothing survived "

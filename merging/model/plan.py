@@ -21,6 +21,7 @@ from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, planned_outputs
 from merging.model.layout import ModelLayout, SourceTensor
 from merging.model.shard_plan import OutTensor
+from merging.tied import check_tied_factors
 from registry.formats.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError
 from registry.formats.peft_keys import base_key_for_extra, base_weight_key
@@ -118,6 +119,7 @@ def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter 
     if not ({embed, HEAD_KEY} & touched):
         return jobs, False, notes
     if adapter is not None and adapter.config.get("ensure_weight_tying"):
+        check_tied_factors(adapter)  # one LoRA for both sides, or no single meaning
         notes.append("tied embeddings kept: ensure_weight_tying changes both sides together")
         return jobs, False, notes
     # (a LoRA'd side's "replacement" is PEFT's saved base_layer copy, equal to the base on

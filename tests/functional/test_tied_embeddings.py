@@ -25,7 +25,6 @@ from merging.adapter import load_adapter
 from merging.lora.engine import merge_adapters
 from merging.lora.peft_output import write_peft_dir
 from merging.model.unload import unload
-from registry.errors import UnsupportedAdapterError
 from tests.support.unload import load_model, logits, make_adapter, make_base, peft_model
 
 P = "base_model.model."
@@ -86,23 +85,31 @@ def _untied_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_an_adapter_whose_tied_sides_differ_is_refused_by_merge_and_unload(world, tmp_path, capsys):
+def test_an_adapter_whose_tied_sides_differ_is_refused_by_unload_on_a_tied_base(world, tmp_path, capsys):
     bad = _untied_copy(world["a"], tmp_path / "untied")
-    with pytest.raises(UnsupportedAdapterError, match="ensure_weight_tying is set but its lm_head"):
-        load_adapter(bad)
-    store = str(tmp_path / "store")
-    assert main(["init", "--store", store]) == 0
-    for path, name in ((bad, "untied"), (world["b"], "b")):  # push stores it as it is
-        assert main(["push", str(path), "--name", name, "--store", store]) == 0
-    capsys.readouterr()
-    code = main(["merge", "untied", "b", "--method", "ties", "--out", str(tmp_path / "m"),
-                 "--store", store])
-    err = capsys.readouterr().err
-    assert code == 2 and "LoRAs differ" in err and '"ensure_weight_tying": false' in err
-    assert not (tmp_path / "m").exists()
     code = main(["unload", str(bad), "--base", str(world["base"]), "--out", str(tmp_path / "u")])
     err = capsys.readouterr().err
-    assert code == 2 and "LoRAs differ" in err and not (tmp_path / "u").exists()
+    assert code == 2 and "LoRAs differ" in err and '"ensure_weight_tying": false' in err
+    assert not (tmp_path / "u").exists()
+
+
+def test_a_merge_takes_differing_tied_sides_as_two_loras(world, tmp_path):
+    bad = _untied_copy(world["a"], tmp_path / "untied")
+    result = merge_adapters([bad, world["b"]], None, "ties")
+    embed, head = _embed_and_head_deltas(result.tensors)
+    assert not torch.allclose(head, embed) and result.config["ensure_weight_tying"] is False
+    assert any("merged as two LoRAs" in w for w in result.report["warnings"])
+    assert load_adapter(bad).config["ensure_weight_tying"] is True  # loading refuses nothing
+
+
+def test_on_an_untied_base_differing_sides_are_applied_as_peft_does(world, tmp_path):
+    base = make_base(tmp_path / "untied-base", tie=False, hidden=32, layers=1)
+    adapter = make_adapter(base, tmp_path / "ad", targets=("embed_tokens", "lm_head", "q_proj"),
+                           ensure_weight_tying=True, seed=4)
+    unload(str(adapter), str(base), str(tmp_path / "unloaded"), sync=False)
+    got = logits(load_model(tmp_path / "unloaded"))
+    reference = logits(peft_model(base, adapter))
+    assert torch.allclose(got, reference, atol=1e-4, rtol=0), float((got - reference).abs().max())
 
 
 def test_the_documented_fix_unloads_the_two_loras_as_saved(world, tmp_path):
