@@ -47,6 +47,7 @@ from registry.ingest import (
 )
 from registry.formats.peft_keys import LoraKeys, alpha_for, rank_for, validate_lora_config
 from registry.formats.safetensors_header import read_header
+from merging.targeting import check_targeted
 
 if TYPE_CHECKING:
     import torch
@@ -253,7 +254,8 @@ def load_adapter(adapter_dir: str | Path) -> LoraAdapter:
         BadInputError: Missing/malformed config or weights, a pickle-only adapter,
             inconsistent shapes or ranks (ingest's checks).
         UnsupportedAdapterError: Not LoRA, DoRA, lora_bias, convolution LoRA,
-            base-rewriting initialisations, token adapters.
+            base-rewriting initialisations, token adapters, LoRA tensors PEFT would
+            not load (:mod:`merging.targeting`).
     """
     root = Path(adapter_dir)
     if not root.is_dir():
@@ -290,5 +292,6 @@ def load_adapter(adapter_dir: str | Path) -> LoraAdapter:
                                  in_features=a.shape[1], rank=rank, alpha=alpha,
                                  scale=module_scale(rank, alpha, use_rslora), dtype=dtype)
     extra_info = {e: (header.tensors[e].dtype, header.tensors[e].shape) for e in extras}
+    check_targeted(root, config, infos)  # only what PEFT, and so the gate, loads
     return LoraAdapter(root, config, infos, list(extras), extra_info)
 

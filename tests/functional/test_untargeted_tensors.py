@@ -1,0 +1,75 @@
+"""LoRA tensors PEFT would not load are refused by merge and unload (a consumers QA pass).
+
+PEFT loads only the modules its config selects; the gate scores that. An adapter file
+carrying LoRA tensors for another module (not in ``target_modules``, excluded, outside
+``layers_to_transform``, or keys without ``base_model.model.``) was gated as if they were
+not there and then unloaded with them: the gate passed retention 1.0, the shipped model
+scored 0.0. The reference here is PEFT itself: what it loads must be what unload applies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging.adapter import load_adapter
+from merging.model.unload import unload
+from registry.errors import UnsupportedAdapterError
+from tests.support.unload import load_model, logits, make_adapter, make_base, peft_model
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+P = "base_model.model."
+EXTRA = "model.layers.0.mlp.gate_proj"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("targets")
+    base = make_base(root / "base", hidden=32, layers=2)
+    return {"root": root, "base": base,
+            "adapter": make_adapter(base, root / "adapter", targets=("q_proj", "v_proj"))}
+
+
+def _edited(src: Path, dst: Path, *, config: dict | None = None, add_extra: bool = False,
+            unprefix: bool = False) -> Path:
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    tensors = load_file(src / "adapter_model.safetensors")
+    if add_extra:
+        torch.manual_seed(0)
+        tensors[f"{P}{EXTRA}.lora_A.weight"] = torch.randn(4, 32) * 0.5
+        tensors[f"{P}{EXTRA}.lora_B.weight"] = torch.randn(64, 4) * 0.5
+    if unprefix:
+        tensors = {k.removeprefix(P): v for k, v in tensors.items()}
+    save_file(tensors, dst / "adapter_model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize(("case", "edit", "fragment"), [
+    ("untargeted", {"add_extra": True}, "mlp.gate_proj'"),
+    ("excluded", {"config": {"exclude_modules": ["v_proj"]}}, "v_proj'"),
+    ("layers", {"config": {"layers_to_transform": [1], "layers_pattern": "layers"}},
+     "layers.0.self_attn"),
+    ("unprefixed", {"unprefix": True}, "lack PEFT's 'base_model.model.' prefix"),
+])
+def test_tensors_peft_would_ignore_are_refused(world, tmp_path, case, edit, fragment):
+    adapter = _edited(world["adapter"], tmp_path / case, **edit)
+    with pytest.raises(UnsupportedAdapterError, match="PEFT") as info:
+        load_adapter(adapter)
+    assert fragment in info.value.message
+    with pytest.raises(UnsupportedAdapterError):
+        unload(str(adapter), str(world["base"]), str(tmp_path / "out"), sync=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_regex_target_that_selects_every_module_unloads_as_peft_applies_it(world, tmp_path):
+    adapter = _edited(world["adapter"], tmp_path / "regex",
+                      config={"target_modules": r".*\.(q_proj|v_proj)"})
+    unload(str(adapter), str(world["base"]), str(tmp_path / "out"), sync=False)
+    got, reference = logits(load_model(tmp_path / "out")), logits(peft_model(world["base"], adapter))
+    assert torch.allclose(got, reference, atol=1e-5, rtol=0)
