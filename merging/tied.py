@@ -43,9 +43,14 @@ class ModuleShape(Protocol):
     """What is needed of a :class:`merging.adapter.ModuleInfo` (a protocol: that module
     imports this one)."""
 
-    embedding: bool
-    out_features: int
-    in_features: int
+    @property
+    def embedding(self) -> bool: ...
+
+    @property
+    def out_features(self) -> int: ...
+
+    @property
+    def in_features(self) -> int: ...
 
 
 class LoraAdapter(Protocol):

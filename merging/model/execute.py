@@ -192,10 +192,7 @@ def rewrite_model(base_dir: str | Path, out_dir: str | Path, *, adapter: LoraAda
     layout = read_layout(base_dir)
     config = model_config(base_dir) or {}
     base_fp = check_source(base_dir, config, expected)
-    check_one_float_dtype(layout, config)
-    if quant is not None:
-        quant.check_source_dtype(next((t.dtype for t in layout.tensors.values()
-                                       if t.dtype in ("F64", "F32", "F16", "BF16")), None))
+    check_one_float_dtype(layout, config, quant)
     jobs, untied, notes = plan_jobs(layout, config, adapter)
     out_config = output_config(config, layout, jobs, untied, quant, qlora)
     want_probe = quant is not None and (probe if probe is not None

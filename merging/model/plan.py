@@ -153,8 +153,10 @@ def model_dtype(config: dict[str, Any], layout: ModelLayout) -> torch.dtype:
     return torch_dtype(max(set(floats), key=floats.count)) if floats else torch.float32
 
 
-def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose floating-point tensors are not all of one dtype.
+def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any],
+                          quant: QuantSpec | None = None) -> None:
+    """Refuse a checkpoint whose floating-point tensors are not all of one dtype, or one
+    ``quant`` cannot quantize (:meth:`merging.model.bnb.QuantSpec.check_source_dtype`).
 
     ``from_pretrained`` casts every tensor to the model's dtype, so what PEFT's
     ``merge_and_unload`` and transformers' quantization write is in that dtype; this
@@ -184,6 +186,8 @@ def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any]) -> None:
             raise BadInputError(f"{layout.model_dir}: config.json says dtype {declared} but the "
                                 f"tensors are {dtype} ({name}); from_pretrained would cast them",
                                 fix=fix)
+    if quant is not None:
+        quant.check_source_dtype(next(iter(first), None))
 
 
 def planned_tensors(job: Job, spec: QuantSpec | None) -> list[OutTensor]:

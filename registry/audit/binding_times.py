@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import shorten
 
 if TYPE_CHECKING:
-    from registry.audit.index import Unexplained
     from registry.storage.reader import StoreReader
 
 DRIFT_SECONDS = 3600.0
@@ -45,8 +44,9 @@ def seconds(stamp: object) -> float | None:
 
 
 def binding_time_problems(store: StoreReader, push_entries: dict[str, dict[str, Any]],
-                          names: Iterable[str]) -> list[Unexplained]:
-    """Bindings of ``names`` whose time the audit log contradicts (module docstring).
+                          names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Bindings of ``names`` whose time the audit log contradicts (module docstring), as
+    ``(binding key, version digest, what is wrong)``.
 
     Args:
         store: The store.
@@ -54,10 +54,8 @@ def binding_time_problems(store: StoreReader, push_entries: dict[str, dict[str, 
             one are reported by :func:`registry.audit.index.cross_check` already).
         names: The names to check.
     """
-    from registry.audit.index import Unexplained
-
     slack = 0.0 if store.backend.supports_locks else RACE_SECONDS
-    out: list[Unexplained] = []
+    out: list[tuple[str, str, str]] = []
     for name in names:
         rows = []
         for hexdigest in store.bound_hexes(name):
@@ -68,8 +66,8 @@ def binding_time_problems(store: StoreReader, push_entries: dict[str, dict[str, 
             when, logged = seconds(text), seconds(entry.get("ts"))
             key = f"names/{name}/versions/{hexdigest}"
             if when is None or logged is None or abs(when - logged) > DRIFT_SECONDS:
-                out.append(Unexplained(
-                    "version", key, f"sha256:{hexdigest}",
+                out.append((
+                    key, f"sha256:{hexdigest}",
                     f"its binding's time {shorten(text, 40)} is not the time the audit log "
                     f"records for its push ({shorten(entry.get('ts'), 40)}): edited?"))
                 continue
@@ -77,8 +75,8 @@ def binding_time_problems(store: StoreReader, push_entries: dict[str, dict[str, 
         rows.sort()  # the order resolve_digest picks the newest by
         for before, after in pairwise(rows):
             if after[2] < before[2] and (slack == 0.0 or after[3] - before[3] > slack):
-                out.append(Unexplained(
-                    "version", after[4], f"sha256:{after[1]}",
+                out.append((
+                    after[4], f"sha256:{after[1]}",
                     f"its binding's time puts it after sha256:{before[1][:12]}.., which the "
                     f"audit log records as pushed later (seq {before[2]} > {after[2]}): "
                     f"`{name}` would resolve to the wrong version (edited?)"))

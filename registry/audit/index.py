@@ -184,7 +184,8 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
         if not index.explains(index.signatures.get((signed, keyid)), envelope, "envelope"):
             out.append(Unexplained("signature", f"signatures/{signed[7:19]}../{keyid[7:19]}..",
                                    envelope, "no audit entry records this signature"))
-    out += binding_time_problems(store, index.push_entries, [name_of] if name_of else store.names())
+    out += [Unexplained("version", key, digest, detail) for key, digest, detail in
+            binding_time_problems(store, index.push_entries, [name_of] if name_of else store.names())]
     if version is None:
         out += [Unexplained("marker", key, "", "this intent marker names an audit entry that later "
                             "writes followed: no dead writer leaves that") for key in index.forged_markers]
