@@ -36,7 +36,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from gate.provenance import is_quantized
@@ -74,6 +74,18 @@ def answer_matches(prediction: str, answer: str, case_sensitive: bool = True) ->
     if not ans:
         return not pred
     return pred == ans or (pred.startswith(ans) and not pred[len(ans)].isalnum())
+
+
+def adapts_tied_embeddings(model: Any) -> bool:
+    """Whether PEFT put a LoRA layer on an input or output embedding that shares its
+    weight with the other (a tied base)."""
+    def weight(module: Any) -> Any:
+        return getattr(getattr(module, "base_layer", module), "weight", None)
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or weight(inp) is not weight(out):
+        return False
+    return hasattr(inp, "base_layer") or hasattr(out, "base_layer")
 
 
 class Evaluator:
@@ -174,6 +186,11 @@ class Evaluator:
                     if item.name != ADAPTER_CONFIG:
                         (Path(explicit) / item.name).symlink_to(item.resolve())
                 peft_model = PeftModel.from_pretrained(model, explicit, is_trainable=False)
+                if adapts_tied_embeddings(model):
+                    # merge_and_unload adds each side's delta into the one shared weight
+                    # (lm_head's delta reaches the input side too, a tied pair's lands
+                    # twice): the unmerged forward is the adapter's meaning, and unload's
+                    return cast("PreTrainedModel", peft_model.eval())  # forwards as one
                 return peft_model.merge_and_unload().eval()
         return self._cached(key, build)
 

@@ -106,14 +106,42 @@ def _model_shapes(layout: QuantLayout, base_dir: Path) -> list[str]:
     return problems + layout.problems[:5]
 
 
-def logical_struct_digest(layout: QuantLayout, cand_dir: Path) -> str:
-    """``struct_digest`` (:mod:`registry.formats.fingerprint`) of a model's logical tensors."""
+UNTIED_HEAD = "lm_head.weight"
+"""The tensor ``unload`` adds when it unties a tied base's embeddings."""
+
+
+def logical_struct_digest(layout: QuantLayout, cand_dir: Path,
+                          retied: dict[str, Any] | None = None) -> str:
+    """``struct_digest`` (:mod:`registry.formats.fingerprint`) of a model's logical tensors.
+
+    ``retied``: the base's config, for a model whose embeddings ``unload`` untied (the
+    adapter changed one side): the digest is taken as if it were still tied, without
+    :data:`UNTIED_HEAD` and with the base's ``tie_word_embeddings``, so that documented
+    untying is not a structure change.
+    """
     from registry.digests import json_digest
     from registry.formats.fingerprint import arch_fields, model_config
 
-    config = model_config(cand_dir)
-    tensors = [[name, list(shape or ())] for name, shape in sorted(layout.logical.items())]
+    config = dict(model_config(cand_dir) or {})
+    logical = dict(layout.logical)
+    if retied is not None:
+        logical.pop(UNTIED_HEAD, None)
+        config.pop("tie_word_embeddings", None)
+        if "tie_word_embeddings" in retied:
+            config["tie_word_embeddings"] = retied["tie_word_embeddings"]
+    tensors = [[name, list(shape or ())] for name, shape in sorted(logical.items())]
     return json_digest({"v": 1, "tensors": tensors, "config": arch_fields(config)})
+
+
+def _untied_from(base_dir: Path, cand_dir: Path, layout: QuantLayout) -> dict[str, Any] | None:
+    """The base's config when the candidate is the base with its tied embeddings untied."""
+    from registry.formats.fingerprint import model_config
+
+    base, cand = model_config(base_dir) or {}, model_config(cand_dir) or {}
+    if base.get("tie_word_embeddings") and cand.get("tie_word_embeddings") is False \
+            and UNTIED_HEAD in layout.logical:
+        return base
+    return None
 
 
 def _fingerprint(record: dict | None, base_dir: Path, *, weights: bool = True
@@ -173,9 +201,13 @@ def _model_problems(spec: Any, ctx: Any, metrics: dict[str, Any]) -> list[str]:
         metrics["fingerprint"] = state
         if problem:
             problems.append(problem)
-        same = logical_struct_digest(layout, cand_dir) == fingerprint_model(
-            base_dir, weights=False).struct_digest
-        metrics["structure"] = "match" if same else "mismatch"
+        base_struct = fingerprint_model(base_dir, weights=False).struct_digest
+        same = logical_struct_digest(layout, cand_dir) == base_struct
+        retied = None if same else _untied_from(base_dir, cand_dir, layout)
+        if retied is not None and logical_struct_digest(layout, cand_dir, retied) == base_struct:
+            same = True  # unload untied the embeddings (documented), nothing else differs
+        metrics["structure"] = ("match (embeddings untied)" if retied is not None and same
+                                else "match" if same else "mismatch")
         if not same and not problems:
             problems.append("the model's structure (tensor names, shapes, architecture) "
                             "differs from the base's")

@@ -33,7 +33,9 @@ of the adapted modules' weights.
 
 Only plain LoRA on linear and embedding modules is supported (the engine already
 refuses DoRA, biases and the rest); ``fan_in_fan_out`` inputs and ``modules_to_save``
-tensors are refused, since they are not factor merges.
+tensors are refused, since they are not factor merges, and so is LoRA on a base's tied
+embeddings (merged in place, a delta would land on both sides; the gate scores those
+adapters unmerged: :meth:`gate.evaluate.Evaluator.with_adapter`).
 """
 
 from __future__ import annotations
@@ -102,8 +104,8 @@ class LiveLora:
             bound: Module path -> largest rank needed (:func:`rank_bound`).
 
         Raises:
-            UnsupportedAdapterError: No module to adapt, or a module that the base lacks
-                or that is neither a ``Linear`` nor an ``Embedding``.
+            UnsupportedAdapterError: No module to adapt, a module that the base lacks or
+                that is neither a ``Linear`` nor an ``Embedding``, or LoRA on tied embeddings.
         """
         import torch
 
@@ -123,6 +125,15 @@ class LiveLora:
                     fix="search merges of adapters for Linear/Embedding modules")
             modules[name] = module
             originals[name] = module.weight.detach().clone()
+        tied = base_model.get_input_embeddings(), base_model.get_output_embeddings()
+        if tied[1] is not None and tied[0].weight is tied[1].weight and any(
+                m is tied[0] or m is tied[1] for m in modules.values()):
+            # merged in place, a delta on one side lands on both (and a tied pair's twice);
+            # the gate scores these adapters unmerged, which no in-place swap reproduces
+            raise UnsupportedAdapterError(
+                "the inputs adapt the base's tied embeddings, which a search cannot merge "
+                "in place", fix="search merges of adapters that leave embed_tokens and "
+                                "lm_head alone, or merge and gate candidates one by one")
         base_model.eval()
         return cls(base_model, modules, originals, max(bound.values()))
 
