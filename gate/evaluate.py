@@ -209,9 +209,10 @@ class Evaluator:
 
             model = self._load_dir(self.base_dir)
             params = dict(model.named_parameters())
+            conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
             with torch.no_grad():
                 for adapter_dir, coeff in parts:
-                    for key_, delta in lora_deltas(adapter_dir).items():
+                    for key_, delta in lora_deltas(adapter_dir, conv1d).items():
                         target = params.get(key_)
                         if target is None or tuple(target.shape) != tuple(delta.shape):
                             raise BadInputError(f"{adapter_dir}: delta for {key_} does not fit the base",

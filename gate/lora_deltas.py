@@ -31,11 +31,13 @@ def _scales(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def lora_deltas(adapter_dir: Path, conv1d: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Base weight key -> the adapter's true delta ``s·B·A`` (float32), shaped like the weight.
 
     ``modules_to_save`` copies are not deltas and are refused, as are DoRA and LoRA
-    biases (their effect is not a weight delta).
+    biases (their effect is not a weight delta). ``conv1d``: the base's ``Conv1D`` weight
+    keys, when known: PEFT transposes those (``fan_in_fan_out``) and no others, whatever
+    the flag says; without it the flag decides.
 
     Raises:
         UnsupportedAdapterError: DoRA, lora_bias or modules_to_save tensors.
@@ -57,7 +59,9 @@ def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     for module, keys in modules.items():
         a, b = tensors[keys.a].to(torch.float32), tensors[keys.b].to(torch.float32)
         delta = (b @ a) * _scales(config, module, a.shape[0])
-        if keys.embedding or config.get("fan_in_fan_out"):
+        key = base_weight_key(module)
+        flagged = key in conv1d if conv1d is not None else bool(config.get("fan_in_fan_out"))
+        if keys.embedding or flagged:
             delta = delta.T
-        out[base_weight_key(module)] = delta
+        out[key] = delta
     return out

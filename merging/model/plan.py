@@ -94,6 +94,30 @@ def adapter_plan(adapter: LoraAdapter, layout: ModelLayout, config: dict[str, An
     return loras, replacements
 
 
+def transposed_weights(config: dict[str, Any], adapter: LoraAdapter | None,
+                       loras: dict[str, ModuleInfo], notes: list[str]) -> set[str]:
+    """Base weight keys whose LoRA delta is transposed (``fan_in_fan_out``), PEFT's way.
+
+    PEFT honours ``fan_in_fan_out`` on ``Conv1D`` modules only and resets it on a
+    ``Linear`` (a square ``q_proj`` got ``Δᵀ`` added, 0.66 relative logits off what PEFT
+    and the gate compute). With the flag set, the base's ``Conv1D`` modules are found
+    from its config (:func:`merging.model.probe.conv1d_weights`); if the architecture is
+    unknown, every module follows the flag, as before.
+    """
+    if not (adapter and adapter.config.get("fan_in_fan_out")):
+        return set()
+    from merging.model.probe import conv1d_weights
+
+    found = conv1d_weights(config)
+    if found is None:
+        return set(loras)
+    ignored = sorted(set(loras) - found)
+    if ignored:
+        notes.append(f"fan_in_fan_out ignored for {len(ignored)} Linear module(s) "
+                     f"({ignored[0]}, ...), as PEFT does: only Conv1D weights are transposed")
+    return found & set(loras)
+
+
 def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter | None
               ) -> tuple[list[Job], bool, list[str]]:
     """Jobs in base order, whether the embeddings get untied, and notes.
@@ -102,16 +126,16 @@ def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter 
         As :func:`adapter_plan`.
     """
     loras, replacements = adapter_plan(adapter, layout, config) if adapter else ({}, {})
-    fan_in_fan_out = bool(adapter and adapter.config.get("fan_in_fan_out"))
+    notes: list[str] = []
+    conv1d = transposed_weights(config, adapter, loras, notes)
     jobs: list[Job] = []
     for key, src in layout.tensors.items():
         job = Job(src, key, lora=loras.get(key), replacement=replacements.get(key))
         if job.lora is not None:
-            job.kind, job.transposed = "lora", job.lora.embedding or fan_in_fan_out
+            job.kind, job.transposed = "lora", job.lora.embedding or key in conv1d
         elif job.replacement is not None:
             job.kind = "replaced"
         jobs.append(job)
-    notes: list[str] = []
     embeds = [k for k in layout.tensors if k.endswith(EMBEDDING_SUFFIXES)]
     if not (tied_embeddings(config) and len(embeds) == 1):
         return jobs, False, notes
@@ -137,7 +161,7 @@ def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter 
         head = Job(layout.tensors[embed], HEAD_KEY, lora=loras.get(HEAD_KEY),
                    replacement=replacements.get(HEAD_KEY), hash_src=False, kind="untied")
         if head.lora is not None:
-            head.kind, head.transposed = "lora", head.lora.embedding or fan_in_fan_out
+            head.kind, head.transposed = "lora", head.lora.embedding or HEAD_KEY in conv1d
         elif head.replacement is not None:
             head.kind = "replaced"
         jobs.insert(at + 1, head)

@@ -1,8 +1,9 @@
 """Does an adapter fit a base model? Shapes from headers only, no weights read.
 
 Each LoRA module's base weight (via :func:`registry.formats.fingerprint.model_weight_shapes`)
-must exist and have shape ``(out, in)`` (``(in, out)`` with ``fan_in_fan_out``;
-``(num_embeddings, dim)`` for embeddings); the first offender raises
+must exist and have shape ``(out, in)`` (with ``fan_in_fan_out``, ``(in, out)`` or
+``(out, in)``: PEFT applies the flag to ``Conv1D`` modules only, which headers cannot
+tell; ``(num_embeddings, dim)`` for embeddings); the first offender raises
 ``BaseMismatchError`` naming the module and both shapes. A LoRA on ``lm_head`` of a
 model with tied embeddings is checked against the input embedding. Extra tensors
 (``modules_to_save`` copies) must match their base tensor when the base has one.
@@ -57,8 +58,10 @@ def check_against_base(
         a, b = header.tensors[keys.a], header.tensors[keys.b]
         if keys.embedding:
             expected = (a.shape[1], b.shape[0])
-        elif fan_in_fan_out:
-            expected = (a.shape[1], b.shape[0])
+        elif fan_in_fan_out:  # PEFT transposes on Conv1D modules only (it resets the flag on
+            expected = (a.shape[1], b.shape[0])  # a Linear), and only the model says which
+            if got == (b.shape[0], a.shape[1]):
+                expected = got
         else:
             expected = (b.shape[0], a.shape[1])
         if got is None:

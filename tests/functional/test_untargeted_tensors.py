@@ -73,3 +73,13 @@ def test_a_regex_target_that_selects_every_module_unloads_as_peft_applies_it(wor
     unload(str(adapter), str(world["base"]), str(tmp_path / "out"), sync=False)
     got, reference = logits(load_model(tmp_path / "out")), logits(peft_model(world["base"], adapter))
     assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+
+
+def test_fan_in_fan_out_on_linear_modules_is_applied_as_peft_applies_it(world, tmp_path):
+    # PEFT resets fan_in_fan_out on nn.Linear (a warning) and the gate follows PEFT; unload
+    # added the transposed delta on square modules and refused non-square ones
+    adapter = _edited(world["adapter"], tmp_path / "fifo", config={"fan_in_fan_out": True})
+    result = unload(str(adapter), str(world["base"]), str(tmp_path / "out"), sync=False)
+    assert any("fan_in_fan_out ignored" in note for note in result.notes)
+    got, reference = logits(load_model(tmp_path / "out")), logits(peft_model(world["base"], adapter))
+    assert torch.allclose(got, reference, atol=1e-5, rtol=0), float((got - reference).abs().max())
