@@ -172,6 +172,7 @@ class Evaluator:
             return self._cached(key, lambda: self._load_dir(adapter_dir))
 
         def build() -> PreTrainedModel:
+            import torch
             from peft import PeftModel
 
             model = self._load_dir(self.base_dir)
@@ -180,8 +181,11 @@ class Evaluator:
                 source = Path(adapter_dir)
                 config = loads_json((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
                 names = [n for n, _ in model.named_modules()]
+                head = model.get_output_embeddings()
+                linear = [n for n, m in model.named_modules() if m is not head and
+                          (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")]
                 (Path(explicit) / ADAPTER_CONFIG).write_text(
-                    json.dumps(explicit_peft_config(config, names)), encoding="utf-8")
+                    json.dumps(explicit_peft_config(config, names, linear)), encoding="utf-8")
                 for item in source.iterdir():
                     if item.name != ADAPTER_CONFIG:
                         (Path(explicit) / item.name).symlink_to(item.resolve())

@@ -126,7 +126,12 @@ def module_targeted(config: Mapping[str, Any], name: str) -> bool:
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,256}")
 
 
-def explicit_peft_config(config: Mapping[str, Any], module_names: Iterable[str]) -> dict[str, Any]:
+ALL_LINEAR = "all-linear"
+"""PEFT's ``target_modules`` keyword: every Linear/Conv1D module but the output layer."""
+
+
+def explicit_peft_config(config: Mapping[str, Any], module_names: Iterable[str],
+                         linear: Iterable[str] = ()) -> dict[str, Any]:
     """The same adapter config with every pattern replaced by explicit module names.
 
     PEFT matches ``target_modules``, ``exclude_modules``, ``layers_pattern``,
@@ -140,13 +145,21 @@ def explicit_peft_config(config: Mapping[str, Any], module_names: Iterable[str])
     Args:
         config: The adapter's ``adapter_config.json``.
         module_names: Every module name of the base model (``model.named_modules()``).
+        linear: The names of its Linear/Conv1D modules but the output layer: what
+            ``target_modules: all-linear`` selects (the keyword was read as a regex that
+            matched nothing, and every check of such an adapter ended in an error).
 
     Raises:
         BadInputError: A pattern is invalid, or a ``modules_to_save`` entry is not a
             plain module name.
     """
     names = list(module_names)
-    targeted = sorted(n for n in names if n and module_targeted(config, n))
+    if config.get("target_modules") == ALL_LINEAR:
+        linear_names = set(linear)
+        targeted = sorted(n for n in names if n in linear_names
+                          and module_targeted({**config, "target_modules": [n]}, n))
+    else:
+        targeted = sorted(n for n in names if n and module_targeted(config, n))
     out = dict(config)
     out.update(target_modules=targeted, exclude_modules=None, layers_to_transform=None,
                layers_pattern=None)

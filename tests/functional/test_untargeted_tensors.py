@@ -83,3 +83,17 @@ def test_fan_in_fan_out_on_linear_modules_is_applied_as_peft_applies_it(world, t
     assert any("fan_in_fan_out ignored" in note for note in result.notes)
     got, reference = logits(load_model(tmp_path / "out")), logits(peft_model(world["base"], adapter))
     assert torch.allclose(got, reference, atol=1e-5, rtol=0), float((got - reference).abs().max())
+
+
+def test_an_all_linear_adapter_is_gated_as_peft_loads_it(world, tmp_path):
+    # the keyword was read as a regex matching nothing: every gate check errored
+    from gate.evaluate import Evaluator
+    from tests.support.unload import LINEAR_TARGETS, PROBE
+
+    full = make_adapter(world["base"], tmp_path / "full", targets=LINEAR_TARGETS)
+    adapter = _edited(full, tmp_path / "all-linear", config={"target_modules": "all-linear"})
+    with torch.no_grad():
+        gated = Evaluator(world["base"]).with_adapter("c", adapter)(PROBE).logits.float()
+    reference = logits(peft_model(world["base"], adapter))
+    assert torch.allclose(gated, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(reference, logits(load_model(world["base"])))
