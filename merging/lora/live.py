@@ -31,8 +31,8 @@ not an approximation of them. Nothing is written to disk and no weights are relo
 a swap is one ``copy_``, one matmul and one ``add_`` per module. Memory: one extra copy
 of the adapted modules' weights.
 
-Only plain LoRA on linear and embedding modules is supported (the engine already
-refuses DoRA, biases and the rest); ``fan_in_fan_out`` inputs and ``modules_to_save``
+Only plain LoRA on linear modules (and embeddings saved without PEFT's base-weight
+copies) is supported (the engine already refuses DoRA, biases and the rest); ``fan_in_fan_out`` inputs and ``modules_to_save``
 tensors are refused, since they are not factor merges, and so is LoRA on a base's tied
 embeddings (merged in place, a delta would land on both sides; the gate scores those
 adapters unmerged: :meth:`gate.evaluate.Evaluator.with_adapter`).
@@ -70,6 +70,13 @@ def rank_bound(adapters: Sequence[LoraAdapter]) -> dict[str, int]:
             raise UnsupportedAdapterError(
                 f"{adapter.path}: fan_in_fan_out adapters cannot be merged into a live model",
                 fix="search merges of adapters for Linear/Embedding modules (Llama-style models)")
+        copies = [e for e in adapter.extras if e.endswith(".base_layer.weight")]
+        if copies:  # PEFT saves these for every embedding / lm_head it adapts
+            raise UnsupportedAdapterError(
+                f"{adapter.path}: LoRA on embeddings or lm_head (PEFT saved their base "
+                f"weights, {copies[0]}) cannot be searched: merge-search adapts Linear layers",
+                fix="search merges of adapters without embed_tokens/lm_head LoRA, or merge "
+                    "and gate candidates by hand")
         if adapter.extras:
             raise UnsupportedAdapterError(
                 f"{adapter.path}: modules_to_save tensors ({adapter.extras[0]}, ...) are full "
