@@ -212,11 +212,20 @@ class Evaluator:
             from gate.lora_deltas import lora_deltas
 
             model = self._load_dir(self.base_dir)
+            head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+            if head is not None and head.weight is embed.weight:
+                # each side gets its own delta, as in PEFT's unmerged forward (the candidate
+                # is scored that way: with_adapter); added into the shared weight, an
+                # embedding delta reached lm_head too
+                shared: torch.Tensor = embed.weight  # torch types Module attributes loosely
+                head.weight = torch.nn.Parameter(shared.detach().clone())
             params = dict(model.named_parameters())
             conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+            # every part read against the untouched base (its saved base-weight copies too)
+            read = [(d, c, lora_deltas(d, conv1d, params)) for d, c in parts]
             with torch.no_grad():
-                for adapter_dir, coeff in parts:
-                    for key_, delta in lora_deltas(adapter_dir, conv1d).items():
+                for adapter_dir, coeff, deltas in read:
+                    for key_, delta in deltas.items():
                         target = params.get(key_)
                         if target is None or tuple(target.shape) != tuple(delta.shape):
                             raise BadInputError(f"{adapter_dir}: delta for {key_} does not fit the base",

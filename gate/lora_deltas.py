@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import UnsupportedAdapterError
+from registry.formats.peft_keys import base_weight_key
 from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
@@ -31,13 +32,25 @@ def _scales(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def lora_deltas(adapter_dir: Path, conv1d: set[str] | None = None) -> dict[str, torch.Tensor]:
+def _unchanged_copy(name: str, tensor: torch.Tensor, base: dict[str, Any] | None) -> bool:
+    import torch
+
+    key = base_weight_key(name.removesuffix(".base_layer.weight")) if name.endswith(
+        ".base_layer.weight") else None
+    held = (base or {}).get(key) if key else None
+    return held is not None and torch.equal(tensor.to(held.dtype), held.detach().cpu())
+
+
+def lora_deltas(adapter_dir: Path, conv1d: set[str] | None = None,
+                base: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Base weight key -> the adapter's true delta ``s·B·A`` (float32), shaped like the weight.
 
     ``modules_to_save`` copies are not deltas and are refused, as are DoRA and LoRA
     biases (their effect is not a weight delta). ``conv1d``: the base's ``Conv1D`` weight
     keys, when known: PEFT transposes those (``fan_in_fan_out``) and no others, whatever
-    the flag says; without it the flag decides.
+    the flag says; without it the flag decides. ``base``: the base's parameters by weight
+    key; PEFT's saved copies of an adapted embedding's or ``lm_head``'s base weight
+    (``.base_layer.weight``) equal to them are no change and are skipped.
 
     Raises:
         UnsupportedAdapterError: DoRA, lora_bias or modules_to_save tensors.
@@ -46,11 +59,12 @@ def lora_deltas(adapter_dir: Path, conv1d: set[str] | None = None) -> dict[str, 
     import torch
     from safetensors.torch import load_file
 
-    from registry.formats.peft_keys import base_weight_key, split_keys
+    from registry.formats.peft_keys import split_keys
 
     config = loads_json((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     modules, extras = split_keys(tensors)
+    extras = [e for e in extras if not _unchanged_copy(e, tensors[e], base)]
     if extras or config.get("use_dora") or config.get("lora_bias"):
         raise UnsupportedAdapterError(
             f"{adapter_dir}: DoRA, lora_bias or modules_to_save have no plain weight delta",

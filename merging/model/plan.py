@@ -21,7 +21,7 @@ from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, planned_outputs
 from merging.model.layout import ModelLayout, SourceTensor
 from merging.model.shard_plan import OutTensor
-from merging.tied import check_tied_factors
+from merging.tied import check_tied_factors, tied_pair
 from registry.formats.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError
 from registry.formats.peft_keys import base_key_for_extra, base_weight_key
@@ -98,24 +98,28 @@ def transposed_weights(config: dict[str, Any], adapter: LoraAdapter | None,
                        loras: dict[str, ModuleInfo], notes: list[str]) -> set[str]:
     """Base weight keys whose LoRA delta is transposed (``fan_in_fan_out``), PEFT's way.
 
-    PEFT honours ``fan_in_fan_out`` on ``Conv1D`` modules only and resets it on a
-    ``Linear`` (a square ``q_proj`` got ``Δᵀ`` added, 0.66 relative logits off what PEFT
-    and the gate compute). With the flag set, the base's ``Conv1D`` modules are found
-    from its config (:func:`merging.model.probe.conv1d_weights`); if the architecture is
-    unknown, every module follows the flag, as before.
+    PEFT forces ``fan_in_fan_out`` on for a ``Conv1D`` and off for a ``Linear``, whatever the
+    config says (it even saves ``false`` for GPT-2 adapters that also target ``lm_head``):
+    a square ``q_proj`` got ``Δᵀ`` added, 0.66 relative logits off what PEFT and the gate
+    compute. The base's ``Conv1D`` modules are found from its config
+    (:func:`merging.model.probe.conv1d_weights`, a meta-device skeleton); if the
+    architecture is unknown, the flag decides, as before.
     """
-    if not (adapter and adapter.config.get("fan_in_fan_out")):
+    if adapter is None or not loras:
         return set()
     from merging.model.probe import conv1d_weights
 
+    flag = bool(adapter.config.get("fan_in_fan_out"))
+    linear = {key for key, info in loras.items() if not info.embedding}
     found = conv1d_weights(config)
-    if found is None:
-        return set(loras)
-    ignored = sorted(set(loras) - found)
-    if ignored:
-        notes.append(f"fan_in_fan_out ignored for {len(ignored)} Linear module(s) "
-                     f"({ignored[0]}, ...), as PEFT does: only Conv1D weights are transposed")
-    return found & set(loras)
+    if found is None:  # an architecture transformers cannot build here: the flag decides
+        return linear if flag else set()
+    odd = sorted(linear - found) if flag else sorted(linear & found)
+    if odd:
+        notes.append(f"fan_in_fan_out {'ignored' if flag else 'applied'} for {len(odd)} "
+                     f"{'Linear' if flag else 'Conv1D'} module(s) ({odd[0]}, ...), as PEFT does: "
+                     "Conv1D weights are transposed, Linear ones not, whatever the flag says")
+    return found & linear
 
 
 def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter | None
@@ -142,7 +146,10 @@ def plan_jobs(layout: ModelLayout, config: dict[str, Any], adapter: LoraAdapter 
     embed, touched = embeds[0], set(loras) | set(replacements)
     if not ({embed, HEAD_KEY} & touched):
         return jobs, False, notes
-    if adapter is not None and adapter.config.get("ensure_weight_tying"):
+    # both sides saved: PEFT tied them (it saves only the embedding's side where it cannot,
+    # e.g. GPT-2's wte, and its forward then changes the input side alone: untie below)
+    if adapter is not None and adapter.config.get("ensure_weight_tying") \
+            and tied_pair(adapter.config, adapter.infos) is not None:
         check_tied_factors(adapter)  # one LoRA for both sides, or no single meaning
         notes.append("tied embeddings kept: ensure_weight_tying changes both sides together")
         return jobs, False, notes
@@ -204,7 +211,11 @@ def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any],
     # from_pretrained casts to the config's dtype: tensors in another one would be merged
     # and quantized in theirs, unlike what transformers writes (49 of 63 tensors differed)
     wanted = getattr(torch, declared, None) if isinstance(declared, str) else None
-    if first and isinstance(wanted, torch.dtype) and wanted.is_floating_point:
+    if declared != "not set" and not (isinstance(wanted, torch.dtype) and wanted.is_floating_point):
+        raise BadInputError(f"{layout.model_dir}: config.json dtype {declared!r} is not a "
+                            "floating-point dtype transformers can build the model in",
+                            fix='set "dtype" to the tensors\' dtype, e.g. "bfloat16"')
+    if first and isinstance(wanted, torch.dtype):
         (dtype, name), = first.items()
         if torch_dtype(dtype) != wanted:
             raise BadInputError(f"{layout.model_dir}: config.json says dtype {declared} but the "

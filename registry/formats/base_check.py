@@ -1,9 +1,9 @@
 """Does an adapter fit a base model? Shapes from headers only, no weights read.
 
 Each LoRA module's base weight (via :func:`registry.formats.fingerprint.model_weight_shapes`)
-must exist and have shape ``(out, in)`` (with ``fan_in_fan_out``, ``(in, out)`` or
-``(out, in)``: PEFT applies the flag to ``Conv1D`` modules only, which headers cannot
-tell; ``(num_embeddings, dim)`` for embeddings); the first offender raises
+must exist and have shape ``(out, in)`` or ``(in, out)`` (PEFT transposes ``Conv1D``
+modules whatever ``fan_in_fan_out`` says, and headers cannot tell a ``Conv1D`` from a
+``Linear``; ``(num_embeddings, dim)`` for embeddings); the first offender raises
 ``BaseMismatchError`` naming the module and both shapes. A LoRA on ``lm_head`` of a
 model with tied embeddings is checked against the input embedding. Extra tensors
 (``modules_to_save`` copies) must match their base tensor when the base has one.
@@ -58,12 +58,11 @@ def check_against_base(
         a, b = header.tensors[keys.a], header.tensors[keys.b]
         if keys.embedding:
             expected = (a.shape[1], b.shape[0])
-        elif fan_in_fan_out:  # PEFT transposes on Conv1D modules only (it resets the flag on
-            expected = (a.shape[1], b.shape[0])  # a Linear), and only the model says which
-            if got == (b.shape[0], a.shape[1]):
+        else:  # PEFT transposes on Conv1D modules whatever fan_in_fan_out says, and only
+            # the model, not its headers, tells a Conv1D from a Linear: either layout fits
+            expected = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
+            if got == (a.shape[1], b.shape[0]) or got == (b.shape[0], a.shape[1]):
                 expected = got
-        else:
-            expected = (b.shape[0], a.shape[1])
         if got is None:
             raise BaseMismatchError(
                 f"module {module}: the base model has no weight {key!r}", fix=fix
