@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import getpass
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 
 def utc_now_iso() -> str:
     """Current UTC time as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (sorts lexicographically)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stamp_after(newest: str) -> str:
+    """The current time, or one microsecond after ``newest`` (a stamp of this format) when
+    the clock reads no later than that: stamps stay increasing across a clock stepped
+    back, a skewed host sharing the store, or two stamps in one microsecond."""
+    now = utc_now_iso()
+    if not newest or newest < now:
+        return now
+    try:
+        after = datetime.strptime(newest, "%Y-%m-%dT%H:%M:%S.%fZ") + timedelta(microseconds=1)
+    except ValueError:  # not a stamp of ours: the clock is all we have
+        return now
+    return after.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def default_actor() -> str:

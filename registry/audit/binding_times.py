@@ -8,7 +8,9 @@ time silently changed what ``NAME`` meant for export, merge, gate and promote, a
 the times to them (:func:`binding_time_problems`, reported by ``verify`` as ``unaudited``):
 
 * a binding's time is within :data:`DRIFT_SECONDS` of its push entry's ``ts`` (both are
-  taken by the same push, a moment apart);
+  taken by the same push, a moment apart; a push stamps its binding after the name's
+  newest one, :func:`registry.stamps.stamp_after`, so a clock stepped back or a skewed
+  host moves a time by that much at most);
 * ordered as ``NAME`` resolves them (by time, then digest), a name's versions have
   increasing push seqs. On stores without locks (S3) two concurrent pushes of one name
   may take their times and their log places in different orders, so there an
@@ -69,7 +71,7 @@ def binding_time_problems(store: StoreReader, push_entries: dict[str, dict[str, 
                 out.append((
                     key, f"sha256:{hexdigest}",
                     f"its binding's time {shorten(text, 40)} is not the time the audit log "
-                    f"records for its push ({shorten(entry.get('ts'), 40)}): edited?"))
+                    f"records for its push ({shorten(entry.get('ts'), 40)}): edited, or a clock hours off?"))
                 continue
             rows.append((text, hexdigest, entry.get("seq", -1), when, key))
         rows.sort()  # the order resolve_digest picks the newest by

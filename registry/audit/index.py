@@ -147,7 +147,7 @@ class AuditIndex:
 
 
 def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
-                version: tuple[str, str] | None = None) -> list[Unexplained]:
+                version: tuple[str, str] | None = None, times: bool = True) -> list[Unexplained]:
     """Everything in ``store`` that its audit log does not explain (see module docstring).
 
     Args:
@@ -155,6 +155,8 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
         index: Its :class:`AuditIndex`, if already built.
         version: ``(name, digest)``: only what concerns that version (its binding, the
             aliases of its name that point at it, its gate records and signatures).
+        times: Also check binding times against the log
+            (:mod:`registry.audit.binding_times`; not what gc's reachability needs).
 
     Raises:
         IntegrityError: The log cannot be parsed or fails its chain check.
@@ -184,8 +186,10 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
         if not index.explains(index.signatures.get((signed, keyid)), envelope, "envelope"):
             out.append(Unexplained("signature", f"signatures/{signed[7:19]}../{keyid[7:19]}..",
                                    envelope, "no audit entry records this signature"))
-    out += [Unexplained("version", key, digest, detail) for key, digest, detail in
-            binding_time_problems(store, index.push_entries, [name_of] if name_of else store.names())]
+    if times:
+        out += [Unexplained("version", key, digest, detail) for key, digest, detail in
+                binding_time_problems(store, index.push_entries,
+                                      [name_of] if name_of else store.names())]
     if version is None:
         out += [Unexplained("marker", key, "", "this intent marker names an audit entry that later "
                             "writes followed: no dead writer leaves that") for key in index.forged_markers]

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.audit.index import AuditIndex, cross_check, missing_from_store
 from registry.audit.journal import recover, run_mutation
 from registry.digests import is_digest
 from registry.errors import IntegrityError
 from registry.fsutil import is_leased, newest_mtime
+from registry.maintenance.integrity import refs_disagreements
 from registry.storage.blobs import blob_key
 from registry.storage.store import Store
 
@@ -115,14 +115,15 @@ def check_refs_audited(store: Store) -> None:
 
     Raises:
         IntegrityError: The log fails its chain check, or ``verify --all`` would report
-            ``unaudited`` or ``removed`` refs.
+            ``unaudited`` or ``removed`` refs (binding times aside: they change what a
+            bare name means, not what is reachable), persisting over a few looks.
     """
-    index = AuditIndex.build(store)
-    problems = cross_check(store, index) + missing_from_store(store, index)
+    problems = refs_disagreements(store)
     if problems:
         first = problems[0]
+        where = first.used_by[0] if first.used_by else first.digest
         raise IntegrityError(f"gc refused: the store's refs and its audit log disagree "
-                             f"({len(problems)} problem(s); first: {first.key}: {first.detail})",
+                             f"({len(problems)} problem(s); first: {where}: {first.detail})",
                              fix="run `adapters verify --all` and repair what it reports "
                                  "before collecting garbage (gc could delete live data)")
 

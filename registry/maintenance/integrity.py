@@ -186,7 +186,7 @@ CROSS_CHECKS = 3
 
 
 def _unaudited(store: Store, version: tuple[str, str] | None,
-               index: AuditIndex | None) -> list[BlobProblem]:
+               index: AuditIndex | None, *, times: bool = True) -> list[BlobProblem]:
     """Bindings, aliases, gate records and signatures the audit log does not explain, and
     (whole store) what it records that the store lost (``version``: only that version's).
 
@@ -199,7 +199,7 @@ def _unaudited(store: Store, version: tuple[str, str] | None,
     for attempt in range(CROSS_CHECKS):
         try:
             current = index if attempt == 0 and index is not None else AuditIndex.build(store)
-            found = cross_check(store, current, version=version)
+            found = cross_check(store, current, version=version, times=times)
             gone = missing_from_store(store, current, version=version)
             seen = {BlobProblem("unaudited", u.digest, (u.key,), u.detail) for u in found} | {
                 BlobProblem("removed", u.digest, (u.key,), u.detail) for u in gone}
@@ -211,6 +211,14 @@ def _unaudited(store: Store, version: tuple[str, str] | None,
         if attempt < CROSS_CHECKS - 1:
             time.sleep(0.1 * (attempt + 1))
     return sorted(persistent or (), key=lambda p: (p.kind, p.digest, p.used_by))
+
+
+def refs_disagreements(store: Store) -> list[BlobProblem]:
+    """What ``verify --all`` reports as ``unaudited`` or ``removed`` refs (bindings, aliases,
+    gate records, signatures, markers), binding times left out, over the same
+    :data:`CROSS_CHECKS` looks: a writer working meanwhile (on S3, with no lock) is not
+    a disagreement. gc refuses on any (:func:`registry.maintenance.collection.gc`)."""
+    return _unaudited(store, None, None, times=False)
 
 
 def _check_signatures(store: Store, targets: list[tuple[str, str]],
@@ -235,7 +243,7 @@ def _check_signatures(store: Store, targets: list[tuple[str, str]],
             signed += 1
     return signed, problems
 
-__all__ = ["BlobProblem", "VerifyReport", "verify"]
+__all__ = ["BlobProblem", "VerifyReport", "refs_disagreements", "verify"]
 
 
 def _keyids(keyids: Sequence[str], shown: int = 3) -> str:

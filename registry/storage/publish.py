@@ -23,7 +23,7 @@ from registry.errors import AdapterkitError, BadInputError, ConflictError, NotFo
 from registry.lineage_schema import validate_lineage
 from registry.progress import ProgressCallback
 from registry.record import validate_record
-from registry.stamps import utc_now_iso
+from registry.stamps import stamp_after
 from registry.storage.backends.base import PreconditionFailed
 from registry.storage.failpoints import failpoint
 from registry.storage.manifest import (
@@ -102,7 +102,10 @@ def push_version(store: StoreReader, name: str, files: Mapping[str, Path], recor
                                    wait=0 if store.backend.supports_locks else None)
             if winner is not None:  # a concurrent identical push got there first
                 return PushResult(store.version_at(name, digest_hex(winner)), False, new_bytes)
-            created = utc_now_iso()
+            # after the name's newest binding: a bare NAME resolves by these times, and
+            # verify checks their order against the log's (registry.audit.binding_times)
+            created = stamp_after(max((store.binding_time(name, h) for h in store.bound_hexes(name)),
+                                      default=""))
             version = Version(name, digest, manifest, created)
             binding = store.binding_key(name, digest_hex(digest))
             try:

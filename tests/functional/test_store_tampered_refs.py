@@ -154,3 +154,28 @@ def test_a_fifo_in_the_store_hangs_nothing(world, capsys, where):
     os.mkfifo(path)
     code, _, err = run(capsys, "verify", "--all", "--store", store)  # returns: no hang
     assert code == (0 if where == "pending" else 3), err
+
+
+def test_a_clock_stepped_back_between_pushes_is_no_tampering(world, capsys, monkeypatch):
+    # found by a QA pass: binding times came straight from the clock, so an NTP step back
+    # (or a skewed host, or two pushes in one microsecond) broke their order: verify
+    # reported tampering, gc refused, and `m` resolved to the older version
+    import registry.stamps as stamps
+
+    store = world["store"]
+    _push(capsys, world, "a1")
+    real = stamps.utc_now_iso
+    monkeypatch.setattr(stamps, "utc_now_iso", lambda: real().replace("20", "19", 1))  # a century back
+    d2 = _push(capsys, world, "a2")
+    assert _digest(capsys, store, "m") == d2
+    assert run(capsys, "verify", "--all", "--store", store)[0] == 0
+    assert run(capsys, "gc", "--store", store)[0] == 0
+
+
+def test_gc_is_not_refused_by_binding_times_alone(world, capsys):
+    store = world["store"]
+    d1 = _push(capsys, world, "a1")
+    _push(capsys, world, "a2")
+    (store / "names" / "m" / "versions" / d1[7:]).write_text("2099-01-01T00:00:00.000000Z\n")
+    assert run(capsys, "verify", "--all", "--store", store)[0] == 3
+    assert run(capsys, "gc", "--store", store)[0] == 0  # what is reachable has not changed
