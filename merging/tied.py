@@ -149,10 +149,11 @@ def mirror_pair(adapters: Sequence[LoraAdapter]) -> TiedPair | None:
 
 def output_ties(adapters: Sequence[LoraAdapter], mirrored: TiedPair | None) -> bool | None:
     """``ensure_weight_tying`` for the merged adapter: True when the pair was mirrored,
-    False when an input tied it but the sides were merged apart, None when no input tied."""
+    False when an input carries a tied pair but the sides were merged apart, None when
+    no input carries one (the flag alone, without embedding LoRA, changes nothing)."""
     if mirrored is not None:
         return True
-    return False if any(a.config.get("ensure_weight_tying") for a in adapters) else None
+    return False if any(tied_pair(a.config, a.infos) is not None for a in adapters) else None
 
 
 def head_factors(embed_b: torch.Tensor, embed_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ stricter), so even ``umask 000`` never yields a world-writable store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -300,7 +301,14 @@ def open_store_file(path: str | Path) -> BinaryIO:
 
     from registry.errors import IntegrityError, shorten
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:  # a socket, or a device without a driver, cannot even be opened
+        if err.errno not in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+            raise
+        raise IntegrityError(f"{shorten(str(path))} in the store is not a regular file "
+                             "(a socket or device put there by hand?)",
+                             fix="run `adapters verify --all`, then remove or restore it") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IntegrityError(f"{shorten(str(path))} in the store is not a regular file "

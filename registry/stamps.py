@@ -17,6 +17,11 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+MAX_AHEAD = timedelta(hours=1)
+"""A stamp further ahead of the clock than this was not written by a push (see
+:mod:`registry.audit.binding_times`, which allows the same hour)."""
+
+
 def stamp_after(newest: str) -> str:
     """The current time, or one microsecond after ``newest`` (a stamp of this format) when
     the clock reads no later than that: stamps stay increasing across a clock stepped
@@ -25,10 +30,12 @@ def stamp_after(newest: str) -> str:
     if not newest or newest < now:
         return now
     try:
-        after = datetime.strptime(newest, "%Y-%m-%dT%H:%M:%S.%fZ") + timedelta(microseconds=1)
-    except ValueError:  # not a stamp of ours: the clock is all we have
+        last = datetime.strptime(newest, "%Y-%m-%dT%H:%M:%S.%fZ")
+        if last - datetime.strptime(now, "%Y-%m-%dT%H:%M:%S.%fZ") > MAX_AHEAD:
+            return now  # not a stamp of ours (an edit): verify reports it, do not follow it
+        return (last + timedelta(microseconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (ValueError, OverflowError):  # not a stamp of ours: the clock is all we have
         return now
-    return after.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def default_actor() -> str:

@@ -102,12 +102,12 @@ def transposed_weights(config: dict[str, Any], adapter: LoraAdapter | None,
     config says (it even saves ``false`` for GPT-2 adapters that also target ``lm_head``):
     a square ``q_proj`` got ``Δᵀ`` added, 0.66 relative logits off what PEFT and the gate
     compute. The base's ``Conv1D`` modules are found from its config
-    (:func:`merging.model.probe.conv1d_weights`, a meta-device skeleton); if the
+    (:func:`registry.formats.architecture.conv1d_weights`, a meta-device skeleton); if the
     architecture is unknown, the flag decides, as before.
     """
     if adapter is None or not loras:
         return set()
-    from merging.model.probe import conv1d_weights
+    from registry.formats.architecture import conv1d_weights
 
     flag = bool(adapter.config.get("fan_in_fan_out"))
     linear = {key for key, info in loras.items() if not info.embedding}

@@ -156,3 +156,17 @@ def parse_entries(rows: Iterable[tuple[int, bytes]], what: str) -> list[dict]:
 def _entry_shaped(entry: object) -> bool:
     return (isinstance(entry, dict) and type(entry.get("seq")) is int
             and all(isinstance(entry.get(key), str) for key in ("ts", "action", "subject")))
+
+
+def head_seq(head: object) -> int:
+    """The ``seq`` of a parsed ``head.json``: a non-negative integer (``true``, ``"2"``,
+    ``2.0`` or ``1e999`` is a damaged head, not a number to round).
+
+    Raises:
+        TypeError: It is not such an integer (the callers report the head unreadable).
+        KeyError: No ``seq``.
+    """
+    seq = head["seq"] if isinstance(head, dict) else None
+    if type(seq) is not int or seq < 0:
+        raise TypeError(f"seq must be a non-negative integer, not {seq!r}"[:120])
+    return seq

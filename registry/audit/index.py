@@ -189,7 +189,8 @@ def cross_check(store: StoreReader, index: AuditIndex | None = None, *,
     if times:
         out += [Unexplained("version", key, digest, detail) for key, digest, detail in
                 binding_time_problems(store, index.push_entries,
-                                      [name_of] if name_of else store.names())]
+                                      [name_of] if name_of else store.names())
+                if not digest_of or digest == digest_of]
     if version is None:
         out += [Unexplained("marker", key, "", "this intent marker names an audit entry that later "
                             "writes followed: no dead writer leaves that") for key in index.forged_markers]

@@ -35,6 +35,7 @@ from registry.audit.chain import (
     AuditReport,
     check_chain,
     entry_hash,
+    head_seq,
     new_entry,
     parse_entries,
 )
@@ -97,7 +98,7 @@ class AuditLog:
         try:
             with open_store_file(self.head_path) as handle:
                 head = loads_json(handle.read().decode("utf-8"))
-            return int(head["seq"]), head["hash"]
+            return head_seq(head), head["hash"]
         except FileNotFoundError:
             return 0, None
         except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError is a ValueError

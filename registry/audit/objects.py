@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from registry.audit.chain import AuditProblem, AuditReport, check_chain, new_entry, parse_entries
+from registry.audit.chain import (AuditProblem, AuditReport, check_chain, head_seq, new_entry,
+                                  parse_entries)
 from registry.digests import canonical_json
 from registry.errors import IntegrityError
 from registry.storage.backends.base import Backend, ObjectMissing, PreconditionFailed
@@ -74,7 +75,7 @@ class ObjectAuditLog:
             return None, None
         try:
             head = loads_json(data)
-            return (int(head["seq"]), head["hash"]), etag
+            return (head_seq(head), head["hash"]), etag
         except (ValueError, KeyError, TypeError) as err:
             raise IntegrityError(f"audit head {HEAD} is unreadable: {err}",
                                  fix="run `adapters audit verify`") from err

@@ -1,9 +1,10 @@
 """Does an adapter fit a base model? Shapes from headers only, no weights read.
 
 Each LoRA module's base weight (via :func:`registry.formats.fingerprint.model_weight_shapes`)
-must exist and have shape ``(out, in)`` or ``(in, out)`` (PEFT transposes ``Conv1D``
-modules whatever ``fan_in_fan_out`` says, and headers cannot tell a ``Conv1D`` from a
-``Linear``; ``(num_embeddings, dim)`` for embeddings); the first offender raises
+must exist and have shape ``(out, in)``, or ``(in, out)`` for a ``Conv1D`` module (PEFT
+transposes exactly those, whatever ``fan_in_fan_out`` says; headers cannot tell, so the
+model's skeleton does: :func:`registry.formats.architecture.conv1d_weights`, with the flag
+deciding when the architecture cannot be built); ``(num_embeddings, dim)`` for embeddings); the first offender raises
 ``BaseMismatchError`` naming the module and both shapes. A LoRA on ``lm_head`` of a
 model with tied embeddings is checked against the input embedding. Extra tensors
 (``modules_to_save`` copies) must match their base tensor when the base has one.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BaseMismatchError
+from registry.formats.architecture import conv1d_weights
 from registry.formats.fingerprint import model_config, model_weight_shapes
 from registry.formats.peft_keys import LoraKeys, base_key_for_extra, base_weight_key
 from registry.formats.safetensors_header import SafetensorsHeader
@@ -52,17 +54,22 @@ def check_against_base(
     base_config = model_config(base_dir) or {}
     fix = "check that the base model is the one this adapter was trained on"
     fan_in_fan_out = config.get("fan_in_fan_out", False)
+    conv1d: set[str] | None = None
     for module, keys in modules.items():
         key = base_weight_key(module)
         got = _base_shape(key, shapes, base_config)
         a, b = header.tensors[keys.a], header.tensors[keys.b]
         if keys.embedding:
             expected = (a.shape[1], b.shape[0])
-        else:  # PEFT transposes on Conv1D modules whatever fan_in_fan_out says, and only
-            # the model, not its headers, tells a Conv1D from a Linear: either layout fits
-            expected = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
-            if got == (a.shape[1], b.shape[0]) or got == (b.shape[0], a.shape[1]):
-                expected = got
+        else:  # PEFT transposes on Conv1D modules whatever fan_in_fan_out says; headers do
+            # not tell a Conv1D from a Linear, so the model's skeleton decides (built once,
+            # only for a module stored transposed: a Linear adapter never needs it)
+            expected = (b.shape[0], a.shape[1])
+            if got == (a.shape[1], b.shape[0]) != expected:
+                if conv1d is None:
+                    conv1d = conv1d_weights(base_config) if base_config else None
+                if (key in conv1d) if conv1d is not None else fan_in_fan_out:
+                    expected = got
         if got is None:
             raise BaseMismatchError(
                 f"module {module}: the base model has no weight {key!r}", fix=fix

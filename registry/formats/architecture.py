@@ -1,0 +1,39 @@
+"""The module types of a model, from its config alone: which weights are ``Conv1D``.
+
+PEFT transposes a LoRA delta (``fan_in_fan_out``) on ``Conv1D`` modules and on no others,
+whatever the adapter's config says; safetensors headers cannot tell a ``Conv1D`` weight
+(stored ``(in, out)``) from a ``Linear`` one (``(out, in)``) when it is square, and a
+transposed ``Linear`` adapter looks like a ``Conv1D`` one when it is not. The model is
+built on the meta device (no memory, no weights read); torch and transformers are
+imported only when this is called, so ``registry`` stays fast to import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def conv1d_weights(config: dict[str, Any]) -> set[str] | None:
+    """Weight keys of the ``Conv1D`` modules of the model ``config`` describes, or None
+    when the model cannot be built (an unknown architecture).
+
+    PEFT decides per module whether a LoRA delta is transposed: ``fan_in_fan_out`` is
+    forced to True on a ``Conv1D`` and to False on a ``Linear`` (with a warning), whatever
+    the adapter's config says. The skeleton is built on the meta device: no memory, no
+    weights read.
+    """
+    import torch
+    import transformers
+
+    try:
+        cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+        cfg = transformers.AutoConfig.for_model(**cfg_dict)
+        archs = cfg_dict.get("architectures") or []
+        model_cls = getattr(transformers, archs[0], None) if archs else None
+        model_cls = model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
+        with torch.device("meta"):
+            model = model_cls(cfg)  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - any failure to build means: not known here
+        return None
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if type(module).__name__ == "Conv1D"}
