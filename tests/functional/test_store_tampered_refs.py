@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -164,8 +164,10 @@ def test_a_clock_stepped_back_between_pushes_is_no_tampering(world, capsys, monk
 
     store = world["store"]
     _push(capsys, world, "a1")
-    real = stamps.utc_now_iso
-    monkeypatch.setattr(stamps, "utc_now_iso", lambda: real().replace("20", "19", 1))  # a century back
+    def half_an_hour_back() -> str:  # an NTP step back (a stamp an hour ahead would be an edit)
+        return (datetime.now(timezone.utc) - timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    monkeypatch.setattr(stamps, "utc_now_iso", half_an_hour_back)
     d2 = _push(capsys, world, "a2")
     assert _digest(capsys, store, "m") == d2
     assert run(capsys, "verify", "--all", "--store", store)[0] == 0
