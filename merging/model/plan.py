@@ -195,8 +195,10 @@ def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any],
     in a float32 model) neither the unload nor the byte-identical quantization would hold.
 
     Raises:
-        BadInputError: Two floating-point dtypes (the message names a tensor of each), or
-            tensors in another dtype than the one ``config.json`` declares.
+        BadInputError: Two floating-point dtypes (the message names a tensor of each),
+            tensors in another dtype than the one ``config.json`` declares, or (with
+            ``quant``) a dtype it cannot take or a missing output embedding
+            (:func:`check_output_weight`).
     """
     first: dict[str, str] = {}
     for name, tensor in layout.tensors.items():
@@ -223,6 +225,25 @@ def check_one_float_dtype(layout: ModelLayout, config: dict[str, Any],
                                 fix=fix)
     if quant is not None:
         quant.check_source_dtype(next(iter(first), None))
+        check_output_weight(layout, config)
+
+
+def check_output_weight(layout: ModelLayout, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks its untied output embedding (``lm_head.weight``):
+    transformers gives it random values on every load, and the quantized model would be
+    published with them (the drift probe only noted "skipped").
+
+    Raises:
+        BadInputError: The model keeps ``lm_head`` apart and the checkpoint has none.
+    """
+    from registry.formats.architecture import untied_output_weight
+
+    key = untied_output_weight(config)
+    if key is not None and key not in layout.tensors:
+        raise BadInputError(f"{layout.model_dir}: the checkpoint has no {key}, which this model "
+                            "keeps apart from its input embedding (transformers would give it "
+                            "random values)", fix="quantize a complete checkpoint, e.g. the "
+                            "directory save_pretrained wrote")
 
 
 def planned_tensors(job: Job, spec: QuantSpec | None) -> list[OutTensor]:

@@ -22,6 +22,25 @@ def conv1d_weights(config: dict[str, Any]) -> set[str] | None:
     the adapter's config says. The skeleton is built on the meta device: no memory, no
     weights read.
     """
+    model = skeleton(config)
+    if model is None:
+        return None
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if type(module).__name__ == "Conv1D"}
+
+
+def untied_output_weight(config: dict[str, Any]) -> str | None:
+    """The weight key of the output embedding (``lm_head.weight``) when the model keeps
+    it apart from the input embedding, else None (tied, none, or unknown architecture)."""
+    model = skeleton(config)
+    head = model.get_output_embeddings() if model is not None else None
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return None
+    return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
+
+
+def skeleton(config: dict[str, Any]) -> Any:
+    """The model ``config`` describes, built on the meta device, or None if it cannot be."""
     import torch
     import transformers
 
@@ -32,8 +51,6 @@ def conv1d_weights(config: dict[str, Any]) -> set[str] | None:
         model_cls = getattr(transformers, archs[0], None) if archs else None
         model_cls = model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
         with torch.device("meta"):
-            model = model_cls(cfg)  # type: ignore[operator]
+            return model_cls(cfg)  # type: ignore[operator]
     except Exception:  # noqa: BLE001 - any failure to build means: not known here
         return None
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if type(module).__name__ == "Conv1D"}

@@ -97,3 +97,17 @@ def test_options_that_do_not_apply_are_refused() -> None:
         QuantSpec("int8", blocksize=128)
     with pytest.raises(BadInputError, match="compute dtype 'int8'"):
         QuantSpec("nf4", compute_dtype="int8")
+
+
+def test_a_checkpoint_missing_its_untied_lm_head_is_refused(work: Path) -> None:
+    # found by a QA pass: the output was published; transformers fills lm_head at random
+    source = make_base(work / "nohead-src", seed=8)  # untied
+    path = source / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["lm_head.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(BadInputError, match="has no lm_head.weight"):
+        quantize(source, "nf4", out=work / "nohead-out")
+    assert not (work / "nohead-out").exists()
+    tied = make_base(work / "tied-src", tie=True, seed=8)  # no lm_head.weight, by design
+    assert quantize(tied, "int8", out=work / "tied-out").out_dir.is_dir()
