@@ -45,18 +45,14 @@ def reference_logits(config: dict[str, Any], state: dict[str, torch.Tensor]) -> 
     Raises:
         RuntimeError: the state dict does not cover the model's parameters.
     """
-    import transformers
     from transformers.initialization import no_init_weights
 
-    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
-    cfg = transformers.AutoConfig.for_model(**cfg_dict)
-    archs = cfg_dict.get("architectures") or []
-    model_cls = getattr(transformers, archs[0], None) if archs else None
-    model_cls = model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
-    dtype = config_dtype(cfg_dict) or next(iter(state.values())).dtype
+    from registry.formats.architecture import model_class
+
+    model_cls, cfg = model_class(config)
+    dtype = config_dtype(config) or next(iter(state.values())).dtype
     with no_init_weights():
-        # transformers annotates _LazyAutoMapping.__getitem__ as a tuple; it returns the class
-        model = model_cls(cfg).to(dtype)  # type: ignore[operator]
+        model = model_cls(cfg).to(dtype)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if tied & set(state) and head is not None and embed is not None and head.weight is embed.weight:

@@ -10,6 +10,8 @@ imported only when this is called, so ``registry`` stays fast to import.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 
@@ -39,18 +41,37 @@ def untied_output_weight(config: dict[str, Any]) -> str | None:
     return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
 
 
-def skeleton(config: dict[str, Any]) -> Any:
-    """The model ``config`` describes, built on the meta device, or None if it cannot be."""
-    import torch
+def model_class(config: dict[str, Any]) -> tuple[Any, Any]:
+    """``(model class, transformers config)`` for ``config`` (its ``architectures``, else the
+    causal-LM class of its ``model_type``); a ``quantization_config`` is left out.
+
+    Raises:
+        Whatever transformers raises for a config it cannot read (ValueError, KeyError...).
+    """
     import transformers
 
+    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg = transformers.AutoConfig.for_model(**cfg_dict)
+    archs = cfg_dict.get("architectures") or []
+    model_cls = getattr(transformers, archs[0], None) if archs else None
+    return model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)], cfg
+
+
+def skeleton(config: dict[str, Any]) -> Any:
+    """The model ``config`` describes, built on the meta device, or None if it cannot be.
+
+    Built once per config in a process (unload, its shape check and quantize each ask).
+    """
+    return _skeleton(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _skeleton(config_json: str) -> Any:
+    import torch
+
     try:
-        cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
-        cfg = transformers.AutoConfig.for_model(**cfg_dict)
-        archs = cfg_dict.get("architectures") or []
-        model_cls = getattr(transformers, archs[0], None) if archs else None
-        model_cls = model_cls or transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
+        model_cls, cfg = model_class(json.loads(config_json))
         with torch.device("meta"):
-            return model_cls(cfg)  # type: ignore[operator]
+            return model_cls(cfg)
     except Exception:  # noqa: BLE001 - any failure to build means: not known here
         return None
