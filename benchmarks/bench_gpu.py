@@ -138,6 +138,31 @@ def ours_ties_on_device(paths: list[Path], device: torch.device) -> tuple[Any, f
     return result, float(result.report["error"])
 
 
+def householder_randomized_svd(A: torch.Tensor, sketch: torch.Tensor,
+                               niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device path's randomized SVD before CholeskyQR2 (the in-run anchor of that
+    change): ``torch.linalg.qr`` after every product (cuSOLVER, one call per matrix) and
+    ``torch.linalg.svd`` of the ``q x n`` matrix ``Q^T A`` on the device."""
+    Q = torch.linalg.qr(A @ sketch).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A.mH @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    U, S, Vh = torch.linalg.svd(Q.mH @ A, full_matrices=False)
+    return Q @ U, S, Vh.mH
+
+
+def ours_with_householder(paths: list[Path], device: torch.device) -> float:
+    """Seconds of :func:`ours_ties_on_device` with :func:`householder_randomized_svd`."""
+    from merging.lora import lowrank
+
+    real = lowrank._batched_randomized_svd
+    lowrank._batched_randomized_svd = householder_randomized_svd
+    try:
+        return clock(device, lambda: ours_ties_on_device(paths, device))[0]
+    finally:
+        lowrank._batched_randomized_svd = real
+
+
 def todays_cpu_ties(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]]) -> float:
     """Seconds of today's CPU path (``ties`` + ``lowrank_refactor`` + ``dense_error``) on ``inputs``."""
     from merging.lora.methods.ties import ties
@@ -222,12 +247,16 @@ def part_a(args: argparse.Namespace, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(paths, device))
+        householder_s = ours_with_householder(paths, device) if args.householder else math.nan
         if args.profile is not None:  # a second, profiled run: where the time goes
             profile_run(args.profile, device, lambda: ours_ties_on_device(paths, device))
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
             if device.type == "cuda" else "")
     print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules, adapter files to host "
           f"factors (target <= 5 s), overall rank-{RANK} error {overall:.4f}{peak}", flush=True)
+    if args.householder:
+        print(f"  the same with Householder QR per matrix (before CholeskyQR2): {householder_s:.2f} s: "
+              f"RATIO {householder_s / ours_s:.2f}x", flush=True)
     ratios = []
     for module in SUBSET:
         name = f"model.layers.0.{module}"
@@ -347,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="(a) profile a second run of our merge and write the top operators "
                              "to FILE")
+    parser.add_argument("--householder", action="store_true",
+                        help="(a) also time the merge with the per-matrix Householder QR it used "
+                             "before CholeskyQR2 (the anchor of that change)")
     parser.add_argument("--gate-base", type=Path, default=None,
                         help="(c) gate this model dir instead of the demo's SmolLM2; a dir with only "
                              "config.json + tokenizer gets seeded random weights (timings only)")

@@ -23,12 +23,15 @@ For one 2-D matrix on the CPU (the per-module merge) every step is single-thread
 so the factors do not depend on the thread count (:mod:`merging.threads`): the
 products run as :func:`merging.threads.row_product` (row blocks of ``A``, or of
 ``A^T`` for the transposed products, side by side) and the QRs and the small SVD with
-one thread. A batch (the GPU's path) uses batched kernels; it may round differently
-from one-by-one, still deterministically on one device.
+one thread. A batch, and any matrix on another device (the GPU's path), uses batched
+kernels only: the bases come from CholeskyQR2 (:mod:`merging.lora.cholqr`) instead of a
+Householder QR per matrix, and the small SVD at the end is that of a ``q x q`` matrix,
+on the CPU in float64. It rounds differently from one-by-one, still deterministically
+on one device.
 The selection rules are ``lowrank_refactor``'s: ``q = rank + oversample``
 (default ``2·rank``), an exact ``torch.linalg.svd`` for small matrices
-(``min(out, in) <= 2q`` or at most 2^20 entries), zero factors for a zero delta,
-and balanced factors (``S^½`` on each side).
+(``min(out, in) <= 2q``, or on the CPU at most 2^20 entries: :func:`exact_svd_wanted`),
+zero factors for a zero delta, and balanced factors (``S^½`` on each side).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from collections.abc import Sequence
 
 import torch
 
+from merging.lora.cholqr import orthonormal_columns
 from merging.threads import intraop_threads, row_product
 
 NITER = 2
@@ -88,16 +92,7 @@ def randomized_svd(D: torch.Tensor, q: int, seeds: Sequence[int],
         U, S, V = _cpu_randomized_svd(A[0], sketch[0], niter)
         U, S, V = U[None], S[None], V[None]
     else:
-        if D.shape[0] == 1:  # 2-D products: torch.svd_lowrank's kernels
-            A, sketch = A[0], sketch[0]
-        Q = torch.linalg.qr(A @ sketch).Q
-        for _ in range(niter):
-            Q = torch.linalg.qr(A.mH @ Q).Q
-            Q = torch.linalg.qr(A @ Q).Q
-        U, S, Vh = torch.linalg.svd(Q.mH @ A, full_matrices=False)
-        U, V = Q @ U, Vh.mH
-        if D.shape[0] == 1:
-            U, S, V = U[None], S[None], V[None]
+        U, S, V = _batched_randomized_svd(A, sketch, niter)
     if wide:
         U, V = V, U
     return U, S, V
@@ -118,6 +113,42 @@ def _cpu_randomized_svd(A: torch.Tensor, sketch: torch.Tensor,
         # (A^T Q)^T = Q^T A: the small matrix whose SVD gives the factors
         U, S, Vh = torch.linalg.svd(row_product(A.mH, Q).mH, full_matrices=False)
         return Q @ U, S, Vh.mH
+
+
+def _batched_randomized_svd(A: torch.Tensor, sketch: torch.Tensor,
+                            niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`randomized_svd`'s steps on a tall batch with batched kernels only.
+
+    The bases come from :func:`merging.lora.cholqr.orthonormal_columns` (no per-matrix
+    QR); the SVD of the small ``C = Q^T A`` is that of the ``q x q`` ``R`` in
+    ``C^T = P R`` (``P`` orthonormal): ``R = U_r S V_r^T`` gives
+    ``A ~ Q C = (Q V_r) S (P U_r)^T``. That ``q x q`` SVD runs on the CPU in float64
+    (LAPACK, a few kilobytes moved), where a GPU would loop over the batch.
+    """
+    Q = orthonormal_columns(A @ sketch)
+    for _ in range(niter):
+        Q = orthonormal_columns(A.mH @ Q)
+        Q = orthonormal_columns(A @ Q)
+    C_t = A.mH @ Q  # (Q^T A)^T: (batch, n, q)
+    P = orthonormal_columns(C_t)
+    R = P.mH @ C_t
+    Ur, S, Vrh = torch.linalg.svd(R.to("cpu", torch.float64), full_matrices=False)
+    Ur, S, Vr = (t.to(device=A.device, dtype=A.dtype) for t in (Ur, S, Vrh.mH))
+    return Q @ Vr, S, P @ Ur
+
+
+def exact_svd_wanted(rows: int, cols: int, q: int, device: torch.device) -> bool:
+    """Whether a ``rows x cols`` delta is factored by an exact SVD rather than the sketch.
+
+    Always when the sketch would be no smaller (``min(rows, cols) <= 2q``). On the CPU
+    also for small matrices (at most :data:`SMALL_MATRIX` entries, ``lowrank_refactor``'s
+    rule): LAPACK does them quickly. Not on another device: there the SVD of a batch
+    runs one cuSOLVER call per matrix, while the sketch is batched (bases by
+    CholeskyQR2) and its error stays within 1% of the exact truncation's.
+    """
+    if min(rows, cols) <= 2 * q:
+        return True
+    return device.type == "cpu" and rows * cols <= SMALL_MATRIX
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +188,7 @@ def lowrank_factors(D: torch.Tensor, rank: int, *, seed: int = 0,
     rows, cols = D.shape[-2:]
     rank = max(1, min(rank, rows, cols))
     q = min(rank + (rank if oversample is None else oversample), rows, cols)
-    if min(rows, cols) <= 2 * q or rows * cols <= SMALL_MATRIX:
+    if exact_svd_wanted(rows, cols, q, D.device):
         with intraop_threads(1) if D.device.type == "cpu" else contextlib.nullcontext():
             u, s, vh = torch.linalg.svd(D, full_matrices=False)
         B, A = _balanced(u[..., :rank], s[..., :rank], vh[..., :rank, :])

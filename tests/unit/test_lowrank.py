@@ -12,6 +12,7 @@ from merging.threads import intraop_threads
 from merging.lora.lowrank import (
     frobenius_errors,
     lowrank_factors,
+    exact_svd_wanted,
     randomized_svd,
     sketch_seed,
 )
@@ -102,7 +103,10 @@ def test_batch_matches_one_by_one_and_ignores_its_neighbours() -> None:
     assert B.shape == (3, 1100, 8) and A.shape == (3, 8, 1000)
     for i, name in enumerate(names):
         b1, a1 = lowrank_factors(stack[i], 8, seed=0, modules=name)
-        torch.testing.assert_close(B[i] @ A[i], b1 @ a1, rtol=1e-4, atol=1e-4)
+        # Same sketch, different kernels (CholeskyQR2 vs Householder): rounding only, though
+        # amplified here since sigma_8 / sigma_9 is about 1.002 (a barely separated subspace).
+        one = b1 @ a1
+        assert float((B[i] @ A[i] - one).norm() / one.norm()) <= 5e-5
     # The same matrix and name gives the same factors whatever shares the batch.
     B2, A2 = lowrank_factors(stack[[0, 2]], 8, seed=0, modules=["a", "c"])
     B3, A3 = lowrank_factors(stack[[0, 2]], 8, seed=0, modules=["a", "c"])
@@ -144,3 +148,10 @@ def test_bad_arguments_are_refused() -> None:
         lowrank_factors(torch.zeros(3), 1)
     with pytest.raises(ValueError):
         randomized_svd(torch.zeros(2, 30, 20), 4, seeds=[1])
+
+
+def test_exact_svd_rule_by_shape_and_device() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("meta")  # any device but the CPU
+    assert exact_svd_wanted(64, 4096, 32, gpu) and exact_svd_wanted(64, 4096, 32, cpu)
+    assert exact_svd_wanted(576, 576, 32, cpu) and not exact_svd_wanted(576, 576, 32, gpu)
+    assert not exact_svd_wanted(1100, 1000, 16, cpu)  # above SMALL_MATRIX entries
