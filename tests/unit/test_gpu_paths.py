@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from merging.lora import kselect
 from merging.lora.device_trim import merge_group
 from merging.lora.engine import merge_adapters
 from merging.lora.kselect import keep_mask, kth_largest_magnitudes
@@ -59,6 +60,17 @@ def test_thresholds_and_masks_equal_the_cpu_bit_for_bit() -> None:
     assert gpu.device.type == OTHER
     assert torch.equal(gpu.cpu().view(torch.int32), cpu.view(torch.int32))
     assert torch.equal(keep_mask(x.to(OTHER), gpu).cpu(), keep_mask(x, cpu))
+
+
+def test_misled_brackets_fall_back_to_radix_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kselect, "SAMPLE_SIZE", 256)
+    monkeypatch.setattr(kselect, "SAMPLE_MARGIN", 64)
+    x = torch.randn(3, 70_000, generator=torch.Generator().manual_seed(5))
+    x[1, kselect.sample_positions(70_000, 256, x.device)] = 1e6  # row 1's bracket misses
+    x[2] = x[2].round()
+    bits, ks = kselect.magnitude_bits(x), torch.tensor([35_000, 35_000, 69_999])
+    on_device = kselect.select_with_bracket(bits.to(OTHER), ks.to(OTHER))
+    assert torch.equal(on_device.cpu(), kselect.radix_kth_largest_bits(bits, ks))
 
 
 def test_lowrank_is_repeatable_and_leaves_the_cuda_rng_alone() -> None:

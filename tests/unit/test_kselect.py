@@ -10,13 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merging.lora import sparsify
+from merging.lora import kselect, sparsify
 from merging.lora.kselect import (
+    bracketed_kth_largest_bits,
     keep_mask,
     kth_largest_bits,
     kth_largest_magnitude,
     kth_largest_magnitudes,
     magnitude_bits,
+    radix_kth_largest_bits,
+    select_with_bracket,
 )
 from merging.lora.methods import ModuleContext, ModuleInput
 
@@ -125,6 +128,70 @@ def test_adversarial_bit_patterns_share_long_prefixes() -> None:
         n = x.numel()
         for k in (1, 2, n // 2, n - 1):
             assert same_value(kth_largest_magnitude(x, k), reference(x, k))
+
+
+def column_scaled(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A LoRA-like delta: a rank-4 product whose columns have very different scales,
+    with a block of exact zeros and many ties (rounded entries)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, generator=gen) @ torch.randn(4, cols, generator=gen)
+    x *= torch.logspace(-3, 2, cols)[torch.randperm(cols, generator=gen)]
+    x[: rows // 5] = 0.0
+    x[rows // 2:] = x[rows // 2:].round()
+    return x
+
+
+def test_bracket_holds_on_large_structured_rows_and_is_exact() -> None:
+    # rows above SAMPLE_SIZE entries: the bracket comes from a sample, not the row
+    x = torch.stack([column_scaled(600, 700, seed=s) for s in range(3)])
+    n = 600 * 700
+    assert n > kselect.SAMPLE_SIZE
+    for k in (1, 7, n // 10, n // 2, n - 5, n - 1):
+        ks = torch.full((3,), k, dtype=torch.int64)
+        found, held = bracketed_kth_largest_bits(magnitude_bits(x).reshape(3, n), ks)
+        assert bool(held.all()), k
+        for i in range(3):
+            assert same_value(found[i].view(torch.float32), reference(x[i], k)), (i, k)
+
+
+def test_a_misled_bracket_falls_back_to_radix_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kselect, "SAMPLE_SIZE", 256)
+    monkeypatch.setattr(kselect, "SAMPLE_MARGIN", 64)  # 8 standard deviations
+    x = torch.randn(2, 5000, generator=torch.Generator().manual_seed(4))
+    sampled = kselect.sample_positions(5000, 256, x.device)
+    x[1, sampled] = 1e6  # row 1's sample sees only outliers: its bracket misses
+    bits, ks = magnitude_bits(x), torch.tensor([2500, 2500])
+    _, held = bracketed_kth_largest_bits(bits, ks)
+    assert held.tolist() == [True, False]
+    got = select_with_bracket(bits, ks)
+    assert torch.equal(got, radix_kth_largest_bits(bits, ks))
+    assert same_value(got[1].view(torch.float32), reference(x[1], 2500))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 3000), st.integers(1, 40), st.integers(0, 8), st.integers(0, 2**31 - 1),
+       st.sampled_from(["normal", "ties", "scaled"]))
+def test_bracketed_selection_equals_radix_whatever_the_sample(
+        n: int, size: int, margin: int, seed: int, kind: str) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, n, generator=gen)
+    if kind == "ties":
+        x = x.mul(2).round()
+    elif kind == "scaled":
+        x *= torch.logspace(-4, 4, n)
+    ks = torch.randint(1, n + 1, (3,), generator=gen)
+    bits = magnitude_bits(x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kselect, "SAMPLE_SIZE", size)
+        patch.setattr(kselect, "SAMPLE_MARGIN", margin)
+        found, held = bracketed_kth_largest_bits(bits, ks)
+        got = select_with_bracket(bits, ks)
+    expected = radix_kth_largest_bits(bits, ks)
+    assert torch.equal(got, expected)
+    assert torch.equal(found[held], expected[held])
+    for i in range(3):  # k = n included: the smallest magnitude
+        expected_value = torch.kthvalue(x[i].abs(), n - int(ks[i]) + 1).values
+        assert same_value(got[i].view(torch.float32), expected_value)
 
 
 def module_input(rows: int, cols: int, rank: int, seed: int, *, ties: bool = False) -> ModuleInput:
