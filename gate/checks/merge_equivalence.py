@@ -20,6 +20,7 @@ the unquantized model is what the ``drift`` check measures.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from gate import policy_fields as f
@@ -47,6 +48,23 @@ def coefficients(method: str, parameters: dict[str, Any], weights: list[float | 
         total = sum(w)
         scale = scale / total if total else scale
     return [x * scale for x in w]
+
+
+def rounding_hint(dtype: str, max_abs: float, peak: float) -> str:
+    """Why a 16-bit evaluation may miss a float32-sized threshold, when that is all it is.
+
+    The merged model adds ``W + ΔW`` once and rounds; the reference adds the deltas
+    and rounds differently, so in 16 bits the logits differ by a few steps of the
+    dtype at their own size even for an exact merge (one bfloat16 step at logits near
+    3 is 0.0156). A difference within 8 such steps gets the hint; a larger one does not.
+    """
+    if dtype == "float32" or not math.isfinite(max_abs) or peak <= 0:
+        return ""
+    step = 2.0 ** (math.floor(math.log2(peak)) - (7 if dtype == "bfloat16" else 10))
+    if max_abs > 8 * step:
+        return ""
+    return (f" ({dtype} evaluation rounds logits near {peak:.3g} in steps of {step:.3g}: set the "
+            f"policy's dtype to float32, or allow max_abs_diff >= {8 * step:.3g})")
 
 
 def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
@@ -88,7 +106,8 @@ def run(spec: CheckSpec, ctx: GateContext) -> Outcome:
                "top1_agreement": num(top1), "threshold_max_abs_diff": spec["max_abs_diff"]}
     problems = []
     if not max_abs <= spec["max_abs_diff"]:
-        problems.append(f"max |logit diff| {metrics['max_abs_diff']} > {spec['max_abs_diff']}")
+        problems.append(f"max |logit diff| {metrics['max_abs_diff']} > {spec['max_abs_diff']}"
+                        + rounding_hint(ev.dtype_name, max_abs, peak))
     if spec["min_top1_agreement"] is not None:
         metrics["threshold_min_top1_agreement"] = spec["min_top1_agreement"]
         if top1 < spec["min_top1_agreement"]:

@@ -181,3 +181,24 @@ def test_a_short_generation_is_reported_with_its_length_not_as_empty(setup, tmp_
     assert code == 1 and check["status"] == "fail" and chars > 0
     assert check["message"] == (f"output of {chars} non-space characters (< min_chars 1000) "
                                 "for 'A cat ='")
+
+
+def test_a_bfloat16_gate_says_why_an_exact_merge_misses_a_float32_threshold(setup, tmp_path, capsys):
+    # found on the H200: the demo's policy (max_abs_diff 0.001) with dtype bfloat16 failed the
+    # exact linear merge of a 7B-shaped model, with no word on why
+    w, store, _, _, _ = setup
+    policy = write_policy(tmp_path / "p.yaml", w, perplexity=None, retention=None, structural=None,
+                          generation=None)
+    doc = yaml.safe_load(policy.read_text())
+    policy.write_text(yaml.safe_dump({**doc, "dtype": "bfloat16"}, sort_keys=False))
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--json"])
+    check = json.loads(capsys.readouterr().out)["checks"][0]
+    assert code == 1 and check["status"] == "fail"
+    assert "bfloat16 evaluation rounds logits near" in check["message"]
+    assert "set the policy's dtype to float32, or allow max_abs_diff >=" in check["message"]
+    doc["checks"][0]["max_abs_diff"] = float(check["message"].rsplit(">= ", 1)[1].rstrip(")"))
+    policy.write_text(yaml.safe_dump({**doc, "dtype": "bfloat16"}, sort_keys=False))
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--json"])
+    assert code == 0, capsys.readouterr().out  # the threshold the hint names passes it

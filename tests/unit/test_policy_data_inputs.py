@@ -157,3 +157,13 @@ def test_a_jsonl_file_of_blank_texts_is_refused_when_the_policy_loads(tmp_path):
     _refused(tmp_path, f"{CHECK}perplexity\n    max: 5\n    data: data/blank.jsonl\n",
              "checks[0].data", "holds no text")
 
+
+
+def test_merge_equivalence_rounding_hint_names_the_16_bit_step() -> None:
+    from gate.checks.merge_equivalence import rounding_hint
+
+    assert "steps of 0.0156" in rounding_hint("bfloat16", 0.0156, 3.0)  # one step at logits 2-4
+    assert "steps of 0.00195" in rounding_hint("float16", 0.004, 3.0)
+    assert rounding_hint("float32", 0.0156, 3.0) == ""
+    assert rounding_hint("bfloat16", 0.2, 3.0) == ""  # 13 steps: more than rounding
+    assert rounding_hint("bfloat16", float("inf"), 3.0) == ""
