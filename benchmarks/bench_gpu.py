@@ -152,15 +152,20 @@ def householder_randomized_svd(A: torch.Tensor, sketch: torch.Tensor,
 
 
 def ours_with_householder(paths: list[Path], device: torch.device) -> float:
-    """Seconds of :func:`ours_ties_on_device` with :func:`householder_randomized_svd`."""
+    """Seconds of :func:`ours_ties_on_device` with the device path's previous factorization:
+    :func:`householder_randomized_svd`, ``q = 2·rank`` and an exact SVD for small matrices
+    on every device (the CPU's rules)."""
     from merging.lora import lowrank
 
-    real = lowrank._batched_randomized_svd
+    saved = (lowrank._batched_randomized_svd, lowrank.exact_svd_wanted, lowrank.sketch_width)
+    cpu = torch.device("cpu")
     lowrank._batched_randomized_svd = householder_randomized_svd
+    lowrank.exact_svd_wanted = lambda rows, cols, q, _device: saved[1](rows, cols, q, cpu)
+    lowrank.sketch_width = lambda rank, rows, cols, _device, extra=None: saved[2](rank, rows, cols, cpu, extra)
     try:
         return clock(device, lambda: ours_ties_on_device(paths, device))[0]
     finally:
-        lowrank._batched_randomized_svd = real
+        lowrank._batched_randomized_svd, lowrank.exact_svd_wanted, lowrank.sketch_width = saved
 
 
 def todays_cpu_ties(inputs: dict[str, list[ModuleInput]], shapes: dict[str, tuple[int, int]]) -> float:
@@ -247,11 +252,11 @@ def part_a(args: argparse.Namespace, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ours_s, (_, overall) = clock(device, lambda: ours_ties_on_device(paths, device))
+        peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                if device.type == "cuda" else "")  # read before the anchor and profiled runs
         householder_s = ours_with_householder(paths, device) if args.householder else math.nan
         if args.profile is not None:  # a second, profiled run: where the time goes
             profile_run(args.profile, device, lambda: ours_ties_on_device(paths, device))
-    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-            if device.type == "cuda" else "")
     print(f"  ours on {device}: {ours_s:.2f} s for {len(inputs)} modules, adapter files to host "
           f"factors (target <= 5 s), overall rank-{RANK} error {overall:.4f}{peak}", flush=True)
     if args.householder:

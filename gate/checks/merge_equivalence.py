@@ -58,13 +58,14 @@ def rounding_hint(dtype: str, max_abs: float, peak: float) -> str:
     dtype at their own size even for an exact merge (one bfloat16 step at logits near
     3 is 0.0156). A difference within 8 such steps gets the hint; a larger one does not.
     """
-    if dtype == "float32" or not math.isfinite(max_abs) or peak <= 0:
+    if dtype == "float32" or not (math.isfinite(max_abs) and math.isfinite(peak)) or peak <= 0:
         return ""
     step = 2.0 ** (math.floor(math.log2(peak)) - (7 if dtype == "bfloat16" else 10))
     if max_abs > 8 * step:
         return ""
-    return (f" ({dtype} evaluation rounds logits near {peak:.3g} in steps of {step:.3g}: set the "
-            f"policy's dtype to float32, or allow max_abs_diff >= {8 * step:.3g})")
+    # powers of two, printed exactly: a rounded 0.0156 would name a threshold 0.015625 fails
+    return (f" ({dtype} evaluation rounds logits near {peak:.3g} in steps of {step!r}: set the "
+            f"policy's dtype to float32, or allow max_abs_diff >= {8 * step!r})")
 
 
 def run(spec: CheckSpec, ctx: GateContext) -> Outcome:

@@ -21,8 +21,9 @@ the exact truncated SVD's (``benchmarks/bench_merge.py`` prints the ratio). The
 sketch's random matrix is drawn from a generator seeded from
 ``sha256(seed, module, "svd")`` (its own generator on the delta's device:
 :mod:`merging.lora.lowrank`, the one implementation, also batched), so the output is
-reproducible per device and the caller's global RNG is untouched. Small matrices (``min(out, in) <= 2q`` or under 2^20
-entries) use the exact ``torch.linalg.svd`` instead.
+reproducible per device and the caller's global RNG is untouched. Small matrices (``min(out, in) <= 2q``, or on the CPU
+under 2^20 entries: :func:`merging.lora.lowrank.exact_svd_wanted`) use the exact
+``torch.linalg.svd`` instead.
 
 **Full rank** (:func:`full_factors`; ``--rank full``): ``D = I @ D`` (or ``D @ I``),
 rank ``min(out, in)``: exact, large, for checks.

@@ -11,8 +11,9 @@ one of two ways (:func:`kth_largest_bits` picks by device; both exact):
 * **radix select** (the CPU): histograms of the bit patterns' digits, below;
 * **a sampled bracket** (other devices: a GPU's histogram adds collide, see
   :func:`kth_largest_bits`): the order statistics of a fixed sample of each row
-  bracket the answer, two comparison counts (reductions) prove the bracket holds
-  it, and one sort of the ~1.6% of entries inside finds it; a row whose bracket
+  bracket the answer, comparison counts (reductions) prove the bracket holds it
+  and settle an answer at either end (a tie, e.g. zeros), and one sort of the ~1.6%
+  of entries strictly inside finds any other; a row whose bracket
   misses (an unlucky or adversarial sample) goes to radix select.
 
 **Why integers.** The IEEE-754 bit pattern of a non-negative float32, read as an
@@ -158,11 +159,19 @@ def bracketed_kth_largest_bits(bits: torch.Tensor, ks: torch.Tensor
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``ks[i]``-th largest of each row where a sampled bracket holds it.
 
-    The sample's order statistics around the wanted rank give ``lo <= hi``; two
-    comparison counts (reductions: no atomics, exact) check that the answer lies in
-    ``[lo, hi]`` (``#{x > hi} < k <= #{x >= lo}``); it is then the ``(k - #{x > hi})``-th
-    largest of the entries in ``[lo, hi]``, found by one sort of those few entries
-    (all rows at once, keyed by row).
+    The sample's order statistics around the wanted rank give ``lo <= hi``. Four
+    comparison counts (reductions: no atomics, exact) place the answer ``v``:
+
+    * ``v = hi`` when ``#{x > hi} < k <= #{x >= hi}``, and ``v = lo`` when
+      ``#{x > lo} < k <= #{x >= lo}``: a threshold inside a large tie (a zero delta,
+      or one mostly zeros) is settled by counting, and none of the tie is sorted;
+    * otherwise, when ``#{x >= hi} < k <= #{x > lo}``, ``v`` is the
+      ``(k - #{x >= hi})``-th largest of the entries strictly between ``lo`` and
+      ``hi`` (about 1.6% of a row), found by one sort of those entries, all rows at
+      once, keyed by row;
+    * otherwise the bracket missed (``held`` is False).
+
+    A row no longer than the sample is its own sample: its sorted copy gives ``v``.
 
     Args:
         bits: ``(batch, n)`` int32, entries >= 0.
@@ -176,24 +185,32 @@ def bracketed_kth_largest_bits(bits: torch.Tensor, ks: torch.Tensor
     sample = bits[:, sample_positions(n, SAMPLE_SIZE, bits.device)]
     size = sample.shape[1]
     ordered = sample.sort(dim=1, descending=True).values
+    if size == n:  # the whole row, sorted
+        found = ordered.gather(1, (ks - 1).clamp(0, max(n - 1, 0))[:, None]).squeeze(1)
+        return found, torch.ones(batch, dtype=torch.bool, device=bits.device)
     at = torch.div(ks * size, n, rounding_mode="floor")  # the wanted rank, in the sample
     top, bottom = at - SAMPLE_MARGIN, at + SAMPLE_MARGIN
     hi = torch.where(top < 0, torch.iinfo(torch.int32).max,
                      ordered.gather(1, top.clamp(0, size - 1)[:, None]).squeeze(1))
     lo = torch.where(bottom >= size, 0, ordered.gather(1, bottom.clamp(0, size - 1)[:, None]).squeeze(1))
-    above = (bits > hi[:, None]).sum(1)
-    inside = (bits >= lo[:, None]) & (bits <= hi[:, None])
-    held = (above < ks) & (above + inside.sum(1) >= ks)
-    inside &= held[:, None]  # rows the bracket missed contribute no candidates
+    hi_col, lo_col = hi[:, None], lo[:, None]
+    above_hi, from_hi = (bits > hi_col).sum(1), (bits >= hi_col).sum(1)
+    above_lo, from_lo = (bits > lo_col).sum(1), (bits >= lo_col).sum(1)
+    at_hi = (above_hi < ks) & (ks <= from_hi)
+    at_lo = (above_lo < ks) & (ks <= from_lo)
+    between = ~at_hi & ~at_lo & (from_hi < ks) & (ks <= above_lo)
+    inside = (bits > lo_col) & (bits < hi_col) & between[:, None]
     rows, cols = inside.nonzero(as_tuple=True)
     # one ascending sort of (row, value) keys; row r's candidates are one run of it
-    keys = (rows << 31) | bits[rows, cols].to(torch.int64)
-    keys = keys.sort().values
+    keys = ((rows << 31) | bits[rows, cols].to(torch.int64)).sort().values
     ends = inside.sum(1).cumsum(0)  # a reduction: a histogram of ``rows`` would collide
-    wanted = (ends - (ks - above)).clamp(0, max(keys.numel() - 1, 0))
-    if not keys.numel():
-        return torch.zeros_like(ks, dtype=torch.int32), held
-    return (keys[wanted] & 0x7FFFFFFF).to(torch.int32), held
+    if keys.numel():
+        wanted = (ends - (ks - from_hi)).clamp(0, keys.numel() - 1)
+        sorted_pick = (keys[wanted] & 0x7FFFFFFF).to(torch.int32)
+    else:
+        sorted_pick = torch.zeros_like(hi)
+    found = torch.where(at_hi, hi, torch.where(at_lo, lo, sorted_pick))
+    return found, at_hi | at_lo | between
 
 
 def radix_kth_largest_bits(bits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:

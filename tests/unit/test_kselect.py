@@ -168,6 +168,30 @@ def test_a_misled_bracket_falls_back_to_radix_exactly(monkeypatch: pytest.Monkey
     assert same_value(got[1].view(torch.float32), reference(x[1], 2500))
 
 
+def test_a_threshold_inside_a_large_tie_is_settled_by_counting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a zero delta, and one 90% zeros at density 0.5: the k-th largest is 0, shared by most
+    # of the row; none of that tie may go to the sort (on a GPU it would be the whole group)
+    n = 400_000
+    x = torch.zeros(3, n)
+    x[1, : n // 10] = torch.randn(n // 10, generator=torch.Generator().manual_seed(7))
+    x[2] = torch.randn(n, generator=torch.Generator().manual_seed(8)).round()  # ties at 0, 1, 2
+    sorted_sizes: list[int] = []
+    real_sort = torch.Tensor.sort
+
+    def spy(self: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.dim() == 1:  # the candidates' sort (the sample's is 2-D)
+            sorted_sizes.append(self.numel())
+        return real_sort(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sort", spy)
+    bits, ks = magnitude_bits(x), torch.tensor([n // 2, n // 2, n // 3])
+    found, held = bracketed_kth_largest_bits(bits, ks)
+    assert held.tolist() == [True, True, True]
+    assert sorted_sizes == [0]  # every answer was an end of its bracket: nothing to sort
+    for i in range(3):
+        assert same_value(found[i].view(torch.float32), reference(x[i], int(ks[i])))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 3000), st.integers(1, 40), st.integers(0, 8), st.integers(0, 2**31 - 1),
        st.sampled_from(["normal", "ties", "scaled"]))

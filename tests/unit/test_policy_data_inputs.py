@@ -162,8 +162,12 @@ def test_a_jsonl_file_of_blank_texts_is_refused_when_the_policy_loads(tmp_path):
 def test_merge_equivalence_rounding_hint_names_the_16_bit_step() -> None:
     from gate.checks.merge_equivalence import rounding_hint
 
-    assert "steps of 0.0156" in rounding_hint("bfloat16", 0.0156, 3.0)  # one step at logits 2-4
-    assert "steps of 0.00195" in rounding_hint("float16", 0.004, 3.0)
+    assert "steps of 0.015625" in rounding_hint("bfloat16", 0.0156, 3.0)  # one step at logits 2-4
+    assert "steps of 0.001953125" in rounding_hint("float16", 0.004, 3.0)
+    # the threshold it names passes a difference of 8 steps exactly (a rounded 0.0156 did not)
+    hint = rounding_hint("float16", 0.015625, 3.0)
+    assert 0.015625 <= float(hint.rsplit(">= ", 1)[1].rstrip(")"))
+    assert rounding_hint("bfloat16", 0.01, float("nan")) == rounding_hint("bfloat16", 0.01, 0.0) == ""
     assert rounding_hint("float32", 0.0156, 3.0) == ""
     assert rounding_hint("bfloat16", 0.2, 3.0) == ""  # 13 steps: more than rounding
     assert rounding_hint("bfloat16", float("inf"), 3.0) == ""
