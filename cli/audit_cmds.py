@@ -131,7 +131,7 @@ def verify(
 
 
 def verify_model_dir(ref: str | None, model: Path, other: bool, json_out: bool,
-                     store: Path | None) -> None:
+                     store: str | Path | None) -> None:
     """``verify REF --model DIR``: DIR's weights are REF's, bit for bit (exit 3 naming the
     first differing tensor otherwise; :func:`registry.derived_check.check_model_dir`).
 

@@ -68,7 +68,7 @@ def _json_parsed(ctx: typer.Context, value: bool) -> bool:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.",
                                        callback=_json_parsed)]
 StoreOpt = Annotated[
-    Optional[Path],
+    Optional[str],  # a str: Path would fold s3:///bucket into s3:/bucket
     typer.Option("--store", help="Store directory (default: $ADAPTERS_HOME or ~/.adapters).",
                  show_default=False),
 ]
@@ -156,7 +156,7 @@ def open_store(root: Path | str | None, *, create: bool = False) -> Store:
         raise environment_error(err, action=action) from err
 
 
-def ref_or_dir(text: str, root: Path | None) -> tuple[Store | None, str | Path]:
+def ref_or_dir(text: str, root: str | Path | None) -> tuple[Store | None, str | Path]:
     """Open the store (if there is one) and apply the ref-or-directory rule to ``text``.
 
     The rule is :func:`registry.ref_or_dir.resolve_ref_or_dir`: a ref wins, a

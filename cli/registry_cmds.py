@@ -53,7 +53,7 @@ def init(
     Output(json_out).emit(data, lambda c: c.print(f"store ready at {escape(st.location)}"))
 
 
-def _init_location(location: str | None, store: Path | None) -> str | Path | None:
+def _init_location(location: str | None, store: str | Path | None) -> str | Path | None:
     """The store ``init`` creates: the argument, else ``--store``, else the default.
 
     Raises:

@@ -411,3 +411,18 @@ def test_check_out_dir_says_what_is_in_the_way(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
     with pytest.raises(ConflictError, match="symbolic link"):
         check_out_dir(tmp_path / "link")
+
+
+@pytest.mark.parametrize("command", [["ls"], ["audit", "verify"], ["gc", "--dry-run"]])
+def test_cli_store_option_keeps_a_bucketless_s3_url_as_typed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: list[str]) -> None:
+    # known since stop 22: `--store s3:///bucket` was parsed as a Path, which folds it into
+    # s3:/bucket, a valid store named "bucket"; `init s3:///bucket` already said "no bucket"
+    from cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--store", "s3:///bucket"]) == 2
+    err = capsys.readouterr().err
+    assert "S3 store location 's3:///bucket': no bucket" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
