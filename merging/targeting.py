@@ -11,9 +11,13 @@ scores what PEFT loads, while merge, unload and merge-search used to apply every
 refuses such a file instead (``UnsupportedAdapterError``, exit 2), using the same
 targeting rules as the gate (:func:`registry.formats.patterns.module_targeted`).
 
-``target_modules`` of ``null`` or ``"all-linear"`` are resolved by PEFT from the model,
-which is not known here; such configs are not checked (PEFT writes the resolved list
-when it saves an adapter).
+``target_modules: null`` is resolved by PEFT from the model type, which is not known
+here: such configs are not checked. ``"all-linear"`` (any case) selects every ``Linear``
+and ``Conv1D`` module but the model's output layer: an embedding's LoRA is refused
+here, the other rules still apply, and the output layer, which only the base can name,
+is refused by :func:`check_output_layer` where the base is known (``unload``,
+merge-search). PEFT writes the resolved list when it saves an adapter, so such configs
+are hand-made.
 """
 
 from __future__ import annotations
@@ -24,11 +28,9 @@ from typing import Any
 
 from merging.tied import ModuleShape, tied_pair
 from registry.errors import UnsupportedAdapterError, shorten
-from registry.formats.patterns import module_targeted
+from registry.formats.patterns import is_all_linear, module_targeted
 from registry.formats.peft_keys import PEFT_PREFIX, strip_prefix
 
-UNRESOLVED_TARGETS = (None, "all-linear")
-"""``target_modules`` values PEFT resolves against the model (not checked here)."""
 
 
 def check_targeted(root: Path, config: Mapping[str, Any], infos: Mapping[str, ModuleShape]) -> None:
@@ -39,8 +41,10 @@ def check_targeted(root: Path, config: Mapping[str, Any], infos: Mapping[str, Mo
             does not select.
         BadInputError: A config pattern that cannot be matched in linear time.
     """
-    if config.get("target_modules") in UNRESOLVED_TARGETS:
+    targets = config.get("target_modules")
+    if targets is None:
         return
+    all_linear = is_all_linear(targets)
     pair = tied_pair(config, infos)
     for name in infos:
         if not name.startswith(PEFT_PREFIX):
@@ -50,9 +54,39 @@ def check_targeted(root: Path, config: Mapping[str, Any], infos: Mapping[str, Mo
                 fix="re-save the adapter with PeftModel.save_pretrained")
         if pair is not None and name == pair.head:
             continue  # ensure_weight_tying adds lm_head to the embedding's LoRA
-        if not module_targeted(config, strip_prefix(name)):
+        bare = strip_prefix(name)
+        if all_linear and infos[name].embedding:
             raise UnsupportedAdapterError(
-                f"LoRA tensors for {shorten(strip_prefix(name))}, which the config does not "
+                f"LoRA tensors for the embedding {shorten(bare)}, which all-linear does not "
+                f"select (Linear layers only): PEFT, and so the gate, would ignore them ({root})",
+                fix="list the modules in target_modules, or remove the embedding's tensors")
+        selected = {**config, "target_modules": [bare]} if all_linear else config
+        if not module_targeted(selected, bare):
+            raise UnsupportedAdapterError(
+                f"LoRA tensors for {shorten(bare)}, which the config does not "
                 "select: PEFT, and so the gate, would ignore them (target_modules, "
                 f"exclude_modules, layers_to_transform, modules_to_save; {root})",
                 fix="add the module to target_modules if it was trained, or remove its tensors")
+
+
+def check_output_layer(root: Path, config: Mapping[str, Any], infos: Mapping[str, Any],
+                       output_layer: str | None) -> None:
+    """Refuse an ``all-linear`` adapter's LoRA on the base's output layer (PEFT leaves it out).
+
+    Args:
+        root: The adapter directory (for the message).
+        config: Its ``adapter_config.json``.
+        infos: Its modules, by PEFT name (``base_model.model.lm_head``).
+        output_layer: The base's output layer module (``lm_head``), or None if unknown.
+
+    Raises:
+        UnsupportedAdapterError: The config says ``all-linear`` and the file adapts the
+            output layer: PEFT, and so the gate, would ignore those tensors.
+    """
+    if output_layer is None or not is_all_linear(config.get("target_modules")):
+        return
+    if any(strip_prefix(name) == output_layer for name in infos):
+        raise UnsupportedAdapterError(
+            f"LoRA tensors for the output layer {shorten(output_layer)}, which all-linear "
+            f"leaves out: PEFT, and so the gate, would ignore them ({root})",
+            fix="list the modules in target_modules, or remove the output layer's tensors")

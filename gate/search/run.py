@@ -188,6 +188,8 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
     from gate.evaluate import Evaluator
     from merging.lora.live import LiveLora, rank_bound
     from merging.lora.merge_versions import load_stored
+    from merging.targeting import check_output_layer
+    from registry.formats.architecture import output_layer
 
     adapters = [load_stored(store, v, work / f"input-{i}") for i, v in enumerate(versions)]
     labels = [f"{v.name}@{v.short}" for v in versions]
@@ -200,6 +202,9 @@ def _evaluate(store: Store, versions: Sequence[Version], policy: Any, space: Sea
         return idle, 0
     evaluator = Evaluator(base, dtype=policy.dtype, seed=policy.seed, max_length=policy.max_length,
                           device=settings.device)
+    output = output_layer(evaluator.base())
+    for adapter in adapters:  # all-linear leaves the output layer out: PEFT would ignore it
+        check_output_layer(adapter.path, adapter.config, adapter.infos, output)
     live = LiveLora.attach(evaluator.base(), rank_bound(adapters))
     scorer = Scorer(policy, evaluator, live, [(v.name, a) for v, a in zip(versions, adapters, strict=True)],
                     store=store, name=target, base_dir=base, workdir=work)

@@ -21,9 +21,11 @@ from merging.dtypes import torch_dtype
 from merging.model.bnb import QuantSpec, planned_outputs
 from merging.model.layout import ModelLayout, SourceTensor
 from merging.model.shard_plan import OutTensor
+from merging.targeting import check_output_layer
 from merging.tied import check_tied_factors, tied_pair
 from registry.formats.base_check import EMBEDDING_SUFFIXES, check_against_base
 from registry.errors import BadInputError, BaseMismatchError
+from registry.formats.patterns import is_all_linear
 from registry.formats.peft_keys import base_key_for_extra, base_weight_key
 from registry.formats.safetensors_header import read_header
 
@@ -80,6 +82,10 @@ def adapter_plan(adapter: LoraAdapter, layout: ModelLayout, config: dict[str, An
     header = read_header(adapter.weights_path)
     check_against_base({n: i.keys for n, i in adapter.infos.items()}, adapter.extras, header,
                        adapter.config, layout.model_dir)
+    if is_all_linear(adapter.config.get("target_modules")):  # the skeleton only when needed
+        from registry.formats.architecture import output_layer_name
+
+        check_output_layer(adapter.path, adapter.config, adapter.infos, output_layer_name(config))
     loras = {base_weight_key(n): info for n, info in adapter.infos.items()}
     replacements: dict[str, str] = {}
     for extra in adapter.extras:

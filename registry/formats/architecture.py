@@ -41,6 +41,19 @@ def untied_output_weight(config: dict[str, Any]) -> str | None:
     return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
 
 
+def output_layer(model: Any) -> str | None:
+    """The module name of ``model``'s output layer (``lm_head``), tied or not; None if it has none."""
+    head = model.get_output_embeddings() if model is not None else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def output_layer_name(config: dict[str, Any]) -> str | None:
+    """:func:`output_layer` of the model ``config`` describes (None: unknown architecture)."""
+    return output_layer(skeleton(config))
+
+
 def model_class(config: dict[str, Any]) -> tuple[Any, Any]:
     """``(model class, transformers config)`` for ``config`` (its ``architectures``, else the
     causal-LM class of its ``model_type``); a ``quantization_config`` is left out.

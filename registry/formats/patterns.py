@@ -127,6 +127,11 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,256}")
 
 
 ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(targets: Any) -> bool:
+    """Whether ``target_modules`` is PEFT's ``all-linear`` keyword (PEFT lowercases it first)."""
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR
 """PEFT's ``target_modules`` keyword: every Linear/Conv1D module but the output layer."""
 
 
@@ -154,7 +159,7 @@ def explicit_peft_config(config: Mapping[str, Any], module_names: Iterable[str],
             plain module name.
     """
     names = list(module_names)
-    if config.get("target_modules") == ALL_LINEAR:
+    if is_all_linear(config.get("target_modules")):
         linear_names = set(linear)
         targeted = sorted(n for n in names if n in linear_names
                           and module_targeted({**config, "target_modules": [n]}, n))

@@ -97,3 +97,62 @@ def test_an_all_linear_adapter_is_gated_as_peft_loads_it(world, tmp_path):
     reference = logits(peft_model(world["base"], adapter))
     assert torch.allclose(gated, reference, atol=1e-5, rtol=0)
     assert not torch.allclose(reference, logits(load_model(world["base"])))
+
+
+def test_all_linear_adapters_unload_as_peft_loads_them_whatever_the_case(world, tmp_path):
+    # PEFT lowercases the keyword; "ALL-LINEAR" was read as a regex matching nothing
+    from tests.support.unload import LINEAR_TARGETS
+
+    full = make_adapter(world["base"], tmp_path / "full", targets=LINEAR_TARGETS)
+    for keyword in ("all-linear", "ALL-Linear"):
+        adapter = _edited(full, tmp_path / keyword, config={"target_modules": keyword})
+        out = tmp_path / f"out-{keyword}"
+        unload(str(adapter), str(world["base"]), str(out), sync=False)
+        got, reference = logits(load_model(out)), logits(peft_model(world["base"], adapter))
+        assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("extra", "config", "fragment", "where"), [
+    # PEFT's all-linear leaves the output layer out: the gate ignores these tensors
+    (("lm_head",), {}, "output layer 'lm_head'", "unload"),
+    # ... and takes Linear/Conv1D layers only, not embeddings
+    (("embed_tokens",), {}, "the embedding 'model.embed_tokens'", "load"),
+    # the other rules still apply
+    ((), {"exclude_modules": ["v_proj"]}, "v_proj", "load"),
+])
+def test_all_linear_tensors_peft_would_ignore_are_refused(world, tmp_path, extra, config,
+                                                         fragment, where):
+    from tests.support.unload import LINEAR_TARGETS
+
+    full = make_adapter(world["base"], tmp_path / "full", targets=LINEAR_TARGETS + extra)
+    adapter = _edited(full, tmp_path / "all-linear", config={"target_modules": "all-linear", **config})
+    if where == "load":
+        with pytest.raises(UnsupportedAdapterError, match="PEFT, and so the gate, would ignore") as info:
+            load_adapter(adapter)
+        assert fragment in info.value.message
+    else:
+        load_adapter(adapter)  # no base known: the output layer cannot be named yet
+    with pytest.raises(UnsupportedAdapterError) as info:
+        unload(str(adapter), str(world["base"]), str(tmp_path / "out"), sync=False)
+    assert fragment in info.value.message
+    assert not (tmp_path / "out").exists()
+    if where == "unload":  # the reference: PEFT loads the file and leaves lm_head alone
+        wrapped = peft_model(world["base"], adapter)
+        assert not any("lm_head.lora_A" in name for name, _ in wrapped.named_parameters())
+
+
+def test_merge_search_names_the_output_layer_of_the_loaded_base(world, tmp_path):
+    # what gate/search/run.py checks on the base it loaded, before the live swap
+    from merging.targeting import check_output_layer
+    from registry.formats.architecture import output_layer, output_layer_name
+    from tests.support.unload import LINEAR_TARGETS
+
+    model = load_model(world["base"])
+    config = json.loads((world["base"] / "config.json").read_text())
+    assert output_layer(model) == output_layer_name(config) == "lm_head"
+    full = make_adapter(world["base"], tmp_path / "full", targets=LINEAR_TARGETS + ("lm_head",))
+    adapter = load_adapter(_edited(full, tmp_path / "al", config={"target_modules": "all-linear"}))
+    with pytest.raises(UnsupportedAdapterError, match="output layer 'lm_head'"):
+        check_output_layer(adapter.path, adapter.config, adapter.infos, output_layer(model))
+    listed = load_adapter(full)  # the same tensors with lm_head listed: PEFT loads them
+    check_output_layer(listed.path, listed.config, listed.infos, output_layer(model))
