@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
 from gate.provenance import is_quantized
+from merging.targeting import check_random_init_covered, saved_modules
 from registry.errors import BadInputError
 from registry.formats.patterns import explicit_peft_config
 from registry.formats.strict_json import loads_json
@@ -190,6 +191,7 @@ class Evaluator:
                     if item.name != ADAPTER_CONFIG:
                         (Path(explicit) / item.name).symlink_to(item.resolve())
                 peft_model = PeftModel.from_pretrained(model, explicit, is_trainable=False)
+                check_random_init_covered(source, config, peft_model, saved_modules(source))
                 if adapts_tied_embeddings(model):
                     # merge_and_unload adds each side's delta into the one shared weight
                     # (lm_head's delta reaches the input side too, a tied pair's lands

@@ -22,7 +22,7 @@ are hand-made.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +90,51 @@ def check_output_layer(root: Path, config: Mapping[str, Any], infos: Mapping[str
             f"LoRA tensors for the output layer {shorten(output_layer)}, which all-linear "
             f"leaves out: PEFT, and so the gate, would ignore them ({root})",
             fix="list the modules in target_modules, or remove the output layer's tensors")
+
+
+def saved_modules(adapter_dir: Path) -> set[str] | None:
+    """The modules ``adapter_model.safetensors`` holds LoRA tensors for (None: no such file)."""
+    from registry.formats.safetensors_header import read_header
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    return {key.rsplit(".lora_", 1)[0] for key in read_header(path).tensors if ".lora_" in key}
+
+
+def check_random_init_covered(root: Path, config: Mapping[str, Any], peft_model: Any,
+                              saved: Iterable[str] | None) -> None:
+    """Refuse a loaded PEFT model whose random-initialised LoRA modules the file leaves out.
+
+    With ``init_lora_weights: false`` PEFT draws *both* factors at random (``B`` too), so a
+    module the config targets but the file holds no tensors for keeps a random, non-zero
+    delta: the gate would score noise that ``unload`` and merge (which see no tensors)
+    never apply. With the default initialisation ``B`` is zero and such a module adds
+    nothing, as everywhere else.
+
+    Args:
+        root: The adapter directory (for the message).
+        config: Its ``adapter_config.json``.
+        peft_model: The ``PeftModel`` loaded from it (adapter ``default``).
+        saved: The module names the file holds LoRA tensors for (``base_model.model.…``;
+            None: unknown, nothing is checked).
+
+    Raises:
+        UnsupportedAdapterError: Such a module exists.
+    """
+    if config.get("init_lora_weights") is not False or saved is None:
+        return
+    groups: dict[int, list[str]] = {}  # one entry per set of factors: a tied pair shares one
+    for name, module in peft_model.named_modules():
+        factors = getattr(module, "lora_A", None) or getattr(module, "lora_embedding_A", None)
+        if factors is not None and "default" in factors:
+            first = factors["default"]
+            groups.setdefault(id(getattr(first, "weight", first)), []).append(name)
+    held = set(saved)
+    missing = sorted(names[0] for names in groups.values() if not held.intersection(names))
+    if missing:
+        raise UnsupportedAdapterError(
+            f"init_lora_weights is false and the file holds no LoRA tensors for "
+            f"{shorten(strip_prefix(missing[0]))} ({len(missing)} module(s)): PEFT gives them "
+            f"random factors, which nothing else applies ({root})",
+            fix="save the adapter with PeftModel.save_pretrained, or set init_lora_weights: true")

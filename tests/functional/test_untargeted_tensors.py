@@ -156,3 +156,28 @@ def test_merge_search_names_the_output_layer_of_the_loaded_base(world, tmp_path)
         check_output_layer(adapter.path, adapter.config, adapter.infos, output_layer(model))
     listed = load_adapter(full)  # the same tensors with lm_head listed: PEFT loads them
     check_output_layer(listed.path, listed.config, listed.infos, output_layer(model))
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_random_initialised_modules_missing_from_the_file_are_not_gated(world, tmp_path, init):
+    # init_lora_weights false: PEFT draws B at random too, so a targeted module without
+    # tensors in the file adds a random delta the gate would score and unload never applies
+    from gate.evaluate import Evaluator
+    from tests.support.unload import PROBE
+
+    adapter = _edited(world["adapter"], tmp_path / "edited", config={"init_lora_weights": init})
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    dropped = f"{P}model.layers.1.self_attn.v_proj"
+    save_file({k: v for k, v in tensors.items() if not k.startswith(dropped + ".")},
+              adapter / "adapter_model.safetensors")
+    evaluator = Evaluator(world["base"])
+    if init is False:
+        with pytest.raises(UnsupportedAdapterError, match="layers.1.self_attn.v_proj'") as info:
+            evaluator.with_adapter("c", adapter)
+        assert "init_lora_weights is false" in info.value.message
+    else:  # B starts at zero: the missing module adds nothing, as unload does
+        out = tmp_path / "out"
+        unload(str(adapter), str(world["base"]), str(out), sync=False)
+        with torch.no_grad():
+            gated = evaluator.with_adapter("c", adapter)(PROBE).logits.float()
+        assert torch.allclose(gated, logits(load_model(out)), atol=1e-4, rtol=0)
