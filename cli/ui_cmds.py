@@ -19,6 +19,7 @@ exits 6 with ``fix: pip install 'adapterkit[ui]'``. Nothing here imports torch.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,7 +28,7 @@ import typer
 
 from cli.common import JsonOpt, StoreOpt, open_store
 from cli.output import Output, escape
-from registry.errors import BadInputError, shorten
+from registry.errors import BadInputError, EnvironmentFailure, shorten
 
 TOKEN_ENV = "ADAPTERS_UI_TOKEN"
 
@@ -107,9 +108,38 @@ def ui(
                                                                     config.checkpoints]}
     auth = ("token required on every request: send `Authorization: Bearer <token>` or open "
             f"{url}?token=<token> once" if token else "loopback only, no token")
+    listening = listen_socket(host.strip("[]"), port)  # before saying "serving": exit 6 if not
     Output(json_out).emit(data, lambda c: c.print(
         f"serving a read-only view of {escape(st.location)} at {escape(url)} ({auth}); "
         "Ctrl-C stops"))
     sys.stdout.flush()
-    uvicorn.run(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
-                server_header=False, proxy_headers=False)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           server_header=False, proxy_headers=False))
+    server.run(sockets=[listening])
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (uvicorn serves on it).
+
+    Binding here, before anything is printed, turns a port in use or a host that does not
+    resolve into exit 6 with a fix; uvicorn itself printed its own error after the
+    "serving" line and exited 3, the code of an integrity failure.
+
+    Raises:
+        EnvironmentFailure: The address cannot be resolved or bound.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot listen on {shorten(host)}:{port}: {err}",
+                                 fix="pass a --host this machine has (e.g. 127.0.0.1)") from err
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise EnvironmentFailure(f"cannot listen on {shorten(host)}:{port}: {err.strerror or err}",
+                                 fix="pick another --port, or stop what listens there") from err
+    return sock

@@ -208,7 +208,7 @@ def test_ui_off_loopback_says_token_required_and_checks_it(world: UiWorld) -> No
             lines.append(proc.stdout.readline())
         started = json.loads("".join(lines))
         assert started["token_required"] is True and started["read_only"] is True
-        deadline = time.monotonic() + 30  # the document is printed before uvicorn binds
+        deadline = time.monotonic() + 30  # bound before the document, served just after it
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -226,6 +226,27 @@ def test_ui_off_loopback_says_token_required_and_checks_it(world: UiWorld) -> No
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_port_in_use_is_exit_6_before_anything_is_printed(tmp_path: Path, capsys) -> None:
+    # found by a CLI contract pass: uvicorn printed its own error after the "serving" document
+    # and exited 3, the code of an integrity failure
+    import socket
+
+    from cli.main import main
+
+    pytest.importorskip("uvicorn", reason="the ui extra (uvicorn) is not installed")
+    world = build_ui_store(tmp_path)
+    capsys.readouterr()  # the build's own output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["ui", "--port", str(port), "--store", str(world.store), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 6 and out["exit_code"] == 6 and out["error"] == "EnvironmentFailure"
+    assert f"cannot listen on '127.0.0.1':{port}" in out["message"]
+    assert out["fix"] == "pick another --port, or stop what listens there"
 
 
 def test_damaged_store_renders_the_damage(tmp_path: Path) -> None:
