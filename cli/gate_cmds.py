@@ -72,11 +72,13 @@ def gate(
 ) -> None:
     """Evaluate a candidate against a policy; exit 0 pass, 1 fail, 2 bad input, 3 integrity."""
     from gate.default_policy import gate_policy
-    from gate.report import append_step_summary, rich_table, write_junit
+    from gate.report import append_step_summary, check_junit_path, rich_table, write_junit
     from gate.runner import run_gate
     from merging.devices import resolve_device
 
     out = Output(json_out)
+    if junit is not None:  # refused before anything is evaluated or recorded
+        check_junit_path(junit)
     # the one ref-or-directory rule: a ref wins, a directory is written as a path
     # (./NAME), a word that is both is refused; st is None where there is no store
     st, candidate = ref_or_dir(ref, store)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gate.results import GateResult
+from registry.errors import BadInputError, shorten
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -101,6 +102,25 @@ def _details_text(details: Any) -> str:
     if details is None:
         return ""
     return json.dumps(details, indent=2, sort_keys=True, default=str)
+
+
+def check_junit_path(path: str | Path) -> None:
+    """Refuse a JUnit path that cannot become a file, before the gate runs and records.
+
+    Raises:
+        BadInputError: It is a directory (``--junit ""`` reads as ``.``), or lies under a
+            file.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise BadInputError(f"--junit {shorten(str(path))} is a directory",
+                            fix="name a file, e.g. --junit reports/gate.xml")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInputError(f"--junit {shorten(str(path))} lies under the file {shorten(str(parent))}",
+                                    fix="name a file in a directory, e.g. --junit reports/gate.xml")
+            return
 
 
 def write_junit(result: GateResult, path: str | Path) -> Path:

@@ -202,3 +202,20 @@ def test_a_bfloat16_gate_says_why_an_exact_merge_misses_a_float32_threshold(setu
     code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
                  "--store", str(store.root), "--json"])
     assert code == 0, capsys.readouterr().out  # the threshold the hint names passes it
+
+
+@pytest.mark.parametrize("junit", ["dir", "", "file/under"])
+def test_a_junit_path_that_cannot_be_a_file_is_refused_before_anything_is_recorded(
+        setup, tmp_path, capsys, monkeypatch, junit):
+    # found by a CLI contract pass: the gate ran, stored and audited its record, then failed
+    # writing the report (exit 6, the verdict never printed)
+    w, store, _, policy, _ = setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    before = list(store.gate_pointers())
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--junit", junit, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and out["exit_code"] == 2 and "--junit" in out["message"]
+    assert list(store.gate_pointers()) == before
