@@ -145,9 +145,13 @@ def open_store(root: Path | str | None, *, create: bool = False) -> Store:
         NotFoundError: The store does not exist and ``create`` is False.
         EnvironmentFailure: The path is a file (or under one), or the system refused
             to read or create it (permission, read-only file system, disk full).
+        BadInputError: ``root`` is empty or blank (``--store "$UNSET"``).
     """
     from registry.storage.store import Store
 
+    if root is not None and not str(root).strip():  # Path("") is the current directory
+        raise BadInputError("--store is empty", fix="pass the store's directory or "
+                            "s3://bucket/prefix, or leave --store out for $ADAPTERS_HOME")
     _check_store_path(None if root is None else Path(root))
     try:
         return Store.open(root, create=create)

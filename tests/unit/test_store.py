@@ -426,3 +426,18 @@ def test_cli_store_option_keeps_a_bucketless_s3_url_as_typed(
     err = capsys.readouterr().err
     assert "S3 store location 's3:///bucket': no bucket" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["ls"], ["gc", "--dry-run"], ["init"]])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_store_option_is_refused_not_read_as_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: list[str], value: str) -> None:
+    # found by a CLI contract pass: `--store "$UNSET"` ran against the current directory
+    from cli.main import main
+    from registry.storage.store import Store
+
+    Store.open(tmp_path / "here", create=True)
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([*command, "--store", value]) == 2
+    assert "--store is empty" in capsys.readouterr().err
