@@ -122,8 +122,14 @@ def hub_error(err: BaseException, what: str) -> AdapterkitError:
     if isinstance(err, hf.RevisionNotFoundError):
         return NotFoundError(f"{what}: revision not found", fix="check the branch, tag or commit")
     if isinstance(err, hf.LocalEntryNotFoundError):
-        return NotFoundError(f"{what} is not in the Hugging Face cache and the Hub cannot be "
-                             "reached", fix=offline_fix)
+        from huggingface_hub import constants
+
+        if getattr(constants, "HF_HUB_OFFLINE", False):  # asked for the cache alone
+            return NotFoundError(f"{what} is not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                                 "set)", fix=offline_fix)
+        # online, so the Hub could not be reached: a network failure, exit 6 as elsewhere
+        return EnvironmentFailure(f"{what} is not in the Hugging Face cache and the Hub cannot "
+                                  "be reached", fix=offline_fix)
     if isinstance(err, hf.OfflineModeIsEnabled):
         return BadInputError(f"{what}: HF_HUB_OFFLINE is set, the Hub cannot be reached",
                              fix="unset HF_HUB_OFFLINE (or set it to 0) and retry")

@@ -28,3 +28,15 @@ def test_hub_failures_map_to_documented_exit_codes(err: BaseException, code: int
     mapped = hub_error(err, "hf://org/name")
     assert mapped.exit_code == code and words in mapped.message
     assert mapped.message.startswith("hf://org/name: ") and mapped.fix
+
+
+@pytest.mark.parametrize(("offline", "code"), [(False, EXIT_ENVIRONMENT), (True, EXIT_NOT_FOUND)])
+def test_a_cache_miss_is_a_network_failure_unless_offline_was_asked_for(
+        monkeypatch: pytest.MonkeyPatch, offline: bool, code: int) -> None:
+    # found by a CLI contract pass: `pull` with the network down exited 5 (not found), so a
+    # CI job retrying on 6 never retried it; push-hub's unreachable Hub was already 6
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    mapped = hub_error(hf.LocalEntryNotFoundError("cannot find the requested files"), "hf://org/name")
+    assert mapped.exit_code == code and "not in the Hugging Face cache" in mapped.message
