@@ -34,7 +34,7 @@ from gate.source_check import check_source
 from gate.results import CheckResult, GateResult
 from registry import __version__
 from registry.stamps import utc_now_iso
-from registry.errors import AdapterkitError, BadInputError, NotFoundError
+from registry.errors import AdapterkitError, BadInputError, NotFoundError, shorten
 from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
@@ -174,6 +174,9 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
 
     pol = policy if isinstance(policy, PolicyType) else load_policy(policy)
     base = Path(base_dir).expanduser()
+    if base.exists() and not base.is_dir():
+        raise BadInputError(f"--base {shorten(str(base))} is a file, not a model directory",
+                            fix="pass --base with a local transformers model directory")
     if not base.is_dir():
         raise NotFoundError(f"base model directory {base} not found",
                             fix="pass --base with a local transformers model directory")

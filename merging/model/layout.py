@@ -158,8 +158,12 @@ def read_layout(model_dir: str | Path) -> ModelLayout:
             the index names that its shard does not hold.
     """
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise BadInputError(f"{shorten(str(model_dir))} is a file, not a model directory",
+                            fix="pass the directory that holds config.json and the weights")
     if not model_dir.is_dir():
-        raise NotFoundError(f"{model_dir}: no such model directory", fix="check --base")
+        raise NotFoundError(f"{shorten(str(model_dir))}: no such model directory",
+                            fix="check the model directory's path")
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
         try:

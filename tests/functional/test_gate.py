@@ -219,3 +219,18 @@ def test_a_junit_path_that_cannot_be_a_file_is_refused_before_anything_is_record
     out = json.loads(capsys.readouterr().out)
     assert code == 2 and out["exit_code"] == 2 and "--junit" in out["message"]
     assert list(store.gate_pointers()) == before
+
+
+def test_a_file_given_as_the_base_or_model_is_bad_input_not_missing(setup, tmp_path, capsys):
+    # found by a CLI contract pass: both said "not found" (exit 5) for a path that exists, and
+    # quantize's fix named a --base option it does not have
+    w, store, _, policy, _ = setup
+    file = tmp_path / "weights.bin"
+    file.write_text("x")
+    code = main(["gate", "merged", "--base", str(file), "--policy", str(policy),
+                 "--store", str(store.root), "--no-record"])
+    assert code == 2 and "is a file, not a model directory" in capsys.readouterr().err
+    code = main(["quantize", str(file), "--to", "nf4", "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file, not a model directory" in err and "--base" not in err
+    assert not (tmp_path / "q").exists()
