@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from registry.errors import BadInputError, NotFoundError
+from registry.errors import BadInputError, EnvironmentFailure, NotFoundError
 from registry.formats.dtypes import DTYPE_BITS
 from registry.formats.strict_json import StrictJSONError, loads_strict, show_name
 
@@ -319,6 +319,7 @@ def read_header(path: str | Path, *, max_tensors: int = MAX_TENSORS) -> Safetens
 
     Raises:
         NotFoundError: ``path`` does not exist.
+        EnvironmentFailure: ``path`` may not be read (permission denied).
         BadInputError: anything about the file is malformed (message names the file).
     """
     path = Path(path)
@@ -330,10 +331,11 @@ def read_header(path: str | Path, *, max_tensors: int = MAX_TENSORS) -> Safetens
         raise NotFoundError(f"{path}: no such file", fix="check the path") from None
     except IsADirectoryError:
         raise _bad(path, "is a directory") from None
-    except PermissionError:
-        raise BadInputError(f"{path}: permission denied", fix="make the file readable") from None
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except PermissionError:  # the README's exit table: permission denied is environment
+        raise EnvironmentFailure(f"{path}: permission denied", fix="make the file readable") from None
+    except OSError as exc:  # a socket or device node where a file should be
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})",
+                            fix="replace it with a regular safetensors file") from None
 
 
 @contextlib.contextmanager

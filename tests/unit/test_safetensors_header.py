@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,33 @@ def test_memoized_headers_parse_each_file_once_until_it_changes(tmp_path, monkey
         assert changed is not first and changed.tensors["w"].shape == (4, 3)
         assert len(parses) == 4
     assert read_header(path) is not changed and len(parses) == 5
+
+
+def test_an_unreadable_or_odd_file_maps_to_the_documented_exit_codes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a CLI contract pass (run as an unprivileged user): permission denied exited 2,
+    # though the README's table lists it under 6; a socket in place of the file had no fix
+    import os
+    import socket
+
+    from registry.errors import BadInputError, EnvironmentFailure
+    from registry.formats import safetensors_header
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x")
+
+    def denied(*_args: object, **_kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors_header.os, "open", denied)
+        with pytest.raises(EnvironmentFailure, match="permission denied") as info:
+            read_header(path)
+    assert info.value.exit_code == 6 and info.value.fix
+    odd = tmp_path / "socket.safetensors"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(odd))
+        with pytest.raises(BadInputError, match="cannot read") as info:
+            read_header(odd)
+    assert info.value.fix == "replace it with a regular safetensors file"
+    assert os.path.exists(odd)
