@@ -110,12 +110,29 @@ def _storage_service_error(err: Exception) -> EnvironmentFailure | None:
                                   "then retry")
 
 
+def quiet_libraries() -> None:
+    """Keep third-party chatter off a command's stderr (``--json`` callers parse it too).
+
+    bitsandbytes logs, at import, that an optional CPU kernel package is missing, and
+    transformers warns about its own deprecations when PEFT calls them: neither is about
+    the user's input, and both landed between the one ``error:``/``fix:`` pair a failing
+    command prints. Library users keep them (this runs for the CLI only). Cheap: nothing
+    is imported.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\b")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the process exit code (see registry/errors.py).
 
     Never raises (except with ``$ADAPTERS_DEBUG`` set, for an internal error).
     """
     args = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
     # a guess until the command's --json option is parsed (cli.common records the parsed
     # value here): options after `--` are values; eager options honour the guess
     state = {"json": "--json" in args[:args.index("--")] if "--" in args else "--json" in args}

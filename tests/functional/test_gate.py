@@ -234,3 +234,20 @@ def test_a_file_given_as_the_base_or_model_is_bad_input_not_missing(setup, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "is a file, not a model directory" in err and "--base" not in err
     assert not (tmp_path / "q").exists()
+
+
+def test_gate_json_leaves_stderr_free_of_library_chatter(setup, tmp_path):
+    # found by a CLI contract pass: bitsandbytes' "Failed to load CPU gemm_4bit_forward ..."
+    # and transformers' FutureWarning pair reached stderr of `gate --json`
+    import os
+    import subprocess
+    import sys
+
+    w, store, _, policy, _ = setup
+    done = subprocess.run([sys.executable, "-m", "cli.main", "gate", "merged", "--base", str(w.base),
+                           "--policy", str(policy), "--store", str(store.root), "--no-record",
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["passed"] is True
+    assert "Warning" not in done.stderr and "kernels-community" not in done.stderr, done.stderr
