@@ -53,9 +53,14 @@ def register(app: typer.Typer) -> None:
 
 def emit_checked(out: Output, data: dict[str, Any], render: Callable[[Console], None],
                  error: AdapterkitError | None) -> None:
-    """Emit a report; then raise ``error`` (human mode) or exit with its code (JSON mode)."""
+    """Emit a report; then raise ``error`` (human mode) or exit with its code (JSON mode).
+
+    With ``--json`` a failing report carries the error object's fields at its top level
+    (``error``: the type, ``message``, ``fix``, ``exit_code``), as every failing command's
+    JSON does, beside the report's own fields.
+    """
     if error is not None:
-        data = {**data, "error": error.to_json()}
+        data = {**data, **error.to_json()}
     out.emit(data, render)
     if error is None:
         return

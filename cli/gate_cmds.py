@@ -110,14 +110,17 @@ def gate(
         if junit is not None:
             console.print(f"JUnit report: {escape(str(junit))}")
 
-    out.emit({**result.to_json(), "default_policy": default_used}, render)
-    if not result.passed:
+    failed = None if result.passed else GateFailedError(
+        f"gate failed: {len(result.failed)} of {len(result.checks)} checks did not pass "
+        f"({', '.join(c.name for c in result.failed)})",
+        fix="see the checks' messages; promotion needs a passing gate record")
+    # a failing verdict's JSON also carries the error fields every failing command's has
+    out.emit({**result.to_json(), "default_policy": default_used,
+              **(failed.to_json() if failed else {})}, render)
+    if failed is not None:
         if json_out:
-            raise typer.Exit(1)
-        names = ", ".join(c.name for c in result.failed)
-        raise GateFailedError(f"gate failed: {len(result.failed)} of {len(result.checks)} checks "
-                              f"did not pass ({names})",
-                              fix="see the messages above; promotion needs a passing gate record")
+            raise typer.Exit(failed.exit_code)
+        raise failed
 
 
 def _print_default_policy(ctx: typer.Context, value: bool) -> None:

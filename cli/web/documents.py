@@ -95,8 +95,8 @@ def verify_doc(store: Store, ref: str | None = None,
     report = verify(store, ref, trusted=trusted)
     data = report.to_json()
     error = verify_error(report)
-    if error is not None:
-        data["error"] = error.to_json()
+    if error is not None:  # the failing CLI document's fields, at its top level
+        data.update(error.to_json())
     return data
 
 
@@ -113,8 +113,8 @@ def audit_log_doc(store: Store, limit: int = 20) -> dict[str, Any]:
 
 def audit_verify_doc(store: Store, checkpoints: list[Path] | tuple[Path, ...] = (),
                      trusted: dict[str, Ed25519PublicKey] | None = None) -> dict[str, Any]:
-    """``adapters audit verify [--checkpoint F --trusted-keys K] --json`` (with ``error``
-    when a problem is found).
+    """``adapters audit verify [--checkpoint F --trusted-keys K] --json`` (with ``error``,
+    ``message``, ``fix`` and ``exit_code`` when a problem is found).
 
     Raises:
         BadInputError / IntegrityError: A checkpoint file is unreadable or malformed.
@@ -124,7 +124,7 @@ def audit_verify_doc(store: Store, checkpoints: list[Path] | tuple[Path, ...] = 
     data = audit_document(store, checkpoints, trusted)
     error = audit_error(data)
     if error is not None:
-        data["error"] = error.to_json()
+        data.update(error.to_json())
     return data
 
 

@@ -85,7 +85,7 @@ def test_rewritten_history_fails_against_the_checkpoint(world, capsys) -> None:
     _rewrite(world["store"], edit=2)
     assert run_json(capsys, "audit", "verify", "--store", world["store"])[0] == 0  # chain alone: fine
     code, report = _verify(capsys, world, out)
-    assert code == 3 and "history rewritten" in report["error"]["message"]
+    assert code == 3 and "history rewritten" in report["message"]
     code, _, err = run(capsys, "audit", "verify", "--checkpoint", out, "--trusted-keys",
                        f"{world['auditor']}.pub", "--store", world["store"])
     assert code == 3 and f"checkpoint seq {data['seq']}" in err
@@ -95,20 +95,20 @@ def test_log_cut_below_the_checkpoint_fails(world, capsys) -> None:
     out, _ = _checkpoint(capsys, world, "auditor", "cp.json")
     _rewrite(world["store"], keep=2)
     code, report = _verify(capsys, world, out)
-    assert code == 3 and "truncated below the checkpoint" in report["error"]["message"]
+    assert code == 3 and "truncated below the checkpoint" in report["message"]
 
 
 def test_untrusted_or_altered_checkpoints_fail(world, capsys) -> None:
     out, _ = _checkpoint(capsys, world, "stranger", "cp-stranger.json")
     code, report = _verify(capsys, world, out)  # verifier trusts only the auditor
-    assert code == 3 and "not signed by a trusted key" in report["error"]["message"]
+    assert code == 3 and "not signed by a trusted key" in report["message"]
     good, _ = _checkpoint(capsys, world, "auditor", "cp-good.json")
     envelope = json.loads(good.read_text())
     envelope["signatures"][0]["sig"] = envelope["signatures"][0]["sig"][::-1]
     altered = world["tmp"] / "cp-altered.json"
     altered.write_text(json.dumps(envelope))
     code, report = _verify(capsys, world, altered)
-    assert code == 3 and "does not verify" in report["error"]["message"]
+    assert code == 3 and "does not verify" in report["message"]
 
 
 def test_bad_usage_exits_2(world, capsys) -> None:

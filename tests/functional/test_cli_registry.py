@@ -109,7 +109,7 @@ def test_verify_catches_flipped_byte_and_missing_blob(tmp_path, store, capsys):
     code, report = run_json(capsys, "verify", "--all", "--store", store)
     assert code == 3
     assert [p["digest"] for p in report["problems"]] == [weights["digest"]]
-    assert report["error"]["exit_code"] == 3
+    assert report["exit_code"] == 3
     code, out, err = run(capsys, "verify", "demo", "--store", store)
     assert code == 3 and weights["digest"] in out + err and "error:" in err
 
@@ -138,7 +138,7 @@ def test_audit_verify_catches_edited_line(tmp_path, store, capsys):
     log_path.write_text("".join(edited))
 
     code, report = run_json(capsys, "audit", "verify", "--store", store)
-    assert code == 3 and report["error"]["exit_code"] == 3 and report["ok"] is False
+    assert code == 3 and report["exit_code"] == 3 and report["ok"] is False
     assert report["problems"][0]["line"] == 2
     code, _, err = run(capsys, "audit", "verify", "--store", store)
     assert code == 3 and "error: audit log line 2:" in err

@@ -62,7 +62,7 @@ def test_sign_and_verify_round_trip(signed: dict, capsys: pytest.CaptureFixture[
     code, data = _verify(capsys, signed, "--all")
     assert code == 3 and data["signed"] == 1
     assert [(p["kind"], p["digest"]) for p in data["problems"]] == [("unsigned", old)]
-    assert data["error"]["exit_code"] == 3
+    assert data["exit_code"] == 3
 
     store = Store.open(signed["store"])
     envelopes = store.signatures(new)
