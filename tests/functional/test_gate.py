@@ -176,9 +176,13 @@ def test_a_short_generation_is_reported_with_its_length_not_as_empty(setup, tmp_
                                       "max_new_tokens": 4, "min_chars": 1000})
     code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
                  "--store", str(store.root), "--json"])
-    check = json.loads(capsys.readouterr().out)["checks"][0]
+    doc = json.loads(capsys.readouterr().out)
+    check = doc["checks"][0]
     chars = len("".join(check["details"][0]["output"].split()))
     assert code == 1 and check["status"] == "fail" and chars > 0
+    # a failing verdict carries the error fields every failing command's JSON has
+    assert doc["exit_code"] == 1 and doc["error"] == "GateFailedError" and doc["passed"] is False
+    assert doc["message"] == "gate failed: 1 of 1 checks did not pass (generation)" and doc["fix"]
     assert check["message"] == (f"output of {chars} non-space characters (< min_chars 1000) "
                                 "for 'A cat ='")
 
