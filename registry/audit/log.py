@@ -112,7 +112,7 @@ class AuditLog:
         newline are a torn append (a crash or a short write inside :meth:`append`, which
         writes each line with its newline in one call) and are cut off. The last line
         must then be the head's entry, or the entry right after it whose head write
-        was lost (adopted). Anything else means the log was edited, truncated or
+        was lost (adopted: its head is written first). Anything else means the log was edited, truncated or
         reordered, and appending would hide that, so it is refused.
 
         Raises:
@@ -130,7 +130,11 @@ class AuditLog:
             return head_seq, head_hash
         if (isinstance(seq, int) and seq == head_seq + 1 and last.get("prev_hash") == head_hash
                 and digest == entry_hash(last)):
-            return seq, digest  # adopt a line whose head write was lost
+            # adopt a line whose head write was lost, and write that head now: if it fails
+            # again (a disk still full), this append fails before adding a second line past
+            # the head, which would read as an edited log for good
+            self._write_head(seq, digest)
+            return seq, digest
         raise IntegrityError(f"the audit log ends at seq {seq} but audit/head.json says "
                              f"seq {head_seq}; refusing to append to a log that was edited",
                              fix="run `adapters audit verify` and restore the log from a backup")
@@ -203,9 +207,11 @@ class AuditLog:
                 os.close(fd)
             fsync_dir(self.dir)
             failpoint("audit.before_head")
-            atomic_write_bytes(self.head_path,
-                               canonical_json({"seq": entry["seq"], "hash": entry["hash"]}))
+            self._write_head(entry["seq"], entry["hash"])
         return entry
+
+    def _write_head(self, seq: int, digest: str) -> None:
+        atomic_write_bytes(self.head_path, canonical_json({"seq": seq, "hash": digest}))
 
     def last_seq(self) -> int:
         """The seq of the last entry ``head.json`` names (0 for an empty log); the log

@@ -121,6 +121,31 @@ def test_append_after_lost_head_write_adopts_the_line(log: AuditLog) -> None:
     assert log.verify().ok
 
 
+def test_two_lost_head_writes_in_a_row_leave_a_log_that_still_appends(
+        log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a resource-exhaustion pass: on a full disk the line fits in the log's last page
+    # but the head's temp file does not; the next writer adopted the line without writing its
+    # head, appended a second line past it, and every later command read an edited log (exit 3)
+    import errno
+
+    from registry.audit import log as log_module
+
+    real = log_module.atomic_write_bytes
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log_module, "atomic_write_bytes", full)
+    for subject in ("a", "b", "c"):
+        with pytest.raises(OSError):
+            log.append("alias", subject)
+    assert len(lines(log)) == 6  # the first failure's line only: the others failed first
+    monkeypatch.setattr(log_module, "atomic_write_bytes", real)
+    entry = log.append("alias", "d")
+    assert entry["seq"] == 7 and log.verify().ok
+    assert json.loads(log.head_path.read_text())["seq"] == 7
+
+
 def test_append_after_truncation_is_refused_and_problem_stays_visible(log: AuditLog) -> None:
     write(log, lines(log)[:-1])
     with pytest.raises(IntegrityError, match="refusing to append"):
