@@ -31,6 +31,7 @@ cannot blow up an error line.
 from __future__ import annotations
 
 import errno
+import re
 import os
 from typing import ClassVar
 
@@ -190,6 +191,23 @@ _ERRNO_TEXT: dict[int, tuple[str, str]] = {
     errno.EMFILE: ("too many open files", "raise the open-file limit (`ulimit -n`)"),
     errno.ENOMEM: ("out of memory", "free memory or use a machine with more"),
 }
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The :class:`OSError` behind a library error that only names it in its text.
+
+    safetensors' Rust writer raises ``SafetensorError("... I/O error: No space left on
+    device (os error 28)")``: not an ``OSError``, so a full disk ended as an internal error
+    (exit 70) or as bad input. Returns the ``OSError`` (errno and message) it names, or
+    None when the text names none.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def environment_error(err: OSError, *, path: object = None,

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.errors import BadInputError, NotFoundError, UnsupportedAdapterError
+from registry.errors import (BadInputError, NotFoundError, UnsupportedAdapterError, environment_error,
+                             os_error_in)
 from registry.formats.base_check import check_against_base
 from registry.formats.dtypes import FLOAT_DTYPES
 from registry.formats.peft_keys import (
@@ -323,6 +324,10 @@ def convert_pickle(bin_path: Path, out_path: Path) -> None:
     try:
         save_file(tensors, str(out_path), metadata={"format": "pt"})
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        written = os_error_in(exc)  # a full disk or a file size limit: not the input's fault
+        if written is not None:
+            raise environment_error(written, path=out_path,
+                                    action="converting the adapter to safetensors") from None
         problem = str(exc)[:160]
         raise BadInputError(
             f"{bin_path}: cannot convert to safetensors: {problem}", fix=fix

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from registry.errors import environment_error, os_error_in
 from registry.fsutil import make_dirs
 from registry.fsutil import check_out_dir, remove_stale_dirs
 from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
@@ -122,7 +123,13 @@ def stage_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        save_file(result.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        try:
+            save_file(result.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors names a full disk only in its message
+            written = os_error_in(exc)
+            if written is None:
+                raise
+            raise environment_error(written, path=out, action="writing the merged adapter") from None
         (tmp / CONFIG_NAME).write_text(json.dumps(result.config, indent=2, sort_keys=True) + "\n",
                                        encoding="utf-8")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
