@@ -110,6 +110,29 @@ def _storage_service_error(err: Exception) -> EnvironmentFailure | None:
                                   "then retry")
 
 
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "can't start new thread",
+                  "cannot allocate memory")
+
+
+def out_of_memory_error(err: BaseException) -> EnvironmentFailure | None:
+    """Running out of memory (or threads) as exit 6, else None.
+
+    Python raises ``MemoryError``; torch's CPU allocator and CUDA raise ``RuntimeError``s
+    that say so ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"), and a
+    thread pool under a tight ``ulimit -v`` fails with "can't start new thread". All of
+    these ended as internal errors (exit 70, "this is a bug"). Nothing is half-written
+    either way: outputs are renamed into place at the end.
+    """
+    text = str(err).lower()
+    if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and any(w in text for w in _OUT_OF_MEMORY))):
+        return None
+    detail = " ".join(str(err).split())[:160] or type(err).__name__
+    return EnvironmentFailure(f"out of memory ({detail})",
+                              fix="free memory or raise the memory limit (ulimit -v), or use a "
+                                  "machine with more memory, then run the command again")
+
+
 def quiet_libraries() -> None:
     """Keep third-party chatter off a command's stderr (``--json`` callers parse it too).
 
@@ -163,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last resort: a bug, reported as one
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        return _report(_storage_service_error(err) or internal_error(err), state["json"])
+        return _report(_storage_service_error(err) or out_of_memory_error(err)
+                       or internal_error(err), state["json"])
     return result if isinstance(result, int) else 0
 
 

@@ -211,6 +211,43 @@ def test_uncaught_exception_is_internal_error_70(tmp_path, capsys, monkeypatch):
     assert data["message"].startswith("internal error (ZeroDivisionError:")
 
 
+@pytest.mark.parametrize("raised", [
+    MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
+                                "allocate memory: you tried to allocate 4194304 bytes"),
+    RuntimeError("can't start new thread"), RuntimeError("CUDA out of memory. Tried to allocate"),
+])
+def test_running_out_of_memory_is_exit_6_not_a_bug(tmp_path, capsys, monkeypatch, raised):
+    # found by a resource-exhaustion pass: unload/quantize under `ulimit -v` exited 70
+    from registry.storage.store import Store
+
+    store = _init(capsys, tmp_path / "store")
+
+    def oom(self: object) -> list[str]:
+        raise raised
+
+    monkeypatch.setattr(Store, "names", oom)
+    monkeypatch.delenv("ADAPTERS_DEBUG", raising=False)
+    code, _, err = run(capsys, "ls", "--store", store)
+    error, fix = _two_lines(err)
+    assert code == 6 and error.startswith("error: out of memory")
+    assert fix.startswith("fix: free memory or raise the memory limit")
+    code, data = run_json(capsys, "ls", "--store", store)
+    assert code == 6 and data["exit_code"] == 6 and data["error"] == "EnvironmentFailure"
+
+
+def test_a_runtime_error_that_is_not_about_memory_is_still_a_bug(tmp_path, capsys, monkeypatch):
+    from registry.storage.store import Store
+
+    store = _init(capsys, tmp_path / "store")
+
+    def broken(self: object) -> list[str]:
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(Store, "names", broken)
+    monkeypatch.delenv("ADAPTERS_DEBUG", raising=False)
+    assert run(capsys, "ls", "--store", store)[0] == 70
+
+
 def test_adapters_debug_reraises(tmp_path, capsys, monkeypatch):
     store = _init(capsys, tmp_path / "store")
     _break_ls(monkeypatch)
