@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
 
 from cli.common import check_utf8
 from cli.output import escape_control
-from registry.errors import (AdapterkitError, BadInputError,
+from registry.errors import (EXIT_INTERRUPTED, AdapterkitError, BadInputError, InterruptedByUser,
                              EnvironmentFailure, UsageError, environment_error, internal_error)
 
 DEBUG_ENV = "ADAPTERS_DEBUG"
@@ -89,6 +89,12 @@ def _report(err: AdapterkitError, json_mode: bool) -> int:
     except OSError:  # stdout/stderr closed (a pipe reader went away): the code still counts
         pass
     return err.exit_code
+
+
+def _interrupted() -> InterruptedByUser:
+    return InterruptedByUser("interrupted; nothing half-written is visible",
+                             fix="run the command again (`adapters gc` collects what a store "
+                                 "run left in its tmp/)")
 
 
 def _usage_error(err: ClickException) -> UsageError:
@@ -179,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return _report(BadInputError("aborted", fix="run the command again"), state["json"])
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; nothing half-written is visible\n")
-        return 130
+        return _report(_interrupted(), state["json"])
     except OSError as err:
         return _report(environment_error(err), state["json"])
     except Exception as err:  # noqa: BLE001 - the last resort: a bug, reported as one
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _report(_storage_service_error(err) or out_of_memory_error(err)
                        or internal_error(err), state["json"])
+    if result == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), returned as is here
+        return _report(_interrupted(), state["json"])
     return result if isinstance(result, int) else 0
 
 

@@ -42,6 +42,7 @@ EXIT_CONFLICT = 4
 EXIT_NOT_FOUND = 5
 EXIT_ENVIRONMENT = 6
 EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
 
 MAX_MESSAGE = 1000
 """Longest message or fix kept (longer ones end in ``...``)."""
@@ -153,6 +154,13 @@ class EnvironmentFailure(AdapterkitError):
     """
 
     exit_code = EXIT_ENVIRONMENT
+
+
+class InterruptedByUser(AdapterkitError):
+    """Ctrl-C (SIGINT): exit 130, the shell's code for it. Outputs are renamed into place
+    at the end, so nothing half-written is visible; a store's leftovers are gc's."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class InternalError(AdapterkitError):

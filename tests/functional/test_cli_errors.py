@@ -248,6 +248,25 @@ def test_a_runtime_error_that_is_not_about_memory_is_still_a_bug(tmp_path, capsy
     assert run(capsys, "ls", "--store", store)[0] == 70
 
 
+def test_ctrl_c_is_exit_130_with_the_error_and_fix_lines(tmp_path, capsys, monkeypatch):
+    # found by a resource-exhaustion pass: typer turns KeyboardInterrupt into Exit(130), so
+    # Ctrl-C during `unload --json` exited 130 printing nothing at all
+    from registry.storage.store import Store
+
+    store = _init(capsys, tmp_path / "store")
+
+    def interrupted(self: object) -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "names", interrupted)
+    code, _, err = run(capsys, "ls", "--store", store)
+    error, fix = _two_lines(err)
+    assert code == 130 and error == "error: interrupted; nothing half-written is visible"
+    assert fix.startswith("fix: run the command again")
+    code, data = run_json(capsys, "ls", "--store", store)
+    assert code == 130 and data["exit_code"] == 130 and data["error"] == "InterruptedByUser"
+
+
 def test_adapters_debug_reraises(tmp_path, capsys, monkeypatch):
     store = _init(capsys, tmp_path / "store")
     _break_ls(monkeypatch)
