@@ -216,7 +216,8 @@ def _storage_class() -> type:
 
 
 ENVIRONMENT_WORDS = ("readonly", "read-only", "unable to open database file",
-                     "Permission denied", "disk I/O error", "Connection refused")
+                     "Permission denied", "disk I/O error", "Connection refused",
+                     "database or disk is full")
 """Storage errors that are the environment's (exit 6), not a bad URL (exit 2)."""
 
 
@@ -331,4 +332,32 @@ def run_worker(study: Any, objective: Callable[[Any], Sequence[float]], trials: 
             if "Cannot tell a COMPLETE trial" not in str(err):
                 raise
             done["n"] -= 1  # that evaluation was not counted in the study
+        except Exception as err:
+            failure = storage_failure(err)
+            if failure is None:
+                raise
+            raise failure from err
     return done["n"]
+
+
+def storage_failure(err: BaseException) -> EnvironmentFailure | None:
+    """The study storage failing under a trial (exit 6), else None.
+
+    A commit that fails (a full disk: "database or disk is full") raises optuna's
+    ``StorageInternalError``, which optuna's trial loop then trips over with a bare
+    ``AssertionError("Should not reach.")``: an internal error (exit 70) before. The
+    failure is found anywhere in the exception's chain.
+    """
+    from optuna.exceptions import StorageInternalError
+
+    seen: BaseException | None = err
+    for _ in range(8):  # a short chain: the assertion, optuna's error, the driver's
+        if seen is None:
+            return None
+        if isinstance(seen, StorageInternalError) or any(w in str(seen) for w in ENVIRONMENT_WORDS):
+            detail = " ".join(str(seen).split())[:200] or type(seen).__name__
+            return EnvironmentFailure(f"the study storage failed: {detail}",
+                                      fix="free space or fix the storage, then run the search "
+                                          "again: finished trials are kept")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -249,3 +249,36 @@ def test_live_merge_of_embedding_adapters_is_bit_identical(tmp_path):
             "c", write_peft_dir(result, tmp_path / method)).state_dict()
         got = live.model.state_dict()
         assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_storage_failing_under_the_trials_is_an_environment_failure():
+    # found by a resource-exhaustion pass: a full disk under an sqlite study failed a commit
+    # (StorageInternalError), optuna then raised AssertionError("Should not reach."): exit 70
+    from optuna.exceptions import StorageInternalError
+
+    from gate.search.study import storage_failure
+
+    try:
+        try:
+            raise StorageInternalError("An exception is raised during the commit: (sqlite3."
+                                       "OperationalError) database or disk is full")
+        except StorageInternalError:
+            raise AssertionError("Should not reach.")  # noqa: B904 - optuna's own, unchained
+    except AssertionError as err:
+        failure = storage_failure(err)
+    assert failure is not None and failure.exit_code == 6
+    assert "database or disk is full" in failure.message and "finished trials" in failure.fix
+    assert storage_failure(AssertionError("a real bug")) is None
+    assert storage_failure(ValueError("bad value")) is None
+
+
+def test_a_full_disk_when_the_storage_is_opened_is_exit_6(tmp_path, monkeypatch):
+    from gate.search import study
+    from registry.errors import EnvironmentFailure
+
+    def full(*_args, **_kwargs):
+        raise RuntimeError("(sqlite3.OperationalError) database or disk is full")
+
+    monkeypatch.setattr(study, "_storage_class", lambda: full)
+    with pytest.raises(EnvironmentFailure, match="database or disk is full"):
+        study.open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=30)
