@@ -150,7 +150,7 @@ def open_store(root: Path | str | None, *, create: bool = False) -> Store:
     from registry.storage.store import Store
 
     if root is not None and not str(root).strip():  # Path("") is the current directory
-        raise BadInputError("--store is empty", fix="pass the store's directory or "
+        raise BadInputError("the store location is empty", fix="pass the store's directory or "
                             "s3://bucket/prefix, or leave --store out for $ADAPTERS_HOME")
     _check_store_path(None if root is None else Path(root))
     try:

@@ -115,7 +115,10 @@ def ui(
     sys.stdout.flush()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            server_header=False, proxy_headers=False))
-    server.run(sockets=[listening])
+    try:
+        server.run(sockets=[listening])
+    except KeyboardInterrupt:  # Ctrl-C is how the view stops (uvicorn.run swallows it too)
+        pass
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -129,7 +132,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
         EnvironmentFailure: The address cannot be resolved or bound.
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        # uvicorn's rule: IPv6 only for a host written with ':', so `localhost` stays the
+        # 127.0.0.1 it always was, even where /etc/hosts lists ::1 first
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
         family, kind, proto, _, address = infos[0]
         sock = socket.socket(family, kind, proto)
     except OSError as err:

@@ -34,7 +34,7 @@ from gate.source_check import check_source
 from gate.results import CheckResult, GateResult
 from registry import __version__
 from registry.stamps import utc_now_iso
-from registry.errors import AdapterkitError, BadInputError, NotFoundError, shorten
+from registry.errors import AdapterkitError, BadInputError, NotFoundError, out_of_memory_error, shorten
 from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ def _run_check(spec: Any, ctx: GateContext) -> CheckResult:
     except AdapterkitError as err:
         status, message, metrics, details = "error", err.message, {}, None
     except Exception as err:  # noqa: BLE001 - a broken candidate must not crash the gate
+        memory = out_of_memory_error(err)
+        if memory is not None:  # the machine's, not the candidate's: exit 6, nothing recorded
+            raise memory from err
         status, message, metrics, details = "error", f"{type(err).__name__}: {err}", {}, None
     return CheckResult(name=spec.name, kind=spec.kind, status=status, message=message,
                        metrics=metrics, details=details,

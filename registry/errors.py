@@ -218,6 +218,29 @@ def os_error_in(exc: BaseException) -> OSError | None:
     return OSError(code, os.strerror(code))
 
 
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "can't start new thread",
+                  "cannot allocate memory")
+
+
+def out_of_memory_error(err: BaseException) -> EnvironmentFailure | None:
+    """Running out of memory (or threads) as exit 6, else None.
+
+    Python raises ``MemoryError``; torch's CPU allocator and CUDA raise ``RuntimeError``s
+    that say so ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"), and a
+    thread pool under a tight ``ulimit -v`` fails with "can't start new thread". All of
+    these ended as internal errors (exit 70, "this is a bug"). Nothing is half-written
+    either way: outputs are renamed into place at the end.
+    """
+    text = str(err).lower()
+    if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and any(w in text for w in _OUT_OF_MEMORY))):
+        return None
+    detail = " ".join(str(err).split())[:160] or type(err).__name__
+    return EnvironmentFailure(f"out of memory ({detail})",
+                              fix="free memory or raise the memory limit (ulimit -v), or use a "
+                                  "machine with more memory, then run the command again")
+
+
 def environment_error(err: OSError, *, path: object = None,
                       action: str | None = None) -> EnvironmentFailure:
     """The :class:`EnvironmentFailure` for an :class:`OSError`, with a fix for its errno.

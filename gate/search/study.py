@@ -34,7 +34,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from registry.errors import BadInputError, ConflictError, EnvironmentFailure
+from registry.errors import AdapterkitError, BadInputError, ConflictError, EnvironmentFailure
 
 SAMPLERS = ("tpe", "nsga2")
 OPEN_ATTEMPTS = 5
@@ -332,6 +332,8 @@ def run_worker(study: Any, objective: Callable[[Any], Sequence[float]], trials: 
             if "Cannot tell a COMPLETE trial" not in str(err):
                 raise
             done["n"] -= 1  # that evaluation was not counted in the study
+        except AdapterkitError:
+            raise  # the objective's own errors keep their codes, whatever their text says
         except Exception as err:
             failure = storage_failure(err)
             if failure is None:
@@ -354,7 +356,11 @@ def storage_failure(err: BaseException) -> EnvironmentFailure | None:
     for _ in range(8):  # a short chain: the assertion, optuna's error, the driver's
         if seen is None:
             return None
-        if isinstance(seen, StorageInternalError) or any(w in str(seen) for w in ENVIRONMENT_WORDS):
+        # optuna's commit failure, or the database driver's own (sqlalchemy, sqlite3)
+        module = type(seen).__module__ or ""
+        if isinstance(seen, StorageInternalError) or (
+                module.startswith(("sqlalchemy", "sqlite3", "psycopg", "pymysql"))
+                and any(w in str(seen) for w in ENVIRONMENT_WORDS)):
             detail = " ".join(str(seen).split())[:200] or type(seen).__name__
             return EnvironmentFailure(f"the study storage failed: {detail}",
                                       fix="free space or fix the storage, then run the search "

@@ -255,3 +255,26 @@ def test_gate_json_leaves_stderr_free_of_library_chatter(setup, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["passed"] is True
     assert "Warning" not in done.stderr and "kernels-community" not in done.stderr, done.stderr
+
+
+def test_running_out_of_memory_in_a_check_is_exit_6_and_records_nothing(setup, tmp_path, capsys,
+                                                                        monkeypatch):
+    # found by a review: a check's out-of-memory became a failing check (exit 1) and a stored
+    # failing record, though out of memory is the machine's (exit 6), not the candidate's
+    from gate.evaluate import Evaluator
+
+    w, store, _, _, _ = setup
+    policy = write_policy(tmp_path / "p.yaml", w, merge_equivalence=None, retention=None,
+                          generation=None, structural=None)
+
+    def oom(*_args, **_kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "8589934592 bytes")
+
+    monkeypatch.setattr(Evaluator, "perplexity", oom)
+    before = list(store.gate_pointers())
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 6 and out["exit_code"] == 6 and out["message"].startswith("out of memory")
+    assert list(store.gate_pointers()) == before

@@ -249,6 +249,59 @@ def test_a_port_in_use_is_exit_6_before_anything_is_printed(tmp_path: Path, caps
     assert out["fix"] == "pick another --port, or stop what listens there"
 
 
+def test_ctrl_c_stops_the_view_with_exit_0_and_one_json_document(tmp_path: Path) -> None:
+    # found by a review: serving on a bound socket (Server.run) let Ctrl-C through as an
+    # interruption: exit 130 and a second JSON document after the "serving" one
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("uvicorn", reason="the ui extra (uvicorn) is not installed")
+    world = build_ui_store(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", "--port", str(port),
+                             "--store", str(world.store), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:  # serving once a connection is accepted
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["url"] == f"http://127.0.0.1:{port}/"  # one document, the start one
+    assert "error:" not in err
+
+
+def test_localhost_is_served_on_ipv4_as_uvicorn_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a review: the first getaddrinfo answer is ::1 where /etc/hosts lists it first
+    import socket
+
+    from cli.ui_cmds import listen_socket
+
+    real = socket.getaddrinfo
+
+    def ipv6_first(host, port, family=0, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host == "localhost" and family in (0, socket.AF_INET6):
+            return real("::1", port, socket.AF_INET6, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
+        return real("127.0.0.1" if host == "localhost" else host, port, family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    sock = listen_socket("localhost", 0)
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+
+
 def test_damaged_store_renders_the_damage(tmp_path: Path) -> None:
     world = build_ui_store(tmp_path)
     st = Store.open(world.store)

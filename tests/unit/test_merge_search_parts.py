@@ -282,3 +282,20 @@ def test_a_full_disk_when_the_storage_is_opened_is_exit_6(tmp_path, monkeypatch)
     monkeypatch.setattr(study, "_storage_class", lambda: full)
     with pytest.raises(EnvironmentFailure, match="database or disk is full"):
         study.open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=30)
+
+
+def test_the_objectives_own_errors_keep_their_exit_codes_whatever_their_text():
+    # found by a review: an IntegrityError naming a version "readonly-exp" became "the study
+    # storage failed" (exit 6) because its text held a storage word
+    import optuna
+
+    from gate.search.study import run_worker
+    from registry.errors import IntegrityError
+
+    study = optuna.create_study(directions=["maximize"])
+
+    def objective(trial):
+        raise IntegrityError("blob of readonly-exp@sha256:ab does not match its digest", fix="verify")
+
+    with pytest.raises(IntegrityError, match="readonly-exp"):
+        run_worker(study, objective, 2)

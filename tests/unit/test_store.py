@@ -440,4 +440,4 @@ def test_an_empty_store_option_is_refused_not_read_as_the_current_directory(
     Store.open(tmp_path / "here", create=True)
     monkeypatch.chdir(tmp_path / "here")
     assert main([*command, "--store", value]) == 2
-    assert "--store is empty" in capsys.readouterr().err
+    assert "the store location is empty" in capsys.readouterr().err
