@@ -72,6 +72,24 @@ def _run_check(spec: Any, ctx: GateContext) -> CheckResult:
                        duration_s=time.perf_counter() - start)
 
 
+def _workspace(store: Store | None, record: bool) -> Any:
+    """Where the gate materializes inputs: the store's ``tmp/`` (gc leaves a leased one
+    alone, and blobs can be linked there), else a system temp directory.
+
+    A ``--no-record`` gate only reads the store, so on a store it may not write (a
+    read-only mount, an auditor's copy) it works in the system's temp directory instead of
+    failing with exit 6; a recording gate needs the store writable anyway.
+    """
+    import os
+
+    if store is None:
+        return tempfile.TemporaryDirectory(prefix="gate-")
+    tmp = store.root / "tmp"
+    if record or os.access(tmp if tmp.exists() else store.root, os.W_OK):
+        return leased_temp_dir(tmp, "gate-")  # gc skips it
+    return tempfile.TemporaryDirectory(prefix="gate-")
+
+
 def _base_fingerprint(base_dir: Path) -> str:
     """The base's ``struct_digest``, read before anything is evaluated.
 
@@ -185,8 +203,7 @@ def run_gate(candidate: str | Path | Candidate, base_dir: str | Path, policy: Po
                             fix="pass --base with a local transformers model directory")
     base_struct = _base_fingerprint(base)
     started, clock = utc_now_iso(), time.perf_counter()
-    workspace = (leased_temp_dir(store.root / "tmp", "gate-") if store is not None  # gc skips it
-                 else tempfile.TemporaryDirectory(prefix="gate-"))
+    workspace = _workspace(store, record)
     with workspace as work:
         cand = _resolve(candidate, store, Path(work), parents=parents, method=method,
                         parameters=parameters, model_dir=model_dir, source_dir=source_dir)

@@ -278,3 +278,30 @@ def test_running_out_of_memory_in_a_check_is_exit_6_and_records_nothing(setup, t
     out = json.loads(capsys.readouterr().out)
     assert code == 6 and out["exit_code"] == 6 and out["message"].startswith("out of memory")
     assert list(store.gate_pointers()) == before
+
+
+def test_a_no_record_gate_runs_on_a_store_it_may_not_write(setup, tmp_path, capsys, monkeypatch):
+    # found by a CLI contract pass (a read-only bind mount): `gate --no-record` only reads the
+    # store but made its work directory in the store's tmp/, and failed with exit 6
+    import os
+
+    w, store, _, _, _ = setup
+    policy = write_policy(tmp_path / "p.yaml", w, merge_equivalence=None, retention=None,
+                          generation=None, perplexity=None)
+    real = os.access
+    root = str(store.root)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k:
+                        False if str(path).startswith(root) and mode & os.W_OK else real(path, mode, *a, **k))
+    import errno
+
+    import gate.runner
+
+    def read_only(*_args, **_kwargs):  # what mkdtemp in a read-only tmp/ raises
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(gate.runner, "leased_temp_dir", read_only)
+    code = main(["gate", "merged", "--base", str(w.base), "--policy", str(policy),
+                 "--store", str(store.root), "--no-record", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert json.loads(out)["stored"] is False and json.loads(out)["passed"] is True
