@@ -102,17 +102,8 @@ def kth_largest_bits(bits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     ``bincount`` adds with global atomics, and most entries share the few top digits
     that the exponent spans: those adds queue on the same addresses (3.6 s of a
     4.8 s TIES merge at 7B shapes on an H200). Both are exact: the answer does not
-    depend on which one ran.
-
-    Args:
-        bits: ``(batch, n)`` int32, every entry >= 0 (from :func:`magnitude_bits`).
-        ks: ``(batch,)`` int64, ``1 <= ks[i] <= n``.
-
-    Returns:
-        ``(batch,)`` int32 on ``bits``' device.
-
-    Raises:
-        ValueError: ``bits`` is not 2-D int32.
+    depend on which one ran. Arguments, result and errors are
+    :func:`radix_kth_largest_bits`' (``ks`` may be on any device here).
     """
     if bits.dim() != 2 or bits.dtype != torch.int32:
         raise ValueError("kth_largest_bits takes a 2-D int32 tensor")
