@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from registry.errors import (BadInputError, EnvironmentFailure, environment_error, shorten)
+from registry.errors import (BadInputError, EnvironmentFailure, UsageError, environment_error,
+                             shorten)
 from registry.formats.strict_json import loads_json
 
 if TYPE_CHECKING:
@@ -53,6 +54,30 @@ def check_utf8(args: list[str]) -> None:
             raise BadInputError(f"{where} is not valid UTF-8 text",
                                 fix="pass names, paths and values as UTF-8 (rename a file "
                                     "whose name is not)") from None
+
+
+def check_nonempty(args: list[str]) -> None:
+    """Refuse an empty argument or option value (``--policy "$UNSET"``, ``--out=``).
+
+    An empty path reads as ``.``: ``--store ""`` opened the current directory, and
+    ``--policy ""``, ``--base ""`` or an empty ``OUT`` named it too. No argument of any
+    command means anything when empty (names, refs, reasons, tokens included), so the
+    rule is global and checked before anything runs.
+
+    Raises:
+        UsageError: An argument is the empty string (exit 2).
+    """
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            option = arg[:-1]
+        elif arg == "":
+            before = args[i - 1] if i else ""
+            option = before if before.startswith("--") and "=" not in before else ""
+        else:
+            continue
+        where = f"empty value for {shorten(option)}" if option else "an empty argument"
+        raise UsageError(f"{where} (an unset shell variable?)",
+                         fix="pass a value, or leave the option out")
 
 
 def _json_parsed(ctx: typer.Context, value: bool) -> bool:

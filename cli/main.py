@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
     # the same classes under click's own name (mypy sees two distinct types)
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
-from cli.common import check_utf8
+from cli.common import check_nonempty, check_utf8
 from cli.output import escape_control
 from registry.errors import (EXIT_INTERRUPTED, AdapterkitError, BadInputError, InterruptedByUser,
                              out_of_memory_error,
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {"json": "--json" in args[:args.index("--")] if "--" in args else "--json" in args}
     try:
         check_utf8(args)
+        check_nonempty(args)
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="adapters", standalone_mode=False, obj=state)
     except AdapterkitError as err:

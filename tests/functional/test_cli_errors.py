@@ -356,3 +356,20 @@ def test_json_errors_parse_as_one_object(tmp_path, capsys):
     code, out, err = run(capsys, "ls", "--bogus", "--json")
     assert code == 2 and err == ""
     assert json.loads(out)["exit_code"] == 2
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["gate", "x", "--policy", ""], "empty value for '--policy'"),
+    (["gate", "x", "--base="], "empty value for '--base'"),
+    (["export", "x", ""], "an empty argument"),
+    (["unload", "x", "--base", "b", "--out", ""], "empty value for '--out'"),
+    (["alias", "set", "x:release", ""], "an empty argument"),
+])
+def test_an_empty_argument_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, argv, words):
+    # found by a CLI contract pass: an empty path read as ".", so `--policy "$UNSET"` or an
+    # empty OUT named the current directory
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    error, fix = _two_lines(err)
+    assert code == 2 and words in error and "unset shell variable" in error
+    assert list(tmp_path.iterdir()) == []
