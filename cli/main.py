@@ -43,9 +43,9 @@ except ImportError:  # pragma: no cover
 
 from cli.common import check_nonempty, check_utf8
 from cli.output import escape_control
-from registry.errors import (EXIT_INTERRUPTED, AdapterkitError, BadInputError, InterruptedByUser,
-                             out_of_memory_error,
-                             EnvironmentFailure, UsageError, environment_error, internal_error)
+from registry.errors import (EXIT_INTERRUPTED, AdapterkitError, BadInputError, EnvironmentFailure,
+                             InterruptedByUser, UsageError, environment_error, internal_error,
+                             out_of_memory_error)
 
 DEBUG_ENV = "ADAPTERS_DEBUG"
 """Set to 1 to let an internal error's traceback through (for developers)."""

@@ -19,6 +19,7 @@ digest in the record resolves to the exact policy that was applied.
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 import time
@@ -80,8 +81,6 @@ def _workspace(store: Store | None, record: bool) -> Any:
     read-only mount, an auditor's copy) it works in the system's temp directory instead of
     failing with exit 6; a recording gate needs the store writable anyway.
     """
-    import os
-
     if store is None:
         return tempfile.TemporaryDirectory(prefix="gate-")
     tmp = store.root / "tmp"

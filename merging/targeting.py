@@ -32,7 +32,6 @@ from registry.formats.patterns import is_all_linear, module_targeted
 from registry.formats.peft_keys import PEFT_PREFIX, strip_prefix
 
 
-
 def check_targeted(root: Path, config: Mapping[str, Any], infos: Mapping[str, ModuleShape]) -> None:
     """Refuse LoRA modules in the file that PEFT would not load (module docstring).
 
@@ -95,8 +94,9 @@ def check_output_layer(root: Path, config: Mapping[str, Any], infos: Mapping[str
 def saved_modules(adapter_dir: Path) -> set[str] | None:
     """The modules ``adapter_model.safetensors`` holds LoRA tensors for (None: no such file)."""
     from registry.formats.safetensors_header import read_header
+    from registry.ingest import WEIGHTS_NAME
 
-    path = Path(adapter_dir) / "adapter_model.safetensors"
+    path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         return None
     return {key.rsplit(".lora_", 1)[0] for key in read_header(path).tensors if ".lora_" in key}
