@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from gate.decoding import BATCH_SIZE, Generation, finish, forward_many, greedy
+from gate.decoding import Generation, decode_batches, finish, forward_many, greedy
 from gate.provenance import is_quantized
 from merging.targeting import check_random_init_covered, saved_modules
 from registry.errors import BadInputError
@@ -335,9 +335,10 @@ class Evaluator:
         return self.generate_many(model, [prompt], [max_new_tokens], stop)[0]
 
     def generate_many(self, model: PreTrainedModel, prompts: Sequence[str], budgets: Sequence[int],
-                      stop: Sequence[str] = (), batch_size: int = BATCH_SIZE) -> list[Generation]:
+                      stop: Sequence[str] = (), batch_size: int | None = None) -> list[Generation]:
         """:meth:`generate` for many prompts (``budgets``: each one's ``max_new_tokens``),
-        decoded in batches of prompts of similar length (:mod:`gate.decoding`).
+        decoded in batches of prompts of similar length (:func:`gate.decoding.decode_batches`:
+        larger on a GPU; ``batch_size`` fixes it).
 
         Raises:
             BadInputError: A prompt encodes to no tokens.
@@ -352,10 +353,8 @@ class Evaluator:
             if not ids:
                 raise BadInputError(f"prompt {prompt!r} encodes to no tokens",
                                     fix="give every prompt some text")
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # less padding
         results: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in decode_batches([len(ids) for ids in encoded], str(self.device), batch_size):
             rows = greedy(model, [encoded[i] for i in chunk], [budgets[i] for i in chunk],
                           eos=eos, pad_id=pad, device=self.device)
             for i, tokens in zip(chunk, rows, strict=True):

@@ -1,4 +1,4 @@
-"""TIES and magnitude_prune on a device (CUDA or CPU), several modules at a time.
+"""Dense merges (TIES, DARE, Breadcrumbs, magnitude_prune) on a device, several modules at a time.
 
 :mod:`merging.lora.sparsify` merges a module on the CPU block by block, never holding
 more than one dense delta, and finds each trim threshold by sampling plus a
@@ -15,6 +15,12 @@ entries dominate. So here:
   (:func:`merging.lora.kselect.kth_largest_magnitudes`: exact, integer counting, the
   same value ``kthvalue`` gives) and the trim is :func:`merging.lora.kselect.keep_mask`,
   the mask :func:`merging.lora.sparsify.trim_block` applies;
+* DARE's masks are drawn from the very generators the per-module path uses (one per
+  module, input and 64-row block, on the CPU), many side by side, and copied once per
+  group; Breadcrumbs' band edges are two radix selects per delta
+  (:mod:`merging.lora.group_steps`). Which step a method takes is its registered
+  :class:`merging.lora.methods.GroupedForm`; methods without one (DELLA, whose ranks are
+  per row, and every KnOTS-aligned merge) are merged module by module;
 * the sign election and disjoint mean are :func:`merging.lora.sparsify.elect_and_merge`
   itself (element-wise, so it runs on whatever device its tensors are on), and
   magnitude_prune's sum is :func:`merging.lora.sparsify.weighted_sum`.
@@ -44,13 +50,10 @@ import torch
 from merging.lora import sparsify
 from merging.lora.factorize import dense_error, lowrank_refactor
 from merging.lora.inputs import overflow_error
-from merging.lora.kselect import keep_mask, kth_largest_magnitudes
+from merging.lora.group_steps import trim_select
 from merging.lora.lowrank import frobenius_errors, lowrank_factors
 from merging.threads import block_map
-from merging.lora.methods import MergeParams, ModuleInput
-
-GROUPED_METHODS = ("ties", "magnitude_prune")
-"""The methods :func:`merge_modules_grouped` runs (``ties`` elects signs)."""
+from merging.lora.methods import GroupSelectFn, MergeParams, ModuleContext, ModuleInput
 CPU_GROUP_ENTRIES = 1 << 24
 """Delta entries per group on the CPU (64 MiB of float32)."""
 GPU_GROUP_ENTRIES = 1 << 28
@@ -114,46 +117,37 @@ def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | 
     return deltas.view(len(group), counts.pop(), *deltas.shape[1:])
 
 
-def trim_group(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each delta's top ``int(density · numel)`` magnitudes, in place (ties kept).
-
-    Args:
-        deltas: ``(..., out, in)`` float32; every ``(out, in)`` matrix is trimmed on its own.
-        density: Fraction kept; ``>= 1`` keeps everything.
-
-    Returns:
-        ``deltas``, with the entries :func:`merging.lora.sparsify.trim_block` zeroes set to 0.
-    """
-    if density >= 1:
-        return deltas
-    rows, cols = deltas.shape[-2:]
-    flat = deltas.view(-1, rows, cols)
-    thresholds = kth_largest_magnitudes(flat, sparsify.keep_count(density, rows * cols))
-    flat.masked_fill_(keep_mask(flat, thresholds).logical_not_(), 0.0)
-    return deltas
-
-
 def merge_group(group: Sequence[Sequence[ModuleInput]], params: MergeParams, *,
-                elect: bool, device: torch.device | str, batched: bool | None = None) -> torch.Tensor:
-    """TIES (``elect=True``) or magnitude_prune of a group of modules on ``device``.
+                elect: bool, device: torch.device | str, batched: bool | None = None,
+                select: GroupSelectFn = trim_select,
+                contexts: Sequence[ModuleContext] | None = None) -> torch.Tensor:
+    """A dense method on a group of modules on ``device``: TIES or magnitude_prune by
+    default, any method through its grouped ``select`` step.
 
     Args:
         group: Per module, its inputs (see :func:`group_deltas`); the weights are
             the inputs' own, position by position.
         params: Resolved parameters (``density``, ``lam``, ``sign_election``;
-            ``normalize`` and ``weight_sum`` for magnitude_prune).
-        elect: Sign election and disjoint mean (TIES) instead of a weighted sum.
+            ``normalize`` and ``weight_sum`` for the weighted sum).
+        elect: Sign election and disjoint mean (TIES family) instead of a weighted sum.
         device: Where to compute.
         batched: See :func:`group_deltas`.
+        select: The entry-wise step (the method's :class:`merging.lora.methods.GroupedForm`).
+        contexts: The modules (names seed DARE's masks); default ``m0``, ``m1``... with
+            the group's shape and seed 0.
 
     Returns:
         ``(modules, out, in)`` float32 merged deltas on ``device``; module ``m``
-        is what ``ties``/``magnitude_prune`` return for ``group[m]``.
+        is what the method returns for ``group[m]``.
 
     Raises:
         ValueError: See :func:`group_deltas`.
     """
-    deltas = trim_group(group_deltas(group, device, batched=batched), params.density)
+    deltas = group_deltas(group, device, batched=batched)
+    if contexts is None:
+        shape = (int(deltas.shape[-2]), int(deltas.shape[-1]))
+        contexts = [ModuleContext(name=f"m{m}", shape=shape, seed=0) for m in range(len(group))]
+    select(deltas, group, contexts, params)
     normalize = params.normalize and not elect
     factor = params.lam / (params.weight_sum if normalize else 1.0)
     merged = []
@@ -259,9 +253,10 @@ def _group_entries(device: torch.device) -> int:
 def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[str, tuple[int, ...]],
                           load: GroupLoader, params: MergeParams, *, elect: bool,
                           device: torch.device, rank: int | None, seed: int, dtype: torch.dtype,
-                          batched: bool | None = None
+                          batched: bool | None = None, select: GroupSelectFn = trim_select,
+                          transposed: Callable[[str], bool] = lambda _name: False
                           ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, float, list[int]]]:
-    """TIES/magnitude_prune of many modules, group by group: the engine's grouped path.
+    """A dense method on many modules, group by group: the engine's grouped path.
 
     A reader thread loads the next group's factors (``load``) while this one is merged
     on ``device``, so disk reads overlap the device's work; at most two groups' factors
@@ -279,6 +274,9 @@ def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[st
         dtype: Output dtype.
         batched: The device algorithms (batched deltas and SVD); default: on any device
             but the CPU. See :func:`group_deltas`.
+        select: The method's entry-wise step (default: TIES's/magnitude_prune's trim).
+        transposed: Whether the model stores a module as the transpose of its delta
+            (for the :class:`ModuleContext` the step sees).
 
     Yields:
         ``(name, B, A, error, norm, indices of the inputs used)`` per module, group by group.
@@ -289,7 +287,10 @@ def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[st
         for g, group in enumerate(groups):
             inputs = ahead.result() if ahead is not None else []
             ahead = reader.submit(load, groups[g + 1]) if g + 1 < len(groups) else None
-            merged = merge_group(inputs, params, elect=elect, device=device, batched=batched)
+            contexts = [ModuleContext(name=name, shape=shapes[name], seed=seed,
+                                      transposed=transposed(name)) for name in group]
+            merged = merge_group(inputs, params, elect=elect, device=device, batched=batched,
+                                 select=select, contexts=contexts)
             if not bool(torch.isfinite(merged).all()):  # one host sync per group
                 raise overflow_error(group)
             ranks = [rank if rank is not None else max(inp.A.shape[0] for inp in module)

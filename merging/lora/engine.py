@@ -31,9 +31,10 @@ kept (they are what gets written).
 **Devices** (``device``, :func:`merging.devices.resolve_device`). Dense methods run
 on the device: each module's factors are copied there and the method, the
 re-factorization and the error run there; the factors come back as CPU tensors.
-``ties`` and ``magnitude_prune`` (without ``align``, rank not ``full``) go further
-on a GPU: same-shaped modules are merged in groups (:mod:`merging.lora.device_trim`:
-batched deltas, radix-select thresholds, batched randomized SVD), while a reader
+Methods with a grouped form (``ties``, ``magnitude_prune``, ``dare_*``, ``breadcrumbs*``;
+without ``align``, rank not ``full``) go further on a GPU: same-shaped modules are
+merged in groups (:mod:`merging.lora.device_trim`: batched deltas, radix-select
+thresholds or DARE masks, batched randomized SVD), while a reader
 thread loads the next group's factors. ``group_modules=True`` runs that grouped
 path on the CPU too, where it is bit for bit the per-module path (tests). Factored
 methods (linear, task_arithmetic, cat) and KnOTS-aligned merges only touch
@@ -60,7 +61,7 @@ import torch
 from merging.adapter import LoraAdapter, load_adapter
 from merging.devices import resolve_device
 from merging.lora.align import knots_merge
-from merging.lora.device_trim import GROUPED_METHODS, merge_modules_grouped
+from merging.lora.device_trim import merge_modules_grouped
 from merging.lora.factorize import (
     dense_error,
     exact_refactor,
@@ -167,8 +168,9 @@ def merge_adapters(adapters: Sequence[LoraAdapter | str | Path],
         labels: Names of the inputs for messages (default ``input 1``...).
         device: Where dense methods compute (``cpu``, ``cuda``, ``auto``;
             :func:`merging.devices.resolve_device`); see the module docstring.
-        group_modules: Merge same-shaped modules in groups (``ties`` and
-            ``magnitude_prune``); None: on a non-CPU device only.
+        group_modules: Merge same-shaped modules in groups (methods with a grouped
+            form: ``ties``, ``magnitude_prune``, ``dare_*``, ``breadcrumbs*``); None: on a
+            non-CPU device only.
 
     Returns:
         The :class:`MergeResult` (its tensors are on the CPU).
@@ -236,14 +238,17 @@ class _MergeRun:
         dense = spec.output == "dense" and params.align != "knots"
         self.compute = device if dense else torch.device("cpu")
         wanted = device.type != "cpu" if group_modules is None else group_modules
-        self.grouped_path = wanted and dense and spec.name in GROUPED_METHODS and rank != "full"
+        self.grouped_path = wanted and dense and spec.grouped is not None and rank != "full"
+
+    def _transposed(self, name: str) -> bool:
+        """Whether the model stores module ``name`` as the transpose of its delta."""
+        return next(a.infos[name] for a in self.loaded if name in a.infos).embedding or self.fan_in_fan_out
 
     def one(self, name: str) -> ModuleOutcome:
         """Merge module ``name``: (name, B, A, error, norm, indices of the inputs used)."""
         inputs = module_inputs(self.loaded, self.weights, self.labels, name, self.compute)
         info = next(a.infos[name] for a in self.loaded if name in a.infos)
-        ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed,
-                            transposed=info.embedding or self.fan_in_fan_out)
+        ctx = ModuleContext(name=name, shape=info.shape, seed=self.seed, transposed=self._transposed(name))
         result, output = _run_method(self.spec, inputs, self.params, ctx)
         b, a, err, norm = _refactored(output, result, inputs, self.rank, ctx, self.dtype)
         return name, b, a, err, norm, [inp.index for inp in inputs]
@@ -259,10 +264,12 @@ class _MergeRun:
         shapes = {n: next(a.infos[n] for a in self.loaded if n in a.infos).shape for n in names}
         inputs_of = {n: tuple(i for i, a in enumerate(self.loaded) if n in a.infos) for n in names}
         done: dict[str, ModuleOutcome] = {}
+        form = self.spec.grouped
+        assert form is not None  # grouped_path requires it
         for outcome in merge_modules_grouped(
-                shapes, inputs_of, self._group_inputs, self.params, elect=self.spec.name == "ties",
+                shapes, inputs_of, self._group_inputs, self.params, elect=form.elect,
                 device=self.device, rank=self.rank if isinstance(self.rank, int) else None,
-                seed=self.seed, dtype=self.dtype):
+                seed=self.seed, dtype=self.dtype, select=form.select, transposed=self._transposed):
             done[outcome[0]] = outcome
             if progress is not None:
                 progress(1)

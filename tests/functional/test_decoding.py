@@ -138,3 +138,46 @@ def test_an_answer_longer_than_the_window_is_scored_on_its_tail(model_and_tokeni
         logits = model(input_ids=torch.tensor([row])).logits[0]
     expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(row[1:])[:, None]).sum()
     assert n == 7 and logp == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_decode_batches_keep_the_cpu_sixteen_and_bound_a_devices_tokens() -> None:
+    from gate.decoding import BATCH_SIZE, DEVICE_BATCH_SIZE, DEVICE_BATCH_TOKENS, decode_batches
+
+    lengths = [(7 * i) % 40 + 1 for i in range(100)]
+    cpu = decode_batches(lengths)
+    assert [len(b) for b in cpu] == [BATCH_SIZE] * 6 + [4]  # as before: sorted, cut every 16
+    flat = [i for b in cpu for i in b]
+    assert flat == sorted(range(100), key=lambda i: lengths[i])
+    gpu = decode_batches(lengths, "cuda:0")
+    assert [i for b in gpu for i in b] == flat and [len(b) for b in gpu] == [DEVICE_BATCH_SIZE, 36]
+    long = [300] * 40 + [5] * 10
+    batches = decode_batches(long, "cuda")
+    assert all(len(b) * max(long[i] for i in b) <= DEVICE_BATCH_TOKENS for b in batches)
+    assert [len(b) for b in batches] == [27, 23]  # 10 short + 17 long (27 x 300 <= 8192), 23 long
+    assert decode_batches(lengths, "cuda", batch_size=1) == [[i] for i in flat]
+
+
+def test_evaluator_on_another_device_type_decodes_the_same_tokens(model_and_tokenizer) -> None:
+    """The device batches (64 rows) give the CPU batches' tokens (float rounding aside:
+    here the same CPU kernels, so exactly)."""
+    import gate.evaluate as evaluate
+
+    ev = Evaluator(world().base)
+    model, _ = model_and_tokenizer
+    prompts = PROMPTS * 4
+    budgets = [3 + i % 6 for i in range(len(prompts))]
+    expected = ev.generate_many(model, prompts, budgets)
+    seen: list[list[int]] = []
+    real = evaluate.decode_batches
+
+    def as_device(lengths, device, batch_size):  # type: ignore[no-untyped-def]
+        out = real(lengths, "cuda", batch_size)
+        seen.extend(out)
+        return out
+
+    evaluate.decode_batches = as_device
+    try:
+        assert ev.generate_many(model, prompts, budgets) == expected
+    finally:
+        evaluate.decode_batches = real
+    assert [len(b) for b in seen] == [len(prompts)]  # one batch instead of two

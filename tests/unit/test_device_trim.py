@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.lora.device_trim import group_by_shape, group_deltas, host_copy, merge_group, trim_group
+from merging.lora.device_trim import group_by_shape, group_deltas, host_copy, merge_group
+from merging.lora.group_steps import band_group, dare_masks, trim_group
+from merging.lora.sparsify import dare_mask
 from merging.lora.methods import Factors, MergeParams, ModuleContext, ModuleInput
 from merging.lora.methods.magnitude_prune import magnitude_prune
 from merging.lora.methods.ties import ties
@@ -68,6 +70,47 @@ def test_trim_keeps_exactly_the_top_count_and_density_one_keeps_all() -> None:
     trimmed = trim_group(deltas.clone(), 0.25)
     assert (trimmed != 0).reshape(6, -1).sum(1).tolist() == [500] * 6
     assert torch.equal(trim_group(deltas.clone(), 1.0), deltas)
+
+
+def test_band_keeps_the_k_magnitudes_after_the_outliers() -> None:
+    """Against a sort: the band is ranks top+1 .. top+k of |x| (distinct magnitudes)."""
+    deltas = torch.randn(2, 3, 30, 20, generator=torch.Generator().manual_seed(8))
+    n, k, top = 600, int(0.4 * 600), int(0.05 * 600)
+    banded = band_group(deltas.clone(), 0.4, 0.05)
+    for ref, got in zip(deltas.reshape(6, -1), banded.reshape(6, -1), strict=True):
+        order = ref.abs().argsort(descending=True)
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[order[top:top + k]] = True
+        assert torch.equal(got, torch.where(kept, ref, torch.zeros(())))
+    assert torch.equal(band_group(deltas.clone(), 1.0, 0.3), deltas)  # density 1 ignores gamma
+    assert int((band_group(deltas.clone(), 0.9, 0.5) != 0).sum()) == 6 * 540  # top = n - k
+
+
+def test_dare_masks_are_the_per_module_masks() -> None:
+    group = [integer_inputs(150, 20, seed, [1.0, 1.0]) for seed in (1, 2)]
+    contexts = [ModuleContext(name=f"layers.{m}.v_proj", shape=(150, 20), seed=9) for m in range(2)]
+    keep = dare_masks(group, contexts, 0.3)
+    assert keep.shape == (2, 2, 150, 20) and keep.dtype == torch.bool
+    for m in range(2):
+        for i in range(2):
+            assert torch.equal(keep[m, i].float(), dare_mask(contexts[m], group[m][i].index, 0.3))
+    assert 0.25 < float(keep.float().mean()) < 0.35
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"])
+def test_grouped_forms_equal_their_methods_bit_for_bit(method: str) -> None:
+    from merging.lora.methods import get_method
+
+    spec = get_method(method)
+    assert spec.grouped is not None
+    group = [integer_inputs(130, 40, seed, [0.7, -0.4]) for seed in (1, 2, 3)]
+    given = {"density": 0.35, "lambda": 1.2, **({"gamma": 0.1} if "gamma" in spec.params else {})}
+    params = spec.resolve(given, [0.7, -0.4])
+    contexts = [ModuleContext(name=f"layers.{m}.up_proj", shape=(130, 40), seed=4) for m in range(3)]
+    merged = merge_group(group, params, elect=spec.grouped.elect, device="cpu",
+                         select=spec.grouped.select, contexts=contexts)
+    for m, inputs in enumerate(group):
+        assert torch.equal(merged[m], dense(spec.fn(inputs, params, contexts[m]))), m
 
 
 def test_bad_groups_are_refused() -> None:

@@ -96,6 +96,26 @@ def test_ties_group_on_cuda_matches_the_cpu_on_exact_inputs() -> None:
     assert torch.equal(merge_group(group, params, elect=True, device=OTHER), gpu)
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "breadcrumbs_ties", "breadcrumbs"])
+def test_grouped_forms_on_cuda_match_the_cpu_on_exact_inputs(method: str) -> None:
+    """DARE's masks come from the CPU generators on both; Breadcrumbs' band edges are
+    radix selects: on exact products the device's group equals the CPU's bit for bit."""
+    from merging.lora.methods import ModuleContext, get_method
+
+    spec = get_method(method)
+    assert spec.grouped is not None
+    gen = torch.Generator().manual_seed(4)
+    group = [[ModuleInput(index=i, B=torch.randint(-3, 4, (300, 4), generator=gen).float(),
+                          A=torch.randint(-3, 4, (4, 200), generator=gen).float(), weight=w)
+              for i, w in enumerate([0.6, 0.4])] for _ in range(3)]
+    params = spec.resolve({"density": 0.4}, [0.6, 0.4])
+    contexts = [ModuleContext(name=f"layers.{m}.q_proj", shape=(300, 200), seed=1) for m in range(3)]
+    kwargs = {"elect": spec.grouped.elect, "select": spec.grouped.select, "contexts": contexts}
+    cpu = merge_group(group, params, device="cpu", **kwargs)
+    gpu = merge_group(group, params, device=OTHER, **kwargs)
+    assert gpu.device.type == OTHER and torch.equal(gpu.cpu(), cpu)
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("gpu-merge")
@@ -138,7 +158,8 @@ def test_full_rank_merges_agree_across_devices(adapters: list[Path], method: str
         assert flipped <= FLIPPED_FRACTION * expected.numel() + 1, module
 
 
-@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "linear"])
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "dare_ties",
+                                    "breadcrumbs_ties", "linear"])
 def test_default_rank_errors_agree_and_repeat(adapters: list[Path], method: str) -> None:
     cpu = merge_adapters(adapters, [0.6, 0.4], method, seed=4)
     gpu = merge_adapters(adapters, [0.6, 0.4], method, seed=4, device=OTHER)

@@ -53,6 +53,12 @@ def assert_same_result(left, right) -> None:  # type: ignore[no-untyped-def]
     ("ties", {"density": 0.4, "sign_election": "frequency"}, None),
     ("magnitude_prune", {"density": 0.35, "normalize": True}, None),
     ("magnitude_prune", {"density": 1.0}, 3),
+    ("dare_ties", {"density": 0.4}, None),
+    ("dare_ties", {"density": 0.6, "sign_election": "mergekit"}, 5),
+    ("dare_linear", {"density": 0.5, "normalize": True, "lambda": 0.9}, None),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}, None),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.0, "normalize": True}, 4),
+    ("breadcrumbs", {"density": 0.7, "gamma": 0.5}, None),  # density + gamma > 1: fewer outliers
 ])
 def test_grouped_path_is_bit_for_bit_the_per_module_path(
         adapters: list[Path], method: str, params: dict, rank: int | None,
@@ -74,6 +80,18 @@ def test_grouped_path_is_bit_for_bit_the_per_module_path(
     assert sum(calls) == len(per_module.report["modules"]) == len(SHAPES) + 1
     assert sum(groups) == len(SHAPES) + 1 and len(groups) == 4  # 3 shapes, v_proj apart
     assert grouped.report["device"] == "cpu"
+
+
+def test_methods_without_a_grouped_form_merge_module_by_module(
+        adapters: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELLA ranks per row and KnOTS merges rank-sized coefficients: asked to group, they
+    still take the per-module path, with the same result."""
+    monkeypatch.setattr(device_trim, "merge_group", lambda *a, **k: pytest.fail("grouped"))
+    for method, params in (("della", {"density": 0.5}), ("ties", {"align": "knots"})):
+        per_module = merge_adapters(adapters[:2], [0.5, 0.5], method, params=params, seed=1)
+        asked = merge_adapters(adapters[:2], [0.5, 0.5], method, params=params, seed=1,
+                               group_modules=True)
+        assert_same_result(asked, per_module)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "linear"])

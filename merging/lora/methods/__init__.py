@@ -156,6 +156,28 @@ class Factors:
 
 MethodResult = Union[Factors, "torch.Tensor"]
 MethodFn = Callable[[Sequence[ModuleInput], MergeParams, ModuleContext], MethodResult]
+GroupSelectFn = Callable[["torch.Tensor", Sequence[Sequence[ModuleInput]], Sequence[ModuleContext],
+                          MergeParams], None]
+"""``select(deltas, group, contexts, params)``: a dense method's entry-wise step (trim, drop,
+band) applied in place to a group's ``(modules, inputs, out, in)`` float32 true deltas;
+``deltas[m, i]`` is ``group[m][i]``'s delta in module ``contexts[m]``."""
+
+
+@dataclass(frozen=True)
+class GroupedForm:
+    """How a dense method merges a group of same-shaped modules at once
+    (:mod:`merging.lora.device_trim`: one batched product, one selection, one combine),
+    the engine's path on a GPU, where merging modules one at a time is bound by kernel
+    launches. Its result must be the per-module ``fn``'s, bit for bit on the CPU.
+
+    Attributes:
+        select: The entry-wise step (:data:`GroupSelectFn`).
+        elect: Combine by sign election and disjoint mean (TIES family), else a
+            weighted sum (``normalize`` honoured).
+    """
+
+    select: GroupSelectFn
+    elect: bool
 
 
 @dataclass(frozen=True)
@@ -168,6 +190,8 @@ class MergeMethod:
         output: ``"exact"`` | ``"concat"`` (fn returns :class:`Factors`) or ``"dense"``.
         params: Optional parameters it accepts.
         summary: One line for ``--help`` and the README.
+        grouped: How to merge same-shaped modules together (dense methods that have
+            one; the engine merges the others module by module).
     """
 
     name: str
@@ -175,6 +199,7 @@ class MergeMethod:
     output: str
     params: frozenset[str]
     summary: str
+    grouped: GroupedForm | None = None
 
     @property
     def accepted(self) -> frozenset[str]:
@@ -278,15 +303,18 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def register_method(name: str, *, output: str, params: set[str] | frozenset[str] = frozenset(),
-                    summary: str = "") -> Callable[[MethodFn], MethodFn]:
+                    summary: str = "", grouped: GroupedForm | None = None
+                    ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn`` under ``name``.
 
     Raises:
-        ValueError: The name is taken, or a parameter or output kind is unknown
-            (programming errors).
+        ValueError: The name is taken, or a parameter or output kind is unknown, or a
+            non-dense method has a grouped form (programming errors).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if grouped is not None and output != "dense":
+        raise ValueError(f"method {name}: only dense methods have a grouped form")
     unknown = set(params) - set(PARAMETERS)
     if unknown:
         raise ValueError(f"unknown parameters {sorted(unknown)} for method {name}")
@@ -294,7 +322,7 @@ def register_method(name: str, *, output: str, params: set[str] | frozenset[str]
     def decorate(fn: MethodFn) -> MethodFn:
         if name in METHODS and METHODS[name].fn is not fn:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = MergeMethod(name, fn, output, frozenset(params), summary)
+        METHODS[name] = MergeMethod(name, fn, output, frozenset(params), summary, grouped)
         return fn
 
     return decorate

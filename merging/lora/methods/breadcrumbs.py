@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import GroupedForm, MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +41,18 @@ def _crumbs(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleConte
     return lambda pos, inp, block, j: sparsify.band_block(block, *bands[pos])
 
 
+def _band_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
+                contexts: Sequence[ModuleContext], params: MergeParams) -> None:
+    """The grouped step: every delta's band from two radix selects."""
+    from merging.lora.group_steps import band_group
+
+    band_group(deltas, params.density, params.gamma)
+
+
 @register_method("breadcrumbs", output="dense",
                  params={"density", "gamma", "lambda", "normalize"},
-                 summary="drop the top gamma outliers, keep the next density, weighted sum")
+                 summary="drop the top gamma outliers, keep the next density, weighted sum",
+                 grouped=GroupedForm(_band_group, elect=False))
 def breadcrumbs(inputs: Sequence[ModuleInput], params: MergeParams,
                 ctx: ModuleContext) -> torch.Tensor:
     """Breadcrumbs then weighted sum; dense float32 result."""
@@ -55,7 +64,8 @@ def breadcrumbs(inputs: Sequence[ModuleInput], params: MergeParams,
 
 @register_method("breadcrumbs_ties", output="dense",
                  params={"density", "gamma", "lambda", "sign_election"},
-                 summary="breadcrumbs, then TIES sign election and disjoint mean")
+                 summary="breadcrumbs, then TIES sign election and disjoint mean",
+                 grouped=GroupedForm(_band_group, elect=True))
 def breadcrumbs_ties(inputs: Sequence[ModuleInput], params: MergeParams,
                      ctx: ModuleContext) -> torch.Tensor:
     """Breadcrumbs then sign election and disjoint mean; dense float32 result."""

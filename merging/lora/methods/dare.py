@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import GroupedForm, MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +30,17 @@ def _dropper(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleCont
         block, params.density, sparsify.dare_generator(ctx, inp.index, j))
 
 
+def _drop_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
+                contexts: Sequence[ModuleContext], params: MergeParams) -> None:
+    """The grouped step: the same masks, drawn for a whole group at once."""
+    from merging.lora.group_steps import dare_group
+
+    dare_group(deltas, group, contexts, params.density)
+
+
 @register_method("dare_linear", output="dense", params={"density", "lambda", "normalize"},
-                 summary="random drop (keep p=density), rescale 1/density, weighted sum")
+                 summary="random drop (keep p=density), rescale 1/density, weighted sum",
+                 grouped=GroupedForm(_drop_group, elect=False))
 def dare_linear(inputs: Sequence[ModuleInput], params: MergeParams,
                 ctx: ModuleContext) -> torch.Tensor:
     """DARE then weighted sum; dense float32 result."""
@@ -42,7 +51,8 @@ def dare_linear(inputs: Sequence[ModuleInput], params: MergeParams,
 
 
 @register_method("dare_ties", output="dense", params={"density", "lambda", "sign_election"},
-                 summary="random drop and rescale, then TIES sign election and disjoint mean")
+                 summary="random drop and rescale, then TIES sign election and disjoint mean",
+                 grouped=GroupedForm(_drop_group, elect=True))
 def dare_ties(inputs: Sequence[ModuleInput], params: MergeParams,
               ctx: ModuleContext) -> torch.Tensor:
     """DARE then sign election and disjoint mean; dense float32 result."""

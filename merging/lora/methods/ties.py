@@ -13,14 +13,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods import GroupedForm, MergeParams, ModuleContext, ModuleInput, register_method
 
 if TYPE_CHECKING:
     import torch
 
 
+def _trim_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
+                contexts: Sequence[ModuleContext], params: MergeParams) -> None:
+    from merging.lora.group_steps import trim_group
+
+    trim_group(deltas, params.density)
+
+
 @register_method("ties", output="dense", params={"density", "lambda", "sign_election"},
-                 summary="trim to top density, elect signs, disjoint mean (TIES)")
+                 summary="trim to top density, elect signs, disjoint mean (TIES)",
+                 grouped=GroupedForm(_trim_group, elect=True))
 def ties(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> torch.Tensor:
     """TIES on the module's true deltas; dense float32 result."""
     from merging.lora import sparsify
