@@ -272,6 +272,23 @@ def environment_error(err: OSError, *, path: object = None,
     return EnvironmentFailure(message, fix=fix.format(path=shown))
 
 
+def output_error(err: OSError, out_dir: object) -> EnvironmentFailure:
+    """The error for an output directory that cannot be made where it was asked for.
+
+    Outputs are written into a hidden temp directory beside ``out_dir`` and renamed onto it,
+    so the operating system names that temp directory (``.OUT.x1y2z3.tmp``): the message
+    names the output instead, and for a read-only or foreign parent the fix is about the
+    output path, not the store.
+    """
+    out = os.path.abspath(os.fsdecode(os.fspath(str(out_dir))))
+    parent = os.path.dirname(out)
+    failure = environment_error(err, path=parent, action=f"writing {clip(out)}")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return EnvironmentFailure(failure.message, fix=f"choose an output directory on a writable "
+                                                       f"file system, or make {clip(parent)} writable")
+    return failure
+
+
 def internal_error(err: BaseException) -> InternalError:
     """The CLI's last-resort error for an exception nothing else handled."""
     detail = clip(" ".join(str(err).split()) or "no message")

@@ -26,14 +26,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from registry.errors import (BadInputError, ConflictError, EnvironmentFailure, IntegrityError,
                              environment_error)
-from registry.fsutil import check_out_dir, check_outside, STALE_TEMP_GRACE_S, make_dirs, remove_stale_dirs
+from registry.fsutil import check_out_dir, check_outside, STALE_TEMP_GRACE_S, remove_stale_dirs, temp_dir_beside
 from registry.progress import ProgressCallback
 from registry.storage.manifest import Version
 from registry.storage.reader import StoreReader
@@ -188,12 +187,8 @@ def export(store: StoreReader, ref: str | Version, out_dir: Path, *,
                                  fix="export into a real new or empty directory")
     check_out_dir(out_dir, fix="export into a new or empty directory")
     check_outside(out_dir, store.root)
-    try:
-        make_dirs(out_dir.parent)
-        remove_stale_exports(out_dir.parent, grace_s=stale_grace_s)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
-    except OSError as err:
-        raise environment_error(err, action=f"exporting to {out_dir}") from err
+    remove_stale_exports(out_dir.parent, grace_s=stale_grace_s)
+    tmp = temp_dir_beside(out_dir, prefix=f".{out_dir.name}.export-")
     try:
         _fill(store, version, tmp, out_dir, progress)
         _publish(tmp, out_dir)

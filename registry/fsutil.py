@@ -122,6 +122,23 @@ def newest_mtime(path: Path) -> float | None:
     return newest
 
 
+def temp_dir_beside(out_dir: Path, prefix: str, suffix: str = "") -> Path:
+    """``mkdtemp`` in ``out_dir``'s parent (made if missing): where an output is staged
+    before it is renamed onto ``out_dir``.
+
+    Raises:
+        EnvironmentFailure: The parent cannot be made or written; the message names
+            ``out_dir``, not the hidden temp name (:func:`registry.errors.output_error`).
+    """
+    from registry.errors import output_error
+
+    try:
+        make_dirs(out_dir.parent)
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=out_dir.parent))
+    except OSError as err:
+        raise output_error(err, out_dir) from err
+
+
 def remove_stale_dirs(parent: Path, pattern: re.Pattern[str], *,
                       grace_s: float = STALE_TEMP_GRACE_S, now: float | None = None) -> list[Path]:
     """Remove the temp dirs a killed writer left in ``parent``: names matching ``pattern``,

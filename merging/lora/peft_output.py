@@ -22,15 +22,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import environment_error, os_error_in
-from registry.fsutil import make_dirs
-from registry.fsutil import check_out_dir, remove_stale_dirs
+
+from registry.fsutil import check_out_dir, remove_stale_dirs, temp_dir_beside
 from registry.ingest import CONFIG_NAME, WEIGHTS_NAME
 from registry.formats.peft_keys import strip_prefix
 
@@ -112,15 +111,14 @@ def stage_peft_dir(result: MergeResult, out_dir: str | Path) -> Path:
 
     Raises:
         ConflictError: ``out_dir`` exists and is not an empty directory.
-        OSError: The parent directory cannot be written.
+        EnvironmentFailure: The parent directory cannot be made or written.
     """
     from safetensors.torch import save_file
 
     out = check_out_dir(out_dir)
-    make_dirs(out.parent)
     # what a killed run into the same OUT left (mkdtemp's 8 random characters), once idle
     remove_stale_dirs(out.parent, re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}\.tmp\Z"))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out, prefix=f".{out.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o755)
         try:

@@ -14,12 +14,11 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from merging.model.layout import INDEX_NAME, WEIGHT_EXTENSIONS
-from registry.fsutil import check_out_dir, remove_stale_dirs
+from registry.fsutil import check_out_dir, remove_stale_dirs, temp_dir_beside
 
 
 def copy_non_weight_files(src_dir: Path, dst_dir: Path, skip: set[str]) -> list[str]:
@@ -61,10 +60,9 @@ def staged_output(out_dir: str | Path, *, sync: bool = True) -> Iterator[Path]:
     """
     out_dir = Path(out_dir).absolute()
     check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # what a killed run into the same OUT left (mkdtemp's 8 random characters), once idle
     remove_stale_dirs(out_dir.parent, re.compile(re.escape(f".{out_dir.name}.tmp-") + r"[a-z0-9_]{8}\Z"))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir, prefix=f".{out_dir.name}.tmp-")
     try:
         yield tmp
         check_out_dir(out_dir)

@@ -35,7 +35,6 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from registry.derived_check import (check_model_dir, environment_diff, model_tensor_list,
                                     recorded_weights)
 from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
-from registry.fsutil import remove_stale_dirs
+from registry.fsutil import remove_stale_dirs, temp_dir_beside
 from registry.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -254,10 +253,9 @@ def rebuild(store: Store, ref: str, base_dir: str | Path, out_dir: str | Path, *
     current = build_environment()
     diffs = sorted({d for s in steps for d in environment_diff(
         ((s.version.lineage or {}).get("report") or {}).get("environment"), current)})
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # what a killed rebuild into the same OUT left (mkdtemp's 8 characters), once idle
     remove_stale_dirs(out_dir.parent, re.compile(re.escape(f".{out_dir.name}.rebuild-") + r"[a-z0-9_]{8}\Z"))
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.rebuild-", dir=out_dir.parent))
+    scratch = temp_dir_beside(out_dir, prefix=f".{out_dir.name}.rebuild-")
     try:
         src, tensors = base, 0
         for i, step in enumerate(steps):

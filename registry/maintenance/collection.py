@@ -21,6 +21,7 @@ and the delete could be lost -- keep the grace period well above push durations.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from dataclasses import dataclass
@@ -176,7 +177,9 @@ def gc(store: Store, grace_seconds: float = 3600.0, *, dry_run: bool = False,
     Args:
         store: The store.
         grace_seconds: Keep anything modified more recently than this.
-        dry_run: Report what would be deleted, delete nothing, audit nothing.
+        dry_run: Report what would be deleted, delete nothing, audit nothing. It also
+            works on a store this user may only read (read-only mount, no write
+            permission), without the locks and without settling interrupted mutations.
         actor: Who runs it (audit).
         now: Current time (tests).
 
@@ -188,46 +191,62 @@ def gc(store: Store, grace_seconds: float = 3600.0, *, dry_run: bool = False,
             refs disagree with the audit log (:func:`check_refs_audited`).
     """
     cutoff = (time.time() if now is None else now) - grace_seconds
-    # refs.lock too: gc is a mutation under the intent protocol (registry.audit.journal), and
-    # no other writer may settle its marker while it runs
-    with store.backend.lock("gc"), store.backend.lock("refs"):
-        recover(store, actor=actor)
-        check_refs_audited(store)
-        keep = reachable(store)
-        present = store.blobs.all_digests()
-        planned: list[tuple[str, int]] = []
-        young: list[str] = []
-        for digest in present:
-            if digest in keep:
-                continue
+    try:
+        # refs.lock too: gc is a mutation under the intent protocol (registry.audit.journal),
+        # and no other writer may settle its marker while it runs
+        with store.backend.lock("gc"), store.backend.lock("refs"):
+            recover(store, actor=actor)
+            return _collect(store, cutoff, dry_run=dry_run, actor=actor)
+    except OSError as err:
+        if not dry_run or err.errno not in READ_ONLY_ERRNOS:
+            raise
+    # A dry run on a store this user may not write (its lock files cannot even be opened):
+    # nothing is deleted or settled, so plan without the locks, as `ls` and `verify` read.
+    return _collect(store, cutoff, dry_run=True, actor=actor)
+
+
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+"""Why a lock file cannot be opened on a store that may only be read."""
+
+
+def _collect(store: Store, cutoff: float, *, dry_run: bool, actor: str | None) -> GcReport:
+    """Plan (and unless ``dry_run``, carry out and audit) one collection; see :func:`gc`."""
+    check_refs_audited(store)
+    keep = reachable(store)
+    present = store.blobs.all_digests()
+    planned: list[tuple[str, int]] = []
+    young: list[str] = []
+    for digest in present:
+        if digest in keep:
+            continue
+        stat = store.backend.stat(blob_key(digest))
+        if stat is None:
+            continue
+        (young.append(digest) if stat.mtime >= cutoff else planned.append((digest, stat.size)))
+    temps = _stale_temp_files(store, cutoff)
+    removed: list[str] = []
+    freed = 0
+
+    def delete() -> None:
+        nonlocal freed
+        for digest, size in planned:
+            # stat right before deleting: a push that re-used this blob since gc listed
+            # it has touched it, so it is young now (the only guard on S3, with no lock)
             stat = store.backend.stat(blob_key(digest))
-            if stat is None:
+            if stat is None or stat.mtime >= cutoff:
                 continue
-            (young.append(digest) if stat.mtime >= cutoff else planned.append((digest, stat.size)))
-        temps = _stale_temp_files(store, cutoff)
-        removed: list[str] = []
-        freed = 0
+            store.backend.delete(blob_key(digest))
+            removed.append(digest)
+            freed += size
+        for path in temps:
+            _remove(path)
 
-        def delete() -> None:
-            nonlocal freed
-            for digest, size in planned:
-                # stat right before deleting: a push that re-used this blob since gc listed
-                # it has touched it, so it is young now (the only guard on S3, with no lock)
-                stat = store.backend.stat(blob_key(digest))
-                if stat is None or stat.mtime >= cutoff:
-                    continue
-                store.backend.delete(blob_key(digest))
-                removed.append(digest)
-                freed += size
-            for path in temps:
-                _remove(path)
-
-        if dry_run:
-            removed, freed = [d for d, _ in planned], sum(size for _, size in planned)
-        else:
-            run_mutation(store, "gc", store.location, old=None, actor=actor, apply=delete,
-                         new={"removed": len(planned), "freed_bytes": sum(s for _, s in planned),
-                              "temp_removed": len(temps)})
+    if dry_run:
+        removed, freed = [d for d, _ in planned], sum(size for _, size in planned)
+    else:
+        run_mutation(store, "gc", store.location, old=None, actor=actor, apply=delete,
+                     new={"removed": len(planned), "freed_bytes": sum(s for _, s in planned),
+                          "temp_removed": len(temps)})
     return GcReport(removed=removed, freed_bytes=freed,
                     kept_reachable=len(keep.intersection(present)),
                     kept_young=young, temp_removed=[str(p.relative_to(store.root)) for p in temps],

@@ -61,6 +61,50 @@ def test_push_to_read_only_store_exits_6_and_json(tmpfs, tmp_path, capsys):
     assert code == 0 and listing == {"names": []}
 
 
+def test_gc_dry_run_reads_a_read_only_store_and_a_real_gc_exits_6(tmpfs, tmp_path, capsys):
+    """Found by a CLI contract pass: `gc --dry-run` only reads, yet it opened its lock files
+    and failed with exit 6 on a read-only mount. Now it plans there; `gc` itself still
+    refuses with the environment's exit code, and nothing changes."""
+    mnt = tmpfs("ro-gc", "5m")
+    store = _init(capsys, mnt / "store")
+    from registry.storage.store import Store
+
+    code, _, err = run(capsys, "push", write_synthetic_adapter(tmp_path / "a"), "--name", "demo",
+                       "--store", store)
+    assert code == 0, err
+    orphan, _ = Store.open(store).blobs.put_bytes(b"nothing refers to this blob")
+    code, writable = run_json(capsys, "gc", "--dry-run", "--grace", "0s", "--store", store)
+    assert code == 0 and writable["removed"] == [orphan], writable
+    remount_read_only(mnt)
+    code, data = run_json(capsys, "gc", "--dry-run", "--grace", "0s", "--store", store)
+    assert code == 0, data
+    assert data["removed"] == writable["removed"] and data["dry_run"] is True
+    code, _, err = run(capsys, "gc", "--grace", "0s", "--store", store)
+    assert code == 6
+    assert "read-only file system" in _two_lines(err)[0]
+
+
+def test_an_output_on_a_read_only_mount_names_the_output_not_its_temp_dir(tmpfs, tmp_path, capsys):
+    """Found by a CLI contract pass: the message named the hidden temp directory beside the
+    output (`.OUT.x1y2z3.tmp`) and told the user to fix the store."""
+    store = _init(capsys, tmp_path / "store")
+    code, _, err = run(capsys, "push", write_synthetic_adapter(tmp_path / "a"), "--name", "demo",
+                       "--store", store)
+    assert code == 0, err
+    mnt = tmpfs("ro-out", "1m")
+    remount_read_only(mnt)
+    for argv in (["merge", "demo", "demo", "--out", mnt / "merged"],
+                 ["export", "demo", mnt / "exported"], ["export", "demo", mnt / "sub" / "deeper"]):
+        out_dir = Path(argv[-1])
+        code, _, err = run(capsys, *argv, "--store", store)
+        assert code == 6, err
+        error, fix = _two_lines(err)
+        assert error.startswith(f"error: writing {out_dir}: read-only file system"), error
+        assert ".tmp" not in err and ".export-" not in err and "--store" not in fix, err
+        assert "writable" in fix
+        assert not out_dir.exists()
+
+
 def test_push_on_full_disk_exits_6_leaves_nothing(tmpfs, tmp_path, capsys):
     mnt = tmpfs("full", "5m")
     store = _init(capsys, mnt / "store")
