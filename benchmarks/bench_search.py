@@ -132,9 +132,9 @@ def bench(label: str, base: Path, adapter_dirs: list[Path], names: list[str], po
     print(f"{label} on {device}: {count} trials  live {60 * count / fast_s:.1f} trials/min ({fast_s:.1f} s, "
           f"base loaded once in {setup:.1f} s)  naive {60 * count / slow_s:.1f} trials/min "
           f"({slow_s:.1f} s)  ratio {ratio:.2f}x  objectives identical: {'yes' if same else 'NO'}\n"
-          f"  per trial: merge {parts['merge'] / 2 / count:.2f} s (both loops), in-place swap "
-          f"{parts['swap'] / count:.3f} s (live), write + reload {parts['reload'] / count:.2f} s "
-          f"(naive), scoring {parts['score'] / 2 / count:.2f} s (both loops)", flush=True)
+          f"  per trial: merge {parts['merge'] / 2 / count:.3f} s (both loops), in-place swap "
+          f"{parts['swap'] / count:.3f} s (live), write + reload {parts['reload'] / count:.3f} s "
+          f"(naive), scoring {parts['score'] / 2 / count:.3f} s (both loops)", flush=True)
     return ratio
 
 

@@ -49,7 +49,7 @@ import torch
 
 from merging.lora import sparsify
 from merging.lora.factorize import dense_error, lowrank_refactor
-from merging.lora.inputs import overflow_error
+from merging.lora.inputs import finite_factors, overflow_error
 from merging.lora.group_steps import trim_select
 from merging.lora.lowrank import frobenius_errors, lowrank_factors
 from merging.threads import block_map
@@ -206,6 +206,7 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
 
     Raises:
         ValueError: ``names`` or ``ranks`` do not have one entry per module.
+        MergeRangeError: A module's factors overflow ``dtype`` (as the per-module engine).
     """
     if not len(names) == len(ranks) == merged.shape[0]:
         raise ValueError("factor_group takes one name and one rank per merged delta")
@@ -213,7 +214,7 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
         out = []
         for m, name in enumerate(names):
             b, a = lowrank_refactor(merged[m], ranks[m], seed=seed, module=name)
-            b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
+            b, a = finite_factors(name, b.to(dtype).contiguous(), a.to(dtype).contiguous())
             out.append((b, a, *dense_error(merged[m], b, a)))
         return out
     results: list[FactoredModule | None] = [None] * len(names)
@@ -226,7 +227,9 @@ def factor_group(merged: torch.Tensor, names: Sequence[str], ranks: Sequence[int
         B_cpu, A_cpu = B.cpu(), A.cpu()
         for i, (m, err, norm) in enumerate(zip(picked, errors.tolist(), norms.tolist(),
                                                strict=True)):
-            results[m] = (host_copy(B_cpu[i]), host_copy(A_cpu[i]), err, norm)
+            # as the per-module engine: factors that overflow the output dtype are refused
+            b, a = finite_factors(names[m], host_copy(B_cpu[i]), host_copy(A_cpu[i]))
+            results[m] = (b, a, err, norm)
     return [r for r in results if r is not None]
 
 
@@ -291,8 +294,9 @@ def merge_modules_grouped(shapes: dict[str, tuple[int, int]], inputs_of: dict[st
                                       transposed=transposed(name)) for name in group]
             merged = merge_group(inputs, params, elect=elect, device=device, batched=batched,
                                  select=select, contexts=contexts)
-            if not bool(torch.isfinite(merged).all()):  # one host sync per group
-                raise overflow_error(group)
+            finite = torch.isfinite(merged).flatten(1).all(1).tolist()  # one host sync per group
+            if not all(finite):
+                raise overflow_error([name for name, ok in zip(group, finite, strict=True) if not ok])
             ranks = [rank if rank is not None else max(inp.A.shape[0] for inp in module)
                      for module in inputs]
             factored = factor_group(merged, group, ranks, seed=seed, dtype=dtype, batched=batched)

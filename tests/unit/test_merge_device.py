@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from merging.devices import resolve_device
 from merging.lora import device_trim
 from merging.lora.engine import merge_adapters
-from registry.errors import BadInputError
+from registry.errors import BadInputError, MergeRangeError
 from tests.support.merge import random_adapter
 
 # Two layers of three shapes (some above the 2^20-entry randomized-SVD threshold),
@@ -80,6 +81,37 @@ def test_grouped_path_is_bit_for_bit_the_per_module_path(
     assert sum(calls) == len(per_module.report["modules"]) == len(SHAPES) + 1
     assert sum(groups) == len(SHAPES) + 1 and len(groups) == 4  # 3 shapes, v_proj apart
     assert grouped.report["device"] == "cpu"
+
+
+@pytest.mark.parametrize(("method", "params", "weight", "dtype"), [
+    ("breadcrumbs_ties", {"density": 0.9, "gamma": 0.0}, 5e37, torch.float32),
+    ("ties", {"density": 0.5}, 5e37, torch.float32),
+    ("dare_ties", {"density": 0.5}, 1e9, torch.float16),
+])
+def test_grouped_path_refuses_factors_that_overflow_like_the_per_module_path(
+        tmp_path: Path, method: str, params: dict, weight: float, dtype: torch.dtype) -> None:
+    """Found by a QA pass: the grouped path checked the float32 merged delta but not the
+    factors cast to the output dtype, and returned NaN/inf factors (report error nan)
+    where the per-module path refuses the merge."""
+    shapes = {"model.layers.0.self_attn.q_proj": (32, 32)}
+    paths = [random_adapter(tmp_path / f"in{s}", shapes, r=4, seed=s, dtype=dtype) for s in (1, 2)]
+    for group in (False, True):
+        with pytest.raises(MergeRangeError, match="merged factors do not fit"):
+            merge_adapters(paths, [weight, weight], method, params=params, group_modules=group)
+
+
+def test_an_overflowing_group_names_only_the_modules_that_overflow(tmp_path: Path) -> None:
+    shapes = {f"model.layers.0.self_attn.{m}_proj": (32, 32) for m in ("q", "v")}
+    paths = [random_adapter(tmp_path / f"in{s}", shapes, r=4, seed=s) for s in (1, 2)]
+    for path in paths:  # v_proj alone is scaled to overflow once weighted
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        key = next(k for k in tensors if "v_proj.lora_B" in k)
+        tensors[key] = tensors[key] * 1e35
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+    for group in (False, True):
+        with pytest.raises(MergeRangeError, match="overflows float32") as err:
+            merge_adapters(paths, [1e3, 1e3], "ties", params={"density": 1.0}, group_modules=group)
+        assert "v_proj" in str(err.value) and "q_proj" not in str(err.value)
 
 
 def test_methods_without_a_grouped_form_merge_module_by_module(
