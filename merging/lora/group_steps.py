@@ -17,7 +17,9 @@ The methods name their step in their :class:`merging.lora.methods.GroupedForm`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -76,6 +78,86 @@ def band_group(deltas: torch.Tensor, density: float, gamma: float) -> torch.Tens
     return deltas
 
 
+DEVICE_DRAW_BYTES = 1 << 30
+"""DARE's uniform draws kept on a device between merges, at most (least recently used
+dropped first). A merge search merges the same inputs dozens of times with one seed, and
+the draws depend on the seed, module, input and shape, never on the density."""
+
+
+class _DrawCache:
+    """A byte-bounded LRU of device tensors; thread-safe (merges may run side by side)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.kept: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> torch.Tensor | None:
+        with self.lock:
+            found = self.kept.pop(key, None)
+            if found is not None:
+                self.kept[key] = found
+            return found
+
+    def put(self, key: tuple[object, ...], tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        with self.lock:
+            if size > self.limit or key in self.kept:
+                return
+            self.kept[key] = tensor
+            self.used += size
+            while self.used > self.limit:
+                _, old = self.kept.popitem(last=False)
+                self.used -= old.numel() * old.element_size()
+
+
+DEVICE_DRAWS = _DrawCache(DEVICE_DRAW_BYTES)
+
+
+def _draw_blocks(pairs: Sequence[tuple[ModuleContext, int]], out: torch.Tensor,
+                 fill: Callable[[torch.Tensor, torch.Tensor], object]) -> None:
+    """For each ``(module, input index)`` of ``pairs``, its DARE draws block by block (the
+    per-module path's generators), handed to ``fill(draws, out[p, block])``; blocks side by
+    side on single-threaded workers (each has its own generator: order does not matter)."""
+    rows, cols = pairs[0][0].shape
+    jobs = [(p, j, block) for p in range(len(pairs)) for j, block in enumerate(sparsify.row_blocks(rows))]
+
+    def draw(job: tuple[int, int, slice]) -> None:
+        p, j, block = job
+        ctx, index = pairs[p]
+        gen = sparsify.dare_generator(ctx, index, j)
+        fill(torch.rand((block.stop - block.start, cols), generator=gen), out[p, block])
+
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            draw(job)
+    else:
+        with worker_pool(workers) as pool:
+            list(pool.map(draw, jobs))
+
+
+def device_draws(group: Sequence[Sequence[ModuleInput]], contexts: Sequence[ModuleContext],
+                 device: torch.device) -> torch.Tensor:
+    """DARE's uniform draws of a group on ``device``: ``(modules, inputs, out, in)`` float32,
+    the very values :func:`dare_masks` compares (drawn on the CPU, copied once), kept in
+    :data:`DEVICE_DRAWS` for the next merge of the same modules with the same seed."""
+    keys = [[(ctx.seed, ctx.name, inp.index, ctx.shape, str(device)) for inp in inputs]
+            for ctx, inputs in zip(contexts, group, strict=True)]
+    found = [[DEVICE_DRAWS.get(key) for key in row] for row in keys]
+    missing = [(m, i) for m, row in enumerate(found) for i, t in enumerate(row) if t is None]
+    if missing:
+        rows, cols = contexts[0].shape
+        fresh = torch.empty((len(missing), rows, cols), dtype=torch.float32)
+        _draw_blocks([(contexts[m], group[m][i].index) for m, i in missing], fresh,
+                     lambda draws, out: out.copy_(draws))
+        moved = _stacked_masks(fresh, device)
+        for p, (m, i) in enumerate(missing):
+            found[m][i] = moved[p]
+            DEVICE_DRAWS.put(keys[m][i], moved[p].clone())  # its own storage: the batch is freed
+    return torch.stack([torch.stack([t for t in row if t is not None]) for row in found])
+
+
 def dare_masks(group: Sequence[Sequence[ModuleInput]], contexts: Sequence[ModuleContext],
                density: float) -> torch.Tensor:
     """DARE's keep masks of a group: ``(modules, inputs, out, in)`` bool on the CPU.
@@ -86,34 +168,26 @@ def dare_masks(group: Sequence[Sequence[ModuleInput]], contexts: Sequence[Module
     single-threaded workers (each has its own generator, so the order does not matter).
     """
     rows, cols = contexts[0].shape
-    keep = torch.empty((len(group), len(group[0]), rows, cols), dtype=torch.bool)
-    jobs = [(m, i, j, block) for m, inputs in enumerate(group) for i in range(len(inputs))
-            for j, block in enumerate(sparsify.row_blocks(rows))]
-
-    def draw(job: tuple[int, int, int, slice]) -> None:
-        m, i, j, block = job
-        gen = sparsify.dare_generator(contexts[m], group[m][i].index, j)
-        torch.lt(torch.rand((block.stop - block.start, cols), generator=gen), density,
-                 out=keep[m, i, block])
-
-    workers = min(torch.get_num_threads(), len(jobs))
-    if workers <= 1:
-        for job in jobs:
-            draw(job)
-    else:
-        with worker_pool(workers) as pool:
-            list(pool.map(draw, jobs))
-    return keep
+    inputs = len(group[0])
+    keep = torch.empty((len(group) * inputs, rows, cols), dtype=torch.bool)
+    _draw_blocks([(ctx, inp.index) for ctx, module in zip(contexts, group, strict=True) for inp in module],
+                 keep, lambda draws, out: torch.lt(draws, density, out=out))
+    return keep.view(len(group), inputs, rows, cols)
 
 
 def dare_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
                contexts: Sequence[ModuleContext], density: float) -> torch.Tensor:
     """Drop and rescale each delta with DARE's masks (:func:`dare_masks`), in place:
     ``delta · keep / density``, the per-module ``dare_block`` step. ``density >= 1``
-    keeps everything and draws nothing."""
+    keeps everything and draws nothing. Off the CPU the draws come from
+    :func:`device_draws` (kept between merges) and are compared there."""
     if density >= 1.0:
         return deltas
-    return deltas.mul_(_stacked_masks(dare_masks(group, contexts, density), deltas.device)).div_(density)
+    if deltas.device.type == "cpu":
+        keep = dare_masks(group, contexts, density)
+    else:
+        keep = device_draws(group, contexts, deltas.device) < density
+    return deltas.mul_(keep).div_(density)
 
 
 def _stacked_masks(keep: torch.Tensor, device: torch.device) -> torch.Tensor:

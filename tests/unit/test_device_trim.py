@@ -97,6 +97,30 @@ def test_dare_masks_are_the_per_module_masks() -> None:
     assert 0.25 < float(keep.float().mean()) < 0.35
 
 
+def test_device_draws_are_the_masks_uniforms_and_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU, DARE compares draws kept between merges: they must be the CPU masks'
+    own uniforms, be drawn once per (seed, module, input, shape, device), and stay within
+    their byte bound (the CPU stands in for the device here; CUDA: test_gpu_paths)."""
+    from merging.lora import group_steps
+
+    cache = group_steps._DrawCache(limit=2 * 150 * 20 * 4)  # two (150, 20) float32 draws
+    monkeypatch.setattr(group_steps, "DEVICE_DRAWS", cache)
+    drawn: list[int] = []
+    real = group_steps._draw_blocks
+    monkeypatch.setattr(group_steps, "_draw_blocks",
+                        lambda pairs, out, fill: (drawn.append(len(pairs)), real(pairs, out, fill)))
+    group = [integer_inputs(150, 20, seed, [1.0, 1.0]) for seed in (1, 2)]
+    contexts = [ModuleContext(name=f"layers.{m}.v_proj", shape=(150, 20), seed=9) for m in range(2)]
+    cpu = torch.device("cpu")
+    draws = group_steps.device_draws(group[:1], contexts[:1], cpu)
+    assert torch.equal(draws < 0.3, dare_masks(group[:1], contexts[:1], 0.3))
+    assert torch.equal(group_steps.device_draws(group[:1], contexts[:1], cpu), draws)
+    assert drawn == [2, 2]  # dare_masks draws its own; the second device_draws hits the cache
+    both = group_steps.device_draws(group, contexts, cpu)  # module 1: two more, evicting module 0
+    assert drawn == [2, 2, 2] and torch.equal(both[0], draws[0]) and cache.used == cache.limit
+    assert len(cache.kept) == 2 and all(k[1] == "layers.1.v_proj" for k in cache.kept)
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"])
 def test_grouped_forms_equal_their_methods_bit_for_bit(method: str) -> None:
     from merging.lora.methods import get_method

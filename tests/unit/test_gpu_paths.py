@@ -114,6 +114,7 @@ def test_grouped_forms_on_cuda_match_the_cpu_on_exact_inputs(method: str) -> Non
     cpu = merge_group(group, params, device="cpu", **kwargs)
     gpu = merge_group(group, params, device=OTHER, **kwargs)
     assert gpu.device.type == OTHER and torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(merge_group(group, params, device=OTHER, **kwargs), gpu)  # DARE: kept draws
 
 
 @pytest.fixture(scope="module")
