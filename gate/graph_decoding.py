@@ -24,7 +24,9 @@ at most ``n`` new tokens:
   buffers (input token, positions, mask, cache) are static and updated in place. The
   captured graph and its cache are kept on the model (:data:`GRAPHS_KEPT` shapes), so a
   model whose weights change in place (the search's live model) replays the same graph
-  for every candidate: a graph reads the weights where they are, at replay time.
+  for every candidate: a graph reads the weights where they are, at replay time. A shape
+  decoded a second time on the same model gets its prompts' pass captured too (a gate
+  run, which decodes each shape once per model, never pays for that capture).
 
 **Numbers.** Keys past the current position are masked, so their (stale or zero) values
 never count; but attending over ``w + n`` masked keys instead of the growing cache can
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-GRAPHS_KEPT = 8
+GRAPHS_KEPT = 4
 """Captured batch shapes kept per model (least recently used dropped first)."""
 ENV_SWITCH = "ADAPTERKIT_CUDA_GRAPHS"
 """``0`` turns graph decoding off (the eager path of :func:`gate.decoding.greedy`)."""
@@ -99,6 +101,14 @@ class _Step:
     mask: torch.Tensor
     chosen: torch.Tensor | None = None
     graph: Any = None
+    prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """The prefill's static inputs (ids, positions, 4D mask), once captured."""
+    first: torch.Tensor | None = None
+    """The captured prefill's output (the first chosen tokens)."""
+    prefill: Any = None
+    prefilled: int = 0
+    """Prefills run eagerly so far: the prefill is captured on its second use only, so a
+    model that decodes a shape once (a gate run) pays no capture it cannot repay."""
 
 
 def _kept(model: PreTrainedModel) -> OrderedDict[tuple[int, int, int], _Step]:
@@ -161,17 +171,13 @@ def static_greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budg
                       token=torch.empty((len(prompts), 1), dtype=torch.long, device=device),
                       positions=torch.empty((len(prompts), 1), dtype=torch.long, device=device),
                       mask=torch.empty((len(prompts), 1, 1, total), dtype=torch.bool, device=device))
-    else:
-        state.cache.reset()
     if use_graph:
         kept[key] = state
         while len(kept) > GRAPHS_KEPT:
             kept.popitem(last=False)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=prefill_mask(pads, width, total),
-                    position_ids=positions, use_cache=True, **{cache_kw: state.cache})
-        chosen = out.logits[:, -1].float().argmax(-1)
-        del out
+        chosen = _run_prefill(model, state, (ids, positions, prefill_mask(pads, width, total)),
+                              cache_kw, use_graph)
         state.positions.copy_(positions[:, -1:])
         keys = torch.arange(total, device=device)[None, :]
         state.mask.copy_(((keys >= pads[:, None]) & (keys < width))[:, None, None])
@@ -194,10 +200,49 @@ def static_greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budg
     return rows
 
 
-def _step(model: PreTrainedModel, state: _Step, cache_kw: str) -> torch.Tensor:
-    out = model(input_ids=state.token, attention_mask=state.mask, position_ids=state.positions,
-                use_cache=True, **{cache_kw: state.cache})
+def _forward(model: PreTrainedModel, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             cache: Any, cache_kw: str) -> torch.Tensor:
+    """The next token of every row after ``ids`` (greedy): the last position's argmax."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kw: cache})
     return out.logits[:, -1].float().argmax(-1)
+
+
+def _run_prefill(model: PreTrainedModel, state: _Step,
+                 prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cache_kw: str,
+                 use_graph: bool) -> torch.Tensor:
+    """The prompts' pass (fills the cache from position 0): eager on a shape's first use,
+    then (graphs) an eager pass on a side stream that is captured, then the captured
+    graph on the kept inputs (same shape, any prompts)."""
+    import torch
+
+    state.cache.reset()  # zero keys and values, write position 0
+    if use_graph and state.prefill is not None and state.prompt is not None and state.first is not None:
+        for kept, given in zip(state.prompt, prompt, strict=True):
+            kept.copy_(given)
+        state.prefill.replay()
+        return state.first.clone()
+    if not use_graph or state.prefilled == 0:
+        state.prefilled += 1
+        return _forward(model, *prompt, state.cache, cache_kw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up the capture needs is the real pass
+        chosen = _forward(model, *prompt, state.cache, cache_kw)
+    torch.cuda.current_stream().wait_stream(side)
+    try:  # recorded, not run: the cache keeps what the warm-up wrote
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            first = _forward(model, *prompt, state.cache, cache_kw)
+        state.prefill, state.prompt, state.first = graph, prompt, first
+    except Exception as err:  # noqa: BLE001 - eager from now on (see _run_step)
+        _inner(model).__dict__[FAILED] = f"{type(err).__name__}: {err}"[:300]
+        torch.cuda.synchronize()
+    return chosen
+
+
+def _step(model: PreTrainedModel, state: _Step, cache_kw: str) -> torch.Tensor:
+    return _forward(model, state.token, state.positions, state.mask, state.cache, cache_kw)
 
 
 def _run_step(model: PreTrainedModel, state: _Step, cache_kw: str, use_graph: bool) -> torch.Tensor:

@@ -78,7 +78,12 @@ def test_cuda_graph_replays_equal_the_eager_static_steps(model_and_ids, monkeypa
     again = static_greedy(model, encoded, budgets, eos=set(), pad_id=0, device="cuda", cache_kw=kw)
     assert first == eager and again == eager
     kept = model.__dict__["_adapterkit_decode_graphs"]
-    assert len(kept) == 1 and next(iter(kept.values())).graph is not None
+    state = next(iter(kept.values()))
+    assert len(kept) == 1 and state.graph is not None and state.prefill is not None  # 2nd use
+    assert static_greedy(model, encoded, budgets, eos=set(), pad_id=0, device="cuda", cache_kw=kw) == eager
+    other = [list(reversed(p)) for p in encoded]  # same shape, other prompts: the kept prefill
+    assert static_greedy(model, other, budgets, eos=set(), pad_id=0, device="cuda", cache_kw=kw) == \
+        static_greedy(model, other, budgets, eos=set(), pad_id=0, device="cuda", graphs=False, cache_kw=kw)
     assert greedy(model, encoded, budgets, eos=set(), pad_id=0, device="cuda") == first  # via greedy
     monkeypatch.setenv(ENV_SWITCH, "0")  # the eager, growing-cache path: same tokens on this model
     assert greedy(model, encoded, budgets, eos=set(), pad_id=0, device="cuda") == first
