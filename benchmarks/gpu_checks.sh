@@ -27,7 +27,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, peft, transformers; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 step "tests on CUDA"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -p no:randomly -o addopts="" \
-    tests/unit/test_gpu_paths.py tests/unit/test_merge_device.py tests/functional/test_device_cli.py 2>&1 | tail -15
+    tests/unit/test_gpu_paths.py tests/unit/test_merge_device.py tests/functional/test_device_cli.py \
+    tests/functional/test_graph_decoding.py 2>&1 | tail -15
 step "bench_gpu (a): TIES at 7B shapes, with a profile"
 timeout 200 $PY benchmarks/bench_gpu.py --parts a --profile "$PROFILE"
 step "bench_gpu (b): nf4"
@@ -36,7 +37,7 @@ step "bench_gpu (c): the demo's gate"
 timeout 200 $PY benchmarks/bench_gpu.py --parts c --gate-base "$MODEL_DIR"
 step "merge-search throughput on cuda"
 timeout 150 $PY benchmarks/bench_search.py --only smollm2 --device cuda --base "$MODEL_DIR" \
-    --demo-dir "$DEMO_DIR" --real-trials 4
+    --demo-dir "$DEMO_DIR" --real-trials 9
 step "bench_gpu (d): the demo's gate on a 7B-shaped model"
 timeout 300 $PY benchmarks/bench_gpu.py --parts d --gate-base "$MODEL_DIR"
 step done
