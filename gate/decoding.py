@@ -96,11 +96,14 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
         raise ValueError("empty prompt")
     if not prompts:
         return []
-    from gate.graph_decoding import graphs_wanted, static_greedy
+    from gate.graph_decoding import give_up, graphs_wanted, static_greedy
 
     if graphs_wanted(model, device):
-        return static_greedy(model, prompts, budgets, eos=eos, pad_id=pad_id, device=device,
-                             cache_kw=_cache_keyword(model))
+        try:
+            return static_greedy(model, prompts, budgets, eos=eos, pad_id=pad_id, device=device,
+                                 cache_kw=_cache_keyword(model))
+        except Exception as err:  # noqa: BLE001 - a model the static path cannot take: decode it eagerly
+            give_up(model, err)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)

@@ -37,9 +37,16 @@ kernels of the eager step, so the graph and the eager static path give the same 
 exactly. The CPU keeps :func:`gate.decoding.greedy` (nothing to gain there).
 
 **Where.** CUDA models whose architecture transformers marks as static-cache capable
-(``_can_compile_fullgraph``) and that attend over the whole sequence (no sliding window);
-anything else, or ``ADAPTERKIT_CUDA_GRAPHS=0``, decodes the eager way. A capture that fails
-falls back to the eager step for that model, once and for all.
+(``_can_compile_fullgraph``), that attend over the whole sequence (no sliding window)
+with SDPA (eager attention would add a boolean mask to the scores) and without ALiBi
+(built from a 2D mask); anything else, or ``ADAPTERKIT_CUDA_GRAPHS=0``, decodes the eager
+way. A model the static path or a capture fails on (any error) is decoded the eager way
+from then on, its kept captures freed (:func:`give_up`).
+
+**Memory.** A kept shape holds its cache and, once its prompt pass is captured, that
+pass's logits (batch x width x vocabulary, in the graph's own memory). At most
+:data:`GRAPHS_KEPT` shapes and :data:`KEPT_BYTES` per model are kept, and a prompt pass
+with more than :data:`PREFILL_CAPTURE_BYTES` of logits is never captured.
 """
 
 from __future__ import annotations
@@ -54,10 +61,17 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-GRAPHS_KEPT = 4
-"""Captured batch shapes kept per model (least recently used dropped first)."""
+GRAPHS_KEPT = 16
+"""Captured batch shapes kept per model at most (least recently used dropped first)."""
+KEPT_BYTES = 2 << 30
+"""Device memory the kept shapes of a model may hold at most: their caches and captured
+prompt passes (whose logits, batch x width x vocabulary, live in the graph's memory)."""
+PREFILL_CAPTURE_BYTES = 256 << 20
+"""A prompt pass whose logits take more than this is not captured (it runs eagerly)."""
 ENV_SWITCH = "ADAPTERKIT_CUDA_GRAPHS"
 """``0`` turns graph decoding off (the eager path of :func:`gate.decoding.greedy`)."""
+ALIBI_MODELS = frozenset({"bloom", "mpt", "baichuan"})
+"""Model types whose position bias (ALiBi) is built from a 2D mask."""
 _ATTRIBUTE = "_adapterkit_decode_graphs"
 FAILED = "_adapterkit_decode_graphs_failed"
 """Set on a model (the capture's error, for a look in a debugger) whose capture failed."""
@@ -87,7 +101,24 @@ def graphs_wanted(model: PreTrainedModel, device: str) -> bool:
     inner = _inner(model)
     if inner.__dict__.get(FAILED):
         return False
-    return bool(getattr(type(inner), "_can_compile_fullgraph", False)) and full_attention(model)
+    # boolean 4D masks mean "attend" to SDPA only (eager attention adds them to the scores),
+    # and ALiBi models build their biases from a 2D mask
+    return (bool(getattr(type(inner), "_can_compile_fullgraph", False)) and full_attention(model)
+            and getattr(inner.config, "_attn_implementation", None) == "sdpa"
+            and not getattr(inner.config, "alibi", False)
+            and getattr(inner.config, "model_type", "") not in ALIBI_MODELS)
+
+
+def give_up(model: PreTrainedModel, err: BaseException) -> None:
+    """Decode ``model`` the eager way from now on: note why (:data:`FAILED`) and free the
+    kept captures and caches."""
+    import torch
+
+    inner = _inner(model)
+    inner.__dict__[FAILED] = f"{type(err).__name__}: {err}"[:300]
+    inner.__dict__.pop(_ATTRIBUTE, None)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 @dataclass
@@ -106,6 +137,8 @@ class _Step:
     first: torch.Tensor | None = None
     """The captured prefill's output (the first chosen tokens)."""
     prefill: Any = None
+    logits_bytes: int = 0
+    """The prompt pass's logits (batch x width x vocabulary), once computed."""
     prefilled: int = 0
     """Prefills run eagerly so far: the prefill is captured on its second use only, so a
     model that decodes a shape once (a gate run) pays no capture it cannot repay."""
@@ -173,8 +206,6 @@ def static_greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budg
                       mask=torch.empty((len(prompts), 1, 1, total), dtype=torch.bool, device=device))
     if use_graph:
         kept[key] = state
-        while len(kept) > GRAPHS_KEPT:
-            kept.popitem(last=False)
     with torch.no_grad():
         chosen = _run_prefill(model, state, (ids, positions, prefill_mask(pads, width, total)),
                               cache_kw, use_graph)
@@ -197,14 +228,40 @@ def static_greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budg
             state.positions.add_(1)
             state.mask[:, :, :, width + t] = True
             chosen = _run_step(model, state, cache_kw, use_graph)
+            use_graph = use_graph and not _inner(model).__dict__.get(FAILED)
+    if use_graph:
+        _trim(kept)
     return rows
 
 
+def _held_bytes(state: _Step) -> int:
+    """Device memory a kept shape holds: its cache, and its captured prompt pass's logits."""
+    held = 0
+    for layer in getattr(state.cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                held += tensor.numel() * tensor.element_size()
+    return held + state.logits_bytes * (state.prefill is not None)
+
+
+def _trim(kept: OrderedDict[tuple[int, int, int], _Step]) -> None:
+    """Drop the least recently used shapes beyond :data:`GRAPHS_KEPT` or :data:`KEPT_BYTES`
+    (the newest is dropped too when it alone is over the bytes)."""
+    total = sum(_held_bytes(s) for s in kept.values())
+    while kept and (len(kept) > GRAPHS_KEPT or total > KEPT_BYTES):
+        _, dropped = kept.popitem(last=False)
+        total -= _held_bytes(dropped)
+
+
 def _forward(model: PreTrainedModel, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-             cache: Any, cache_kw: str) -> torch.Tensor:
-    """The next token of every row after ``ids`` (greedy): the last position's argmax."""
+             cache: Any, cache_kw: str, state: _Step | None = None) -> torch.Tensor:
+    """The next token of every row after ``ids`` (greedy): the last position's argmax
+    (``state`` notes the size of the logits)."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 **{cache_kw: cache})
+    if state is not None:
+        state.logits_bytes = out.logits.numel() * out.logits.element_size()
     return out.logits[:, -1].float().argmax(-1)
 
 
@@ -222,9 +279,9 @@ def _run_prefill(model: PreTrainedModel, state: _Step,
             kept.copy_(given)
         state.prefill.replay()
         return state.first.clone()
-    if not use_graph or state.prefilled == 0:
+    if not use_graph or state.prefilled == 0 or state.logits_bytes > PREFILL_CAPTURE_BYTES:
         state.prefilled += 1
-        return _forward(model, *prompt, state.cache, cache_kw)
+        return _forward(model, *prompt, state.cache, cache_kw, state)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # the warm-up the capture needs is the real pass
@@ -236,8 +293,7 @@ def _run_prefill(model: PreTrainedModel, state: _Step,
             first = _forward(model, *prompt, state.cache, cache_kw)
         state.prefill, state.prompt, state.first = graph, prompt, first
     except Exception as err:  # noqa: BLE001 - eager from now on (see _run_step)
-        _inner(model).__dict__[FAILED] = f"{type(err).__name__}: {err}"[:300]
-        torch.cuda.synchronize()
+        give_up(model, err)
     return chosen
 
 
@@ -247,7 +303,6 @@ def _step(model: PreTrainedModel, state: _Step, cache_kw: str) -> torch.Tensor:
 
 def _run_step(model: PreTrainedModel, state: _Step, cache_kw: str, use_graph: bool) -> torch.Tensor:
     """One decoding step: eager, or the captured graph (captured on first use)."""
-    import torch
 
     if not use_graph:
         return _step(model, state, cache_kw)
@@ -255,10 +310,7 @@ def _run_step(model: PreTrainedModel, state: _Step, cache_kw: str, use_graph: bo
         try:
             state.graph, state.chosen = _capture(model, state, cache_kw)
         except Exception as err:  # noqa: BLE001 - an architecture the capture cannot take: eager from now on
-            _inner(model).__dict__[FAILED] = f"{type(err).__name__}: {err}"[:300]
-            _kept(model).clear()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            give_up(model, err)
             return _step(model, state, cache_kw)
     state.graph.replay()
     assert state.chosen is not None

@@ -98,3 +98,64 @@ def test_cuda_graph_replays_equal_the_eager_static_steps(model_and_ids, monkeypa
         static_greedy(model, encoded[:1] * (n + 1), [3] * (n + 1), eos=set(), pad_id=0, device="cuda",
                       cache_kw=kw)
     assert len(kept) == GRAPHS_KEPT and FAILED not in model.__dict__
+
+
+def test_only_sdpa_models_without_alibi_take_the_static_path(model_and_ids, monkeypatch) -> None:
+    """Found by a review: a boolean 4D mask means "attend" to SDPA only (eager attention
+    adds it to the scores, so nothing was masked and the tokens were wrong), and ALiBi
+    models build their biases from a 2D mask (Bloom raised)."""
+    model, encoded = model_and_ids
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    assert not graphs_wanted(model, "cuda")
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
+    monkeypatch.setattr(model.config, "alibi", True, raising=False)
+    assert not graphs_wanted(model, "cuda")
+    monkeypatch.setattr(model.config, "alibi", False)
+    monkeypatch.setattr(model.config, "model_type", "bloom")
+    assert not graphs_wanted(model, "cuda")
+
+
+def test_a_model_the_static_path_fails_on_is_decoded_eagerly_from_then_on(model_and_ids, monkeypatch) -> None:
+    import gate.graph_decoding as graph_decoding
+
+    model, encoded = model_and_ids
+    expected = greedy(model, encoded, [4] * len(encoded), eos=set(), pad_id=0)
+    monkeypatch.setattr(graph_decoding, "graphs_wanted", lambda m, d: FAILED not in m.__dict__)
+
+    def broken(*_args, **_kwargs):  # what Bloom's 2D-mask code raised
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(graph_decoding, "static_greedy", broken)
+    try:
+        assert greedy(model, encoded, [4] * len(encoded), eos=set(), pad_id=0) == expected
+        assert "ValueError" in model.__dict__[FAILED]
+    finally:
+        model.__dict__.pop(FAILED, None)
+
+
+def test_kept_shapes_are_bounded_by_count_and_bytes(monkeypatch) -> None:
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    import gate.graph_decoding as graph_decoding
+
+    def state(nbytes: int):  # a kept shape whose cache holds nbytes
+        layer = SimpleNamespace(keys=torch.empty(nbytes // 2, dtype=torch.uint8),
+                                values=torch.empty(nbytes // 2, dtype=torch.uint8))
+        return graph_decoding._Step(cache=SimpleNamespace(layers=[layer]), token=torch.empty(0),
+                                    positions=torch.empty(0), mask=torch.empty(0))
+
+    monkeypatch.setattr(graph_decoding, "KEPT_BYTES", 1000)
+    kept = OrderedDict(((i, 0, 0), state(300)) for i in range(3))
+    graph_decoding._trim(kept)
+    assert list(kept) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+    kept[(3, 0, 0)] = state(300)
+    graph_decoding._trim(kept)  # 1200 bytes: the least recently used goes
+    assert list(kept) == [(1, 0, 0), (2, 0, 0), (3, 0, 0)]
+    kept[(4, 0, 0)] = state(5000)
+    graph_decoding._trim(kept)  # alone over the bound: nothing is kept
+    assert not kept
+    monkeypatch.setattr(graph_decoding, "KEPT_BYTES", 1 << 40)
+    kept.update(((i, 0, 0), state(2)) for i in range(GRAPHS_KEPT + 3))
+    graph_decoding._trim(kept)
+    assert len(kept) == GRAPHS_KEPT and next(iter(kept)) == (3, 0, 0)
