@@ -115,14 +115,7 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         for _ in range(max(budgets, default=0)):
             chosen = out.logits[:, -1].float().argmax(-1).tolist()
-            for row, token in enumerate(chosen):
-                if done[row]:
-                    continue
-                if token in eos:
-                    done[row] = True
-                    continue
-                rows[row].append(token)
-                done[row] = len(rows[row]) >= budgets[row]
+            take_tokens(chosen, rows, done, budgets, eos)
             if all(done):
                 break
             mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
@@ -132,6 +125,20 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
                         attention_mask=mask, position_ids=positions, use_cache=True,
                         **{cache_kw: out.get("past_key_values") if past is None else past})
     return rows
+
+
+def take_tokens(chosen: Sequence[int], rows: list[list[int]], done: list[bool],
+                budgets: Sequence[int], eos: set[int]) -> None:
+    """One step's tokens into the unfinished rows: EOS ends a row (and is not kept), a
+    row ends when it holds its budget."""
+    for row, token in enumerate(chosen):
+        if done[row]:
+            continue
+        if token in eos:
+            done[row] = True
+            continue
+        rows[row].append(token)
+        done[row] = len(rows[row]) >= budgets[row]
 
 
 def _cache_keyword(model: PreTrainedModel) -> str:

@@ -57,6 +57,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gate.decoding import take_tokens
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -213,15 +215,7 @@ def static_greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budg
         keys = torch.arange(total, device=device)[None, :]
         state.mask.copy_(((keys >= pads[:, None]) & (keys < width))[:, None, None])
         for t in range(steps):
-            picked = chosen.tolist()
-            for row, token in enumerate(picked):
-                if done[row]:
-                    continue
-                if token in eos:
-                    done[row] = True
-                    continue
-                rows[row].append(token)
-                done[row] = len(rows[row]) >= budgets[row]
+            take_tokens(chosen.tolist(), rows, done, budgets, eos)
             if all(done) or t == steps - 1:
                 break
             state.token.copy_(chosen[:, None])
