@@ -98,6 +98,21 @@ def _interrupted() -> InterruptedByUser:
                                  "run left in its tmp/)")
 
 
+def caused_by_interrupt(err: BaseException) -> bool:
+    """Whether a Ctrl-C is behind ``err``: a library that catches ``KeyboardInterrupt`` in
+    its own cleanup can fail there and raise something else (Optuna's ``tell`` raised
+    ``UnboundLocalError``; SQLAlchemy a commit error), which read as a bug (exit 70) or a
+    storage failure (exit 6) instead of the interrupt it was (exit 130)."""
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        if isinstance(node, KeyboardInterrupt):
+            return True
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return False
+
+
 def _usage_error(err: ClickException) -> UsageError:
     """A click usage error as exit 2, its fix naming the command's ``--help``."""
     ctx = getattr(err, "ctx", None)
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="adapters", standalone_mode=False, obj=state)
     except AdapterkitError as err:
-        return _report(err, state["json"])
+        return _report(_interrupted() if caused_by_interrupt(err) else err, state["json"])
     except typer.Exit as done:
         return done.exit_code
     except NoArgsIsHelpError as err:  # `adapters` / `adapters alias` alone: the help, then
@@ -168,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         return _report(environment_error(err), state["json"])
     except Exception as err:  # noqa: BLE001 - the last resort: a bug, reported as one
+        if caused_by_interrupt(err):
+            return _report(_interrupted(), state["json"])
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         return _report(_storage_service_error(err) or out_of_memory_error(err)

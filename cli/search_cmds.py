@@ -87,13 +87,16 @@ def merge_search(
         out.info(f"trial {row.number:>3} {escape(row.label):<22} {state}  {escape(values)}")
 
     result = run_search(st, refs, base, policy, settings, on_trial=on_trial)
-    _emit(out, result)
+    failed = None
     if result.complete and result.picked is None:
-        if json_out:  # the document above says it; one JSON document on stdout
-            raise typer.Exit(1)
-        raise GateFailedError(f"no trial of {len(result.rows)} passes the policy's checks; "
-                              "nothing pushed",
-                              fix="widen the space (--space), add methods or trials, or relax the policy")
+        failed = GateFailedError(f"no trial of {len(result.rows)} passes the policy's checks; "
+                                 "nothing pushed",
+                                 fix="widen the space (--space), add methods or trials, or relax the policy")
+    _emit(out, result, failed)
+    if failed is not None:
+        if json_out:  # the document above says it, error fields included: one JSON document
+            raise typer.Exit(failed.exit_code)
+        raise failed
 
 
 def _cells(row: Any, objectives: list[Any], picked: Any) -> list[str]:
@@ -107,7 +110,7 @@ def _cells(row: Any, objectives: list[Any], picked: Any) -> list[str]:
     return cells
 
 
-def _emit(out: Output, result: Any) -> None:
+def _emit(out: Output, result: Any, failed: GateFailedError | None = None) -> None:
     def render(console: Any) -> None:
         objectives = list(result.objectives)
         header = ["trial", "method", "weights", "parameters",
@@ -130,4 +133,5 @@ def _emit(out: Output, result: Any) -> None:
         for note in result.notes:
             console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
-    out.emit(result.to_json(), render)
+    # a failed search's JSON carries the error fields every failing command's has
+    out.emit({**result.to_json(), **(failed.to_json() if failed else {})}, render)

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gate.graph_decoding import give_up, graphs_wanted, static_greedy, take_tokens
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -96,8 +98,6 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
         raise ValueError("empty prompt")
     if not prompts:
         return []
-    from gate.graph_decoding import give_up, graphs_wanted, static_greedy
-
     if graphs_wanted(model, device):
         try:
             return static_greedy(model, prompts, budgets, eos=eos, pad_id=pad_id, device=device,
@@ -125,20 +125,6 @@ def greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], budgets: Se
                         attention_mask=mask, position_ids=positions, use_cache=True,
                         **{cache_kw: out.get("past_key_values") if past is None else past})
     return rows
-
-
-def take_tokens(chosen: Sequence[int], rows: list[list[int]], done: list[bool],
-                budgets: Sequence[int], eos: set[int]) -> None:
-    """One step's tokens into the unfinished rows: EOS ends a row (and is not kept), a
-    row ends when it holds its budget."""
-    for row, token in enumerate(chosen):
-        if done[row]:
-            continue
-        if token in eos:
-            done[row] = True
-            continue
-        rows[row].append(token)
-        done[row] = len(rows[row]) >= budgets[row]
 
 
 def _cache_keyword(model: PreTrainedModel) -> str:

@@ -57,8 +57,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gate.decoding import take_tokens
-
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -82,6 +80,20 @@ FAILED = "_adapterkit_decode_graphs_failed"
 def _inner(model: PreTrainedModel) -> Any:
     unwrap = getattr(model, "get_base_model", None)  # a PEFT model wraps the transformers one
     return unwrap() if callable(unwrap) else model
+
+
+def take_tokens(chosen: Sequence[int], rows: list[list[int]], done: list[bool],
+                budgets: Sequence[int], eos: set[int]) -> None:
+    """One step's tokens into the unfinished rows: EOS ends a row (and is not kept), a
+    row ends when it holds its budget."""
+    for row, token in enumerate(chosen):
+        if done[row]:
+            continue
+        if token in eos:
+            done[row] = True
+            continue
+        rows[row].append(token)
+        done[row] = len(rows[row]) >= budgets[row]
 
 
 def full_attention(model: PreTrainedModel) -> bool:

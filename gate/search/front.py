@@ -101,10 +101,15 @@ def check_rule(rule: str) -> None:
         BadInputError: Not one of :data:`PICK_RULES`.
     """
     if rule in ("min_retention", "perplexity") or (rule.startswith("retention:") and len(rule) > 10) \
-            or (rule.startswith("trial:") and rule[6:].isdigit()):
+            or (rule.startswith("trial:") and _is_number(rule[6:])):
         return
     raise BadInputError(f"unknown --pick rule {shorten(rule)}",
                         fix=f"use one of {', '.join(PICK_RULES)}")
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²`` and other digits ``int`` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def pick(rows: Sequence[TrialRow], rule: str = "min_retention") -> TrialRow | None:
@@ -127,7 +132,7 @@ def pick(rows: Sequence[TrialRow], rule: str = "min_retention") -> TrialRow | No
             raise BadInputError(f"--pick {shorten(rule)}: no such objective", fix=f"use one of {known}")
         def key(r: TrialRow) -> tuple[float, ...]:
             return (-r.values.get(name, float("-inf")), -worst_retention(r), r.number)
-    elif rule.startswith("trial:") and rule[6:].isdigit():
+    elif rule.startswith("trial:") and _is_number(rule[6:]):
         number = int(rule[6:])
         found = [r for r in rows if r.number == number]
         if not found or not found[0].feasible:

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 from gate.search.front import TrialRow, check_rule, pareto_front, pick, plot_front
 from gate.search.scoring import Objective, Scorer
 from gate.search.space import SearchSpace, build_space
-from gate.search.study import (FEASIBLE_KEY, make_sampler, open_storage, open_study,
+from gate.search.study import (FEASIBLE_KEY, enqueue_defaults, make_sampler, open_storage, open_study,
                                record_constraints, run_worker, study_full)
 from registry.digests import canonical_json
 from registry.digests import json_digest
-from registry.errors import BadInputError, MergeRangeError, NotFoundError, shorten
+from registry.errors import BadInputError, BaseMismatchError, MergeRangeError, NotFoundError, shorten
 from registry.fsutil import leased_temp_dir
 
 if TYPE_CHECKING:
@@ -122,6 +122,32 @@ def search_identity(versions: Sequence[Version], policy_digest: str, space: Sear
     return json_digest({"inputs": [v.digest for v in versions], "policy": policy_digest,
                         "space": space.to_json(), "sampler": settings.sampler,
                         "seed": settings.seed})
+
+
+def check_base_dir(base: Path, versions: Sequence[Version], *, allow_weights_mismatch: bool) -> None:
+    """Refuse a ``--base`` that is not the inputs' recorded base, as the gate's structural
+    check would refuse the pick (every trial scored on it would be meaningless).
+
+    Raises:
+        BaseMismatchError: Another structure, or (unless allowed) other weights.
+    """
+    from registry.formats.fingerprint import fingerprint_model
+
+    prints = [((v.record.get("base_model") or {}).get("fingerprint") or {}) for v in versions]
+    recorded = next((fp for fp in prints if isinstance(fp, dict) and fp.get("struct_digest")), None)
+    if recorded is None:
+        return
+    weights = bool(recorded.get("weights_digest")) and not allow_weights_mismatch
+    actual = fingerprint_model(base, weights=weights)
+    if actual.struct_digest != recorded["struct_digest"]:
+        raise BaseMismatchError(f"{base} is not the inputs' base model (structure digest "
+                                f"{actual.struct_digest[:19]} != recorded {recorded['struct_digest'][:19]})",
+                                fix="pass --base with the model the adapters were trained on")
+    if weights and actual.weights_digest != recorded["weights_digest"]:
+        raise BaseMismatchError(f"{base} has the inputs' base structure but other weights "
+                                "(the gate would fail the pick on its fingerprint)",
+                                fix="pass --base with the exact checkpoint the adapters were trained "
+                                    "on, or --allow-base-mismatch")
 
 
 def study_name(versions: Sequence[Version], policy_digest: str, space: SearchSpace,
@@ -251,7 +277,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     Raises:
         BadInputError: Fewer than two inputs, a bad policy, space, pick rule, storage or
             trial count; a policy without retention/perplexity checks.
-        BaseMismatchError: Inputs of different bases.
+        BaseMismatchError: Inputs of different bases, or a --base that is not theirs.
         UnsupportedAdapterError: Inputs the live model cannot take (modules_to_save, ...).
         NotFoundError: Unknown refs.
     """
@@ -275,6 +301,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
     labels = [f"{v.name}@{v.short}" for v in versions]
     warnings = check_bases([v.record.get("base_model") for v in versions], labels,
                            allow_weights_mismatch=settings.allow_base_mismatch)
+    check_base_dir(base, versions, allow_weights_mismatch=settings.allow_base_mismatch)
     policy = load_policy(policy_path)
     sets = [label for spec in policy.checks if spec.kind == "retention" for label in spec["sets"]]
     if settings.pick_rule.startswith("retention:") and settings.pick_rule[10:] not in sets:
@@ -294,9 +321,7 @@ def run_search(store: Store, refs: Sequence[str], base_dir: str | Path, policy_p
         sampler = make_sampler(settings.sampler, settings.seed, settings.trials)
         study, created = open_study(storage, name, scorer_directions, sampler,
                                     search_identity(versions, policy.digest, space, settings))
-        if created:
-            for params in space.defaults():
-                study.enqueue_trial(params, skip_if_exists=True)
+        enqueue_defaults(study, space.defaults(), created=created)
         scorer, evaluated = _evaluate(store, versions, policy, space, settings, base, target,
                                       study, work, on_trial)
         rows, beyond = _complete_rows(study, settings.trials)

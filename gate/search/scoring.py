@@ -108,7 +108,8 @@ class Scorer:
 
     Raises:
         BadInputError: The policy has neither a retention nor a perplexity check, or a
-            retention set (``baseline: parents``) names no input.
+            retention set (``baseline: parents``) names no input, or two retention checks
+            score the same set.
     """
 
     def __init__(self, policy: Policy, evaluator: Evaluator | None, live: LiveLora | None,
@@ -126,6 +127,13 @@ class Scorer:
                             f"retention set {set_name!r} ({spec.name}) names no input of the search "
                             f"(inputs: {', '.join(self.parents)})",
                             fix="name the sets after the inputs, as the gate does for a merge")
+                    twice = next((o for o in self.objectives if o.set == set_name), None)
+                    if twice is not None:  # one objective per set: a second would overwrite it
+                        raise BadInputError(
+                            f"retention set {set_name!r} is scored by two checks ({twice.check}, "
+                            f"{spec.name}): the search optimises one objective per set",
+                            fix="keep one retention check per set in the search's policy (the "
+                                "gate can still run both on the pick)")
                     self.objectives.append(Objective(f"retention:{set_name}", "maximize",
                                                      spec.name, set_name))
             elif spec.kind == "perplexity":

@@ -169,7 +169,7 @@ def _range(key: str, value: Any) -> tuple[float, float]:
     """
     items = value if isinstance(value, list) else [value]
     if not 1 <= len(items) <= 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                       or not math.isfinite(v) for v in items):
+                                       or not _finite(v) for v in items):
         raise BadInputError(f"space field {key} must be [low, high] or one number, got "
                             f"{shorten(repr(value))}",
                             fix=f"write e.g. {key}: {list(RANGES.get(key, RANGES['weights']))}")
@@ -178,6 +178,14 @@ def _range(key: str, value: Any) -> tuple[float, float]:
         raise BadInputError(f"space field {key}: low {low:g} > high {high:g}",
                             fix=f"write {key}: [{high:g}, {low:g}]")
     return low, high
+
+
+def _finite(value: int | float) -> bool:
+    """A finite float (a YAML integer of 400 digits does not convert: ``OverflowError``)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _choices(key: str, value: Any) -> tuple[str, ...]:
@@ -233,7 +241,8 @@ def build_space(inputs: int, methods: Sequence[str] | None = None,
     if space_file is not None:
         from gate.safe_yaml import load_yaml
 
-        loaded = load_yaml(space_file, what="search space", max_bytes=64 << 10, max_nodes=10_000)
+        loaded = load_yaml(space_file, what="search space", max_bytes=64 << 10, max_nodes=10_000,
+                           fix="fix the YAML (see `adapters merge-search --help` for the fields)")
         if loaded is not None and not isinstance(loaded, dict):
             raise BadInputError(f"search space {space_file} must be a mapping",
                                 fix="write e.g. density: [0.2, 0.9]")

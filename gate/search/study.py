@@ -294,6 +294,28 @@ def _counts(study: Any, number: int | None = None) -> int:
     return done
 
 
+def enqueue_defaults(study: Any, defaults: Sequence[dict[str, Any]], *, created: bool) -> int:
+    """Queue the space's default merges (the hand-made recipes every search compares).
+
+    A new study gets each once. A rejoined one gets again each default whose every trial
+    failed: a Ctrl-C'd trial is marked failed, and Optuna's retry only covers trials whose
+    heartbeat stopped, so the default was lost for good (found by a QA pass).
+
+    Returns:
+        How many trials were queued.
+    """
+    from optuna.trial import TrialState
+
+    trials = [] if created else study.get_trials(deepcopy=False)
+    queued = 0
+    for params in defaults:
+        mine = [t for t in trials if t.system_attrs.get("fixed_params") == params]
+        if created or (mine and all(t.state == TrialState.FAIL for t in mine)):
+            study.enqueue_trial(params, skip_if_exists=created)
+            queued += 1
+    return queued
+
+
 def study_full(study: Any, trials: int) -> bool:
     """Whether the study already holds ``trials`` COMPLETE trials."""
     return _counts(study) >= trials

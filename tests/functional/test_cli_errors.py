@@ -311,6 +311,33 @@ def test_ctrl_c_is_exit_130_with_the_error_and_fix_lines(tmp_path, capsys, monke
     assert code == 130 and data["exit_code"] == 130 and data["error"] == "InterruptedByUser"
 
 
+@pytest.mark.parametrize("kind", ["library", "storage"])
+def test_ctrl_c_that_a_library_turns_into_another_error_is_still_exit_130(tmp_path, capsys, monkeypatch,
+                                                                          kind):
+    """Found by a QA pass: Ctrl-C inside Optuna's tell surfaced as its UnboundLocalError
+    (exit 70, "internal error"), or, through SQLAlchemy, as a storage failure (exit 6)."""
+    from registry.errors import EnvironmentFailure
+    from registry.storage.store import Store
+
+    store = _init(capsys, tmp_path / "store")
+
+    def interrupted(self: object) -> list[str]:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            try:  # what the library's cleanup raised while handling it
+                raise UnboundLocalError("cannot access local variable 'updated_state'")
+            except UnboundLocalError as err:
+                if kind == "library":
+                    raise
+                raise EnvironmentFailure("the study storage failed: An exception is raised during "
+                                         "the commit", fix="free space") from err
+
+    monkeypatch.setattr(Store, "names", interrupted)
+    code, data = run_json(capsys, "ls", "--store", store)
+    assert code == 130 and data["error"] == "InterruptedByUser", data
+
+
 def test_adapters_debug_reraises(tmp_path, capsys, monkeypatch):
     store = _init(capsys, tmp_path / "store")
     _break_ls(monkeypatch)

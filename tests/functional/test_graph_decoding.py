@@ -116,16 +116,16 @@ def test_only_sdpa_models_without_alibi_take_the_static_path(model_and_ids, monk
 
 
 def test_a_model_the_static_path_fails_on_is_decoded_eagerly_from_then_on(model_and_ids, monkeypatch) -> None:
-    import gate.graph_decoding as graph_decoding
+    import gate.decoding as decoding
 
     model, encoded = model_and_ids
     expected = greedy(model, encoded, [4] * len(encoded), eos=set(), pad_id=0)
-    monkeypatch.setattr(graph_decoding, "graphs_wanted", lambda m, d: FAILED not in m.__dict__)
+    monkeypatch.setattr(decoding, "graphs_wanted", lambda m, d: FAILED not in m.__dict__)
 
     def broken(*_args, **_kwargs):  # what Bloom's 2D-mask code raised
         raise ValueError("too many values to unpack (expected 2)")
 
-    monkeypatch.setattr(graph_decoding, "static_greedy", broken)
+    monkeypatch.setattr(decoding, "static_greedy", broken)
     try:
         assert greedy(model, encoded, [4] * len(encoded), eos=set(), pad_id=0) == expected
         assert "ValueError" in model.__dict__[FAILED]

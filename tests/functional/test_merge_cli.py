@@ -64,6 +64,8 @@ def test_every_method_runs(merge_store: Path, capsys, method: str, extra: list[s
 @pytest.mark.parametrize("args,message", [
     (["--method", "ties", "--density", "0"], "density must be in (0, 1]"),
     (["--method", "dare_ties", "--density", "1.5"], "density must be in (0, 1]"),
+    # found by a QA pass: 1/density overflowed float32 and the merge blamed the weights
+    (["--method", "dare_ties", "--density", "1e-300"], "at least 1.2e-38"),
     (["--method", "linear", "--density", "0.5"], "does not apply"),
     (["--method", "ties", "--weights", "1,2,3"], "--weights needs 2"),
     (["--method", "ties", "--rank", "zero"], "--rank"),

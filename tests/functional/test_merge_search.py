@@ -256,6 +256,9 @@ def test_no_passing_trial_exits_1_and_pushes_nothing(setup, tmp_path, capsys):
                           "--name", "never", "--store", str(store.root))
     assert code == 1 and data["picked"] is None and data["pushed"] is None
     assert not any(t["feasible"] for t in data["trials"]) and data["front"]
+    # found by a QA pass: the failing document lacked the error fields of every other failure
+    assert data["exit_code"] == 1 and data["error"] == "GateFailedError" and data["fix"]
+    assert "no trial of 2 passes" in data["message"]
     assert "never" not in store.names()
 
 
@@ -340,3 +343,60 @@ def test_a_pick_rule_naming_no_set_is_refused_before_the_search(setup, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 2 and "no retention set 'nosuchset'" in out["message"]
     assert "retention:adapter-a" in out["fix"]
+
+
+def test_two_retention_checks_on_one_set_are_refused(setup, tmp_path, capsys):
+    # found by a QA pass: objectives were named retention:<set> whatever the check, so a
+    # second check over the same sets overwrote the first's values (exact match never optimised)
+    import yaml
+
+    w, store, _, _ = setup
+    policy = write_policy(tmp_path / "gate.yaml", w, merge_equivalence=None)
+    doc = yaml.safe_load(policy.read_text())
+    retention = next(c for c in doc["checks"] if c["kind"] == "retention")
+    doc["checks"].append({**retention, "name": "loglik", "metric": "loglik", "min_ratio": 0.5})
+    policy.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code = main(["merge-search", "adapter-a", "adapter-b", "--base", str(w.base), "--policy", str(policy),
+                 "--methods", "ties", "--trials", "1", "--no-push", "--store", str(store.root), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and "scored by two checks (retention, loglik)" in out["message"], out
+    assert "one retention check per set" in out["fix"]
+
+
+def test_a_base_that_is_not_the_inputs_base_is_refused_before_the_search(setup, tmp_path, capsys):
+    # found by a QA pass: a search on another checkpoint of the same shape scored every trial
+    # on it and pushed a pick that the gate then failed on its base fingerprint
+    from tests.support.gate import build_base
+
+    w, store, policy, _ = setup
+    other = tmp_path / "other-base"
+    build_base(other, seed=7)
+    for extra, expected in (((), "other weights"), (("--allow-base-mismatch",), None)):
+        code = main(["merge-search", "adapter-a", "adapter-b", "--base", str(other), "--policy", str(policy),
+                     "--methods", "ties", "--trials", "1", "--no-push", "--store", str(store.root),
+                     "--json", *extra])
+        out = json.loads(capsys.readouterr().out)
+        if expected:
+            assert code == 2 and expected in out["message"] and out["error"] == "BaseMismatchError", out
+            assert "--allow-base-mismatch" in out["fix"]
+        else:
+            assert code in (0, 1), out  # allowed: the search runs (its verdicts are the user's risk)
+
+
+@pytest.mark.parametrize(("space_text", "pick", "message"), [
+    ("density: " + "1" + "0" * 400 + "\n", None, "space field density must be [low, high]"),
+    ("density: [0.1\n", None, "search space"),
+    (None, "trial:\u00b2", "unknown --pick rule"),
+])
+def test_hostile_space_and_pick_values_are_exit_2_with_a_fix(setup, tmp_path, capsys, space_text, pick,
+                                                             message):
+    # found by a QA pass: a 400-digit YAML integer (OverflowError) and `--pick trial:²` (a
+    # digit int() refuses, after every trial had run) were internal errors, and a space file
+    # that does not parse had no fix line
+    extra = ["--pick", pick] if pick else []
+    if space_text is not None:
+        (tmp_path / "space.yaml").write_text(space_text)
+        extra += ["--space", str(tmp_path / "space.yaml")]
+    code = main(_args(setup, "--trials", "2", "--no-push", "--json", *extra))
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and message in out["message"] and out["fix"], out

@@ -299,3 +299,27 @@ def test_the_objectives_own_errors_keep_their_exit_codes_whatever_their_text():
 
     with pytest.raises(IntegrityError, match="readonly-exp"):
         run_worker(study, objective, 2)
+
+
+def test_a_default_whose_every_trial_failed_is_queued_again_on_rejoin() -> None:
+    """Found by a QA pass: a Ctrl-C'd default trial is marked FAIL, and Optuna's retry only
+    covers trials whose heartbeat stopped, so the hand-made recipe was never run again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from gate.search.study import enqueue_defaults
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(directions=["maximize"])
+    defaults = [{"method": "ties", "density": 0.5}, {"method": "dare_ties", "density": 0.5}]
+    assert enqueue_defaults(study, defaults, created=True) == 2
+    assert enqueue_defaults(study, defaults, created=True) == 2  # skip_if_exists: still two
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
+    first = study.ask()  # the interrupted one
+    study.tell(first, state=TrialState.FAIL)
+    second = study.ask()
+    study.tell(second, [1.0])
+    assert enqueue_defaults(study, defaults, created=False) == 1
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [defaults[0]]
+    assert enqueue_defaults(study, defaults, created=False) == 0  # queued already: not twice

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 FLOAT32_MAX = 3.4028234663852886e38
 """Largest finite float32: weights and lambda beyond it cannot scale a float32 delta."""
+FLOAT32_TINY = 1.1754943508222875e-38
+"""Smallest normal float32: a smaller density rounds DARE's ``1/density`` rescale to inf."""
 PARAMETERS = ("density", "lambda", "normalize", "sign_election", "gamma", "epsilon", "align")
 OUTPUTS = ("exact", "concat", "dense")
 SIGN_ELECTIONS = ("sum", "frequency", "mergekit")
@@ -230,8 +232,10 @@ class MergeMethod:
                         sorted(n for n, m in METHODS.items() if m.output == "dense"))
                 raise BadInputError(f"--{key.replace('_', '-')} does not apply to method {self.name}",
                                     fix=fix)
-        density = _number(given, "density", DEFAULT_DENSITY, lambda v: 0.0 < v <= 1.0,
-                          "must be in (0, 1]", "pass e.g. --density 0.5 (the fraction of entries kept)")
+        # float32's smallest normal: below it 1/density (DARE's rescale) is not a float32
+        density = _number(given, "density", DEFAULT_DENSITY, lambda v: FLOAT32_TINY <= v <= 1.0,
+                          "must be in (0, 1] and at least 1.2e-38 (float32)",
+                          "pass e.g. --density 0.5 (the fraction of entries kept)")
         lam = _number(given, "lambda", 1.0, math.isfinite, "must be a finite number",
                       "pass e.g. --lambda 1.0")
         gamma = _number(given, "gamma", DEFAULT_GAMMA, lambda v: 0.0 <= v < 1.0,
