@@ -11,7 +11,9 @@ changes the gate's numbers:
   see alone;
 * one forward pass over the prompts fills the KV cache, then one token per step for
   every unfinished row; the batch stops when every row has hit EOS or its own token
-  budget (rows that finished keep a slot, their extra tokens are dropped).
+  budget (rows that finished keep a slot, their extra tokens are dropped);
+* on CUDA the same steps run over a static cache, each captured as a CUDA graph
+  (:mod:`gate.graph_decoding`), for the models that path takes.
 
 :func:`finish` turns a row's tokens into a :class:`Generation` with the same rules as
 decoding that prompt alone: stop before EOS, stop after the first token whose decoded
