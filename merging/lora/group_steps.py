@@ -151,7 +151,7 @@ def device_draws(group: Sequence[Sequence[ModuleInput]], contexts: Sequence[Modu
         fresh = torch.empty((len(missing), rows, cols), dtype=torch.float32)
         _draw_blocks([(contexts[m], group[m][i].index) for m, i in missing], fresh,
                      lambda draws, out: out.copy_(draws))
-        moved = _stacked_masks(fresh, device)
+        moved = _to_device(fresh, device)
         for p, (m, i) in enumerate(missing):
             found[m][i] = moved[p]
             DEVICE_DRAWS.put(keys[m][i], moved[p].clone())  # its own storage: the batch is freed
@@ -190,7 +190,7 @@ def dare_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
     return deltas.mul_(keep).div_(density)
 
 
-def _stacked_masks(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _to_device(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return keep.pin_memory().to(device, non_blocking=True)
     return keep.to(device)
