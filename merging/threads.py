@@ -33,6 +33,7 @@ PRODUCT_ROWS = 256
 """Rows per block of :func:`row_product` (fixed: part of what the result's bits depend on)."""
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 @contextmanager
@@ -78,8 +79,9 @@ def slices(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def block_map(fn: Callable[[int, slice], T], blocks: Sequence[slice]) -> list[T]:
-    """``[fn(j, block) for j, block in enumerate(blocks)]``, blocks side by side.
+def block_map(fn: Callable[[int, B], T], blocks: Sequence[B]) -> list[T]:
+    """``[fn(j, block) for j, block in enumerate(blocks)]``, blocks side by side (a block is
+    usually a row ``slice``; any independent piece of work will do).
 
     One worker per torch intra-op thread of the caller, each running single-threaded
     ops (a caller that is itself a single-threaded worker runs the blocks in turn);

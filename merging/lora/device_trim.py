@@ -50,10 +50,11 @@ import torch
 from merging.lora import sparsify
 from merging.lora.factorize import dense_error, lowrank_refactor
 from merging.lora.inputs import finite_factors, overflow_error
-from merging.lora.group_steps import trim_select
+from merging.lora.group_steps import to_device
 from merging.lora.lowrank import frobenius_errors, lowrank_factors
 from merging.threads import block_map
 from merging.lora.methods import GroupSelectFn, MergeParams, ModuleContext, ModuleInput
+from merging.lora.methods.ties import trim_select
 CPU_GROUP_ENTRIES = 1 << 24
 """Delta entries per group on the CPU (64 MiB of float32)."""
 GPU_GROUP_ENTRIES = 1 << 28
@@ -65,13 +66,6 @@ GroupLoader = Callable[[Sequence[str]], list[list[ModuleInput]]]
 FactoredModule = tuple[torch.Tensor, torch.Tensor, float, float]
 """``(B, A, error, norm)`` of one module: CPU factors in the output dtype, and
 ``||D - B A||_F``, ``||D||_F`` measured on them as stored."""
-
-
-def _stacked(factors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    stack = torch.stack(factors)
-    if device.type == "cuda":  # pinned: the copy runs without blocking the host
-        return stack.pin_memory().to(device, non_blocking=True)
-    return stack.to(device)
 
 
 def _cpu_delta(inp: ModuleInput) -> torch.Tensor:
@@ -111,8 +105,8 @@ def group_deltas(group: Sequence[Sequence[ModuleInput]], device: torch.device | 
     else:
         rank = max(inp.A.shape[0] for inp in flat)
         pad = torch.nn.functional.pad
-        B = _stacked([pad(inp.B.float(), (0, rank - inp.B.shape[1])) for inp in flat], device)
-        A = _stacked([pad(inp.A.float(), (0, 0, 0, rank - inp.A.shape[0])) for inp in flat], device)
+        B = to_device(torch.stack([pad(inp.B.float(), (0, rank - inp.B.shape[1])) for inp in flat]), device)
+        A = to_device(torch.stack([pad(inp.A.float(), (0, 0, 0, rank - inp.A.shape[0])) for inp in flat]), device)
         deltas = torch.bmm(B, A)
     return deltas.view(len(group), counts.pop(), *deltas.shape[1:])
 

@@ -25,8 +25,8 @@ import torch
 
 from merging.lora import sparsify
 from merging.lora.kselect import keep_mask, kth_largest_magnitudes
-from merging.lora.methods import MergeParams, ModuleContext, ModuleInput
-from merging.threads import worker_pool
+from merging.lora.methods import ModuleContext, ModuleInput
+from merging.threads import block_map
 
 
 def trim_group(deltas: torch.Tensor, density: float) -> torch.Tensor:
@@ -122,19 +122,13 @@ def _draw_blocks(pairs: Sequence[tuple[ModuleContext, int]], out: torch.Tensor,
     rows, cols = pairs[0][0].shape
     jobs = [(p, j, block) for p in range(len(pairs)) for j, block in enumerate(sparsify.row_blocks(rows))]
 
-    def draw(job: tuple[int, int, slice]) -> None:
+    def draw(_n: int, job: tuple[int, int, slice]) -> None:
         p, j, block = job
         ctx, index = pairs[p]
         gen = sparsify.dare_generator(ctx, index, j)
         fill(torch.rand((block.stop - block.start, cols), generator=gen), out[p, block])
 
-    workers = min(torch.get_num_threads(), len(jobs))
-    if workers <= 1:
-        for job in jobs:
-            draw(job)
-    else:
-        with worker_pool(workers) as pool:
-            list(pool.map(draw, jobs))
+    block_map(draw, jobs)
 
 
 def device_draws(group: Sequence[Sequence[ModuleInput]], contexts: Sequence[ModuleContext],
@@ -151,7 +145,7 @@ def device_draws(group: Sequence[Sequence[ModuleInput]], contexts: Sequence[Modu
         fresh = torch.empty((len(missing), rows, cols), dtype=torch.float32)
         _draw_blocks([(contexts[m], group[m][i].index) for m, i in missing], fresh,
                      lambda draws, out: out.copy_(draws))
-        moved = _to_device(fresh, device)
+        moved = to_device(fresh, device)
         for p, (m, i) in enumerate(missing):
             found[m][i] = moved[p]
             DEVICE_DRAWS.put(keys[m][i], moved[p].clone())  # its own storage: the batch is freed
@@ -190,13 +184,8 @@ def dare_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
     return deltas.mul_(keep).div_(density)
 
 
-def _to_device(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; to CUDA from pinned memory, without blocking the host."""
     if device.type == "cuda":
-        return keep.pin_memory().to(device, non_blocking=True)
-    return keep.to(device)
-
-
-def trim_select(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
-                contexts: Sequence[ModuleContext], params: MergeParams) -> None:
-    """TIES's and magnitude_prune's step (:data:`merging.lora.methods.GroupSelectFn`)."""
-    trim_group(deltas, params.density)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -10,21 +10,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from merging.lora.methods import GroupedForm, MergeParams, ModuleContext, ModuleInput, register_method
+from merging.lora.methods.ties import trim_select
 
 if TYPE_CHECKING:
     import torch
 
 
-def _trim_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
-                contexts: Sequence[ModuleContext], params: MergeParams) -> None:
-    from merging.lora.group_steps import trim_group
-
-    trim_group(deltas, params.density)
-
-
 @register_method("magnitude_prune", output="dense", params={"density", "lambda", "normalize"},
                  summary="trim each delta to top density by magnitude, weighted sum",
-                 grouped=GroupedForm(_trim_group, elect=False))
+                 grouped=GroupedForm(trim_select, elect=False))
 def magnitude_prune(inputs: Sequence[ModuleInput], params: MergeParams,
                     ctx: ModuleContext) -> torch.Tensor:
     """Trim then weighted sum; dense float32 result."""

@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     import torch
 
 
-def _trim_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
+def trim_select(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
                 contexts: Sequence[ModuleContext], params: MergeParams) -> None:
+    """TIES's and magnitude_prune's grouped step: each delta trimmed to its top
+    ``density`` (:func:`merging.lora.group_steps.trim_group`; imported when run, so that
+    the registry imports no torch)."""
     from merging.lora.group_steps import trim_group
 
     trim_group(deltas, params.density)
@@ -28,7 +31,7 @@ def _trim_group(deltas: torch.Tensor, group: Sequence[Sequence[ModuleInput]],
 
 @register_method("ties", output="dense", params={"density", "lambda", "sign_election"},
                  summary="trim to top density, elect signs, disjoint mean (TIES)",
-                 grouped=GroupedForm(_trim_group, elect=True))
+                 grouped=GroupedForm(trim_select, elect=True))
 def ties(inputs: Sequence[ModuleInput], params: MergeParams, ctx: ModuleContext) -> torch.Tensor:
     """TIES on the module's true deltas; dense float32 result."""
     from merging.lora import sparsify
